@@ -1,0 +1,55 @@
+"""The per-request context (`Call`): created by ingress, handed along the stages, read by telemetry.
+
+Stages stamp timings with `call.mark(stage)` (loop clock, seconds since start) instead of logging
+themselves, so metrics and the access log are fed from one place at the end.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxy.errors import Protocol
+from proxy.policy.plan import Plan, RouteRule, TenantRule
+
+
+@dataclass(slots=True)
+class Attempt:
+    upstream: str
+    status: int
+    duration: float
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class Call:
+    request_id: str
+    plan: Plan
+    method: str
+    path: str
+    protocol: Protocol
+    started: float
+    """time.perf_counter() at arrival; all marks are relative to it."""
+    started_wall: float = field(default_factory=time.time)
+    tenant: TenantRule | None = None
+    route: RouteRule | None = None
+    raw_body: bytes = b""
+    body: dict[str, Any] | None = None
+    model: str = ""
+    stream: bool = False
+    upstream: str = ""
+    status: int = 0
+    error: str | None = None
+    attempts: list[Attempt] = field(default_factory=list)
+    marks: dict[str, float] = field(default_factory=dict)
+    usage: dict[str, Any] | None = None
+    events_relayed: int = 0
+    bytes_out: int = 0
+    client_gone: bool = False
+
+    def mark(self, stage: str) -> None:
+        self.marks[stage] = time.perf_counter() - self.started
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started

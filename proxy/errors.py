@@ -1,0 +1,160 @@
+"""One error tree for everything the proxy itself refuses, rendered in one place.
+
+    ProxyError                      status  OpenAI type / code
+    ├── InvalidRequest              400     invalid_request_error
+    │   ├── InvalidJSON             400     invalid_request_error / invalid_json
+    │   └── MissingModel            400     invalid_request_error / missing_model
+    ├── AuthenticationFailed        401     authentication_error / invalid_api_key
+    ├── ModelNotAllowed             403     permission_error / model_not_allowed
+    ├── NoRoute                     404     invalid_request_error / model_not_found
+    ├── BodyTooLarge                413     invalid_request_error / request_too_large
+    ├── RateLimited                 429     rate_limit_exceeded (admission: limits and queues)
+    ├── ServiceUnavailable          503     service_unavailable (draining, queue cleared)
+    ├── UpstreamUnreachable         502     upstream_unreachable
+    └── UpstreamTimeout             504     upstream_timeout
+
+Each carries what the client needs to act (message, Retry-After, x-should-retry); `render()` writes
+it in the protocol the client speaks (OpenAI or Anthropic JSON). Messages never contain keys.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import orjson
+from aiohttp import web
+
+Protocol = Literal["openai", "anthropic"]
+
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    529: "overloaded_error",
+}
+
+
+class ProxyError(Exception):
+    status = 500
+    type = "server_error"
+    code: str | None = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        retry_after: float | None = None,
+        should_retry: bool | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.retry_after = retry_after
+        self.should_retry = should_retry
+        self.headers = headers or {}
+
+    @property
+    def reason(self) -> str:
+        """A short label for metrics and logs."""
+        return self.code or self.type
+
+    def openai_body(self) -> dict[str, object]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def anthropic_body(self, request_id: str) -> dict[str, object]:
+        kind = _ANTHROPIC_TYPES.get(self.status, "api_error")
+        return {"type": "error", "error": {"type": kind, "message": self.message}, "request_id": request_id}
+
+    def response_headers(self) -> dict[str, str]:
+        headers = dict(self.headers)
+        if self.retry_after is not None:
+            headers["retry-after"] = str(max(1, math.ceil(self.retry_after)))
+            headers["retry-after-ms"] = str(max(1, math.ceil(self.retry_after * 1000)))
+        if self.should_retry is not None:
+            headers["x-should-retry"] = "true" if self.should_retry else "false"
+        return headers
+
+
+class InvalidRequest(ProxyError):
+    status = 400
+    type = "invalid_request_error"
+    code = None
+
+
+class InvalidJSON(InvalidRequest):
+    code = "invalid_json"
+
+
+class MissingModel(InvalidRequest):
+    code = "missing_model"
+
+
+class AuthenticationFailed(ProxyError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class ModelNotAllowed(ProxyError):
+    status = 403
+    type = "permission_error"
+    code = "model_not_allowed"
+
+
+class NoRoute(ProxyError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class BodyTooLarge(ProxyError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class RateLimited(ProxyError):
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+
+class ServiceUnavailable(ProxyError):
+    status = 503
+    type = "server_error"
+    code = "service_unavailable"
+
+
+class UpstreamUnreachable(ProxyError):
+    status = 502
+    type = "server_error"
+    code = "upstream_unreachable"
+
+
+class UpstreamTimeout(ProxyError):
+    status = 504
+    type = "server_error"
+    code = "upstream_timeout"
+
+
+def render(error: ProxyError, protocol: Protocol, request_id: str) -> web.Response:
+    """The one place a proxy-made error becomes an HTTP response."""
+    body = error.anthropic_body(request_id) if protocol == "anthropic" else error.openai_body()
+    headers = error.response_headers()
+    headers["x-request-id"] = request_id
+    return web.Response(
+        status=error.status, body=orjson.dumps(body), content_type="application/json", headers=headers
+    )
+
+
+def stream_error_frame(error: ProxyError, protocol: Protocol, request_id: str) -> bytes:
+    """The terminal event for a stream whose headers were already sent (OpenAI: data-only, no event line)."""
+    if protocol == "anthropic":
+        return b"event: error\ndata: " + orjson.dumps(error.anthropic_body(request_id)) + b"\n\n"
+    return b"data: " + orjson.dumps(error.openai_body()) + b"\n\n"

@@ -1,0 +1,90 @@
+"""Which headers cross the proxy, both ways (pure).
+
+Upstream-bound: the client's headers minus hop-by-hop ones and minus its proxy credentials, plus
+the upstream's own credentials. Client-bound: the upstream's headers minus hop-by-hop and framing
+ones (aiohttp re-frames the body), plus our request id and route/upstream names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from multidict import CIMultiDict
+
+from proxy.policy.plan import UpstreamSpec
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Never forwarded upstream: framing aiohttp recomputes, and the client's proxy credentials.
+_DROP_UP = HOP_BY_HOP | {"host", "content-length", "accept-encoding", "authorization", "x-api-key", "api-key"}
+_DROP_DOWN = HOP_BY_HOP | {"content-length", "content-encoding", "server", "date", "x-request-id"}
+_CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key")
+
+
+def upstream_headers(
+    client: Iterable[tuple[str, str]],
+    spec: UpstreamSpec,
+    *,
+    request_id: str,
+    drop: frozenset[str] = frozenset(),
+    client_credentials: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """Headers for the upstream request.
+
+    `client_credentials` (pass-through mode) forwards the app's own credential headers instead of
+    the upstream's configured key.
+    """
+    out: dict[str, str] = {}
+    for name, value in client:
+        lower = name.lower()
+        if lower in _DROP_UP or lower in drop:
+            continue
+        out[lower] = value
+    for name, value in spec.headers:
+        out[name] = value
+    if client_credentials:
+        out.update(client_credentials)
+    elif spec.api_key is not None:
+        if spec.auth_header == "authorization":
+            out["authorization"] = "Bearer " + spec.api_key
+        else:
+            out[spec.auth_header] = spec.api_key
+    if spec.provider == "anthropic":
+        out.setdefault("anthropic-version", "2023-06-01")
+    out["accept-encoding"] = "identity"
+    out["x-request-id"] = request_id
+    return out
+
+
+def credentials_of(client: Mapping[str, str]) -> dict[str, str]:
+    """The app's own credential headers, for pass-through mode."""
+    return {name: client[name] for name in _CREDENTIAL_HEADERS if name in client}
+
+
+def client_headers(
+    upstream: Iterable[tuple[str, str]], *, request_id: str, route: str, upstream_name: str
+) -> CIMultiDict[str]:
+    """Headers for the client response. The upstream's own request id survives as x-upstream-request-id."""
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream:
+        lower = name.lower()
+        if lower in _DROP_DOWN:
+            if lower == "x-request-id" and value != request_id:
+                out["x-upstream-request-id"] = value
+            continue
+        out.add(name, value)
+    out["x-request-id"] = request_id
+    out["x-signalbox-route"] = route
+    out["x-signalbox-upstream"] = upstream_name
+    return out

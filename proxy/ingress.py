@@ -1,0 +1,214 @@
+"""Public handlers and `handle(call)`: THE data path, read top to bottom.
+
+identify tenant -> read and parse the body once -> resolve the route -> dispatch -> relay.
+Every proxy-made refusal is a `ProxyError` rendered by `errors.render`; metrics and the access log
+are fed once, in `finally`, from the `Call`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from proxy.call import Call
+from proxy.errors import (
+    AuthenticationFailed,
+    BodyTooLarge,
+    InvalidJSON,
+    InvalidRequest,
+    MissingModel,
+    NoRoute,
+    ProxyError,
+    UpstreamTimeout,
+    render,
+)
+from proxy.headers import client_headers
+from proxy.policy.plan import Plan, TenantRule
+from proxy.runtime import STATE, Runtime
+from proxy.streaming import relay
+from proxy.upstream import dispatch
+
+# Endpoints whose body must name a model; other /v1 paths pass through with model "".
+_MODEL_REQUIRED = frozenset(
+    {
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/messages",
+        "/v1/messages/count_tokens",
+        "/v1/responses",
+    }
+)
+CLIENT_CLOSED = 499  # nginx's convention for "client closed the request"
+
+
+async def proxy_handler(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    call = Call(
+        request_id=request.headers.get("x-request-id") or os.urandom(12).hex(),
+        plan=state.plans.current,
+        method=request.method,
+        path=request.path,
+        protocol="anthropic" if request.path.startswith("/v1/messages") else "openai",
+        started=time.perf_counter(),
+    )
+    state.in_flight += 1
+    state.metrics.in_flight.inc()
+    try:
+        return await handle(request, call, state)
+    except ProxyError as err:
+        call.status = err.status
+        call.error = err.reason
+        return render(err, call.protocol, call.request_id)
+    except asyncio.CancelledError:
+        call.client_gone = True
+        call.status = call.status or CLIENT_CLOSED
+        raise
+    finally:
+        state.in_flight -= 1
+        state.metrics.in_flight.dec()
+        state.metrics.record(call)
+        state.access_log.write(call)
+
+
+async def handle(request: web.Request, call: Call, state: Runtime) -> web.StreamResponse:
+    plan = call.plan
+    call.tenant = identify(request, plan)
+    await read_body(request, call, plan.max_body_size)
+    call.route = resolve(call, plan)
+    deadline = time.monotonic() + call.route.timeouts.total
+    try:
+        async with asyncio.timeout(call.route.timeouts.total) as scope:
+            upstream = await dispatch.send(
+                call,
+                state.clients,
+                request.headers,
+                request.query_string,
+                passthrough_auth=plan.identify.mode == "passthrough",
+                identify_header=plan.identify.header if plan.identify.mode != "api_key" else None,
+            )
+            call.status = upstream.status
+            headers = client_headers(
+                upstream.headers.items(), request_id=call.request_id, route=call.route.name, upstream_name=call.upstream
+            )
+            if call.stream and upstream.status == 200 and upstream.content_type == "text/event-stream":
+                scope.reschedule(None)  # past the headers, the stream's watchdog owns every time limit
+                return await relay.respond_stream(
+                    request, call, upstream, headers, call.route.timeouts, state.stream_settings, deadline
+                )
+            return await relay.respond_whole(call, upstream, headers)
+    except TimeoutError:
+        raise UpstreamTimeout("the request ran past its total deadline (timeouts.total)") from None
+
+
+def identify(request: web.Request, plan: Plan) -> TenantRule:
+    """Which tenant is calling, by the policy's identification mode."""
+    ident = plan.identify
+    if ident.mode == "api_key":
+        key = _bearer(request.headers.get("authorization")) or request.headers.get("x-api-key")
+        if not key:
+            raise AuthenticationFailed(
+                "no API key: send your Signalbox key as 'Authorization: Bearer <key>' (or x-api-key)"
+            )
+        tenant = plan.tenant_for_key(key)
+        if tenant is None:
+            raise AuthenticationFailed("the API key is not known to this proxy; check the key your app sends")
+        return tenant
+    name = request.headers.get(ident.header) if ident.mode in ("header", "passthrough") else None
+    name = name or ident.tenant
+    if name is None:
+        raise AuthenticationFailed(f"no tenant: send the {ident.header} header")
+    tenant_rule = plan.tenants.get(name)
+    if tenant_rule is None:
+        raise AuthenticationFailed(f"unknown tenant '{name}' in the {ident.header} header")
+    return tenant_rule
+
+
+def _bearer(value: str | None) -> str | None:
+    if value and value[:7].lower() == "bearer ":
+        return value[7:].strip() or None
+    return None
+
+
+async def read_body(request: web.Request, call: Call, limit: int) -> None:
+    """Read the body once, within the size limit, and parse it once."""
+    if not request.body_exists:
+        return
+    length = request.content_length
+    if length is not None and length > limit:
+        raise BodyTooLarge(_too_large(length, limit))
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(_too_large(size, limit))
+        chunks.append(chunk)
+    call.raw_body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    if not call.raw_body:
+        return
+    try:
+        body: Any = orjson.loads(call.raw_body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidJSON(f"the request body is not valid JSON ({exc.msg} at position {exc.pos})") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    call.body = body
+    model = body.get("model")
+    if isinstance(model, str):
+        call.model = model
+    call.stream = body.get("stream") is True
+
+
+def _too_large(size: int, limit: int) -> str:
+    return (
+        f"the request body is {size} bytes, over this proxy's limit of {limit} bytes; "
+        "send a smaller request or raise max_body_size in the policy"
+    )
+
+
+def resolve(call: Call, plan: Plan) -> Any:
+    assert call.tenant is not None
+    if not call.model and call.path in _MODEL_REQUIRED:
+        raise MissingModel("the request body must name a 'model'", param="model")
+    route = plan.resolve(call.path, call.model, call.tenant)
+    if route is None:
+        models = plan.models_for(call.tenant)
+        allowed = ", ".join(models) if models else "none"
+        what = f"model '{call.model}'" if call.model else f"path {call.path}"
+        raise NoRoute(
+            f"no route for {what} on {call.path} for tenant '{call.tenant.name}'. Models you may use: {allowed}",
+            param="model" if call.model else None,
+        )
+    return route
+
+
+async def models_handler(request: web.Request) -> web.Response:
+    """GET /v1/models and /v1/models/{id}: answered by the proxy from the policy."""
+    state = request.app[STATE]
+    plan = state.plans.current
+    request_id = request.headers.get("x-request-id") or os.urandom(12).hex()
+    try:
+        tenant = identify(request, plan)
+    except ProxyError as err:
+        return render(err, "openai", request_id)
+    created = int(state.started_wall)
+    models = plan.models_for(tenant)
+    wanted = request.match_info.get("model")
+    headers = {"x-request-id": request_id}
+    if wanted is not None:
+        if wanted not in models:
+            err = NoRoute(f"model '{wanted}' is not available to you. Models you may use: {', '.join(models)}")
+            return render(err, "openai", request_id)
+        body: dict[str, Any] = {"id": wanted, "object": "model", "created": created, "owned_by": "signalbox"}
+    else:
+        body = {
+            "object": "list",
+            "data": [{"id": m, "object": "model", "created": created, "owned_by": "signalbox"} for m in models],
+        }
+    return web.Response(body=orjson.dumps(body), content_type="application/json", headers=headers)

@@ -1,0 +1,85 @@
+"""Policy value types: durations (`250ms`, `30s`, `5m`), sizes (`32MiB`) and `${ENV}` interpolation.
+
+Pure parsing, shared by the schema and the CLI; every error message says what a valid value looks like.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from typing import Annotated
+
+from pydantic import BeforeValidator
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$")
+_SIZE_UNITS = {
+    None: 1, "B": 1, "KB": 1000, "KiB": 1024, "MB": 1000**2, "MiB": 1024**2, "GB": 1000**3, "GiB": 1024**3,
+}
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def parse_duration(value: object) -> float:
+    """`250ms`, `30s`, `5m`, `1h` or a bare number of seconds -> seconds (float)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 250ms, 30s or 5m")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    raise ValueError(f"invalid duration {value!r}: use a number with a unit, such as 250ms, 30s or 5m")
+
+
+def parse_size(value: object) -> int:
+    """`32MiB`, `512KB`, `1GiB` or a bare number of bytes -> bytes (int)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 32MiB")
+    if isinstance(value, int) and value >= 0:
+        return value
+    if isinstance(value, str):
+        match = _SIZE.match(value)
+        if match:
+            return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+    raise ValueError(f"invalid size {value!r}: use a number with a unit, such as 512KiB or 32MiB")
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest readable form, for explain output and error messages."""
+    if seconds < 1 and seconds != 0:
+        return f"{seconds * 1000:g}ms"
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{seconds / 60:g}m"
+    return f"{seconds:g}s"
+
+
+class UnsetVariable(ValueError):
+    """`${NAME}` names an environment variable that is not set and has no `:-default`."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"environment variable {name} is not set and has no default (write ${{{name}:-default}})")
+        self.name = name
+
+
+def interpolate(text: str, environ: Mapping[str, str] | None = None) -> str:
+    """Replace `${NAME}` and `${NAME:-default}`; an unset variable without a default is an error."""
+    env = os.environ if environ is None else environ
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        raise UnsetVariable(name)
+
+    return _ENV.sub(substitute, text) if "${" in text else text
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+ByteSize = Annotated[int, BeforeValidator(parse_size)]

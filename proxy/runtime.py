@@ -1,0 +1,64 @@
+"""The running proxy's state, hung off the aiohttp app under one typed key (no module globals)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from proxy.policy.plan import Plan
+from proxy.streaming.relay import StreamSettings
+from proxy.telemetry.logging import AccessLog
+from proxy.telemetry.metrics import Metrics
+from proxy.upstream.client import UpstreamClients
+
+
+class PlanRef:
+    """One reference to the active plan; a reload swaps it, calls keep the plan they started with."""
+
+    __slots__ = ("current", "loaded_at", "last_error")
+
+    def __init__(self, plan: Plan) -> None:
+        self.current = plan
+        self.loaded_at = time.time()
+        self.last_error: str | None = None
+
+    def swap(self, plan: Plan) -> None:
+        self.current = plan
+        self.loaded_at = time.time()
+        self.last_error = None
+
+
+@dataclass(slots=True)
+class Settings:
+    """Process settings from the command line (not hot-reloadable)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 9090
+    shutdown_grace: float = 5.0
+    drain_timeout: float = 60.0
+    access_log: bool = True
+    stream: StreamSettings = field(default_factory=StreamSettings)
+
+
+@dataclass(slots=True)
+class Runtime:
+    plans: PlanRef
+    settings: Settings
+    clients: UpstreamClients = field(default_factory=UpstreamClients)
+    metrics: Metrics = field(default_factory=Metrics)
+    access_log: AccessLog = field(default_factory=AccessLog)
+    in_flight: int = 0
+    ready: bool = False
+    draining: bool = False
+    started_wall: float = field(default_factory=time.time)
+
+    @property
+    def stream_settings(self) -> StreamSettings:
+        return self.settings.stream
+
+
+STATE: web.AppKey[Runtime] = web.AppKey("signalbox_state", Runtime)

@@ -1,0 +1,226 @@
+"""Moves an upstream response to the client: whole bodies, or SSE streams event by event.
+
+Stream rules: write only whole events (so an injected heartbeat never splits one), read the next
+upstream chunk only after the previous write returned (aiohttp drains above 64 KiB, so a slow
+client stops our reads and TCP pushes back on the upstream), close the upstream the moment the
+client goes, and end a broken stream with one error event in the client's protocol. A single
+watchdog task per stream does the timing (heartbeats, first-token and idle limits, the deadline, a
+slow client) so the per-event path carries no timers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from proxy.call import Call
+from proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnreachable, stream_error_frame
+from proxy.policy.plan import TimeoutSpec
+from proxy.streaming.sse import DONE, SSEDecoder, encode_comment
+from proxy.tasks import spawn
+
+_DONE_PREFIX = DONE.rstrip(b"\n")
+
+
+@dataclass(frozen=True, slots=True)
+class StreamSettings:
+    heartbeat: float = 15.0
+    """Write `: ping` after this much downstream silence (0 turns heartbeats off)."""
+    slow_client: float = 60.0
+    """End the stream when one write to the client has been blocked this long."""
+    max_event_buffer: int = 16 * 1024 * 1024
+    """Largest partial event held while waiting for its end."""
+
+
+class _Watch:
+    """Shared state between a stream's relay loop and its watchdog."""
+
+    __slots__ = ("last_write", "last_event", "first_event", "writing", "write_started", "failure")
+
+    def __init__(self, now: float) -> None:
+        self.last_write = now
+        self.last_event = now
+        self.first_event = False
+        self.writing = False
+        self.write_started = now
+        self.failure: ProxyError | None = None
+
+
+async def respond_whole(call: Call, upstream: aiohttp.ClientResponse, headers: CIMultiDict[str]) -> web.Response:
+    """Relay a non-streamed response (status, headers, body bytes untouched)."""
+    try:
+        body = await upstream.read()
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        raise _read_failure(call, exc) from None
+    finally:
+        upstream.release()
+    call.bytes_out = len(body)
+    return web.Response(status=upstream.status, body=body, headers=headers)
+
+
+async def respond_stream(
+    request: web.Request,
+    call: Call,
+    upstream: aiohttp.ClientResponse,
+    headers: CIMultiDict[str],
+    timeouts: TimeoutSpec,
+    settings: StreamSettings,
+    deadline: float,
+) -> web.StreamResponse:
+    """Relay an SSE stream; returns the prepared response once the stream has ended, however it ended."""
+    headers["Content-Type"] = "text/event-stream; charset=utf-8"
+    headers["Cache-Control"] = "no-cache"
+    headers["X-Accel-Buffering"] = "no"
+    response = web.StreamResponse(status=upstream.status, headers=headers)
+    await response.prepare(request)
+    watch = _Watch(time.monotonic())
+    heartbeat = encode_comment("ping")
+    if settings.heartbeat > 0:
+        await _write(response, heartbeat, watch)
+    dog = spawn(_watchdog(request, response, upstream, watch, timeouts, settings, deadline, heartbeat), name="watchdog")
+    decoder = SSEDecoder()
+    try:
+        await _pump(response, upstream, decoder, call, watch, settings)
+    except ConnectionResetError:
+        call.client_gone = True
+    finally:
+        dog.cancel()
+        upstream.close()
+    if not call.client_gone:
+        if watch.failure is not None:
+            await _finish_with_error(response, call, watch.failure)
+        else:
+            try:
+                await response.write_eof()
+            except ConnectionResetError:
+                call.client_gone = True
+    return response
+
+
+async def _pump(
+    response: web.StreamResponse,
+    upstream: aiohttp.ClientResponse,
+    decoder: SSEDecoder,
+    call: Call,
+    watch: _Watch,
+    settings: StreamSettings,
+) -> None:
+    try:
+        async for chunk in upstream.content.iter_any():
+            events = decoder.feed(chunk)
+            if not events:
+                if decoder.buffered > settings.max_event_buffer:
+                    watch.failure = UpstreamUnreachable("upstream sent an event larger than the proxy's limit")
+                    return
+                continue
+            done = False
+            out = []
+            for event in events:
+                if event.is_comment_only:
+                    continue  # upstream keep-alives are not progress; our own heartbeats cover silence
+                out.append(event.raw)
+                if event.raw.startswith(_DONE_PREFIX):
+                    done = True
+                    break
+            if not out:
+                continue
+            watch.last_event = time.monotonic()
+            watch.first_event = True
+            call.events_relayed += len(out)
+            data = out[0] if len(out) == 1 else b"".join(out)
+            call.bytes_out += len(data)
+            await _write(response, data, watch)
+            if done:
+                return
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        if watch.failure is None:
+            watch.failure = _read_failure(call, exc)
+        return
+    if watch.failure is None and (call.protocol == "openai" or decoder.close()):
+        # An OpenAI stream ends with [DONE]; EOF before it is a truncation the client must hear about.
+        watch.failure = UpstreamUnreachable(
+            f"upstream '{call.upstream}' ended the stream early; the answer is incomplete"
+        )
+
+
+async def _write(response: web.StreamResponse, data: bytes, watch: _Watch) -> None:
+    watch.writing = True
+    watch.write_started = time.monotonic()
+    try:
+        await response.write(data)
+    finally:
+        watch.writing = False
+        watch.last_write = time.monotonic()
+
+
+async def _watchdog(
+    request: web.Request,
+    response: web.StreamResponse,
+    upstream: aiohttp.ClientResponse,
+    watch: _Watch,
+    timeouts: TimeoutSpec,
+    settings: StreamSettings,
+    deadline: float,
+    heartbeat: bytes,
+) -> None:
+    """Wakes at the next due time: heartbeat, first token, idle, deadline or slow client."""
+    started = time.monotonic()
+    while True:
+        now = time.monotonic()
+        if watch.writing and now - watch.write_started >= settings.slow_client:
+            watch.failure = ProxyError("client stopped reading; stream ended by the slow-client limit")
+            upstream.close()
+            if request.transport is not None:
+                request.transport.abort()  # the blocked write then fails and the relay loop ends
+            return
+        limit, reason = (
+            (watch.last_event + timeouts.idle, "idle")
+            if watch.first_event
+            else (started + timeouts.first_token, "first_token")
+        )
+        if now >= deadline:
+            limit, reason = deadline, "total"
+        if now >= limit:
+            watch.failure = UpstreamTimeout(_timeout_message(reason, timeouts))
+            upstream.close()
+            return
+        if settings.heartbeat > 0 and not watch.writing and now - watch.last_write >= settings.heartbeat:
+            try:
+                await _write(response, heartbeat, watch)
+            except ConnectionResetError:
+                upstream.close()
+                return
+            continue
+        due = [limit, deadline]
+        due.append(watch.write_started + settings.slow_client if watch.writing else now + settings.slow_client)
+        if settings.heartbeat > 0:
+            due.append(watch.last_write + settings.heartbeat)
+        await asyncio.sleep(max(0.005, min(due) - now))
+
+
+def _timeout_message(reason: str, timeouts: TimeoutSpec) -> str:
+    if reason == "first_token":
+        return f"upstream sent no event within timeouts.first_token ({timeouts.first_token:g}s)"
+    if reason == "idle":
+        return f"upstream went silent for longer than timeouts.idle ({timeouts.idle:g}s)"
+    return "the request ran past its total deadline (timeouts.total)"
+
+
+async def _finish_with_error(response: web.StreamResponse, call: Call, error: ProxyError) -> None:
+    call.error = error.reason
+    try:
+        await response.write(stream_error_frame(error, call.protocol, call.request_id))
+        await response.write_eof()
+    except ConnectionResetError:
+        call.client_gone = True
+
+
+def _read_failure(call: Call, exc: BaseException) -> ProxyError:
+    if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+        return UpstreamTimeout(f"upstream '{call.upstream}' stopped sending (read timeout)")
+    return UpstreamUnreachable(f"upstream '{call.upstream}' broke the connection mid-response ({type(exc).__name__})")

@@ -1,0 +1,164 @@
+"""Upstream connections: one pooled aiohttp session per upstream, and a single attempt over it.
+
+Deliberate aiohttp settings (PROTOCOLS.md §5): no 300 s session total (streams outlive it), a pool
+sized per upstream (the default 100 would cap concurrent streams), keep-alive shorter than vLLM's
+5 s so we never reuse a socket the server closed, and one safe retry when a pooled connection
+turns out to be stale before any response byte arrived.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import aiohttp
+from yarl import URL
+
+from proxy.errors import UpstreamTimeout, UpstreamUnreachable
+from proxy.mock_upstream import MockFault, MockSettings, start_mock
+from proxy.policy.plan import MockPlan, Plan, TimeoutSpec, UpstreamSpec
+
+log = logging.getLogger("signalbox.upstream")
+
+
+@dataclass(slots=True)
+class _Pool:
+    spec: UpstreamSpec
+    session: aiohttp.ClientSession
+    base_url: str
+    mock_runner: object | None = None
+
+
+class UpstreamClients:
+    """Sessions (and in-process mock servers) keyed by upstream name; reconfigured on reload."""
+
+    def __init__(self) -> None:
+        self._pools: dict[str, _Pool] = {}
+        self._retired: list[_Pool] = []
+
+    async def configure(self, plan: Plan) -> None:
+        """Create pools for new or changed upstreams; keep unchanged ones (and their warm connections)."""
+        for name, spec in plan.upstreams.items():
+            current = self._pools.get(name)
+            if current is not None and current.spec.fingerprint() == spec.fingerprint():
+                current.spec = spec  # headers or key may have changed; the pool stays
+                continue
+            self._pools[name] = await self._open(spec)
+            if current is not None:
+                self._retired.append(current)
+        for name in [n for n in self._pools if n not in plan.upstreams]:
+            self._retired.append(self._pools.pop(name))
+
+    def pool(self, name: str) -> tuple[aiohttp.ClientSession, str]:
+        pool = self._pools[name]
+        return pool.session, pool.base_url
+
+    def mock_url(self, name: str) -> str | None:
+        pool = self._pools.get(name)
+        return pool.base_url if pool is not None and pool.mock_runner is not None else None
+
+    async def close(self) -> None:
+        for pool in [*self._pools.values(), *self._retired]:
+            await pool.session.close()
+            if pool.mock_runner is not None:
+                await pool.mock_runner.cleanup()  # type: ignore[attr-defined]
+        self._pools.clear()
+        self._retired.clear()
+
+    async def _open(self, spec: UpstreamSpec) -> _Pool:
+        runner = None
+        base_url = spec.base_url or ""
+        if spec.provider == "mock":
+            assert spec.mock is not None
+            runner, root = await start_mock(_mock_settings(spec.mock))
+            base_url = root + "/v1"
+        connector = aiohttp.TCPConnector(
+            limit=spec.max_connections,
+            limit_per_host=0,
+            keepalive_timeout=spec.keepalive,
+            ttl_dns_cache=30,
+            enable_cleanup_closed=False,
+        )
+        session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=None),
+            auto_decompress=True,
+            skip_auto_headers=("User-Agent",),
+            raise_for_status=False,
+        )
+        return _Pool(spec, session, base_url, runner)
+
+
+def _mock_settings(plan: MockPlan) -> MockSettings:
+    faults = tuple(
+        MockFault(
+            kind=f.kind,
+            probability=f.probability,
+            status=f.status,
+            retry_after=f.retry_after,
+            stall=f.stall,
+            after_events=f.after_events,
+        )
+        for f in plan.faults
+    )
+    return MockSettings(
+        ttft=plan.ttft,
+        token_delay=plan.token_delay,
+        output_tokens=plan.output_tokens,
+        embedding_dim=plan.embedding_dim,
+        faults=faults,
+        seed=plan.seed,
+    )
+
+
+async def send_once(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    *,
+    headers: Mapping[str, str],
+    body: bytes | None,
+    query: Mapping[str, str] | None,
+    timeouts: TimeoutSpec,
+    upstream: str,
+) -> aiohttp.ClientResponse:
+    """One upstream attempt up to the response headers. Errors become `UpstreamUnreachable`/`Timeout`.
+
+    Retries once, at once, only when the server closed the connection before sending anything,
+    which is what a stale pooled keep-alive connection looks like.
+    """
+    timeout = aiohttp.ClientTimeout(
+        total=None, connect=None, sock_connect=timeouts.connect, sock_read=timeouts.first_token
+    )
+    target = URL(url, encoded=True)
+    for stale_retry in (True, False):
+        try:
+            return await session.request(
+                method, target, data=body, headers=headers, params=query, timeout=timeout, allow_redirects=False
+            )
+        except aiohttp.ServerDisconnectedError:
+            if stale_retry:
+                log.debug("upstream %s closed a pooled connection; retrying once", upstream)
+                continue
+            raise UpstreamUnreachable(
+                f"upstream '{upstream}' closed the connection before answering; try again"
+            ) from None
+        except aiohttp.ClientConnectorError as exc:
+            raise UpstreamUnreachable(
+                f"could not connect to upstream '{upstream}' ({_reason(exc)}); check that it is running"
+            ) from None
+        except (aiohttp.ServerTimeoutError, asyncio.TimeoutError):
+            raise UpstreamTimeout(
+                f"upstream '{upstream}' did not answer within {timeouts.first_token:g}s; "
+                "try again later or raise timeouts.first_token"
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamUnreachable(f"upstream '{upstream}' failed: {type(exc).__name__}") from None
+    raise AssertionError("unreachable")
+
+
+def _reason(exc: aiohttp.ClientConnectorError) -> str:
+    error = exc.os_error
+    return (error.strerror or type(error).__name__) if error is not None else "connection failed"
