@@ -12,6 +12,7 @@ from typing import Any
 
 from proxy.errors import Protocol
 from proxy.policy.plan import Plan, RouteRule, TenantRule
+from proxy.providers.exchange import Exchange
 
 
 @dataclass(slots=True)
@@ -47,6 +48,14 @@ class Call:
     events_relayed: int = 0
     bytes_out: int = 0
     client_gone: bool = False
+    exchange: Exchange | None = None
+    """Pass-through or a protocol translation, chosen by dispatch from the front and the upstream."""
+    token_estimate: int = 0
+    """Tokens reserved at admission (prompt estimate + max output); settled from `usage`."""
+    want_usage: bool = False
+    """A token limit applies: relay records the response's `usage` on the call."""
+    strip_usage: bool = False
+    """The proxy asked the upstream for stream usage (include_usage); relay drops that chunk."""
 
     def mark(self, stage: str) -> None:
         self.marks[stage] = time.perf_counter() - self.started

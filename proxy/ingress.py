@@ -8,8 +8,10 @@ are fed once, in `finally`, from the `Call`.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
+from functools import partial
 from typing import Any
 
 import orjson
@@ -30,6 +32,7 @@ from proxy.errors import (
 from proxy.headers import client_headers
 from proxy.policy.plan import Plan, TenantRule
 from proxy.runtime import STATE, Runtime
+from proxy.providers import exchange as exchanges
 from proxy.streaming import relay
 from proxy.upstream import dispatch
 
@@ -45,6 +48,7 @@ _MODEL_REQUIRED = frozenset(
     }
 )
 CLIENT_CLOSED = 499  # nginx's convention for "client closed the request"
+log = logging.getLogger("signalbox.ingress")
 
 
 async def proxy_handler(request: web.Request) -> web.StreamResponse:
@@ -62,6 +66,16 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     try:
         return await handle(request, call, state)
     except ProxyError as err:
+        call.status = err.status
+        call.error = err.reason
+        return render(err, call.protocol, call.request_id)
+    except ConnectionResetError:
+        call.client_gone = True
+        call.status = call.status or CLIENT_CLOSED
+        raise
+    except Exception:
+        log.exception("request %s failed inside the proxy", call.request_id)
+        err = ProxyError(f"internal error in the proxy (request id {call.request_id}); please report it")
         call.status = err.status
         call.error = err.reason
         return render(err, call.protocol, call.request_id)
@@ -96,12 +110,22 @@ async def handle(request: web.Request, call: Call, state: Runtime) -> web.Stream
             headers = client_headers(
                 upstream.headers.items(), request_id=call.request_id, route=call.route.name, upstream_name=call.upstream
             )
+            exchange = call.exchange
+            assert exchange is not None
             if call.stream and upstream.status == 200 and upstream.content_type == "text/event-stream":
                 scope.reschedule(None)  # past the headers, the stream's watchdog owns every time limit
-                return await relay.respond_stream(
-                    request, call, upstream, headers, call.route.timeouts, state.stream_settings, deadline
+                translator = exchanges.stream_translator(
+                    exchange, call.body or {}, call.model, int(call.started_wall)
                 )
-            return await relay.respond_whole(call, upstream, headers)
+                return await relay.respond_stream(
+                    request, call, upstream, headers, call.route.timeouts, state.stream_settings, deadline,
+                    translator,
+                )
+            transform = None
+            if exchange.kind != "pass" or upstream.status >= 400:
+                model, created = call.model, int(call.started_wall)
+                transform = partial(exchanges.response_body, exchange, model=model, created=created)
+            return await relay.respond_whole(call, upstream, headers, transform)
     except TimeoutError:
         raise UpstreamTimeout("the request ran past its total deadline (timeouts.total)") from None
 

@@ -11,20 +11,26 @@ slow client) so the per-event path carries no timers.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 
+from collections.abc import Callable
+
 import aiohttp
+import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.call import Call
 from proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnreachable, stream_error_frame
 from proxy.policy.plan import TimeoutSpec
-from proxy.streaming.sse import DONE, SSEDecoder, encode_comment
+from proxy.providers.exchange import StreamTranslator
+from proxy.streaming.sse import DONE, SSEDecoder, SSEEvent, encode_comment
 from proxy.tasks import spawn
 
 _DONE_PREFIX = DONE.rstrip(b"\n")
+log = logging.getLogger("signalbox.relay")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,16 +57,27 @@ class _Watch:
         self.failure: ProxyError | None = None
 
 
-async def respond_whole(call: Call, upstream: aiohttp.ClientResponse, headers: CIMultiDict[str]) -> web.Response:
-    """Relay a non-streamed response (status, headers, body bytes untouched)."""
+BodyTransform = Callable[[int, bytes], tuple[int, bytes]]
+
+
+async def respond_whole(
+    call: Call, upstream: aiohttp.ClientResponse, headers: CIMultiDict[str], transform: BodyTransform | None = None
+) -> web.Response:
+    """Relay a non-streamed response: status, headers and body bytes untouched unless `transform` is given
+    (protocol translation, or an upstream error shape normalised)."""
     try:
         body = await upstream.read()
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         raise _read_failure(call, exc) from None
     finally:
         upstream.release()
+    status = upstream.status
+    if transform is not None:
+        status, body = transform(status, body)
+        headers["Content-Type"] = "application/json"
+    call.status = status
     call.bytes_out = len(body)
-    return web.Response(status=upstream.status, body=body, headers=headers)
+    return web.Response(status=status, body=body, headers=headers)
 
 
 async def respond_stream(
@@ -71,8 +88,12 @@ async def respond_stream(
     timeouts: TimeoutSpec,
     settings: StreamSettings,
     deadline: float,
+    translator: StreamTranslator | None = None,
 ) -> web.StreamResponse:
-    """Relay an SSE stream; returns the prepared response once the stream has ended, however it ended."""
+    """Relay an SSE stream; returns the prepared response once the stream has ended, however it ended.
+
+    With a `translator`, each upstream event is parsed and re-encoded in the client's protocol;
+    without one, events pass through byte for byte."""
     headers["Content-Type"] = "text/event-stream; charset=utf-8"
     headers["Cache-Control"] = "no-cache"
     headers["X-Accel-Buffering"] = "no"
@@ -85,7 +106,7 @@ async def respond_stream(
     dog = spawn(_watchdog(request, response, upstream, watch, timeouts, settings, deadline, heartbeat), name="watchdog")
     decoder = SSEDecoder()
     try:
-        await _pump(response, upstream, decoder, call, watch, settings)
+        await _pump(response, upstream, decoder, call, watch, settings, translator)
     except ConnectionResetError:
         call.client_gone = True
     finally:
@@ -109,6 +130,7 @@ async def _pump(
     call: Call,
     watch: _Watch,
     settings: StreamSettings,
+    translator: StreamTranslator | None,
 ) -> None:
     try:
         async for chunk in upstream.content.iter_any():
@@ -119,13 +141,19 @@ async def _pump(
                     return
                 continue
             done = False
-            out = []
+            out: list[bytes] = []
             for event in events:
                 if event.is_comment_only:
                     continue  # upstream keep-alives are not progress; our own heartbeats cover silence
-                out.append(event.raw)
-                if event.raw.startswith(_DONE_PREFIX):
+                if translator is not None:
+                    out.extend(_translate(translator, event))
+                    done = translator.finished
+                elif event.raw.startswith(_DONE_PREFIX):
+                    out.append(event.raw)
                     done = True
+                else:
+                    out.append(event.raw)
+                if done:
                     break
             if not out:
                 continue
@@ -141,7 +169,16 @@ async def _pump(
         if watch.failure is None:
             watch.failure = _read_failure(call, exc)
         return
-    if watch.failure is None and (call.protocol == "openai" or decoder.close()):
+    except ConnectionResetError:
+        raise
+    except Exception:  # a bug must end this stream cleanly, not crash it mid-chunk
+        log.exception("request %s: stream relay failed", call.request_id)
+        watch.failure = ProxyError(f"internal error while relaying the stream (request id {call.request_id})")
+        return
+    if translator is not None and not translator.finished and watch.failure is None:
+        # An OpenAI upstream may end without [DONE] only when it broke; Anthropic ends with message_stop.
+        watch.failure = UpstreamUnreachable(f"upstream '{call.upstream}' ended the stream early")
+    elif watch.failure is None and translator is None and (call.protocol == "openai" or decoder.close()):
         # An OpenAI stream ends with [DONE]; EOF before it is a truncation the client must hear about.
         watch.failure = UpstreamUnreachable(
             f"upstream '{call.upstream}' ended the stream early; the answer is incomplete"
@@ -201,6 +238,17 @@ async def _watchdog(
         if settings.heartbeat > 0:
             due.append(watch.last_write + settings.heartbeat)
         await asyncio.sleep(max(0.005, min(due) - now))
+
+
+def _translate(translator: StreamTranslator, event: SSEEvent) -> list[bytes]:
+    data = event.data_bytes()
+    if data.startswith(b"[DONE]"):
+        return translator.done()
+    try:
+        parsed = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return []  # not an event either protocol defines; skipped like an unknown event type
+    return translator.feed(event.event, parsed) if isinstance(parsed, dict) else []
 
 
 def _timeout_message(reason: str, timeouts: TimeoutSpec) -> str:

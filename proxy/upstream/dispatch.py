@@ -13,15 +13,22 @@ import aiohttp
 import orjson
 
 from proxy.call import Attempt, Call
-from proxy.errors import ProxyError
+from proxy.errors import InvalidRequest, ProxyError
+from proxy.providers import exchange as exchanges
 from proxy.headers import credentials_of, upstream_headers
 from proxy.policy.plan import UpstreamSpec
 from proxy.upstream.client import UpstreamClients, send_once
 
 
 def upstream_body(call: Call) -> bytes | None:
-    """The client's bytes, re-serialised only when the route rewrites the model."""
+    """The client's bytes, re-serialised only when the route rewrites the model or translates."""
     route = call.route
+    exchange = call.exchange
+    if exchange is not None and exchange.kind != "pass" and call.body is not None and route is not None:
+        try:
+            return exchanges.request_body(exchange, call.body, route.model_rewrite or call.model)
+        except exchanges.TranslationError as exc:
+            raise InvalidRequest(str(exc)) from None
     if call.body is not None and route is not None and route.model_rewrite and call.body.get("model") != route.model_rewrite:
         return orjson.dumps({**call.body, "model": route.model_rewrite})
     return call.raw_body if call.method not in ("GET", "HEAD", "DELETE") or call.raw_body else None
@@ -40,6 +47,10 @@ async def send(
     spec: UpstreamSpec = call.plan.upstreams[call.route.upstream]
     session, base_url = clients.pool(spec.name)
     call.upstream = spec.name
+    try:
+        call.exchange = exchanges.choose(call.path, spec.provider)
+    except exchanges.Untranslatable as exc:
+        raise InvalidRequest(str(exc)) from None
     headers = upstream_headers(
         client_headers.items(),
         spec,
@@ -47,7 +58,7 @@ async def send(
         drop=frozenset((identify_header,)) if identify_header else frozenset(),
         client_credentials=credentials_of(client_headers) if passthrough_auth else None,
     )
-    url = base_url + call.path[3:]  # base_url ends at the version segment; the path starts with /v1
+    url = base_url + call.exchange.upstream_path  # base_url ends at the version segment
     query = _query(query_string, spec)
     started = time.perf_counter()
     try:
@@ -60,6 +71,7 @@ async def send(
             query=None,
             timeouts=call.route.timeouts,
             upstream=spec.name,
+            stream=call.stream,
         )
     except ProxyError as exc:
         call.attempts.append(Attempt(spec.name, 0, time.perf_counter() - started, exc.reason))

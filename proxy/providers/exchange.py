@@ -1,0 +1,172 @@
+"""Which translation a request needs, from the client's front and the upstream's protocol (pure).
+
+Same protocol on both sides is a pass-through: bytes untouched, only non-OpenAI error shapes
+(vLLM, TGI) normalised. OpenAI chat → Anthropic and Anthropic Messages → OpenAI-compatible are
+translated with the state machines in this package. Anything else cannot be translated and is
+refused up front with a 400 that says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import orjson
+
+from proxy.providers.anthropic_front_request import anthropic_to_openai_chat
+from proxy.providers.anthropic_request import TranslationError, include_usage_requested, openai_chat_to_anthropic
+from proxy.providers.anthropic_response import anthropic_message_to_openai, openai_chat_to_anthropic_message
+from proxy.providers.anthropic_stream import AnthropicToOpenAIStream, OpenAIToAnthropicStream
+from proxy.providers.errors_map import (
+    anthropic_error_to_openai,
+    normalise_openai_compatible_error,
+    openai_error_to_anthropic,
+)
+
+Kind = Literal["pass", "openai_to_anthropic", "anthropic_to_openai"]
+DEFAULT_MAX_TOKENS = 4096
+
+
+class Untranslatable(ValueError):
+    """The client's endpoint has no equivalent on the route's upstream."""
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    kind: Kind
+    upstream_path: str
+    """Path appended to the upstream's base_url (which ends at its version segment)."""
+    front: Literal["openai", "anthropic"]
+    provider: str
+
+
+def choose(front_path: str, provider: str) -> Exchange:
+    front: Literal["openai", "anthropic"] = "anthropic" if front_path.startswith("/v1/messages") else "openai"
+    suffix = front_path[3:]  # "/v1/chat/completions" -> "/chat/completions"
+    if provider == "mock" or (provider == "anthropic") == (front == "anthropic"):
+        return Exchange("pass", suffix, front, provider)
+    if front == "openai" and front_path == "/v1/chat/completions":
+        return Exchange("openai_to_anthropic", "/messages", front, provider)
+    if front == "anthropic" and front_path == "/v1/messages":
+        return Exchange("anthropic_to_openai", "/chat/completions", front, provider)
+    raise Untranslatable(
+        f"{front_path} cannot be served by an {provider} upstream: only chat completions and messages "
+        "translate between the OpenAI and Anthropic protocols"
+    )
+
+
+def request_body(exchange: Exchange, body: Mapping[str, Any], model: str) -> bytes:
+    """The upstream body for a translated exchange (raises TranslationError on untranslatable fields)."""
+    if exchange.kind == "openai_to_anthropic":
+        out = openai_chat_to_anthropic(body, default_max_tokens=DEFAULT_MAX_TOKENS)
+    else:
+        out = anthropic_to_openai_chat(body)
+    out["model"] = model
+    return orjson.dumps(out)
+
+
+def response_body(exchange: Exchange, status: int, raw: bytes, model: str, created: int) -> tuple[int, bytes]:
+    """Translate a whole response (success or error) into the client's protocol."""
+    parsed: object
+    try:
+        parsed = orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError:
+        parsed = raw.decode("utf-8", errors="replace")
+    if status >= 400:
+        return _error(exchange, status, parsed, raw)
+    if exchange.kind == "pass" or not isinstance(parsed, dict):
+        return status, raw
+    if exchange.kind == "openai_to_anthropic":
+        return status, orjson.dumps(anthropic_message_to_openai(parsed, model=model, created=created))
+    return status, orjson.dumps(openai_chat_to_anthropic_message(parsed, model=model))
+
+
+def _error(exchange: Exchange, status: int, parsed: object, raw: bytes) -> tuple[int, bytes]:
+    if exchange.kind == "openai_to_anthropic":
+        status, body = anthropic_error_to_openai(status, parsed)
+        return status, orjson.dumps(body)
+    if exchange.kind == "anthropic_to_openai":
+        status, body = openai_error_to_anthropic(status, parsed)
+        return status, orjson.dumps(body)
+    if exchange.provider == "anthropic" or exchange.front == "anthropic":
+        return status, raw  # Anthropic to Anthropic: already the client's shape
+    normal = normalise_openai_compatible_error(status, parsed)
+    if isinstance(parsed, dict) and parsed == normal:
+        return status, raw  # already OpenAI-shaped: keep the upstream's exact bytes
+    return status, orjson.dumps(normal)
+
+
+class StreamTranslator(Protocol):
+    def feed(self, event: str | None, data: Mapping[str, Any]) -> list[bytes]: ...
+    def done(self) -> list[bytes]: ...
+    @property
+    def finished(self) -> bool: ...
+    @property
+    def usage(self) -> dict[str, Any] | None: ...
+
+
+class _FromOpenAI:
+    """Adapts OpenAIToAnthropicStream to the common feed(event, data) shape; `[DONE]` arrives via done()."""
+
+    __slots__ = ("_inner",)
+
+    def __init__(self, model: str) -> None:
+        self._inner = OpenAIToAnthropicStream(model=model)
+
+    def feed(self, event: str | None, data: Mapping[str, Any]) -> list[bytes]:
+        return self._inner.feed(data)
+
+    def done(self) -> list[bytes]:
+        return self._inner.done()
+
+    @property
+    def finished(self) -> bool:
+        return self._inner.finished
+
+    @property
+    def usage(self) -> dict[str, Any] | None:
+        return self._inner.usage
+
+
+class _FromAnthropic:
+    __slots__ = ("_inner",)
+
+    def __init__(self, model: str, created: int, include_usage: bool) -> None:
+        self._inner = AnthropicToOpenAIStream(model=model, created=created, include_usage=include_usage)
+
+    def feed(self, event: str | None, data: Mapping[str, Any]) -> list[bytes]:
+        return self._inner.feed(event, data)
+
+    def done(self) -> list[bytes]:
+        return []  # Anthropic streams end with message_stop, which feed() already turned into [DONE]
+
+    @property
+    def finished(self) -> bool:
+        return self._inner.finished
+
+    @property
+    def usage(self) -> dict[str, Any] | None:
+        return self._inner.usage
+
+
+def stream_translator(
+    exchange: Exchange, body: Mapping[str, Any], model: str, created: int
+) -> StreamTranslator | None:
+    if exchange.kind == "openai_to_anthropic":
+        return _FromAnthropic(model, created, include_usage_requested(body))
+    if exchange.kind == "anthropic_to_openai":
+        return _FromOpenAI(model)
+    return None
+
+
+__all__ = [
+    "Exchange",
+    "StreamTranslator",
+    "TranslationError",
+    "Untranslatable",
+    "choose",
+    "request_body",
+    "response_body",
+    "stream_translator",
+]
