@@ -17,7 +17,11 @@ import orjson
 from aiohttp import web
 
 from proxy import ingress
+from proxy.errors import ServiceUnavailable
+from proxy.policy.load import LoadedPolicy
 from proxy.policy.plan import Plan
+from proxy.policy.reload import Listener
+from proxy.tasks import spawn
 from proxy.runtime import STATE, PlanRef, Runtime, Settings
 
 log = logging.getLogger("signalbox")
@@ -45,10 +49,40 @@ async def _upstreams(app: web.Application) -> AsyncIterator[None]:
     runtime = app[STATE]
     await runtime.clients.configure(runtime.plans.current)
     runtime.metrics.set_policy(runtime.plans.current.digest)
+    watcher = None
+    if runtime.reloader is not None:
+        runtime.reloader.on_change(_reconfigure(runtime))
+        watcher = spawn(
+            runtime.reloader.watch(runtime.settings.reload_interval, lambda: reload_policy(runtime)),
+            name="policy-watch",
+        )
     runtime.ready = True
     yield
     runtime.ready = False
+    if watcher is not None:
+        watcher.cancel()
     await runtime.clients.close()
+
+
+def _reconfigure(runtime: Runtime) -> Listener:
+    async def listener(plan: Plan, loaded: LoadedPolicy) -> None:
+        await runtime.clients.configure(plan)
+        runtime.metrics.set_policy(plan.digest)
+
+    return listener
+
+
+async def reload_policy(runtime: Runtime) -> bool:
+    """SIGHUP and POST /admin/reload: reload now; metrics say how it went."""
+    if runtime.reloader is None:
+        return False
+    failures = runtime.reloader.status.failures
+    changed = await runtime.reloader.reload()
+    failed = runtime.reloader.status.failures > failures
+    if failed:
+        runtime.metrics.reload_failures.inc()
+    runtime.metrics.reload_success.set(0 if runtime.reloader.status.last_error else 1)
+    return changed
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -81,6 +115,7 @@ async def serve(app: web.Application) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: spawn(reload_policy(runtime), name="sighup-reload"))
     try:
         await stop.wait()
         runtime.draining = True
@@ -92,5 +127,11 @@ async def serve(app: web.Application) -> None:
             await asyncio.sleep(0.05)
         if runtime.in_flight:
             log.warning("drain timeout: ending %d requests still in flight", runtime.in_flight)
+            shutting_down = ServiceUnavailable("the proxy is shutting down; retry the request", should_retry=True)
+            for end in list(runtime.open_streams):
+                end(shutting_down)
+            ended = loop.time() + 2.0  # let relays write their error event
+            while runtime.open_streams and loop.time() < ended:
+                await asyncio.sleep(0.02)
     finally:
         await runner.cleanup()

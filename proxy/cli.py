@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
+import json
 import logging
 import sys
 from pathlib import Path
@@ -26,9 +26,23 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--shutdown-grace", type=parse_duration, default=5.0, help="keep accepting after SIGTERM")
     serve.add_argument("--drain-timeout", type=parse_duration, default=60.0, help="wait for in-flight requests")
     serve.add_argument("--no-access-log", action="store_true", help="do not write the JSON access log")
+    serve.add_argument(
+        "--reload-interval", type=parse_duration, default=2.0, help="how often to check the policies for changes"
+    )
 
     validate = commands.add_parser("validate", help="check a policy set and exit")
     validate.add_argument("path")
+
+    explain = commands.add_parser("explain", help="show which route, upstream and settings a request gets")
+    explain.add_argument("--policies", default="policies")
+    explain.add_argument("--model", required=True)
+    explain.add_argument("--path", default="/v1/chat/completions")
+    who = explain.add_mutually_exclusive_group()
+    who.add_argument("--tenant")
+    who.add_argument("--key", help="a tenant's API key (used only to find the tenant; never printed)")
+    explain.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    commands.add_parser("schema", help="print the JSON Schema of the policy format")
 
     mock = commands.add_parser("mock", help="run the built-in mock upstream on its own")
     mock.add_argument("--host", default="127.0.0.1")
@@ -40,6 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "validate":
         return _validate(Path(args.path))
+    if args.command == "explain":
+        return _explain(args)
+    if args.command == "schema":
+        from proxy.policy.schema import Policy
+
+        print(json.dumps(Policy.model_json_schema(mode="validation"), indent=2))
+        return 0
     if args.command == "mock":
         from proxy.mock_upstream import MockSettings, run_mock_forever
 
@@ -67,15 +88,35 @@ def _validate(path: Path) -> int:
     return 0
 
 
+def _explain(args: argparse.Namespace) -> int:
+    from proxy.policy.explain import ExplainError, explain, format_text
+
+    try:
+        loaded = load_policy(args.policies)
+        plan = compile_plan(loaded)
+        answer = explain(loaded, plan, model=args.model, path=args.path, tenant=args.tenant, key=args.key)
+    except PolicyError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    except ExplainError as exc:
+        print(f"explain: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(answer, indent=2) if args.json else format_text(answer))
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvloop
 
     from proxy.app import build_app, serve
-    from proxy.runtime import Settings
+    from proxy.policy.reload import Reloader
+    from proxy.runtime import STATE, Settings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        plan = compile_plan(load_policy(args.policies))
+        loaded = load_policy(args.policies)
+        plan = compile_plan(loaded)
     except PolicyError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
@@ -88,7 +129,10 @@ def _serve(args: argparse.Namespace) -> int:
         shutdown_grace=args.shutdown_grace,
         drain_timeout=args.drain_timeout,
         access_log=not args.no_access_log,
+        reload_interval=args.reload_interval,
     )
     app = build_app(plan, settings)
+    runtime = app[STATE]
+    runtime.reloader = Reloader(Path(args.policies), loaded, runtime.plans.swap)
     uvloop.run(serve(app))
     return 0

@@ -102,7 +102,7 @@ async def handle(request: web.Request, call: Call, state: Runtime) -> web.Stream
                 call,
                 state.clients,
                 request.headers,
-                request.query_string,
+                request.rel_url.raw_query_string,  # still percent-encoded: forwarded as the client sent it
                 passthrough_auth=plan.identify.mode == "passthrough",
                 identify_header=plan.identify.header if plan.identify.mode != "api_key" else None,
             )
@@ -120,6 +120,7 @@ async def handle(request: web.Request, call: Call, state: Runtime) -> web.Stream
                 return await relay.respond_stream(
                     request, call, upstream, headers, call.route.timeouts, state.stream_settings, deadline,
                     translator,
+                    state.open_streams,
                 )
             transform = None
             if exchange.kind != "pass" or upstream.status >= 400:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from proxy.errors import ProxyError
+
 from proxy.policy.plan import Plan
+from proxy.policy.reload import Reloader
 from proxy.streaming.relay import StreamSettings
 from proxy.telemetry.logging import AccessLog
 from proxy.telemetry.metrics import Metrics
@@ -41,6 +45,8 @@ class Settings:
     shutdown_grace: float = 5.0
     drain_timeout: float = 60.0
     access_log: bool = True
+    reload_interval: float = 2.0
+    """How often the policy directory's digest is polled for changes."""
     stream: StreamSettings = field(default_factory=StreamSettings)
 
 
@@ -55,6 +61,10 @@ class Runtime:
     ready: bool = False
     draining: bool = False
     started_wall: float = field(default_factory=time.time)
+    reloader: Reloader | None = None
+    open_streams: set[Callable[[ProxyError], None]] = field(default_factory=set)
+    """One `end(error)` per stream being relayed, so a drain can end them cleanly."""
+    """Set when the policy came from files (the CLI); tests may build apps from a plan alone."""
 
     @property
     def stream_settings(self) -> StreamSettings:

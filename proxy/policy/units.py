@@ -10,7 +10,7 @@ import re
 from collections.abc import Mapping
 from typing import Annotated
 
-from pydantic import BeforeValidator
+from pydantic import BeforeValidator, WithJsonSchema
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -81,5 +81,17 @@ def interpolate(text: str, environ: Mapping[str, str] | None = None) -> str:
     return _ENV.sub(substitute, text) if "${" in text else text
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]
-ByteSize = Annotated[int, BeforeValidator(parse_size)]
+# The JSON Schema (for editors) shows what people write, not the parsed float/int.
+_DURATION_SCHEMA = {
+    "anyOf": [{"type": "number", "minimum": 0}, {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(ms|s|m|h)?\s*$"}],
+    "description": "a duration: 250ms, 30s, 5m, 1h or a number of seconds",
+}
+_SIZE_SCHEMA = {
+    "anyOf": [
+        {"type": "integer", "minimum": 0},
+        {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$"},
+    ],
+    "description": "a size: 512KiB, 32MiB or a number of bytes",
+}
+Duration = Annotated[float, BeforeValidator(parse_duration), WithJsonSchema(_DURATION_SCHEMA)]
+ByteSize = Annotated[int, BeforeValidator(parse_size), WithJsonSchema(_SIZE_SCHEMA)]

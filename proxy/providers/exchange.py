@@ -15,7 +15,11 @@ from typing import Any, Literal, Protocol
 import orjson
 
 from proxy.providers.anthropic_front_request import anthropic_to_openai_chat
-from proxy.providers.anthropic_request import TranslationError, include_usage_requested, openai_chat_to_anthropic
+from proxy.providers.anthropic_request import (
+    TranslationError,
+    include_usage_requested,
+    openai_chat_to_anthropic,
+)
 from proxy.providers.anthropic_response import anthropic_message_to_openai, openai_chat_to_anthropic_message
 from proxy.providers.anthropic_stream import AnthropicToOpenAIStream, OpenAIToAnthropicStream
 from proxy.providers.errors_map import (

@@ -29,7 +29,8 @@ from proxy.providers.exchange import StreamTranslator
 from proxy.streaming.sse import DONE, SSEDecoder, SSEEvent, encode_comment
 from proxy.tasks import spawn
 
-_DONE_PREFIX = DONE.rstrip(b"\n")
+# `data:` may omit the space (valid SSE; the SDK only checks that the data starts with [DONE]).
+_DONE_PREFIXES = (DONE.rstrip(b"\n"), b"data:[DONE]")
 log = logging.getLogger("signalbox.relay")
 
 
@@ -89,6 +90,7 @@ async def respond_stream(
     settings: StreamSettings,
     deadline: float,
     translator: StreamTranslator | None = None,
+    open_streams: set[Callable[[ProxyError], None]] | None = None,
 ) -> web.StreamResponse:
     """Relay an SSE stream; returns the prepared response once the stream has ended, however it ended.
 
@@ -105,6 +107,15 @@ async def respond_stream(
         await _write(response, heartbeat, watch)
     dog = spawn(_watchdog(request, response, upstream, watch, timeouts, settings, deadline, heartbeat), name="watchdog")
     decoder = SSEDecoder()
+
+    def end(error: ProxyError) -> None:
+        """Called by the drain at shutdown: end this stream with `error` at the next event boundary."""
+        if watch.failure is None:
+            watch.failure = error
+        upstream.close()
+
+    if open_streams is not None:
+        open_streams.add(end)
     try:
         await _pump(response, upstream, decoder, call, watch, settings, translator)
     except ConnectionResetError:
@@ -112,6 +123,8 @@ async def respond_stream(
     finally:
         dog.cancel()
         upstream.close()
+        if open_streams is not None:
+            open_streams.discard(end)
     if not call.client_gone:
         if watch.failure is not None:
             await _finish_with_error(response, call, watch.failure)
@@ -148,11 +161,12 @@ async def _pump(
                 if translator is not None:
                     out.extend(_translate(translator, event))
                     done = translator.finished
-                elif event.raw.startswith(_DONE_PREFIX):
-                    out.append(event.raw)
-                    done = True
                 else:
-                    out.append(event.raw)
+                    # Framing bytes before the block (a stream-start BOM, or the LF completing a CRLF split
+                    # across reads) stay behind: a heartbeat written since must not end up inside a CRLF.
+                    raw = event.raw[event.skip :] if event.skip else event.raw
+                    out.append(raw)
+                    done = raw.startswith(_DONE_PREFIXES)
                 if done:
                     break
             if not out:

@@ -6,6 +6,7 @@ Label children are cached: `labels()` costs a lock and a dict walk we do not wan
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -47,6 +48,45 @@ class Metrics:
         self.policy_version = Gauge(
             "signalbox_policy_info", "The active policy's source digest (value is always 1).", ["digest"], registry=r,
         )
+        self.reload_failures = Counter(
+            "signalbox_policy_reload_failures", "Policy reloads rejected (the previous policy kept serving).",
+            registry=r,
+        )
+        self.reload_success = Gauge(
+            "signalbox_policy_last_reload_success", "1 when the last reload attempt succeeded or none failed.",
+            registry=r,
+        )
+        self.reload_success.set(1)
+        # Admission and the scheduler. Gauges are set at scrape time (see `before_scrape`), never per request.
+        self.queue_length = Gauge(
+            "signalbox_queue_length", "Requests waiting for a slot, by queue and priority class.",
+            ["queue", "priority"], registry=r,
+        )
+        self.queue_wait = Histogram(
+            "signalbox_queue_wait_seconds", "Time from joining a queue to a slot (0 when one was free).",
+            ["queue"], buckets=(0.001, *_LATENCY_BUCKETS), registry=r,
+        )
+        self.rejections = Counter(
+            "signalbox_rejections", "Requests refused by admission or a queue, by reason (rate_limit, "
+            "token_limit, concurrency_limit, queue_full, queue_timeout, queue_cleared, client_gone).",
+            ["reason"], registry=r,
+        )
+        self.active_requests = Gauge(
+            "signalbox_active_requests", "Requests holding a slot of the queue.", ["queue"], registry=r,
+        )
+        self.queue_slots = Gauge(
+            "signalbox_queue_slots", "Slots (concurrency) of the queue.", ["queue"], registry=r,
+        )
+        self.tokens = Counter(
+            "signalbox_tokens", "Tokens counted by token limits, by tenant and kind (reserved, settled, "
+            "refunded).", ["tenant", "kind"], registry=r,
+        )
+        self.limiter_remaining = Gauge(
+            "signalbox_limiter_remaining", "What is left of a limit this minute (or concurrent slots free).",
+            ["tenant", "limit"], registry=r,
+        )
+        self.before_scrape: list[Callable[[], Awaitable[None]]] = []
+        """Refreshers for state gauges (queues, limiters), awaited at each scrape."""
         self._children: dict[tuple[Any, ...], Any] = {}
 
     def _child(self, metric: Any, *labels: str) -> Any:
@@ -75,6 +115,17 @@ class Metrics:
         self.policy_version.clear()
         self.policy_version.labels(digest[:12]).set(1)
 
+    def reject(self, reason: str) -> None:
+        self._child(self.rejections, reason).inc()
+
+    def count_tokens(self, tenant: str, kind: str, amount: int) -> None:
+        self._child(self.tokens, tenant, kind).inc(amount)
+
+    def queue_waited(self, queue: str, seconds: float) -> None:
+        self._child(self.queue_wait, queue).observe(seconds)
+
     async def handle(self, request: web.Request) -> web.Response:
+        for refresh in self.before_scrape:
+            await refresh()
         body = generate_latest(self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
