@@ -192,7 +192,7 @@ async def _pump(
     if translator is not None and not translator.finished and watch.failure is None:
         # An OpenAI upstream may end without [DONE] only when it broke; Anthropic ends with message_stop.
         watch.failure = UpstreamUnreachable(f"upstream '{call.upstream}' ended the stream early")
-    elif watch.failure is None and translator is None and (call.protocol == "openai" or decoder.close()):
+    elif watch.failure is None and translator is None and (call.protocol == "openai" or _cut(decoder.close())):
         # An OpenAI stream ends with [DONE]; EOF before it is a truncation the client must hear about.
         watch.failure = UpstreamUnreachable(
             f"upstream '{call.upstream}' ended the stream early; the answer is incomplete"
@@ -252,6 +252,11 @@ async def _watchdog(
         if settings.heartbeat > 0:
             due.append(watch.last_write + settings.heartbeat)
         await asyncio.sleep(max(0.005, min(due) - now))
+
+
+def _cut(rest: bytes) -> bool:
+    """Leftover bytes at EOF mean a cut event, unless they are only comments (a trailing keep-alive)."""
+    return bool(rest.strip()) and not SSEEvent(rest).is_comment_only
 
 
 def _translate(translator: StreamTranslator, event: SSEEvent) -> list[bytes]:
