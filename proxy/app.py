@@ -17,6 +17,7 @@ import orjson
 from aiohttp import web
 
 from proxy import ingress
+from proxy.admin import build_admin_app
 from proxy.errors import ServiceUnavailable
 from proxy.policy.load import LoadedPolicy
 from proxy.policy.plan import Plan
@@ -67,6 +68,7 @@ async def _upstreams(app: web.Application) -> AsyncIterator[None]:
 def _reconfigure(runtime: Runtime) -> Listener:
     async def listener(plan: Plan, loaded: LoadedPolicy) -> None:
         await runtime.clients.configure(plan)
+        runtime.scheduler.reconfigure(plan)
         runtime.metrics.set_policy(plan.digest)
 
     return listener
@@ -106,6 +108,7 @@ async def serve(app: web.Application) -> None:
     """Run until SIGTERM/SIGINT, then drain (see module docstring)."""
     runtime = app[STATE]
     settings = runtime.settings
+    admin = await _start_admin(app)
     runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, backlog=1024, reuse_address=True)
@@ -135,3 +138,18 @@ async def serve(app: web.Application) -> None:
                 await asyncio.sleep(0.02)
     finally:
         await runner.cleanup()
+        await admin.cleanup()
+
+
+async def _start_admin(app: web.Application) -> web.AppRunner:
+    """The admin API on its own port, sharing the app's runtime (see proxy.admin)."""
+    settings = app[STATE].settings
+    runner = web.AppRunner(build_admin_app(app), handle_signals=False, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, settings.admin_host, settings.admin_port, reuse_address=True).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    log.info("admin API on http://%s:%s", settings.admin_host, settings.admin_port)
+    return runner

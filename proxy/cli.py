@@ -23,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--admin-host", default="127.0.0.1")
     serve.add_argument("--admin-port", type=int, default=9090)
+    serve.add_argument(
+        "--admin-no-auth", action="store_true",
+        help="serve the admin API without SIGNALBOX_ADMIN_TOKEN (only with a loopback --admin-host)",
+    )
     serve.add_argument("--shutdown-grace", type=parse_duration, default=5.0, help="keep accepting after SIGTERM")
     serve.add_argument("--drain-timeout", type=parse_duration, default=60.0, help="wait for in-flight requests")
     serve.add_argument("--no-access-log", action="store_true", help="do not write the JSON access log")
@@ -114,6 +118,12 @@ def _serve(args: argparse.Namespace) -> int:
     from proxy.runtime import STATE, Settings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from proxy.admin import is_loopback
+
+    if args.admin_no_auth and not is_loopback(args.admin_host):
+        host = args.admin_host
+        print(f"--admin-no-auth needs a loopback --admin-host (127.0.0.1, ::1), not {host}", file=sys.stderr)
+        return 2
     try:
         loaded = load_policy(args.policies)
         plan = compile_plan(loaded)
@@ -130,6 +140,7 @@ def _serve(args: argparse.Namespace) -> int:
         drain_timeout=args.drain_timeout,
         access_log=not args.no_access_log,
         reload_interval=args.reload_interval,
+        admin_auth_disabled=args.admin_no_auth,
     )
     app = build_app(plan, settings)
     runtime = app[STATE]

@@ -9,7 +9,10 @@
     ├── NoRoute                     404     invalid_request_error / model_not_found
     ├── BodyTooLarge                413     invalid_request_error / request_too_large
     ├── RateLimited                 429     rate_limit_exceeded (admission: limits and queues)
+    │   ├── QueueFull               429     rate_limit_exceeded, x-should-retry: false
+    │   └── QueueTimeout            429     rate_limit_exceeded ("waited N s in queue X")
     ├── ServiceUnavailable          503     service_unavailable (draining, queue cleared)
+    │   └── QueueCleared            503     service_unavailable, x-should-retry: false
     ├── UpstreamUnreachable         502     upstream_unreachable
     └── UpstreamTimeout             504     upstream_timeout
 
@@ -125,10 +128,32 @@ class RateLimited(ProxyError):
     code = "rate_limit_exceeded"
 
 
+class QueueFull(RateLimited):
+    """The queue already holds max_waiting requests; a client retry now would only add load."""
+
+    @property
+    def reason(self) -> str:
+        return "queue_full"
+
+
+class QueueTimeout(RateLimited):
+    @property
+    def reason(self) -> str:
+        return "queue_timeout"
+
+
 class ServiceUnavailable(ProxyError):
     status = 503
     type = "server_error"
     code = "service_unavailable"
+
+
+class QueueCleared(ServiceUnavailable):
+    """An operator cleared the queue the request waited in (admin API)."""
+
+    @property
+    def reason(self) -> str:
+        return "queue_cleared"
 
 
 class UpstreamUnreachable(ProxyError):

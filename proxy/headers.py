@@ -46,11 +46,16 @@ def upstream_headers(
     the upstream's configured key.
     """
     out: dict[str, str] = {}
+    named: list[str] = []
     for name, value in client:
         lower = name.lower()
+        if lower == "connection":
+            named += _connection_tokens(value)
         if lower in _DROP_UP or lower in drop:
             continue
         out[lower] = value
+    for token in named:
+        out.pop(token, None)
     for name, value in spec.headers:
         out[name] = value
     if client_credentials:
@@ -67,6 +72,11 @@ def upstream_headers(
     return out
 
 
+def _connection_tokens(value: str) -> list[str]:
+    """Header names listed in a Connection header: hop-by-hop for this one connection (RFC 9110 §7.6.1)."""
+    return [token.strip().lower() for token in value.split(",") if token.strip()]
+
+
 def credentials_of(client: Mapping[str, str]) -> dict[str, str]:
     """The app's own credential headers, for pass-through mode."""
     return {name: client[name] for name in _CREDENTIAL_HEADERS if name in client}
@@ -77,13 +87,18 @@ def client_headers(
 ) -> CIMultiDict[str]:
     """Headers for the client response. The upstream's own request id survives as x-upstream-request-id."""
     out: CIMultiDict[str] = CIMultiDict()
+    named: list[str] = []
     for name, value in upstream:
         lower = name.lower()
+        if lower == "connection":
+            named += _connection_tokens(value)
         if lower in _DROP_DOWN:
             if lower == "x-request-id" and value != request_id:
                 out["x-upstream-request-id"] = value
             continue
         out.add(name, value)
+    for token in named:
+        out.popall(token, None)
     out["x-request-id"] = request_id
     out["x-signalbox-route"] = route
     out["x-signalbox-upstream"] = upstream_name

@@ -1,6 +1,7 @@
 """Public handlers and `handle(call)`: THE data path, read top to bottom.
 
-identify tenant -> read and parse the body once -> resolve the route -> dispatch -> relay.
+identify tenant -> read and parse the body once -> resolve the route -> admission (limits) ->
+scheduler (a queue slot) -> dispatch -> relay.
 Every proxy-made refusal is a `ProxyError` rendered by `errors.render`; metrics and the access log
 are fed once, in `finally`, from the `Call`.
 """
@@ -32,6 +33,7 @@ from proxy.errors import (
 from proxy.headers import client_headers
 from proxy.policy.plan import Plan, TenantRule
 from proxy.runtime import STATE, Runtime
+from proxy.scheduler import PRIORITY_HEADER
 from proxy.providers import exchange as exchanges
 from proxy.streaming import relay
 from proxy.upstream import dispatch
@@ -57,7 +59,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         request_id=request.headers.get("x-request-id") or os.urandom(12).hex(),
         plan=state.plans.current,
         method=request.method,
-        path=request.path,
+        path=request.rel_url.raw_path,  # percent-encoded as sent: matched and forwarded without decoding
         protocol="anthropic" if request.path.startswith("/v1/messages") else "openai",
         started=time.perf_counter(),
     )
@@ -95,6 +97,34 @@ async def handle(request: web.Request, call: Call, state: Runtime) -> web.Stream
     call.tenant = identify(request, plan)
     await read_body(request, call, plan.max_body_size)
     call.route = resolve(call, plan)
+    waiting = _waiting_room(request, call, state)
+    try:
+        async with (
+            state.admission.admit(call, waiting),
+            state.scheduler.slot(call, request.headers.get(PRIORITY_HEADER), waiting),
+        ):
+            return await forward(request, call, state, waiting)
+    except ProxyError as err:
+        if waiting is None or waiting.response is None:
+            raise
+        return await waiting.fail(err)  # the 200 already went out while queued: an error event
+
+
+def _waiting_room(request: web.Request, call: Call, state: Runtime) -> relay.QueuedStream | None:
+    """Streams on a queue with heartbeat_while_queued get their headers early if they must wait."""
+    queue = call.route.queue if call.route is not None else None
+    if not call.stream or queue is None or not queue.heartbeat:
+        return None
+    return relay.QueuedStream(request, call, state.stream_settings.heartbeat)
+
+
+async def forward(
+    request: web.Request, call: Call, state: Runtime, waiting: relay.QueuedStream | None
+) -> web.StreamResponse:
+    """Dispatch and relay; `timeouts.total` counts from here, after any wait for admission or a slot."""
+    assert call.route is not None
+    plan = call.plan
+    prepared = waiting.response if waiting is not None else None
     deadline = time.monotonic() + call.route.timeouts.total
     try:
         async with asyncio.timeout(call.route.timeouts.total) as scope:
@@ -121,11 +151,14 @@ async def handle(request: web.Request, call: Call, state: Runtime) -> web.Stream
                     request, call, upstream, headers, call.route.timeouts, state.stream_settings, deadline,
                     translator,
                     state.open_streams,
+                    prepared,
                 )
             transform = None
             if exchange.kind != "pass" or upstream.status >= 400:
                 model, created = call.model, int(call.started_wall)
                 transform = partial(exchanges.response_body, exchange, model=model, created=created)
+            if prepared is not None and waiting is not None:
+                return await waiting.relay_whole(upstream, transform)
             return await relay.respond_whole(call, upstream, headers, transform)
     except TimeoutError:
         raise UpstreamTimeout("the request ran past its total deadline (timeouts.total)") from None

@@ -10,10 +10,12 @@ from aiohttp import web
 
 from proxy.errors import ProxyError
 
+from proxy.admission.admit import Admission
 from proxy.policy.plan import Plan
 from proxy.policy.reload import Reloader
 from proxy.streaming.relay import StreamSettings
 from proxy.telemetry.logging import AccessLog
+from proxy.scheduler import Scheduler
 from proxy.telemetry.metrics import Metrics
 from proxy.upstream.client import UpstreamClients
 
@@ -47,6 +49,8 @@ class Settings:
     access_log: bool = True
     reload_interval: float = 2.0
     """How often the policy directory's digest is polled for changes."""
+    admin_auth_disabled: bool = False
+    """Serve the admin API without a token (the CLI allows it only on a loopback admin host)."""
     stream: StreamSettings = field(default_factory=StreamSettings)
 
 
@@ -65,6 +69,16 @@ class Runtime:
     open_streams: set[Callable[[ProxyError], None]] = field(default_factory=set)
     """One `end(error)` per stream being relayed, so a drain can end them cleanly."""
     """Set when the policy came from files (the CLI); tests may build apps from a plan alone."""
+
+    admission: Admission = field(init=False)
+    """Limits: the limiter store (counters survive reloads) and its metrics."""
+    scheduler: Scheduler = field(init=False)
+    """Queues by name (slots, waiters, pause state survive reloads)."""
+
+    def __post_init__(self) -> None:
+        self.admission = Admission(metrics=self.metrics)
+        self.scheduler = Scheduler(self.metrics)
+        self.metrics.before_scrape += [self.admission.refresh_metrics, self.scheduler.refresh_metrics]
 
     @property
     def stream_settings(self) -> StreamSettings:

@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import MappingProxyType
 
 from proxy.policy.load import LoadedPolicy
 from proxy.policy.plan import (
     IdentifySpec,
+    Limit,
+    LimitSet,
+    LimitSpec,
     Matcher,
     MockFaultPlan,
     MockPlan,
     Plan,
+    QueueSpec,
     RouteRule,
     TenantRule,
     TimeoutSpec,
     UpstreamSpec,
     key_digest,
 )
-from proxy.policy.schema import MockSpec, Policy, Route, Timeouts, Upstream
+from proxy.policy.schema import Limits, MockSpec, Policy, Route, Timeouts, Upstream
 
 _DEFAULT_AUTH = {"openai": "authorization", "anthropic": "x-api-key", "mock": "authorization"}
 
@@ -33,6 +38,7 @@ def compile_plan(loaded: LoadedPolicy) -> Plan:
     key_index = {
         key_digest(key.get_secret_value()): name for name, t in policy.tenants.items() for key in t.keys
     }
+    upstreams, routes, tenants = _admission(policy, upstreams, routes, tenants)
     ident = policy.identify
     return Plan(
         digest=loaded.digest,
@@ -43,6 +49,8 @@ def compile_plan(loaded: LoadedPolicy) -> Plan:
         routes=routes,
         key_index=MappingProxyType(key_index),
         max_body_size=policy.max_body_size,
+        priorities=tuple(policy.priorities),
+        queues=MappingProxyType(_queues(policy)),
     )
 
 
@@ -97,3 +105,69 @@ def inherit_timeouts(*layers: Timeouts) -> TimeoutSpec:
 
 def _as_tuple(value: str | list[str]) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value)
+
+
+# --- admission: limits, queues, priorities ----------------------------------------------------------
+
+
+def _admission(
+    policy: Policy,
+    upstreams: dict[str, UpstreamSpec],
+    routes: tuple[RouteRule, ...],
+    tenants: dict[str, TenantRule],
+) -> tuple[dict[str, UpstreamSpec], tuple[RouteRule, ...], dict[str, TenantRule]]:
+    """Limit specs, queue specs and priority classes, attached to the rules that use them."""
+    classes = policy.priorities
+    middle = len(classes) // 2
+    # Weights relative to the smallest, so every tenant's round-robin quantum is at least one request.
+    lightest = min((t.weight for t in policy.tenants.values()), default=1.0)
+    for name, t in policy.tenants.items():
+        priority = classes.index(t.priority) if t.priority else middle
+        top = classes.index(t.max_priority) if t.max_priority else priority
+        limit = _limit(t.limits, f"tenant:{name}", f"tenant '{name}'", name)
+        tenants[name] = replace(
+            tenants[name], limit=limit, priority=priority, max_priority=top, weight=t.weight / lightest
+        )
+    for name, u in policy.upstreams.items():
+        limit = _limit(u.limits, f"upstream:{name}", f"upstream '{name}'", "")
+        upstreams[name] = replace(upstreams[name], limit=limit)
+    queues = _queues(policy)
+    compiled = []
+    for rule, route in zip(routes, policy.routes, strict=True):
+        per_tenant = route.limits.per_tenant if route.limits is not None else None
+        route_limit = _limit(route.limits, f"route:{rule.name}", f"route '{rule.name}'", "")
+        upstream_limit = upstreams[route.upstream].limit
+        sets = {}
+        for tenant in policy.tenants:
+            scope = f"route '{rule.name}' for tenant '{tenant}'"
+            pair = _limit(per_tenant, f"route:{rule.name}/tenant:{tenant}", scope, tenant)
+            candidates = (tenants[tenant].limit, route_limit, pair, upstream_limit)
+            found = tuple(x for x in candidates if x is not None)
+            if found:
+                sets[tenant] = LimitSet(found, any(x.spec.tokens_per_minute for x in found))
+        compiled.append(
+            replace(
+                rule,
+                limit=route_limit,
+                upstream_limit=upstream_limit,
+                limit_sets=MappingProxyType(sets),
+                on_limit=route.on_limit,
+                queue=queues[route.queue] if route.queue is not None else None,
+                default_max_tokens=route.tokens.default_max_tokens,
+            )
+        )
+    return upstreams, tuple(compiled), tenants
+
+
+def _limit(limits: Limits | None, key: str, scope: str, tenant: str) -> Limit | None:
+    if limits is None:
+        return None
+    spec = LimitSpec(limits.requests_per_minute, limits.tokens_per_minute, limits.concurrent)
+    return Limit(key, scope, tenant, spec) if spec != LimitSpec() else None
+
+
+def _queues(policy: Policy) -> dict[str, QueueSpec]:
+    return {
+        name: QueueSpec(name, q.concurrency, q.max_waiting, q.max_wait, q.ageing, q.heartbeat_while_queued)
+        for name, q in policy.queues.items()
+    }

@@ -51,6 +51,46 @@ class MockPlan:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitSpec:
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    concurrent: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """One named limit. `key` names its counters in the limiter store, so a reload that keeps the
+    key keeps the counts; `scope` is how messages name it."""
+
+    key: str
+    """`tenant:<t>`, `route:<r>`, `route:<r>/tenant:<t>` or `upstream:<u>`."""
+    scope: str
+    tenant: str
+    """The tenant it counts, or "" for route- and upstream-wide limits."""
+    spec: LimitSpec
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSet:
+    """Every limit one tenant's request on one route must pass (tenant, route, route per tenant,
+    upstream), gathered at compile time so admission does no per-request assembly."""
+
+    limits: tuple[Limit, ...]
+    tokens: bool
+    """Some limit counts tokens: estimate, reserve and settle them."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSpec:
+    name: str
+    concurrency: int | None
+    max_waiting: int
+    max_wait: float
+    ageing: float | None
+    heartbeat: bool
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamSpec:
     name: str
     provider: Provider
@@ -63,6 +103,7 @@ class UpstreamSpec:
     max_connections: int
     keepalive: float
     mock: MockPlan | None
+    limit: Limit | None = None
 
     def fingerprint(self) -> tuple[object, ...]:
         """What a connection pool depends on: a reload keeps the pool when this is unchanged."""
@@ -113,6 +154,13 @@ class RouteRule:
     timeouts: TimeoutSpec
     advertised: tuple[str, ...]
     """Concrete model names this route serves, listed by GET /v1/models."""
+    limit: Limit | None = None
+    upstream_limit: Limit | None = None
+    limit_sets: Mapping[str, LimitSet] = field(default_factory=dict)
+    """By tenant name; a tenant with no entry has no limit on this route."""
+    on_limit: Literal["reject", "queue"] = "reject"
+    queue: QueueSpec | None = None
+    default_max_tokens: int = 1024
 
     def matches(self, path: str, model: str, tenant: str) -> bool:
         return (
@@ -124,6 +172,12 @@ class RouteRule:
 class TenantRule:
     name: str
     models: Matcher | None
+    limit: Limit | None = None
+    priority: int = 0
+    """Default class, an index into Plan.priorities (0 is the highest)."""
+    max_priority: int = 0
+    weight: float = 1.0
+    """Fairness weight, normalised at compile time so the lightest tenant's is 1."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +203,8 @@ class Plan:
     key_index: Mapping[str, str] = field(repr=False)
     max_body_size: int
     _cache: dict[tuple[str, str, str], RouteRule | None] = field(default_factory=dict, repr=False, compare=False)
+    priorities: tuple[str, ...] = ("standard",)
+    queues: Mapping[str, QueueSpec] = field(default_factory=dict)
 
     def tenant_for_key(self, key: str) -> TenantRule | None:
         name = self.key_index.get(key_digest(key))

@@ -37,6 +37,40 @@ class Pool(Strict):
     """Idle keep-alive: shorter than vLLM's 5 s server default so we never reuse a socket it closed."""
 
 
+class Limits(Strict):
+    """Rate limits. Every limit that applies to a request (tenant, route, route per tenant, upstream)
+    must admit it; minutes are sliding windows."""
+
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    tokens_per_minute: int | None = Field(default=None, ge=1)
+    """Prompt estimate + max output tokens reserved at admission, settled with the real `usage`."""
+    concurrent: int | None = Field(default=None, ge=1)
+
+
+class RouteLimits(Limits):
+    per_tenant: Limits | None = None
+    """Applied to each (route, tenant) pair on its own."""
+
+
+class Queue(Strict):
+    """A named waiting room; routes that name the same queue share its slots."""
+
+    concurrency: int | None = Field(default=None, ge=1)
+    """Requests in flight at once (unset: no slot limit; the queue only bounds waits for limits)."""
+    max_waiting: int = Field(default=1000, ge=0, le=1_000_000)
+    max_wait: Duration = 30.0
+    """Longest wait from arrival, for a slot or for a limit, before a 429."""
+    ageing: Duration | None = None
+    """A waiting request moves up one priority class per `ageing` waited (starvation guard)."""
+    heartbeat_while_queued: bool = False
+    """Streams that must wait get their 200 + SSE headers at once and `: queued position=N` comments."""
+
+
+class TokenSettings(Strict):
+    default_max_tokens: int = Field(default=1024, ge=0)
+    """Output tokens reserved when a request sets neither max_tokens nor max_completion_tokens."""
+
+
 class MockFaultSpec(Strict):
     kind: Literal["status", "stall", "drop"]
     probability: float = Field(default=1.0, ge=0.0, le=1.0)
@@ -71,6 +105,8 @@ class Upstream(Strict):
     pool: Pool = Field(default_factory=Pool)
     timeouts: Timeouts = Field(default_factory=Timeouts)
     mock: MockSpec | None = None
+    limits: Limits | None = None
+    """Protects the vendor key's own quota: counts every request routed to this upstream."""
 
     @model_validator(mode="after")
     def _base_url_matches_provider(self) -> Upstream:
@@ -91,6 +127,13 @@ class Tenant(Strict):
     """Proxy API keys that identify this tenant (`Authorization: Bearer` or `x-api-key`)."""
     models: list[str] | None = None
     """Optional allow-list of model globs; unset means every route the tenant reaches."""
+    priority: str | None = None
+    """Default priority class (one of `priorities`); unset: the middle class."""
+    max_priority: str | None = None
+    """Highest class the x-signalbox-priority header may ask for; unset: the tenant's default."""
+    weight: float = Field(default=1.0, gt=0, le=1000)
+    """Share of the queue against other tenants of the same class (deficit round robin)."""
+    limits: Limits | None = None
 
 
 class Identify(Strict):
@@ -121,6 +164,18 @@ class Route(Strict):
     model: str | None = None
     """Rewrite the request's model to this name before sending it upstream."""
     timeouts: Timeouts = Field(default_factory=Timeouts)
+    limits: RouteLimits | None = None
+    on_limit: Literal["reject", "queue"] = "reject"
+    """Over a limit: answer 429 at once, or wait (up to the queue's max_wait) for capacity."""
+    queue: str | None = None
+    """The named queue (see `queues`) this route's requests wait in for a slot."""
+    tokens: TokenSettings = Field(default_factory=TokenSettings)
+
+    @model_validator(mode="after")
+    def _queue_for_waits(self) -> Route:
+        if self.on_limit == "queue" and self.queue is None:
+            raise ValueError("on_limit: queue needs `queue: <name>`: that queue's max_wait bounds the wait")
+        return self
 
 
 class Policy(Strict):
@@ -134,8 +189,11 @@ class Policy(Strict):
     timeouts: Timeouts = Field(default_factory=Timeouts)
     """Defaults for every upstream and route."""
     max_body_size: ByteSize = 32 * 1024 * 1024
+    priorities: list[str] = Field(default_factory=lambda: ["standard"], min_length=1)
+    """Priority classes, highest first."""
+    queues: dict[str, Queue] = Field(default_factory=dict)
 
-    @field_validator("upstreams", "tenants")
+    @field_validator("upstreams", "tenants", "queues")
     @classmethod
     def _names(cls, value: dict[str, object]) -> dict[str, object]:
         import re
@@ -144,3 +202,37 @@ class Policy(Strict):
             if not re.match(NAME_PATTERN, name):
                 raise ValueError(f"invalid name {name!r}: use letters, digits, '_', '-' and '.'")
         return value
+
+    @field_validator("priorities")
+    @classmethod
+    def _classes(cls, value: list[str]) -> list[str]:
+        import re
+
+        for name in value:
+            if not re.match(NAME_PATTERN, name):
+                raise ValueError(f"invalid priority class {name!r}: use letters, digits, '_', '-' and '.'")
+        if len(set(value)) != len(value):
+            raise ValueError("priority classes must be unique")
+        return value
+
+    @model_validator(mode="after")
+    def _references(self) -> Policy:
+        """Names used by tenants and routes must exist (queues, priority classes)."""
+        classes = self.priorities
+        problems = []
+        for name, tenant in self.tenants.items():
+            wanted = {"priority": tenant.priority, "max_priority": tenant.max_priority}
+            for key, value in wanted.items():
+                if value is not None and value not in classes:
+                    known = ", ".join(classes)
+                    problems.append(f"tenants.{name}.{key}: unknown class '{value}' (priorities: {known})")
+            own, top = tenant.priority, tenant.max_priority
+            if own in classes and top in classes and classes.index(top) > classes.index(own):
+                problems.append(f"tenants.{name}.max_priority: '{top}' is below its priority '{own}'")
+        for i, route in enumerate(self.routes):
+            if route.queue is not None and route.queue not in self.queues:
+                known = ", ".join(sorted(self.queues)) or "none defined"
+                problems.append(f"routes[{i}].queue: undefined queue '{route.queue}' (queues: {known})")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self

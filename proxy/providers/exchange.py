@@ -104,6 +104,9 @@ def _error(exchange: Exchange, status: int, parsed: object, raw: bytes) -> tuple
 class StreamTranslator(Protocol):
     def feed(self, event: str | None, data: Mapping[str, Any]) -> list[bytes]: ...
     def done(self) -> list[bytes]: ...
+    def eof(self) -> list[bytes]:
+        """The upstream ended without its end marker: the closing events if its answer was whole, else []."""
+        ...
     @property
     def finished(self) -> bool: ...
     @property
@@ -113,16 +116,25 @@ class StreamTranslator(Protocol):
 class _FromOpenAI:
     """Adapts OpenAIToAnthropicStream to the common feed(event, data) shape; `[DONE]` arrives via done()."""
 
-    __slots__ = ("_inner",)
+    __slots__ = ("_inner", "_finish_seen")
 
     def __init__(self, model: str) -> None:
         self._inner = OpenAIToAnthropicStream(model=model)
+        self._finish_seen = False
 
     def feed(self, event: str | None, data: Mapping[str, Any]) -> list[bytes]:
+        if not self._finish_seen:
+            choices = data.get("choices")
+            if isinstance(choices, list):
+                self._finish_seen = any(isinstance(c, dict) and c.get("finish_reason") for c in choices)
         return self._inner.feed(data)
 
     def done(self) -> list[bytes]:
         return self._inner.done()
+
+    def eof(self) -> list[bytes]:
+        # Servers without [DONE] (TGI before 2.2, some llama.cpp builds) end right after the finish chunk.
+        return self._inner.done() if self._finish_seen else []
 
     @property
     def finished(self) -> bool:
@@ -144,6 +156,9 @@ class _FromAnthropic:
 
     def done(self) -> list[bytes]:
         return []  # Anthropic streams end with message_stop, which feed() already turned into [DONE]
+
+    def eof(self) -> list[bytes]:
+        return []  # without message_stop the answer is incomplete
 
     @property
     def finished(self) -> bool:

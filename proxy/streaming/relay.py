@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from collections.abc import Callable
 
@@ -73,6 +74,8 @@ async def respond_whole(
     finally:
         upstream.release()
     status = upstream.status
+    if call.want_usage and 200 <= status < 300:
+        call.usage = _usage_of_body(body)
     if transform is not None:
         status, body = transform(status, body)
         headers["Content-Type"] = "application/json"
@@ -91,20 +94,25 @@ async def respond_stream(
     deadline: float,
     translator: StreamTranslator | None = None,
     open_streams: set[Callable[[ProxyError], None]] | None = None,
+    prepared: web.StreamResponse | None = None,
 ) -> web.StreamResponse:
     """Relay an SSE stream; returns the prepared response once the stream has ended, however it ended.
 
     With a `translator`, each upstream event is parsed and re-encoded in the client's protocol;
-    without one, events pass through byte for byte."""
-    headers["Content-Type"] = "text/event-stream; charset=utf-8"
-    headers["Cache-Control"] = "no-cache"
-    headers["X-Accel-Buffering"] = "no"
-    response = web.StreamResponse(status=upstream.status, headers=headers)
-    await response.prepare(request)
+    without one, events pass through byte for byte. `prepared`: the 200 and SSE headers already went
+    out while the request was queued (QueuedStream); the events follow them."""
     watch = _Watch(time.monotonic())
     heartbeat = encode_comment("ping")
-    if settings.heartbeat > 0:
-        await _write(response, heartbeat, watch)
+    if prepared is not None:
+        response = prepared
+    else:
+        headers["Content-Type"] = "text/event-stream; charset=utf-8"
+        headers["Cache-Control"] = "no-cache"
+        headers["X-Accel-Buffering"] = "no"
+        response = web.StreamResponse(status=upstream.status, headers=headers)
+        await response.prepare(request)
+        if settings.heartbeat > 0:
+            await _write(response, heartbeat, watch)
     dog = spawn(_watchdog(request, response, upstream, watch, timeouts, settings, deadline, heartbeat), name="watchdog")
     decoder = SSEDecoder()
 
@@ -145,6 +153,7 @@ async def _pump(
     settings: StreamSettings,
     translator: StreamTranslator | None,
 ) -> None:
+    last: SSEEvent | None = None  # the newest event passed through, judged at EOF
     try:
         async for chunk in upstream.content.iter_any():
             events = decoder.feed(chunk)
@@ -158,6 +167,9 @@ async def _pump(
             for event in events:
                 if event.is_comment_only:
                     continue  # upstream keep-alives are not progress; our own heartbeats cover silence
+                if call.want_usage and _has_usage(event.raw) and _note_usage(call, event.data_bytes()):
+                    if call.strip_usage:
+                        continue  # the usage chunk the proxy asked for and the client did not
                 if translator is not None:
                     out.extend(_translate(translator, event))
                     done = translator.finished
@@ -166,6 +178,7 @@ async def _pump(
                     # across reads) stay behind: a heartbeat written since must not end up inside a CRLF.
                     raw = event.raw[event.skip :] if event.skip else event.raw
                     out.append(raw)
+                    last = event
                     done = raw.startswith(_DONE_PREFIXES)
                 if done:
                     break
@@ -189,11 +202,19 @@ async def _pump(
         log.exception("request %s: stream relay failed", call.request_id)
         watch.failure = ProxyError(f"internal error while relaying the stream (request id {call.request_id})")
         return
-    if translator is not None and not translator.finished and watch.failure is None:
-        # An OpenAI upstream may end without [DONE] only when it broke; Anthropic ends with message_stop.
-        watch.failure = UpstreamUnreachable(f"upstream '{call.upstream}' ended the stream early")
-    elif watch.failure is None and translator is None and (call.protocol == "openai" or _cut(decoder.close())):
-        # An OpenAI stream ends with [DONE]; EOF before it is a truncation the client must hear about.
+    if watch.failure is not None:
+        return
+    if translator is not None:
+        if not translator.finished:
+            # An OpenAI-compatible upstream that sent its finish chunk but no [DONE] ended cleanly; else EOF
+            # before the end (message_stop or [DONE]) is a truncation the client must hear about.
+            tail = translator.eof()
+            if not tail:
+                watch.failure = UpstreamUnreachable(f"upstream '{call.upstream}' ended the stream early")
+                return
+            call.events_relayed += len(tail)
+            await _write(response, b"".join(tail), watch)
+    elif _cut(decoder.close()) or not _complete(last):
         watch.failure = UpstreamUnreachable(
             f"upstream '{call.upstream}' ended the stream early; the answer is incomplete"
         )
@@ -254,6 +275,70 @@ async def _watchdog(
         await asyncio.sleep(max(0.005, min(due) - now))
 
 
+def _has_usage(raw: bytes) -> bool:
+    """Cheap pre-check on an event's bytes: chunks without usage carry `"usage":null` or none."""
+    return b'"usage":{' in raw or b'"usage": {' in raw
+
+
+def _note_usage(call: Call, data: bytes) -> bool:
+    """Merge the `usage` an event carries into `call.usage` (for token limits); True for an OpenAI
+    usage-only chunk (`choices: []`). Anthropic reports input tokens in message_start and the output
+    total in message_delta; merging keeps the latest of each."""
+    try:
+        event = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return False
+    if not isinstance(event, dict):
+        return False
+    usage = event.get("usage")
+    message = event.get("message")
+    if not isinstance(usage, dict) and isinstance(message, dict):
+        usage = message.get("usage")
+    if not isinstance(usage, dict):
+        return False
+    call.usage = {**call.usage, **usage} if call.usage else usage
+    return event.get("choices") == []
+
+
+def _usage_of_body(body: bytes) -> dict[str, Any] | None:
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    usage = parsed.get("usage") if isinstance(parsed, dict) else None
+    return usage if isinstance(usage, dict) else None
+
+
+# Named events that end a stream: Anthropic's, and OpenAI Responses' (which sends no [DONE]).
+_TERMINAL_EVENTS = frozenset(
+    {"message_stop", "error", "response.completed", "response.failed", "response.incomplete"}
+)
+
+
+def _complete(last: SSEEvent | None) -> bool:
+    """Did a stream that reached EOF without [DONE] end with a final event? Servers that never send [DONE]
+    (TGI before 2.2, several llama.cpp-style servers) end on a chunk with a finish_reason or on the usage
+    chunk; an in-stream error event already told the client. Anything else is a truncated answer."""
+    if last is None:
+        return False
+    if last.event is not None:
+        return last.event in _TERMINAL_EVENTS
+    try:
+        data = orjson.loads(last.data_bytes())
+    except orjson.JSONDecodeError:
+        return False
+    if not isinstance(data, dict):
+        return False
+    if data.get("error") or data.get("type") in _TERMINAL_EVENTS:
+        return True
+    choices = data.get("choices")
+    if not isinstance(choices, list):
+        return False
+    if not choices:
+        return data.get("usage") is not None
+    return any(isinstance(c, dict) and c.get("finish_reason") for c in choices)
+
+
 def _cut(rest: bytes) -> bool:
     """Leftover bytes at EOF mean a cut event, unless they are only comments (a trailing keep-alive)."""
     return bool(rest.strip()) and not SSEEvent(rest).is_comment_only
@@ -291,3 +376,99 @@ def _read_failure(call: Call, exc: BaseException) -> ProxyError:
     if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
         return UpstreamTimeout(f"upstream '{call.upstream}' stopped sending (read timeout)")
     return UpstreamUnreachable(f"upstream '{call.upstream}' broke the connection mid-response ({type(exc).__name__})")
+
+
+class QueuedStream:
+    """A streamed request that must wait (for a queue slot or a limit) and whose queue sets
+    `heartbeat_while_queued`: the 200 and SSE headers go out at once, then a comment such as
+    `: queued position=12` every heartbeat, so load balancers do not cut the idle connection.
+
+    The trade-off: once the 200 is out, a later refusal (queue timeout, cleared, an upstream error)
+    reaches the client only as an error event inside the stream, not as a 429/503 status.
+    """
+
+    __slots__ = ("request", "call", "interval", "response", "_task", "_status")
+
+    def __init__(self, request: web.Request, call: Call, interval: float) -> None:
+        self.request = request
+        self.call = call
+        self.interval = interval
+        self.response: web.StreamResponse | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._status: Callable[[], str] = lambda: "queued"
+
+    async def begin(self, status: Callable[[], str]) -> None:
+        self._status = status
+        if self.response is None:
+            headers = {
+                "Content-Type": "text/event-stream; charset=utf-8",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+                "x-request-id": self.call.request_id,
+            }
+            if self.call.route is not None:
+                headers["x-signalbox-route"] = self.call.route.name
+            response = web.StreamResponse(status=200, headers=headers)
+            try:
+                await response.prepare(self.request)
+            except ConnectionResetError:
+                self.call.client_gone = True
+                return
+            self.response = response
+        await self._beat()
+        if self.interval > 0 and self._task is None:
+            self._task = spawn(self._beats(), name="queued-heartbeat")
+
+    def end(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def _beat(self) -> None:
+        assert self.response is not None
+        try:
+            await self.response.write(encode_comment(self._status()))
+        except ConnectionResetError:
+            self.call.client_gone = True
+
+    async def _beats(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            await self._beat()
+
+    async def fail(self, error: ProxyError) -> web.StreamResponse:
+        """A refusal after the 200 went out: one error event in the client's protocol, then the end."""
+        assert self.response is not None
+        self.end()
+        self.call.status = 200
+        await _finish_with_error(self.response, self.call, error)
+        return self.response
+
+    async def relay_whole(
+        self, upstream: aiohttp.ClientResponse, transform: BodyTransform | None = None
+    ) -> web.StreamResponse:
+        """The upstream answered without a stream (an error, usually): pass it on as one error event."""
+        try:
+            body = await upstream.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            return await self.fail(_read_failure(self.call, exc))
+        finally:
+            upstream.release()
+        assert self.response is not None
+        status = upstream.status
+        if transform is not None:
+            status, body = transform(status, body)  # the error body in the client's protocol
+        body = body.strip()
+        self.call.status = 200
+        if status >= 400 and body.startswith(b"{") and b'"error"' in body:
+            head = b"event: error\n" if self.call.protocol == "anthropic" else b""
+            frame = head + b"data: " + body + b"\n\n"
+            self.call.error = f"upstream_{status}"
+            try:
+                await self.response.write(frame)
+                await self.response.write_eof()
+            except ConnectionResetError:
+                self.call.client_gone = True
+            return self.response
+        what = f"upstream '{self.call.upstream}' answered {upstream.status} without a stream"
+        return await self.fail(UpstreamUnreachable(what))

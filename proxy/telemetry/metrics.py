@@ -63,7 +63,7 @@ class Metrics:
             ["queue", "priority"], registry=r,
         )
         self.queue_wait = Histogram(
-            "signalbox_queue_wait_seconds", "Time from joining a queue to a slot (0 when one was free).",
+            "signalbox_queue_wait_seconds", "Time waited for a slot by requests that found none free.",
             ["queue"], buckets=(0.001, *_LATENCY_BUCKETS), registry=r,
         )
         self.rejections = Counter(

@@ -123,21 +123,27 @@ async def send_once(
     query: Mapping[str, str] | None,
     timeouts: TimeoutSpec,
     upstream: str,
+    stream: bool = False,
 ) -> aiohttp.ClientResponse:
     """One upstream attempt up to the response headers. Errors become `UpstreamUnreachable`/`Timeout`.
 
     Retries once, at once, only when the server closed the connection before sending anything,
     which is what a stale pooled keep-alive connection looks like.
     """
+    # A stream's body reads are timed by the relay's watchdog (first event, then `idle` between events):
+    # a socket read timeout of first_token would cut a stream whose events are further apart than that.
+    read_timeout = None if stream else timeouts.first_token
     timeout = aiohttp.ClientTimeout(
-        total=None, connect=None, sock_connect=timeouts.connect, sock_read=timeouts.first_token
+        total=None, connect=None, sock_connect=timeouts.connect, sock_read=read_timeout
     )
     target = URL(url, encoded=True)
     for stale_retry in (True, False):
         try:
-            return await session.request(
-                method, target, data=body, headers=headers, params=query, timeout=timeout, allow_redirects=False
-            )
+            async with asyncio.timeout(timeouts.first_token if stream else None):
+                return await session.request(
+                    method, target, data=body, headers=headers, params=query, timeout=timeout,
+                    allow_redirects=False,
+                )
         except aiohttp.ServerDisconnectedError:
             if stale_retry:
                 log.debug("upstream %s closed a pooled connection; retrying once", upstream)

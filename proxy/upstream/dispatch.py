@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from typing import Any
 
 import aiohttp
 import orjson
@@ -30,8 +31,19 @@ def upstream_body(call: Call) -> bytes | None:
         except exchanges.TranslationError as exc:
             raise InvalidRequest(str(exc)) from None
     if call.body is not None and route is not None and route.model_rewrite and call.body.get("model") != route.model_rewrite:
-        return orjson.dumps({**call.body, "model": route.model_rewrite})
+        return orjson.dumps(_with_usage({**call.body, "model": route.model_rewrite}, call.strip_usage))
+    if call.strip_usage and call.body is not None:
+        return orjson.dumps(_with_usage(dict(call.body), True))
     return call.raw_body if call.method not in ("GET", "HEAD", "DELETE") or call.raw_body else None
+
+
+def _with_usage(body: dict[str, Any], ask: bool) -> dict[str, Any]:
+    """Ask an OpenAI-compatible stream for its usage chunk (a token limit settles on it; the relay
+    strips that chunk again, since the client did not ask for it: `call.strip_usage`)."""
+    if ask:
+        options = body.get("stream_options")
+        body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+    return body
 
 
 async def send(

@@ -1,0 +1,391 @@
+"""Stream benchmark: 1,000 concurrent SSE streams through the proxy (pass-through, and OpenAI<-Anthropic
+translated) against bench/floor.py and the upstream direct, all on loopback with pinned CPUs.
+
+The upstream is `signalbox mock` in its own process: 50 events 20 ms apart per stream, after a
+--hold-ms wait for the first token so that a whole wave is open at once. The floor and the proxies run
+on --proxy-cpu; the mock and the load client on --load-cpu. Two phases:
+  scale    --streams (1,000) per wave: CPU µs per relayed event (utime+stime from /proc ÷ events the
+           client received), peak RSS (VmHWM) and RSS per open stream (fresh processes, first wave);
+  latency  --latency-streams (100) per wave, a load the load CPU can sustain: time to first token,
+           p50/p99, and what each target adds to the upstream direct.
+Run: .venv/bin/python bench/streams.py [--waves 2] [--profile] [--json]    (about 3 minutes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import uvloop
+from common import count_events, cpu_seconds, free_port, percentile, start_pinned, stop, tail, vm_kib, wait_port
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+API_KEY = "sk-bench"
+CHAT = "/v1/chat/completions"
+MESSAGES = "/v1/messages"
+PROMPT = [{"role": "user", "content": "Count."}]
+
+
+# ---- the load client (its own process, pinned next to the mock) --------------------------------------
+
+
+@dataclass
+class Wave:
+    streams: int = 0
+    events: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    ttft_ms: list[float] = field(default_factory=list)
+    error_samples: list[str] = field(default_factory=list)
+
+
+async def _one(session: aiohttp.ClientSession, url: str, body: bytes, wave: Wave) -> None:
+    started = time.perf_counter()
+    headers = {"Authorization": f"Bearer {API_KEY}", "x-api-key": API_KEY, "Content-Type": "application/json",
+               "anthropic-version": "2023-06-01"}
+    async with session.post(url, data=body, headers=headers) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"status {resp.status}: {(await resp.read())[:200]!r}")
+        first, events, rest = True, 0, b""
+        async for chunk in resp.content.iter_any():
+            if first and b"data:" in rest[-5:] + chunk:  # the first event; a `: ping` is no token
+                wave.ttft_ms.append((time.perf_counter() - started) * 1000)
+                first = False
+            done, rest = count_events(rest, chunk)
+            events += done
+    wave.events += events
+    wave.streams += 1
+
+
+async def client_wave(url: str, model: str, streams: int, ramp_s: float) -> Wave:
+    """Open `streams` streams spread over `ramp_s` seconds; read each to the end."""
+    payload: dict[str, Any] = {"model": model, "messages": PROMPT, "stream": True, "max_tokens": 64}
+    body = json.dumps(payload).encode()
+    wave = Wave()
+
+    async def start(i: int, session: aiohttp.ClientSession) -> None:
+        await asyncio.sleep(ramp_s * i / streams)
+        try:
+            await asyncio.wait_for(_one(session, url, body, wave), timeout=60)
+        except Exception as exc:  # count it and go on: one failed stream must not end the wave
+            wave.errors += 1
+            if len(wave.error_samples) < 5:
+                wave.error_samples.append(f"{type(exc).__name__}: {exc}")
+
+    started = time.monotonic()
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as s:
+        await asyncio.gather(*(start(i, s) for i in range(streams)))
+    wave.seconds = time.monotonic() - started
+    return wave
+
+
+# ---- processes ------------------------------------------------------------------------------------------
+
+
+def signalbox() -> list[str]:
+    script = Path(sys.executable).with_name("signalbox")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "proxy"]
+
+
+def write_policy(directory: Path, mock_port: int) -> Path:
+    """Two routes to the one mock: `bench-gpt` as an OpenAI upstream (pass-through) and `bench-claude` as an
+    Anthropic one (the client's chat request is translated to /v1/messages and the stream back)."""
+    path = directory / "streams.yaml"
+    directory.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"""\
+upstreams:  # keep-alive as long as the floor's (30 s), so neither reconnects between waves
+  oai: {{provider: openai, base_url: "http://127.0.0.1:{mock_port}/v1", api_key: unused, pool: {{keepalive: 30s}}}}
+  claude: {{provider: anthropic, base_url: "http://127.0.0.1:{mock_port}/v1", api_key: unused,
+           pool: {{keepalive: 30s}}}}
+tenants:
+  bench: {{keys: ["{API_KEY}"]}}
+routes:
+  - {{name: gpt, match: {{model: bench-gpt}}, upstream: oai}}
+  - {{name: claude, match: {{model: bench-claude}}, upstream: claude}}
+""")
+    return path
+
+
+@dataclass
+class Server:
+    name: str
+    url: str
+    pid: int | None  # None: the direct target (the mock's own CPU is not the subject)
+
+
+@contextmanager
+def running(name: str, cmd: list[str], cpu: int, port: int, tmp: Path) -> Iterator[Server]:
+    log = tmp / f"{name}.log"
+    proc = start_pinned(cmd, cpu, log, cwd=REPO)
+    try:
+        try:
+            wait_port(port, proc)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{name} did not start: {exc}\n--- {log} ---\n{tail(log)}") from exc
+        yield Server(name, f"http://127.0.0.1:{port}", proc.pid)
+    finally:
+        stop(proc, grace_s=10)
+
+
+def mock_stats(mock: str, reset: bool = False) -> dict[str, Any]:
+    req = urllib.request.Request(mock + ("/mock/stats/reset" if reset else "/mock/stats"),
+                                 method="POST" if reset else "GET")
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        stats: dict[str, Any] = json.loads(resp.read())
+        return stats
+
+
+def cpu_busy(cpu: int) -> tuple[float, float]:
+    """(busy, total) jiffies of one CPU since boot, from /proc/stat (idle and iowait are not busy)."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith(f"cpu{cpu} "):
+            values = [int(v) for v in line.split()[1:8]]
+            return sum(values) - values[3] - values[4], sum(values)
+    raise RuntimeError(f"cpu{cpu} not in /proc/stat")
+
+
+def busy_percent(before: tuple[float, float], after: tuple[float, float]) -> float:
+    total = after[1] - before[1]
+    return 100.0 * (after[0] - before[0]) / total if total else 0.0
+
+
+# ---- measuring ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    server: Server
+    path: str
+    model: str
+    relays: bool = True
+    """False for the direct baselines: no process of ours in between to measure."""
+
+
+@dataclass
+class Result:
+    name: str
+    waves: int = 0
+    streams: int = 0
+    events: int = 0
+    errors: int = 0
+    cpu_s: float = 0.0
+    ttft_ms: list[float] = field(default_factory=list)
+    peak_open: int = 0
+    rss_base_kib: int = 0
+    rss_peak_kib: int = 0
+    hwm_kib: int = 0
+    load_busy_pct: list[float] = field(default_factory=list)
+    error_samples: list[str] = field(default_factory=list)
+
+    @property
+    def us_per_event(self) -> float:
+        return 1e6 * self.cpu_s / self.events if self.events else float("nan")
+
+    @property
+    def kib_per_stream(self) -> float:
+        return (self.rss_peak_kib - self.rss_base_kib) / self.peak_open if self.peak_open else float("nan")
+
+
+def run_wave(case: Case, streams: int, ramp: float, args: argparse.Namespace, tmp: Path, mock: str,
+             res: Result, profile: Path | None = None) -> None:
+    """One wave in a pinned client process; samples the target's RSS while the wave runs."""
+    log = tmp / f"client-{case.name}.log"
+    log.write_bytes(b"")
+    cmd = [sys.executable, __file__, "--client", "--url", case.server.url + case.path, "--model", case.model,
+           "--streams", str(streams), "--ramp", str(ramp)]
+    pid = case.server.pid
+    mock_stats(mock, reset=True)
+    rss_before = vm_kib(pid, "VmRSS") if pid else 0
+    cpu_before = cpu_seconds(pid) if pid else 0.0
+    load_before = cpu_busy(args.load_cpu)
+    spy = None
+    if profile is not None and pid:
+        spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(pid),
+                                "--rate", "1000", "--format", "raw", "--output", str(profile), "--nonblocking"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = start_pinned(cmd, args.load_cpu, log)
+    peak = rss_before
+    try:
+        deadline = time.monotonic() + 180
+        while proc.poll() is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the {case.name} wave overran its time bound")
+            if pid:
+                peak = max(peak, vm_kib(pid, "VmRSS"))
+            time.sleep(0.05)
+    finally:
+        stop(proc)
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its profile on SIGINT
+            try:
+                spy.wait(30)
+            except subprocess.TimeoutExpired:
+                stop(spy)
+    cpu_used = (cpu_seconds(pid) - cpu_before) if pid else 0.0
+    res.load_busy_pct.append(busy_percent(load_before, cpu_busy(args.load_cpu)))
+    line = next((x for x in log.read_text().splitlines() if x.startswith("BENCH_JSON ")), None)
+    if line is None:
+        raise RuntimeError(f"the {case.name} client printed no result:\n{tail(log)}")
+    wave = Wave(**json.loads(line.removeprefix("BENCH_JSON ")))
+    open_streams = int(mock_stats(mock)["max_in_flight"])
+    if res.waves == 0 and pid:  # the first big wave on a fresh process: the honest memory number
+        res.rss_base_kib, res.rss_peak_kib, res.peak_open = rss_before, peak, open_streams
+    res.waves += 1
+    res.streams += wave.streams
+    res.events += wave.events
+    res.errors += wave.errors
+    res.error_samples += wave.error_samples[: 5 - len(res.error_samples)]
+    res.cpu_s += cpu_used
+    res.ttft_ms += wave.ttft_ms
+    res.hwm_kib = vm_kib(pid, "VmHWM") if pid else 0
+
+
+def abba(cases: list[Case], waves: int) -> Iterator[Case]:
+    for i in range(waves):
+        yield from (cases if i % 2 == 0 else reversed(cases))  # slow drift of the machine hits every target
+
+
+def table(title: str, results: dict[str, Result], cases: list[Case], memory: bool) -> None:
+    def p(r: Result, q: float) -> float:
+        return percentile(r.ttft_ms, q)
+
+    direct = {CHAT: results["direct-chat"], MESSAGES: results["direct-messages"]}
+    floor_us = results["floor"].us_per_event
+    busy = max(max(r.load_busy_pct) for r in results.values())
+    print(f"\n{title} (load CPU busy up to {busy:.0f}%)")
+    print(f"{'target':<17}{'streams':>8}{'err':>5}{'events':>9}{'ttft p50':>10}{'p99':>8}{'added p50':>11}{'p99':>8}"
+          f"{'cpu us/ev':>10}{'vs floor':>9}" + (f"{'peak RSS':>10}{'open':>6}{'KiB/strm':>9}" if memory else ""))
+    for case in cases:
+        r = results[case.name]
+        d = direct[MESSAGES if case.model == "bench-claude" else CHAT]
+        row = f"{case.name:<17}{r.streams:>8}{r.errors:>5}{r.events:>9}{p(r, 50):>10.1f}{p(r, 99):>8.1f}"
+        if case.relays:
+            row += f"{p(r, 50) - p(d, 50):>11.1f}{p(r, 99) - p(d, 99):>8.1f}"
+            row += f"{r.us_per_event:>10.1f}{r.us_per_event / floor_us:>8.2f}x"
+            if memory:
+                row += f"{r.hwm_kib / 1024:>8.1f}Mi{r.peak_open:>6}{r.kib_per_stream:>9.1f}"
+        print(row)
+        for sample in r.error_samples:
+            print(f"    error: {sample}")
+
+
+def summarise_profile(path: Path, top: int = 22) -> None:
+    """Self time by function from py-spy's collapsed stacks, and time under a few frames of interest."""
+    if not path.exists():
+        print(f"  (no profile at {path}; py-spy missing or not permitted)")
+        return
+    own: dict[str, int] = {}
+    under: dict[str, int] = {}
+    total = 0
+    marks = ("_pump", "_write", "feed", "_translate", "_watchdog", "proxy_handler", "handle", "send_once",
+             "respond_stream", "record", "client_headers", "upstream_headers", "iter_any", "_request",
+             "data_received", "write", "prepare")
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        leaf = frames[-1].split(" (")[0]
+        own[leaf] = own.get(leaf, 0) + n
+        seen = {f.split(" (")[0] for f in frames}
+        for name in marks:
+            if name in seen:
+                under[name] = under.get(name, 0) + n
+    print(f"  {total} samples; self time, top {top}:")
+    for name, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"    {100 * n / total:5.1f}%  {name}")
+    print("  inclusive time under:")
+    for name, n in sorted(under.items(), key=lambda kv: -kv[1]):
+        print(f"    {100 * n / total:5.1f}%  {name}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--streams", type=int, default=1000, help="streams per wave in the scale phase")
+    parser.add_argument("--latency-streams", type=int, default=100, help="streams per wave, latency phase")
+    parser.add_argument("--waves", type=int, default=2, help="waves per target and phase (ABBA order)")
+    parser.add_argument("--ramp", type=float, default=1.0, help="seconds over which a wave's streams start")
+    parser.add_argument("--hold-ms", type=float, default=2000, help="the mock's wait before the first token")
+    parser.add_argument("--proxy-cpu", type=int, default=0)
+    parser.add_argument("--load-cpu", type=int, default=1)
+    parser.add_argument("--profile", action="store_true", help="py-spy the proxies' first scale wave")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="bench-gpt", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.client:
+        wave = uvloop.run(client_wave(args.url, args.model, args.streams, args.ramp))
+        sys.stdout.write("BENCH_JSON " + json.dumps(asdict(wave)) + "\n")
+        return
+    ports = {name: free_port() for name in ("mock", "floor", "pass", "pass-admin", "tr", "tr-admin")}
+    with tempfile.TemporaryDirectory(prefix="signalbox-streams-") as tmpdir, ExitStack() as stack:
+        tmp = Path(tmpdir)
+        mock_cmd = [*signalbox(), "mock", "--port", str(ports["mock"]), "--token-delay-ms", "20",
+                    "--output-tokens", "48", "--ttft-ms", str(args.hold_ms)]
+        mock = stack.enter_context(running("mock", mock_cmd, args.load_cpu, ports["mock"], tmp))
+        floor_cmd = [sys.executable, str(BENCH / "floor.py"), "--port", str(ports["floor"]), "--upstream", mock.url]
+        floor = stack.enter_context(running("floor", floor_cmd, args.proxy_cpu, ports["floor"], tmp))
+        policy = write_policy(tmp, ports["mock"])
+        proxies = {}
+        for name in ("pass", "tr"):  # one process each, so each memory reading starts fresh
+            cmd = [*signalbox(), "serve", "--policies", str(policy), "--port", str(ports[name]), "--admin-port",
+                   str(ports[name + "-admin"]), "--shutdown-grace", "0", "--no-access-log"]
+            proxies[name] = stack.enter_context(running("proxy-" + name, cmd, args.proxy_cpu, ports[name], tmp))
+        direct = Server("direct", mock.url, None)
+        cases = [
+            Case("direct-chat", direct, CHAT, "bench-gpt", relays=False),
+            Case("direct-messages", direct, MESSAGES, "bench-claude", relays=False),
+            Case("floor", floor, CHAT, "bench-gpt"),
+            Case("proxy-pass", proxies["pass"], CHAT, "bench-gpt"),
+            Case("proxy-translated", proxies["tr"], CHAT, "bench-claude"),
+        ]
+        for case in cases:  # imports, pools and caches in place before the baseline RSS
+            run_wave(case, 20, 0.1, args, tmp, mock.url, Result("warmup"))
+        scale = {c.name: Result(c.name) for c in cases}
+        profiles: dict[str, Path] = {}
+        for case in abba(cases, args.waves):
+            spy = None
+            if args.profile and case.name.startswith("proxy") and case.name not in profiles:
+                spy = profiles[case.name] = tmp / f"profile-{case.name}.txt"
+            run_wave(case, args.streams, args.ramp, args, tmp, mock.url, scale[case.name], spy)
+        latency = {c.name: Result(c.name) for c in cases}
+        for case in abba(cases, args.waves):
+            run_wave(case, args.latency_streams, args.ramp, args, tmp, mock.url, latency[case.name])
+        if args.json:
+            print(json.dumps({phase: {n: {**asdict(r), "ttft_ms": None, "ttft_p50_ms": percentile(r.ttft_ms, 50),
+                                          "ttft_p99_ms": percentile(r.ttft_ms, 99), "us_per_event": r.us_per_event,
+                                          "kib_per_stream": r.kib_per_stream} for n, r in res.items()}
+                              for phase, res in (("scale", scale), ("latency", latency))}, indent=2))
+            return
+        table(f"scale: {args.streams} concurrent streams x {args.waves} waves", scale, cases, memory=True)
+        table(f"latency: {args.latency_streams} concurrent streams x {args.waves} waves", latency, cases,
+              memory=False)
+        print("ttft/added in ms (added = target - direct to the same upstream endpoint, which includes the mock's "
+              f"{args.hold_ms:g} ms hold); cpu = target's utime+stime / events the client received; KiB/strm = "
+              "(peak RSS - RSS before the first big wave) / peak open streams (the mock's max in flight)")
+        for name, path in profiles.items():
+            print(f"\nprofile of {name} (first scale wave):")
+            summarise_profile(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""The admin API, on its own port: queue inspection and control (pause, resume, clear).
+
+Every request needs `Authorization: Bearer $SIGNALBOX_ADMIN_TOKEN`. With no token configured the API
+refuses everything, unless the runtime setting `admin_auth_disabled` is on, which the CLI allows only
+when the admin port is bound to a loopback address. Nothing here shows prompt content.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import os
+import statistics
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from proxy.runtime import STATE, Runtime
+from proxy.scheduler import Queue
+
+TOKEN_ENV = "SIGNALBOX_ADMIN_TOKEN"
+_TOKEN: web.AppKey[str | None] = web.AppKey("signalbox_admin_token", str)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def build_admin_app(app: web.Application, environ: Mapping[str, str] | None = None) -> web.Application:
+    """The admin app sharing `app`'s runtime state (same queues, same limiter store)."""
+    runtime = app[STATE]
+    settings = runtime.settings
+    token = (os.environ if environ is None else environ).get(TOKEN_ENV) or None
+    if settings.admin_auth_disabled and token is None and not is_loopback(settings.admin_host):
+        host = settings.admin_host
+        raise ValueError(f"admin auth may be disabled only on a loopback admin host, not {host}")
+    admin = web.Application(middlewares=[_auth])
+    admin[STATE] = runtime
+    admin[_TOKEN] = token
+    admin.router.add_get("/admin/queues", list_queues)
+    admin.router.add_get("/admin/queues/{name}/items", queue_items)
+    admin.router.add_post("/admin/queues/{name}/pause", pause_queue)
+    admin.router.add_post("/admin/queues/{name}/resume", resume_queue)
+    admin.router.add_delete("/admin/queues/{name}", clear_queue)
+    return admin
+
+
+@web.middleware
+async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    token = request.app[_TOKEN]
+    if token is None:
+        if not request.app[STATE].settings.admin_auth_disabled:
+            hint = "or run with --admin-no-auth on a loopback admin host"
+            return _error(403, f"the admin API is locked: set {TOKEN_ENV} ({hint})")
+        return await handler(request)
+    sent = request.headers.get("authorization", "")
+    if not (sent[:7].lower() == "bearer " and hmac.compare_digest(sent[7:].strip().encode(), token.encode())):
+        response = _error(401, f"send 'Authorization: Bearer <token>' with the token from {TOKEN_ENV}")
+        response.headers["WWW-Authenticate"] = 'Bearer realm="signalbox-admin"'
+        return response
+    return await handler(request)
+
+
+def _json(body: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+
+
+def _error(status: int, message: str) -> web.Response:
+    return _json({"error": {"message": message, "type": "admin_error", "param": None, "code": None}}, status)
+
+
+def _queue(request: web.Request, need_slots: bool = False) -> Queue | web.Response:
+    """The named queue from the registry, created from the current plan if no request used it yet."""
+    runtime: Runtime = request.app[STATE]
+    name = request.match_info["name"]
+    plan = runtime.plans.current
+    spec = plan.queues.get(name)
+    queue = runtime.scheduler.queues.get(name)
+    if spec is not None:
+        queue = runtime.scheduler.queue(spec, plan.priorities)
+    if queue is None:
+        known = ", ".join(sorted({*plan.queues, *runtime.scheduler.queues})) or "none"
+        return _error(404, f"no queue '{name}' (queues: {known})")
+    if need_slots and queue.spec.concurrency is None:
+        return _error(409, f"queue '{name}' has no slots (no concurrency set): nothing ever waits in it")
+    return queue
+
+
+async def list_queues(request: web.Request) -> web.Response:
+    runtime: Runtime = request.app[STATE]
+    plan = runtime.plans.current
+    scheduler = runtime.scheduler
+    queues = [scheduler.queue(spec, plan.priorities) for spec in plan.queues.values()]
+    queues += [q for name, q in scheduler.queues.items() if name not in plan.queues]  # gone from the plan
+    now = scheduler.clock()
+    usage = await runtime.admission.store.remaining()
+    return _json({
+        "queues": [_summary(queue, now) for queue in queues],
+        "limits": [_usage(u) for u in sorted(usage, key=lambda u: u.key)],
+    })
+
+
+def _summary(queue: Queue, now: float) -> dict[str, Any]:
+    spec = queue.spec
+    by_class: dict[str, int] = dict.fromkeys(queue.classes, 0)
+    by_tenant: dict[str, dict[str, int]] = {}
+    for (cls, tenant), count in queue.board.counts().items():
+        by_class[queue.classes[cls]] += count
+        by_tenant.setdefault(queue.classes[cls], {})[tenant] = count
+    oldest = min((t.enqueued for t in queue.board.tickets()), default=None)
+    waits = sorted(queue.waits)
+    return {
+        "name": spec.name,
+        "slots": spec.concurrency,
+        "active": queue.active,
+        "paused": queue.paused,
+        "waiting": len(queue.board),
+        "waiting_by_class": by_class,
+        "waiting_by_tenant": by_tenant,
+        "oldest_wait_ms": round((now - oldest) * 1000, 1) if oldest is not None else None,
+        "wait_ms": {
+            "p50": round(statistics.median(waits) * 1000, 1) if waits else None,
+            "p95": round(waits[min(len(waits) - 1, int(len(waits) * 0.95))] * 1000, 1) if waits else None,
+            "samples": len(waits),
+        },
+        "admitted": queue.admitted,
+        "rejected": dict(queue.rejected),
+        "max_waiting": spec.max_waiting,
+        "max_wait_s": spec.max_wait,
+        "ageing_s": spec.ageing,
+    }
+
+
+def _usage(usage: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"key": usage.key, "scope": usage.scope, "tenant": usage.tenant or None}
+    for name, meter in (("requests_per_minute", usage.requests), ("tokens_per_minute", usage.tokens)):
+        if meter is not None:
+            out[name] = {
+                "limit": meter.limit,
+                "used": round(meter.used, 1),
+                "remaining": meter.remaining,
+                "reset_s": round(meter.reset, 3),
+            }
+    if usage.concurrent is not None:
+        out["concurrent"] = {"limit": usage.concurrent[0], "in_use": usage.concurrent[1]}
+    return out
+
+
+async def queue_items(request: web.Request) -> web.Response:
+    queue = _queue(request)
+    if isinstance(queue, web.Response):
+        return queue
+    now = queue.clock()
+    items: list[dict[str, Any]] = [
+        {
+            "request_id": t.request_id,
+            "tenant": t.tenant,
+            "priority": queue.classes[t.cls],
+            "model": t.model,
+            "stream": t.stream,
+            "waited_ms": round((now - t.enqueued) * 1000, 1),
+            "position": queue.board.position(t),
+        }
+        for t in queue.board.tickets()
+    ]
+    items.sort(key=lambda item: item["position"])
+    return _json({"queue": queue.spec.name, "paused": queue.paused, "items": items})
+
+
+async def pause_queue(request: web.Request) -> web.Response:
+    queue = _queue(request, need_slots=True)
+    if isinstance(queue, web.Response):
+        return queue
+    queue.pause()
+    return _json(_state(queue))
+
+
+async def resume_queue(request: web.Request) -> web.Response:
+    queue = _queue(request, need_slots=True)
+    if isinstance(queue, web.Response):
+        return queue
+    queue.resume()
+    return _json(_state(queue))
+
+
+def _state(queue: Queue) -> dict[str, Any]:
+    name, paused = queue.spec.name, queue.paused
+    return {"queue": name, "paused": paused, "waiting": len(queue.board), "active": queue.active}
+
+
+async def clear_queue(request: web.Request) -> web.Response:
+    queue = _queue(request)
+    if isinstance(queue, web.Response):
+        return queue
+    return _json({"queue": queue.spec.name, "cleared": queue.clear()})

@@ -1,0 +1,51 @@
+"""The limiter store interface: where limit counters live (in memory now, Redis for replicas next).
+
+Every method is async so a networked store fits, and a `Reservation` is plain data (keys, window
+index, amounts) so a store in another process can settle or release it: nothing here assumes the
+counters live in this process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from proxy.admission.limits import Refusal, Usage
+from proxy.policy.plan import Limit
+
+
+@dataclass(slots=True)
+class Reservation:
+    """What one admitted request holds: settle it once with real amounts, release it once."""
+
+    limits: tuple[Limit, ...]
+    """The limits it was counted in (their `key`s name the counters)."""
+    window: int
+    """The window index the request was counted in; a refund goes back there."""
+    requests: int
+    tokens: int
+    concurrent: bool
+    """It holds a concurrency count in the limits that have `concurrent`."""
+    settled: bool = False
+    released: bool = False
+
+
+class LimiterStore(Protocol):
+    async def try_acquire(self, limits: Sequence[Limit], tokens: int) -> Reservation | Refusal:
+        """All of `limits` admit one request of `tokens` tokens, and it is counted in each;
+        or none counts it and the refusal with the longest wait is returned. Atomic."""
+        ...
+
+    async def release(self, reservation: Reservation) -> None:
+        """Give back the concurrency the reservation holds. Idempotent."""
+        ...
+
+    async def settle(self, reservation: Reservation, *, requests: int, tokens: int) -> None:
+        """Replace the reserved amounts with the real ones (refund or charge the difference). Once;
+        called for every reservation that holds tokens, even when the amounts are unchanged."""
+        ...
+
+    async def remaining(self, keys: Iterable[str] | None = None) -> list[Usage]:
+        """Snapshots of the given keys (all known keys when None)."""
+        ...

@@ -1,0 +1,124 @@
+"""Token accounting for token limits (pure): the estimate reserved at admission, whether to ask a
+stream for its usage, and what a finished request really cost (the relay records `call.usage`).
+
+The estimate is deliberately cheap and errs high: about 4 bytes of request body per token (which
+covers messages, tools and system prompts alike without walking them), inline images charged a
+flat amount instead of their base64 size, plus the most output the request allows. Settlement with
+the real `usage` corrects it either way, so it only needs to be the right order of magnitude.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from proxy.call import Call
+
+BYTES_PER_TOKEN = 4
+IMAGE_TOKENS = 1000
+"""Flat estimate per image part (OpenAI charges 85 to ~1,500 by size and detail)."""
+_IMAGE_PARTS = frozenset({"image_url", "image", "input_image"})
+_NO_OUTPUT_PATHS = frozenset({"/v1/embeddings", "/v1/moderations", "/v1/messages/count_tokens"})
+_STREAM_USAGE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+
+
+def estimate(call: Call, default_max_tokens: int) -> int:
+    """Tokens to reserve: prompt estimate + the output the request may produce."""
+    body = call.body
+    prompt = prompt_estimate(call.raw_body, body)
+    if body is None or call.path in _NO_OUTPUT_PATHS:
+        return prompt
+    return prompt + max_output(body, default_max_tokens)
+
+
+def prompt_estimate(raw: bytes, body: Mapping[str, Any] | None) -> int:
+    size = len(raw)
+    images = 0
+    messages = body.get("messages") if body is not None else None
+    if isinstance(messages, list):
+        for message in messages:
+            content = message.get("content") if isinstance(message, dict) else None
+            if not isinstance(content, list):
+                continue
+            for part in content:
+                if isinstance(part, dict) and part.get("type") in _IMAGE_PARTS:
+                    images += 1
+                    size -= _inline_size(part)
+    return math.ceil(max(0, size) / BYTES_PER_TOKEN) + images * IMAGE_TOKENS
+
+
+def _inline_size(part: Mapping[str, Any]) -> int:
+    """Bytes of an image part's inline payload (a data: URL or base64 `data`), two levels deep."""
+    size = 0
+    for value in part.values():
+        if isinstance(value, str):
+            size += len(value)
+        elif isinstance(value, dict):
+            size += sum(len(v) for v in value.values() if isinstance(v, str))
+    return size
+
+
+def max_output(body: Mapping[str, Any], default: int) -> int:
+    """max_completion_tokens, max_tokens or max_output_tokens (times `n` choices), else the default."""
+    for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+        value = body.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            break
+    else:
+        value = default
+    choices = body.get("n")
+    if isinstance(choices, int) and not isinstance(choices, bool) and 1 < choices <= 128:
+        value *= choices
+    return int(value)
+
+
+def used(usage: Mapping[str, Any] | None) -> int | None:
+    """Total tokens from an OpenAI or Anthropic `usage` object, or None when it says nothing."""
+    if not usage:
+        return None
+    total = usage.get("total_tokens")
+    if isinstance(total, int):
+        return total
+    counted = [
+        v
+        for k in (
+            "prompt_tokens",
+            "completion_tokens",
+            "input_tokens",
+            "output_tokens",
+            "cache_creation_input_tokens",
+            "cache_read_input_tokens",
+        )
+        if isinstance(v := usage.get(k), int)
+    ]
+    return sum(counted) if counted else None
+
+
+def settle_amount(call: Call, reserved: int) -> int:
+    """What a finished request really cost: its `usage` when the upstream reported one; nothing when
+    it never reached the upstream or the upstream refused it; else (an interrupted stream) the estimate."""
+    if not reserved and call.usage is None:
+        return 0
+    if not call.attempts:
+        return 0
+    real = used(call.usage)
+    if real is not None:
+        return real
+    if call.status >= 400 or call.attempts[-1].status == 0:
+        return 0
+    return reserved
+
+
+def wants_stream_usage(call: Call, provider: str) -> bool:
+    """Should the proxy add `stream_options.include_usage` upstream (and strip that chunk again)?
+
+    Only for OpenAI-protocol streams to OpenAI-compatible upstreams, when the client did not ask.
+    """
+    body = call.body
+    if not call.stream or body is None or call.protocol != "openai" or provider not in ("openai", "mock"):
+        return False
+    if call.path not in _STREAM_USAGE_PATHS:
+        return False
+    options = body.get("stream_options")
+    return options is None or (isinstance(options, dict) and options.get("include_usage") is not True)

@@ -1,0 +1,452 @@
+"""The ticket board: slots per named queue, and the order in which waiting requests get them.
+
+Order: strict priority classes first; inside a class, deficit round robin across tenants by weight
+(a tenant with 1,000 waiting requests gets its share, not the whole queue); optionally, a request
+moves up one class per `ageing` waited so lower classes cannot starve. Bounded: `max_waiting`
+requests (then QueueFull at once) and `max_wait` from arrival (then QueueTimeout). A waiter whose
+client left is removed at once. `FairQueue` is the pure ordering; `Queue` adds slots and futures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import AbstractAsyncContextManager
+
+from proxy.admission.admit import NOTHING, Waiting
+from proxy.call import Call
+from proxy.errors import InvalidRequest, QueueCleared, QueueFull, QueueTimeout
+from proxy.policy.plan import Plan, QueueSpec, TenantRule
+from proxy.telemetry.metrics import Metrics
+
+PRIORITY_HEADER = "x-signalbox-priority"
+WAITING, GRANTED, GONE = 0, 1, 2
+_RECENT_WAITS = 1024
+
+
+class Ticket:
+    """One waiting request: what the order needs, plus what the admin API shows (never content)."""
+
+    __slots__ = (
+        "request_id", "tenant", "weight", "model", "stream", "cls", "seq", "enqueued", "moved", "state",
+        "future", "timer",
+    )
+
+    def __init__(
+        self, tenant: str, cls: int, *, weight: float = 1.0, request_id: str = "", model: str = "",
+        stream: bool = False, now: float = 0.0,
+    ) -> None:
+        self.request_id = request_id
+        self.tenant = tenant
+        self.weight = weight
+        self.model = model
+        self.stream = stream
+        self.cls = cls
+        self.seq = 0
+        self.enqueued = now
+        self.moved = now
+        self.state = WAITING
+        self.future: asyncio.Future[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class _Lane:
+    """One tenant's waiting tickets inside one class. Removed tickets are dropped lazily."""
+
+    __slots__ = ("tenant", "weight", "items", "live", "deficit", "next_seq")
+
+    def __init__(self, tenant: str, weight: float) -> None:
+        self.tenant = tenant
+        self.weight = weight
+        self.items: deque[Ticket] = deque()
+        self.live = 0
+        self.deficit = 0.0
+        self.next_seq = 0
+
+
+class _Class:
+    __slots__ = ("lanes", "ring", "live", "arrivals")
+
+    def __init__(self) -> None:
+        self.lanes: dict[str, _Lane] = {}
+        self.ring: deque[_Lane] = deque()
+        self.live = 0
+        self.arrivals: deque[Ticket] = deque()
+        """Tickets in order of entering this class (only kept when ageing is on)."""
+
+
+class FairQueue:
+    """Pure ordering: push, pop the next, remove; time is passed in."""
+
+    __slots__ = ("classes", "ageing", "live")
+
+    def __init__(self, classes: int, ageing: float | None = None) -> None:
+        self.classes = [_Class() for _ in range(classes)]
+        self.ageing = ageing
+        self.live = 0
+
+    def __len__(self) -> int:
+        return self.live
+
+    def push(self, ticket: Ticket, now: float, front: bool = False) -> None:
+        ticket.cls = min(max(ticket.cls, 0), len(self.classes) - 1)
+        klass = self.classes[ticket.cls]
+        lane = klass.lanes.get(ticket.tenant)
+        if lane is None:
+            lane = klass.lanes[ticket.tenant] = _Lane(ticket.tenant, ticket.weight)
+            klass.ring.append(lane)
+            if len(klass.ring) == 1:
+                lane.deficit = lane.weight  # a lane gets its quantum whenever it becomes the head
+        if front and lane.items:
+            ticket.seq = lane.items[0].seq - 1
+            lane.items.appendleft(ticket)
+        else:
+            ticket.seq = lane.next_seq
+            lane.next_seq += 1
+            lane.items.append(ticket)
+        lane.live += 1
+        klass.live += 1
+        self.live += 1
+        ticket.moved = now
+        if self.ageing is not None and ticket.cls > 0:
+            klass.arrivals.append(ticket)
+
+    def pop(self, now: float) -> Ticket | None:
+        if not self.live:
+            return None
+        if self.ageing is not None:
+            self._age(now)
+        for index, klass in enumerate(self.classes):
+            if klass.live:
+                return self._pop_from(klass, index)
+        return None
+
+    def _pop_from(self, klass: _Class, index: int) -> Ticket:
+        ring = klass.ring
+        while True:
+            lane = ring[0]
+            if lane.deficit >= 1.0:
+                items = lane.items
+                ticket = items.popleft()
+                while ticket.state != WAITING or ticket.cls != index:
+                    ticket = items.popleft()  # stale: removed or aged into another class
+                lane.deficit -= 1.0
+                ticket.state = GRANTED
+                self._unlink(klass, lane)
+                return ticket
+            # The head's turn is over: it goes to the back, the next lane gets its quantum.
+            ring.rotate(-1)
+            ring[0].deficit += ring[0].weight
+
+    def _unlink(self, klass: _Class, lane: _Lane) -> None:
+        lane.live -= 1
+        klass.live -= 1
+        self.live -= 1
+        if not lane.live:
+            ring = klass.ring
+            was_head = ring[0] is lane
+            ring.remove(lane)
+            del klass.lanes[lane.tenant]
+            if was_head and ring:
+                ring[0].deficit += ring[0].weight
+
+    def remove(self, ticket: Ticket) -> bool:
+        """Take a waiting ticket out (client gone, timed out). False if it was not waiting."""
+        if ticket.state != WAITING:
+            return False
+        ticket.state = GONE
+        self._detach(ticket)
+        return True
+
+    def _detach(self, ticket: Ticket) -> None:
+        klass = self.classes[ticket.cls]
+        lane = klass.lanes[ticket.tenant]
+        self._unlink(klass, lane)
+        if lane.live and len(lane.items) > 2 * lane.live + 16:
+            # Bound the garbage that lazy removal leaves behind.
+            cls = ticket.cls
+            kept = (t for t in lane.items if t.state == WAITING and t.cls == cls and t is not ticket)
+            lane.items = deque(kept)
+
+    def _age(self, now: float) -> None:
+        assert self.ageing is not None
+        for index in range(1, len(self.classes)):
+            arrivals = self.classes[index].arrivals
+            while arrivals:
+                ticket = arrivals[0]
+                if ticket.state != WAITING or ticket.cls != index:
+                    arrivals.popleft()
+                    continue
+                levels = math.floor((now - ticket.moved) / self.ageing)
+                if levels < 1:
+                    break
+                arrivals.popleft()
+                self._detach(ticket)
+                ticket.cls = max(0, index - levels)
+                self.push(ticket, now, front=True)
+
+    def clear(self) -> list[Ticket]:
+        """Take every waiting ticket out; returns them."""
+        out = list(self.tickets())
+        for ticket in out:
+            ticket.state = GONE
+        self.classes = [_Class() for _ in self.classes]
+        self.live = 0
+        return out
+
+    def tickets(self) -> Iterator[Ticket]:
+        """Waiting tickets, class by class, lane by lane (not the exact service order)."""
+        for index, klass in enumerate(self.classes):
+            for lane in klass.ring:
+                yield from (t for t in lane.items if t.state == WAITING and t.cls == index)
+
+    def counts(self) -> dict[tuple[int, str], int]:
+        return {(i, lane.tenant): lane.live for i, k in enumerate(self.classes) for lane in k.ring}
+
+    def position(self, ticket: Ticket) -> int:
+        """Approximate 1-based place in line: every higher class, then what the round robin serves
+        from other tenants before this ticket's round (lanes ahead in the ring get one more round)."""
+        if ticket.state != WAITING:
+            return 0
+        ahead = sum(k.live for k in self.classes[: ticket.cls])
+        klass = self.classes[ticket.cls]
+        lane = klass.lanes[ticket.tenant]
+        rank = min(max(0, ticket.seq - lane.items[0].seq), lane.live - 1)
+        rounds = math.floor(rank / lane.weight)
+        before = True
+        for other in klass.ring:
+            if other is lane:
+                before = False
+                continue
+            ahead += min(other.live, math.ceil((rounds + before) * other.weight))
+        return ahead + rank + 1
+
+
+def priority_of(plan: Plan, tenant: TenantRule, asked: str | None) -> int:
+    """The tenant's default class, or the class the header asks for, capped at the tenant's max."""
+    if not asked:
+        return tenant.priority
+    name = asked.strip()
+    if name not in plan.priorities:
+        raise InvalidRequest(
+            f"unknown priority class '{name}' in {PRIORITY_HEADER}; classes: {', '.join(plan.priorities)}"
+        )
+    return max(plan.priorities.index(name), tenant.max_priority)
+
+
+class Queue:
+    """A named queue: its slots, its board, operator state and counters."""
+
+    __slots__ = ("spec", "classes", "board", "active", "paused", "admitted", "rejected", "waits", "clock",
+                 "metrics")
+
+    def __init__(self, spec: QueueSpec, classes: tuple[str, ...], metrics: Metrics | None,
+                 clock: Callable[[], float]) -> None:
+        self.spec = spec
+        self.classes = classes
+        self.board = FairQueue(len(classes), spec.ageing)
+        self.active = 0
+        self.paused = False
+        self.admitted = 0
+        self.rejected: dict[str, int] = {}
+        self.waits: deque[float] = deque(maxlen=_RECENT_WAITS)
+        self.metrics = metrics
+        self.clock = clock
+
+    @property
+    def slots(self) -> float:
+        return self.spec.concurrency if self.spec.concurrency is not None else math.inf
+
+    def configure(self, spec: QueueSpec, classes: tuple[str, ...]) -> None:
+        """A reload: new numbers, same waiters (re-filed if the classes changed) and counters."""
+        self.spec = spec
+        if classes != self.classes:
+            waiting = self.board.clear()
+            self.board = FairQueue(len(classes), spec.ageing)
+            now = self.clock()
+            for ticket in waiting:
+                ticket.state = WAITING
+                self.board.push(ticket, now)
+            self.classes = classes
+        self.board.ageing = spec.ageing
+        self.grant()
+
+    def grant(self) -> None:
+        """Hand free slots to the next waiters, in order."""
+        if self.paused:
+            return
+        board = self.board
+        while self.active < self.slots and board.live:
+            ticket = board.pop(self.clock())
+            assert ticket is not None and ticket.future is not None
+            if ticket.timer is not None:
+                ticket.timer.cancel()
+            if ticket.future.done():  # its task was cancelled and has not cleaned up yet
+                ticket.state = GONE
+                self.reject("client_gone")
+                continue
+            ticket.state = GRANTED
+            self.active += 1
+            ticket.future.set_result(None)
+
+    def release(self) -> None:
+        self.active -= 1
+        self.grant()
+
+    def expire(self, ticket: Ticket) -> None:
+        if not self.board.remove(ticket):
+            return
+        self.reject("queue_timeout")
+        assert ticket.future is not None
+        if not ticket.future.done():
+            waited = self.clock() - ticket.enqueued
+            ticket.future.set_exception(QueueTimeout(
+                f"waited {waited:.1f}s in queue '{self.spec.name}' without getting a slot "
+                f"({self.active} of {self.spec.concurrency} busy, {self.board.live} waiting); try again later"
+            ))
+
+    def clear(self) -> int:
+        """Fail every waiting request with QueueCleared (503, x-should-retry: false); returns how many."""
+        tickets = self.board.clear()
+        for ticket in tickets:
+            if ticket.timer is not None:
+                ticket.timer.cancel()
+            if ticket.future is not None and not ticket.future.done():
+                ticket.future.set_exception(QueueCleared(
+                    f"queue '{self.spec.name}' was cleared by an operator; the request was not sent upstream",
+                    should_retry=False,
+                ))
+        if tickets:
+            self.reject("queue_cleared", len(tickets))
+        return len(tickets)
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+        self.grant()
+
+    def reject(self, reason: str, count: int = 1) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + count
+        if self.metrics is not None:
+            for _ in range(count):
+                self.metrics.reject(reason)
+
+    def admit(self, waited: float | None) -> None:
+        """Count an admission; `waited` is None when a slot was free (no histogram sample: cheap)."""
+        self.admitted += 1
+        self.waits.append(waited or 0.0)
+        if waited is not None and self.metrics is not None:
+            self.metrics.queue_waited(self.spec.name, waited)
+
+
+class Scheduler:
+    """Every queue by name; a reload re-configures a queue instead of resetting it."""
+
+    __slots__ = ("queues", "metrics", "clock")
+
+    def __init__(self, metrics: Metrics | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.queues: dict[str, Queue] = {}
+        self.metrics = metrics
+        self.clock = clock
+
+    def queue(self, spec: QueueSpec, classes: tuple[str, ...]) -> Queue:
+        queue = self.queues.get(spec.name)
+        if queue is None:
+            queue = self.queues[spec.name] = Queue(spec, classes, self.metrics, self.clock)
+        elif queue.spec is not spec:
+            queue.configure(spec, classes)
+        return queue
+
+    def reconfigure(self, plan: Plan) -> None:
+        """After a reload: new numbers for known queues now (a bigger queue grants its waiters at once)."""
+        for spec in plan.queues.values():
+            if spec.name in self.queues:
+                self.queue(spec, plan.priorities)
+
+    def slot(self, call: Call, asked: str | None = None, waiting: Waiting | None = None
+             ) -> AbstractAsyncContextManager[None]:
+        """A slot of the route's queue for the whole upstream exchange; NOTHING when there is none."""
+        assert call.route is not None and call.tenant is not None
+        spec = call.route.queue
+        if spec is None or spec.concurrency is None:
+            return NOTHING
+        queue = self.queue(spec, call.plan.priorities)
+        return _Slot(queue, call, priority_of(call.plan, call.tenant, asked), waiting)
+
+    async def refresh_metrics(self) -> None:
+        metrics = self.metrics
+        if metrics is None:
+            return
+        for name, queue in self.queues.items():
+            by_class = [0] * len(queue.classes)
+            for (cls, _tenant), count in queue.board.counts().items():
+                by_class[cls] += count
+            for cls, count in enumerate(by_class):
+                metrics.queue_length.labels(name, queue.classes[cls]).set(count)
+            metrics.active_requests.labels(name).set(queue.active)
+            metrics.queue_slots.labels(name).set(queue.spec.concurrency or 0)
+
+
+class _Slot:
+    __slots__ = ("queue", "call", "cls", "waiting", "held")
+
+    def __init__(self, queue: Queue, call: Call, cls: int, waiting: Waiting | None) -> None:
+        self.queue = queue
+        self.call = call
+        self.cls = cls
+        self.waiting = waiting
+        self.held = False
+
+    async def __aenter__(self) -> None:
+        queue, call = self.queue, self.call
+        if not queue.paused and not queue.board.live and queue.active < queue.slots:
+            queue.active += 1
+            self.held = True
+            queue.admit(None)
+            return
+        spec = queue.spec
+        if queue.board.live >= spec.max_waiting:
+            queue.reject("queue_full")
+            raise QueueFull(
+                f"queue '{spec.name}' is full ({queue.board.live} requests waiting, max_waiting "
+                f"{spec.max_waiting}); retrying now would not help",
+                should_retry=False,
+            )
+        assert call.tenant is not None
+        now = queue.clock()
+        ticket = Ticket(call.tenant.name, self.cls, weight=call.tenant.weight, request_id=call.request_id,
+                        model=call.model, stream=call.stream, now=now)
+        loop = asyncio.get_running_loop()
+        ticket.future = loop.create_future()
+        queue.board.push(ticket, now)
+        ticket.timer = loop.call_later(max(0.0, spec.max_wait - call.elapsed()), queue.expire, ticket)
+        begun = False
+        try:
+            if self.waiting is not None:
+                begun = True
+                await self.waiting.begin(lambda: f"queued position={queue.board.position(ticket)}")
+            await ticket.future
+        except BaseException:
+            if ticket.timer is not None:
+                ticket.timer.cancel()
+            if ticket.state == GRANTED:
+                queue.release()  # granted just as we were cancelled: pass the slot on
+            elif queue.board.remove(ticket):
+                queue.reject("client_gone")
+            raise
+        finally:
+            if begun and self.waiting is not None:
+                self.waiting.end()
+        self.held = True
+        queue.admit(queue.clock() - ticket.enqueued)
+        call.mark("slot")
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.held:
+            self.held = False
+            self.queue.release()

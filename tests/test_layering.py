@@ -1,0 +1,228 @@
+"""Architecture checks over the source (ast, no imports executed): imports flow one way along the data path,
+pure modules stay free of I/O libraries, and background tasks are created in one place only."""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "proxy"
+
+# Stages and entry points that the shared and pure layers below them must never reach back into.
+STAGES = (
+    "proxy.ingress",
+    "proxy.admission",
+    "proxy.scheduler",
+    "proxy.batcher",
+    "proxy.upstream.dispatch",
+    "proxy.streaming.relay",
+)
+ENTRY_POINTS = ("proxy.app", "proxy.cli", "proxy.admin", "proxy.runtime")
+IO_LIBRARIES = ("aiohttp", "asyncio", "socket", "httpx", "redis", "subprocess", "urllib.request", "uvloop")
+
+
+@dataclass(frozen=True)
+class Import:
+    target: str
+    line: int
+    type_checking: bool
+    top_level: bool
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+MODULES: dict[str, Path] = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _walk(node: ast.AST, type_checking: bool, top_level: bool) -> Iterator[tuple[ast.AST, bool, bool]]:
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, ast.If) and _is_type_checking(child):
+            for grandchild in child.body:
+                yield grandchild, True, top_level
+                yield from _walk(grandchild, True, top_level)
+            for grandchild in child.orelse:
+                yield grandchild, type_checking, top_level
+                yield from _walk(grandchild, type_checking, top_level)
+            continue
+        inner = top_level and not isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda)
+        yield child, type_checking, inner
+        yield from _walk(child, type_checking, inner)
+
+
+def imports_of(module: str) -> list[Import]:
+    path = MODULES[module]
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: list[Import] = []
+    for node, type_checking, top_level in _walk(tree, False, True):
+        if isinstance(node, ast.Import):
+            found += [Import(alias.name, node.lineno, type_checking, top_level) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            for alias in node.names:
+                candidate = f"{base}.{alias.name}"
+                target = candidate if candidate in MODULES else base
+                found.append(Import(target, node.lineno, type_checking, top_level))
+    return found
+
+
+IMPORTS: dict[str, list[Import]] = {m: imports_of(m) for m in MODULES}
+
+
+def within(target: str, prefixes: tuple[str, ...]) -> bool:
+    return any(target == p or target.startswith(p + ".") for p in prefixes)
+
+
+def violations(sources: tuple[str, ...], forbidden: tuple[str, ...]) -> list[str]:
+    return [
+        f"{MODULES[m].relative_to(ROOT)}:{imp.line} imports {imp.target}"
+        for m, found in IMPORTS.items()
+        if within(m, sources)
+        for imp in found
+        if within(imp.target, forbidden) and not within(imp.target, (m,))
+    ]
+
+
+def test_the_scan_sees_the_package() -> None:
+    for expected in ("proxy.ingress", "proxy.policy.load", "proxy.streaming.sse", "proxy.upstream.dispatch"):
+        assert expected in MODULES
+    assert any(i.target == "proxy.upstream.dispatch" for i in IMPORTS["proxy.ingress"])
+    assert any(i.target == "proxy.streaming.relay" for i in IMPORTS["proxy.ingress"])
+
+
+@pytest.mark.parametrize(
+    ("sources", "forbidden"),
+    [
+        # Policy and providers are below every stage: compiled data and pure translation.
+        (("proxy.policy", "proxy.providers"), STAGES + ENTRY_POINTS + ("proxy.upstream", "proxy.telemetry")),
+        # The shared context and error tree are imported by every stage and import none of them.
+        (
+            ("proxy.call", "proxy.errors", "proxy.headers", "proxy.tasks"),
+            STAGES + ENTRY_POINTS + ("proxy.upstream",),
+        ),
+        # Telemetry is fed from the Call at stage boundaries; it never calls into a stage.
+        (("proxy.telemetry",), STAGES + ENTRY_POINTS + ("proxy.upstream", "proxy.providers")),
+        # No stage reaches back to ingress or to the entry points.
+        (STAGES[1:] + ("proxy.upstream", "proxy.providers"), ("proxy.ingress",) + ENTRY_POINTS),
+        # Admission decides before the scheduler queues; it does not know about queues or dispatch.
+        (
+            ("proxy.admission",),
+            ("proxy.scheduler", "proxy.batcher", "proxy.upstream", "proxy.streaming.relay"),
+        ),
+        # The upstream side never reaches back to admission or scheduling.
+        (("proxy.upstream", "proxy.streaming"), ("proxy.admission", "proxy.scheduler", "proxy.batcher")),
+        # The relay moves bytes; it does not dispatch.
+        (("proxy.streaming.relay",), ("proxy.upstream.dispatch",)),
+        # The mock upstream is a separate server: it shares nothing with the proxy's data path.
+        (
+            ("proxy.mock_upstream", "proxy.mock_content"),
+            STAGES + ENTRY_POINTS + ("proxy.policy", "proxy.upstream"),
+        ),
+    ],
+    ids=[
+        "policy-providers",
+        "shared",
+        "telemetry",
+        "no-reaching-back",
+        "admission",
+        "upstream",
+        "relay",
+        "mock",
+    ],
+)
+def test_imports_flow_one_way(sources: tuple[str, ...], forbidden: tuple[str, ...]) -> None:
+    assert violations(sources, forbidden) == []
+
+
+def test_sse_codec_imports_nothing_from_proxy() -> None:
+    assert [i.target for i in IMPORTS["proxy.streaming.sse"] if within(i.target, ("proxy",))] == []
+
+
+def test_only_the_cli_imports_the_app() -> None:
+    importers = sorted(m for m, found in IMPORTS.items() if any(i.target == "proxy.app" for i in found))
+    assert importers == ["proxy.cli"]
+
+
+@pytest.mark.parametrize(
+    "module", sorted(m for m in MODULES if within(m, ("proxy.providers", "proxy.streaming.sse")))
+)
+def test_pure_modules_do_no_io(module: str) -> None:
+    assert [i.target for i in IMPORTS[module] if within(i.target, IO_LIBRARIES)] == []
+
+
+def test_module_imports_have_no_cycles() -> None:
+    graph = {
+        m: {
+            i.target
+            for i in found
+            if i.top_level and not i.type_checking and i.target in MODULES and i.target != m
+        }
+        for m, found in IMPORTS.items()
+    }
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    cycles: list[list[str]] = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append(path[path.index(nxt) :] + [nxt] if nxt in path else [node, nxt])
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert cycles == []
+
+
+def _task_calls(tree: ast.AST) -> Iterator[ast.Call]:
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        name = (
+            func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else None
+        )
+        if name in ("create_task", "ensure_future"):
+            yield node
+
+
+def test_tasks_are_created_only_in_proxy_tasks() -> None:
+    offenders = []
+    for module, path in MODULES.items():
+        if module == "proxy.tasks":
+            continue
+        tree = ast.parse(path.read_text(), filename=str(path))
+        offenders += [f"{path.relative_to(ROOT)}:{call.lineno}" for call in _task_calls(tree)]
+        for node in ast.walk(tree):  # `from asyncio import create_task` would hide the call's origin
+            if isinstance(node, ast.ImportFrom) and node.module == "asyncio":
+                offenders += [
+                    f"{path.relative_to(ROOT)}:{node.lineno} imports {a.name}"
+                    for a in node.names
+                    if a.name in ("create_task", "ensure_future")
+                ]
+    assert offenders == []
+    assert list(_task_calls(ast.parse(MODULES["proxy.tasks"].read_text())))  # the checker does see calls

@@ -1,0 +1,517 @@
+"""Policy loading: every invalid policy is reported at the exact file:line:column, with the field path and a
+message that says what to fix; valid sets (one file, a directory, a Kubernetes ConfigMap mount) load and
+compile, with `${ENV}` interpolation."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from proxy.policy.compile import compile_plan
+from proxy.policy.load import PolicyError, Problem, load_policy
+
+REPO = Path(__file__).resolve().parent.parent
+
+# (id, YAML text, [(line, column, field path, message fragment), ...]) — every problem, in order.
+INVALID: list[tuple[str, str, list[tuple[int, int, str, str]]]] = [
+    (
+        "misspelled-top-level-section",
+        """
+        version: 1
+        upstream:
+          a: {provider: mock}
+        """,
+        [(2, 1, "upstream", "unknown key 'upstream'; did you mean 'upstreams'?")],
+    ),
+    (
+        "misspelled-upstream-field",
+        """
+        upstreams:
+          a:
+            provider: openai
+            base_ulr: http://127.0.0.1:1/v1
+        """,
+        [(4, 5, "upstreams.a.base_ulr", "did you mean 'base_url'?")],
+    ),
+    (
+        "misspelled-route-match-field",
+        """
+        upstreams:
+          a: {provider: mock}
+        routes:
+          - name: r
+            match:
+              modle: gpt-4o
+            upstream: a
+        """,
+        [(6, 7, "routes[0].match.modle", "unknown key 'modle'; did you mean 'model'?")],
+    ),
+    (
+        "misspelled-flow-mapping-field-in-route-timeouts",
+        """
+        upstreams:
+          a: {provider: mock}
+        routes:
+          - name: r
+            upstream: a
+            timeouts: {frist_token: 1s}
+        """,
+        [(6, 16, "routes[0].timeouts.frist_token", "did you mean 'first_token'?")],
+    ),
+    (
+        "misspelled-tenant-field",
+        """
+        tenants:
+          team:
+            kyes: [sk-1]
+        """,
+        [(3, 5, "tenants.team.kyes", "did you mean 'keys'?")],
+    ),
+    (
+        "unknown-key-without-a-close-match-lists-the-valid-ones",
+        """
+        upstreams:
+          a:
+            provider: mock
+            zzzz: 1
+        """,
+        [(4, 5, "upstreams.a.zzzz", "unknown key 'zzzz'; expected one of: api_key, auth_header, base_url")],
+    ),
+    (
+        "two-problems-both-reported",
+        """
+        upstreams:
+          a: {provider: mock, pol: {}}
+        routez: []
+        """,
+        [
+            (2, 23, "upstreams.a.pol", "did you mean 'pool'?"),
+            (3, 1, "routez", "did you mean 'routes'?"),
+        ],
+    ),
+    (
+        "wrong-type-integer",
+        """
+        upstreams:
+          a:
+            provider: mock
+            pool:
+              max_connections: lots
+        """,
+        [(5, 24, "upstreams.a.pool.max_connections", "valid integer")],
+    ),
+    (
+        "wrong-type-list",
+        """
+        routes: {name: x}
+        """,
+        [(1, 9, "routes", "valid list")],
+    ),
+    (
+        "wrong-enum-value",
+        """
+        upstreams:
+          a:
+            provider: opneai
+            base_url: http://127.0.0.1:1/v1
+        """,
+        [(3, 15, "upstreams.a.provider", "'openai', 'anthropic' or 'mock'")],
+    ),
+    (
+        "bad-duration",
+        """
+        upstreams:
+          a: {provider: mock}
+        timeouts:
+          connect: 5 parsecs
+        """,
+        [
+            (
+                4,
+                12,
+                "timeouts.connect",
+                "invalid duration '5 parsecs': use a number with a unit, such as 250ms",
+            )
+        ],
+    ),
+    (
+        "negative-duration",
+        """
+        timeouts:
+          idle: -5
+        """,
+        [(2, 9, "timeouts.idle", "cannot be negative")],
+    ),
+    (
+        "bad-size",
+        """
+        max_body_size: huge
+        """,
+        [(1, 16, "max_body_size", "invalid size 'huge'")],
+    ),
+    (
+        "undefined-upstream-with-suggestion",
+        """
+        upstreams:
+          openai-main: {provider: mock}
+        routes:
+          - name: r
+            upstream: openai-mian
+        """,
+        [(5, 15, "routes[0].upstream", "undefined upstream 'openai-mian'; did you mean 'openai-main'?")],
+    ),
+    (
+        "undefined-upstream-lists-the-defined-ones",
+        """
+        upstreams:
+          alpha: {provider: mock}
+          beta: {provider: mock}
+        routes:
+          - name: r
+            upstream: zzz
+        """,
+        [(6, 15, "routes[0].upstream", "undefined upstream 'zzz' (defined: alpha, beta)")],
+    ),
+    (
+        "undefined-tenant-in-route-match",
+        """
+        upstreams:
+          a: {provider: mock}
+        tenants:
+          team-a: {}
+        routes:
+          - name: r
+            match: {tenants: [team-b]}
+            upstream: a
+        """,
+        [(7, 23, "routes[0].match.tenants[0]", "undefined tenant 'team-b'; did you mean 'team-a'?")],
+    ),
+    (
+        "duplicate-route-names",
+        """
+        upstreams:
+          a: {provider: mock}
+        routes:
+          - name: chat
+            upstream: a
+          - name: other
+            upstream: a
+          - name: chat
+            upstream: a
+        """,
+        [(8, 11, "routes[2].name", "duplicate route name 'chat' (first used by routes[0])")],
+    ),
+    (
+        "same-key-for-two-tenants",
+        """
+        tenants:
+          a: {keys: [sk-shared]}
+          b: {keys: [sk-other, sk-shared]}
+        """,
+        [(3, 24, "tenants.b.keys[1]", "also a key of tenant 'a'")],
+    ),
+    (
+        "unset-environment-variable",
+        """
+        upstreams:
+          a:
+            provider: openai
+            base_url: http://127.0.0.1:1/v1
+            api_key: ${SIGNALBOX_TEST_SURELY_UNSET}
+        """,
+        [
+            (
+                5,
+                14,
+                "upstreams.a.api_key",
+                "environment variable SIGNALBOX_TEST_SURELY_UNSET is not set and has no default",
+            )
+        ],
+    ),
+    (
+        "yaml-syntax-error",
+        """
+        upstreams:
+          a: {provider: mock
+        routes: []
+        """,
+        [(3, 7, "(top)", "YAML syntax error")],
+    ),
+    (
+        "yaml-tab-indentation",
+        "upstreams:\n\ta: {provider: mock}\n",
+        [(2, 1, "(top)", "YAML syntax error: found character '\\t'")],
+    ),
+    (
+        "duplicate-yaml-key",
+        """
+        upstreams:
+          a: {provider: mock}
+        tenants: {}
+        upstreams:
+          b: {provider: mock}
+        """,
+        [(4, 1, "upstreams", "duplicate key")],
+    ),
+    (
+        "duplicate-nested-yaml-key",
+        """
+        upstreams:
+          a:
+            provider: mock
+            provider: openai
+        """,
+        [(4, 5, "upstreams.a.provider", "duplicate key")],
+    ),
+    (
+        "provider-without-base-url",
+        """
+        upstreams:
+          a:
+            provider: openai
+            api_key: sk-x
+        """,
+        [(3, 5, "upstreams.a", "base_url is required for provider openai")],
+    ),
+    (
+        "mock-with-base-url",
+        """
+        upstreams:
+          a:
+            provider: mock
+            base_url: http://127.0.0.1:1/v1
+        """,
+        [(3, 5, "upstreams.a", "remove base_url")],
+    ),
+    (
+        "route-without-upstream",
+        """
+        upstreams:
+          a: {provider: mock}
+        routes:
+          - name: r
+        """,
+        [(4, 5, "routes[0].upstream", "required field 'upstream' is missing")],
+    ),
+    (
+        "single-mode-without-tenant",
+        """
+        identify: {mode: single}
+        """,
+        [(1, 11, "identify", "mode single needs `tenant`")],
+    ),
+    (
+        "not-a-mapping",
+        """
+        - upstreams
+        - routes
+        """,
+        [(1, 1, "(top)", "must be a mapping of sections")],
+    ),
+]
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text).lstrip("\n"))
+    return path
+
+
+def problems_of(path: Path, environ: dict[str, str] | None = None) -> list[Problem]:
+    with pytest.raises(PolicyError) as info:
+        load_policy(path, environ=environ if environ is not None else {})
+    assert str(info.value) == "\n".join(str(p) for p in info.value.problems)
+    return info.value.problems
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"), [case[1:] for case in INVALID], ids=[case[0] for case in INVALID]
+)
+def test_invalid_policy_is_reported_at_its_place(
+    tmp_path: Path, text: str, expected: list[tuple[int, int, str, str]]
+) -> None:
+    path = write(tmp_path / "policy.yaml", text)
+    problems = problems_of(path)
+    assert len(problems) == len(expected), [str(p) for p in problems]
+    for problem, (line, column, field, fragment) in zip(problems, expected, strict=True):
+        rendered = str(problem)
+        assert rendered.startswith(f"{path}:{line}:{column}: {field}: "), rendered
+        assert fragment in problem.message, rendered
+        assert problem.mark is not None and problem.mark.file == str(path)
+
+
+def test_env_interpolation_defaults_and_values(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "policy.yaml",
+        """
+        upstreams:
+          a:
+            provider: openai
+            base_url: http://${SB_HOST:-127.0.0.1}:${SB_PORT:-8000}/v1
+            api_key: ${SB_KEY:-fallback-key}
+            headers: {X-Team: "${SB_TEAM}"}
+        tenants:
+          t: {keys: ["${SB_TENANT_KEY}"]}
+        routes:
+          - {name: r, upstream: a}
+        """,
+    )
+    environ = {"SB_TEAM": "ml", "SB_TENANT_KEY": "sk-tenant", "SB_PORT": "9001"}
+    plan = compile_plan(load_policy(path, environ=environ))
+    upstream = plan.upstreams["a"]
+    assert upstream.base_url == "http://127.0.0.1:9001/v1"
+    assert upstream.api_key == "fallback-key"
+    assert dict(upstream.headers) == {"x-team": "ml"}
+    tenant = plan.tenant_for_key("sk-tenant")
+    assert tenant is not None and tenant.name == "t"
+    # Secrets stay out of anything that prints the plan.
+    assert "fallback-key" not in repr(plan) and "sk-tenant" not in repr(plan)
+    # An empty default is a default too; a set variable wins over the default.
+    plan = compile_plan(load_policy(path, environ={**environ, "SB_KEY": "from-env"}))
+    assert plan.upstreams["a"].api_key == "from-env"
+
+
+def test_env_interpolation_reads_the_process_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(
+        tmp_path / "policy.yaml",
+        """
+        tenants:
+          t: {keys: ["${SB_PROCESS_KEY}"]}
+        """,
+    )
+    monkeypatch.delenv("SB_PROCESS_KEY", raising=False)
+    with pytest.raises(PolicyError):
+        load_policy(path)
+    monkeypatch.setenv("SB_PROCESS_KEY", "sk-process")
+    assert compile_plan(load_policy(path)).tenant_for_key("sk-process") is not None
+
+
+def test_default_policy_loads_and_compiles() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIGNALBOX_")}
+    loaded = load_policy(REPO / "policies" / "default.yaml", environ=env)
+    plan = compile_plan(loaded)
+    assert [r.name for r in plan.routes] == ["chat", "embeddings"]
+    assert plan.tenant_for_key("sk-signalbox-dev") is not None
+    assert len(loaded.digest) == 64
+
+
+def test_empty_file_is_an_empty_policy(tmp_path: Path) -> None:
+    loaded = load_policy(write(tmp_path / "empty.yaml", ""), environ={})
+    assert loaded.policy.routes == [] and loaded.policy.upstreams == {}
+
+
+# --- directories ---------------------------------------------------------------------------------------
+
+BASE = """
+upstreams:
+  a: {provider: mock}
+tenants:
+  t: {keys: [sk-t]}
+routes:
+  - name: first
+    upstream: a
+"""
+
+
+def test_directory_merges_files_in_name_order(tmp_path: Path) -> None:
+    # Written out of order on purpose: the load order is the file names' order.
+    write(tmp_path / "30-last.yaml", "routes:\n  - {name: fourth, upstream: b}\n")
+    write(tmp_path / "10-base.yaml", BASE)
+    write(
+        tmp_path / "20-more.yml",
+        "upstreams:\n  b: {provider: mock}\n"
+        "routes:\n  - {name: second, upstream: b}\n  - {name: third, upstream: a}\n",
+    )
+    write(tmp_path / "notes.txt", "not: [a policy")
+    loaded = load_policy(tmp_path, environ={})
+    assert [Path(f).name for f in loaded.files] == ["10-base.yaml", "20-more.yml", "30-last.yaml"]
+    plan = compile_plan(loaded)
+    assert [r.name for r in plan.routes] == ["first", "second", "third", "fourth"]
+    assert [r.index for r in plan.routes] == [0, 1, 2, 3]
+    assert set(plan.upstreams) == {"a", "b"}
+    digest = loaded.digest
+    (tmp_path / "30-last.yaml").write_text("routes:\n  - {name: fourth, upstream: a}\n")
+    assert load_policy(tmp_path, environ={}).digest != digest
+
+
+def test_error_in_second_file_reports_that_files_own_line(tmp_path: Path) -> None:
+    write(tmp_path / "10-base.yaml", BASE)
+    second = write(
+        tmp_path / "20-routes.yaml",
+        """
+        # routes for the batch team
+
+        routes:
+          - name: batch
+            upstream: a
+            timeouts: {idle: forever}
+        """,
+    )
+    [problem] = problems_of(tmp_path)
+    assert str(problem).startswith(f"{second}:6:22: routes[1].timeouts.idle: invalid duration 'forever'")
+
+
+def test_reference_error_in_second_file_reports_that_files_own_line(tmp_path: Path) -> None:
+    write(tmp_path / "10-base.yaml", BASE)
+    second = write(
+        tmp_path / "20-routes.yaml",
+        """
+        routes:
+          - name: ok
+            upstream: a
+          - name: batch
+            upstream: aa
+          - name: first
+            upstream: a
+        """,
+    )
+    problems = problems_of(tmp_path)
+    assert [str(p) for p in problems] == [
+        f"{second}:5:15: routes[2].upstream: undefined upstream 'aa'; did you mean 'a'?",
+        f"{second}:6:11: routes[3].name: duplicate route name 'first' (first used by routes[0])",
+    ]
+
+
+def test_same_entry_or_section_in_two_files(tmp_path: Path) -> None:
+    write(tmp_path / "10-base.yaml", "identify: {mode: api_key}\n" + BASE)
+    second = write(tmp_path / "20-dup.yaml", "identify: {mode: header}\nupstreams:\n  a: {provider: mock}\n")
+    problems = problems_of(tmp_path)
+    rendered = sorted(str(p) for p in problems)
+    assert rendered == sorted(
+        [
+            f"{second}:1:1: identify: section defined in more than one file",
+            f"{second}:3:3: upstreams.a: defined in more than one file",
+        ]
+    )
+
+
+def test_configmap_mount_with_data_symlink_and_hidden_entries(tmp_path: Path) -> None:
+    # What the kubelet writes: a timestamped hidden directory, `..data` pointing at it, and visible
+    # symlinks through `..data`. Only the visible *.yaml entries are the policy.
+    mount = tmp_path / "policies"
+    real = write(mount / "..2026_11_23_10_00_00.123" / "policy.yaml", BASE)
+    (mount / "..data").symlink_to(real.parent.name)
+    (mount / "policy.yaml").symlink_to(Path("..data") / "policy.yaml")
+    write(mount / ".hidden.yaml", "this: [is not valid")
+    write(mount / "..2026_11_23_10_00_00.123" / "stale.yaml", "routes: [broken")
+    loaded = load_policy(mount, environ={})
+    assert loaded.files == (str(mount / "policy.yaml"),)
+    assert [r.name for r in compile_plan(loaded).routes] == ["first"]
+    # Errors name the path the operator sees, not the hidden timestamped one.
+    write(real, BASE.replace("upstream: a", "upstream: b"))
+    [problem] = problems_of(mount)
+    assert str(problem).startswith(
+        f"{mount / 'policy.yaml'}:7:15: routes[0].upstream: undefined upstream 'b'"
+    )
+
+
+def test_empty_and_missing_directories(tmp_path: Path) -> None:
+    [problem] = problems_of(tmp_path)
+    assert problem.mark is None and "no .yaml or .yml files" in problem.message
+    [problem] = problems_of(tmp_path / "nowhere")
+    assert "no such file or directory" in problem.message
