@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import resource
 import shutil
@@ -118,6 +119,42 @@ def probe(url: str, api_key: str, timeout_s: float = 15.0) -> None:
     raise RuntimeError(f"{url} never answered 200: {last}")
 
 
+# ---- the proxy and the repository --------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def signalbox() -> list[str]:
+    """The console script next to this Python if installed, else `python -m proxy` from the repo."""
+    script = Path(sys.executable).with_name("signalbox")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "proxy"]
+
+
+def proxy_missing() -> str | None:
+    """None if `signalbox serve` looks usable, else why not."""
+    try:
+        out = subprocess.run([*signalbox(), "--help"], capture_output=True, timeout=30, cwd=REPO, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"signalbox did not run: {exc}"
+    if out.returncode != 0 or b"serve" not in out.stdout + out.stderr:
+        return "`signalbox --help` failed or lists no `serve` command"
+    return None
+
+
+def revision() -> str:
+    """The commit being measured, `+dirty` when proxy/ has uncommitted changes (read-only git)."""
+    def git(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10,
+                              check=False)
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = git("diff", "--quiet", "HEAD", "--", "proxy").returncode != 0
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty else "") if head.returncode == 0 else "unknown"
+
+
 # ---- /proc -----------------------------------------------------------------------------------------
 
 
@@ -128,13 +165,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of proc(5)
 
 
-def cpu_task_seconds(cpus: Sequence[int]) -> float:
-    """Seconds the given CPUs spent running tasks (user + nice + system) since boot, from /proc/stat."""
+def cpu_task_seconds(cpus: Sequence[int], columns: Sequence[int] = (0, 1, 2)) -> float:
+    """Seconds the given CPUs spent in the given /proc/stat columns since boot: by default running
+    tasks (user, nice, system); (7,) is steal, time the hypervisor gave our virtual CPU to others."""
     wanted, total = {f"cpu{c}" for c in cpus}, 0
     for line in Path("/proc/stat").read_text().splitlines():
         name, *values = line.split()
         if name in wanted:
-            total += int(values[0]) + int(values[1]) + int(values[2])
+            total += sum(int(values[i]) for i in columns)
     return total / CLK_TCK
 
 
@@ -157,8 +195,8 @@ def percentile(values: Sequence[float], q: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
-    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
-    return ordered[rank]
+    rank = min(len(ordered), max(1, math.ceil(q / 100 * len(ordered))))
+    return ordered[rank - 1]
 
 
 # ---- load generators (each a separate process pinned to the load CPU) ----------------------------------

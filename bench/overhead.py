@@ -12,14 +12,16 @@ import json
 import math
 import os
 import shutil
-import subprocess
+import signal
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 from common import (
     cpu_seconds,
@@ -29,8 +31,11 @@ from common import (
     own_cpu_seconds,
     percentile,
     probe,
+    proxy_missing,
+    revision,
     run_streams,
     run_wrk,
+    signalbox,
     start_pinned,
     stop,
     tail,
@@ -43,6 +48,7 @@ REPO = BENCH.parent
 CHAT_PATH = "/v1/chat/completions"
 API_KEY = "sk-bench"
 Metrics = dict[str, float]
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,9 @@ class Config:
     events: int
     interval_ms: float
     proxy_args: tuple[str, ...]
+    max_noise: float  # % of a CPU used by other programs above which a slice is redone
+    retries: int
+    revision: str  # what was measured, read once at the start
     tmp: Path
 
     @property
@@ -75,6 +84,7 @@ class Target:
     cpu_s: float = 0.0
     load_busy_pct: list[float] = field(default_factory=list)
     others_pct: dict[str, list[float]] = field(default_factory=dict)  # phase -> one value per slice
+    steal_pct: list[float] = field(default_factory=list)
     lat_p50_us: list[float] = field(default_factory=list)
     lat_p99_us: list[float] = field(default_factory=list)
     ttfc_ms: list[float] = field(default_factory=list)
@@ -86,6 +96,16 @@ class Target:
 
     def cpu(self) -> float:
         return cpu_seconds(self.pid) if self.pid else 0.0
+
+
+@dataclass(frozen=True)
+class Slice:
+    """One measured slice: the target's CPU seconds, and the two CPUs' use by others and by the load side."""
+
+    cpu_s: float
+    others_pct: float  # of one CPU, summed over both
+    load_pct: float
+    steal_pct: float  # of one CPU, summed over both: the hypervisor ran someone else
 
 
 @dataclass
@@ -100,23 +120,40 @@ class Bench:
     def _ours(self) -> float:
         return sum(cpu_seconds(pid) for pid in self.pids) + own_cpu_seconds()
 
-    @contextmanager
-    def window(self, t: Target, phase: str) -> Iterator[list[float]]:
-        """Account one measured slice; yields [target CPU s, wall s] filled in when the block ends.
+    def measure(self, t: Target, phase: str, run_slice: Callable[[], R]) -> tuple[R, Slice]:
+        """Run one measured slice; redo it (up to cfg.retries times) while other programs were busy.
 
-        Also records how much of the two CPUs went to programs that are not ours: others' work on
-        these CPUs delays the target and the client, and makes latency and TTFC meaningless.
+        Others' work on these two CPUs delays the target and the client and pollutes caches, so a
+        noisy slice is repeated after a pause and the quietest attempt is kept.
         """
-        cpus = (self.cfg.proxy_cpu, self.cfg.load_cpu)
-        wall, busy, load, ours, cpu = (time.monotonic(), cpu_task_seconds(cpus),
-                                       cpu_task_seconds((self.cfg.load_cpu,)), self._ours(), t.cpu())
-        out = [0.0, 0.0]
-        yield out
-        out[:] = [t.cpu() - cpu, time.monotonic() - wall]
-        others = (cpu_task_seconds(cpus) - busy) - (self._ours() - ours)
-        t.others_pct.setdefault(phase, []).append(max(0.0, 100 * others / out[1]))
+        best: tuple[R, Slice] | None = None
+        for attempt in range(self.cfg.retries + 1):
+            if attempt:
+                time.sleep(5)  # let the other program's burst pass
+            got = self._slice(t, run_slice)
+            if best is None or got[1].others_pct < best[1].others_pct:
+                best = got
+            if got[1].others_pct <= self.cfg.max_noise:
+                break
+        assert best is not None
+        t.others_pct.setdefault(phase, []).append(best[1].others_pct)
+        t.steal_pct.append(best[1].steal_pct)
         if phase == "c64":
-            t.load_busy_pct.append(100 * (cpu_task_seconds((self.cfg.load_cpu,)) - load) / out[1])
+            t.load_busy_pct.append(best[1].load_pct)
+        return best
+
+    def _slice(self, t: Target, run_slice: Callable[[], R]) -> tuple[R, Slice]:
+        cpus = (self.cfg.proxy_cpu, self.cfg.load_cpu)
+        wall, busy, load, steal, ours, cpu = (time.monotonic(), cpu_task_seconds(cpus),
+                                              cpu_task_seconds((self.cfg.load_cpu,)),
+                                              cpu_task_seconds(cpus, (7,)), self._ours(), t.cpu())
+        result = run_slice()
+        wall = time.monotonic() - wall
+        others = (cpu_task_seconds(cpus) - busy) - (self._ours() - ours)
+        load = cpu_task_seconds((self.cfg.load_cpu,)) - load
+        steal = cpu_task_seconds(cpus, (7,)) - steal
+        return result, Slice(t.cpu() - cpu, max(0.0, 100 * others / wall), 100 * load / wall,
+                             100 * steal / wall)
 
 
 # ---- starting things --------------------------------------------------------------------------------
@@ -142,26 +179,9 @@ routes:
     return directory
 
 
-def signalbox() -> list[str]:
-    """The console script next to this Python if installed, else `python -m proxy` from the repo."""
-    script = Path(sys.executable).with_name("signalbox")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "proxy"]
-
-
 def proxy_command(policies: Path, port: int, admin_port: int, extra: tuple[str, ...]) -> list[str]:
     return [*signalbox(), "serve", "--policies", str(policies), "--host", "127.0.0.1", "--port", str(port),
             "--admin-port", str(admin_port), "--shutdown-grace", "0", *extra]
-
-
-def proxy_missing() -> str | None:
-    """None if `signalbox serve` looks usable, else why not."""
-    try:
-        out = subprocess.run([*signalbox(), "--help"], capture_output=True, timeout=30, cwd=REPO, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"signalbox did not run: {exc}"
-    if out.returncode != 0 or b"serve" not in out.stdout + out.stderr:
-        return "`signalbox --help` failed or lists no `serve` command"
-    return None
 
 
 @contextmanager
@@ -196,9 +216,9 @@ def throughput(targets: list[Target], b: Bench) -> None:
         if cfg.warmup:
             run_wrk(b.wrk, t.url, 64, cfg.warmup, cfg.load_cpu, API_KEY)
     for t in in_rounds(targets, cfg.rounds):
-        with b.window(t, "c64") as used:
-            res = run_wrk(b.wrk, t.url, 64, cfg.slice_s, cfg.load_cpu, API_KEY)
-        t.cpu_s += used[0]
+        res, used = b.measure(t, "c64", partial(run_wrk, b.wrk, t.url, 64, cfg.slice_s, cfg.load_cpu,
+                                                API_KEY))
+        t.cpu_s += used.cpu_s
         t.requests += res["requests"]
         t.seconds += res["duration_us"] / 1e6
         if any(res["errors"].values()):
@@ -208,8 +228,7 @@ def throughput(targets: list[Target], b: Bench) -> None:
 def latency(targets: list[Target], b: Bench) -> None:
     """Latency percentiles at concurrency 1 (one connection, back to back)."""
     for t in in_rounds(targets, b.cfg.rounds):
-        with b.window(t, "c1"):
-            res = run_wrk(b.wrk, t.url, 1, b.cfg.slice_s, b.cfg.load_cpu, API_KEY)
+        res, _ = b.measure(t, "c1", partial(run_wrk, b.wrk, t.url, 1, b.cfg.slice_s, b.cfg.load_cpu, API_KEY))
         t.lat_p50_us.append(res["latency_us"]["p50"])
         t.lat_p99_us.append(res["latency_us"]["p99"])
         if any(res["errors"].values()):
@@ -232,9 +251,9 @@ def streaming(targets: list[Target], b: Bench) -> None:
         if cfg.warmup:
             run_streams(t.url, cfg.streams, cfg.warmup, cfg.load_cpu, log, API_KEY, sampler(t))
     for t in in_rounds(targets, cfg.rounds):
-        with b.window(t, "streams") as used:
-            res = run_streams(t.url, cfg.streams, cfg.slice_s, cfg.load_cpu, log, API_KEY, sampler(t))
-        t.stream_cpu_s += used[0]
+        res, used = b.measure(t, "streams", partial(run_streams, t.url, cfg.streams, cfg.slice_s,
+                                                    cfg.load_cpu, log, API_KEY, sampler(t)))
+        t.stream_cpu_s += used.cpu_s
         t.ttfc_ms += res["ttfc_ms"]
         t.events += res["events"]
         t.streams += res["streams"]
@@ -255,7 +274,7 @@ def metrics(t: Target, cfg: Config) -> Metrics:
            "lat_p50_ms": mean(t.lat_p50_us) / 1000, "lat_p99_ms": mean(t.lat_p99_us) / 1000,
            "ttfc_p50_ms": percentile(t.ttfc_ms, 50), "ttfc_p99_ms": percentile(t.ttfc_ms, 99),
            "events": t.events, "events_per_stream": div(t.events, t.streams),
-           "load_cpu_busy_pct": mean(t.load_busy_pct)}
+           "load_cpu_busy_pct": mean(t.load_busy_pct), "steal_pct": max(t.steal_pct, default=math.nan)}
     out |= {f"others_{phase}_pct": max(values) for phase, values in t.others_pct.items()}
     if t.pid:
         out |= {"cpu_us_per_req": div(t.cpu_s, t.requests, 1e6),
@@ -316,6 +335,7 @@ ROWS = [
     ("others_c64_pct", "not ours on the CPUs %, c64", 0, False),
     ("others_c1_pct", "not ours on the CPUs %, c1", 0, False),
     ("others_streams_pct", "not ours on the CPUs %, streams", 0, False),
+    ("steal_pct", "hypervisor steal %, worst", 1, False),
 ]
 
 # (what, value from (results, ratios), limit): the issue's targets
@@ -330,7 +350,8 @@ def ratios(results: dict[str, Metrics]) -> Metrics:
     if "proxy" not in results or "floor" not in results:
         return {}
     p, f = results["proxy"], results["floor"]
-    return {key: p[key] / f[key] for key, _, _, ratio in ROWS if ratio and key in p and key in f and f[key]}
+    # a ratio to a floor value that is zero or negative (noise in a difference) would mean nothing
+    return {key: p[key] / f[key] for key, _, _, ratio in ROWS if ratio and key in p and f.get(key, 0) > 0}
 
 
 def cell(value: float | None, decimals: int) -> str:
@@ -343,8 +364,8 @@ def render(results: dict[str, Metrics], cfg: Config, warnings: list[str]) -> str
     cols = [name for name in ("direct", "floor", "proxy") if name in results]
     ratio = ratios(results)
     head = f"{'metric':<30}" + "".join(f"{c:>12}" for c in cols) + (f"{'proxy÷floor':>13}" if ratio else "")
-    lines = [f"signalbox overhead: {cfg.duration} s per phase in {cfg.rounds} rounds; proxy/floor on CPU "
-             f"{cfg.proxy_cpu}, wrk + upstream + stream client on CPU {cfg.load_cpu}; "
+    lines = [f"signalbox overhead at {cfg.revision}: {cfg.duration} s per phase in {cfg.rounds} rounds; "
+             f"proxy/floor on CPU {cfg.proxy_cpu}, wrk + upstream + stream client on CPU {cfg.load_cpu}; "
              f"{cfg.streams} streams of {cfg.events} events {cfg.interval_ms:g} ms apart",
              "", head, "-" * len(head)]
     for key, label, decimals, _ in ROWS:
@@ -410,6 +431,9 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=200)
     parser.add_argument("--events", type=int, default=50)
     parser.add_argument("--interval-ms", type=float, default=20.0)
+    parser.add_argument("--max-noise", type=float, default=10.0,
+                        help="redo a slice when other programs used more than this %% of a CPU (default 10)")
+    parser.add_argument("--retries", type=int, default=2, help="redos of a noisy slice (default 2)")
     parser.add_argument("--proxy-arg", action="append", default=[],
                         help="extra flag for `signalbox serve`, e.g. --proxy-arg=--no-access-log")
     args = parser.parse_args()
@@ -418,16 +442,21 @@ def main() -> None:
     if (os.cpu_count() or 1) < 2 or args.proxy_cpu == args.load_cpu:
         print("warning: proxy and load share a CPU; the numbers mix both", file=sys.stderr)
     os.sched_setaffinity(0, {args.load_cpu})  # keep this process off the proxy's CPU
+    # Ctrl-C and SIGTERM unwind through the finally blocks that stop every process we started
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     warnings: list[str] = []
     with tempfile.TemporaryDirectory(prefix="signalbox-bench-") as tmp:
         cfg = Config(args.duration, max(args.rounds, 1), args.warmup, args.proxy_cpu, args.load_cpu,
-                     args.streams, args.events, args.interval_ms, tuple(args.proxy_arg), Path(tmp))
+                     args.streams, args.events, args.interval_ms, tuple(args.proxy_arg), args.max_noise,
+                     args.retries, revision(), Path(tmp))
         try:
             results = run(cfg, args.only, warnings)
         except RuntimeError as exc:
             sys.exit(f"benchmark failed: {exc}")
     if args.json:
-        print(json.dumps({"config": {k: v for k, v in vars(args).items() if k != "json"}, "results": results,
+        config = {k: v for k, v in vars(args).items() if k != "json"} | {"revision": cfg.revision}
+        print(json.dumps({"config": config, "results": results,
                           "ratios": ratios(results), "warnings": warnings}, indent=2))
     else:
         print(render(results, cfg, warnings))

@@ -115,7 +115,9 @@ def _waiting_room(request: web.Request, call: Call, state: Runtime) -> relay.Que
     queue = call.route.queue if call.route is not None else None
     if not call.stream or queue is None or not queue.heartbeat:
         return None
-    return relay.QueuedStream(request, call, state.stream_settings.heartbeat)
+    assert call.route is not None
+    settings = relay.route_settings(state.stream_settings, call.route.stream)
+    return relay.QueuedStream(request, call, settings.heartbeat)
 
 
 async def forward(
@@ -147,8 +149,9 @@ async def forward(
                 translator = exchanges.stream_translator(
                     exchange, call.body or {}, call.model, int(call.started_wall)
                 )
+                settings = relay.route_settings(state.stream_settings, call.route.stream)
                 return await relay.respond_stream(
-                    request, call, upstream, headers, call.route.timeouts, state.stream_settings, deadline,
+                    request, call, upstream, headers, call.route.timeouts, settings, deadline,
                     translator,
                     state.open_streams,
                     prepared,

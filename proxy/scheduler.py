@@ -347,23 +347,27 @@ class Queue:
 class Scheduler:
     """Every queue by name; a reload re-configures a queue instead of resetting it."""
 
-    __slots__ = ("queues", "metrics", "clock")
+    __slots__ = ("queues", "metrics", "clock", "reloads")
 
     def __init__(self, metrics: Metrics | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.queues: dict[str, Queue] = {}
         self.metrics = metrics
         self.clock = clock
+        self.reloads = False
+        """Set once `reconfigure` was called: from then on only reloads change a queue's numbers, so a
+        request still holding the previous plan cannot flip a queue back to old settings."""
 
-    def queue(self, spec: QueueSpec, classes: tuple[str, ...]) -> Queue:
+    def queue(self, spec: QueueSpec, classes: tuple[str, ...], *, newest: bool = True) -> Queue:
         queue = self.queues.get(spec.name)
         if queue is None:
             queue = self.queues[spec.name] = Queue(spec, classes, self.metrics, self.clock)
-        elif queue.spec is not spec:
+        elif queue.spec is not spec and newest:
             queue.configure(spec, classes)
         return queue
 
     def reconfigure(self, plan: Plan) -> None:
         """After a reload: new numbers for known queues now (a bigger queue grants its waiters at once)."""
+        self.reloads = True
         for spec in plan.queues.values():
             if spec.name in self.queues:
                 self.queue(spec, plan.priorities)
@@ -375,7 +379,7 @@ class Scheduler:
         spec = call.route.queue
         if spec is None or spec.concurrency is None:
             return NOTHING
-        queue = self.queue(spec, call.plan.priorities)
+        queue = self.queue(spec, call.plan.priorities, newest=not self.reloads)
         return _Slot(queue, call, priority_of(call.plan, call.tenant, asked), waiting)
 
     async def refresh_metrics(self) -> None:

@@ -28,7 +28,9 @@ def sse(payload: Any, event: str | None = None) -> bytes:
 
 def chat_chunk(delta: dict[str, Any], finish: str | None = None, cid: str = "chatcmpl-1") -> bytes:
     choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-    return sse({"id": cid, "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": [choice]})
+    return sse(
+        {"id": cid, "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": [choice]}
+    )
 
 
 # --- a scripted upstream ------------------------------------------------------------------------------
@@ -74,6 +76,8 @@ class ScriptedUpstream:
         self.default = Script()
         self.bodies: list[Any] = []
         self.paths: list[str] = []
+        self.peers: list[tuple[str, int]] = []
+        """The client address of each request: the same one twice means a reused connection."""
         self.outcomes: list[Outcome] = []
 
     def reply(self, *scripts: Script) -> None:
@@ -88,6 +92,8 @@ class ScriptedUpstream:
         raw = await request.read()
         self.bodies.append(orjson.loads(raw) if raw else None)
         self.paths.append(request.path)
+        assert request.transport is not None
+        self.peers.append(request.transport.get_extra_info("peername"))
         script = self.script.pop(0) if self.script else self.default
         outcome = Outcome(started=time.monotonic())
         self.outcomes.append(outcome)
@@ -203,7 +209,7 @@ class PausedClient:
         await writer.drain()
         async with asyncio.timeout(10):
             self.head = await reader.readuntil(b"\r\n\r\n")
-        # From here on nobody reads `reader`: once its 64 KiB limit is reached asyncio stops reading the socket.
+        # From here on nobody reads `reader`: past its 64 KiB limit asyncio stops reading the socket.
         return self.head
 
     async def read_to_end(self, limit_s: float) -> int:
@@ -250,7 +256,9 @@ async def poll_mock(mock_url: str, predicate: Callable[[dict[str, Any]], bool], 
     started = time.monotonic()
     while not predicate(await mock_stats(mock_url)):
         if time.monotonic() - started > limit_s:
-            raise AssertionError(f"mock stats condition not met within {limit_s:g}s: {await mock_stats(mock_url)}")
+            raise AssertionError(
+                f"mock stats condition not met within {limit_s:g}s: {await mock_stats(mock_url)}"
+            )
         await asyncio.sleep(0.01)
     return time.monotonic() - started
 

@@ -31,6 +31,7 @@ class Gated:
     url: str = ""
     hold: bool = False
     drop_stream: bool = False
+    fail: bool = False
     seen: list[dict[str, Any]] = field(default_factory=list)
     done: int = 0
     gate: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(0))
@@ -47,6 +48,9 @@ class Gated:
         self.seen.append(body)
         if self.hold:
             await self.gate.acquire()
+        if self.fail:
+            error = {"message": "the model is overloaded", "type": "server_error", "code": None}
+            return web.json_response({"error": error}, status=500)
         usage = {"prompt_tokens": PROMPT, "completion_tokens": COMPLETION}
         usage["total_tokens"] = PROMPT + COMPLETION
         base = {"id": "chatcmpl-1", "created": 1, "model": body["model"]}
@@ -457,3 +461,47 @@ async def test_a_waiting_stream_rejected_later_gets_an_error_event(
     gated.release()
     await first
     assert len(gated.seen) == 1
+
+
+async def test_a_stream_waiting_for_a_limit_gets_heartbeats_then_proceeds(
+    start_proxy: StartProxy, async_openai: MakeAsync, gated: Gated
+) -> None:
+    gated.hold = True
+    limits = "limits: {tokens_per_minute: 1000}"
+    text = policy(gated, tenants=limits, route="on_limit: queue\n    queue: chat",
+                  queue="concurrency: 5, heartbeat_while_queued: true")
+    proxy = await start_proxy(text, heartbeat=0.05)
+    first = start(chat(async_openai(proxy), max_tokens=600))
+    await until(lambda: len(gated.seen) == 1)
+    body = {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "stream": True, "max_tokens": 600}
+    async with aiohttp.ClientSession() as session, session.post(
+        proxy.v1 + "/chat/completions", json=body, headers={"Authorization": "Bearer sk-alpha"}
+    ) as response:
+        assert response.status == 200
+        received = await asyncio.wait_for(response.content.readany(), 2)
+        assert received.startswith(b": waiting for capacity: tenant 'alpha'\n")
+        gated.release()  # the first settles and refunds: the stream is admitted
+        await until(lambda: len(gated.seen) == 2)
+        gated.release()
+        received += await asyncio.wait_for(response.content.read(), 5)
+    assert received.endswith(b"data: [DONE]\n\n") and b'"usage":{' not in received
+    await first
+
+
+async def test_an_upstream_error_after_an_early_commit_arrives_as_an_error_event(
+    start_proxy: StartProxy, async_openai: MakeAsync, gated: Gated
+) -> None:
+    gated.hold = True
+    proxy = await start_proxy(policy(gated, route="queue: chat", queue="heartbeat_while_queued: true"),
+                              heartbeat=0.05)
+    alpha = async_openai(proxy)
+    first = start(chat(alpha))
+    await until(lambda: len(gated.seen) == 1)
+    stream = await chat(alpha, stream=True)  # committed while queued
+    gated.fail = True
+    gated.release(2)
+    with pytest.raises(openai.APIError, match="the model is overloaded"):
+        async for _ in stream:
+            pass
+    with pytest.raises(openai.InternalServerError):
+        await first

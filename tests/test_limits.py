@@ -4,6 +4,7 @@ and token accounting, with a fake clock: nothing here sleeps or opens a socket."
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -263,7 +264,7 @@ def test_ratelimit_headers_use_openai_names_and_go_durations() -> None:
 # --- tokens ---------------------------------------------------------------------------------------
 
 
-def _call(body: dict[str, object] | None, raw: bytes = b"", path: str = "/v1/chat/completions") -> Call:
+def _call(body: dict[str, Any] | None, raw: bytes = b"", path: str = "/v1/chat/completions") -> Call:
     import orjson
 
     from proxy.policy.plan import IdentifySpec, Plan

@@ -395,6 +395,19 @@ async def test_reload_reconfigures_the_queue_and_grants_new_slots(plan_for: Call
     await asyncio.gather(*tasks)
 
 
+async def test_after_a_reload_an_old_plan_request_does_not_flip_the_queue_back(
+    plan_for: Callable[..., Plan]
+) -> None:
+    old, new = plan_for(concurrency=1), plan_for(concurrency=4)
+    sched = Scheduler(Metrics())
+    async with sched.slot(call_for(old, "a")):
+        pass
+    sched.reconfigure(new)
+    assert sched.queues["q"].spec.concurrency == 4
+    async with sched.slot(call_for(old, "a")):  # arrived before the reload, reaches the queue after it
+        assert sched.queues["q"].spec.concurrency == 4
+
+
 async def test_route_without_queue_pays_nothing(make_plan: Callable[[str], Plan]) -> None:
     plan = make_plan("""
     upstreams: {u: {provider: openai, base_url: "http://127.0.0.1:9/v1"}}

@@ -32,6 +32,7 @@ from stream_helpers import (
 )
 
 from proxy.mock_upstream import MockSettings, start_mock
+from proxy.policy.load import PolicyError
 from proxy.runtime import Settings
 from proxy.streaming.relay import StreamSettings
 from proxy.streaming.sse import SSEDecoder
@@ -123,10 +124,12 @@ async def idle_proxy(proxy: Proxy, limit_s: float = 1.0) -> None:
 
 
 def assert_pings_at_boundaries(body: bytes) -> int:
-    """Every heartbeat sits between whole events (at the start or right after a blank line); returns how many."""
+    """Every heartbeat sits between whole events (at the start or after a blank line); returns how many."""
     count, pos = 0, body.find(PING)
     while pos >= 0:
-        assert pos == 0 or body[:pos].endswith((b"\n\n", PING)), f"heartbeat inside an event at {pos}: {body[:pos][-80:]!r}"
+        assert pos == 0 or body[:pos].endswith((b"\n\n", PING)), (
+            f"heartbeat inside an event at {pos}: {body[:pos][-80:]!r}"
+        )
         count += 1
         pos = body.find(PING, pos + len(PING))
     return count
@@ -136,7 +139,10 @@ def assert_pings_at_boundaries(body: bytes) -> int:
 
 
 async def test_heartbeats_fill_a_silent_first_token_at_event_boundaries(
-    start_proxy: StartProxy, mock_url: str, scripted: ScriptedUpstream, async_openai: MakeOpenAI,
+    start_proxy: StartProxy,
+    mock_url: str,
+    scripted: ScriptedUpstream,
+    async_openai: MakeOpenAI,
     claude: Callable[[Proxy], anthropic.AsyncAnthropic],
 ) -> None:
     proxy = await start_proxy(policy(mock_url, scripted), settings=stream_settings(heartbeat=1.0))
@@ -150,7 +156,9 @@ async def test_heartbeats_fill_a_silent_first_token_at_event_boundaries(
     sdk = async_openai(proxy, timeout=15.0)
 
     async def openai_text(model: str) -> str:
-        stream = await sdk.chat.completions.create(model=model, messages=PROMPT, stream=True, extra_headers=quiet)
+        stream = await sdk.chat.completions.create(
+            model=model, messages=PROMPT, stream=True, extra_headers=quiet
+        )
         return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
 
     async def anthropic_text() -> str:
@@ -239,7 +247,9 @@ async def test_client_disconnect_during_silence_and_via_the_sdk(
     # Before the first token: no byte flows either way, yet the close reaches the upstream at once.
     async with aiohttp.ClientSession() as http:
         resp = await http.post(
-            proxy.v1 + "/chat/completions", data=orjson.dumps(chat_body("gpt-a")), headers={**ALPHA, "x-mock-ttft-ms": "20000"}
+            proxy.v1 + "/chat/completions",
+            data=orjson.dumps(chat_body("gpt-a")),
+            headers={**ALPHA, "x-mock-ttft-ms": "20000"},
         )
         assert resp.status == 200
         resp.close()
@@ -309,16 +319,37 @@ async def test_upstream_drop_raises_in_the_anthropic_sdk(
 
 
 ANTHROPIC_HEAD = [
-    sse({"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant", "content": [],
-         "model": "sc-m", "stop_reason": None, "stop_sequence": None,
-         "usage": {"input_tokens": 3, "output_tokens": 1}}}, "message_start"),
-    sse({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}, "content_block_start"),
-    sse({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hel"}}, "content_block_delta"),
+    sse(
+        {
+            "type": "message_start",
+            "message": {
+                "id": "msg_1",
+                "type": "message",
+                "role": "assistant",
+                "content": [],
+                "model": "sc-m",
+                "stop_reason": None,
+                "stop_sequence": None,
+                "usage": {"input_tokens": 3, "output_tokens": 1},
+            },
+        },
+        "message_start",
+    ),
+    sse(
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        "content_block_start",
+    ),
+    sse(
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hel"}},
+        "content_block_delta",
+    ),
 ]
 
 
 async def test_anthropic_stream_ended_cleanly_but_early_gets_an_error_event(
-    start_proxy: StartProxy, mock_url: str, scripted: ScriptedUpstream,
+    start_proxy: StartProxy,
+    mock_url: str,
+    scripted: ScriptedUpstream,
     claude: Callable[[Proxy], anthropic.AsyncAnthropic],
 ) -> None:
     # Well framed HTTP (the terminating chunk arrives) but no message_stop: a truncated answer, which the
@@ -402,30 +433,116 @@ async def test_slow_client_limit_ends_the_stream_and_closes_the_upstream(
     assert line["status"] == 200 and line["client_gone"] is True and line["stream"] is True
 
 
+# --- upstream connections -------------------------------------------------------------------------------
+
+
+async def test_finished_streams_reuse_the_upstream_connection(
+    start_proxy: StartProxy, mock_url: str, scripted: ScriptedUpstream
+) -> None:
+    # A stream that ended properly hands its connection back to the pool (no new TCP or TLS handshake per
+    # stream); one the client abandoned is closed, so the upstream stops generating.
+    proxy = await start_proxy(policy(mock_url, scripted))
+    done = [chat_chunk({"content": "a"}), chat_chunk({}, finish="stop"), b"data: [DONE]\n\n"]
+    for _ in range(3):
+        scripted.reply(Script(headers=SSE, events=done))
+        assert (
+            await read_raw(proxy.v1 + "/chat/completions", chat_body("scripted-m"), ALPHA)
+        ).body == b"".join(done)
+        await idle_proxy(proxy)
+    assert len(set(scripted.peers)) == 1, scripted.peers
+    scripted.reply(Script(headers=SSE, events=done, gap=0.5))
+    await read_raw(proxy.v1 + "/chat/completions", chat_body("scripted-m"), ALPHA, stop_after=1)
+    await wait_for(lambda: scripted.last.gone_at is not None, 1.0)
+    scripted.reply(Script(headers=SSE, events=done))
+    await read_raw(proxy.v1 + "/chat/completions", chat_body("scripted-m"), ALPHA)
+    assert scripted.peers[-1] != scripted.peers[0]
+
+
+# --- per-route stream settings ----------------------------------------------------------------------------
+
+
+def tuned_policy(mock_url: str, scripted: ScriptedUpstream) -> str:
+    return (
+        policy(mock_url, scripted)
+        + """
+      - name: tuned
+        match: {model: "tuned-*"}
+        upstream: scripted
+        stream: {heartbeat: 300ms, slow_client: 1s}
+    """
+    )
+
+
+async def test_route_stream_settings_override_the_process_settings(
+    start_proxy: StartProxy, mock_url: str, scripted: ScriptedUpstream
+) -> None:
+    # The process has heartbeats off and a 60 s slow-client limit; the `tuned` route asks for 300 ms and 1 s.
+    proxy = await start_proxy(tuned_policy(mock_url, scripted))
+    gappy = [chat_chunk({"content": "a"}), chat_chunk({"content": "b"}, finish="stop"), b"data: [DONE]\n\n"]
+    scripted.reply(Script(headers=SSE, events=gappy, gap=0.7), Script(headers=SSE, events=gappy, gap=0.7))
+    tuned = await read_raw(proxy.v1 + "/chat/completions", chat_body("tuned-m"), ALPHA)
+    plain = await read_raw(proxy.v1 + "/chat/completions", chat_body("scripted-m"), ALPHA)
+    assert plain.body == b"".join(gappy)
+    assert assert_pings_at_boundaries(tuned.body) >= 3  # one after the headers, then in each 0.7 s gap
+    assert tuned.body.replace(PING, b"") == plain.body
+    # The route's slow-client limit ends a paused client's stream after about a second.
+    scripted.reply(Script(headers=SSE, events=endless(BIG_EVENT)))
+    client = PausedClient()
+    try:
+        await client.open(proxy.url, "/v1/chat/completions", chat_body("tuned-m"), ALPHA)
+        paused = time.monotonic()
+        await wait_for(lambda: scripted.last.gone_at is not None, 5.0)
+        assert 0.9 < (scripted.last.gone_at or 0) - paused < 3.0
+    finally:
+        await client.close()
+    await idle_proxy(proxy)
+
+
+async def test_route_slow_client_must_be_positive(make_plan: Callable[[str], Any]) -> None:
+    with pytest.raises(PolicyError) as info:
+        make_plan(
+            """
+            upstreams: {u: {provider: openai, base_url: "http://127.0.0.1:9/v1"}}
+            routes:
+              - {name: r, upstream: u, stream: {slow_client: 0s}}
+            """
+        )
+    assert "slow_client" in str(info.value.problems)
+
+
 # --- time limits --------------------------------------------------------------------------------------------
 
 
 async def test_first_token_limit_before_any_byte_is_a_504_on_both_fronts(
-    start_proxy: StartProxy, mock_url: str, scripted: ScriptedUpstream, async_openai: MakeOpenAI,
+    start_proxy: StartProxy,
+    mock_url: str,
+    scripted: ScriptedUpstream,
+    async_openai: MakeOpenAI,
     claude: Callable[[Proxy], anthropic.AsyncAnthropic],
 ) -> None:
     proxy = await start_proxy(policy(mock_url, scripted, timeouts="{first_token: 300ms}"))
     stall = {"x-mock-stall-ms": "5000"}  # no response headers for 5 s
     started = time.monotonic()
     with pytest.raises(openai.InternalServerError) as whole:
-        await async_openai(proxy).chat.completions.create(model="claude-a", messages=PROMPT, extra_headers=stall)
+        await async_openai(proxy).chat.completions.create(
+            model="claude-a", messages=PROMPT, extra_headers=stall
+        )
     with pytest.raises(openai.InternalServerError) as streamed:
         await async_openai(proxy).chat.completions.create(
             model="claude-a", messages=PROMPT, stream=True, extra_headers=stall
         )
     with pytest.raises(anthropic.APIStatusError) as front:
-        await claude(proxy).messages.create(model="gpt-a", max_tokens=16, messages=PROMPT, extra_headers=stall)
+        await claude(proxy).messages.create(
+            model="gpt-a", max_tokens=16, messages=PROMPT, extra_headers=stall
+        )
     assert time.monotonic() - started < 3.0
     assert whole.value.status_code == streamed.value.status_code == front.value.status_code == 504
     assert whole.value.code == "upstream_timeout" and "first_token" in whole.value.message
     assert front.value.body["type"] == "error"  # type: ignore[index]
     assert "first_token" in front.value.body["error"]["message"]  # type: ignore[index]
-    await poll_mock(mock_url, lambda s: s["disconnects"] == 3, limit_s=1.0)  # each stalled upstream was let go
+    await poll_mock(
+        mock_url, lambda s: s["disconnects"] == 3, limit_s=1.0
+    )  # each stalled upstream was let go
     await idle_proxy(proxy)
 
 

@@ -77,7 +77,7 @@ async def scripted(servers: Servers) -> ScriptedUpstream:
 
 @pytest.fixture
 async def async_anthropic() -> AsyncIterator[MakeAnthropic]:
-    """async_anthropic(proxy, key="sk-alpha", **kw) -> AsyncAnthropic on the proxy; no retries, 10 s timeout."""
+    """async_anthropic(proxy, key="sk-alpha", **kw) -> AsyncAnthropic on the proxy; no retries, 10 s limit."""
     clients: list[anthropic.AsyncAnthropic] = []
 
     def make(proxy: Proxy, key: str | None = "sk-alpha", **kwargs: Any) -> anthropic.AsyncAnthropic:
@@ -165,7 +165,11 @@ async def test_openai_sdk_text_streamed_and_whole_agree_over_an_anthropic_upstre
     assert whole.object == "chat.completion" and whole.model == "claude-x"
     assert whole.choices[0].message.role == "assistant"
     assert text == whole.choices[0].message.content
-    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason == "stop"
+    assert (
+        [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+        == whole.choices[0].finish_reason
+        == "stop"
+    )
     assert chunks[-1].choices == [] and chunks[-1].usage is not None and whole.usage is not None
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens == OUTPUT_TOKENS
     assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
@@ -183,7 +187,9 @@ async def test_openai_sdk_tool_calls_streamed_and_whole_agree_over_an_anthropic_
 ) -> None:
     client = async_openai(proxy)
     whole = await client.chat.completions.create(model="claude-x", messages=PROMPT, tools=[OPENAI_TOOL])
-    stream = await client.chat.completions.create(model="claude-x", messages=PROMPT, tools=[OPENAI_TOOL], stream=True)
+    stream = await client.chat.completions.create(
+        model="claude-x", messages=PROMPT, tools=[OPENAI_TOOL], stream=True
+    )
     chunks = [chunk async for chunk in stream]
     streamed = tool_calls_of_stream(chunks)
     message = whole.choices[0].message
@@ -198,7 +204,9 @@ async def test_openai_sdk_tool_calls_streamed_and_whole_agree_over_an_anthropic_
     assert set(json.loads(call.function.arguments)) == {"city", "days"}
     # The Anthropic upstream saw the OpenAI tool translated, and answered with the same input.
     async with anthropic.AsyncAnthropic(base_url=mock_url, api_key="x", max_retries=0) as direct:
-        answer = await direct.messages.create(model="claude-x", max_tokens=64, messages=PROMPT, tools=[ANTHROPIC_TOOL])
+        answer = await direct.messages.create(
+            model="claude-x", max_tokens=64, messages=PROMPT, tools=[ANTHROPIC_TOOL]
+        )
     block = answer.content[0]
     assert block.type == "tool_use"
     assert block.input == json.loads(call.function.arguments)
@@ -252,7 +260,9 @@ async def test_anthropic_stream_passes_through_byte_for_byte(
     # One event per upstream write, so the proxy sees them as separate reads.
     scripted.reply(Script(headers=SSE, events=split_events(FIXED_STREAM)))
     body = {"model": "fixed-model", "max_tokens": 32, "messages": PROMPT, "stream": True}
-    raw = await read_raw(proxy.url + "/v1/messages", body, {"x-api-key": "sk-alpha", "anthropic-version": "2023-06-01"})
+    raw = await read_raw(
+        proxy.url + "/v1/messages", body, {"x-api-key": "sk-alpha", "anthropic-version": "2023-06-01"}
+    )
     assert raw.status == 200
     assert raw.body == FIXED_STREAM
     assert scripted.paths[-1] == "/v1/messages" and scripted.bodies[-1] == body
@@ -279,7 +289,10 @@ async def test_anthropic_sdk_passthrough_matches_the_upstream_and_keeps_event_na
     assert names == event_names(direct.body)
     assert names[0] == "message_start" and names[-1] == "message_stop"
     # Byte for byte apart from the per-request message id.
-    ids = [json.loads(SSEDecoder().feed(b)[0].data)["message"]["id"].encode() for b in (via_proxy.body, direct.body)]
+    ids = [
+        json.loads(SSEDecoder().feed(b)[0].data)["message"]["id"].encode()
+        for b in (via_proxy.body, direct.body)
+    ]
     assert via_proxy.body.replace(ids[0], b"ID") == direct.body.replace(ids[1], b"ID")
 
     client = async_anthropic(proxy)
@@ -290,7 +303,9 @@ async def test_anthropic_sdk_passthrough_matches_the_upstream_and_keeps_event_na
     assert whole.content[0].text == streamed.content[0].text
     assert whole.stop_reason == streamed.stop_reason == "end_turn"
     assert whole.usage.output_tokens == streamed.usage.output_tokens == OUTPUT_TOKENS
-    tools_whole = await client.messages.create(model="claude-x", max_tokens=64, messages=PROMPT, tools=[ANTHROPIC_TOOL])
+    tools_whole = await client.messages.create(
+        model="claude-x", max_tokens=64, messages=PROMPT, tools=[ANTHROPIC_TOOL]
+    )
     async with client.messages.stream(
         model="claude-x", max_tokens=64, messages=PROMPT, tools=[ANTHROPIC_TOOL]
     ) as stream:
@@ -309,7 +324,9 @@ async def test_anthropic_sdk_over_an_openai_upstream_text_streamed_and_whole(
 ) -> None:
     client = async_anthropic(proxy)
     whole = await client.messages.create(model="gpt-x", max_tokens=64, messages=PROMPT, system="be brief")
-    async with client.messages.stream(model="gpt-x", max_tokens=64, messages=PROMPT, system="be brief") as stream:
+    async with client.messages.stream(
+        model="gpt-x", max_tokens=64, messages=PROMPT, system="be brief"
+    ) as stream:
         streamed = await stream.get_final_message()
     assert whole.type == "message" and whole.role == "assistant" and whole.model == "gpt-x"
     assert whole.content[0].type == streamed.content[0].type == "text"
@@ -324,11 +341,17 @@ async def test_anthropic_sdk_over_an_openai_upstream_text_streamed_and_whole(
     assert whole.content[0].text == answer.choices[0].message.content
 
 
-async def test_anthropic_sdk_over_an_openai_upstream_with_tools(proxy: Proxy, async_anthropic: MakeAnthropic) -> None:
+async def test_anthropic_sdk_over_an_openai_upstream_with_tools(
+    proxy: Proxy, async_anthropic: MakeAnthropic
+) -> None:
     client = async_anthropic(proxy)
-    whole = await client.messages.create(model="gpt-x", max_tokens=64, messages=PROMPT, tools=[ANTHROPIC_TOOL])
+    whole = await client.messages.create(
+        model="gpt-x", max_tokens=64, messages=PROMPT, tools=[ANTHROPIC_TOOL]
+    )
     events: list[str] = []
-    async with client.messages.stream(model="gpt-x", max_tokens=64, messages=PROMPT, tools=[ANTHROPIC_TOOL]) as stream:
+    async with client.messages.stream(
+        model="gpt-x", max_tokens=64, messages=PROMPT, tools=[ANTHROPIC_TOOL]
+    ) as stream:
         async for event in stream:
             events.append(event.type)
         streamed = await stream.get_final_message()
@@ -353,7 +376,10 @@ async def test_anthropic_sdk_over_an_openai_upstream_with_tools(proxy: Proxy, as
         messages=[
             *PROMPT,
             {"role": "assistant", "content": [tool_use.model_dump()]},
-            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": tool_use.id, "content": "sunny"}]},
+            {
+                "role": "user",
+                "content": [{"type": "tool_result", "tool_use_id": tool_use.id, "content": "sunny"}],
+            },
         ],
     )
     assert follow.stop_reason == "end_turn" and follow.content[0].type == "text"
@@ -367,7 +393,9 @@ async def test_x_api_key_identifies_the_tenant_on_both_fronts(
 ) -> None:
     async with aiohttp.ClientSession() as http:
         body = orjson.dumps({"model": "gpt-x", "messages": PROMPT})
-        async with http.post(proxy.v1 + "/chat/completions", data=body, headers={"x-api-key": "sk-alpha"}) as resp:
+        async with http.post(
+            proxy.v1 + "/chat/completions", data=body, headers={"x-api-key": "sk-alpha"}
+        ) as resp:
             assert resp.status == 200
             assert (await resp.json())["object"] == "chat.completion"
     message = await async_anthropic(proxy).messages.create(model="claude-x", max_tokens=16, messages=PROMPT)
@@ -376,7 +404,9 @@ async def test_x_api_key_identifies_the_tenant_on_both_fronts(
     bearer = async_anthropic(proxy, key=None, auth_token="sk-alpha")
     assert (await bearer.messages.create(model="claude-x", max_tokens=16, messages=PROMPT)).content
     with pytest.raises(anthropic.AuthenticationError) as info:
-        await async_anthropic(proxy, key="sk-wrong").messages.create(model="claude-x", max_tokens=16, messages=PROMPT)
+        await async_anthropic(proxy, key="sk-wrong").messages.create(
+            model="claude-x", max_tokens=16, messages=PROMPT
+        )
     assert info.value.status_code == 401
     assert info.value.body == {
         "type": "error",
@@ -420,7 +450,7 @@ async def test_upstream_errors_reach_each_front_in_its_own_shape(
         )
     assert limited.value.body["error"]["type"] == "rate_limit_error"  # type: ignore[index]
     assert limited.value.response.headers["retry-after"] == "3"
-    # An Anthropic upstream's overload (529) on the OpenAI front: OpenAI's shape, the Anthropic type kept as code.
+    # An Anthropic upstream's overload (529) on the OpenAI front: OpenAI's shape, the Anthropic type as code.
     with pytest.raises(openai.InternalServerError) as overloaded:
         await async_openai(proxy).chat.completions.create(
             model="claude-x", messages=PROMPT, extra_headers={"x-mock-status": "529"}
@@ -451,14 +481,26 @@ async def test_count_tokens_passes_through_to_an_anthropic_upstream(
 
 # --- OpenAI-compatible servers' quirks (vLLM, TGI) --------------------------------------------------------
 
-VLLM_FLAT = b'{"object":"error","message":"This model\'s maximum context length is 4096 tokens.","type":"BadRequestError","param":null,"code":400}'
-TGI_FLAT = b'{"error":"Input validation error: `inputs` tokens + `max_new_tokens` must be <= 4096","error_type":"validation"}'
+VLLM_FLAT = (
+    b'{"object":"error","message":"This model\'s maximum context length is 4096 tokens.",'
+    b'"type":"BadRequestError","param":null,"code":400}'
+)
+TGI_FLAT = (
+    b'{"error":"Input validation error: `inputs` tokens + `max_new_tokens` must be <= 4096",'
+    b'"error_type":"validation"}'
+)
 
 
 @pytest.mark.parametrize(
     ("status", "raw", "sdk_error", "message", "code"),
     [
-        (400, VLLM_FLAT, openai.BadRequestError, "This model's maximum context length is 4096 tokens.", "400"),
+        (
+            400,
+            VLLM_FLAT,
+            openai.BadRequestError,
+            "This model's maximum context length is 4096 tokens.",
+            "400",
+        ),
         (
             422,
             TGI_FLAT,
@@ -480,17 +522,27 @@ async def test_non_openai_error_bodies_are_normalised_for_the_openai_sdk(
     message: str,
     code: str,
 ) -> None:
-    scripted.reply(Script(status=status, headers=JSON, body=raw), Script(status=status, headers=JSON, body=raw))
+    scripted.reply(
+        Script(status=status, headers=JSON, body=raw), Script(status=status, headers=JSON, body=raw)
+    )
     with pytest.raises(sdk_error) as info:
         await async_openai(proxy).chat.completions.create(model="compat-m", messages=PROMPT, stream=True)
     assert info.value.status_code == status
-    assert info.value.body == {"message": message, "type": "invalid_request_error", "param": None, "code": code}
+    assert info.value.body == {
+        "message": message,
+        "type": "invalid_request_error",
+        "param": None,
+        "code": code,
+    }
     assert message in info.value.message
     # The same upstream behind the Anthropic front: Anthropic's shape, same status and message.
     with pytest.raises(anthropic.APIStatusError) as front:
         await async_anthropic(proxy).messages.create(model="compat-m", max_tokens=16, messages=PROMPT)
     assert front.value.status_code == status
-    assert front.value.body == {"type": "error", "error": {"type": "invalid_request_error", "message": message}}
+    assert front.value.body == {
+        "type": "error",
+        "error": {"type": "invalid_request_error", "message": message},
+    }
 
 
 TGI_CHUNKS = [
@@ -511,7 +563,9 @@ async def test_tgi_stream_with_keep_alive_comments(
     # empty `:` comment every 15 s. The comments are upstream keep-alives, not events: the relay drops them
     # (its own heartbeats cover silence) and passes every event through untouched.
     scripted.reply(Script(headers=SSE, events=TGI_CHUNKS, gap=0.02))
-    raw = await read_raw(proxy.v1 + "/chat/completions", {"model": "compat-m", "stream": True}, {"x-api-key": "sk-alpha"})
+    raw = await read_raw(
+        proxy.v1 + "/chat/completions", {"model": "compat-m", "stream": True}, {"x-api-key": "sk-alpha"}
+    )
     assert raw.body == b"".join(c for c in TGI_CHUNKS if not c.startswith(b":"))
     scripted.reply(Script(headers=SSE, events=TGI_CHUNKS, gap=0.02))
     stream = await async_openai(proxy).chat.completions.create(model="compat-m", messages=PROMPT, stream=True)
@@ -542,7 +596,9 @@ async def test_tgi_error_event_inside_a_stream_raises_in_both_sdks(
     assert len(seen) == 1
     scripted.reply(Script(headers=SSE, events=failing, gap=0.02))
     with pytest.raises(anthropic.APIStatusError) as info:
-        async with async_anthropic(proxy).messages.stream(model="compat-m", max_tokens=16, messages=PROMPT) as s:
+        async with async_anthropic(proxy).messages.stream(
+            model="compat-m", max_tokens=16, messages=PROMPT
+        ) as s:
             await s.get_final_message()
     assert "CUDA out of memory" in info.value.message
 
@@ -563,7 +619,9 @@ async def test_stream_ending_on_its_finish_chunk_without_done_is_complete(
     # is a whole answer: passed through as is (no error appended, no [DONE] invented), and closed properly
     # when translated for the Anthropic front.
     scripted.reply(Script(headers=SSE, events=NO_DONE))
-    raw = await read_raw(proxy.v1 + "/chat/completions", {"model": "compat-m", "stream": True}, {"x-api-key": "sk-alpha"})
+    raw = await read_raw(
+        proxy.v1 + "/chat/completions", {"model": "compat-m", "stream": True}, {"x-api-key": "sk-alpha"}
+    )
     assert raw.body == b"".join(NO_DONE)
     scripted.reply(Script(headers=SSE, events=NO_DONE))
     stream = await async_openai(proxy).chat.completions.create(model="compat-m", messages=PROMPT, stream=True)
@@ -581,24 +639,38 @@ async def test_stream_ending_on_its_finish_chunk_without_done_is_complete(
             pass
     scripted.reply(Script(headers=SSE, events=NO_DONE[:2]))
     with pytest.raises(anthropic.APIStatusError, match="ended the stream early"):
-        async with async_anthropic(proxy).messages.stream(model="compat-m", max_tokens=16, messages=PROMPT) as s:
+        async with async_anthropic(proxy).messages.stream(
+            model="compat-m", max_tokens=16, messages=PROMPT
+        ) as s:
             await s.get_final_message()
 
 
 RESPONSES_STREAM = [
     sse(
-        {"type": "response.created", "sequence_number": 0,
-         "response": {"id": "resp_1", "object": "response", "status": "in_progress", "output": []}},
+        {
+            "type": "response.created",
+            "sequence_number": 0,
+            "response": {"id": "resp_1", "object": "response", "status": "in_progress", "output": []},
+        },
         "response.created",
     ),
     sse(
-        {"type": "response.output_text.delta", "sequence_number": 1, "item_id": "msg_1", "output_index": 0,
-         "content_index": 0, "delta": "Hello"},
+        {
+            "type": "response.output_text.delta",
+            "sequence_number": 1,
+            "item_id": "msg_1",
+            "output_index": 0,
+            "content_index": 0,
+            "delta": "Hello",
+        },
         "response.output_text.delta",
     ),
     sse(
-        {"type": "response.completed", "sequence_number": 2,
-         "response": {"id": "resp_1", "object": "response", "status": "completed", "output": []}},
+        {
+            "type": "response.completed",
+            "sequence_number": 2,
+            "response": {"id": "resp_1", "object": "response", "status": "completed", "output": []},
+        },
         "response.completed",
     ),
 ]
@@ -609,8 +681,11 @@ async def test_responses_api_stream_passes_through_without_an_error_appended(
 ) -> None:
     # OpenAI's Responses API ends its streams with `response.completed` and sends no [DONE].
     scripted.reply(Script(headers=SSE, events=RESPONSES_STREAM))
-    raw = await read_raw(proxy.v1 + "/responses", {"model": "compat-m", "input": "hi", "stream": True},
-                         {"x-api-key": "sk-alpha"})
+    raw = await read_raw(
+        proxy.v1 + "/responses",
+        {"model": "compat-m", "input": "hi", "stream": True},
+        {"x-api-key": "sk-alpha"},
+    )
     assert raw.body == b"".join(RESPONSES_STREAM)
     assert scripted.paths[-1] == "/v1/responses"
     scripted.reply(Script(headers=SSE, events=RESPONSES_STREAM))

@@ -25,6 +25,7 @@ from proxy.errors import RateLimited
 from proxy.policy.plan import LimitSet
 from proxy.telemetry.metrics import Metrics
 
+_TOKEN_KINDS = ("reserved", "settled", "refunded")
 RECHECK = 0.5
 """Longest sleep between two looks at the limiter: refunds and releases free capacity early."""
 
@@ -63,20 +64,21 @@ class Admission:
         self.store: LimiterStore = store if store is not None else LocalStore()
         self.metrics = metrics
         self.recheck = recheck
-        self.tokens: dict[tuple[str, str], int] = {}
-        """Token totals by (tenant, kind); summed here per request, exported to metrics at scrape time."""
-        self._exported: dict[tuple[str, str], int] = {}
+        self.tokens: dict[str, list[int]] = {}
+        """[reserved, settled, refunded] token totals by tenant: summed per request, exported at scrape."""
+        self._exported: dict[str, list[int]] = {}
 
     async def refresh_metrics(self) -> None:
         """signalbox_limiter_remaining, set at scrape time from the store's snapshots."""
         metrics = self.metrics
         if metrics is None:
             return
-        for (tenant, kind), total in list(self.tokens.items()):
-            delta = total - self._exported.get((tenant, kind), 0)
-            if delta > 0:
-                metrics.count_tokens(tenant, kind, delta)
-                self._exported[(tenant, kind)] = total
+        for tenant, totals in list(self.tokens.items()):
+            exported = self._exported.setdefault(tenant, [0, 0, 0])
+            for i, kind in enumerate(_TOKEN_KINDS):
+                if totals[i] > exported[i]:
+                    metrics.count_tokens(tenant, kind, totals[i] - exported[i])
+                    exported[i] = totals[i]
         for usage in await self.store.remaining():
             for name, meter in (("requests_per_minute", usage.requests), ("tokens_per_minute", usage.tokens)):
                 if meter is not None:
@@ -117,7 +119,7 @@ class _Admit:
         if isinstance(result, Reservation):  # the common case: admitted at once
             self.reservation = result
             if cost:
-                self._count_tokens("reserved", cost)
+                self._count_tokens(cost, 0, 0)
             return
         deadline: float | None = None
         if route.on_limit == "queue" and route.queue is not None:
@@ -127,7 +129,7 @@ class _Admit:
             while True:
                 if isinstance(result, Reservation):
                     self.reservation = result
-                    self._count_tokens("reserved", cost)
+                    self._count_tokens(cost, 0, 0)
                     return
                 now = time.monotonic()
                 decision = decide(result, now, deadline, admission.recheck)
@@ -157,17 +159,21 @@ class _Admit:
             if reservation.tokens or requests != reservation.requests:
                 await store.settle(reservation, requests=requests, tokens=spent)
             if reservation.tokens:
-                self._count_tokens("settled", spent)
-                self._count_tokens("refunded", reservation.tokens - spent)
+                self._count_tokens(0, spent, max(0, reservation.tokens - spent))
         finally:
             if reservation.concurrent:
                 await store.release(reservation)
 
-    def _count_tokens(self, kind: str, amount: int) -> None:
+    def _count_tokens(self, reserved: int, settled: int, refunded: int) -> None:
         tenant = self.call.tenant
-        if amount > 0 and tenant is not None:
-            totals, key = self.admission.tokens, (tenant.name, kind)
-            totals[key] = totals.get(key, 0) + amount
+        if tenant is None:
+            return
+        totals = self.admission.tokens.get(tenant.name)
+        if totals is None:
+            totals = self.admission.tokens[tenant.name] = [0, 0, 0]
+        totals[0] += reserved
+        totals[1] += settled
+        totals[2] += refunded
 
     def _rejected(self, reason: str) -> None:
         if self.admission.metrics is not None:

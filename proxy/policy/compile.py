@@ -17,6 +17,7 @@ from proxy.policy.plan import (
     Plan,
     QueueSpec,
     RouteRule,
+    StreamSpec,
     TenantRule,
     TimeoutSpec,
     UpstreamSpec,
@@ -90,6 +91,7 @@ def _route(index: int, route: Route, policy: Policy) -> RouteRule:
         model_rewrite=route.model,
         timeouts=inherit_timeouts(route.timeouts, upstream.timeouts, policy.timeouts),
         advertised=tuple(m for m in models if not any(c in m for c in "*?[")),
+        stream=StreamSpec(route.stream.heartbeat, route.stream.slow_client) if route.stream else None,
     )
 
 

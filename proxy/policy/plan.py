@@ -31,6 +31,14 @@ class TimeoutSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class StreamSpec:
+    """A route's stream relay overrides; None keeps the process setting."""
+
+    heartbeat: float | None = None
+    slow_client: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class MockFaultPlan:
     kind: Literal["status", "stall", "drop"]
     probability: float
@@ -161,6 +169,7 @@ class RouteRule:
     on_limit: Literal["reject", "queue"] = "reject"
     queue: QueueSpec | None = None
     default_max_tokens: int = 1024
+    stream: StreamSpec | None = None
 
     def matches(self, path: str, model: str, tenant: str) -> bool:
         return (

@@ -157,6 +157,22 @@ class Match(Strict):
     tenants: list[str] | None = None
 
 
+class StreamOptions(Strict):
+    """How the relay treats this route's streams; unset fields keep the process settings."""
+
+    heartbeat: Duration | None = None
+    """Write a `: ping` comment after this much downstream silence (0 turns heartbeats off)."""
+    slow_client: Duration | None = None
+    """End a stream whose client has not taken a write for this long."""
+
+    @field_validator("slow_client")
+    @classmethod
+    def _positive(cls, value: float | None) -> float | None:
+        if value is not None and value <= 0:
+            raise ValueError("slow_client must be longer than 0s")
+        return value
+
+
 class Route(Strict):
     name: str = Field(pattern=NAME_PATTERN)
     match: Match = Field(default_factory=Match)
@@ -170,6 +186,7 @@ class Route(Strict):
     queue: str | None = None
     """The named queue (see `queues`) this route's requests wait in for a slot."""
     tokens: TokenSettings = Field(default_factory=TokenSettings)
+    stream: StreamOptions | None = None
 
     @model_validator(mode="after")
     def _queue_for_waits(self) -> Route:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from collections.abc import Callable
@@ -25,7 +25,7 @@ from multidict import CIMultiDict
 
 from proxy.call import Call
 from proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnreachable, stream_error_frame
-from proxy.policy.plan import TimeoutSpec
+from proxy.policy.plan import StreamSpec, TimeoutSpec
 from proxy.providers.exchange import StreamTranslator
 from proxy.streaming.sse import DONE, SSEDecoder, SSEEvent, encode_comment
 from proxy.tasks import spawn
@@ -43,6 +43,17 @@ class StreamSettings:
     """End the stream when one write to the client has been blocked this long."""
     max_event_buffer: int = 16 * 1024 * 1024
     """Largest partial event held while waiting for its end."""
+
+
+def route_settings(process: StreamSettings, route: StreamSpec | None) -> StreamSettings:
+    """The process settings with a route's `stream:` overrides applied."""
+    if route is None:
+        return process
+    return replace(
+        process,
+        heartbeat=process.heartbeat if route.heartbeat is None else route.heartbeat,
+        slow_client=process.slow_client if route.slow_client is None else route.slow_client,
+    )
 
 
 class _Watch:
@@ -124,24 +135,60 @@ async def respond_stream(
 
     if open_streams is not None:
         open_streams.add(end)
+    ended = False  # the upstream's stream ended and nothing failed: its connection may be reused
     try:
         await _pump(response, upstream, decoder, call, watch, settings, translator)
+        ended = watch.failure is None
     except ConnectionResetError:
         call.client_gone = True
     finally:
         dog.cancel()
-        upstream.close()
+        if not ended:
+            upstream.close()  # a broken or abandoned stream: the upstream must stop generating now
         if open_streams is not None:
             open_streams.discard(end)
-    if not call.client_gone:
-        if watch.failure is not None:
-            await _finish_with_error(response, call, watch.failure)
+    try:
+        if not call.client_gone:
+            if watch.failure is not None:
+                await _finish_with_error(response, call, watch.failure)
+            else:
+                try:
+                    await response.write_eof()
+                except ConnectionResetError:
+                    call.client_gone = True
+    finally:
+        if not ended or call.client_gone:
+            upstream.close()
+        elif upstream.content.at_eof():
+            upstream.release()  # the whole body is read: the connection goes back to the pool
         else:
-            try:
-                await response.write_eof()
-            except ConnectionResetError:
-                call.client_gone = True
+            spawn(_recycle(upstream), name="recycle")  # off the request's own time (access log, metrics)
     return response
+
+
+_RECYCLE_WAIT = 0.1
+"""How long a finished stream waits for the end of its upstream body after [DONE] (the chunk terminator
+follows within microseconds) so that the connection goes back to the pool instead of being closed."""
+
+
+async def _recycle(upstream: aiohttp.ClientResponse) -> None:
+    """Return a finished stream's upstream connection to the pool once its body ends: a new connection
+    per stream would cost a TCP (and, to a real vendor, TLS) handshake each time. Closed instead if the
+    end does not come at once."""
+    content = upstream.content
+    complete = False
+    try:
+        async with asyncio.timeout(_RECYCLE_WAIT):
+            while not content.at_eof() and await content.readany():
+                pass  # anything after [DONE] is not for the client
+        complete = True
+    except (TimeoutError, aiohttp.ClientError):
+        pass
+    finally:
+        if complete:
+            upstream.release()
+        else:
+            upstream.close()
 
 
 async def _pump(
