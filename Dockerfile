@@ -48,10 +48,14 @@ RUN groupadd --system --gid 10001 signalbox \
 
 COPY --from=builder /opt/venv /opt/venv
 
+# The policy directory: mount a host directory or a ConfigMap here, whole (no subPath), read-only.
+VOLUME ["/etc/signalbox/policies"]
+
 USER 10001:10001
 WORKDIR /tmp
 
-# 8080: API, /healthz, /readyz, /metrics. 9090: admin API (bearer token SIGNALBOX_ADMIN_TOKEN).
+# 8080: API, /healthz, /readyz, /metrics. 9090: admin API (bearer token SIGNALBOX_ADMIN_TOKEN;
+# it binds 127.0.0.1 unless the command adds --admin-host 0.0.0.0).
 EXPOSE 8080 9090
 
 # Liveness only (never depends on upstreams). slim has no curl, so use the stdlib;

@@ -28,10 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from proxy.admission.admit import Admission  # noqa: E402
 from proxy.call import Attempt, Call  # noqa: E402
+from proxy.fair_queue import FairQueue, Ticket  # noqa: E402
 from proxy.policy.compile import compile_plan  # noqa: E402
 from proxy.policy.load import load_policy  # noqa: E402
 from proxy.policy.plan import Plan  # noqa: E402
-from proxy.scheduler import FairQueue, Scheduler, Ticket  # noqa: E402
+from proxy.scheduler import Scheduler  # noqa: E402
 from proxy.telemetry.metrics import Metrics  # noqa: E402
 
 TENANTS = 100

@@ -1,4 +1,5 @@
-"""The admin API, on its own port: queue inspection and control (pause, resume, clear).
+"""The admin API, on its own port: queue inspection and control (pause, resume, clear), and the
+policy life cycle (status, reload now, explain a request).
 
 Every request needs `Authorization: Bearer $SIGNALBOX_ADMIN_TOKEN`. With no token configured the API
 refuses everything, unless the runtime setting `admin_auth_disabled` is on, which the CLI allows only
@@ -12,11 +13,15 @@ import ipaddress
 import os
 import statistics
 from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 from aiohttp import web
 
+from proxy import lifecycle
+from proxy.policy.explain import ExplainError, explain
+from proxy.policy.load import Problem
 from proxy.runtime import STATE, Runtime
 from proxy.scheduler import Queue
 
@@ -50,6 +55,10 @@ def build_admin_app(app: web.Application, environ: Mapping[str, str] | None = No
     admin.router.add_post("/admin/queues/{name}/pause", pause_queue)
     admin.router.add_post("/admin/queues/{name}/resume", resume_queue)
     admin.router.add_delete("/admin/queues/{name}", clear_queue)
+    admin.router.add_get("/admin/policy", policy_status)
+    admin.router.add_post("/admin/reload", reload_policy)
+    admin.router.add_get("/admin/explain", explain_request)
+    admin.router.add_get("/admin/upstreams", list_upstreams)
     return admin
 
 
@@ -201,3 +210,97 @@ async def clear_queue(request: web.Request) -> web.Response:
     if isinstance(queue, web.Response):
         return queue
     return _json({"queue": queue.spec.name, "cleared": queue.clear()})
+
+
+# --- policy life cycle --------------------------------------------------------------------------------
+
+
+def _when(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _problem(problem: Problem) -> dict[str, Any]:
+    mark = problem.mark
+    return {
+        "file": mark.file if mark else None,
+        "line": mark.line if mark else None,
+        "column": mark.column if mark else None,
+        "path": problem.path or None,
+        "message": problem.message,
+        "text": str(problem),
+    }
+
+
+def _policy(runtime: Runtime) -> dict[str, Any]:
+    """The active version, its source hash, when it was loaded, and the last refused attempt."""
+    plan = runtime.plans.current
+    reloader = runtime.reloader
+    if reloader is None:  # built from a plan, not from files: nothing to reload from
+        return {
+            "version": 1, "digest": plan.digest, "source": None, "files": list(plan.files),
+            "loaded_at": _when(runtime.plans.loaded_at), "reloadable": False, "last_error": None,
+        }
+    status = reloader.status
+    last_error = None
+    if status.last_error is not None:
+        last_error = {"digest": status.failed_digest, "problems": [_problem(p) for p in status.last_error]}
+    return {
+        "version": status.version,
+        "digest": status.digest,
+        "source": status.source,
+        "files": list(reloader.loaded.files),
+        "loaded_at": _when(status.loaded_at),
+        "reloadable": True,
+        "watch_interval_s": runtime.settings.reload_interval,
+        "last_attempt": {"at": _when(status.last_attempt_at), "trigger": status.last_trigger},
+        "reloads": {"applied": status.successes, "rejected": status.failures},
+        "last_error": last_error,
+    }
+
+
+async def policy_status(request: web.Request) -> web.Response:
+    return _json(_policy(request.app[STATE]))
+
+
+async def reload_policy(request: web.Request) -> web.Response:
+    """Reload now. 200 when a new version is serving or nothing changed; 422 (the old version keeps
+    serving) with every problem and its file:line when the new files are refused."""
+    runtime: Runtime = request.app[STATE]
+    result = await lifecycle.reload_policy(runtime, "admin")
+    if result is None:
+        return _error(409, "this proxy was started from a compiled plan, not from policy files")
+    outcome = "rejected" if result.failed else "applied" if result.changed else "unchanged"
+    return _json({"result": outcome, "policy": _policy(runtime)}, 422 if result.failed else 200)
+
+
+async def explain_request(request: web.Request) -> web.Response:
+    """`signalbox explain` against the serving policy: ?model=M&(tenant=T|key=K)&path=P."""
+    runtime: Runtime = request.app[STATE]
+    query = request.query
+    model = query.get("model")
+    if model is None:
+        return _error(400, "give ?model=<name> (and tenant=<name> or key=<key>, optionally path=/v1/...)")
+    if "tenant" in query and "key" in query:
+        return _error(400, "give tenant or key, not both")
+    reloader = runtime.reloader
+    plan = runtime.plans.current
+    if reloader is None or reloader.loaded.digest != plan.digest:
+        return _error(409, "explain needs the policy files this plan was compiled from")
+    stream = runtime.settings.stream
+    try:
+        answer = explain(
+            reloader.loaded, plan, model=model, path=query.get("path", "/v1/chat/completions"),
+            tenant=query.get("tenant"), key=query.get("key"),
+            stream_defaults={"heartbeat": stream.heartbeat, "slow_client": stream.slow_client},
+        )
+    except ExplainError as exc:
+        return _error(400, str(exc))
+    return _json(answer)
+
+
+async def list_upstreams(request: web.Request) -> web.Response:
+    """Per deployment: circuit state, failures in a row, openings, requests outstanding, pacing hold;
+    per upstream: requests active and retries in flight (the retry budget's inputs)."""
+    return _json(request.app[STATE].upstreams.snapshot())

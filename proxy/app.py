@@ -9,6 +9,7 @@ accepting and lets in-flight requests finish for up to `drain_timeout`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import AsyncIterator
@@ -16,14 +17,12 @@ from collections.abc import AsyncIterator
 import orjson
 from aiohttp import web
 
-from proxy import ingress
+from proxy import ingress, lifecycle
 from proxy.admin import build_admin_app
 from proxy.errors import ServiceUnavailable
-from proxy.policy.load import LoadedPolicy
 from proxy.policy.plan import Plan
-from proxy.policy.reload import Listener
-from proxy.tasks import spawn
 from proxy.runtime import STATE, PlanRef, Runtime, Settings
+from proxy.tasks import spawn
 
 log = logging.getLogger("signalbox")
 # aiohttp's own cap; the policy's max_body_size (checked by ingress) is the real, reloadable limit.
@@ -42,8 +41,40 @@ def build_app(plan: Plan, settings: Settings | None = None) -> web.Application:
     app.router.add_get("/v1/models", ingress.models_handler)
     app.router.add_get("/v1/models/{model:.+}", ingress.models_handler)
     app.router.add_route("*", "/v1/{tail:.*}", ingress.proxy_handler)
+    app.cleanup_ctx.append(_limiter_store)
     app.cleanup_ctx.append(_upstreams)
+    app.on_cleanup.append(_flush_access_log)
     return app
+
+
+async def _flush_access_log(app: web.Application) -> None:
+    app[STATE].access_log.flush()  # lines of the last ~100 ms still sit in the buffer
+
+
+async def _limiter_store(app: web.Application) -> AsyncIterator[None]:
+    """The limiter store the policy's `state` names, opened once: plan swaps reconfigure it, never
+    replace it (changing `state` needs a restart). Closed after the upstreams, when nothing is in flight."""
+    runtime = app[STATE]
+    rule = runtime.plans.current.state
+    if runtime.reloader is not None:
+
+        async def restart_needed(plan: Plan, loaded: object) -> None:
+            if plan.state != rule:
+                log.warning("policy reload: `state` changed; it applies at the next restart (limits stay put)")
+
+        runtime.reloader.on_swap(restart_needed)
+    if rule.backend != "redis":
+        yield
+        return
+    from proxy.admission.redis import RedisStore  # only replicas sharing limits pay for the import
+
+    store = RedisStore.open(rule, runtime.metrics)
+    await store.start()  # never fails: without Redis it starts on local limits
+    runtime.admission.store = store
+    try:
+        yield
+    finally:
+        await store.close()
 
 
 async def _upstreams(app: web.Application) -> AsyncIterator[None]:
@@ -52,9 +83,11 @@ async def _upstreams(app: web.Application) -> AsyncIterator[None]:
     runtime.metrics.set_policy(runtime.plans.current.digest)
     watcher = None
     if runtime.reloader is not None:
-        runtime.reloader.on_change(_reconfigure(runtime))
+        lifecycle.attach(runtime)
         watcher = spawn(
-            runtime.reloader.watch(runtime.settings.reload_interval, lambda: reload_policy(runtime)),
+            runtime.reloader.watch(
+                runtime.settings.reload_interval, lambda: lifecycle.reload_policy(runtime, "watch")
+            ),
             name="policy-watch",
         )
     runtime.ready = True
@@ -62,29 +95,10 @@ async def _upstreams(app: web.Application) -> AsyncIterator[None]:
     runtime.ready = False
     if watcher is not None:
         watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+    await runtime.batcher.close()
     await runtime.clients.close()
-
-
-def _reconfigure(runtime: Runtime) -> Listener:
-    async def listener(plan: Plan, loaded: LoadedPolicy) -> None:
-        await runtime.clients.configure(plan)
-        runtime.scheduler.reconfigure(plan)
-        runtime.metrics.set_policy(plan.digest)
-
-    return listener
-
-
-async def reload_policy(runtime: Runtime) -> bool:
-    """SIGHUP and POST /admin/reload: reload now; metrics say how it went."""
-    if runtime.reloader is None:
-        return False
-    failures = runtime.reloader.status.failures
-    changed = await runtime.reloader.reload()
-    failed = runtime.reloader.status.failures > failures
-    if failed:
-        runtime.metrics.reload_failures.inc()
-    runtime.metrics.reload_success.set(0 if runtime.reloader.status.last_error else 1)
-    return changed
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -101,6 +115,9 @@ async def readyz(request: web.Request) -> web.Response:
         "policy": runtime.plans.current.digest[:12],
         "in_flight": runtime.in_flight,
     }
+    # Where limits live; a degraded shared store (Redis down, local limits) is reported, never unready.
+    describe = getattr(runtime.admission.store, "describe", None)
+    body["limits"] = describe() if describe is not None else {"backend": "memory"}
     return web.Response(status=200 if ok else 503, body=orjson.dumps(body), content_type="application/json")
 
 
@@ -109,42 +126,66 @@ async def serve(app: web.Application) -> None:
     runtime = app[STATE]
     settings = runtime.settings
     admin = await _start_admin(app)
-    runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(
+        app, handle_signals=False, handler_cancellation=True, access_log=None, shutdown_timeout=_LAST_WORDS
+    )
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, backlog=1024, reuse_address=True)
     await site.start()
-    log.info("serving on http://%s:%s (policy %s)", settings.host, settings.port, runtime.plans.current.digest[:12])
+    digest = runtime.plans.current.digest[:12]
+    log.info("serving on http://%s:%s (policy %s)", settings.host, settings.port, digest)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: spawn(reload_policy(runtime), name="sighup-reload"))
+    loop.add_signal_handler(
+        signal.SIGHUP, lambda: spawn(lifecycle.reload_policy(runtime, "sighup"), name="sighup-reload")
+    )
     try:
         await stop.wait()
-        runtime.draining = True
-        log.info("shutdown: readiness failing; accepting for %.1fs more", settings.shutdown_grace)
-        await asyncio.sleep(settings.shutdown_grace)
-        await site.stop()  # stop accepting; open connections keep going
-        deadline = loop.time() + settings.drain_timeout
-        while runtime.in_flight and loop.time() < deadline:
-            await asyncio.sleep(0.05)
-        if runtime.in_flight:
-            log.warning("drain timeout: ending %d requests still in flight", runtime.in_flight)
-            shutting_down = ServiceUnavailable("the proxy is shutting down; retry the request", should_retry=True)
-            for end in list(runtime.open_streams):
-                end(shutting_down)
-            ended = loop.time() + 2.0  # let relays write their error event
-            while runtime.open_streams and loop.time() < ended:
-                await asyncio.sleep(0.02)
+        await _drain(runtime, runner, site)
     finally:
         await runner.cleanup()
         await admin.cleanup()
 
 
+_LAST_WORDS = 2.0
+"""After the drain timeout: how long ended streams get to write their error event, and how long
+aiohttp then waits for handlers before cancelling them. Counted in the chart's 10 s of margin."""
+_POLL = 0.05
+
+
+async def _drain(runtime: Runtime, runner: web.AppRunner, site: web.TCPSite) -> None:
+    settings = runtime.settings
+    loop = asyncio.get_running_loop()
+    runtime.draining = True  # /readyz answers 503 from now on
+    log.info("shutdown: readiness failing; accepting for %.1fs more", settings.shutdown_grace)
+    await asyncio.sleep(settings.shutdown_grace)
+    await site.stop()  # no new connections
+    if runner.server is not None:
+        runner.server.pre_shutdown()  # idle keep-alive connections close; busy ones after their response
+    log.info("shutdown: stopped accepting; draining %d requests for up to %.1fs", runtime.in_flight,
+             settings.drain_timeout)
+    deadline = loop.time() + settings.drain_timeout
+    # in_flight is a plain counter kept by ingress; a short poll bounds the wait without a hook there.
+    while runtime.in_flight and loop.time() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(_POLL)
+    if not runtime.in_flight:
+        log.info("shutdown: drained")
+        return
+    log.warning("drain timeout: ending %d requests still in flight", runtime.in_flight)
+    shutting_down = ServiceUnavailable("the proxy is shutting down; retry the request", should_retry=True)
+    for end in list(runtime.open_streams):
+        end(shutting_down)
+    ended = loop.time() + _LAST_WORDS
+    while runtime.open_streams and loop.time() < ended:  # noqa: ASYNC110 (same: a plain set)
+        await asyncio.sleep(_POLL / 2)
+
+
 async def _start_admin(app: web.Application) -> web.AppRunner:
     """The admin API on its own port, sharing the app's runtime (see proxy.admin)."""
     settings = app[STATE].settings
-    runner = web.AppRunner(build_admin_app(app), handle_signals=False, access_log=None)
+    runner = web.AppRunner(build_admin_app(app), handle_signals=False, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     try:
         await web.TCPSite(runner, settings.admin_host, settings.admin_port, reuse_address=True).start()

@@ -98,7 +98,10 @@ def _explain(args: argparse.Namespace) -> int:
     try:
         loaded = load_policy(args.policies)
         plan = compile_plan(loaded)
-        answer = explain(loaded, plan, model=args.model, path=args.path, tenant=args.tenant, key=args.key)
+        answer = explain(
+            loaded, plan, model=args.model, path=args.path, tenant=args.tenant, key=args.key,
+            stream_defaults=_stream_defaults(),
+        )
     except PolicyError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
@@ -108,6 +111,14 @@ def _explain(args: argparse.Namespace) -> int:
         return 2
     print(json.dumps(answer, indent=2) if args.json else format_text(answer))
     return 0
+
+
+def _stream_defaults() -> dict[str, float]:
+    """What `serve` uses when a route sets no `stream:` (explain shows it as the process setting)."""
+    from proxy.streaming.relay import StreamSettings
+
+    defaults = StreamSettings()
+    return {"heartbeat": defaults.heartbeat, "slow_client": defaults.slow_client}
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -5,15 +5,17 @@
     │   ├── InvalidJSON             400     invalid_request_error / invalid_json
     │   └── MissingModel            400     invalid_request_error / missing_model
     ├── AuthenticationFailed        401     authentication_error / invalid_api_key
-    ├── ModelNotAllowed             403     permission_error / model_not_allowed
     ├── NoRoute                     404     invalid_request_error / model_not_found
     ├── BodyTooLarge                413     invalid_request_error / request_too_large
     ├── RateLimited                 429     rate_limit_exceeded (admission: limits and queues)
     │   ├── QueueFull               429     rate_limit_exceeded, x-should-retry: false
-    │   └── QueueTimeout            429     rate_limit_exceeded ("waited N s in queue X")
+    │   ├── QueueTimeout            429     rate_limit_exceeded ("waited N s in queue X")
+    │   └── UpstreamPaced           429     rate_limit_exceeded (every deployment held until its reset)
     ├── ServiceUnavailable          503     service_unavailable (draining, queue cleared)
-    │   └── QueueCleared            503     service_unavailable, x-should-retry: false
+    │   ├── QueueCleared            503     service_unavailable, x-should-retry: false
+    │   └── CircuitOpen             503     circuit_open (every deployment's circuit is open)
     ├── UpstreamUnreachable         502     upstream_unreachable
+    ├── UpstreamBadResponse         502     upstream_bad_response (a batched answer that cannot be split)
     └── UpstreamTimeout             504     upstream_timeout
 
 Each carries what the client needs to act (message, Retry-After, x-should-retry); `render()` writes
@@ -37,6 +39,7 @@ _ANTHROPIC_TYPES = {
     404: "not_found_error",
     413: "request_too_large",
     429: "rate_limit_error",
+    504: "timeout_error",
     529: "overloaded_error",
 }
 
@@ -87,7 +90,7 @@ class ProxyError(Exception):
 class InvalidRequest(ProxyError):
     status = 400
     type = "invalid_request_error"
-    code = None
+    code: str | None = None
 
 
 class InvalidJSON(InvalidRequest):
@@ -102,12 +105,6 @@ class AuthenticationFailed(ProxyError):
     status = 401
     type = "invalid_request_error"
     code = "invalid_api_key"
-
-
-class ModelNotAllowed(ProxyError):
-    status = 403
-    type = "permission_error"
-    code = "model_not_allowed"
 
 
 class NoRoute(ProxyError):
@@ -142,6 +139,15 @@ class QueueTimeout(RateLimited):
         return "queue_timeout"
 
 
+class UpstreamPaced(RateLimited):
+    """Adaptive pacing holds every deployment of the route until its upstream's rate-limit reset, and
+    that is later than the proxy may wait (retry.max_retry_after, or the deadline)."""
+
+    @property
+    def reason(self) -> str:
+        return "upstream_paced"
+
+
 class ServiceUnavailable(ProxyError):
     status = 503
     type = "server_error"
@@ -156,10 +162,32 @@ class QueueCleared(ServiceUnavailable):
         return "queue_cleared"
 
 
+class SlowClient(ProxyError):
+    """The client took no stream write for `slow_client` seconds: the stream was ended, the upstream closed.
+    Only ever recorded (access log, metrics): the client is no longer reading."""
+
+    status = 200  # the stream's status had gone out already
+    code = "slow_client"
+
+
+class CircuitOpen(ServiceUnavailable):
+    """Every deployment of the route and of its fallbacks has an open circuit breaker."""
+
+    code = "circuit_open"
+
+
 class UpstreamUnreachable(ProxyError):
     status = 502
     type = "server_error"
     code = "upstream_unreachable"
+
+
+class UpstreamBadResponse(ProxyError):
+    """The upstream answered 2xx with a body the proxy had to read and could not (a batched call)."""
+
+    status = 502
+    type = "server_error"
+    code = "upstream_bad_response"
 
 
 class UpstreamTimeout(ProxyError):
@@ -173,6 +201,9 @@ def render(error: ProxyError, protocol: Protocol, request_id: str) -> web.Respon
     body = error.anthropic_body(request_id) if protocol == "anthropic" else error.openai_body()
     headers = error.response_headers()
     headers["x-request-id"] = request_id
+    headers.setdefault("x-signalbox-attempts", "0")  # refused before dispatch (dispatch's errors carry theirs)
+    if protocol == "anthropic":
+        headers["request-id"] = request_id  # where the anthropic SDK reads `_request_id` from
     return web.Response(
         status=error.status, body=orjson.dumps(body), content_type="application/json", headers=headers
     )

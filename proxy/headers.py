@@ -51,8 +51,8 @@ def upstream_headers(
         lower = name.lower()
         if lower == "connection":
             named += _connection_tokens(value)
-        if lower in _DROP_UP or lower in drop:
-            continue
+        if lower in _DROP_UP or lower in drop or lower.startswith("x-signalbox-"):
+            continue  # x-signalbox-*: instructions to this proxy (priority, tenant), not to the upstream
         out[lower] = value
     for token in named:
         out.pop(token, None)

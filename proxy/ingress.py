@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
+import random
 import time
 from functools import partial
 from typing import Any
@@ -32,9 +32,9 @@ from proxy.errors import (
 )
 from proxy.headers import client_headers
 from proxy.policy.plan import Plan, TenantRule
+from proxy.providers import exchange as exchanges
 from proxy.runtime import STATE, Runtime
 from proxy.scheduler import PRIORITY_HEADER
-from proxy.providers import exchange as exchanges
 from proxy.streaming import relay
 from proxy.upstream import dispatch
 
@@ -53,10 +53,15 @@ CLIENT_CLOSED = 499  # nginx's convention for "client closed the request"
 log = logging.getLogger("signalbox.ingress")
 
 
+def new_request_id() -> str:
+    """24 hex digits. A correlation id, not a secret: the Mersenne Twister, not a getrandom() call per request."""
+    return f"{random.getrandbits(96):024x}"
+
+
 async def proxy_handler(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     call = Call(
-        request_id=request.headers.get("x-request-id") or os.urandom(12).hex(),
+        request_id=request.headers.get("x-request-id") or new_request_id(),
         plan=state.plans.current,
         method=request.method,
         path=request.rel_url.raw_path,  # percent-encoded as sent: matched and forwarded without decoding
@@ -64,7 +69,6 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         started=time.perf_counter(),
     )
     state.in_flight += 1
-    state.metrics.in_flight.inc()
     try:
         return await handle(request, call, state)
     except ProxyError as err:
@@ -77,17 +81,16 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         raise
     except Exception:
         log.exception("request %s failed inside the proxy", call.request_id)
-        err = ProxyError(f"internal error in the proxy (request id {call.request_id}); please report it")
-        call.status = err.status
-        call.error = err.reason
-        return render(err, call.protocol, call.request_id)
+        internal = ProxyError(f"internal error in the proxy (request id {call.request_id}); please report it")
+        call.status = internal.status
+        call.error = internal.reason
+        return render(internal, call.protocol, call.request_id)
     except asyncio.CancelledError:
         call.client_gone = True
         call.status = call.status or CLIENT_CLOSED
         raise
     finally:
         state.in_flight -= 1
-        state.metrics.in_flight.dec()
         state.metrics.record(call)
         state.access_log.write(call)
 
@@ -97,6 +100,9 @@ async def handle(request: web.Request, call: Call, state: Runtime) -> web.Stream
     call.tenant = identify(request, plan)
     await read_body(request, call, plan.max_body_size)
     call.route = resolve(call, plan)
+    if call.route.batch is not None:  # embeddings: admitted one by one, one scheduler slot per batch
+        async with state.admission.admit(call):
+            return await state.batcher.submit(request, call)
     waiting = _waiting_room(request, call, state)
     try:
         async with (
@@ -123,25 +129,30 @@ def _waiting_room(request: web.Request, call: Call, state: Runtime) -> relay.Que
 async def forward(
     request: web.Request, call: Call, state: Runtime, waiting: relay.QueuedStream | None
 ) -> web.StreamResponse:
-    """Dispatch and relay; `timeouts.total` counts from here, after any wait for admission or a slot."""
+    """Dispatch (retries, fallbacks) and relay; `timeouts.total` counts from here, after any wait for
+    admission or a slot, and covers every retry and fallback."""
     assert call.route is not None
     plan = call.plan
     prepared = waiting.response if waiting is not None else None
     deadline = time.monotonic() + call.route.timeouts.total
+    sent: dispatch.Sent | None = None
     try:
         async with asyncio.timeout(call.route.timeouts.total) as scope:
-            upstream = await dispatch.send(
+            sent = await dispatch.dispatch(
                 call,
                 state.clients,
                 request.headers,
                 request.rel_url.raw_query_string,  # still percent-encoded: forwarded as the client sent it
                 passthrough_auth=plan.identify.mode == "passthrough",
                 identify_header=plan.identify.header if plan.identify.mode != "api_key" else None,
+                deadline=deadline,
             )
+            upstream = sent.response
             call.status = upstream.status
             headers = client_headers(
                 upstream.headers.items(), request_id=call.request_id, route=call.route.name, upstream_name=call.upstream
             )
+            dispatch.annotate(headers, call, sent)
             exchange = call.exchange
             assert exchange is not None
             if call.stream and upstream.status == 200 and upstream.content_type == "text/event-stream":
@@ -151,7 +162,7 @@ async def forward(
                 )
                 settings = relay.route_settings(state.stream_settings, call.route.stream)
                 return await relay.respond_stream(
-                    request, call, upstream, headers, call.route.timeouts, settings, deadline,
+                    request, call, upstream, headers, sent.route.timeouts, settings, deadline,
                     translator,
                     state.open_streams,
                     prepared,
@@ -164,7 +175,13 @@ async def forward(
                 return await waiting.relay_whole(upstream, transform)
             return await relay.respond_whole(call, upstream, headers, transform)
     except TimeoutError:
-        raise UpstreamTimeout("the request ran past its total deadline (timeouts.total)") from None
+        late = UpstreamTimeout("the request ran past its total deadline (timeouts.total)", should_retry=False)
+        raise dispatch.counted(late, call) from None
+    except ProxyError as err:
+        raise dispatch.counted(err, call) from None
+    finally:
+        if sent is not None:
+            sent.done()
 
 
 def identify(request: web.Request, plan: Plan) -> TenantRule:
@@ -253,7 +270,7 @@ async def models_handler(request: web.Request) -> web.Response:
     """GET /v1/models and /v1/models/{id}: answered by the proxy from the policy."""
     state = request.app[STATE]
     plan = state.plans.current
-    request_id = request.headers.get("x-request-id") or os.urandom(12).hex()
+    request_id = request.headers.get("x-request-id") or new_request_id()
     try:
         tenant = identify(request, plan)
     except ProxyError as err:
@@ -264,8 +281,8 @@ async def models_handler(request: web.Request) -> web.Response:
     headers = {"x-request-id": request_id}
     if wanted is not None:
         if wanted not in models:
-            err = NoRoute(f"model '{wanted}' is not available to you. Models you may use: {', '.join(models)}")
-            return render(err, "openai", request_id)
+            unknown = NoRoute(f"model '{wanted}' is not available to you. Models you may use: {', '.join(models)}")
+            return render(unknown, "openai", request_id)
         body: dict[str, Any] = {"id": wanted, "object": "model", "created": created, "owned_by": "signalbox"}
     else:
         body = {

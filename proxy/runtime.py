@@ -8,32 +8,31 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from proxy.errors import ProxyError
-
 from proxy.admission.admit import Admission
+from proxy.batcher import Batcher
+from proxy.errors import ProxyError
 from proxy.policy.plan import Plan
 from proxy.policy.reload import Reloader
+from proxy.scheduler import PRIORITY_HEADER, Scheduler
 from proxy.streaming.relay import StreamSettings
 from proxy.telemetry.logging import AccessLog
-from proxy.scheduler import Scheduler
 from proxy.telemetry.metrics import Metrics
 from proxy.upstream.client import UpstreamClients
+from proxy.upstream.registry import Registry
 
 
 class PlanRef:
     """One reference to the active plan; a reload swaps it, calls keep the plan they started with."""
 
-    __slots__ = ("current", "loaded_at", "last_error")
+    __slots__ = ("current", "loaded_at")
 
     def __init__(self, plan: Plan) -> None:
         self.current = plan
         self.loaded_at = time.time()
-        self.last_error: str | None = None
 
     def swap(self, plan: Plan) -> None:
         self.current = plan
         self.loaded_at = time.time()
-        self.last_error = None
 
 
 @dataclass(slots=True)
@@ -74,11 +73,23 @@ class Runtime:
     """Limits: the limiter store (counters survive reloads) and its metrics."""
     scheduler: Scheduler = field(init=False)
     """Queues by name (slots, waiters, pause state survive reloads)."""
+    batcher: Batcher = field(init=False)
+    """Open embedding batches by key, and their flushes (each takes one scheduler slot)."""
+    upstreams: Registry = field(init=False)
+    """Per-deployment circuit breakers, pacing holds and load (the same object as `clients.registry`)."""
 
     def __post_init__(self) -> None:
         self.admission = Admission(metrics=self.metrics)
         self.scheduler = Scheduler(self.metrics)
+        # A batch waits for its one slot with its first caller's priority.
+        self.batcher = Batcher(
+            self.metrics, self.clients, lambda call, hdrs: self.scheduler.slot(call, hdrs.get(PRIORITY_HEADER))
+        )
         self.metrics.before_scrape += [self.admission.refresh_metrics, self.scheduler.refresh_metrics]
+        self.metrics.in_flight.set_function(lambda: self.in_flight)  # read at scrape, not two locks per request
+        self.upstreams = self.clients.registry
+        self.upstreams.metrics = self.metrics
+        self.metrics.before_scrape.append(self.upstreams.refresh_metrics)
 
     @property
     def stream_settings(self) -> StreamSettings:

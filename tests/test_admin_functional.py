@@ -4,7 +4,9 @@ default), queue inspection without prompt content, and pause, resume and clear a
 from __future__ import annotations
 
 import asyncio
+import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -14,8 +16,11 @@ from aiohttp import web
 from conftest import Proxy
 from test_admission_functional import Gated, chat, gated, policy, start, until, waiting
 
+from proxy import lifecycle
 from proxy.admin import build_admin_app
 from proxy.cli import main as cli_main
+from proxy.policy.load import load_policy
+from proxy.policy.reload import Reloader
 
 pytestmark = pytest.mark.timeout(30)
 __all__ = ["gated"]  # the fixture, shared with the admission tests
@@ -202,3 +207,71 @@ async def test_clear_answers_every_waiter_with_503_and_no_retry(
     status, body = await admin.call("GET", "/admin/queues")
     assert body["queues"][0]["rejected"] == {"queue_cleared": 3}
     assert (await admin.call("DELETE", "/admin/queues/nope"))[0] == 404
+
+
+# --- policy life cycle ---------------------------------------------------------------------------------
+
+
+def attach_reloader(proxy: Proxy, source: Path) -> None:
+    """What `signalbox serve` does for a policy loaded from files (start_proxy builds from a plan)."""
+    runtime = proxy.state
+    runtime.reloader = Reloader(source, load_policy(source), runtime.plans.swap)
+    lifecycle.attach(runtime)
+
+
+async def test_policy_endpoints_without_policy_files(
+    start_proxy: StartProxy, gated: Gated, serve_admin: Any
+) -> None:
+    proxy = await start_proxy(policy(gated))
+    admin = await serve_admin(proxy)
+    status, body = await admin.call("GET", "/admin/policy")
+    assert status == 200 and body["version"] == 1 and body["reloadable"] is False
+    assert body["digest"] == proxy.state.plans.current.digest and body["last_error"] is None
+    assert (await admin.call("POST", "/admin/reload"))[0] == 409
+    assert (await admin.call("GET", "/admin/explain?model=m&tenant=alpha"))[0] == 409
+    for method, path in (("GET", "/admin/policy"), ("POST", "/admin/reload"), ("GET", "/admin/explain")):
+        assert (await admin.call(method, path, token=None))[0] == 401
+
+
+async def test_admin_reload_keeps_counters_and_waiters_and_applies_new_numbers(
+    start_proxy: StartProxy, async_openai: MakeAsync, gated: Gated, serve_admin: Any, tmp_path: Path
+) -> None:
+    gated.hold = True
+    text = policy(gated, route="queue: chat", tenants="limits: {requests_per_minute: 100}")
+    proxy = await start_proxy(text)
+    source = tmp_path / "proxy-policy.yaml"  # where make_plan wrote it
+    attach_reloader(proxy, source)
+    admin = await serve_admin(proxy)
+    alpha = async_openai(proxy)
+    plan = proxy.state.plans.current
+    queue = proxy.state.scheduler.queue(plan.queues["chat"], plan.priorities)
+    tasks = [start(chat(alpha, user=f"u{i}")) for i in range(3)]
+    await until(lambda: len(gated.seen) == 1 and waiting(proxy) == 2)
+
+    source.write_text(textwrap.dedent(policy(
+        gated, route="queue: chat", queue="concurrency: 3", tenants="limits: {requests_per_minute: 3}"
+    )).lstrip("\n"))
+    status, body = await admin.call("POST", "/admin/reload")
+    assert status == 200 and body["result"] == "applied" and body["policy"]["version"] == 2
+    # The same queue object took the new slot count, and its two waiters went through at once.
+    await until(lambda: len(gated.seen) == 3)
+    assert proxy.state.scheduler.queues["chat"] is queue and queue.spec.concurrency == 3
+    # The counter kept its 3 requests and shows the new number before any new request carried it.
+    status, body = await admin.call("GET", "/admin/queues")
+    (alpha_limit,) = body["limits"]
+    rpm = alpha_limit["requests_per_minute"]
+    assert rpm["limit"] == 3 and rpm["used"] == 3
+    gated.release(3)
+    await asyncio.gather(*tasks)
+    with pytest.raises(openai.RateLimitError) as caught:
+        await chat(alpha)
+    assert caught.value.response.headers["x-ratelimit-limit-requests"] == "3"
+
+    source.write_text("routes:\n  - name: chat\n    upstreem: up\n")
+    status, body = await admin.call("POST", "/admin/reload")
+    assert status == 422 and body["result"] == "rejected" and body["policy"]["version"] == 2
+    problems = body["policy"]["last_error"]["problems"]
+    assert {(p["file"], p["line"]) for p in problems} >= {(str(source), 3)}
+    assert all(p["text"].startswith(f"{source}:") for p in problems if p["file"])
+    status, same = await admin.call("GET", "/admin/policy")
+    assert same["last_error"] == body["policy"]["last_error"] and same["last_attempt"]["trigger"] == "admin"

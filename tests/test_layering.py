@@ -118,7 +118,7 @@ def test_the_scan_sees_the_package() -> None:
         (("proxy.policy", "proxy.providers"), STAGES + ENTRY_POINTS + ("proxy.upstream", "proxy.telemetry")),
         # The shared context and error tree are imported by every stage and import none of them.
         (
-            ("proxy.call", "proxy.errors", "proxy.headers", "proxy.tasks"),
+            ("proxy.call", "proxy.errors", "proxy.headers", "proxy.tasks", "proxy.fair_queue"),
             STAGES + ENTRY_POINTS + ("proxy.upstream",),
         ),
         # Telemetry is fed from the Call at stage boundaries; it never calls into a stage.

@@ -112,6 +112,7 @@ async def test_client_headers_forwarded_except_hop_by_hop_and_proxy_credentials(
         ("Proxy-Connection", "keep-alive"),
         ("Connection", "keep-alive, X-Hop-Only"),
         ("X-Hop-Only", "named in Connection, so hop-by-hop"),
+        ("X-Signalbox-Priority", "standard"),  # an instruction to the proxy, not to the upstream
     ]
     status, headers, _ = await post(proxy.v1 + "/chat/completions", b'{"model":"m"}', sent)
     assert status == 200
@@ -122,7 +123,9 @@ async def test_client_headers_forwarded_except_hop_by_hop_and_proxy_credentials(
     assert got.header("user-agent") == "my-app/1.0"
     assert got.header("x-stainless-retry-count") == "0"
     assert got.header("content-type") == "application/json"
-    for name in ("keep-alive", "te", "trailer", "proxy-authorization", "proxy-connection", "x-hop-only"):
+    hop = ("keep-alive", "te", "trailer", "proxy-authorization", "proxy-connection", "x-hop-only")
+    hop += ("x-signalbox-priority",)
+    for name in hop:
         assert name not in got.header_names, name
     # The proxy credential is replaced by the upstream's key, sent once.
     assert got.header_all("authorization") == [f"Bearer {UPSTREAM_KEY}"]

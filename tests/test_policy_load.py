@@ -304,6 +304,40 @@ INVALID: list[tuple[str, str, list[tuple[int, int, str, str]]]] = [
         [(1, 11, "identify", "mode single needs `tenant`")],
     ),
     (
+        "undefined-queue-with-hint",
+        """
+        upstreams:
+          a: {provider: mock}
+        queues:
+          interactive: {concurrency: 4}
+        routes:
+          - name: r
+            upstream: a
+            queue: interactiv
+        """,
+        [(8, 12, "routes[0].queue", "undefined queue 'interactiv'; did you mean 'interactive'?")],
+    ),
+    (
+        "unknown-priority-classes",
+        """
+        priorities: [high, standard, batch]
+        tenants:
+          t:
+            priority: hihg
+          u:
+            priority: batch
+            max_priority: urgent
+          v:
+            priority: high
+            max_priority: batch
+        """,
+        [
+            (4, 15, "tenants.t.priority", "unknown priority class 'hihg' (priorities: high, standard, batch)"),
+            (7, 19, "tenants.u.max_priority", "unknown priority class 'urgent'"),
+            (10, 19, "tenants.v.max_priority", "'batch' is below the tenant's own priority 'high'"),
+        ],
+    ),
+    (
         "not-a-mapping",
         """
         - upstreams
@@ -488,6 +522,14 @@ def test_same_entry_or_section_in_two_files(tmp_path: Path) -> None:
             f"{second}:3:3: upstreams.a: defined in more than one file",
         ]
     )
+
+
+def test_queues_merge_across_files_like_upstreams_and_tenants(tmp_path: Path) -> None:
+    write(tmp_path / "10-a.yaml", BASE + "queues:\n  interactive: {concurrency: 2}\n")
+    write(tmp_path / "20-b.yaml", "queues:\n  batch: {concurrency: 1}\n")
+    assert sorted(load_policy(tmp_path, environ={}).policy.queues) == ["batch", "interactive"]
+    third = write(tmp_path / "30-c.yaml", "queues:\n  batch: {concurrency: 3}\n")
+    assert [str(p) for p in problems_of(tmp_path)] == [f"{third}:2:3: queues.batch: defined in more than one file"]
 
 
 def test_configmap_mount_with_data_symlink_and_hidden_entries(tmp_path: Path) -> None:

@@ -413,6 +413,7 @@ async def test_x_api_key_identifies_the_tenant_on_both_fronts(
         "error": {"type": "authentication_error", "message": info.value.body["error"]["message"]},  # type: ignore[index]
         "request_id": info.value.response.headers["x-request-id"],
     }
+    assert info.value.request_id == info.value.response.headers["x-request-id"]  # the SDK reads `request-id`
     assert "sk-wrong" not in info.value.response.text and UPSTREAM_KEY not in info.value.response.text
 
 

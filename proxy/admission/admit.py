@@ -22,7 +22,7 @@ from proxy.admission.local import LocalStore
 from proxy.admission.store import LimiterStore, Reservation
 from proxy.call import Call
 from proxy.errors import RateLimited
-from proxy.policy.plan import LimitSet
+from proxy.policy.plan import Limit, LimitSet, Plan
 from proxy.telemetry.metrics import Metrics
 
 _TOKEN_KINDS = ("reserved", "settled", "refunded")
@@ -86,6 +86,15 @@ class Admission:
             if usage.concurrent is not None:
                 free = usage.concurrent[0] - usage.concurrent[1]
                 metrics.limiter_remaining.labels(usage.tenant, f"{usage.key}/concurrent").set(free)
+
+    async def reconfigure(self, plan: Plan) -> None:
+        """After a reload: hand the plan's limits, by key, to the store. Generic: a store that keeps
+        its numbers elsewhere (or receives them with every call) may leave `reconfigure` out."""
+        hook = getattr(self.store, "reconfigure", None)
+        if hook is not None:
+            await hook(plan_limits(plan))
+        if self.metrics is not None:
+            self.metrics.limiter_remaining.clear()  # keys that left the plan; the next scrape refills
 
     def admit(self, call: Call, waiting: Waiting | None = None) -> AbstractAsyncContextManager[None]:
         assert call.route is not None and call.tenant is not None
@@ -190,6 +199,22 @@ class _Admit:
         if refusal.dimension == "tokens":
             error.type = "tokens"
         return error
+
+
+def plan_limits(plan: Plan) -> dict[str, Limit]:
+    """Every limit of a plan by key (tenant, route, route per tenant, upstream)."""
+    found: dict[str, Limit] = {}
+    singles: list[Limit | None] = [t.limit for t in plan.tenants.values()]
+    singles += [u.limit for u in plan.upstreams.values()]
+    for route in plan.routes:
+        singles += [route.limit, route.upstream_limit]
+        for limit_set in route.limit_sets.values():
+            for limit in limit_set.limits:
+                found[limit.key] = limit
+    for single in singles:
+        if single is not None:
+            found[single.key] = single
+    return found
 
 
 def _status(refusal: Refusal) -> Callable[[], str]:

@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import replace
 from types import MappingProxyType
 
+from proxy.policy import resilience
 from proxy.policy.load import LoadedPolicy
 from proxy.policy.plan import (
+    BatchRule,
     IdentifySpec,
     Limit,
     LimitSet,
@@ -17,13 +19,14 @@ from proxy.policy.plan import (
     Plan,
     QueueSpec,
     RouteRule,
+    StateRule,
     StreamSpec,
     TenantRule,
     TimeoutSpec,
     UpstreamSpec,
     key_digest,
 )
-from proxy.policy.schema import Limits, MockSpec, Policy, Route, Timeouts, Upstream
+from proxy.policy.schema import Batch, Limits, MockSpec, Policy, Route, State, Timeouts, Upstream
 
 _DEFAULT_AUTH = {"openai": "authorization", "anthropic": "x-api-key", "mock": "authorization"}
 
@@ -52,6 +55,22 @@ def compile_plan(loaded: LoadedPolicy) -> Plan:
         max_body_size=policy.max_body_size,
         priorities=tuple(policy.priorities),
         queues=MappingProxyType(_queues(policy)),
+        state=_state(policy.state),
+        routes_by_name=MappingProxyType({r.name: r for r in routes}),
+    )
+
+
+def _state(state: State) -> StateRule:
+    return StateRule(
+        backend=state.backend,
+        url=state.url,
+        key_prefix=state.key_prefix,
+        timeout=state.timeout,
+        expected_replicas=state.expected_replicas,
+        lease_ttl=state.lease_ttl,
+        max_connections=state.max_connections,
+        breaker_failures=state.breaker.failures,
+        breaker_cooldown=state.breaker.cooldown,
     )
 
 
@@ -92,7 +111,22 @@ def _route(index: int, route: Route, policy: Policy) -> RouteRule:
         timeouts=inherit_timeouts(route.timeouts, upstream.timeouts, policy.timeouts),
         advertised=tuple(m for m in models if not any(c in m for c in "*?[")),
         stream=StreamSpec(route.stream.heartbeat, route.stream.slow_client) if route.stream else None,
+        batch=_batch(route.batch),
+        deployments=resilience.deployments(
+            route,
+            policy,
+            lambda name: inherit_timeouts(route.timeouts, policy.upstreams[name].timeouts, policy.timeouts),
+        ),
+        balance=route.balance,
+        retry=resilience.retry_spec(route.retry, policy.retry),
+        fallbacks=tuple(route.fallbacks),
     )
+
+
+def _batch(batch: Batch | None) -> BatchRule | None:
+    if batch is None:
+        return None
+    return BatchRule(batch.max_items, batch.max_tokens, batch.max_wait, batch.cross_tenant)
 
 
 def inherit_timeouts(*layers: Timeouts) -> TimeoutSpec:

@@ -2,26 +2,66 @@
 
 Walks the compiled routes exactly as `Plan.resolve` does, reporting why each earlier route did not
 match, then lists every setting that applies with the layer it came from (route, tenant, upstream,
-policy or default). Keys are never printed: a key is only used to find its tenant.
+a named queue, policy or default). Each section of the answer is one small function over the
+compiled route (plus the validated source, which knows what was written and what defaulted), so
+a new route capability adds one function to `SECTIONS`. Keys and header values are never printed:
+a key is only used to find its tenant.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel
 
 from proxy.policy.load import LoadedPolicy
-from proxy.policy.plan import Plan, RouteRule, TenantRule
+from proxy.policy.plan import Limit, Matcher, Plan, RouteRule, TenantRule
+from proxy.policy.schema import Policy, Route, Tenant, Upstream
 from proxy.policy.units import format_duration
 from proxy.providers.exchange import Untranslatable, choose
 
-# Route/tenant/upstream fields shown elsewhere in the answer (or secret), not under "settings".
-_SHOWN = {"name", "match", "upstream", "model", "timeouts", "keys", "api_key", "provider", "base_url", "mock"}
+# Route capabilities shown as they were compiled, when the compiled route has them.
+COMPILED_SECTIONS = ("deployments", "balance", "retry", "breaker", "fallbacks", "batch")
+# Source fields that a section below reports (or that are secret), so "other" does not repeat them.
+_COVERED = {
+    "name", "match", "upstream", "model", "timeouts", "keys", "api_key", "provider", "base_url", "mock",
+    "limits", "on_limit", "queue", "tokens", "stream", "priority", "max_priority", "weight", "models",
+    "pool", "headers", "query", "auth_header",
+}
+_LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute", "concurrent")
 
 
 class ExplainError(ValueError):
     pass
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """Everything a section may look at for one (tenant, model, path)."""
+
+    plan: Plan
+    policy: Policy
+    route: RouteRule
+    tenant: TenantRule
+    model: str
+    path: str
+    stream_defaults: Mapping[str, float]
+
+    @property
+    def source(self) -> Route:
+        return self.policy.routes[self.route.index]
+
+    @property
+    def tenant_source(self) -> Tenant:
+        return self.policy.tenants[self.tenant.name]
+
+    @property
+    def upstream_source(self) -> Upstream | None:
+        return self.policy.upstreams.get(self.route.upstream)
 
 
 def explain(
@@ -32,7 +72,9 @@ def explain(
     path: str = "/v1/chat/completions",
     tenant: str | None = None,
     key: str | None = None,
+    stream_defaults: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
+    """The answer as plain JSON-able data; `format_text` renders it for a terminal."""
     rule, identified_by = _tenant(plan, tenant, key)
     answer: dict[str, Any] = {
         "request": {"path": path, "model": model},
@@ -57,23 +99,15 @@ def explain(
         answer["why"] = "no route matches; the client gets 404 with the models it may use"
         answer["models_available"] = plan.models_for(rule)
         return answer
-    answer["route"] = {"name": chosen.name, "index": chosen.index, "why": _why(chosen, path, model)}
-    upstream = plan.upstreams[chosen.upstream]
-    answer["upstream"] = {
-        "name": upstream.name,
-        "provider": upstream.provider,
-        "base_url": upstream.base_url or "(in-process mock)",
-        "auth_header": upstream.auth_header,
-        "pool": {"max_connections": upstream.max_connections, "keepalive": format_duration(upstream.keepalive)},
-    }
-    answer["model_sent_upstream"] = chosen.model_rewrite or model
-    try:
-        answer["protocol"] = choose(path, upstream.provider).kind
-    except Untranslatable as exc:
-        answer["protocol"] = f"refused: {exc}"
-    answer["timeouts"] = _timeouts(loaded, chosen)
-    answer["settings"] = _settings(loaded, chosen, rule.name)
+    context = Context(plan, loaded.policy, chosen, rule, model, path, stream_defaults or {})
+    for name, section in SECTIONS:
+        value = section(context)
+        if value is not None:
+            answer[name] = value
     return answer
+
+
+# --- who and which route ---------------------------------------------------------------------------
 
 
 def _tenant(plan: Plan, tenant: str | None, key: str | None) -> tuple[TenantRule, str]:
@@ -101,64 +135,271 @@ def _mismatch(route: RouteRule, path: str, model: str, tenant: str) -> str | Non
     return None
 
 
-def _why(route: RouteRule, path: str, model: str) -> str:
+def _value(value: Any, source: str) -> dict[str, Any]:
+    return {"value": value, "from": source}
+
+
+def _set_in(model: BaseModel | None, field: str) -> bool:
+    return model is not None and field in model.model_fields_set
+
+
+# --- sections: each one small function over the compiled route -----------------------------------------
+
+
+def route_section(ctx: Context) -> dict[str, Any]:
+    route = ctx.route
     tenants = "any tenant" if route.tenants is None else f"tenants {sorted(route.tenants)}"
-    return (
-        f"first route in order whose match holds: path {path} ~ {list(route.paths.patterns)}, "
-        f"model '{model}' ~ {list(route.models.patterns)}, {tenants}"
+    why = (
+        f"first route in order whose match holds: path {ctx.path} ~ {list(route.paths.patterns)}, "
+        f"model '{ctx.model}' ~ {list(route.models.patterns)}, {tenants}"
     )
+    return {"name": route.name, "index": route.index, "why": why}
 
 
-def _timeouts(loaded: LoadedPolicy, route: RouteRule) -> dict[str, dict[str, str]]:
-    spec = loaded.policy.routes[route.index]
+def upstream_section(ctx: Context) -> dict[str, Any] | None:
+    upstream = ctx.plan.upstreams.get(getattr(ctx.route, "upstream", None) or "")
+    if upstream is None:
+        return None
+    return {
+        "name": upstream.name,
+        "provider": upstream.provider,
+        "base_url": upstream.base_url or "(in-process mock)",
+        "auth_header": upstream.auth_header,
+        "extra_headers": [name for name, _ in upstream.headers],  # names only: values may be secrets
+        "query": [name for name, _ in upstream.query],
+        "pool": {
+            "max_connections": upstream.max_connections,
+            "keepalive": format_duration(upstream.keepalive),
+        },
+    }
+
+
+def model_section(ctx: Context) -> str:
+    return ctx.route.model_rewrite or ctx.model
+
+
+def protocol_section(ctx: Context) -> str | None:
+    upstream = ctx.plan.upstreams.get(ctx.route.upstream)
+    if upstream is None:
+        return None
+    try:
+        return choose(ctx.path, upstream.provider).kind
+    except Untranslatable as exc:
+        return f"refused: {exc}"
+
+
+def timeouts_section(ctx: Context) -> dict[str, dict[str, Any]]:
+    """The first layer that sets a field wins: route, then upstream, then policy, then the default."""
     layers = (
-        ("route", spec.timeouts),
-        ("upstream", loaded.policy.upstreams[route.upstream].timeouts),
-        ("policy", loaded.policy.timeouts),
+        ("route", ctx.source.timeouts),
+        ("upstream", ctx.upstream_source.timeouts if ctx.upstream_source is not None else None),
+        ("policy", ctx.policy.timeouts),
     )
     out = {}
     for name in ("connect", "first_token", "idle", "total"):
-        source = next((label for label, t in layers if getattr(t, name) is not None), "default")
-        out[name] = {"value": format_duration(getattr(route.timeouts, name)), "from": source}
+        set_by = (label for label, t in layers if t is not None and getattr(t, name) is not None)
+        source = next(set_by, "default")
+        out[name] = _value(format_duration(getattr(ctx.route.timeouts, name)), source)
     return out
 
 
-def _settings(loaded: LoadedPolicy, route: RouteRule, tenant: str) -> dict[str, Any]:
-    """Every other section set on the route, the tenant or the upstream, labelled with its layer."""
-    layers: list[tuple[str, BaseModel]] = [
-        ("route", loaded.policy.routes[route.index]),
-        ("tenant", loaded.policy.tenants[tenant]),
-        ("upstream", loaded.policy.upstreams[route.upstream]),
+def limits_section(ctx: Context) -> dict[str, Any]:
+    """Every limit the tenant's request must pass here, each with the layer that set it."""
+    limit_set = ctx.route.limit_sets.get(ctx.tenant.name) if ctx.route.limit_sets else None
+    checks = [_limit(limit) for limit in (limit_set.limits if limit_set is not None else ())]
+    on_limit = _value(ctx.route.on_limit, "route" if _set_in(ctx.source, "on_limit") else "default")
+    tokens = ctx.route.default_max_tokens
+    default_max = _value(tokens, "route" if _set_in(ctx.source, "tokens") else "default")
+    return {"checks": checks, "on_limit": on_limit, "default_max_tokens": default_max}
+
+
+def _limit(limit: Limit) -> dict[str, Any]:
+    kind, _, rest = limit.key.partition(":")
+    route_layer = "route per tenant" if "/" in rest else "route"
+    source = {"tenant": "tenant", "upstream": "upstream"}.get(kind, route_layer)
+    out: dict[str, Any] = {"key": limit.key, "scope": limit.scope, "from": source}
+    for field in _LIMIT_FIELDS:
+        value = getattr(limit.spec, field)
+        if value is not None:
+            out[field] = value
+    return out
+
+
+def queue_section(ctx: Context) -> dict[str, Any] | None:
+    spec = ctx.route.queue
+    if spec is None:
+        return None
+    source = ctx.policy.queues.get(spec.name)
+    where = f"queues.{spec.name}"
+
+    def field(name: str, value: Any) -> dict[str, Any]:
+        return _value(value, where if _set_in(source, name) else "default")
+
+    return {
+        "name": _value(spec.name, "route"),
+        "concurrency": field("concurrency", spec.concurrency),
+        "max_waiting": field("max_waiting", spec.max_waiting),
+        "max_wait": field("max_wait", format_duration(spec.max_wait)),
+        "ageing": field("ageing", format_duration(spec.ageing) if spec.ageing is not None else None),
+        "heartbeat_while_queued": field("heartbeat_while_queued", spec.heartbeat),
+    }
+
+
+def priority_section(ctx: Context) -> dict[str, Any]:
+    tenant, source, classes = ctx.tenant, ctx.tenant_source, ctx.plan.priorities
+    return {
+        "class": _value(classes[tenant.priority], "tenant" if source.priority else "default (middle class)"),
+        "max_class": _value(
+            classes[tenant.max_priority], "tenant" if source.max_priority else "default (its class)"
+        ),
+        "weight": _value(source.weight, "tenant" if _set_in(source, "weight") else "default"),
+        "classes": list(classes),
+    }
+
+
+def stream_section(ctx: Context) -> dict[str, Any]:
+    spec = ctx.route.stream
+    out = {}
+    for name in ("heartbeat", "slow_client"):
+        value = getattr(spec, name, None) if spec is not None else None
+        if value is not None:
+            out[name] = _value(format_duration(value), "route")
+        else:
+            default = ctx.stream_defaults.get(name)
+            out[name] = _value(format_duration(default) if default is not None else None, "process setting")
+    return out
+
+
+def compiled_section(name: str) -> Callable[[Context], dict[str, Any] | None]:
+    """A section for a route capability read defensively from the compiled route: shown when the
+    route has it, labelled route when the policy wrote it on the route, else policy or default."""
+
+    def section(ctx: Context) -> dict[str, Any] | None:
+        value = getattr(ctx.route, name, None)
+        if value is None or value == () or value == {}:
+            return None
+        if _set_in(ctx.source, name):
+            source = "route"
+        elif _set_in(ctx.policy, name):
+            source = "policy"
+        else:
+            source = "default"
+        return _value(plain(value), source)
+
+    return section
+
+
+def other_section(ctx: Context) -> dict[str, list[dict[str, Any]]] | None:
+    """Anything else written on the route, the tenant or the upstream, labelled with its layer."""
+    covered = _COVERED | {n for n in COMPILED_SECTIONS if getattr(ctx.route, n, None) is not None}
+    layers: list[tuple[str, BaseModel | None]] = [
+        ("route", ctx.source),
+        ("tenant", ctx.tenant_source),
+        ("upstream", ctx.upstream_source),
     ]
-    out: dict[str, Any] = {}
+    out: dict[str, list[dict[str, Any]]] = {}
     for label, model in layers:
-        values = model.model_dump(mode="json", exclude_defaults=True, exclude=_SHOWN)
+        if model is None:
+            continue
+        values = model.model_dump(mode="json", exclude_defaults=True, exclude=covered)
         for field, value in values.items():
-            out.setdefault(field, []).append({"from": label, "value": value})
-    return out
+            out.setdefault(field, []).append(_value(value, label))
+    return out or None
+
+
+SECTIONS: tuple[tuple[str, Callable[[Context], Any]], ...] = (
+    ("route", route_section),
+    ("upstream", upstream_section),
+    ("model_sent_upstream", model_section),
+    ("protocol", protocol_section),
+    ("timeouts", timeouts_section),
+    ("limits", limits_section),
+    ("queue", queue_section),
+    ("priority", priority_section),
+    ("stream", stream_section),
+    *((name, compiled_section(name)) for name in COMPILED_SECTIONS),
+    ("other", other_section),
+)
+
+
+def plain(value: Any) -> Any:
+    """Compiled values (frozen dataclasses, matchers, tuples) as JSON-able data."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.repr}
+    if isinstance(value, Matcher):
+        return list(value.patterns)
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (set, frozenset)):
+        return sorted((plain(v) for v in value), key=str)
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+# --- text ------------------------------------------------------------------------------------------------
 
 
 def format_text(answer: dict[str, Any]) -> str:
-    """A readable rendering for the terminal."""
+    """A readable rendering for the terminal: one line per setting, each with where it came from."""
     lines = [
-        f"request: {answer['request']['path']} model={answer['request']['model']!r}",
-        f"tenant:  {answer['tenant']['name']} (identified by {answer['tenant']['identified_by']})",
+        f"request:  {answer['request']['path']} model={answer['request']['model']!r}",
+        f"tenant:   {answer['tenant']['name']} (identified by {answer['tenant']['identified_by']})",
+        f"policy:   {answer['policy']}",
     ]
     for skip in answer.get("skipped", ()):
         lines.append(f"  skipped route {skip['route']}: {skip['reason']}")
     route = answer.get("route")
     if route is None:
-        lines.append(f"route:   none — {answer.get('why', '')}")
+        lines.append(f"route:    none: {answer.get('why', '')}")
         return "\n".join(lines)
-    up = answer["upstream"]
-    lines += [
-        f"route:   {route['name']} (#{route['index']}): {route['why']}",
-        f"upstream: {up['name']} ({up['provider']}, {up['base_url']}), model sent: {answer['model_sent_upstream']}",
-        f"protocol: {answer['protocol']}",
-        "timeouts: "
-        + ", ".join(f"{k}={v['value']} (from {v['from']})" for k, v in answer["timeouts"].items()),
-    ]
-    for field, entries in answer["settings"].items():
+    lines.append(f"route:    {route['name']} (#{route['index']}): {route['why']}")
+    up = answer.get("upstream")
+    if up is not None:
+        lines.append(
+            f"upstream: {up['name']} ({up['provider']}, {up['base_url']}), "
+            f"pool {up['pool']['max_connections']} connections, keep-alive {up['pool']['keepalive']}"
+        )
+    lines.append(f"model sent upstream: {answer['model_sent_upstream']}")
+    if "protocol" in answer:
+        lines.append(f"protocol: {answer['protocol']}")
+    lines.append("timeouts: " + _pairs(answer["timeouts"]))
+    limits = answer["limits"]
+    lines.append(
+        f"limits:   on_limit={_shown(limits['on_limit'])}, "
+        f"default_max_tokens={_shown(limits['default_max_tokens'])}"
+    )
+    for check in limits["checks"]:
+        numbers = ", ".join(f"{f}={check[f]}" for f in _LIMIT_FIELDS if f in check)
+        lines.append(f"  {check['scope']} [{check['key']}] (from {check['from']}): {numbers}")
+    if not limits["checks"]:
+        lines.append("  no limits apply")
+    if "queue" in answer:
+        queue = answer["queue"]
+        name = queue["name"]["value"]
+        rest = {k: v for k, v in queue.items() if k != "name"}
+        lines.append(f"queue:    {name}: " + _pairs(rest))
+    else:
+        lines.append("queue:    none (no slot limit; sent at once)")
+    priority = answer["priority"]
+    lines.append("priority: " + _pairs({k: v for k, v in priority.items() if k != "classes"}))
+    lines.append("stream:   " + _pairs(answer["stream"]))
+    for name in COMPILED_SECTIONS:
+        if name in answer:
+            value = json.dumps(answer[name]["value"], separators=(", ", ": "))
+            lines.append(f"{name}: {value} (from {answer[name]['from']})")
+    for field, entries in (answer.get("other") or {}).items():
         for entry in entries:
             lines.append(f"{field} (from {entry['from']}): {entry['value']}")
     return "\n".join(lines)
+
+
+def _shown(entry: dict[str, Any]) -> str:
+    value = "unset" if entry["value"] is None else entry["value"]
+    return f"{value} (from {entry['from']})"
+
+
+def _pairs(entries: dict[str, dict[str, Any]]) -> str:
+    return ", ".join(f"{k}={_shown(v)}" for k, v in entries.items())

@@ -22,7 +22,7 @@ from proxy.policy.units import UnsetVariable, interpolate
 
 Loc = tuple[str | int, ...]
 # The sections that are maps of named entries: several files may each add entries.
-_MERGED_MAPS = ("upstreams", "tenants")
+_MERGED_MAPS = ("upstreams", "tenants", "queues")
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,20 +306,40 @@ def _cross_check(policy: Policy, marks: _Marks) -> list[Problem]:
     names: dict[str, int] = {}
     for i, route in enumerate(policy.routes):
         if route.name in names:
-            add(("routes", i, "name"), f"duplicate route name '{route.name}' (first used by routes[{names[route.name]}])")
+            first = names[route.name]
+            add(("routes", i, "name"), f"duplicate route name '{route.name}' (first used by routes[{first}])")
         names.setdefault(route.name, i)
-        if route.upstream not in policy.upstreams:
+        if route.deployments is None and route.upstream not in policy.upstreams:
             add(("routes", i, "upstream"), _undefined("upstream", route.upstream, policy.upstreams))
+        for j, deployment in enumerate(route.deployments or ()):
+            if deployment.upstream not in policy.upstreams:
+                loc = ("routes", i, "deployments", j, "upstream")
+                add(loc, _undefined("upstream", deployment.upstream, policy.upstreams))
         for j, tenant in enumerate(route.match.tenants or ()):
             if tenant not in policy.tenants:
                 add(("routes", i, "match", "tenants", j), _undefined("tenant", tenant, policy.tenants))
+        if route.queue is not None and route.queue not in policy.queues:
+            add(("routes", i, "queue"), _undefined("queue", route.queue, policy.queues))
+    for i, route in enumerate(policy.routes):
+        for j, fallback in enumerate(route.fallbacks):
+            if fallback not in names:
+                add(("routes", i, "fallbacks", j), _undefined("route", fallback, names))
+    classes = policy.priorities
+    for name, rule in policy.tenants.items():
+        for key in ("priority", "max_priority"):
+            value = getattr(rule, key)
+            if value is not None and value not in classes:
+                add(("tenants", name, key), f"unknown priority class '{value}' (priorities: {', '.join(classes)})")
+        own, top = rule.priority, rule.max_priority
+        if own in classes and top in classes and classes.index(top) > classes.index(own):
+            add(("tenants", name, "max_priority"), f"'{top}' is below the tenant's own priority '{own}'")
     ident = policy.identify
     if ident.tenant is not None and ident.tenant not in policy.tenants:
         add(("identify", "tenant"), _undefined("tenant", ident.tenant, policy.tenants))
     owners: dict[str, str] = {}
-    for name, tenant in policy.tenants.items():
-        for j, key in enumerate(tenant.keys):
-            secret = key.get_secret_value()
+    for name, rule in policy.tenants.items():
+        for j, tenant_key in enumerate(rule.keys):
+            secret = tenant_key.get_secret_value()
             if secret in owners:
                 add(("tenants", name, "keys", j), f"this key is also a key of tenant '{owners[secret]}'")
             owners.setdefault(secret, name)

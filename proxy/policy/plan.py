@@ -39,6 +39,78 @@ class StreamSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class BatchRule:
+    """A route's embeddings batching (proxy/batcher.py)."""
+
+    max_items: int = 256
+    max_tokens: int = 100_000
+    max_wait: float = 0.010
+    cross_tenant: bool = False
+
+
+DEFAULT_RETRY_STATUSES = frozenset({429, 500, 502, 503, 504, 529})
+
+
+@dataclass(frozen=True, slots=True)
+class RetrySpec:
+    """A route's retry behaviour (README: Retries, timeouts, circuit breakers and fallbacks)."""
+
+    attempts: int = 1
+    """Upstream calls per pool, the first one included. 1 (no retries) unless the policy says so, as in
+    Envoy: a proxy that retries behind the SDK's own retries multiplies calls."""
+    statuses: frozenset[int] = DEFAULT_RETRY_STATUSES
+    connect_errors: bool = True
+    timeouts: bool = False
+    """Timeouts before the response headers (the first byte) only; off by default: a generation that ran
+    past first_token once tends to do it again, at the upstream's cost each time."""
+    backoff_base: float = 0.25
+    backoff_max: float = 5.0
+    max_retry_after: float = 2.0
+    """Longest upstream hint (retry-after, reset headers) waited out; a longer one moves to another deployment."""
+    budget_percent: float = 20.0
+    """Retries in flight to an upstream may be at most this share of its active requests ..."""
+    budget_min: int = 3
+    """... or this many, whichever is larger."""
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerSpec:
+    """Circuit breaker of each deployment of an upstream; 0 turns a trigger off."""
+
+    consecutive_failures: int = 10
+    """Envoy uses 5; at a few hundred calls a second a deployment failing a quarter of them would trip
+    that by chance (0.25**5 is about 1/1000), 10 does not (about 1/10**6)."""
+    failure_ratio: float = 0.5
+    min_requests: int = 20
+    window: float = 30.0
+    cooldown: float = 5.0
+    """First open period; doubles with each re-opening, up to max_cooldown."""
+    max_cooldown: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class PacingSpec:
+    enabled: bool = True
+    max_hold: float = 60.0
+    """Longest hold a reset hint can put on a deployment."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentSpec:
+    """One member of a route's pool: an upstream, the model name it is sent, and its share."""
+
+    id: str
+    """`upstream` or `upstream/model`: names its breaker, pacing and load state (shared by routes)."""
+    upstream: str
+    model: str | None = None
+    weight: float = 1.0
+    timeouts: TimeoutSpec = TimeoutSpec()
+    """connect and first_token apply per attempt (inherited from this deployment's upstream)."""
+    breaker: BreakerSpec = BreakerSpec()
+    pacing: PacingSpec = PacingSpec()
+
+
+@dataclass(frozen=True, slots=True)
 class MockFaultPlan:
     kind: Literal["status", "stall", "drop"]
     probability: float
@@ -170,6 +242,13 @@ class RouteRule:
     queue: QueueSpec | None = None
     default_max_tokens: int = 1024
     stream: StreamSpec | None = None
+    batch: BatchRule | None = None
+    deployments: tuple[DeploymentSpec, ...] = ()
+    """The pool; the shorthand `upstream:` + `model:` compiles to one deployment."""
+    balance: Literal["weighted", "least_outstanding"] = "weighted"
+    retry: RetrySpec = RetrySpec()
+    fallbacks: tuple[str, ...] = ()
+    """Route names tried in order, within the same deadline, once this route's pool gives up."""
 
     def matches(self, path: str, model: str, tenant: str) -> bool:
         return (
@@ -196,6 +275,22 @@ class IdentifySpec:
     tenant: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class StateRule:
+    """The limiter store: `memory` (this process) or `redis` (shared by replicas; see admission/redis.py)."""
+
+    backend: Literal["memory", "redis"] = "memory"
+    url: str | None = field(default=None, repr=False)
+    """May carry a password: never printed."""
+    key_prefix: str = "signalbox"
+    timeout: float = 0.05
+    expected_replicas: int = 1
+    lease_ttl: float = 30.0
+    max_connections: int = 64
+    breaker_failures: int = 3
+    breaker_cooldown: float = 1.0
+
+
 def key_digest(key: str) -> str:
     """Keys are indexed by digest so the plan (and anything that prints it) never holds them."""
     return hashlib.sha256(key.encode()).hexdigest()
@@ -214,6 +309,10 @@ class Plan:
     _cache: dict[tuple[str, str, str], RouteRule | None] = field(default_factory=dict, repr=False, compare=False)
     priorities: tuple[str, ...] = ("standard",)
     queues: Mapping[str, QueueSpec] = field(default_factory=dict)
+    routes_by_name: Mapping[str, RouteRule] = field(default_factory=dict, repr=False)
+    """For fallbacks."""
+    state: StateRule = field(default_factory=StateRule)
+    """Where limit counters live; read once at start-up (the store outlives plan swaps)."""
 
     def tenant_for_key(self, key: str) -> TenantRule | None:
         name = self.key_index.get(key_digest(key))

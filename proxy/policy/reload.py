@@ -2,9 +2,14 @@
 
 Triggers: a watcher that polls the policy directory's content digest (a ConfigMap update swaps a
 `..data` symlink, so file inodes and mtimes are not reliable; hashing a few small files every
-couple of seconds is), SIGHUP, and `POST /admin/reload`. Requests in flight keep the plan object
-they started with; state keyed by name (limiters, queues, upstream pools) is re-configured by the
-listeners, not reset.
+couple of seconds is, and needs no inotify library that a read-only ConfigMap mount defeats
+anyway), SIGHUP, and `POST /admin/reload`. Requests in flight keep the plan object they started
+with; state keyed by name (limiters, queues, upstream pools) is re-configured by the listeners,
+not reset.
+
+Two kinds of listener: `on_change` runs before the swap and may refuse the plan by raising (it
+prepares things that can fail, such as opening pools for new upstreams); `on_swap` runs right
+after it and must not fail (it hands the new numbers to limiters and queues).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from proxy.policy.compile import compile_plan
-from proxy.policy.load import LoadedPolicy, PolicyError, load_policy, policy_files
+from proxy.policy.load import LoadedPolicy, PolicyError, Problem, load_policy, policy_files
 from proxy.policy.plan import Plan
 
 log = logging.getLogger("signalbox.policy")
@@ -33,11 +38,29 @@ class ReloadStatus:
     source: str
     digest: str
     version: int = 1
+    """1 for the policy the process started with, +1 for every reload that swapped a new plan in."""
     loaded_at: float = field(default_factory=time.time)
     last_attempt_at: float | None = None
-    last_error: list[str] | None = None
+    last_trigger: str | None = None
+    last_error: list[Problem] | None = None
+    """Why the last attempt was refused (each problem with its file:line), None once a good version
+    (or the serving one) is read again."""
+    failed_digest: str | None = None
+    """The source digest of the refused version, so an operator can tell which edit it was."""
     failures: int = 0
     successes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadResult:
+    changed: bool
+    """A new plan is serving."""
+    problems: tuple[Problem, ...] = ()
+    """Why the new files were refused (empty when they were not)."""
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.problems)
 
 
 def source_digest(path: Path) -> str:
@@ -58,56 +81,86 @@ class Reloader:
         self.source = source
         self.loaded = loaded
         self._swap = swap
-        self._listeners: list[Listener] = []
+        self._prepare: list[Listener] = []
+        self._commit: list[Listener] = []
         self._lock = asyncio.Lock()
         self.status = ReloadStatus(str(source), loaded.digest)
 
     def on_change(self, listener: Listener) -> None:
-        """Called with the new plan before it is swapped in (e.g. to open pools for new upstreams)."""
-        self._listeners.append(listener)
+        """Called with the new plan before it is swapped in; raising refuses the plan."""
+        self._prepare.append(listener)
 
-    async def reload(self, *, force: bool = False) -> bool:
-        """Returns True when a new plan is active, False when nothing changed or the new files are bad."""
+    def on_swap(self, listener: Listener) -> None:
+        """Called with the new plan right after it is swapped in (reconfigure state kept by name)."""
+        self._commit.append(listener)
+
+    async def reload(self, *, force: bool = False, trigger: str = "manual") -> ReloadResult:
+        """Load, validate, compile and swap. Unchanged files (same digest) are a no-op unless `force`."""
         async with self._lock:
             self.status.last_attempt_at = time.time()
+            self.status.last_trigger = trigger
             try:
                 loaded = await asyncio.to_thread(load_policy, self.source)
                 if loaded.digest == self.loaded.digest and not force:
-                    self.status.last_error = None  # back to the serving version: nothing is wrong any more
-                    return False
+                    self._clear_error()  # back to the serving version: nothing is wrong any more
+                    return ReloadResult(False)
                 plan = compile_plan(loaded)
-                for listener in self._listeners:
+                for listener in self._prepare:
                     await listener(plan, loaded)
             except PolicyError as exc:
-                self._failed([str(p) for p in exc.problems])
-                return False
+                return await self._failed(exc.problems)
             except Exception as exc:  # a reload must never take the serving plan down
                 log.exception("policy reload failed")
-                self._failed([f"{type(exc).__name__}: {exc}"])
-                return False
+                return await self._failed([Problem(None, "", f"{type(exc).__name__}: {exc}")])
             self._swap(plan)
             self.loaded = loaded
-            self.status.digest = loaded.digest
-            self.status.version += 1
-            self.status.loaded_at = time.time()
-            self.status.last_error = None
-            self.status.successes += 1
-            log.info("policy reloaded: version %d, digest %s", self.status.version, loaded.digest[:12])
-            return True
+            status = self.status
+            status.digest = loaded.digest
+            status.version += 1
+            status.loaded_at = time.time()
+            status.successes += 1
+            self._clear_error()
+            for listener in self._commit:
+                try:
+                    await listener(plan, loaded)
+                except Exception:  # the plan is serving already; say so loudly, keep going
+                    log.exception("reconfiguring after the policy swap failed")
+            log.info(
+                "policy reloaded (%s): version %d, digest %s", trigger, status.version, loaded.digest[:12]
+            )
+            return ReloadResult(True)
 
-    def _failed(self, problems: list[str]) -> None:
-        self.status.failures += 1
-        if problems != self.status.last_error:
+    def _clear_error(self) -> None:
+        self.status.last_error = None
+        self.status.failed_digest = None
+
+    async def _failed(self, problems: list[Problem]) -> ReloadResult:
+        status = self.status
+        status.failures += 1
+        if problems != status.last_error:  # one log burst per bad version, not one per poll
             for problem in problems:
-                log.error("policy reload rejected, still serving version %d: %s", self.status.version, problem)
-        self.status.last_error = problems
+                log.error("policy reload rejected, still serving version %d: %s", status.version, problem)
+        try:
+            failed_digest: str | None = await asyncio.to_thread(source_digest, self.source)
+        except OSError:
+            failed_digest = None
+        # Both at once (no await between): a reader never sees the new error with the old digest.
+        status.last_error, status.failed_digest = list(problems), failed_digest
+        return ReloadResult(False, tuple(problems))
 
-    async def watch(self, interval: float = 2.0, reload: Callable[[], Awaitable[bool]] | None = None) -> None:
-        """Poll the directory's digest; reload (via `reload`, default `self.reload`) when it changes."""
-        seen = await asyncio.to_thread(source_digest, self.source)
+    async def watch(self, interval: float, reload: Callable[[], Awaitable[object]]) -> None:
+        """Poll the directory's digest every `interval` seconds; call `reload` when it changes.
+
+        A refused version is tried once: the next attempt comes with the next change (or SIGHUP).
+        """
+        seen = self.loaded.digest  # files changed between start-up and now count as a change
         while True:
             await asyncio.sleep(interval)
-            current = await asyncio.to_thread(source_digest, self.source)
+            try:
+                current = await asyncio.to_thread(source_digest, self.source)
+            except OSError as exc:  # the directory is being swapped or is gone: look again later
+                log.warning("policy watch: cannot read %s: %s", self.source, exc)
+                continue
             if current != seen:
                 seen = current
-                await (reload() if reload is not None else self.reload())
+                await reload()

@@ -7,7 +7,7 @@ optional fields, so older policy files keep validating.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
@@ -91,6 +91,90 @@ class MockSpec(Strict):
     seed: int | None = None
 
 
+# --- resilience: retries, breakers, pacing, pools (README: Retries, timeouts, circuit breakers and fallbacks)
+
+NEVER_RETRIED = frozenset({400, 401, 403, 404, 413, 422})
+RetryOutcome = int | Literal["connect_error", "timeout"]
+
+
+class Backoff(Strict):
+    base: Duration | None = None
+    """Full-jitter exponential backoff: retry n waits a random time in [0, min(max, base x 2^n)). Default 250ms."""
+    max: Duration | None = None
+    """Default 5s."""
+
+
+class RetryBudget(Strict):
+    """Retries in flight to one upstream are capped at `percent` of its active requests, at least
+    `min_retries` (Envoy's retry budget), so an outage cannot turn into a retry storm."""
+
+    percent: float | None = Field(default=None, ge=0, le=100)
+    """Default 20."""
+    min_retries: int | None = Field(default=None, ge=0, le=100_000)
+    """Default 3."""
+
+
+class Retry(Strict):
+    """Retry behaviour, in one place: on the policy (defaults for every route) and on a route; for each
+    field the route's setting wins, then the policy's, then the built-in default."""
+
+    attempts: int | None = Field(default=None, ge=1, le=10)
+    """Upstream calls per pool, the first included. Default 1: no retries until a policy asks (3 is usual)."""
+    retry_on: list[RetryOutcome] | None = None
+    """What is retried (Envoy's name; a bare `on` would be a YAML boolean). Default
+    [429, 500, 502, 503, 504, 529, connect_error]; add `timeout` to retry timeouts before the first byte."""
+    backoff: Backoff | None = None
+    max_retry_after: Duration | None = None
+    """Longest upstream hint (retry-after, rate-limit reset) the proxy waits out. Default 2s; a longer
+    hint moves the retry to another deployment (or relays the answer)."""
+    budget: RetryBudget | None = None
+
+    @field_validator("retry_on")
+    @classmethod
+    def _retriable(cls, value: list[int | str] | None) -> list[int | str] | None:
+        for item in value or ():
+            if isinstance(item, int) and (item in NEVER_RETRIED or not 400 <= item <= 599):
+                raise ValueError(
+                    f"{item} is not retriable: list 408, 409, 429 or 5xx statuses, connect_error or timeout "
+                    "(400, 401, 403, 404, 413 and 422 are always relayed at once)"
+                )
+        return value
+
+
+class Breaker(Strict):
+    """Circuit breaker for each deployment of an upstream (set on the policy for all, or on an upstream;
+    per field the upstream wins). Failures: 5xx (529 included), connect errors, timeouts."""
+
+    consecutive_failures: int | None = Field(default=None, ge=0, le=10_000)
+    """Open after this many failures in a row (0: off). Default 10."""
+    failure_ratio: float | None = Field(default=None, ge=0, le=1)
+    """Open when this share of calls in `window` failed (0: off). Default 0.5."""
+    min_requests: int | None = Field(default=None, ge=1, le=1_000_000)
+    """Calls in `window` before the ratio counts. Default 20."""
+    window: Duration | None = None
+    """Default 30s."""
+    cooldown: Duration | None = None
+    """Open time before one probe is let through; doubles at each re-opening. Default 5s."""
+    max_cooldown: Duration | None = None
+    """Default 5m."""
+
+
+class Pacing(Strict):
+    """Adaptive pacing: after a 429 with a reset hint, or a response reporting no requests/tokens left,
+    hold new dispatches to that deployment until the reset instead of sending sure rejections."""
+
+    enabled: bool = True
+    max_hold: Duration = 60.0
+
+
+class Deployment(Strict):
+    upstream: str
+    model: str | None = None
+    """The model name sent to this upstream (a rewrite); unset: the client's."""
+    weight: float = Field(default=1.0, gt=0, le=1000)
+    """Share of traffic under `balance: weighted`; divides the outstanding count under least_outstanding."""
+
+
 class Upstream(Strict):
     provider: Literal["openai", "anthropic", "mock"]
     base_url: str | None = None
@@ -107,6 +191,8 @@ class Upstream(Strict):
     mock: MockSpec | None = None
     limits: Limits | None = None
     """Protects the vendor key's own quota: counts every request routed to this upstream."""
+    breaker: Breaker | None = None
+    pacing: Pacing = Field(default_factory=Pacing)
 
     @model_validator(mode="after")
     def _base_url_matches_provider(self) -> Upstream:
@@ -173,12 +259,53 @@ class StreamOptions(Strict):
         return value
 
 
+class Batch(Strict):
+    """Coalesce concurrent embedding calls into one upstream call (README: Batching embeddings)."""
+
+    max_items: int = Field(default=256, ge=1, le=2048)
+    """Inputs in one upstream call (OpenAI accepts at most 2,048)."""
+    max_tokens: int = Field(default=100_000, ge=1, le=10_000_000)
+    """Estimated tokens in one upstream call (OpenAI accepts at most 300,000)."""
+    max_wait: Duration = 0.010
+    """Longest a call waits for others to join before its batch is sent."""
+    cross_tenant: bool = False
+    """Let different tenants' inputs share one upstream call (off: batch within a tenant only)."""
+
+    @field_validator("max_wait")
+    @classmethod
+    def _bounded_wait(cls, value: float) -> float:
+        if value > 10:
+            raise ValueError("max_wait must be at most 10s: every batched call waits up to this long")
+        return value
+
+
+def _embedding_paths(path: str | list[str]) -> bool:
+    paths = [path] if isinstance(path, str) else path
+    return bool(paths) and all(p.endswith("/embeddings") and not any(c in p for c in "*?[") for p in paths)
+
+
+def _upstream_optional(schema: dict[str, Any]) -> None:
+    """In the JSON Schema `upstream` is optional: a route may give `deployments` instead."""
+    required = schema.get("required")
+    if isinstance(required, list) and "upstream" in required:
+        required.remove("upstream")
+
+
 class Route(Strict):
+    model_config = ConfigDict(json_schema_extra=_upstream_optional)
+
     name: str = Field(pattern=NAME_PATTERN)
     match: Match = Field(default_factory=Match)
     upstream: str
+    """Shorthand for a pool of one deployment (with `model`); with `deployments` it is left out and
+    filled in with the first deployment's upstream."""
     model: str | None = None
     """Rewrite the request's model to this name before sending it upstream."""
+    deployments: list[Deployment] | None = Field(default=None, min_length=1)
+    balance: Literal["weighted", "least_outstanding"] = "weighted"
+    retry: Retry | None = None
+    fallbacks: list[str] = Field(default_factory=list)
+    """Route names tried in order (same deadline) once this route's pool has given up or is all open."""
     timeouts: Timeouts = Field(default_factory=Timeouts)
     limits: RouteLimits | None = None
     on_limit: Literal["reject", "queue"] = "reject"
@@ -187,11 +314,90 @@ class Route(Strict):
     """The named queue (see `queues`) this route's requests wait in for a slot."""
     tokens: TokenSettings = Field(default_factory=TokenSettings)
     stream: StreamOptions | None = None
+    batch: Batch | None = None
+    """Merge concurrent embedding calls into one upstream call; only on embedding paths."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pool_or_shorthand(cls, data: Any) -> Any:
+        """`upstream` (+ `model`) or `deployments`, not both; `upstream` names the first deployment's."""
+        if not isinstance(data, dict) or data.get("deployments") is None:
+            return data
+        if data.get("upstream") or data.get("model") is not None:
+            raise ValueError("give either `upstream` (with `model`) or `deployments`, not both")
+        pool = data["deployments"]
+        first = pool[0] if isinstance(pool, list) and pool else None
+        if isinstance(first, dict) and isinstance(first.get("upstream"), str):
+            return {**data, "upstream": first["upstream"]}
+        return data
+
+    @model_validator(mode="after")
+    def _not_own_fallback(self) -> Route:
+        if self.name in self.fallbacks:
+            raise ValueError("a route cannot be its own fallback")
+        return self
 
     @model_validator(mode="after")
     def _queue_for_waits(self) -> Route:
         if self.on_limit == "queue" and self.queue is None:
             raise ValueError("on_limit: queue needs `queue: <name>`: that queue's max_wait bounds the wait")
+        return self
+
+    @model_validator(mode="after")
+    def _batch_on_embeddings(self) -> Route:
+        if self.batch is not None and not _embedding_paths(self.match.path):
+            raise ValueError(
+                "batch applies only to embeddings: set match.path to /v1/embeddings "
+                "(only embedding calls can be merged into one upstream call)"
+            )
+        return self
+
+
+REDIS_SCHEMES = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel", "redis+cluster", "rediss+cluster")
+
+
+class StateBreaker(Strict):
+    """The limiter store's own circuit breaker (Redis only)."""
+
+    failures: int = Field(default=3, ge=1, le=100)
+    """Consecutive failed Redis calls that switch the proxy to local limits."""
+    cooldown: Duration = 1.0
+    """How long to stay on local limits before Redis is tried again (one probe at a time)."""
+
+
+class State(Strict):
+    """Where limit counters live (read at start-up; changing it needs a restart). `memory`: in this
+    process. `redis`: shared by every replica that names the same Redis and `key_prefix`."""
+
+    backend: Literal["memory", "redis"] = "memory"
+    url: str | None = None
+    """`redis://[user:pass@]host:6379/0`, `rediss://...` (TLS), `unix:///path`,
+    `redis+sentinel://host:26379[,host:port]/<service>[/db]`, `redis+cluster://host:port[,host:port]`.
+    Write `${REDIS_URL}` to keep passwords out of the policy."""
+    key_prefix: str = Field(default="signalbox", pattern=r"^[A-Za-z0-9_.:\-]+$")
+    timeout: Duration = 0.05
+    """Longest one Redis call may take before the request falls back to local limits."""
+    expected_replicas: int = Field(default=1, ge=1, le=100_000)
+    """Replicas sharing the limits: while Redis is unreachable each applies limit ÷ this locally."""
+    lease_ttl: Duration = 30.0
+    """Concurrency leases expire after this unless renewed (every third of it) by a live replica."""
+    max_connections: int = Field(default=64, ge=1, le=10_000)
+    breaker: StateBreaker = Field(default_factory=StateBreaker)
+
+    @model_validator(mode="after")
+    def _redis_needs_url(self) -> State:
+        if self.backend == "memory":
+            return self
+        if not self.url:
+            raise ValueError("backend redis needs `url` (for example url: ${REDIS_URL})")
+        scheme = self.url.partition("://")[0].lower() if "://" in self.url else ""
+        if scheme not in REDIS_SCHEMES:
+            # Never echo the URL: it may carry a password.
+            raise ValueError(f"url must start with one of {', '.join(s + '://' for s in REDIS_SCHEMES)}")
+        if not 0 < self.timeout <= 5:
+            raise ValueError("timeout must be more than 0s and at most 5s (tens of ms is usual)")
+        if self.lease_ttl < 0.2:
+            raise ValueError("lease_ttl must be at least 200ms")
         return self
 
 
@@ -209,6 +415,14 @@ class Policy(Strict):
     priorities: list[str] = Field(default_factory=lambda: ["standard"], min_length=1)
     """Priority classes, highest first."""
     queues: dict[str, Queue] = Field(default_factory=dict)
+    retry: Retry = Field(default_factory=Retry)
+    """Retry defaults for every route (a route's `retry` fields win)."""
+    breaker: Breaker = Field(default_factory=Breaker)
+    """Circuit-breaker defaults for every upstream (an upstream's `breaker` fields win)."""
+    # Names used across sections (upstreams, tenants, queues, priority classes) are checked by the
+    # loader (policy/load.py `_cross_check`), which knows each value's file:line.
+    state: State = Field(default_factory=State)
+    """Where limit counters live: this process (memory) or Redis shared by replicas."""
 
     @field_validator("upstreams", "tenants", "queues")
     @classmethod
@@ -231,25 +445,3 @@ class Policy(Strict):
         if len(set(value)) != len(value):
             raise ValueError("priority classes must be unique")
         return value
-
-    @model_validator(mode="after")
-    def _references(self) -> Policy:
-        """Names used by tenants and routes must exist (queues, priority classes)."""
-        classes = self.priorities
-        problems = []
-        for name, tenant in self.tenants.items():
-            wanted = {"priority": tenant.priority, "max_priority": tenant.max_priority}
-            for key, value in wanted.items():
-                if value is not None and value not in classes:
-                    known = ", ".join(classes)
-                    problems.append(f"tenants.{name}.{key}: unknown class '{value}' (priorities: {known})")
-            own, top = tenant.priority, tenant.max_priority
-            if own in classes and top in classes and classes.index(top) > classes.index(own):
-                problems.append(f"tenants.{name}.max_priority: '{top}' is below its priority '{own}'")
-        for i, route in enumerate(self.routes):
-            if route.queue is not None and route.queue not in self.queues:
-                known = ", ".join(sorted(self.queues)) or "none defined"
-                problems.append(f"routes[{i}].queue: undefined queue '{route.queue}' (queues: {known})")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self

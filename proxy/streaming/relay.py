@@ -13,10 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
-
-from collections.abc import Callable
 
 import aiohttp
 import orjson
@@ -24,7 +23,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.call import Call
-from proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnreachable, stream_error_frame
+from proxy.errors import ProxyError, SlowClient, UpstreamTimeout, UpstreamUnreachable, stream_error_frame
 from proxy.policy.plan import StreamSpec, TimeoutSpec
 from proxy.providers.exchange import StreamTranslator
 from proxy.streaming.sse import DONE, SSEDecoder, SSEEvent, encode_comment
@@ -65,7 +64,7 @@ class _Watch:
         self.last_write = now
         self.last_event = now
         self.first_event = False
-        self.writing = False
+        self.writing = 0  # writes in progress: the relay's and a heartbeat's may overlap
         self.write_started = now
         self.failure: ProxyError | None = None
 
@@ -80,7 +79,7 @@ async def respond_whole(
     (protocol translation, or an upstream error shape normalised)."""
     try:
         body = await upstream.read()
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError) as exc:
         raise _read_failure(call, exc) from None
     finally:
         upstream.release()
@@ -143,6 +142,9 @@ async def respond_stream(
         call.client_gone = True
     finally:
         dog.cancel()
+        if isinstance(watch.failure, SlowClient):
+            call.client_gone = True
+            call.error = watch.failure.reason  # told apart from a client that simply left
         if not ended:
             upstream.close()  # a broken or abandoned stream: the upstream must stop generating now
         if open_streams is not None:
@@ -232,14 +234,16 @@ async def _pump(
             if not out:
                 continue
             watch.last_event = time.monotonic()
-            watch.first_event = True
+            if not watch.first_event:
+                watch.first_event = True
+                call.mark("first_token")  # time to first token, for its histogram
             call.events_relayed += len(out)
             data = out[0] if len(out) == 1 else b"".join(out)
             call.bytes_out += len(data)
             await _write(response, data, watch)
             if done:
                 return
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError) as exc:
         if watch.failure is None:
             watch.failure = _read_failure(call, exc)
         return
@@ -268,12 +272,13 @@ async def _pump(
 
 
 async def _write(response: web.StreamResponse, data: bytes, watch: _Watch) -> None:
-    watch.writing = True
-    watch.write_started = time.monotonic()
+    if not watch.writing:
+        watch.write_started = time.monotonic()  # the oldest write still blocked is what a slow client is judged by
+    watch.writing += 1
     try:
         await response.write(data)
     finally:
-        watch.writing = False
+        watch.writing -= 1
         watch.last_write = time.monotonic()
 
 
@@ -292,7 +297,7 @@ async def _watchdog(
     while True:
         now = time.monotonic()
         if watch.writing and now - watch.write_started >= settings.slow_client:
-            watch.failure = ProxyError("client stopped reading; stream ended by the slow-client limit")
+            watch.failure = SlowClient("client stopped reading; stream ended by the slow-client limit")
             upstream.close()
             if request.transport is not None:
                 request.transport.abort()  # the blocked write then fails and the relay loop ends

@@ -16,6 +16,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from proxy.call import Call
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_REDIS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
 class Metrics:
@@ -57,6 +59,10 @@ class Metrics:
             registry=r,
         )
         self.reload_success.set(1)
+        self.reloads = Counter(
+            "signalbox_policy_reloads", "Policy reload attempts, by trigger (watch, sighup, admin) and result "
+            "(applied, unchanged, rejected).", ["trigger", "result"], registry=r,
+        )
         # Admission and the scheduler. Gauges are set at scrape time (see `before_scrape`), never per request.
         self.queue_length = Gauge(
             "signalbox_queue_length", "Requests waiting for a slot, by queue and priority class.",
@@ -85,6 +91,87 @@ class Metrics:
             "signalbox_limiter_remaining", "What is left of a limit this minute (or concurrent slots free).",
             ["tenant", "limit"], registry=r,
         )
+        # The shared limiter store (Redis): fed per Redis call; the degraded gauge changes with the state.
+        self.limiter_degraded = Gauge(
+            "signalbox_limiter_degraded", "1 while the shared limiter store (Redis) is unreachable and each "
+            "replica applies local limits (limit / expected_replicas); 0 when limits are shared or local by design.",
+            registry=r,
+        )
+        self.redis_call = Histogram(
+            "signalbox_redis_call_seconds", "Round trips to the limiter store's Redis, by operation (acquire, "
+            "settle, release, leases, snapshot, probe).", ["op"], buckets=_REDIS_BUCKETS, registry=r,
+        )
+        self.redis_errors = Counter(
+            "signalbox_redis_errors", "Limiter store calls to Redis that failed, by operation and kind "
+            "(timeout, connection, response, ...).", ["op", "kind"], registry=r,
+        )
+        # The batcher (embeddings coalescing), fed once per flush and once per batched caller.
+        self.batch_callers = Histogram(
+            "signalbox_batch_callers", "Callers that shared one batched upstream call, by route.",
+            ["route"], buckets=_BATCH_BUCKETS, registry=r,
+        )
+        self.batch_inputs = Histogram(
+            "signalbox_batch_inputs", "Inputs sent in one batched upstream call, by route.",
+            ["route"], buckets=_BATCH_BUCKETS, registry=r,
+        )
+        self.batch_flushes = Counter(
+            "signalbox_batch_flushes", "Batches sent, by route and reason (full, timeout, alone: a call "
+            "that could not be merged).", ["route", "reason"], registry=r,
+        )
+        self.batch_wait = Histogram(
+            "signalbox_batch_wait_seconds", "Time a call waited for others to join its batch.",
+            ["route"], buckets=(0.0005, 0.001, 0.0025, *_LATENCY_BUCKETS[:8]), registry=r,
+        )
+        self.batch_saved = Counter(
+            "signalbox_batch_upstream_calls_saved", "Upstream calls batching avoided (callers minus one per "
+            "merged call).", ["route"], registry=r,
+        )
+        self.batch_splits = Counter(
+            "signalbox_batch_splits", "Merged calls re-sent in two parts after a 400-class answer (bisect).",
+            ["route"], registry=r,
+        )
+        # Upstream resilience (proxy/upstream): per attempt from the Call, state gauges at scrape time,
+        # transitions and rare events (retry, budget, fallback) when they happen.
+        self.upstream_requests = Counter(
+            "signalbox_upstream_requests", "Upstream attempts, by deployment and status (or upstream_timeout, "
+            "upstream_unreachable, cancelled when no response came).", ["deployment", "status"], registry=r,
+        )
+        self.upstream_latency = Histogram(
+            "signalbox_upstream_latency_seconds", "Time from sending an attempt to its response headers (or "
+            "its failure), by deployment.", ["deployment"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.ttft = Histogram(
+            "signalbox_time_to_first_token_seconds", "Streams: time from arrival to the first event relayed.",
+            ["route"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.retries = Counter(
+            "signalbox_upstream_retries", "Retries started, by route and the outcome retried (a status, "
+            "connect_error or timeout).", ["route", "reason"], registry=r,
+        )
+        self.retry_budget_exhausted = Counter(
+            "signalbox_retry_budget_exhausted", "Retries refused by an upstream's retry budget.",
+            ["upstream"], registry=r,
+        )
+        self.fallbacks = Counter(
+            "signalbox_fallbacks", "Fallback routes tried after a route's pool gave up.",
+            ["route", "fallback"], registry=r,
+        )
+        self.circuit_open = Gauge(
+            "signalbox_upstream_circuit_open", "1 while the deployment's circuit breaker is open or "
+            "half-open (probing), 0 when closed.", ["deployment"], registry=r,
+        )
+        self.circuit_transitions = Counter(
+            "signalbox_upstream_circuit_transitions", "Circuit breaker transitions, by deployment and new state "
+            "(open, half_open, closed).", ["deployment", "state"], registry=r,
+        )
+        self.upstream_outstanding = Gauge(
+            "signalbox_upstream_outstanding", "Requests sent to the deployment and not yet fully relayed.",
+            ["deployment"], registry=r,
+        )
+        self.pacing_hold = Gauge(
+            "signalbox_upstream_pacing_hold_seconds", "Seconds until adaptive pacing lets new requests reach "
+            "the deployment (0: not held).", ["deployment"], registry=r,
+        )
         self.before_scrape: list[Callable[[], Awaitable[None]]] = []
         """Refreshers for state gauges (queues, limiters), awaited at each scrape."""
         self._children: dict[tuple[Any, ...], Any] = {}
@@ -110,6 +197,13 @@ class Metrics:
             self._child(self.client_gone, route).inc()
         if call.events_relayed:
             self._child(self.stream_events, route).inc(call.events_relayed)
+        for attempt in call.attempts:
+            status = str(attempt.status) if attempt.status else attempt.error or "error"
+            self._child(self.upstream_requests, attempt.upstream, status).inc()
+            self._child(self.upstream_latency, attempt.upstream).observe(attempt.duration)
+        first = call.marks.get("first_token")
+        if first is not None:
+            self._child(self.ttft, route).observe(first)
 
     def set_policy(self, digest: str) -> None:
         self.policy_version.clear()
@@ -121,8 +215,55 @@ class Metrics:
     def count_tokens(self, tenant: str, kind: str, amount: int) -> None:
         self._child(self.tokens, tenant, kind).inc(amount)
 
+    def redis_called(self, op: str, seconds: float) -> None:
+        self._child(self.redis_call, op).observe(seconds)
+
+    def redis_failed(self, op: str, kind: str) -> None:
+        self._child(self.redis_errors, op, kind).inc()
+
     def queue_waited(self, queue: str, seconds: float) -> None:
         self._child(self.queue_wait, queue).observe(seconds)
+
+    def batch_flushed(self, route: str, reason: str, callers: int, inputs: int) -> None:
+        self._child(self.batch_flushes, route, reason).inc()
+        self._child(self.batch_callers, route).observe(callers)
+        self._child(self.batch_inputs, route).observe(inputs)
+        if callers > 1:
+            self._child(self.batch_saved, route).inc(callers - 1)
+
+    def batch_waited(self, route: str, seconds: float) -> None:
+        self._child(self.batch_wait, route).observe(seconds)
+
+    def batch_split(self, route: str) -> None:
+        self._child(self.batch_splits, route).inc()
+
+    def retried(self, route: str, reason: str) -> None:
+        self._child(self.retries, route, reason).inc()
+
+    def budget_exhausted(self, upstream: str) -> None:
+        self._child(self.retry_budget_exhausted, upstream).inc()
+
+    def fallback(self, route: str, fallback: str) -> None:
+        self._child(self.fallbacks, route, fallback).inc()
+
+    def circuit_changed(self, deployment: str, state: str, transition: bool = True) -> None:
+        self._child(self.circuit_open, deployment).set(0 if state == "closed" else 1)
+        if transition:
+            self._child(self.circuit_transitions, deployment, state).inc()
+
+    def deployment_gauges(self, deployment: str, outstanding: int, hold: float, circuit_open: bool) -> None:
+        self._child(self.upstream_outstanding, deployment).set(outstanding)
+        self._child(self.pacing_hold, deployment).set(hold)
+        self._child(self.circuit_open, deployment).set(1 if circuit_open else 0)
+
+    def forget_deployment(self, deployment: str) -> None:
+        """A reload removed the deployment: drop its state gauges (counters keep their history)."""
+        for metric in (self.circuit_open, self.upstream_outstanding, self.pacing_hold):
+            self._children.pop((id(metric), deployment), None)
+            try:
+                metric.remove(deployment)
+            except KeyError:
+                pass
 
     async def handle(self, request: web.Request) -> web.Response:
         for refresh in self.before_scrape:

@@ -18,7 +18,8 @@ from yarl import URL
 
 from proxy.errors import UpstreamTimeout, UpstreamUnreachable
 from proxy.mock_upstream import MockFault, MockSettings, start_mock
-from proxy.policy.plan import MockPlan, Plan, TimeoutSpec, UpstreamSpec
+from proxy.policy.plan import MockPlan, Plan, UpstreamSpec
+from proxy.upstream.registry import Registry
 
 log = logging.getLogger("signalbox.upstream")
 
@@ -34,9 +35,11 @@ class _Pool:
 class UpstreamClients:
     """Sessions (and in-process mock servers) keyed by upstream name; reconfigured on reload."""
 
-    def __init__(self) -> None:
+    def __init__(self, registry: Registry | None = None) -> None:
         self._pools: dict[str, _Pool] = {}
         self._retired: list[_Pool] = []
+        self.registry = registry or Registry()
+        """Breakers, pacing holds and load per deployment (see registry.py); survives reloads."""
 
     async def configure(self, plan: Plan) -> None:
         """Create pools for new or changed upstreams; keep unchanged ones (and their warm connections)."""
@@ -50,6 +53,7 @@ class UpstreamClients:
                 self._retired.append(current)
         for name in [n for n in self._pools if n not in plan.upstreams]:
             self._retired.append(self._pools.pop(name))
+        self.registry.configure(plan)
 
     def pool(self, name: str) -> tuple[aiohttp.ClientSession, str]:
         pool = self._pools[name]
@@ -121,43 +125,53 @@ async def send_once(
     headers: Mapping[str, str],
     body: bytes | None,
     query: Mapping[str, str] | None,
-    timeouts: TimeoutSpec,
+    connect: float,
+    first_token: float,
     upstream: str,
     stream: bool = False,
+    deadline_bound: bool = False,
 ) -> aiohttp.ClientResponse:
     """One upstream attempt up to the response headers. Errors become `UpstreamUnreachable`/`Timeout`.
 
-    Retries once, at once, only when the server closed the connection before sending anything,
-    which is what a stale pooled keep-alive connection looks like.
+    `first_token` bounds the wait for the headers (and, for a non-stream, each socket read); when the
+    call's total deadline is nearer, dispatch passes what is left and `deadline_bound`, so the error names
+    the deadline. Retries once, at once, only when the server closed the connection before sending
+    anything, which is what a stale pooled keep-alive connection looks like (vLLM closes idle ones after 5 s).
     """
     # A stream's body reads are timed by the relay's watchdog (first event, then `idle` between events):
     # a socket read timeout of first_token would cut a stream whose events are further apart than that.
-    read_timeout = None if stream else timeouts.first_token
-    timeout = aiohttp.ClientTimeout(
-        total=None, connect=None, sock_connect=timeouts.connect, sock_read=read_timeout
-    )
+    read_timeout = None if stream else first_token
+    timeout = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=connect, sock_read=read_timeout)
     target = URL(url, encoded=True)
     for stale_retry in (True, False):
         try:
-            async with asyncio.timeout(timeouts.first_token if stream else None):
+            async with asyncio.timeout(first_token if stream else None):
                 return await session.request(
                     method, target, data=body, headers=headers, params=query, timeout=timeout,
                     allow_redirects=False,
                 )
-        except aiohttp.ServerDisconnectedError:
+        except aiohttp.ClientConnectorError as exc:
+            raise UpstreamUnreachable(
+                f"could not connect to upstream '{upstream}' ({_reason(exc)}); check that it is running"
+            ) from None
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientConnectionResetError):
+            # Closed or reset before any response byte: a pooled connection the server had just closed
+            # (its FIN raced our request), seen as a disconnect, EPIPE or ECONNRESET.
             if stale_retry:
                 log.debug("upstream %s closed a pooled connection; retrying once", upstream)
                 continue
             raise UpstreamUnreachable(
                 f"upstream '{upstream}' closed the connection before answering; try again"
             ) from None
-        except aiohttp.ClientConnectorError as exc:
+        except aiohttp.ConnectionTimeoutError:
             raise UpstreamUnreachable(
-                f"could not connect to upstream '{upstream}' ({_reason(exc)}); check that it is running"
+                f"could not connect to upstream '{upstream}' within {connect:g}s (timeouts.connect)"
             ) from None
-        except (aiohttp.ServerTimeoutError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            if deadline_bound:
+                raise UpstreamTimeout("the request ran past its total deadline (timeouts.total)") from None
             raise UpstreamTimeout(
-                f"upstream '{upstream}' did not answer within {timeouts.first_token:g}s; "
+                f"upstream '{upstream}' did not answer within {first_token:g}s; "
                 "try again later or raise timeouts.first_token"
             ) from None
         except aiohttp.ClientError as exc:

@@ -1,49 +1,87 @@
-"""Dispatch: turn a resolved `Call` into an upstream request and return the upstream's response headers.
+"""Dispatch: send a Call's request to its route's pool, with retries and fallbacks, and return the
+upstream's response before any byte of it went to the client (which is what makes retrying safe): a
+stream at its headers, a whole answer once its body is read.
 
-Builds the URL, headers and body for the route's upstream, makes the attempt and records it on
-the call. The body forwarded is the client's bytes unless the route rewrites the model.
+One attempt: choose a deployment (registry: circuit closed or probe due, not held by pacing, untried
+first, weighted or least-outstanding), send to it (outgoing.py). Then decide (retry.py): relay the
+answer, retry the same deployment after the upstream's hint or a jittered backoff, retry another one at
+once, or give up on this pool and try the route's fallbacks in order. Every wait is bounded by the
+call's deadline (`timeouts.total`, counted by the caller); a cancelled call releases every counter it
+holds, in `except BaseException`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-import orjson
 
 from proxy.call import Attempt, Call
-from proxy.errors import InvalidRequest, ProxyError
-from proxy.providers import exchange as exchanges
-from proxy.headers import credentials_of, upstream_headers
-from proxy.policy.plan import UpstreamSpec
-from proxy.upstream.client import UpstreamClients, send_once
+from proxy.errors import (
+    CircuitOpen,
+    InvalidRequest,
+    ProxyError,
+    UpstreamPaced,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+from proxy.policy.plan import DeploymentSpec, RouteRule
+from proxy.upstream import hints, retry
+from proxy.upstream.client import UpstreamClients
+from proxy.upstream.outgoing import Outgoing, read_whole
+from proxy.upstream.registry import DeploymentState, Registry
+
+_ERROR_BODY_WAIT = 10.0
+"""Longest read of a retriable error's body (kept to relay if no retry succeeds)."""
 
 
-def upstream_body(call: Call) -> bytes | None:
-    """The client's bytes, re-serialised only when the route rewrites the model or translates."""
-    route = call.route
-    exchange = call.exchange
-    if exchange is not None and exchange.kind != "pass" and call.body is not None and route is not None:
-        try:
-            return exchanges.request_body(exchange, call.body, route.model_rewrite or call.model)
-        except exchanges.TranslationError as exc:
-            raise InvalidRequest(str(exc)) from None
-    if call.body is not None and route is not None and route.model_rewrite and call.body.get("model") != route.model_rewrite:
-        return orjson.dumps(_with_usage({**call.body, "model": route.model_rewrite}, call.strip_usage))
-    if call.strip_usage and call.body is not None:
-        return orjson.dumps(_with_usage(dict(call.body), True))
-    return call.raw_body if call.method not in ("GET", "HEAD", "DELETE") or call.raw_body else None
+@dataclass(slots=True)
+class Sent:
+    """The upstream response to relay, and who produced it."""
+
+    response: aiohttp.ClientResponse
+    route: RouteRule
+    """The route whose pool answered: the call's own, or the fallback that served it."""
+    deployment: DeploymentSpec
+    final: bool = False
+    """Retrying stopped on the retry budget or the deadline: tell the client not to retry either."""
+    lease: tuple[Registry, DeploymentState] | None = None
+
+    def done(self) -> None:
+        """The response has been relayed (or abandoned): it no longer counts as outstanding."""
+        lease = self.lease
+        if lease is not None:
+            self.lease = None
+            lease[0].release(lease[1])
 
 
-def _with_usage(body: dict[str, Any], ask: bool) -> dict[str, Any]:
-    """Ask an OpenAI-compatible stream for its usage chunk (a token limit settles on it; the relay
-    strips that chunk again, since the client did not ask for it: `call.strip_usage`)."""
-    if ask:
-        options = body.get("stream_options")
-        body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
-    return body
+class _Progress:
+    """Where a call's attempts stand across its pools (the route's, then each fallback's)."""
+
+    __slots__ = (
+        "attempts", "failure", "failure_route", "failure_deployment", "error", "last_was_error", "stop",
+        "reason", "until",
+    )
+
+    def __init__(self, route: RouteRule) -> None:
+        self.attempts = 0
+        self.failure: aiohttp.ClientResponse | None = None
+        """The last retriable error response, body buffered: relayed if nothing better comes."""
+        self.failure_route = route
+        self.failure_deployment: DeploymentSpec | None = None
+        self.error: ProxyError | None = None
+        """The last error without a response (connect error, timeout)."""
+        self.last_was_error = False
+        self.stop = ""
+        """Why the last pool stopped: attempts, budget, deadline, unavailable (circuits), held (pacing)."""
+        self.reason = ""
+        """What the next retry is for (a status, connect_error or timeout), for metrics."""
+        self.until = 0.0
+        """For `held`: when the earliest pacing hold ends."""
 
 
 async def send(
@@ -54,49 +92,248 @@ async def send(
     *,
     passthrough_auth: bool,
     identify_header: str | None,
+    deadline: float | None = None,
 ) -> aiohttp.ClientResponse:
-    assert call.route is not None
-    spec: UpstreamSpec = call.plan.upstreams[call.route.upstream]
-    session, base_url = clients.pool(spec.name)
-    call.upstream = spec.name
-    try:
-        call.exchange = exchanges.choose(call.path, spec.provider)
-    except exchanges.Untranslatable as exc:
-        raise InvalidRequest(str(exc)) from None
-    headers = upstream_headers(
-        client_headers.items(),
-        spec,
-        request_id=call.request_id,
-        drop=frozenset((identify_header,)) if identify_header else frozenset(),
-        client_credentials=credentials_of(client_headers) if passthrough_auth else None,
+    """The call's request through its route's pool (retries, fallbacks) -> the upstream response.
+
+    For callers that read the whole response themselves (the embeddings batcher): the deployment stops
+    counting as busy at the headers. `deadline`: a `time.monotonic()` time; default now + timeouts.total."""
+    sent = await dispatch(
+        call, clients, client_headers, query_string,
+        passthrough_auth=passthrough_auth, identify_header=identify_header, deadline=deadline,
     )
-    url = base_url + call.exchange.upstream_path  # base_url ends at the version segment
-    query = _query(query_string, spec)
-    started = time.perf_counter()
+    sent.done()
+    return sent.response
+
+
+async def dispatch(
+    call: Call,
+    clients: UpstreamClients,
+    client_headers: Mapping[str, str],
+    query_string: str,
+    *,
+    passthrough_auth: bool,
+    identify_header: str | None,
+    deadline: float | None = None,
+) -> Sent:
+    """Like `send`, with who answered; the caller must call `Sent.done()` once the response is relayed."""
+    route = call.route
+    assert route is not None
+    registry = clients.registry
+    if deadline is None:
+        deadline = registry.clock() + route.timeouts.total
+    request = Outgoing(call, clients, client_headers, query_string, passthrough_auth, identify_header)
+    progress = _Progress(route)
+    sent = await _pool(request, route, registry, deadline, progress)
+    if sent is not None:
+        return sent
+    for name in route.fallbacks:
+        if progress.stop == "deadline":
+            break
+        rule = call.plan.routes_by_name.get(name)
+        if rule is None:
+            continue
+        if registry.metrics is not None:
+            registry.metrics.fallback(route.name, rule.name)
+        try:
+            sent = await _pool(request, rule, registry, deadline, progress)
+        except InvalidRequest:
+            continue  # this fallback's provider cannot take the request (translation): try the next
+        if sent is not None:
+            return sent
+    return _give_up(progress, route, registry)
+
+
+async def _pool(
+    request: Outgoing, rule: RouteRule, registry: Registry, deadline: float, progress: _Progress
+) -> Sent | None:
+    """Attempts on one route's pool until one answers something to relay (returned) or the pool gives
+    up (None, with `progress.stop` saying why)."""
+    spec = rule.retry
+    clock = registry.clock
+    call = request.call
+    avoid: set[str] | None = None  # hint longer than max_retry_after: not again in this pool
+    tried: set[str] | None = None  # prefer others for the next attempt
+    ready_at: dict[str, float] | None = None  # per deployment tried: earliest retry (hint or backoff)
+    made = 0
+    while made < spec.attempts:
+        now = clock()
+        state, held_until = registry.choose(rule, now, avoid, tried)
+        if state is None:
+            if held_until is None:
+                progress.stop = "unavailable"
+                return None
+            # Adaptive pacing: every usable deployment waits for its rate-limit reset. Wait here (holding
+            # the queue slot, so later requests wait in the scheduler) if the reset is near enough.
+            wait = held_until - now
+            if wait > spec.max_retry_after or not retry.fits(now, wait, deadline):
+                progress.stop, progress.until = "held", held_until
+                return None
+            await asyncio.sleep(wait)
+            continue
+        is_retry = progress.attempts > 0
+        wait = 0.0
+        if is_retry:
+            if ready_at:
+                wait = max(0.0, ready_at.get(state.id, now) - now)
+            if not retry.fits(now, wait, deadline):
+                progress.stop = "deadline"
+                return None
+            if not registry.retry_allowed(state, spec):
+                progress.stop = "budget"
+                return None
+            if registry.metrics is not None:
+                registry.metrics.retried(rule.name, progress.reason)
+        probe = registry.start(state, now, is_retry)
+        started = 0.0
+        bound = False
+        try:
+            if wait > 0:
+                await asyncio.sleep(wait)
+            # Each attempt gets its own first_token limit, unless the deadline is nearer.
+            first_token = state.spec.timeouts.first_token
+            left = deadline - clock()
+            bound = left < first_token
+            started = time.perf_counter()
+            response = await request.send(state.spec, max(left, 0.001) if bound else first_token, bound)
+            if not call.stream and response.status < 400:
+                # Read a whole answer here rather than in the relay (which then finds it read): a
+                # connection cut mid-body is still a failure nothing has reached the client of.
+                left = deadline - clock()
+                bound = bound or left < first_token
+                await read_whole(response, state.spec.upstream, max(left, 0.001) if bound else None)
+        except (UpstreamUnreachable, UpstreamTimeout) as err:
+            registry.answered(state, is_retry)
+            registry.release(state)
+            made += 1
+            progress.attempts += 1
+            call.attempts.append(Attempt(state.id, 0, time.perf_counter() - started, err.reason))
+            progress.error, progress.last_was_error = err, True
+            kind: retry.ErrorKind = "timeout" if isinstance(err, UpstreamTimeout) else "connect_error"
+            if kind == "timeout" and bound:  # the deadline, not the deployment, ran out
+                registry.abandon(state, probe)
+                progress.stop = "deadline"
+                return None
+            registry.record(state, clock(), True, probe)
+            if not retry.error_retriable(kind, spec):
+                raise
+            progress.reason = kind
+            tried = _add(tried, state.id)
+            rand = registry.rng.random()
+            ready_at = ready_at or {}
+            ready_at[state.id] = clock() + retry.backoff(made - 1, spec.backoff_base, spec.backoff_max, rand)
+            continue
+        except BaseException:  # cancelled (client gone) or a request we cannot build: release everything
+            registry.answered(state, is_retry)
+            registry.release(state)
+            registry.abandon(state, probe)
+            if started:
+                call.attempts.append(Attempt(state.id, 0, time.perf_counter() - started, "cancelled"))
+            raise
+        registry.answered(state, is_retry)
+        now = clock()
+        status = response.status
+        made += 1
+        progress.attempts += 1
+        call.attempts.append(Attempt(state.id, status, time.perf_counter() - started))
+        registry.record(state, now, retry.breaker_failure(status), probe)
+        headers = response.headers
+        if state.spec.pacing.enabled:
+            # Adaptive pacing: a limit reported at 0 remaining holds the deployment until its reset. (A
+            # bare retry-after is advice for this request's retry, not a reason to hold everyone.)
+            exhausted = hints.exhausted_for(headers, registry.wall())
+            if exhausted is not None:
+                registry.hold(state, now, exhausted)
+        if status < 400 or not retry.status_retriable(status, spec, headers.get("x-should-retry")):
+            return Sent(response, rule, state.spec, lease=(registry, state))
+        hint = hints.retry_hint(headers, registry.wall())
+        try:
+            buffered = await _buffer(response, deadline, clock)
+        finally:
+            registry.release(state)
+        if buffered:
+            progress.failure, progress.last_was_error = response, False
+            progress.failure_route, progress.failure_deployment = rule, state.spec
+        else:
+            progress.error, progress.last_was_error = UpstreamUnreachable(
+                f"upstream '{state.spec.upstream}' broke the connection while answering {status}"
+            ), True
+        progress.reason = str(status)
+        tried = _add(tried, state.id)
+        if retry.hint_too_long(hint, spec):
+            avoid = _add(avoid, state.id)
+        else:
+            ready_at = ready_at or {}
+            ready_at[state.id] = clock() + retry.delay(made - 1, hint, spec, registry.rng.random())
+    progress.stop = "attempts"
+    return None
+
+
+async def _buffer(response: aiohttp.ClientResponse, deadline: float, clock: Any) -> bool:
+    """Read a retriable error's body: `read()` keeps it (so it can still be relayed) and, at the end of
+    the body, aiohttp returns the connection to the pool for the retry. (No `release()`: a released
+    response refuses a later `read()`.) False if the body could not be read."""
     try:
-        response = await send_once(
-            session,
-            call.method,
-            url + query,
-            headers=headers,
-            body=upstream_body(call),
-            query=None,
-            timeouts=call.route.timeouts,
-            upstream=spec.name,
-            stream=call.stream,
+        async with asyncio.timeout(max(0.001, min(_ERROR_BODY_WAIT, deadline - clock()))):
+            await response.read()
+    except (TimeoutError, aiohttp.ClientError):
+        response.close()
+        return False
+    return True
+
+
+def _give_up(progress: _Progress, route: RouteRule, registry: Registry) -> Sent:
+    """No pool produced an answer worth relaying at once: relay the last real upstream error (with
+    x-should-retry: false when the budget or the deadline stopped us), else say why nothing was sent."""
+    final = retry.stop_reason_final(progress.stop)
+    failure = progress.failure
+    # The real upstream error is relayed when the budget or deadline stopped us, else the last outcome.
+    deployment = progress.failure_deployment
+    if failure is not None and deployment is not None and (final or not progress.last_was_error):
+        return Sent(failure, progress.failure_route, deployment, final)
+    if progress.error is not None:
+        error = progress.error
+        if progress.stop == "deadline" and not isinstance(error, UpstreamTimeout):
+            error = UpstreamTimeout("the request ran past its total deadline (timeouts.total)")
+        if final:
+            error.should_retry = False
+        raise error
+    now = registry.clock()
+    if progress.stop == "held":
+        wait = max(0.0, progress.until - now)
+        raise UpstreamPaced(
+            f"every deployment of route '{route.name}' is rate limited by its upstream for {wait:.1f}s more; "
+            "retry after that",
+            retry_after=wait,
         )
-    except ProxyError as exc:
-        call.attempts.append(Attempt(spec.name, 0, time.perf_counter() - started, exc.reason))
-        raise
-    call.attempts.append(Attempt(spec.name, response.status, time.perf_counter() - started))
-    call.mark("upstream_headers")
-    return response
+    if progress.stop == "deadline":
+        raise UpstreamTimeout("the request ran past its total deadline (timeouts.total)", should_retry=False)
+    wait = registry.reopens_in(route, now)
+    raise CircuitOpen(
+        f"every deployment of route '{route.name}' is failing (circuit open); "
+        f"the next probe is in {wait:.1f}s",
+        retry_after=wait,
+    )
 
 
-def _query(client_query: str, spec: UpstreamSpec) -> str:
-    if not spec.query:
-        return "?" + client_query if client_query else ""
-    from urllib.parse import urlencode
+def annotate(headers: MutableMapping[str, str], call: Call, sent: Sent) -> None:
+    """Say who answered and how many upstream calls it took (x-signalbox-attempts on every response)."""
+    headers["x-signalbox-attempts"] = str(len(call.attempts))
+    headers["x-signalbox-deployment"] = sent.deployment.id
+    if sent.route is not call.route:
+        headers["x-signalbox-fallback"] = sent.route.name
+    if sent.final:
+        headers["x-should-retry"] = "false"
 
-    extra = urlencode(spec.query)
-    return "?" + (client_query + "&" + extra if client_query else extra)
+
+def counted(error: ProxyError, call: Call) -> ProxyError:
+    """A proxy-made error after dispatch began: it carries the attempt count too."""
+    error.headers["x-signalbox-attempts"] = str(len(call.attempts))
+    return error
+
+
+def _add(items: set[str] | None, item: str) -> set[str]:
+    if items is None:
+        return {item}
+    items.add(item)
+    return items

@@ -27,6 +27,10 @@ Argument: (dict "ctx" <context with .Values/.Release> "sidecar" <bool>).
     - {{ $v.admin.host | quote }}
     - --admin-port
     - {{ $v.server.adminPort | int | quote }}
+    {{- if and (not (include "signalbox.adminExposed" $ctx)) (not $v.admin.existingSecret) }}
+    # Loopback and no token Secret: open to the pod only (kubectl port-forward, the app's containers).
+    - --admin-no-auth
+    {{- end }}
     - --shutdown-grace
     - {{ printf "%ds" ($v.server.shutdownGraceSeconds | int) | quote }}
     - --drain-timeout

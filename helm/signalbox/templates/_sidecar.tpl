@@ -16,7 +16,12 @@ of your chart, or (dict "Values" .Values.signalbox "Release" .Release "Capabilit
     volumes:
       {{- include "signalbox.sidecarVolumes" .Subcharts.signalbox | nindent 6 }}
 
-Both render YAML list items. Names are prefixed (container "signalbox", ports "signalbox-http"/
+and, in the pod template's metadata (Prometheus scrape annotations for the sidecar's /metrics):
+
+  annotations:
+    {{- include "signalbox.podAnnotations" .Subcharts.signalbox | nindent 4 }}
+
+The first two render YAML list items, the last map entries (nothing when metrics.podAnnotations is off). Names are prefixed (container "signalbox", ports "signalbox-http"/
 "signalbox-admin", volumes "signalbox-policies"/"signalbox-tmp") to avoid clashing with the app's.
 */}}
 
@@ -26,4 +31,13 @@ Both render YAML list items. Names are prefixed (container "signalbox", ports "s
 
 {{- define "signalbox.sidecarVolumes" -}}
 {{- include "signalbox.volumes" (dict "ctx" . "sidecar" true) -}}
+{{- end -}}
+
+
+{{- define "signalbox.podAnnotations" -}}
+{{- if .Values.metrics.podAnnotations -}}
+prometheus.io/scrape: "true"
+prometheus.io/port: {{ .Values.server.port | int | quote }}
+prometheus.io/path: /metrics
+{{- end -}}
 {{- end -}}

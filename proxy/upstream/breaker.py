@@ -1,0 +1,137 @@
+"""A deployment's circuit breaker: a small state machine over an injected clock (pure).
+
+    closed --(N failures in a row, or failure ratio over min volume in the window)--> open
+    open --(cooldown elapsed, one request let through as the probe)--> half_open
+    half_open --(probe succeeded)--> closed        half_open --(probe failed)--> open (longer cooldown)
+
+The cooldown doubles with each opening (Envoy grows its ejection time with each ejection) up to
+`max_cooldown`; a breaker that stayed closed for longer than `max_cooldown` starts again from `cooldown`.
+The ratio window is a ring of ten buckets, so memory is fixed and recording is O(1).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from proxy.policy.plan import BreakerSpec
+
+State = Literal["closed", "open", "half_open"]
+_BUCKETS = 10
+
+
+class Breaker:
+    __slots__ = (
+        "spec", "state", "consecutive", "openings", "opened_at", "reopen_at", "closed_at", "probing",
+        "_totals", "_failures", "_bucket",
+    )
+
+    def __init__(self, spec: BreakerSpec) -> None:
+        self.spec = spec
+        self.state: State = "closed"
+        self.consecutive = 0
+        self.openings = 0
+        self.opened_at = 0.0
+        self.reopen_at = 0.0
+        self.closed_at: float | None = None
+        self.probing = False
+        self._totals = [0] * _BUCKETS
+        self._failures = [0] * _BUCKETS
+        self._bucket = 0
+
+    # --- admission of requests ---------------------------------------------------------------------
+
+    def available(self, now: float) -> bool:
+        """Could a request go to this deployment now (closed, or a probe is due)?"""
+        if self.state == "closed":
+            return True
+        if self.probing:
+            return False
+        return self.state == "half_open" or now >= self.reopen_at
+
+    def probe_due(self, now: float) -> bool:
+        if self.state == "closed" or self.probing:
+            return False
+        return self.state == "half_open" or now >= self.reopen_at
+
+    def acquire(self, now: float) -> State | None:
+        """A request is being sent; returns the new state if this made a transition (open -> half_open)."""
+        if self.state == "closed":
+            return None
+        self.probing = True
+        if self.state == "open":
+            self.state = "half_open"
+            return "half_open"
+        return None
+
+    def abandon(self) -> None:
+        """The probe was cancelled before it had an outcome: let another request probe."""
+        self.probing = False
+
+    # --- outcomes -------------------------------------------------------------------------------------
+
+    def record(self, now: float, failed: bool, probe: bool) -> State | None:
+        """Feed one outcome; returns the new state on a transition. `probe`: this was the half-open probe."""
+        if self.state != "closed":
+            if not probe:
+                return None  # a straggler sent before the circuit opened: the probe decides
+            self.probing = False
+            if failed:
+                self._open(now)
+                return "open"
+            self._close(now)
+            return "closed"
+        if failed:
+            self.consecutive += 1
+        else:
+            self.consecutive = 0
+        spec = self.spec
+        if spec.failure_ratio > 0:
+            index = self._rotate(now)
+            self._totals[index] += 1
+            if failed:
+                self._failures[index] += 1
+        if not failed:
+            return None
+        if spec.consecutive_failures and self.consecutive >= spec.consecutive_failures:
+            self._open(now)
+            return "open"
+        if spec.failure_ratio > 0:
+            total = sum(self._totals)
+            if total >= spec.min_requests and sum(self._failures) >= spec.failure_ratio * total:
+                self._open(now)
+                return "open"
+        return None
+
+    def cooldown(self) -> float:
+        """The open period of the current (or next) opening."""
+        spec = self.spec
+        return min(spec.max_cooldown, spec.cooldown * 2.0 ** min(max(self.openings - 1, 0), 30))
+
+    def _open(self, now: float) -> None:
+        if self.closed_at is not None and now - self.closed_at > self.spec.max_cooldown:
+            self.openings = 0  # healthy for a long while: forget earlier openings
+        self.openings += 1
+        self.state = "open"
+        self.opened_at = now
+        self.reopen_at = now + self.cooldown()
+        self.probing = False
+
+    def _close(self, now: float) -> None:
+        self.state = "closed"
+        self.closed_at = now
+        self.consecutive = 0
+        self._totals = [0] * _BUCKETS
+        self._failures = [0] * _BUCKETS
+
+    def _rotate(self, now: float) -> int:
+        """Index of the bucket for `now`, clearing buckets that fell out of the window."""
+        width = self.spec.window / _BUCKETS
+        bucket = int(now / width) if width > 0 else 0
+        stale = bucket - self._bucket
+        if stale > 0:
+            for step in range(1, min(stale, _BUCKETS) + 1):
+                index = (self._bucket + step) % _BUCKETS
+                self._totals[index] = 0
+                self._failures[index] = 0
+            self._bucket = bucket
+        return bucket % _BUCKETS

@@ -1,0 +1,155 @@
+"""What one attempt sends: the upstream URL, headers and body for a deployment, built once per call
+and upstream, and the call itself up to the response headers (client.send_once). The body forwarded is
+the client's bytes unless a deployment rewrites the model or the protocol differs."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+import orjson
+
+from proxy.call import Call
+from proxy.errors import InvalidRequest, UpstreamTimeout, UpstreamUnreachable
+from proxy.headers import credentials_of, upstream_headers
+from proxy.policy.plan import DeploymentSpec, UpstreamSpec
+from proxy.providers import exchange as exchanges
+from proxy.providers.exchange import Exchange
+from proxy.upstream.client import UpstreamClients, send_once
+
+
+def upstream_body(call: Call, model_rewrite: str | None = None) -> bytes | None:
+    """The client's bytes, re-serialised only when the deployment rewrites the model or translates."""
+    exchange = call.exchange
+    if exchange is not None and exchange.kind != "pass" and call.body is not None:
+        try:
+            return exchanges.request_body(exchange, call.body, model_rewrite or call.model)
+        except exchanges.TranslationError as exc:
+            raise InvalidRequest(str(exc)) from None
+    if call.body is not None and model_rewrite and call.body.get("model") != model_rewrite:
+        return orjson.dumps(_with_usage({**call.body, "model": model_rewrite}, call.strip_usage))
+    if call.strip_usage and call.body is not None:
+        return orjson.dumps(_with_usage(dict(call.body), True))
+    return call.raw_body if call.method not in ("GET", "HEAD", "DELETE") or call.raw_body else None
+
+
+def _with_usage(body: dict[str, Any], ask: bool) -> dict[str, Any]:
+    """Ask an OpenAI-compatible stream for its usage chunk (a token limit settles on it; the relay
+    strips that chunk again, since the client did not ask for it: `call.strip_usage`)."""
+    if ask:
+        options = body.get("stream_options")
+        body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+    return body
+
+
+class Outgoing:
+    """What every attempt of one call shares; headers and body are built once per upstream/model."""
+
+    __slots__ = (
+        "call", "clients", "client_headers", "query_string", "passthrough_auth", "identify_header",
+        "_headers_for", "_headers", "_body_key", "_body",
+    )
+
+    def __init__(
+        self,
+        call: Call,
+        clients: UpstreamClients,
+        client_headers: Mapping[str, str],
+        query_string: str,
+        passthrough_auth: bool,
+        identify_header: str | None,
+    ) -> None:
+        self.call = call
+        self.clients = clients
+        self.client_headers = client_headers
+        self.query_string = query_string
+        self.passthrough_auth = passthrough_auth
+        self.identify_header = identify_header
+        self._headers_for = ""
+        self._headers: dict[str, str] = {}
+        self._body_key: tuple[str | None, str] | None = None
+        self._body: bytes | None = None
+
+    def headers(self, spec: UpstreamSpec) -> dict[str, str]:
+        if self._headers_for != spec.name:
+            self._headers = upstream_headers(
+                self.client_headers.items(),
+                spec,
+                request_id=self.call.request_id,
+                drop=frozenset((self.identify_header,)) if self.identify_header else frozenset(),
+                client_credentials=credentials_of(self.client_headers) if self.passthrough_auth else None,
+            )
+            self._headers_for = spec.name
+        return self._headers
+
+    def body(self, model: str | None, exchange: Exchange) -> bytes | None:
+        key = (model, exchange.kind)
+        if self._body_key != key:
+            self._body = upstream_body(self.call, model)
+            self._body_key = key
+        return self._body
+
+    async def send(
+        self, deployment: DeploymentSpec, first_token: float, bound: bool
+    ) -> aiohttp.ClientResponse:
+        """One call to the deployment up to the response headers (`bound`: the deadline set first_token)."""
+        call = self.call
+        spec = call.plan.upstreams[deployment.upstream]
+        session, base_url = self.clients.pool(spec.name)
+        call.upstream = spec.name
+        try:
+            exchange = exchanges.choose(call.path, spec.provider)
+        except exchanges.Untranslatable as exc:
+            raise InvalidRequest(str(exc)) from None
+        call.exchange = exchange
+        headers = self.headers(spec)
+        body = self.body(deployment.model, exchange)
+        url = base_url + exchange.upstream_path + _query(self.query_string, spec)  # base_url ends at /v1
+        response = await send_once(
+            session,
+            call.method,
+            url,
+            headers=headers,
+            body=body,
+            query=None,
+            connect=min(deployment.timeouts.connect, first_token),
+            first_token=first_token,
+            upstream=spec.name,
+            stream=call.stream,
+            deadline_bound=bound,
+        )
+        call.mark("upstream_headers")
+        return response
+
+
+async def read_whole(response: aiohttp.ClientResponse, upstream: str, limit: float | None) -> None:
+    """Read a whole answer; aiohttp keeps the body for the relay and pools the connection at its end.
+    Socket reads are bounded by first_token; `limit` (what is left of the deadline, when nearer) too."""
+    try:
+        if limit is None:
+            await response.read()
+        else:
+            async with asyncio.timeout(limit):
+                await response.read()
+    except aiohttp.ServerTimeoutError:
+        response.close()
+        raise UpstreamTimeout(f"upstream '{upstream}' stopped sending mid-response") from None
+    except TimeoutError:
+        response.close()
+        raise UpstreamTimeout("the request ran past its total deadline (timeouts.total)") from None
+    except aiohttp.ClientError as exc:
+        response.close()
+        raise UpstreamUnreachable(
+            f"upstream '{upstream}' broke the connection mid-response ({type(exc).__name__})"
+        ) from None
+
+
+def _query(client_query: str, spec: UpstreamSpec) -> str:
+    if not spec.query:
+        return "?" + client_query if client_query else ""
+    from urllib.parse import urlencode
+
+    extra = urlencode(spec.query)
+    return "?" + (client_query + "&" + extra if client_query else extra)

@@ -1,0 +1,377 @@
+"""Limits shared across replicas through Redis, end to end: several proxy instances in one test (each its
+own app and RedisStore, as separate sidecars would be), one real redis-server, the official openai SDK
+as the client, and an OpenAI-like upstream that counts what reaches it (requests, in flight, usage)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import orjson
+import pytest
+from aiohttp import web
+from conftest import Proxy
+from redis.asyncio import Redis
+from redis_server import RedisServer, running
+
+from proxy.admission.redis import RedisStore, SharedReservation
+from proxy.admission.redis_codec import redis_now
+
+pytestmark = pytest.mark.timeout(60)
+
+StartProxy = Callable[..., Awaitable[Proxy]]
+MakeAsync = Callable[..., openai.AsyncOpenAI]
+PROMPT, COMPLETION = 20, 10
+
+
+@dataclass
+class Counting:
+    """Answers chat completions like OpenAI (streams carry usage when asked) and counts what reached it."""
+
+    url: str = ""
+    delay: float = 0.0
+    hold: bool = False
+    gate: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(0))
+    received: int = 0
+    in_flight: int = 0
+    peak: int = 0
+    """Most requests in flight at once."""
+
+    def release(self, n: int) -> None:
+        for _ in range(n):
+            self.gate.release()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.received += 1
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        try:
+            if self.hold:
+                await self.gate.acquire()
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            return await self._answer(request, body)
+        finally:
+            self.in_flight -= 1
+
+    async def _answer(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
+        usage = {"prompt_tokens": PROMPT, "completion_tokens": COMPLETION, "total_tokens": PROMPT + COMPLETION}
+        base = {"id": "chatcmpl-1", "created": 1, "model": body["model"]}
+        if not body.get("stream"):
+            message = {"role": "assistant", "content": "Hello"}
+            choice = {"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}
+            return web.json_response({**base, "object": "chat.completion", "choices": [choice], "usage": usage})
+        include = (body.get("stream_options") or {}).get("include_usage") is True
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for text, finish in (("Hel", None), ("lo", None), (None, "stop")):
+            delta = {"content": text} if text else {}
+            choices = [{"index": 0, "delta": delta, "finish_reason": finish}]
+            chunk = {**base, "object": "chat.completion.chunk", "choices": choices}
+            await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+        if include:
+            last = {**base, "object": "chat.completion.chunk", "choices": [], "usage": usage}
+            await response.write(b"data: " + orjson.dumps(last) + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Counting]:
+    counting = Counting()
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", counting.handle)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    counting.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    yield counting
+    counting.release(1000)
+    await runner.cleanup()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[RedisServer]:
+    with running(tmp_path) as redis:
+        yield redis
+
+
+@pytest.fixture
+async def clock(server: RedisServer) -> AsyncIterator[Callable[[], Awaitable[float]]]:
+    """Redis's own clock (the one the limits run on)."""
+    client = Redis.from_url(server.url)
+
+    async def now() -> float:
+        sec, usec = await client.time()
+        return redis_now(sec, usec)
+
+    yield now
+    await client.aclose()
+
+
+def policy(upstream: Counting, url: str, limits: str, *, state: str = "", route: str = "", replicas: int = 3) -> str:
+    return f"""
+state: {{backend: redis, url: "{url}", key_prefix: sb-test, timeout: 1s, expected_replicas: {replicas}{state}}}
+upstreams:
+  up: {{provider: openai, base_url: "{upstream.url}/v1", api_key: sk-up}}
+tenants:
+  alpha: {{keys: [sk-alpha], limits: {{{limits}}}}}
+routes:
+  - name: chat
+    match: {{path: /v1/chat/completions}}
+    upstream: up
+    {route}
+"""
+
+
+def chat(client: openai.AsyncOpenAI, **kwargs: Any) -> Awaitable[Any]:
+    kwargs.setdefault("max_tokens", 50)
+    return client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}], **kwargs)
+
+
+async def attempt(client: openai.AsyncOpenAI, **kwargs: Any) -> Any:
+    """The answer, or the RateLimitError (anything else fails the test)."""
+    try:
+        return await chat(client, **kwargs)
+    except openai.RateLimitError as error:
+        return error
+
+
+async def outside_a_minute_edge(now: Callable[[], Awaitable[float]], margin: float = 6.0) -> None:
+    """Sliding windows free capacity from the next minute on: keep a burst inside one minute."""
+    left = 60 - (await now()) % 60
+    if left < margin:
+        await asyncio.sleep(left + 0.05)
+
+
+async def until(check: Callable[[], Awaitable[bool]], within: float = 5.0) -> None:
+    """Poll state that lives in other tasks or in Redis until it holds; bounded."""
+    async with asyncio.timeout(within):
+        while not await check():  # noqa: ASYNC110 - nothing to wait on: the state is remote
+            await asyncio.sleep(0.01)
+
+
+async def metric(proxy: Proxy, name: str) -> float | None:
+    async with aiohttp.ClientSession() as session, session.get(proxy.url + "/metrics") as response:
+        text = await response.text()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
+
+
+async def readyz(proxy: Proxy) -> tuple[int, dict[str, Any]]:
+    async with aiohttp.ClientSession() as session, session.get(proxy.url + "/readyz") as response:
+        return response.status, await response.json()
+
+
+# --- requests per minute ------------------------------------------------------------------------------
+
+
+async def test_three_replicas_admit_exactly_the_shared_60_per_minute(
+    start_proxy: StartProxy, async_openai: MakeAsync, upstream: Counting, server: RedisServer,
+    clock: Callable[[], Awaitable[float]],
+) -> None:
+    text = policy(upstream, server.url, "requests_per_minute: 60")
+    proxies = [await start_proxy(text) for _ in range(3)]
+    clients = [async_openai(proxy) for proxy in proxies]
+    await outside_a_minute_edge(clock)
+    before = await clock()
+    results = await asyncio.gather(*(attempt(clients[i % 3]) for i in range(200)))
+    after = await clock()
+    refused = [r for r in results if isinstance(r, openai.RateLimitError)]
+    assert len(results) - len(refused) == 60  # exactly the shared limit, not 3 x 60
+    assert upstream.received == 60
+    # 60 counted in this minute: the next request fits once 1/60 of the next minute has passed.
+    frees_at = (before // 60 + 1) * 60 + 1
+    for error in refused:
+        headers = error.response.headers
+        wait = int(headers["retry-after-ms"]) / 1000
+        assert frees_at - after - 1 <= wait <= frees_at - before + 1
+        assert int(headers["retry-after"]) == max(1, math.ceil(wait - 0.001))
+        assert headers["x-ratelimit-limit-requests"] == "60"
+        assert headers["x-ratelimit-remaining-requests"] == "0"
+    for proxy in proxies:
+        status, body = await readyz(proxy)
+        assert status == 200 and body["limits"]["backend"] == "redis" and body["limits"]["shared"] is True
+
+
+# --- tokens per minute, streamed --------------------------------------------------------------------------
+
+
+async def test_token_limit_holds_across_replicas_and_streams_settle_real_usage(
+    start_proxy: StartProxy, async_openai: MakeAsync, upstream: Counting, server: RedisServer,
+    clock: Callable[[], Awaitable[float]],
+) -> None:
+    limit = 2000
+    text = policy(upstream, server.url, f"tokens_per_minute: {limit}")
+    proxies = [await start_proxy(text) for _ in range(3)]
+    clients = [async_openai(proxy) for proxy in proxies]
+    store = proxies[0].state.admission.store
+
+    async def used() -> float:
+        (usage,) = await store.remaining(["tenant:alpha"])
+        assert usage.tokens is not None
+        return float(usage.tokens.used)
+
+    async def settled_at(total: int) -> bool:
+        return await used() == pytest.approx(total)
+
+    def reserved() -> int:
+        return sum(p.state.admission.tokens.get("alpha", [0])[0] for p in proxies)
+
+    await outside_a_minute_edge(clock)
+    upstream.hold = True
+    loop = asyncio.get_running_loop()
+    first = [loop.create_task(attempt(clients[i % 3], max_tokens=300, stream=True)) for i in range(12)]
+    async def all_decided() -> bool:
+        return upstream.received + sum(t.done() for t in first) == 12
+
+    await until(all_decided, 10)
+    held = upstream.received
+    estimate = reserved() / held
+    # The reservations of every replica count in one shared total, which never passes the limit.
+    assert held * estimate <= limit < (held + 1) * estimate
+    assert await used() == pytest.approx(reserved())
+    upstream.release(held)
+    streams = await asyncio.gather(*first)
+    answers = [s for s in streams if not isinstance(s, openai.RateLimitError)]
+    assert len(answers) == held
+    for stream in answers:
+        chunks = [chunk async for chunk in stream]
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello"
+    # Settled with the real usage the upstream reported at the end of each stream (not the estimate).
+    await until(lambda: settled_at(held * (PROMPT + COMPLETION)))
+    # The refunds make room: a second wave gets more in, and the total stays within the limit.
+    upstream.hold = False
+    second = await asyncio.gather(*(attempt(clients[i % 3], max_tokens=300, stream=True) for i in range(12)))
+    for stream in second:
+        if not isinstance(stream, openai.RateLimitError):
+            [_ async for _ in stream]
+    admitted = upstream.received
+    assert admitted > held
+    await until(lambda: settled_at(admitted * (PROMPT + COMPLETION)))
+    assert admitted * (PROMPT + COMPLETION) <= limit
+
+
+# --- concurrency ---------------------------------------------------------------------------------------------
+
+
+async def test_concurrency_is_shared_and_a_dead_replicas_leases_expire(
+    start_proxy: StartProxy, async_openai: MakeAsync, upstream: Counting, server: RedisServer
+) -> None:
+    text = policy(upstream, server.url, "concurrent: 5", state=", lease_ttl: 1s")
+    proxies = [await start_proxy(text) for _ in range(3)]
+    clients = [async_openai(proxy) for proxy in proxies]
+    upstream.delay = 0.5
+    for _ in range(2):
+        results = await asyncio.gather(*(attempt(clients[i % 3]) for i in range(30)))
+        refused = [r for r in results if isinstance(r, openai.RateLimitError)]
+        assert refused and all("concurrency limit" in e.message for e in refused)
+        assert len(results) - len(refused) >= 5
+    assert upstream.peak == 5  # never more in flight at the upstream, across all three replicas
+    upstream.delay = 0.0
+    store = proxies[0].state.admission.store
+    async def all_released() -> bool:  # a response may reach the client before its lease is given back
+        return (await store.remaining(["tenant:alpha"]))[0].concurrent == (5, 0)
+
+    await until(all_released)
+    # A replica dies holding all five leases (it never releases them): the others refuse...
+    plan = proxies[0].state.plans.current
+    dead = RedisStore.open(plan.state)
+    await dead.start()
+    tenant = plan.tenants["alpha"].limit
+    assert tenant is not None
+    for _ in range(5):
+        assert isinstance(await dead.try_acquire([tenant], 0), SharedReservation)
+    await dead.close(release=False)
+    died = time.monotonic()
+    with pytest.raises(openai.RateLimitError, match="concurrency limit"):
+        await chat(clients[1])
+    # ...until the leases expire (lease_ttl 1s) and the next acquire reclaims them.
+    while isinstance(result := await attempt(clients[2]), openai.RateLimitError):
+        assert time.monotonic() - died < 5, "the dead replica's leases were never reclaimed"
+        await asyncio.sleep(0.05)
+    assert result.choices[0].message.content == "Hello"
+    assert time.monotonic() - died > 0.7
+
+
+# --- Redis outage ------------------------------------------------------------------------------------------
+
+
+async def test_redis_outage_falls_back_to_local_shares_and_sharing_resumes(
+    start_proxy: StartProxy, async_openai: MakeAsync, upstream: Counting, server: RedisServer,
+    clock: Callable[[], Awaitable[float]],
+) -> None:
+    state = ", breaker: {failures: 2, cooldown: 200ms}"
+    text = policy(upstream, server.url, "requests_per_minute: 40", state=state, replicas=2)
+    proxies = [await start_proxy(text) for _ in range(2)]
+    clients = [async_openai(proxy) for proxy in proxies]
+    for i in range(4):
+        await chat(clients[i % 2])
+    assert [await metric(p, "signalbox_limiter_degraded") for p in proxies] == [0.0, 0.0]
+
+    await server.astop()
+    for i in range(6):  # no request fails because Redis is gone
+        assert (await chat(clients[i % 2])).choices[0].message.content == "Hello"
+    for proxy in proxies:
+        assert await metric(proxy, "signalbox_limiter_degraded") == 1.0
+        status, body = await readyz(proxy)
+        assert status == 200 and body["ready"] is True  # degraded is not unready
+        assert body["limits"]["degraded"] is True and body["limits"]["shared"] is False
+    # Each replica now applies its share, 40 / 2 = 20 a minute; proxy 0 used 3 of it already.
+    results = [await attempt(clients[0]) for _ in range(20)]
+    refused = [r for r in results if isinstance(r, openai.RateLimitError)]
+    assert len(refused) == 3 and refused[0].response.headers["x-ratelimit-limit-requests"] == "20"
+
+    await server.astart()  # an empty Redis (no data, no scripts)
+    async def shared_again() -> bool:  # the keepers probe after each cooldown
+        return [await metric(p, "signalbox_limiter_degraded") for p in proxies] == [0.0, 0.0]
+
+    await until(shared_again)
+    await outside_a_minute_edge(clock)
+    results = await asyncio.gather(*(attempt(clients[i % 2]) for i in range(50)))
+    assert sum(not isinstance(r, openai.RateLimitError) for r in results) == 40  # shared again
+    for proxy in proxies:
+        status, body = await readyz(proxy)
+        assert status == 200 and body["limits"]["shared"] is True
+
+
+# --- policy reload --------------------------------------------------------------------------------------------
+
+
+async def test_a_reload_keeps_the_shared_counts_and_the_store(
+    start_proxy: StartProxy, make_plan: Callable[[str], Any], async_openai: MakeAsync, upstream: Counting,
+    server: RedisServer, clock: Callable[[], Awaitable[float]], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SB_TEST_REDIS_URL", server.url)
+    text = policy(upstream, "${SB_TEST_REDIS_URL}", "requests_per_minute: 3")
+    proxy = await start_proxy(text)
+    alpha = async_openai(proxy)
+    store = proxy.state.admission.store
+    assert isinstance(store, RedisStore)
+    await outside_a_minute_edge(clock)
+    for _ in range(3):
+        await chat(alpha)
+    with pytest.raises(openai.RateLimitError):
+        await chat(alpha)
+    plan = make_plan(policy(upstream, "${SB_TEST_REDIS_URL}", "requests_per_minute: 5"))
+    proxy.state.plans.swap(plan)
+    await proxy.state.admission.reconfigure(plan)
+    assert proxy.state.admission.store is store  # the store outlives plan swaps
+    for _ in range(2):
+        await chat(alpha)
+    with pytest.raises(openai.RateLimitError) as caught:
+        await chat(alpha)
+    assert caught.value.response.headers["x-ratelimit-limit-requests"] == "5"
+    assert upstream.received == 5
