@@ -156,5 +156,19 @@ def _serve(args: argparse.Namespace) -> int:
     app = build_app(plan, settings)
     runtime = app[STATE]
     runtime.reloader = Reloader(Path(args.policies), loaded, runtime.plans.swap)
+    _tune_gc()
     uvloop.run(serve(app))
     return 0
+
+
+def _tune_gc() -> None:
+    """Fewer, cheaper cyclic collections for a long-running server (about 10 % CPU per request, measured
+    with bench/overhead.py). Each request allocates a few hundred short-lived containers that reference
+    counting frees; with the default gen-0 threshold (700) the collector still runs every few requests
+    and rescans what survived. Everything loaded at start-up (modules, schemas, the plan) is frozen out of
+    the scans; the threshold is raised so a collection runs every ~10,000 net allocations instead."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 20)

@@ -30,6 +30,8 @@ HOP_BY_HOP = frozenset(
 _DROP_UP = HOP_BY_HOP | {"host", "content-length", "accept-encoding", "authorization", "x-api-key", "api-key"}
 _DROP_DOWN = HOP_BY_HOP | {"content-length", "content-encoding", "server", "date", "x-request-id"}
 _CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key")
+USER_AGENT = "signalbox"
+"""Sent upstream when the client sent no User-Agent of its own."""
 
 
 def upstream_headers(
@@ -69,6 +71,9 @@ def upstream_headers(
         out.setdefault("anthropic-version", "2023-06-01")
     out["accept-encoding"] = "identity"
     out["x-request-id"] = request_id
+    if "user-agent" not in out:
+        # Say who calls rather than let aiohttp name itself (and skipping its header costs work per request).
+        out["user-agent"] = USER_AGENT
     return out
 
 

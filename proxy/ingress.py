@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from proxy.admission.admit import NOTHING
 from proxy.call import Call
 from proxy.errors import (
     AuthenticationFailed,
@@ -36,6 +37,7 @@ from proxy.providers import exchange as exchanges
 from proxy.runtime import STATE, Runtime
 from proxy.scheduler import PRIORITY_HEADER
 from proxy.streaming import relay
+from proxy.tasks import Deadline
 from proxy.upstream import dispatch
 
 # Endpoints whose body must name a model; other /v1 paths pass through with model "".
@@ -104,11 +106,12 @@ async def handle(request: web.Request, call: Call, state: Runtime) -> web.Stream
         async with state.admission.admit(call):
             return await state.batcher.submit(request, call)
     waiting = _waiting_room(request, call, state)
+    admitted = state.admission.admit(call, waiting)
+    slot = state.scheduler.slot(call, request.headers.get(PRIORITY_HEADER), waiting)
+    if admitted is NOTHING and slot is NOTHING:
+        return await forward(request, call, state, None)  # no limit, no queue: nothing to enter or leave
     try:
-        async with (
-            state.admission.admit(call, waiting),
-            state.scheduler.slot(call, request.headers.get(PRIORITY_HEADER), waiting),
-        ):
+        async with admitted, slot:
             return await forward(request, call, state, waiting)
     except ProxyError as err:
         if waiting is None or waiting.response is None:
@@ -136,50 +139,53 @@ async def forward(
     prepared = waiting.response if waiting is not None else None
     deadline = time.monotonic() + call.route.timeouts.total
     sent: dispatch.Sent | None = None
+    guard = Deadline(call.route.timeouts.total)
     try:
-        async with asyncio.timeout(call.route.timeouts.total) as scope:
-            sent = await dispatch.dispatch(
-                call,
-                state.clients,
-                request.headers,
-                request.rel_url.raw_query_string,  # still percent-encoded: forwarded as the client sent it
-                passthrough_auth=plan.identify.mode == "passthrough",
-                identify_header=plan.identify.header if plan.identify.mode != "api_key" else None,
-                deadline=deadline,
+        sent = await dispatch.dispatch(
+            call,
+            state.clients,
+            request.headers,
+            request.rel_url.raw_query_string,  # still percent-encoded: forwarded as the client sent it
+            passthrough_auth=plan.identify.mode == "passthrough",
+            identify_header=plan.identify.header if plan.identify.mode != "api_key" else None,
+            deadline=deadline,
+        )
+        upstream = sent.response
+        call.status = upstream.status
+        headers = client_headers(
+            upstream.headers.items(), request_id=call.request_id, route=call.route.name, upstream_name=call.upstream
+        )
+        dispatch.annotate(headers, call, sent)
+        exchange = call.exchange
+        assert exchange is not None
+        if call.stream and upstream.status == 200 and upstream.content_type == "text/event-stream":
+            guard.cancel()  # past the headers, the stream's watchdog owns every time limit
+            translator = exchanges.stream_translator(
+                exchange, call.body or {}, call.model, int(call.started_wall)
             )
-            upstream = sent.response
-            call.status = upstream.status
-            headers = client_headers(
-                upstream.headers.items(), request_id=call.request_id, route=call.route.name, upstream_name=call.upstream
+            settings = relay.route_settings(state.stream_settings, call.route.stream)
+            return await relay.respond_stream(
+                request, call, upstream, headers, sent.route.timeouts, settings, deadline,
+                translator,
+                state.open_streams,
+                prepared,
             )
-            dispatch.annotate(headers, call, sent)
-            exchange = call.exchange
-            assert exchange is not None
-            if call.stream and upstream.status == 200 and upstream.content_type == "text/event-stream":
-                scope.reschedule(None)  # past the headers, the stream's watchdog owns every time limit
-                translator = exchanges.stream_translator(
-                    exchange, call.body or {}, call.model, int(call.started_wall)
-                )
-                settings = relay.route_settings(state.stream_settings, call.route.stream)
-                return await relay.respond_stream(
-                    request, call, upstream, headers, sent.route.timeouts, settings, deadline,
-                    translator,
-                    state.open_streams,
-                    prepared,
-                )
-            transform = None
-            if exchange.kind != "pass" or upstream.status >= 400:
-                model, created = call.model, int(call.started_wall)
-                transform = partial(exchanges.response_body, exchange, model=model, created=created)
-            if prepared is not None and waiting is not None:
-                return await waiting.relay_whole(upstream, transform)
-            return await relay.respond_whole(call, upstream, headers, transform)
-    except TimeoutError:
+        transform = None
+        if exchange.kind != "pass" or upstream.status >= 400:
+            model, created = call.model, int(call.started_wall)
+            transform = partial(exchanges.response_body, exchange, model=model, created=created)
+        if prepared is not None and waiting is not None:
+            return await waiting.relay_whole(upstream, transform)
+        return await relay.respond_whole(call, upstream, headers, transform)
+    except (asyncio.CancelledError, TimeoutError) as exc:
+        if isinstance(exc, asyncio.CancelledError) and not guard.expired():
+            raise  # the client went away: not a timeout
         late = UpstreamTimeout("the request ran past its total deadline (timeouts.total)", should_retry=False)
         raise dispatch.counted(late, call) from None
     except ProxyError as err:
         raise dispatch.counted(err, call) from None
     finally:
+        guard.cancel()
         if sent is not None:
             sent.done()
 

@@ -44,3 +44,39 @@ _detached = TaskSet()
 def spawn(coro: Coroutine[Any, Any, T], *, name: str) -> asyncio.Task[T]:
     """Start a task that is referenced until it ends (for tasks owned by no component)."""
     return _detached.spawn(coro, name=name)
+
+
+class Deadline:
+    """Cancel the current task after `delay` seconds: asyncio.timeout's job for the request path, at a
+    fraction of its cost (one timer handle; asyncio.timeout in 3.11 is a Python state machine that cost
+    ~10 µs per request here, measured with py-spy). Use `expired()` in `except CancelledError` to tell
+    our own cancellation from a client that went away, and `cancel()` in `finally`."""
+
+    __slots__ = ("_task", "_handle", "_fired")
+
+    def __init__(self, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task(loop)
+        assert task is not None, "Deadline needs a running task"
+        self._task = task
+        self._fired = False
+        self._handle: asyncio.TimerHandle | None = loop.call_later(delay, self._expire)
+
+    def _expire(self) -> None:
+        self._handle = None
+        self._fired = True
+        self._task.cancel()
+
+    def cancel(self) -> None:
+        """The guarded work ended (or moved under other limits): the timer must not fire."""
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def expired(self) -> bool:
+        """True when the CancelledError being handled is ours alone (and takes our cancel request back);
+        False when someone else (a client disconnect) cancelled the task too or instead."""
+        if not self._fired:
+            return False
+        self._fired = False
+        return self._task.uncancel() == 0

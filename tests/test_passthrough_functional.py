@@ -121,6 +121,7 @@ async def test_client_headers_forwarded_except_hop_by_hop_and_proxy_credentials(
     assert got.header("openai-organization") == "org-123"
     assert got.header("openai-beta") == "assistants=v2"
     assert got.header("user-agent") == "my-app/1.0"
+    assert got.header_all("user-agent") == ["my-app/1.0"]  # the client's own, and only it
     assert got.header("x-stainless-retry-count") == "0"
     assert got.header("content-type") == "application/json"
     hop = ("keep-alive", "te", "trailer", "proxy-authorization", "proxy-connection", "x-hop-only")
@@ -167,6 +168,16 @@ async def test_upstream_key_sent_as_configured(
     assert echo.last.header_all(expected_name) == [expected_value]
     credential_headers = {"authorization", "api-key", "x-api-key"}
     assert echo.last.header_names & credential_headers == {expected_name}
+
+
+async def test_a_request_without_user_agent_goes_upstream_as_signalbox(
+    start_proxy: StartProxy, echo: EchoUpstream
+) -> None:
+    proxy = await start_proxy(echo_policy(echo))
+    async with aiohttp.ClientSession(skip_auto_headers=("User-Agent",)) as http:
+        async with http.post(proxy.v1 + "/chat/completions", data=b'{"model":"m"}', headers=ALPHA) as resp:
+            assert resp.status == 200
+    assert echo.last.header_all("user-agent") == ["signalbox"]
 
 
 async def test_upstream_headers_query_and_base_path(start_proxy: StartProxy, echo: EchoUpstream) -> None:

@@ -4,7 +4,7 @@ Stream rules: write only whole events (so an injected heartbeat never splits one
 upstream chunk only after the previous write returned (aiohttp drains above 64 KiB, so a slow
 client stops our reads and TCP pushes back on the upstream), close the upstream the moment the
 client goes, and end a broken stream with one error event in the client's protocol. A single
-watchdog task per stream does the timing (heartbeats, first-token and idle limits, the deadline, a
+watchdog timer per stream does the timing (heartbeats, first-token and idle limits, the deadline, a
 slow client) so the per-event path carries no timers.
 """
 
@@ -123,7 +123,7 @@ async def respond_stream(
         await response.prepare(request)
         if settings.heartbeat > 0:
             await _write(response, heartbeat, watch)
-    dog = spawn(_watchdog(request, response, upstream, watch, timeouts, settings, deadline, heartbeat), name="watchdog")
+    dog = _Watchdog(request, response, upstream, watch, timeouts, settings, deadline, heartbeat)
     decoder = SSEDecoder()
 
     def end(error: ProxyError) -> None:
@@ -141,7 +141,7 @@ async def respond_stream(
     except ConnectionResetError:
         call.client_gone = True
     finally:
-        dog.cancel()
+        dog.stop()
         if isinstance(watch.failure, SlowClient):
             call.client_gone = True
             call.error = watch.failure.reason  # told apart from a client that simply left
@@ -164,9 +164,17 @@ async def respond_stream(
         elif upstream.content.at_eof():
             upstream.release()  # the whole body is read: the connection goes back to the pool
         else:
-            spawn(_recycle(upstream), name="recycle")  # off the request's own time (access log, metrics)
+            try:
+                await asyncio.sleep(0)  # one loop turn: the chunk terminator is usually in the socket already
+            finally:
+                if upstream.content.at_eof():
+                    upstream.release()
+                else:  # off the request's own time (access log, metrics)
+                    spawn(_recycle(upstream), name="recycle")
     return response
 
+
+_NOT_A_FIELD = frozenset(b":\r\n")  # first bytes of a comment line or a blank line
 
 _RECYCLE_WAIT = 0.1
 """How long a finished stream waits for the end of its upstream body after [DONE] (the chunk terminator
@@ -203,6 +211,7 @@ async def _pump(
     translator: StreamTranslator | None,
 ) -> None:
     last: SSEEvent | None = None  # the newest event passed through, judged at EOF
+    plain = translator is None and not call.want_usage  # pass-through: no event needs parsing
     try:
         async for chunk in upstream.content.iter_any():
             events = decoder.feed(chunk)
@@ -213,6 +222,14 @@ async def _pump(
                 continue
             done = False
             out: list[bytes] = []
+            if plain and len(events) == 1 and not events[0].skip and events[0].raw[0] not in _NOT_A_FIELD:
+                # The common case, checked cheaply: one whole event that starts with a field line (so it is
+                # not a comment-only keep-alive), relayed as it came.
+                last = events[0]
+                data = last.raw
+                out.append(data)
+                done = data.startswith(_DONE_PREFIXES)
+                events = []
             for event in events:
                 if event.is_comment_only:
                     continue  # upstream keep-alives are not progress; our own heartbeats cover silence
@@ -233,14 +250,23 @@ async def _pump(
                     break
             if not out:
                 continue
-            watch.last_event = time.monotonic()
+            now = time.monotonic()
+            watch.last_event = now
             if not watch.first_event:
                 watch.first_event = True
                 call.mark("first_token")  # time to first token, for its histogram
             call.events_relayed += len(out)
             data = out[0] if len(out) == 1 else b"".join(out)
             call.bytes_out += len(data)
-            await _write(response, data, watch)
+            # _write, inlined: this is the per-event path.
+            if not watch.writing:
+                watch.write_started = now
+            watch.writing += 1
+            try:
+                await response.write(data)
+            finally:
+                watch.writing -= 1
+                watch.last_write = time.monotonic()
             if done:
                 return
     except (TimeoutError, aiohttp.ClientError) as exc:
@@ -282,49 +308,93 @@ async def _write(response: web.StreamResponse, data: bytes, watch: _Watch) -> No
         watch.last_write = time.monotonic()
 
 
-async def _watchdog(
-    request: web.Request,
-    response: web.StreamResponse,
-    upstream: aiohttp.ClientResponse,
-    watch: _Watch,
-    timeouts: TimeoutSpec,
-    settings: StreamSettings,
-    deadline: float,
-    heartbeat: bytes,
-) -> None:
-    """Wakes at the next due time: heartbeat, first token, idle, deadline or slow client."""
-    started = time.monotonic()
-    while True:
+class _Watchdog:
+    """Wakes at the next due time: heartbeat, first token, idle, deadline or slow client.
+
+    A timer re-armed at each wake-up rather than a task per stream (the task, its coroutine and its
+    cancellation cost about 1 µs per relayed event in bench/overhead.py); a heartbeat write, when one
+    is due (after `heartbeat` of silence, so rarely), runs as a short task of its own."""
+
+    __slots__ = (
+        "request", "response", "upstream", "watch", "timeouts", "settings", "deadline", "heartbeat",
+        "started", "_loop", "_handle", "_beating", "_stopped",
+    )
+
+    def __init__(
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        upstream: aiohttp.ClientResponse,
+        watch: _Watch,
+        timeouts: TimeoutSpec,
+        settings: StreamSettings,
+        deadline: float,
+        heartbeat: bytes,
+    ) -> None:
+        self.request = request
+        self.response = response
+        self.upstream = upstream
+        self.watch = watch
+        self.timeouts = timeouts
+        self.settings = settings
+        self.deadline = deadline
+        self.heartbeat = heartbeat
+        self.started = time.monotonic()
+        self._loop = asyncio.get_running_loop()
+        self._handle: asyncio.TimerHandle | None = None
+        self._beating: asyncio.Task[None] | None = None
+        self._stopped = False
+        self._wake()
+
+    def stop(self) -> None:
+        self._stopped = True
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if self._beating is not None and not self._beating.done():
+            self._beating.cancel()
+
+    def _wake(self) -> None:
+        self._handle = None
+        if self._stopped:
+            return
+        watch, settings, timeouts, upstream = self.watch, self.settings, self.timeouts, self.upstream
         now = time.monotonic()
         if watch.writing and now - watch.write_started >= settings.slow_client:
             watch.failure = SlowClient("client stopped reading; stream ended by the slow-client limit")
             upstream.close()
-            if request.transport is not None:
-                request.transport.abort()  # the blocked write then fails and the relay loop ends
+            if self.request.transport is not None:
+                self.request.transport.abort()  # the blocked write then fails and the relay loop ends
             return
         limit, reason = (
             (watch.last_event + timeouts.idle, "idle")
             if watch.first_event
-            else (started + timeouts.first_token, "first_token")
+            else (self.started + timeouts.first_token, "first_token")
         )
-        if now >= deadline:
-            limit, reason = deadline, "total"
+        if now >= self.deadline:
+            limit, reason = self.deadline, "total"
         if now >= limit:
             watch.failure = UpstreamTimeout(_timeout_message(reason, timeouts))
             upstream.close()
             return
         if settings.heartbeat > 0 and not watch.writing and now - watch.last_write >= settings.heartbeat:
-            try:
-                await _write(response, heartbeat, watch)
-            except ConnectionResetError:
-                upstream.close()
-                return
-            continue
-        due = [limit, deadline]
-        due.append(watch.write_started + settings.slow_client if watch.writing else now + settings.slow_client)
+            self._beating = spawn(self._beat(), name="heartbeat")
+            return
+        due = min(limit, self.deadline)
+        if not watch.first_event:  # once the first event arrives the nearer idle limit applies: look again by then
+            due = min(due, now + timeouts.idle)
+        due = min(due, watch.write_started + settings.slow_client if watch.writing else now + settings.slow_client)
         if settings.heartbeat > 0:
-            due.append(watch.last_write + settings.heartbeat)
-        await asyncio.sleep(max(0.005, min(due) - now))
+            due = min(due, watch.last_write + settings.heartbeat)
+        self._handle = self._loop.call_later(max(0.005, due - now), self._wake)
+
+    async def _beat(self) -> None:
+        try:
+            await _write(self.response, self.heartbeat, self.watch)
+        except Exception:  # the client is gone (ConnectionResetError) or the response broke: stop generating
+            self.upstream.close()
+            return
+        self._wake()
 
 
 def _has_usage(raw: bytes) -> bool:

@@ -14,38 +14,44 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy.call import Call
+from proxy.telemetry.hot import HotCounter, HotHistogram, HotMetrics
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _REDIS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+_STATUS_TEXT = {code: str(code) for code in range(100, 600)}
+
+
+def _status(code: int) -> str:
+    return _STATUS_TEXT.get(code) or str(code)
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(
+        # Fed by every request (`record`): plain dicts exported at scrape time (see telemetry/hot.py).
+        self.requests = HotCounter(
             "signalbox_requests", "Requests answered, by route, tenant, upstream and status.",
-            ["route", "tenant", "upstream", "status"], registry=r,
+            ["route", "tenant", "upstream", "status"],
         )
-        self.duration = Histogram(
+        self.duration = HotHistogram(
             "signalbox_request_duration_seconds", "Time from arrival to the end of the response.",
-            ["route"], buckets=_LATENCY_BUCKETS, registry=r,
+            ["route"], _LATENCY_BUCKETS,
         )
-        self.ttfb = Histogram(
+        self.ttfb = HotHistogram(
             "signalbox_upstream_ttfb_seconds", "Time from arrival to the upstream's response headers.",
-            ["upstream"], buckets=_LATENCY_BUCKETS, registry=r,
+            ["upstream"], _LATENCY_BUCKETS,
         )
         self.in_flight = Gauge("signalbox_in_flight_requests", "Requests being handled now.", registry=r)
-        self.errors = Counter(
-            "signalbox_proxy_errors", "Requests the proxy itself refused or failed, by reason.",
-            ["reason"], registry=r,
+        self.errors = HotCounter(
+            "signalbox_proxy_errors", "Requests the proxy itself refused or failed, by reason.", ["reason"],
         )
-        self.client_gone = Counter(
-            "signalbox_client_disconnects", "Responses the client abandoned before the end.", ["route"], registry=r,
+        self.client_gone = HotCounter(
+            "signalbox_client_disconnects", "Responses the client abandoned before the end.", ["route"],
         )
-        self.stream_events = Counter(
-            "signalbox_stream_events_relayed", "SSE events relayed to clients.", ["route"], registry=r,
+        self.stream_events = HotCounter(
+            "signalbox_stream_events_relayed", "SSE events relayed to clients.", ["route"],
         )
         self.policy_version = Gauge(
             "signalbox_policy_info", "The active policy's source digest (value is always 1).", ["digest"], registry=r,
@@ -132,17 +138,17 @@ class Metrics:
         )
         # Upstream resilience (proxy/upstream): per attempt from the Call, state gauges at scrape time,
         # transitions and rare events (retry, budget, fallback) when they happen.
-        self.upstream_requests = Counter(
+        self.upstream_requests = HotCounter(
             "signalbox_upstream_requests", "Upstream attempts, by deployment and status (or upstream_timeout, "
-            "upstream_unreachable, cancelled when no response came).", ["deployment", "status"], registry=r,
+            "upstream_unreachable, cancelled when no response came).", ["deployment", "status"],
         )
-        self.upstream_latency = Histogram(
+        self.upstream_latency = HotHistogram(
             "signalbox_upstream_latency_seconds", "Time from sending an attempt to its response headers (or "
-            "its failure), by deployment.", ["deployment"], buckets=_LATENCY_BUCKETS, registry=r,
+            "its failure), by deployment.", ["deployment"], _LATENCY_BUCKETS,
         )
-        self.ttft = Histogram(
+        self.ttft = HotHistogram(
             "signalbox_time_to_first_token_seconds", "Streams: time from arrival to the first event relayed.",
-            ["route"], buckets=_LATENCY_BUCKETS, registry=r,
+            ["route"], _LATENCY_BUCKETS,
         )
         self.retries = Counter(
             "signalbox_upstream_retries", "Retries started, by route and the outcome retried (a status, "
@@ -175,6 +181,10 @@ class Metrics:
         self.before_scrape: list[Callable[[], Awaitable[None]]] = []
         """Refreshers for state gauges (queues, limiters), awaited at each scrape."""
         self._children: dict[tuple[Any, ...], Any] = {}
+        r.register(HotMetrics([
+            self.requests, self.duration, self.ttfb, self.errors, self.client_gone, self.stream_events,
+            self.upstream_requests, self.upstream_latency, self.ttft,
+        ]))
 
     def _child(self, metric: Any, *labels: str) -> Any:
         key = (id(metric), *labels)
@@ -186,24 +196,27 @@ class Metrics:
     def record(self, call: Call) -> None:
         """Called once per request, after the response ended (or failed)."""
         route = call.route.name if call.route is not None else ""
+        key = (route,)
         tenant = call.tenant.name if call.tenant is not None else ""
-        self._child(self.requests, route, tenant, call.upstream, str(call.status)).inc()
-        self._child(self.duration, route).observe(call.elapsed())
-        if call.upstream and "upstream_headers" in call.marks:
-            self._child(self.ttfb, call.upstream).observe(call.marks["upstream_headers"])
+        self.requests.inc((route, tenant, call.upstream, _status(call.status)))
+        self.duration.observe(key, call.elapsed())
+        marks = call.marks
+        ttfb = marks.get("upstream_headers")
+        if ttfb is not None and call.upstream:
+            self.ttfb.observe((call.upstream,), ttfb)
         if call.error is not None:
-            self._child(self.errors, call.error).inc()
+            self.errors.inc((call.error,))
         if call.client_gone:
-            self._child(self.client_gone, route).inc()
+            self.client_gone.inc(key)
         if call.events_relayed:
-            self._child(self.stream_events, route).inc(call.events_relayed)
+            self.stream_events.inc(key, call.events_relayed)
         for attempt in call.attempts:
-            status = str(attempt.status) if attempt.status else attempt.error or "error"
-            self._child(self.upstream_requests, attempt.upstream, status).inc()
-            self._child(self.upstream_latency, attempt.upstream).observe(attempt.duration)
-        first = call.marks.get("first_token")
+            status = _status(attempt.status) if attempt.status else attempt.error or "error"
+            self.upstream_requests.inc((attempt.upstream, status))
+            self.upstream_latency.observe((attempt.upstream,), attempt.duration)
+        first = marks.get("first_token")
         if first is not None:
-            self._child(self.ttft, route).observe(first)
+            self.ttft.observe(key, first)
 
     def set_policy(self, digest: str) -> None:
         self.policy_version.clear()

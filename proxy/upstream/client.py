@@ -9,6 +9,7 @@ turns out to be stale before any response byte arrived.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -89,7 +90,6 @@ class UpstreamClients:
             connector=connector,
             timeout=aiohttp.ClientTimeout(total=None),
             auto_decompress=True,
-            skip_auto_headers=("User-Agent",),
             raise_for_status=False,
         )
         return _Pool(spec, session, base_url, runner)
@@ -140,12 +140,16 @@ async def send_once(
     """
     # A stream's body reads are timed by the relay's watchdog (first event, then `idle` between events):
     # a socket read timeout of first_token would cut a stream whose events are further apart than that.
-    read_timeout = None if stream else first_token
-    timeout = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=connect, sock_read=read_timeout)
-    target = URL(url, encoded=True)
+    timeout = _client_timeout(connect, None if stream else first_token)
+    target = _url(url)
     for stale_retry in (True, False):
         try:
-            async with asyncio.timeout(first_token if stream else None):
+            if not stream:  # the socket read timeout bounds the wait for the headers
+                return await session.request(
+                    method, target, data=body, headers=headers, params=query, timeout=timeout,
+                    allow_redirects=False,
+                )
+            async with asyncio.timeout(first_token):
                 return await session.request(
                     method, target, data=body, headers=headers, params=query, timeout=timeout,
                     allow_redirects=False,
@@ -177,6 +181,18 @@ async def send_once(
         except aiohttp.ClientError as exc:
             raise UpstreamUnreachable(f"upstream '{upstream}' failed: {type(exc).__name__}") from None
     raise AssertionError("unreachable")
+
+
+@functools.lru_cache(maxsize=64)
+def _client_timeout(connect: float, read: float | None) -> aiohttp.ClientTimeout:
+    """One immutable ClientTimeout per (connect, read) pair: the values come from the policy."""
+    return aiohttp.ClientTimeout(total=None, connect=None, sock_connect=connect, sock_read=read)
+
+
+@functools.lru_cache(maxsize=256)
+def _url(url: str) -> URL:
+    """Parsed once per distinct upstream URL (they repeat: base URL + path, rarely a query)."""
+    return URL(url, encoded=True)
 
 
 def _reason(exc: aiohttp.ClientConnectorError) -> str:
