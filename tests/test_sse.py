@@ -466,3 +466,23 @@ def test_heartbeat_is_safe_for_openai_sdk_after_an_id() -> None:
     # In our own decoder the heartbeat joins the next block, which still carries its data.
     events, _ = decode([head + encode_comment() + tail])
     assert [(e.data, e.comments) for e in events] == [("{}", []), ("[DONE]", ["ping"])]
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        [b"data: a\n\n", b"data: b\n\n", b": ping\n\n", b"data: [DONE]\n\n"],
+        [b"\xef\xbb\xbfdata: a\n\n", b"data: b\n\n"],  # a BOM start: the first chunk goes through feed
+        [b"data: a\r\n\r\n", b"data: b\n\n"],  # once a CR was seen, never the fast path
+        [b"data: a\n", b"\ndata: b\n\n", b"data: c\n\ndata: d\n\n"],  # split and merged blocks
+    ],
+)
+def test_whole_agrees_with_feed(chunks: list[bytes]) -> None:
+    fast, slow = SSEDecoder(), SSEDecoder()
+    for chunk in chunks:
+        expected = slow.feed(chunk)
+        if fast.whole(chunk):
+            assert expected == [SSEEvent(chunk)]
+        else:
+            assert fast.feed(chunk) == expected
+    assert fast.close() == slow.close()

@@ -212,8 +212,33 @@ async def _pump(
 ) -> None:
     last: SSEEvent | None = None  # the newest event passed through, judged at EOF
     plain = translator is None and not call.want_usage  # pass-through: no event needs parsing
+    whole = decoder.whole
+    monotonic = time.monotonic
+    last_raw: bytes | None = None  # the newest event when it came by the fast path (no SSEEvent built)
     try:
         async for chunk in upstream.content.iter_any():
+            if plain and whole(chunk) and chunk[0] not in _NOT_A_FIELD:
+                # The common case: one whole event that starts with a field line (so not a keep-alive
+                # comment), relayed as it came, without building an event. The slow path below does the same.
+                last, last_raw = None, chunk
+                now = monotonic()
+                watch.last_event = now
+                if not watch.first_event:
+                    watch.first_event = True
+                    call.mark("first_token")
+                call.events_relayed += 1
+                call.bytes_out += len(chunk)
+                if not watch.writing:
+                    watch.write_started = now
+                watch.writing += 1
+                try:
+                    await response.write(chunk)
+                finally:
+                    watch.writing -= 1
+                    watch.last_write = monotonic()
+                if chunk.startswith(_DONE_PREFIXES):
+                    return
+                continue
             events = decoder.feed(chunk)
             if not events:
                 if decoder.buffered > settings.max_event_buffer:
@@ -222,14 +247,6 @@ async def _pump(
                 continue
             done = False
             out: list[bytes] = []
-            if plain and len(events) == 1 and not events[0].skip and events[0].raw[0] not in _NOT_A_FIELD:
-                # The common case, checked cheaply: one whole event that starts with a field line (so it is
-                # not a comment-only keep-alive), relayed as it came.
-                last = events[0]
-                data = last.raw
-                out.append(data)
-                done = data.startswith(_DONE_PREFIXES)
-                events = []
             for event in events:
                 if event.is_comment_only:
                     continue  # upstream keep-alives are not progress; our own heartbeats cover silence
@@ -244,7 +261,7 @@ async def _pump(
                     # across reads) stay behind: a heartbeat written since must not end up inside a CRLF.
                     raw = event.raw[event.skip :] if event.skip else event.raw
                     out.append(raw)
-                    last = event
+                    last, last_raw = event, None
                     done = raw.startswith(_DONE_PREFIXES)
                 if done:
                     break
@@ -291,7 +308,7 @@ async def _pump(
                 return
             call.events_relayed += len(tail)
             await _write(response, b"".join(tail), watch)
-    elif _cut(decoder.close()) or not _complete(last):
+    elif _cut(decoder.close()) or not _complete(last if last_raw is None else SSEEvent(last_raw)):
         watch.failure = UpstreamUnreachable(
             f"upstream '{call.upstream}' ended the stream early; the answer is incomplete"
         )

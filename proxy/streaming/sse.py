@@ -175,6 +175,21 @@ class SSEDecoder:
         """Bytes held while waiting for an event boundary."""
         return len(self._buf)
 
+    def whole(self, chunk: bytes) -> bool:
+        """True when `chunk` is exactly one complete LF-framed block and nothing is buffered: what `feed`
+        would return as one event, with no state to update, so a pass-through relay can forward the
+        bytes without building an event. False: use `feed`."""
+        return (
+            not self._cr
+            and not self._buf
+            and not self._at_start
+            and type(chunk) is bytes
+            and len(chunk) > 2
+            and chunk[0] != _LF
+            and b"\r" not in chunk
+            and chunk.find(b"\n\n") == len(chunk) - 2
+        )
+
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         """Add a chunk; return the blocks it completed (possibly none), in order."""
         if type(chunk) is not bytes:
