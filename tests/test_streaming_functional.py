@@ -584,6 +584,24 @@ async def test_headers_then_silence_ends_with_a_timeout_event(
     await idle_proxy(proxy)
 
 
+async def test_first_token_counts_from_the_request_sent_not_from_the_headers(
+    start_proxy: StartProxy, mock_url: str, scripted: ScriptedUpstream, async_openai: MakeOpenAI
+) -> None:
+    # 0.7 s to the headers, then 0.7 s to the first token: 1.4 s from the request, over the 1 s first_token.
+    proxy = await start_proxy(policy(mock_url, scripted, timeouts="{first_token: 1s}"))
+    slow = {"x-mock-stall-ms": "700", "x-mock-ttft-ms": "700"}
+    started = time.monotonic()
+    with pytest.raises(openai.APIError) as info:
+        stream = await async_openai(proxy).chat.completions.create(
+            model="gpt-a", messages=PROMPT, stream=True, extra_headers=slow
+        )
+        async for _ in stream:
+            pass
+    assert "first_token" in info.value.message
+    assert time.monotonic() - started < 1.35  # cut at ~1 s from sending, not 1 s after the headers (1.7 s)
+    await idle_proxy(proxy)
+
+
 @pytest.mark.parametrize("model", ["gpt-a", "claude-a"], ids=["pass", "translated"])
 async def test_idle_limit_mid_stream_ends_with_an_error_and_closes_the_upstream(
     start_proxy: StartProxy, mock_url: str, scripted: ScriptedUpstream, async_openai: MakeOpenAI, model: str

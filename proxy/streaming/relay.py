@@ -123,7 +123,9 @@ async def respond_stream(
         await response.prepare(request)
         if settings.heartbeat > 0:
             await _write(response, heartbeat, watch)
-    dog = _Watchdog(request, response, upstream, watch, timeouts, settings, deadline, heartbeat)
+    # first_token counts from when the request was sent, so the wait for the headers counts too.
+    sent_ago = call.attempts[-1].duration if call.attempts else 0.0
+    dog = _Watchdog(request, response, upstream, watch, timeouts, settings, deadline, heartbeat, sent_ago)
     decoder = SSEDecoder()
 
     def end(error: ProxyError) -> None:
@@ -347,6 +349,7 @@ class _Watchdog:
         settings: StreamSettings,
         deadline: float,
         heartbeat: bytes,
+        sent_ago: float = 0.0,
     ) -> None:
         self.request = request
         self.response = response
@@ -356,7 +359,7 @@ class _Watchdog:
         self.settings = settings
         self.deadline = deadline
         self.heartbeat = heartbeat
-        self.started = time.monotonic()
+        self.started = time.monotonic() - sent_ago  # when the request went upstream
         self._loop = asyncio.get_running_loop()
         self._handle: asyncio.TimerHandle | None = None
         self._beating: asyncio.Task[None] | None = None
