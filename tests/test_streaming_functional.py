@@ -598,7 +598,7 @@ async def test_first_token_counts_from_the_request_sent_not_from_the_headers(
         async for _ in stream:
             pass
     assert "first_token" in info.value.message
-    assert time.monotonic() - started < 1.35  # cut at ~1 s from sending, not 1 s after the headers (1.7 s)
+    assert time.monotonic() - started < 1.6  # cut at ~1 s from sending; counted from the headers it would be 1.7 s
     await idle_proxy(proxy)
 
 
