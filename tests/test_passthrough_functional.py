@@ -301,6 +301,26 @@ async def test_upstream_response_arrives_unchanged(start_proxy: StartProxy, echo
     assert headers.get("server") != "upstream-server/1.0"
 
 
+async def test_upstream_cookies_are_relayed_but_never_kept_or_replayed(
+    start_proxy: StartProxy, echo: EchoUpstream
+) -> None:
+    """Providers set cookies (OpenAI's Cloudflare `__cf_bm`, `_cfuvid`). They belong to the client that got
+    them: a shared cookie jar would replay one tenant's cookies on every later request, from any tenant."""
+    policy = echo_policy(echo).replace("alpha: {keys: [sk-alpha]}", "alpha: {keys: [sk-alpha]}\n      beta: {keys: [sk-beta]}")
+    policy = policy.replace("127.0.0.1", "localhost")  # aiohttp's jar ignores cookies from IP addresses
+    proxy = await start_proxy(policy)
+    echo.reply(Reply(status=200, headers=[("Set-Cookie", "__cf_bm=tenant-alpha; Path=/; HttpOnly")], body=b"{}"))
+    status, headers, _ = await post(proxy.v1 + "/chat/completions", b'{"model":"m"}', ALPHA)
+    assert status == 200 and headers["set-cookie"].startswith("__cf_bm=tenant-alpha")
+    beta = {**ALPHA, "Authorization": "Bearer sk-beta"}
+    for caller in (ALPHA, beta):
+        status, _, _ = await post(proxy.v1 + "/chat/completions", b'{"model":"m"}', caller)
+        assert status == 200
+        assert "cookie" not in echo.last.header_names
+    status, _, _ = await post(proxy.v1 + "/chat/completions", b'{"model":"m"}', {**beta, "Cookie": "mine=1"})
+    assert echo.last.header_all("cookie") == ["mine=1"]  # a client's own cookie is its to send
+
+
 @pytest.mark.parametrize(
     ("status", "headers", "body"),
     [

@@ -2,8 +2,8 @@
 
 Deliberate aiohttp settings (PROTOCOLS.md §5): no 300 s session total (streams outlive it), a pool
 sized per upstream (the default 100 would cap concurrent streams), keep-alive shorter than vLLM's
-5 s so we never reuse a socket the server closed, and one safe retry when a pooled connection
-turns out to be stale before any response byte arrived.
+5 s so we never reuse a socket the server closed, one safe retry when a pooled connection
+turns out to be stale before any response byte arrived, and no cookie jar.
 """
 
 from __future__ import annotations
@@ -91,6 +91,10 @@ class UpstreamClients:
             timeout=aiohttp.ClientTimeout(total=None),
             auto_decompress=True,
             raise_for_status=False,
+            # Cookies an upstream sets (OpenAI's Cloudflare ones) are relayed to the caller that got them and
+            # never kept: a shared jar would replay one tenant's cookies for every other. Also skips the
+            # jar's per-request filtering.
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
         return _Pool(spec, session, base_url, runner)
 
