@@ -3,7 +3,8 @@
 A call arrives admitted (its own limits, in ingress). It joins the open group of callers with the same
 key (`batching.keys`) or opens one. A group is sealed when full (max_items / max_tokens) or max_wait
 after it opened, whichever comes first; its flush takes ONE scheduler slot and makes ONE
-`dispatch.send` for everyone, so retries, deadline and breaker apply to the batch as a whole. The
+`dispatch.dispatch` for everyone, so retries, deadline, breaker and the upstream's own limits apply to
+the batch as a whole (an upstream limit counts the batch's upstream call once, with its real usage). The
 answer is split back by offset (`batching.merge`); a 400-class answer is bisected until only the
 caller whose input caused it gets it. A caller that leaves before the seal is taken out; after it,
 its share is dropped, and a flush whose callers have all left is cancelled (closing the upstream call).
@@ -284,22 +285,32 @@ class Batcher:
 
     async def _send(self, call: Call, headers: Mapping[str, str], query: str, deadline: float
                     ) -> tuple[int, list[tuple[str, str]], bytes]:
-        """dispatch.send (deployment choice, retries, breaker, fallbacks), then the whole body."""
+        """dispatch (deployment choice, retries, breaker, fallbacks, upstream limits), then the whole body.
+
+        `call` is the merged Call (or a lone caller's own): one upstream call, so an upstream limit counts
+        it once per attempt, and the answering attempt settles here with the whole answer's `usage`. The
+        callers' own admissions (tenant, route) were taken one by one and settle with their shares."""
         ident = call.plan.identify
-        upstream = await dispatch.send(
+        sent = await dispatch.dispatch(
             call, self.clients, headers, query,
             passthrough_auth=ident.mode == "passthrough",
             identify_header=ident.header if ident.mode != "api_key" else None,
             deadline=deadline,
         )
+        sent.done()  # the deployment stops counting as busy at the headers
+        upstream = sent.response
+        usage: dict[str, Any] | None = None
         try:
             body = await upstream.read()
+            if sent.hold is not None and upstream.status < 300:
+                usage = merge.usage_of(body)
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise UpstreamUnreachable(
                 f"upstream '{call.upstream}' broke off its answer ({type(exc).__name__}); try again"
             ) from None
         finally:
             upstream.release()
+            await sent.finish(call, usage)
         return upstream.status, list(upstream.headers.items()), body
 
     def _split(self, members: list[Member], merged: Call, status: int, headers: list[tuple[str, str]],

@@ -7,6 +7,8 @@ themselves, so metrics and the access log are fed from one place at the end.
 from __future__ import annotations
 
 import time
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +23,16 @@ class Attempt:
     status: int
     duration: float
     error: str | None = None
+
+
+class Hold(typing.Protocol):
+    """What one upstream attempt holds in its upstream's limit (proxy/admission/upstream.py). Finished
+    once: by dispatch for an attempt that failed, else once the response it produced is done with."""
+
+    async def finish(self, status: int, usage: Mapping[str, Any] | None, *, sent: bool = True) -> None:
+        """`status`: the attempt's answer (0: none came); `usage`: the response's, for a token limit;
+        `sent`: False when the attempt never left the proxy (its request is given back too)."""
+        ...
 
 
 @dataclass(slots=True)
@@ -56,6 +68,9 @@ class Call:
     """A token limit applies: relay records the response's `usage` on the call."""
     strip_usage: bool = False
     """The proxy asked the upstream for stream usage (include_usage); relay drops that chunk."""
+    hold: Hold | None = None
+    """The current attempt's place in its upstream's limit, until finished (admission's exit finishes
+    the one the relayed response came from)."""
 
     def mark(self, stage: str) -> None:
         self.marks[stage] = time.perf_counter() - self.started

@@ -10,7 +10,8 @@
     ├── RateLimited                 429     rate_limit_exceeded (admission: limits and queues)
     │   ├── QueueFull               429     rate_limit_exceeded, x-should-retry: false
     │   ├── QueueTimeout            429     rate_limit_exceeded ("waited N s in queue X")
-    │   └── UpstreamPaced           429     rate_limit_exceeded (every deployment held until its reset)
+    │   ├── UpstreamPaced           429     rate_limit_exceeded (every deployment held until its reset)
+    │   └── UpstreamLimited         429     rate_limit_exceeded (every deployment's upstream over its limits)
     ├── ServiceUnavailable          503     service_unavailable (draining, queue cleared)
     │   ├── QueueCleared            503     service_unavailable, x-should-retry: false
     │   └── CircuitOpen             503     circuit_open (every deployment's circuit is open)
@@ -146,6 +147,48 @@ class UpstreamPaced(RateLimited):
     @property
     def reason(self) -> str:
         return "upstream_paced"
+
+
+_UPSTREAM_REASONS = {
+    "requests": "upstream_rate_limit", "tokens": "upstream_token_limit", "concurrent": "upstream_concurrency_limit"
+}
+
+
+class UpstreamLimited(RateLimited):
+    """The upstream's own limit (`upstreams.<name>.limits`) refuses an attempt. Dispatch skips that
+    deployment; when no deployment (fallbacks included) can take the request, the soonest refusal is
+    waited out (`on_limit: queue`) or answered."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float | None,
+        exact: bool,
+        dimension: str,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(
+            message, retry_after=retry_after, should_retry=False if retry_after is None else None, headers=headers
+        )
+        self.exact = exact
+        """False when capacity may free earlier than `retry_after` (concurrency, unsettled tokens)."""
+        self.dimension = dimension
+        if dimension == "tokens":
+            self.type = "tokens"
+
+    @property
+    def reason(self) -> str:
+        return _UPSTREAM_REASONS.get(self.dimension, "upstream_limit")
+
+    def sooner(self, other: UpstreamLimited | None) -> bool:
+        """Is this refusal the one to wait for (or report) rather than `other`? The shortest wait wins;
+        "never" (a request bigger than the limit) loses to any wait."""
+        if other is None:
+            return True
+        if self.retry_after is None:
+            return False
+        return other.retry_after is None or self.retry_after < other.retry_after
 
 
 class ServiceUnavailable(ProxyError):

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from proxy.admission.admit import Admission
+from proxy.admission.upstream import UpstreamQuota
 from proxy.batcher import Batcher
 from proxy.errors import ProxyError
 from proxy.policy.plan import Plan
@@ -89,6 +90,7 @@ class Runtime:
         self.metrics.in_flight.set_function(lambda: self.in_flight)  # read at scrape, not two locks per request
         self.upstreams = self.clients.registry
         self.upstreams.metrics = self.metrics
+        self.upstreams.quota = UpstreamQuota(self.admission)  # upstream limits, per attempt, in admission's store
         self.metrics.before_scrape.append(self.upstreams.refresh_metrics)
 
     @property

@@ -87,7 +87,13 @@ class Faulty:
                             await response.write(b": keep-alive\n\n")
                         await asyncio.sleep(0.1)
                 await response.write(_chunk({"content": f"{self.name}-{i} "}))
-            await response.write(_chunk({}, "stop") + b"data: [DONE]\n\n")
+            await response.write(_chunk({}, "stop"))
+            if (body.get("stream_options") or {}).get("include_usage") is True:  # as OpenAI: a last usage chunk
+                usage = {"prompt_tokens": 3, "completion_tokens": step.events, "total_tokens": 3 + step.events}
+                last = {"id": "chatcmpl-f", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                        "choices": [], "usage": usage}
+                await response.write(b"data: " + orjson.dumps(last) + b"\n\n")
+            await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
             return response
         except asyncio.CancelledError:

@@ -196,6 +196,16 @@ def test_avoided_deployments_are_never_chosen_and_untried_ones_are_preferred() -
     assert reg.choose(pool, clock.now, tried={"a", "b"})[0].id == "a"  # type: ignore[union-attr]
 
 
+def test_deployments_of_a_full_upstream_are_skipped_for_the_attempt() -> None:
+    clock = Clock()
+    reg = registry(clock)
+    shared = DeploymentSpec("a/x", "a", "x", 100.0, TimeoutSpec(), CONSECUTIVE, PacingSpec(True, 30.0))
+    pool = route(deployment("a", 100.0), shared, deployment("b", 0.01))
+    assert {reg.choose(pool, clock.now, full={"a"})[0].id for _ in range(20)} == {"b"}  # type: ignore[union-attr]
+    assert reg.choose(pool, clock.now, full={"a", "b"}) == (None, None)
+    assert reg.choose(route(deployment("b")), clock.now, full={"b"}) == (None, None)  # the one-deployment path
+
+
 def test_least_outstanding_spreads_in_flight_requests() -> None:
     clock = Clock()
     reg = registry(clock)

@@ -24,7 +24,9 @@ from proxy.admission.limits import (
 )
 from proxy.admission.local import LocalStore
 from proxy.admission.store import Reservation
+from proxy.admission.upstream import UpstreamHold
 from proxy.call import Attempt, Call
+from proxy.errors import UpstreamLimited
 from proxy.policy.plan import Limit, LimitSpec
 
 
@@ -315,6 +317,55 @@ def test_settle_amount() -> None:
     assert tok.settle_amount(call, 500) == 42
     call.usage, call.status = None, 429
     assert tok.settle_amount(call, 500) == 0  # the upstream refused it
+
+
+def test_attempt_amount_settles_one_upstream_attempt_like_a_request() -> None:
+    assert tok.attempt_amount(500, 200, {"total_tokens": 42}) == 42  # the real usage
+    assert tok.attempt_amount(500, 200, None) == 500  # answered, no usage (a cut stream): the estimate
+    assert tok.attempt_amount(500, 0, None) == 0  # no answer came (connect error, timeout)
+    assert tok.attempt_amount(500, 503, None) == 0  # refused by the upstream
+
+
+# --- upstream limits, per attempt ---------------------------------------------------------------------
+
+
+async def test_an_upstream_hold_settles_and_releases_once() -> None:
+    clock = Clock(10.0)
+    store = LocalStore(clock)
+    upstream = limit("upstream:u", rpm=10, tpm=1000, conc=1)
+    taken = await store.try_acquire((upstream,), 300)
+    assert isinstance(taken, Reservation)
+    hold = UpstreamHold(store, taken)
+    assert isinstance(await store.try_acquire((upstream,), 1), Refusal)  # its one slot is held
+    await hold.finish(0, None)  # no answer came: the request stays counted, the tokens go back
+    await hold.finish(200, {"total_tokens": 5})  # once only
+    (usage,) = await store.remaining(["upstream:u"])
+    assert usage.concurrent == (1, 0)
+    assert usage.requests is not None and usage.requests.used == pytest.approx(1)
+    assert usage.tokens is not None and usage.tokens.used == pytest.approx(0)
+    unsent = await store.try_acquire((upstream,), 300)
+    assert isinstance(unsent, Reservation)
+    await UpstreamHold(store, unsent).finish(0, None, sent=False)  # never left the proxy: nothing counts
+    (usage,) = await store.remaining(["upstream:u"])
+    assert usage.requests is not None and usage.requests.used == pytest.approx(1)
+    relayed = await store.try_acquire((upstream,), 300)
+    assert isinstance(relayed, Reservation)
+    await UpstreamHold(store, relayed).finish(200, {"total_tokens": 42})
+    (usage,) = await store.remaining(["upstream:u"])
+    assert usage.tokens is not None and usage.tokens.used == pytest.approx(42)
+
+
+def test_the_soonest_upstream_refusal_is_the_one_waited_for() -> None:
+    def refusal(wait: float | None) -> UpstreamLimited:
+        return UpstreamLimited("full", retry_after=wait, exact=True, dimension="requests")
+
+    soon, late, never = refusal(1.0), refusal(5.0), refusal(None)
+    assert soon.sooner(None) and never.sooner(None)
+    assert soon.sooner(late) and not late.sooner(soon)
+    assert late.sooner(never) and not never.sooner(late)  # "never fits" loses to any wait
+    assert never.should_retry is False and late.should_retry is None
+    assert never.reason == "upstream_rate_limit"
+    assert UpstreamLimited("x", retry_after=1.0, exact=False, dimension="tokens").type == "tokens"
 
 
 def test_stream_usage_is_asked_only_when_the_client_did_not() -> None:

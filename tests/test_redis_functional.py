@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -375,3 +376,44 @@ async def test_a_reload_keeps_the_shared_counts_and_the_store(
         await chat(alpha)
     assert caught.value.response.headers["x-ratelimit-limit-requests"] == "5"
     assert upstream.received == 5
+
+
+# --- an upstream's limit on a pool -------------------------------------------------------------------------------
+
+
+async def test_an_upstream_limit_on_a_pool_is_shared_and_counts_only_the_calls_that_upstream_gets(
+    start_proxy: StartProxy, async_openai: MakeAsync, upstream: Counting, server: RedisServer,
+    clock: Callable[[], Awaitable[float]],
+) -> None:
+    spare = Counting()
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", spare.handle)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    spare.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    text = f"""
+state: {{backend: redis, url: "{server.url}", key_prefix: sb-test, timeout: 1s}}
+upstreams:
+  up: {{provider: openai, base_url: "{upstream.url}/v1", api_key: sk-up, limits: {{requests_per_minute: 5}}}}
+  spare: {{provider: openai, base_url: "{spare.url}/v1", api_key: sk-up}}
+tenants:
+  alpha: {{keys: [sk-alpha]}}
+routes:
+  - name: chat
+    match: {{path: /v1/chat/completions}}
+    deployments: [{{upstream: up, weight: 1000}}, {{upstream: spare, weight: 0.001}}]
+"""
+    try:
+        proxies = [await start_proxy(text) for _ in range(2)]
+        for seed, proxy in enumerate(proxies):
+            proxy.state.upstreams.rng = random.Random(seed)  # `up` first whenever it has room
+        clients = [async_openai(proxy) for proxy in proxies]
+        await outside_a_minute_edge(clock)
+        answers = await asyncio.gather(*(chat(clients[i % 2]) for i in range(16)))  # none is refused
+        assert all(a.choices[0].message.content == "Hello" for a in answers)
+        assert upstream.received == 5 and spare.received == 11  # the shared 5, not 2 x 5; the rest elsewhere
+        (usage,) = await proxies[1].state.admission.store.remaining(["upstream:up"])
+        assert usage.requests is not None and usage.requests.used == pytest.approx(5)
+    finally:
+        await runner.cleanup()

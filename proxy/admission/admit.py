@@ -1,11 +1,15 @@
 """Admission: `Admission.admit(call)`, the async context manager ingress wraps around the rest of
 the data path.
 
-Every limit that applies (tenant, route, route per tenant, upstream) must admit the request; it is
-then counted in all of them at once (one request, plus a token estimate when a token limit applies).
-Over a limit the route either rejects at once or, with `on_limit: queue`, waits for capacity until
-its queue's `max_wait` from arrival. On the way out (success, error or cancellation) the tokens are
-settled with the real `usage` and concurrency is released. A route with no limits pays one check.
+Every limit that applies (tenant, route, route per tenant) must admit the request; it is then counted
+in all of them at once (one request, plus a token estimate when a token limit applies). Over a limit
+the route either rejects at once or, with `on_limit: queue`, waits for capacity until its queue's
+`max_wait` from arrival. On the way out (success, error or cancellation) the tokens are settled with
+the real `usage` and concurrency is released. A route with no limits pays one check.
+
+Upstream limits are not checked here: dispatch takes them per attempt, on the upstream the attempt goes
+to (`upstream.py`). Admission only prepares the token estimate for them and, on the way out, finishes
+the hold of the attempt whose response was relayed (`call.hold`), after the relay is done with it.
 """
 
 from __future__ import annotations
@@ -97,16 +101,19 @@ class Admission:
             self.metrics.limiter_remaining.clear()  # keys that left the plan; the next scrape refills
 
     def admit(self, call: Call, waiting: Waiting | None = None) -> AbstractAsyncContextManager[None]:
-        assert call.route is not None and call.tenant is not None
-        limits = call.route.limit_sets.get(call.tenant.name) if call.route.limit_sets else None
-        return _Admit(self, call, limits, waiting) if limits is not None else NOTHING
+        route = call.route
+        assert route is not None and call.tenant is not None
+        limits = route.limit_sets.get(call.tenant.name) if route.limit_sets else None
+        if limits is None and not route.upstream_limited:
+            return NOTHING
+        return _Admit(self, call, limits, waiting)
 
 
 class _Admit:
     __slots__ = ("admission", "call", "limits", "waiting", "reservation")
 
     def __init__(
-        self, admission: Admission, call: Call, limits: LimitSet, waiting: Waiting | None
+        self, admission: Admission, call: Call, limits: LimitSet | None, waiting: Waiting | None
     ) -> None:
         self.admission = admission
         self.call = call
@@ -119,11 +126,16 @@ class _Admit:
         route = call.route
         assert route is not None
         cost = 0
-        limits = self.limits.limits
-        if self.limits.tokens:
-            cost = call.token_estimate = tok.estimate(call, route.default_max_tokens)
+        limit_set = self.limits
+        if (limit_set is not None and limit_set.tokens) or route.upstream_tokens:
+            estimate = call.token_estimate = tok.estimate(call, route.default_max_tokens)
             call.want_usage = True
             call.strip_usage = tok.wants_stream_usage(call, call.plan.upstreams[route.upstream].provider)
+            if limit_set is not None and limit_set.tokens:
+                cost = estimate
+        if limit_set is None:
+            return  # only upstream limits: dispatch takes them per attempt
+        limits = limit_set.limits
         result = await admission.store.try_acquire(limits, cost)
         if isinstance(result, Reservation):  # the common case: admitted at once
             self.reservation = result
@@ -158,6 +170,18 @@ class _Admit:
                 self.waiting.end()
 
     async def __aexit__(self, *exc: object) -> None:
+        call = self.call
+        hold = call.hold
+        if hold is None:
+            await self._settle()
+            return
+        call.hold = None
+        try:  # the relayed attempt's upstream hold: its response is done with now
+            await hold.finish(call.status, call.usage)
+        finally:
+            await self._settle()
+
+    async def _settle(self) -> None:
         reservation = self.reservation
         if reservation is None:
             return
@@ -189,9 +213,9 @@ class _Admit:
             self.admission.metrics.reject(reason)
 
     def _rejection(self, refusal: Refusal, cost: int, waited: bool) -> RateLimited:
-        self._rejected(_REASONS[refusal.dimension])
+        self._rejected(REASONS[refusal.dimension])
         error = RateLimited(
-            _message(refusal, self.call, cost, waited),
+            refusal_message(refusal, self.call, cost, waited),
             retry_after=refusal.retry_after,
             should_retry=False if refusal.retry_after is None else None,
             headers=ratelimit_headers(refusal.usage),
@@ -207,7 +231,7 @@ def plan_limits(plan: Plan) -> dict[str, Limit]:
     singles: list[Limit | None] = [t.limit for t in plan.tenants.values()]
     singles += [u.limit for u in plan.upstreams.values()]
     for route in plan.routes:
-        singles += [route.limit, route.upstream_limit]
+        singles.append(route.limit)
         for limit_set in route.limit_sets.values():
             for limit in limit_set.limits:
                 found[limit.key] = limit
@@ -222,10 +246,11 @@ def _status(refusal: Refusal) -> Callable[[], str]:
     return lambda: text
 
 
-_REASONS = {"requests": "rate_limit", "tokens": "token_limit", "concurrent": "concurrency_limit"}
+REASONS = {"requests": "rate_limit", "tokens": "token_limit", "concurrent": "concurrency_limit"}
 
 
-def _message(refusal: Refusal, call: Call, cost: int, waited: bool) -> str:
+def refusal_message(refusal: Refusal, call: Call, cost: int, waited: bool) -> str:
+    """The 429's message: which limit, whose, how much it allows, and when to retry."""
     limit = refusal.limit
     spec = limit.spec
     whose = f" (tenant '{call.tenant.name}')" if not limit.tenant and call.tenant is not None else ""

@@ -276,10 +276,15 @@ def decide(refusal: Refusal | None, now: float, deadline: float | None, recheck:
     """
     if refusal is None:
         return ADMIT
-    wait = refusal.retry_after
+    return decide_wait(refusal.retry_after, refusal.exact, now, deadline, recheck)
+
+
+def decide_wait(wait: float | None, exact: bool, now: float, deadline: float | None, recheck: float) -> Decision:
+    """`decide` for a refusal given by its numbers: `wait` until it would fit (None: never), `exact`
+    when capacity cannot free earlier (see `Refusal.exact`)."""
     if wait is None or deadline is None or now >= deadline:
         return Reject(wait)
-    if refusal.exact:
+    if exact:
         if now + wait > deadline + _EPS:
             return Reject(wait)
         return WaitUntil(now + min(wait, recheck))

@@ -110,6 +110,18 @@ def settle_amount(call: Call, reserved: int) -> int:
     return reserved
 
 
+def attempt_amount(reserved: int, status: int, usage: Mapping[str, Any] | None) -> int:
+    """What one upstream attempt really cost (an upstream's token limit, settled per attempt), as
+    `settle_amount` judges a request: its `usage` when the response reported one; nothing when no answer
+    came (`status` 0) or the upstream refused it (4xx/5xx); else (an interrupted stream) the estimate."""
+    real = used(usage)
+    if real is not None:
+        return real
+    if status == 0 or status >= 400:
+        return 0
+    return reserved
+
+
 def wants_stream_usage(call: Call, provider: str) -> bool:
     """Should the proxy add `stream_options.include_usage` upstream (and strip that chunk again)?
 

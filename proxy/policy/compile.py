@@ -9,6 +9,7 @@ from proxy.policy import resilience
 from proxy.policy.load import LoadedPolicy
 from proxy.policy.plan import (
     BatchRule,
+    DeploymentSpec,
     IdentifySpec,
     Limit,
     LimitSet,
@@ -172,12 +173,11 @@ def _admission(
     for rule, route in zip(routes, policy.routes, strict=True):
         per_tenant = route.limits.per_tenant if route.limits is not None else None
         route_limit = _limit(route.limits, f"route:{rule.name}", f"route '{rule.name}'", "")
-        upstream_limit = upstreams[route.upstream].limit
         sets = {}
         for tenant in policy.tenants:
             scope = f"route '{rule.name}' for tenant '{tenant}'"
             pair = _limit(per_tenant, f"route:{rule.name}/tenant:{tenant}", scope, tenant)
-            candidates = (tenants[tenant].limit, route_limit, pair, upstream_limit)
+            candidates = (tenants[tenant].limit, route_limit, pair)
             found = tuple(x for x in candidates if x is not None)
             if found:
                 sets[tenant] = LimitSet(found, any(x.spec.tokens_per_minute for x in found))
@@ -185,14 +185,43 @@ def _admission(
             replace(
                 rule,
                 limit=route_limit,
-                upstream_limit=upstream_limit,
                 limit_sets=MappingProxyType(sets),
                 on_limit=route.on_limit,
                 queue=queues[route.queue] if route.queue is not None else None,
                 default_max_tokens=route.tokens.default_max_tokens,
+                deployments=_limited(rule.deployments, upstreams),
             )
         )
-    return upstreams, tuple(compiled), tenants
+    return upstreams, _upstream_flags(compiled), tenants
+
+
+def _limited(
+    deployments: tuple[DeploymentSpec, ...], upstreams: dict[str, UpstreamSpec]
+) -> tuple[DeploymentSpec, ...]:
+    """Each deployment carries its upstream's limit: dispatch takes it per attempt, on the upstream the
+    attempt really goes to (a pool's other upstreams, retries and fallbacks included)."""
+    return tuple(
+        replace(d, limit=upstreams[d.upstream].limit) if upstreams[d.upstream].limit is not None else d
+        for d in deployments
+    )
+
+
+def _upstream_flags(routes: list[RouteRule]) -> tuple[RouteRule, ...]:
+    """Mark the routes whose pool or fallbacks' pools reach a limited upstream; the others (the common
+    case) pay nothing for upstream limits."""
+    by_name = {r.name: r for r in routes}
+    out = []
+    for rule in routes:
+        reached = [d.limit for d in rule.deployments]
+        for name in rule.fallbacks:
+            if name in by_name:
+                reached += [d.limit for d in by_name[name].deployments]
+        limits = [limit for limit in reached if limit is not None]
+        if limits:
+            tokens = any(limit.spec.tokens_per_minute for limit in limits)
+            rule = replace(rule, upstream_limited=True, upstream_tokens=tokens)
+        out.append(rule)
+    return tuple(out)
 
 
 def _limit(limits: Limits | None, key: str, scope: str, tenant: str) -> Limit | None:

@@ -203,21 +203,53 @@ def timeouts_section(ctx: Context) -> dict[str, dict[str, Any]]:
     return out
 
 
+UPSTREAM_LIMITS = (
+    "an upstream's limits are checked per attempt, once dispatch has chosen a deployment, and count only the "
+    "calls that upstream receives (retries and fallbacks included); a deployment whose upstream is over its "
+    "limit is skipped for that attempt and another of the pool is tried, then the fallbacks; when none can "
+    "take the request, on_limit queue waits for capacity (up to the queue's max_wait and timeouts.total), "
+    "reject answers 429 with retry-after"
+)
+
+
 def limits_section(ctx: Context) -> dict[str, Any]:
-    """Every limit the tenant's request must pass here, each with the layer that set it."""
+    """Every limit the tenant's request may meet here, each with the layer that set it and when it is
+    checked: at admission (tenant, route, route per tenant), or per attempt (an upstream's, on the
+    deployments, fallbacks' included, that send to it)."""
     limit_set = ctx.route.limit_sets.get(ctx.tenant.name) if ctx.route.limit_sets else None
     checks = [_limit(limit) for limit in (limit_set.limits if limit_set is not None else ())]
+    upstream_checks = _upstream_limits(ctx)
     on_limit = _value(ctx.route.on_limit, "route" if _set_in(ctx.source, "on_limit") else "default")
     tokens = ctx.route.default_max_tokens
     default_max = _value(tokens, "route" if _set_in(ctx.source, "tokens") else "default")
-    return {"checks": checks, "on_limit": on_limit, "default_max_tokens": default_max}
+    out = {"checks": checks + upstream_checks, "on_limit": on_limit, "default_max_tokens": default_max}
+    if upstream_checks:
+        out["upstream_limits"] = UPSTREAM_LIMITS
+    return out
 
 
-def _limit(limit: Limit) -> dict[str, Any]:
+def _upstream_limits(ctx: Context) -> list[dict[str, Any]]:
+    """One check per limited upstream the route's pool (then its fallbacks' pools) can send to."""
+    found: dict[str, dict[str, Any]] = {}
+    pools = [(ctx.route, "")]
+    pools += [(rule, f" (fallback {name})") for name in ctx.route.fallbacks
+              if (rule := ctx.plan.routes_by_name.get(name)) is not None]
+    for rule, where in pools:
+        for deployment in rule.deployments:
+            if deployment.limit is None:
+                continue
+            check = found.get(deployment.limit.key)
+            if check is None:
+                check = found[deployment.limit.key] = {**_limit(deployment.limit, "per attempt"), "deployments": []}
+            check["deployments"].append(deployment.id + where)
+    return list(found.values())
+
+
+def _limit(limit: Limit, checked: str = "admission") -> dict[str, Any]:
     kind, _, rest = limit.key.partition(":")
     route_layer = "route per tenant" if "/" in rest else "route"
     source = {"tenant": "tenant", "upstream": "upstream"}.get(kind, route_layer)
-    out: dict[str, Any] = {"key": limit.key, "scope": limit.scope, "from": source}
+    out: dict[str, Any] = {"key": limit.key, "scope": limit.scope, "from": source, "checked": checked}
     for field in _LIMIT_FIELDS:
         value = getattr(limit.spec, field)
         if value is not None:
@@ -373,9 +405,14 @@ def format_text(answer: dict[str, Any]) -> str:
     )
     for check in limits["checks"]:
         numbers = ", ".join(f"{f}={check[f]}" for f in _LIMIT_FIELDS if f in check)
-        lines.append(f"  {check['scope']} [{check['key']}] (from {check['from']}): {numbers}")
+        where = "from " + check["from"]
+        if "deployments" in check:  # admission checks are the default; upstream ones say where they bite
+            where += f", checked {check['checked']} on " + ", ".join(check["deployments"])
+        lines.append(f"  {check['scope']} [{check['key']}] ({where}): {numbers}")
     if not limits["checks"]:
         lines.append("  no limits apply")
+    if "upstream_limits" in limits:
+        lines.append(f"  ({limits['upstream_limits']})")
     if "queue" in answer:
         queue = answer["queue"]
         name = queue["name"]["value"]

@@ -108,6 +108,9 @@ class DeploymentSpec:
     """connect and first_token apply per attempt (inherited from this deployment's upstream)."""
     breaker: BreakerSpec = BreakerSpec()
     pacing: PacingSpec = PacingSpec()
+    limit: Limit | None = field(default=None, repr=False)
+    """The upstream's own `limits`, taken per attempt when dispatch picks this deployment (None: no check).
+    (Not in the repr: explain shows it with the other limits.)"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,8 +155,8 @@ class Limit:
 
 @dataclass(frozen=True, slots=True)
 class LimitSet:
-    """Every limit one tenant's request on one route must pass (tenant, route, route per tenant,
-    upstream), gathered at compile time so admission does no per-request assembly."""
+    """Every limit one tenant's request on one route must pass at admission (tenant, route, route per
+    tenant), gathered at compile time so admission does no per-request assembly."""
 
     limits: tuple[Limit, ...]
     tokens: bool
@@ -235,9 +238,14 @@ class RouteRule:
     advertised: tuple[str, ...]
     """Concrete model names this route serves, listed by GET /v1/models."""
     limit: Limit | None = None
-    upstream_limit: Limit | None = None
     limit_sets: Mapping[str, LimitSet] = field(default_factory=dict)
-    """By tenant name; a tenant with no entry has no limit on this route."""
+    """By tenant name; a tenant with no entry has no limit on this route. Admission only: upstream limits
+    are per attempt (`DeploymentSpec.limit`)."""
+    upstream_limited: bool = False
+    """Some deployment of this route or of its fallbacks has an upstream limit (dispatch takes it per
+    attempt; admission then closes what the relayed attempt held)."""
+    upstream_tokens: bool = False
+    """One of those limits counts tokens: admission estimates them and asks for the real usage."""
     on_limit: Literal["reject", "queue"] = "reject"
     queue: QueueSpec | None = None
     default_max_tokens: int = 1024

@@ -39,11 +39,13 @@ class Pool(Strict):
 
 class Limits(Strict):
     """Rate limits. Every limit that applies to a request (tenant, route, route per tenant, upstream)
-    must admit it; minutes are sliding windows."""
+    must admit it; minutes are sliding windows. An upstream's are checked per attempt, on the upstream the
+    attempt is sent to."""
 
     requests_per_minute: int | None = Field(default=None, ge=1)
     tokens_per_minute: int | None = Field(default=None, ge=1)
-    """Prompt estimate + max output tokens reserved at admission, settled with the real `usage`."""
+    """Prompt estimate + max output tokens reserved at admission (an upstream's: per attempt), settled with the real
+    `usage`."""
     concurrent: int | None = Field(default=None, ge=1)
 
 
@@ -190,7 +192,8 @@ class Upstream(Strict):
     timeouts: Timeouts = Field(default_factory=Timeouts)
     mock: MockSpec | None = None
     limits: Limits | None = None
-    """Protects the vendor key's own quota: counts every request routed to this upstream."""
+    """Protects the vendor key's own quota: counts every call sent to this upstream (each attempt, whatever
+    route, deployment, retry or fallback sends it); a deployment whose upstream is over it is skipped."""
     breaker: Breaker | None = None
     pacing: Pacing = Field(default_factory=Pacing)
 

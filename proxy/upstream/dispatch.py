@@ -3,11 +3,14 @@ upstream's response before any byte of it went to the client (which is what make
 stream at its headers, a whole answer once its body is read.
 
 One attempt: choose a deployment (registry: circuit closed or probe due, not held by pacing, untried
-first, weighted or least-outstanding), send to it (outgoing.py). Then decide (retry.py): relay the
-answer, retry the same deployment after the upstream's hint or a jittered backoff, retry another one at
-once, or give up on this pool and try the route's fallbacks in order. Every wait is bounded by the
-call's deadline (`timeouts.total`, counted by the caller); a cancelled call releases every counter it
-holds, in `except BaseException`.
+first, weighted or least-outstanding), take its upstream's limit if it has one (quota.py: over it, the
+deployment is skipped for this attempt and another is chosen), send to it (outgoing.py). Then decide
+(retry.py): relay the answer, retry the same deployment after the upstream's hint or a jittered
+backoff, retry another one at once, or give up on this pool and try the route's fallbacks in order.
+When nothing could be sent because every deployment left (fallbacks too) is over its upstream's
+limit, the quota waits for capacity (`on_limit: queue`) and the pools are tried again, or answers 429.
+Every wait is bounded by the call's deadline (`timeouts.total`, counted by the caller); a cancelled call
+releases every counter it holds, in `except BaseException`.
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ from typing import Any
 
 import aiohttp
 
-from proxy.call import Attempt, Call
+from proxy.call import Attempt, Call, Hold
 from proxy.errors import (
     CircuitOpen,
     InvalidRequest,
     ProxyError,
+    UpstreamLimited,
     UpstreamPaced,
     UpstreamTimeout,
     UpstreamUnreachable,
@@ -50,6 +54,9 @@ class Sent:
     final: bool = False
     """Retrying stopped on the retry budget or the deadline: tell the client not to retry either."""
     lease: tuple[Registry, DeploymentState] | None = None
+    hold: Hold | None = None
+    """The answering attempt's place in its upstream's limit (also `call.hold`): finished by whoever is
+    done with the response last (admission's exit for a relayed response, the batcher for a batch)."""
 
     def done(self) -> None:
         """The response has been relayed (or abandoned): it no longer counts as outstanding."""
@@ -58,13 +65,24 @@ class Sent:
             self.lease = None
             lease[0].release(lease[1])
 
+    async def finish(self, call: Call, usage: Mapping[str, Any] | None) -> None:
+        """Settle and release the answering attempt's upstream hold with the response's `usage` (for
+        callers that read the response themselves; admission's exit does it for relayed ones)."""
+        hold = self.hold
+        if hold is None:
+            return
+        self.hold = None
+        if call.hold is hold:
+            call.hold = None
+        await hold.finish(self.response.status, usage)
+
 
 class _Progress:
     """Where a call's attempts stand across its pools (the route's, then each fallback's)."""
 
     __slots__ = (
         "attempts", "failure", "failure_route", "failure_deployment", "error", "last_was_error", "stop",
-        "reason", "until",
+        "reason", "until", "refused",
     )
 
     def __init__(self, route: RouteRule) -> None:
@@ -82,28 +100,8 @@ class _Progress:
         """What the next retry is for (a status, connect_error or timeout), for metrics."""
         self.until = 0.0
         """For `held`: when the earliest pacing hold ends."""
-
-
-async def send(
-    call: Call,
-    clients: UpstreamClients,
-    client_headers: Mapping[str, str],
-    query_string: str,
-    *,
-    passthrough_auth: bool,
-    identify_header: str | None,
-    deadline: float | None = None,
-) -> aiohttp.ClientResponse:
-    """The call's request through its route's pool (retries, fallbacks) -> the upstream response.
-
-    For callers that read the whole response themselves (the embeddings batcher): the deployment stops
-    counting as busy at the headers. `deadline`: a `time.monotonic()` time; default now + timeouts.total."""
-    sent = await dispatch(
-        call, clients, client_headers, query_string,
-        passthrough_auth=passthrough_auth, identify_header=identify_header, deadline=deadline,
-    )
-    sent.done()
-    return sent.response
+        self.refused: UpstreamLimited | None = None
+        """The soonest refusal by an upstream's limit in this pass over the pools (`limited`)."""
 
 
 async def dispatch(
@@ -116,7 +114,11 @@ async def dispatch(
     identify_header: str | None,
     deadline: float | None = None,
 ) -> Sent:
-    """Like `send`, with who answered; the caller must call `Sent.done()` once the response is relayed."""
+    """The call's request through its route's pool (retries, fallbacks) -> the upstream response to relay,
+    with who answered. The caller must call `Sent.done()` once the response is relayed, and the answering
+    attempt's upstream hold (`Sent.hold`, also `call.hold`) must be finished once it is done with: by
+    admission's exit on the ingress path, by `Sent.finish` for callers that read the response themselves
+    (the embeddings batcher). `deadline`: a `time.monotonic()` time; default now + timeouts.total."""
     route = call.route
     assert route is not None
     registry = clients.registry
@@ -126,11 +128,39 @@ async def dispatch(
     progress = _Progress(route)
     sent = await _pool(request, route, registry, deadline, progress)
     if sent is not None:
-        return sent
+        return sent  # the common case: the route's own pool answered
+    return await _beyond_the_pool(request, route, registry, deadline, progress)
+
+
+async def _beyond_the_pool(
+    request: Outgoing, route: RouteRule, registry: Registry, deadline: float, progress: _Progress
+) -> Sent:
+    """The route's pool gave up: its fallbacks in order. If nothing could be sent because every deployment
+    left is over its upstream's limit, wait for the soonest to free up and try the route's pool and its
+    fallbacks again (the call holds nothing meanwhile), or answer 429; else give up as the last pool did."""
+    waited = False
+    while True:
+        sent = await _fallbacks(request, route, registry, deadline, progress)
+        if sent is not None:
+            return sent
+        refused, quota = progress.refused, registry.quota
+        if refused is None or progress.attempts or quota is None:
+            return _give_up(progress, route, registry)
+        await quota.wait(request.call, refused, deadline - registry.clock(), waited)
+        waited, progress.refused = True, None
+        sent = await _pool(request, route, registry, deadline, progress)
+        if sent is not None:
+            return sent
+
+
+async def _fallbacks(
+    request: Outgoing, route: RouteRule, registry: Registry, deadline: float, progress: _Progress
+) -> Sent | None:
+    """The route's fallbacks in order, until one answers something to relay."""
     for name in route.fallbacks:
         if progress.stop == "deadline":
             break
-        rule = call.plan.routes_by_name.get(name)
+        rule = request.call.plan.routes_by_name.get(name)
         if rule is None:
             continue
         if registry.metrics is not None:
@@ -141,7 +171,7 @@ async def dispatch(
             continue  # this fallback's provider cannot take the request (translation): try the next
         if sent is not None:
             return sent
-    return _give_up(progress, route, registry)
+    return None
 
 
 async def _pool(
@@ -152,25 +182,32 @@ async def _pool(
     spec = rule.retry
     clock = registry.clock
     call = request.call
+    quota = registry.quota
     avoid: set[str] | None = None  # hint longer than max_retry_after: not again in this pool
     tried: set[str] | None = None  # prefer others for the next attempt
     ready_at: dict[str, float] | None = None  # per deployment tried: earliest retry (hint or backoff)
+    full: set[str] | None = None  # upstreams over their own limits: skipped until an attempt starts
     made = 0
     while made < spec.attempts:
         now = clock()
-        state, held_until = registry.choose(rule, now, avoid, tried)
+        state, held_until = registry.choose(rule, now, avoid, tried, full)
         if state is None:
+            if held_until is not None:
+                # Adaptive pacing: every usable deployment waits for its rate-limit reset. Wait here (holding
+                # the queue slot, so later requests wait in the scheduler) if the reset is near enough.
+                wait = held_until - now
+                if wait <= spec.max_retry_after and retry.fits(now, wait, deadline):
+                    await asyncio.sleep(wait)
+                    full = None  # a new look: the upstreams' own limits may have room again too
+                    continue
+            if full:  # the rest is over its upstreams' limits: dispatch waits (on_limit: queue) or says 429
+                progress.stop = "limited"
+                return None
             if held_until is None:
                 progress.stop = "unavailable"
                 return None
-            # Adaptive pacing: every usable deployment waits for its rate-limit reset. Wait here (holding
-            # the queue slot, so later requests wait in the scheduler) if the reset is near enough.
-            wait = held_until - now
-            if wait > spec.max_retry_after or not retry.fits(now, wait, deadline):
-                progress.stop, progress.until = "held", held_until
-                return None
-            await asyncio.sleep(wait)
-            continue
+            progress.stop, progress.until = "held", held_until
+            return None
         is_retry = progress.attempts > 0
         wait = 0.0
         if is_retry:
@@ -182,8 +219,19 @@ async def _pool(
             if not registry.retry_allowed(state, spec):
                 progress.stop = "budget"
                 return None
-            if registry.metrics is not None:
-                registry.metrics.retried(rule.name, progress.reason)
+        hold: Hold | None = None
+        if state.spec.limit is not None and quota is not None:
+            # Taken before any backoff wait, so the request counts from the moment it is committed to.
+            taken = await quota.take(call, state.spec.limit)
+            if isinstance(taken, UpstreamLimited):
+                if taken.sooner(progress.refused):
+                    progress.refused = taken
+                full = _add(full, state.spec.upstream)
+                continue
+            hold = call.hold = taken
+        full = None
+        if is_retry and registry.metrics is not None:
+            registry.metrics.retried(rule.name, progress.reason)
         probe = registry.start(state, now, is_retry)
         started = 0.0
         bound = False
@@ -205,6 +253,9 @@ async def _pool(
         except (UpstreamUnreachable, UpstreamTimeout) as err:
             registry.answered(state, is_retry)
             registry.release(state)
+            if hold is not None:  # no answer came: the request stays counted, its tokens go back
+                call.hold = None
+                await hold.finish(0, None)
             made += 1
             progress.attempts += 1
             call.attempts.append(Attempt(state.id, 0, time.perf_counter() - started, err.reason))
@@ -223,12 +274,15 @@ async def _pool(
             ready_at = ready_at or {}
             ready_at[state.id] = clock() + retry.backoff(made - 1, spec.backoff_base, spec.backoff_max, rand)
             continue
-        except BaseException:  # cancelled (client gone) or a request we cannot build: release everything
+        except BaseException as exc:  # cancelled (client gone) or a request we cannot build: release everything
             registry.answered(state, is_retry)
             registry.release(state)
             registry.abandon(state, probe)
             if started:
                 call.attempts.append(Attempt(state.id, 0, time.perf_counter() - started, "cancelled"))
+            if hold is not None:
+                call.hold = None
+                await hold.finish(0, None, sent=bool(started) and not isinstance(exc, InvalidRequest))
             raise
         registry.answered(state, is_retry)
         now = clock()
@@ -245,12 +299,15 @@ async def _pool(
             if exhausted is not None:
                 registry.hold(state, now, exhausted)
         if status < 400 or not retry.status_retriable(status, spec, headers.get("x-should-retry")):
-            return Sent(response, rule, state.spec, lease=(registry, state))
+            return Sent(response, rule, state.spec, lease=(registry, state), hold=hold)
         hint = hints.retry_hint(headers, registry.wall())
         try:
             buffered = await _buffer(response, deadline, clock)
         finally:
             registry.release(state)
+            if hold is not None:  # answered with an error: the request counts, no tokens
+                call.hold = None
+                await hold.finish(status, None)
         if buffered:
             progress.failure, progress.last_was_error = response, False
             progress.failure_route, progress.failure_deployment = rule, state.spec

@@ -19,6 +19,7 @@ from proxy.upstream.breaker import Breaker, State
 
 if TYPE_CHECKING:
     from proxy.telemetry.metrics import Metrics
+    from proxy.upstream.quota import Quota
 
 
 class UpstreamLoad:
@@ -59,6 +60,8 @@ class Registry:
         self.deployments: dict[str, DeploymentState] = {}
         self.loads: dict[str, UpstreamLoad] = {}
         self.metrics: Metrics | None = None
+        self.quota: Quota | None = None
+        """Upstream limits per attempt (the runtime wires admission's implementation in)."""
 
     # --- state ---------------------------------------------------------------------------------------
 
@@ -91,17 +94,25 @@ class Registry:
     # --- choosing ------------------------------------------------------------------------------------
 
     def choose(
-        self, route: RouteRule, now: float, avoid: set[str] | None = None, tried: set[str] | None = None
+        self,
+        route: RouteRule,
+        now: float,
+        avoid: set[str] | None = None,
+        tried: set[str] | None = None,
+        full: set[str] | None = None,
     ) -> tuple[DeploymentState | None, float | None]:
         """A deployment for the next attempt, or (None, until) when every usable one is held by pacing
-        until `until`, or (None, None) when none is usable (circuits open, or all avoided).
+        until `until`, or (None, None) when none is usable (circuits open, or all avoided or full).
 
-        Usable: circuit closed or due for a probe, not held, not in `avoid`. A due probe goes first (so a
-        recovered deployment closes quickly); deployments not in `tried` are preferred for a retry."""
+        Usable: circuit closed or due for a probe, not held, not in `avoid`, its upstream not in `full`
+        (over its own limits for this attempt). A due probe goes first (so a recovered deployment closes
+        quickly); deployments not in `tried` are preferred for a retry."""
         specs = route.deployments
         if len(specs) == 1:  # the common case, without building lists
             only = self.state(specs[0])
-            if (avoid and only.id in avoid) or not only.breaker.available(now):
+            if (avoid and only.id in avoid) or (full and only.spec.upstream in full):
+                return None, None
+            if not only.breaker.available(now):
                 return None, None
             if only.hold_until > now:
                 return None, only.hold_until
@@ -110,7 +121,7 @@ class Registry:
         ready: list[int] = []
         held: float | None = None
         for i, st in enumerate(states):
-            if (avoid and st.id in avoid) or not st.breaker.available(now):
+            if (avoid and st.id in avoid) or (full and st.spec.upstream in full) or not st.breaker.available(now):
                 continue
             if st.hold_until > now:
                 held = st.hold_until if held is None else min(held, st.hold_until)

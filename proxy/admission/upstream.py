@@ -1,0 +1,117 @@
+"""Upstream limits, taken per attempt: `upstreams.<name>.limits` counts exactly the calls that upstream
+receives. Dispatch calls `UpstreamQuota.take()` once it has chosen a deployment (so a pool's other
+upstreams, retries to another deployment and fallbacks are counted where they really go) and knows this
+object only through its port, `proxy/upstream/quota.py`; the counters live in the same `LimiterStore` as
+admission's (in memory or Redis), under the key `upstream:<name>`.
+
+An attempt holds one request (and a token estimate, and a concurrency count) in its upstream's limit:
+- an attempt that failed before an answer came (connect error, timeout) keeps its request and gives its
+  tokens back; one that was answered with an error keeps its request, tokens given back;
+- the attempt whose response is relayed settles with that response's real `usage` (or the estimate,
+  for an interrupted stream) once the relay is done with it;
+- an attempt that never left the proxy (cancelled during its backoff) gives everything back;
+- concurrency is released in every case, cancellation included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from proxy.admission import tokens as tok
+from proxy.admission.admit import Admission, refusal_message
+from proxy.admission.limits import Refusal, WaitUntil, decide_wait, ratelimit_headers
+from proxy.admission.store import LimiterStore, Reservation
+from proxy.call import Call
+from proxy.errors import UpstreamLimited
+from proxy.policy.plan import Limit
+
+
+class UpstreamHold:
+    """One attempt's reservation in its upstream's limit; `finish` settles and releases it once."""
+
+    __slots__ = ("store", "reservation", "finished")
+
+    def __init__(self, store: LimiterStore, reservation: Reservation) -> None:
+        self.store = store
+        self.reservation = reservation
+        self.finished = False
+
+    async def finish(self, status: int, usage: Mapping[str, Any] | None, *, sent: bool = True) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        reservation, store = self.reservation, self.store
+        try:
+            requests = 1 if sent else 0
+            if reservation.tokens or requests != reservation.requests:
+                spent = tok.attempt_amount(reservation.tokens, status, usage) if sent and reservation.tokens else 0
+                await store.settle(reservation, requests=requests, tokens=spent)
+        finally:
+            if reservation.concurrent:
+                await store.release(reservation)
+
+
+class UpstreamQuota:
+    """Implements dispatch's `Quota` port over admission's store (read at each call: the Redis store
+    replaces the default one at start-up)."""
+
+    __slots__ = ("admission",)
+
+    def __init__(self, admission: Admission) -> None:
+        self.admission = admission
+
+    async def take(self, call: Call, limit: Limit) -> UpstreamHold | UpstreamLimited:
+        """Count one attempt of `call` in `limit`, or say why it may not go to that upstream now."""
+        cost = 0
+        if limit.spec.tokens_per_minute:
+            cost = call.token_estimate
+            if not cost:  # a call admission did not estimate (a merged embeddings batch)
+                default = call.route.default_max_tokens if call.route is not None else 1024
+                cost = call.token_estimate = tok.estimate(call, default)
+        store = self.admission.store
+        result = await store.try_acquire((limit,), cost)
+        if isinstance(result, Reservation):
+            return UpstreamHold(store, result)
+        return refused(result, call, cost)
+
+    async def wait(self, call: Call, soonest: UpstreamLimited, left: float, waited: bool) -> None:
+        """No deployment (fallbacks included) can take the call now. With the route's `on_limit: queue`,
+        sleep until the soonest refusal may have passed (at most `recheck`, since releases and refunds
+        free capacity early), bounded by the queue's `max_wait` from arrival and by `left` seconds of the
+        call's deadline; otherwise, or once those are spent, raise `soonest` (the 429)."""
+        route = call.route
+        admission = self.admission
+        now = time.monotonic()
+        until: float | None = None
+        if route is not None and route.on_limit == "queue" and route.queue is not None:
+            until = now + min(left, route.queue.max_wait - call.elapsed())
+        decision = decide_wait(soonest.retry_after, soonest.exact, now, until, admission.recheck)
+        if isinstance(decision, WaitUntil):
+            try:
+                await asyncio.sleep(max(0.0, decision.at - now))
+            except asyncio.CancelledError:
+                if admission.metrics is not None:
+                    admission.metrics.reject("client_gone")
+                raise
+            return
+        if admission.metrics is not None:
+            admission.metrics.reject(soonest.reason)
+        if waited and route is not None and route.queue is not None:
+            wait = f"waited {call.elapsed():.1f}s (max_wait of queue '{route.queue.name}'); still "
+            soonest.message = wait + soonest.message
+            soonest.args = (soonest.message,)
+        raise soonest
+
+
+def refused(refusal: Refusal, call: Call, cost: int) -> UpstreamLimited:
+    """The refusal as the 429 it becomes if no other deployment can take the call."""
+    return UpstreamLimited(
+        refusal_message(refusal, call, cost, False),
+        retry_after=refusal.retry_after,
+        exact=refusal.exact,
+        dimension=refusal.dimension,
+        headers=ratelimit_headers(refusal.usage),
+    )
