@@ -50,6 +50,8 @@ class Call:
     raw_body: bytes = b""
     body: dict[str, Any] | None = None
     model: str = ""
+    form_model: tuple[int, int] | None = None
+    """A multipart upload: the byte span of its `model` field (a deployment's rewrite splices it)."""
     stream: bool = False
     upstream: str = ""
     status: int = 0

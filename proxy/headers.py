@@ -55,7 +55,10 @@ def upstream_headers(
             named += _connection_tokens(value)
         if lower in _DROP_UP or lower in drop or lower.startswith("x-signalbox-"):
             continue  # x-signalbox-*: instructions to this proxy (priority, tenant), not to the upstream
-        out[lower] = value
+        earlier = out.get(lower)
+        # A repeated field is one comma-separated list (RFC 9110 §5.3; two `OpenAI-Beta` lines must both
+        # arrive); Cookie lines join with "; " (RFC 6265 §5.4).
+        out[lower] = value if earlier is None else earlier + ("; " if lower == "cookie" else ", ") + value
     for token in named:
         out.pop(token, None)
     for name, value in spec.headers:

@@ -12,12 +12,14 @@ import asyncio
 import logging
 import random
 import time
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
 import orjson
 from aiohttp import web
 
+from proxy import multipart
 from proxy.admission.admit import NOTHING
 from proxy.call import Call
 from proxy.errors import (
@@ -27,6 +29,7 @@ from proxy.errors import (
     InvalidRequest,
     MissingModel,
     NoRoute,
+    Protocol,
     ProxyError,
     UpstreamTimeout,
     render,
@@ -99,6 +102,11 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
 
 async def handle(request: web.Request, call: Call, state: Runtime) -> web.StreamResponse:
     plan = call.plan
+    if ("." in call.path or "%" in call.path) and has_dot_segment(call.path):
+        raise InvalidRequest(
+            f"the path {call.path} has a '.' or '..' segment; send the path without them",
+            param="path",
+        )
     call.tenant = identify(request, plan)
     await read_body(request, call, plan.max_body_size)
     call.route = resolve(call, plan)
@@ -174,9 +182,12 @@ async def forward(
         if exchange.kind != "pass" or upstream.status >= 400:
             model, created = call.model, int(call.started_wall)
             transform = partial(exchanges.response_body, exchange, model=model, created=created)
+        # A stream request answered with a whole body (an error, or a server that ignores `stream`) has no
+        # socket read timeout (streams are timed by the relay's watchdog): first_token bounds that read.
+        read_timeout = sent.route.timeouts.first_token if call.stream else None
         if prepared is not None and waiting is not None:
-            return await waiting.relay_whole(upstream, transform)
-        return await relay.respond_whole(call, upstream, headers, transform)
+            return await waiting.relay_whole(upstream, transform, read_timeout)
+        return await relay.respond_whole(call, upstream, headers, transform, read_timeout)
     except (asyncio.CancelledError, TimeoutError) as exc:
         if isinstance(exc, asyncio.CancelledError) and not guard.expired():
             raise  # the client went away: not a timeout
@@ -188,6 +199,17 @@ async def forward(
         guard.cancel()
         if sent is not None:
             sent.done()
+
+
+def has_dot_segment(raw_path: str) -> bool:
+    """A `.` or `..` segment, plain or percent-encoded. Routes match the path as sent, but the upstream (or
+    the CDN in front of it) resolves dot segments (RFC 3986 §5.2.4): `/v1/chat/../files` would pass a
+    route limited to `/v1/chat/*` and reach the Files API with the platform's key. Refused, not resolved:
+    no SDK sends them."""
+    for segment in raw_path.split("/"):
+        if segment.replace("%2e", ".").replace("%2E", ".") in (".", ".."):
+            return True
+    return False
 
 
 def identify(request: web.Request, plan: Plan) -> TenantRule:
@@ -236,17 +258,34 @@ async def read_body(request: web.Request, call: Call, limit: int) -> None:
     call.raw_body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
     if not call.raw_body:
         return
+    content_type = request.headers.get("Content-Type")
+    if content_type is not None and content_type[:10].lower() == "multipart/":
+        read_form(content_type, call)
+        return
     try:
         body: Any = orjson.loads(call.raw_body)
     except orjson.JSONDecodeError as exc:
         raise InvalidJSON(f"the request body is not valid JSON ({exc.msg} at position {exc.pos})") from None
     if not isinstance(body, dict):
-        raise InvalidRequest("the request body must be a JSON object")
+        raise InvalidJSON("the request body must be a JSON object")
     call.body = body
     model = body.get("model")
     if isinstance(model, str):
         call.model = model
     call.stream = body.get("stream") is True
+
+
+def read_form(content_type: str, call: Call) -> None:
+    """An upload (audio, files, image edits) goes through as the client's bytes; its `model` and `stream`
+    form fields route it like a JSON body's would."""
+    boundary = multipart.boundary_of(content_type)
+    if boundary is None:
+        raise InvalidRequest(f"the Content-Type {content_type!r} names no multipart boundary")
+    span = multipart.field_span(call.raw_body, boundary, "model")
+    if span is not None:
+        call.model = call.raw_body[span[0] : span[1]].decode("utf-8", "replace")
+        call.form_model = span
+    call.stream = multipart.field_value(call.raw_body, boundary, "stream") == "true"
 
 
 def _too_large(size: int, limit: int) -> str:
@@ -273,26 +312,45 @@ def resolve(call: Call, plan: Plan) -> Any:
 
 
 async def models_handler(request: web.Request) -> web.Response:
-    """GET /v1/models and /v1/models/{id}: answered by the proxy from the policy."""
+    """GET /v1/models and /v1/models/{id}: answered by the proxy from the policy, in the caller's protocol
+    (the anthropic SDK sends `anthropic-version` and expects Anthropic's Models API shape)."""
     state = request.app[STATE]
     plan = state.plans.current
     request_id = request.headers.get("x-request-id") or new_request_id()
+    protocol: Protocol = "anthropic" if "anthropic-version" in request.headers else "openai"
     try:
         tenant = identify(request, plan)
     except ProxyError as err:
-        return render(err, "openai", request_id)
-    created = int(state.started_wall)
+        return render(err, protocol, request_id)
     models = plan.models_for(tenant)
     wanted = request.match_info.get("model")
     headers = {"x-request-id": request_id}
+    if protocol == "anthropic":
+        headers["request-id"] = request_id
+    entry = _anthropic_model if protocol == "anthropic" else _openai_model
+    created = int(state.started_wall)
+    body: dict[str, Any]
     if wanted is not None:
         if wanted not in models:
             unknown = NoRoute(f"model '{wanted}' is not available to you. Models you may use: {', '.join(models)}")
-            return render(unknown, "openai", request_id)
-        body: dict[str, Any] = {"id": wanted, "object": "model", "created": created, "owned_by": "signalbox"}
-    else:
+            return render(unknown, protocol, request_id)
+        body = entry(wanted, created)
+    elif protocol == "anthropic":
         body = {
-            "object": "list",
-            "data": [{"id": m, "object": "model", "created": created, "owned_by": "signalbox"} for m in models],
+            "data": [entry(m, created) for m in models],
+            "has_more": False,
+            "first_id": models[0] if models else None,
+            "last_id": models[-1] if models else None,
         }
+    else:
+        body = {"object": "list", "data": [entry(m, created) for m in models]}
     return web.Response(body=orjson.dumps(body), content_type="application/json", headers=headers)
+
+
+def _openai_model(model: str, created: int) -> dict[str, Any]:
+    return {"id": model, "object": "model", "created": created, "owned_by": "signalbox"}
+
+
+def _anthropic_model(model: str, created: int) -> dict[str, Any]:
+    stamp = datetime.fromtimestamp(created, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {"type": "model", "id": model, "display_name": model, "created_at": stamp}

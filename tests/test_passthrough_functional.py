@@ -306,7 +306,8 @@ async def test_upstream_cookies_are_relayed_but_never_kept_or_replayed(
 ) -> None:
     """Providers set cookies (OpenAI's Cloudflare `__cf_bm`, `_cfuvid`). They belong to the client that got
     them: a shared cookie jar would replay one tenant's cookies on every later request, from any tenant."""
-    policy = echo_policy(echo).replace("alpha: {keys: [sk-alpha]}", "alpha: {keys: [sk-alpha]}\n      beta: {keys: [sk-beta]}")
+    two_tenants = "alpha: {keys: [sk-alpha]}\n      beta: {keys: [sk-beta]}"
+    policy = echo_policy(echo).replace("alpha: {keys: [sk-alpha]}", two_tenants)
     policy = policy.replace("127.0.0.1", "localhost")  # aiohttp's jar ignores cookies from IP addresses
     proxy = await start_proxy(policy)
     echo.reply(Reply(status=200, headers=[("Set-Cookie", "__cf_bm=tenant-alpha; Path=/; HttpOnly")], body=b"{}"))

@@ -290,7 +290,7 @@ async def test_invalid_json_is_400(proxy: Proxy, caplog: pytest.LogCaptureFixtur
     assert_openai_error(body, "invalid_json", "invalid_request_error")
     status, body, _ = await raw_post(proxy.v1 + "/chat/completions", b"[1, 2]", auth("sk-alpha"))
     assert status == 400
-    assert_openai_error(body, None, "invalid_request_error")
+    assert_openai_error(body, "invalid_json", "invalid_request_error")  # JSON, but not an object
     no_key_leaked(proxy, caplog, text)
 
 

@@ -24,8 +24,10 @@ from proxy.providers.anthropic_response import anthropic_message_to_openai, open
 from proxy.providers.anthropic_stream import AnthropicToOpenAIStream, OpenAIToAnthropicStream
 from proxy.providers.errors_map import (
     anthropic_error_to_openai,
+    normalise_anthropic_error,
     normalise_openai_compatible_error,
     openai_error_to_anthropic,
+    redact_key_fragments,
 )
 
 Kind = Literal["pass", "openai_to_anthropic", "anthropic_to_openai"]
@@ -78,6 +80,10 @@ def response_body(exchange: Exchange, status: int, raw: bytes, model: str, creat
     except orjson.JSONDecodeError:
         parsed = raw.decode("utf-8", errors="replace")
     if status >= 400:
+        redacted = redact_key_fragments(raw) if status in (401, 403) else raw
+        if redacted != raw:
+            raw = redacted
+            parsed = orjson.loads(raw) if isinstance(parsed, dict | list) else raw.decode("utf-8", "replace")
         return _error(exchange, status, parsed, raw)
     if exchange.kind == "pass" or not isinstance(parsed, dict):
         return status, raw
@@ -94,7 +100,8 @@ def _error(exchange: Exchange, status: int, parsed: object, raw: bytes) -> tuple
         status, body = openai_error_to_anthropic(status, parsed)
         return status, orjson.dumps(body)
     if exchange.provider == "anthropic" or exchange.front == "anthropic":
-        return status, raw  # Anthropic to Anthropic: already the client's shape
+        shaped = normalise_anthropic_error(status, parsed)  # Anthropic to Anthropic: usually already so
+        return status, raw if shaped is None else orjson.dumps(shaped)
     normal = normalise_openai_compatible_error(status, parsed)
     if isinstance(parsed, dict) and parsed == normal:
         return status, raw  # already OpenAI-shaped: keep the upstream's exact bytes

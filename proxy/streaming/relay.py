@@ -73,12 +73,17 @@ BodyTransform = Callable[[int, bytes], tuple[int, bytes]]
 
 
 async def respond_whole(
-    call: Call, upstream: aiohttp.ClientResponse, headers: CIMultiDict[str], transform: BodyTransform | None = None
+    call: Call,
+    upstream: aiohttp.ClientResponse,
+    headers: CIMultiDict[str],
+    transform: BodyTransform | None = None,
+    read_timeout: float | None = None,
 ) -> web.Response:
     """Relay a non-streamed response: status, headers and body bytes untouched unless `transform` is given
-    (protocol translation, or an upstream error shape normalised)."""
+    (protocol translation, or an upstream error shape normalised). `read_timeout` bounds the body read
+    when the connection has no socket read timeout (a stream request answered with a whole body)."""
     try:
-        body = await upstream.read()
+        body = await _read(upstream, read_timeout)
     except (TimeoutError, aiohttp.ClientError) as exc:
         raise _read_failure(call, exc) from None
     finally:
@@ -92,6 +97,13 @@ async def respond_whole(
     call.status = status
     call.bytes_out = len(body)
     return web.Response(status=status, body=body, headers=headers)
+
+
+async def _read(upstream: aiohttp.ClientResponse, limit: float | None) -> bytes:
+    if limit is None:
+        return await upstream.read()
+    async with asyncio.timeout(limit):
+        return await upstream.read()
 
 
 async def respond_stream(
@@ -587,11 +599,14 @@ class QueuedStream:
         return self.response
 
     async def relay_whole(
-        self, upstream: aiohttp.ClientResponse, transform: BodyTransform | None = None
+        self,
+        upstream: aiohttp.ClientResponse,
+        transform: BodyTransform | None = None,
+        read_timeout: float | None = None,
     ) -> web.StreamResponse:
         """The upstream answered without a stream (an error, usually): pass it on as one error event."""
         try:
-            body = await upstream.read()
+            body = await _read(upstream, read_timeout)
         except (TimeoutError, aiohttp.ClientError) as exc:
             return await self.fail(_read_failure(self.call, exc))
         finally:

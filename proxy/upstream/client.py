@@ -11,8 +11,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import weakref
 from collections.abc import Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from yarl import URL
@@ -23,6 +26,28 @@ from proxy.policy.plan import MockPlan, Plan, UpstreamSpec
 from proxy.upstream.registry import Registry
 
 log = logging.getLogger("signalbox.upstream")
+
+
+_REUSED: ContextVar[bool] = ContextVar("signalbox_connection_reused", default=False)
+"""Whether the connection of the request being sent (in this task) came from the pool."""
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+"""aiohttp itself resends these once on a dropped connection (RFC 9112 §9.3.1): no second resend here."""
+
+
+class PoolConnector(aiohttp.TCPConnector):
+    """A TCPConnector that tells, per request, whether the connection was reused: only a reused keep-alive
+    connection can be stale, so only there is a resend safe for a POST that produced no response."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._served: weakref.WeakSet[object] = weakref.WeakSet()
+
+    async def connect(self, req: Any, traces: Any, timeout: aiohttp.ClientTimeout) -> Any:  # noqa: ASYNC109
+        conn = await super().connect(req, traces, timeout)
+        protocol = conn.protocol
+        _REUSED.set(protocol in self._served)
+        self._served.add(protocol)
+        return conn
 
 
 @dataclass(slots=True)
@@ -79,7 +104,7 @@ class UpstreamClients:
             assert spec.mock is not None
             runner, root = await start_mock(_mock_settings(spec.mock))
             base_url = root + "/v1"
-        connector = aiohttp.TCPConnector(
+        connector = PoolConnector(
             limit=spec.max_connections,
             limit_per_host=0,
             keepalive_timeout=spec.keepalive,
@@ -140,13 +165,16 @@ async def send_once(
     `first_token` bounds the wait for the headers (and, for a non-stream, each socket read); when the
     call's total deadline is nearer, dispatch passes what is left and `deadline_bound`, so the error names
     the deadline. Retries once, at once, only when the server closed the connection before sending
-    anything, which is what a stale pooled keep-alive connection looks like (vLLM closes idle ones after 5 s).
+    anything on a connection reused from the pool, which is what a stale keep-alive connection looks like
+    (vLLM closes idle ones after 5 s). A fresh connection that drops, or any response byte, means the
+    upstream may have taken the request: no resend (a second generation would be billed twice).
     """
     # A stream's body reads are timed by the relay's watchdog (first event, then `idle` between events):
     # a socket read timeout of first_token would cut a stream whose events are further apart than that.
     timeout = _client_timeout(connect, None if stream else first_token)
     target = _url(url)
-    for stale_retry in (True, False):
+    for stale_retry in (method not in _IDEMPOTENT, False):
+        _REUSED.set(False)
         try:
             if not stream:  # the socket read timeout bounds the wait for the headers
                 return await session.request(
@@ -162,10 +190,12 @@ async def send_once(
             raise UpstreamUnreachable(
                 f"could not connect to upstream '{upstream}' ({_reason(exc)}); check that it is running"
             ) from None
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientConnectionResetError):
-            # Closed or reset before any response byte: a pooled connection the server had just closed
-            # (its FIN raced our request), seen as a disconnect, EPIPE or ECONNRESET.
-            if stale_retry:
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientConnectionResetError) as exc:
+            # Closed or reset before any response byte on a reused connection: the server had just closed
+            # it (its FIN raced our request), seen as a disconnect, EPIPE or ECONNRESET. A disconnect after
+            # the first byte of a status line carries the partial message.
+            no_answer = not isinstance(exc, aiohttp.ServerDisconnectedError) or isinstance(exc.message, str)
+            if stale_retry and no_answer and _REUSED.get():
                 log.debug("upstream %s closed a pooled connection; retrying once", upstream)
                 continue
             raise UpstreamUnreachable(

@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from proxy import multipart
 from proxy.call import Call
 from proxy.errors import InvalidRequest, UpstreamTimeout, UpstreamUnreachable
 from proxy.headers import credentials_of, upstream_headers
@@ -32,6 +33,8 @@ def upstream_body(call: Call, model_rewrite: str | None = None) -> bytes | None:
         return orjson.dumps(_with_usage({**call.body, "model": model_rewrite}, call.strip_usage))
     if call.strip_usage and call.body is not None:
         return orjson.dumps(_with_usage(dict(call.body), True))
+    if call.form_model is not None and model_rewrite and model_rewrite != call.model:
+        return multipart.with_field(call.raw_body, call.form_model, model_rewrite)
     return call.raw_body if call.method not in ("GET", "HEAD", "DELETE") or call.raw_body else None
 
 
