@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +33,15 @@ class Hold(typing.Protocol):
         """`status`: the attempt's answer (0: none came); `usage`: the response's, for a token limit;
         `sent`: False when the attempt never left the proxy (its request is given back too)."""
         ...
+
+
+class WaitingRoom(typing.Protocol):
+    """A stream's early 200 and heartbeats while it waits (relay.QueuedStream), for waits that happen past
+    admission: dispatch waiting for an upstream's limit."""
+
+    async def begin(self, status: Callable[[], str]) -> None: ...
+
+    def end(self) -> None: ...
 
 
 @dataclass(slots=True)
@@ -70,6 +79,8 @@ class Call:
     """A token limit applies: relay records the response's `usage` on the call."""
     strip_usage: bool = False
     """The proxy asked the upstream for stream usage (include_usage); relay drops that chunk."""
+    waiting: WaitingRoom | None = None
+    """Set for a stream on a queue with `heartbeat_while_queued`: how any wait keeps the client informed."""
     hold: Hold | None = None
     """The current attempt's place in its upstream's limit, until finished (admission's exit finishes
     the one the relayed response came from)."""

@@ -113,7 +113,7 @@ async def handle(request: web.Request, call: Call, state: Runtime) -> web.Stream
     if call.route.batch is not None:  # embeddings: admitted one by one, one scheduler slot per batch
         async with state.admission.admit(call):
             return await state.batcher.submit(request, call)
-    waiting = _waiting_room(request, call, state)
+    waiting = call.waiting = _waiting_room(request, call, state)
     admitted = state.admission.admit(call, waiting)
     slot = state.scheduler.slot(call, request.headers.get(PRIORITY_HEADER), waiting)
     if admitted is NOTHING and slot is NOTHING:
@@ -144,7 +144,6 @@ async def forward(
     admission or a slot, and covers every retry and fallback."""
     assert call.route is not None
     plan = call.plan
-    prepared = waiting.response if waiting is not None else None
     deadline = time.monotonic() + call.route.timeouts.total
     sent: dispatch.Sent | None = None
     guard = Deadline(call.route.timeouts.total)
@@ -160,6 +159,7 @@ async def forward(
         )
         upstream = sent.response
         call.status = upstream.status
+        prepared = waiting.response if waiting is not None else None  # out while queued, here or in dispatch
         headers = client_headers(
             upstream.headers.items(), request_id=call.request_id, route=call.route.name, upstream_name=call.upstream
         )

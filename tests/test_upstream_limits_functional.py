@@ -174,6 +174,34 @@ async def test_on_limit_queue_waits_for_a_concurrency_slot_at_the_upstream(
     assert up.arrivals[1] - up.arrivals[0] >= 0.45  # sent only once the first had finished
 
 
+async def test_a_stream_waiting_for_upstream_capacity_gets_its_200_and_heartbeats(
+    start_proxy: StartProxy, async_openai: MakeOpenAI, servers: Servers
+) -> None:
+    # The wait happens in dispatch (an upstream's limit), not at admission: the queue's
+    # heartbeat_while_queued still keeps a silent stream from being cut by a load balancer.
+    up = await servers.faulty("up")
+    top = "queues:\n  q: {max_wait: 5s, heartbeat_while_queued: true}\n"
+    route = "  - {name: chat, upstream: up, on_limit: queue, queue: q}"
+    proxy = await start_proxy(policy((up, "{concurrent: 1}"), routes=route, top=top), heartbeat=0.05)
+    up.script(Step(stall=0.6))
+    slow = asyncio.get_running_loop().create_task(create(async_openai(proxy)))
+    while up.calls == 0:  # noqa: ASYNC110 - the state lives in the server's handler
+        await asyncio.sleep(0.01)
+    body = {"model": "m", "messages": MESSAGES, "stream": True}
+    async with aiohttp.ClientSession() as http:
+        started = time.monotonic()
+        response = await http.post(proxy.v1 + "/chat/completions", json=body,
+                                   headers={"Authorization": "Bearer sk-alpha"})
+        assert response.status == 200 and time.monotonic() - started < 0.4  # committed while waiting
+        received = await asyncio.wait_for(response.content.read(), 5)
+    beats = received.count(b": waiting for upstream capacity (concurrency)\n")
+    assert beats >= 3, received[:300]
+    assert received.endswith(b"data: [DONE]\n\n") and b'"finish_reason":"stop"' in received
+    assert received.rindex(b": waiting") < received.index(b"data: {")  # no heartbeat inside the stream
+    assert (await slow).http_response.status_code == 200
+    assert up.calls == 2
+
+
 # --- concurrency is always given back ----------------------------------------------------------------------------
 
 
@@ -283,6 +311,28 @@ async def test_a_fallback_route_is_counted_against_its_own_upstream(
     with pytest.raises(openai.RateLimitError, match="upstream 'b'"):
         await client.chat.completions.create(model="backup", messages=MESSAGES)  # b's own route sees it too
     assert a.calls == 1 and b.calls == 1
+
+
+async def test_a_call_waiting_for_capacity_counts_its_fallback_once(
+    start_proxy: StartProxy, async_openai: MakeOpenAI, servers: Servers
+) -> None:
+    a, b = await servers.faulty("a"), await servers.faulty("b")
+    top = "queues:\n  q: {max_wait: 5s}\n"
+    routes = (
+        "  - {name: chat, match: {model: m}, upstream: a, fallbacks: [backup], on_limit: queue, queue: q}\n"
+        "  - {name: backup, match: {model: backup}, upstream: b}"
+    )
+    one = "{requests_per_minute: 1}"
+    proxy = await start_proxy(policy((a, one), (b, one), routes=routes, top=top))
+    proxy.state.admission.store = LocalStore(window=1.2)  # a and b refuse for 1.2 s: rechecked every 0.5 s
+    client = async_openai(proxy)
+    await create(client)
+    await create(client)  # a is full: backup's b takes it (one fallback)
+    waited = await create(client)  # both full: it waits (rechecks go over the fallback again), then goes
+    assert waited.http_response.status_code == 200
+    registry = proxy.state.metrics.registry
+    count = registry.get_sample_value("signalbox_fallbacks_total", {"route": "chat", "fallback": "backup"})
+    assert count == 2  # one per call that went to the fallbacks, however often it looked again
 
 
 async def test_routes_that_reach_no_limited_upstream_pay_nothing_for_upstream_limits(

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from proxy.admission import tokens as tok
@@ -90,12 +90,18 @@ class UpstreamQuota:
             until = now + min(left, route.queue.max_wait - call.elapsed())
         decision = decide_wait(soonest.retry_after, soonest.exact, now, until, admission.recheck)
         if isinstance(decision, WaitUntil):
+            room = call.waiting  # a stream with heartbeat_while_queued: its 200 now, then heartbeats
             try:
+                if room is not None:
+                    await room.begin(_waiting_for(soonest))
                 await asyncio.sleep(max(0.0, decision.at - now))
             except asyncio.CancelledError:
                 if admission.metrics is not None:
                     admission.metrics.reject("client_gone")
                 raise
+            finally:
+                if room is not None:
+                    room.end()
             return
         if admission.metrics is not None:
             admission.metrics.reject(soonest.reason)
@@ -104,6 +110,15 @@ class UpstreamQuota:
             soonest.message = wait + soonest.message
             soonest.args = (soonest.message,)
         raise soonest
+
+
+_LIMIT_NAMES = {"requests": "requests per minute", "tokens": "tokens per minute", "concurrent": "concurrency"}
+
+
+def _waiting_for(soonest: UpstreamLimited) -> Callable[[], str]:
+    """The heartbeat comment of a stream that waits for an upstream's limit."""
+    what = f"waiting for upstream capacity ({_LIMIT_NAMES.get(soonest.dimension, soonest.dimension)})"
+    return lambda: what
 
 
 def refused(refusal: Refusal, call: Call, cost: int) -> UpstreamLimited:

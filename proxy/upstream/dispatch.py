@@ -140,7 +140,7 @@ async def _beyond_the_pool(
     fallbacks again (the call holds nothing meanwhile), or answer 429; else give up as the last pool did."""
     waited = False
     while True:
-        sent = await _fallbacks(request, route, registry, deadline, progress)
+        sent = await _fallbacks(request, route, registry, deadline, progress, count=not waited)
         if sent is not None:
             return sent
         refused, quota = progress.refused, registry.quota
@@ -154,16 +154,17 @@ async def _beyond_the_pool(
 
 
 async def _fallbacks(
-    request: Outgoing, route: RouteRule, registry: Registry, deadline: float, progress: _Progress
+    request: Outgoing, route: RouteRule, registry: Registry, deadline: float, progress: _Progress, count: bool
 ) -> Sent | None:
-    """The route's fallbacks in order, until one answers something to relay."""
+    """The route's fallbacks in order, until one answers something to relay. `count`: in the metric (a
+    call that waits for an upstream's limit goes over them again: counted the first time only)."""
     for name in route.fallbacks:
         if progress.stop == "deadline":
             break
         rule = request.call.plan.routes_by_name.get(name)
         if rule is None:
             continue
-        if registry.metrics is not None:
+        if count and registry.metrics is not None:
             registry.metrics.fallback(route.name, rule.name)
         try:
             sent = await _pool(request, rule, registry, deadline, progress)
