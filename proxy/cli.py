@@ -93,7 +93,8 @@ def _validate(path: Path) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from proxy.policy.explain import ExplainError, explain, format_text
+    from proxy.policy.explain import ExplainError, explain
+    from proxy.policy.explain_text import format_text
 
     try:
         loaded = load_policy(args.policies)

@@ -23,7 +23,8 @@ from proxy import lifecycle
 from proxy.admin import build_admin_app
 from proxy.app import build_app
 from proxy.policy.compile import compile_plan
-from proxy.policy.explain import Context, compiled_section, explain, format_text
+from proxy.policy.explain import Context, compiled_section, explain
+from proxy.policy.explain_text import format_text
 from proxy.policy.load import LoadedPolicy, load_policy
 from proxy.policy.reload import Reloader
 from proxy.runtime import STATE, Settings

@@ -28,7 +28,8 @@ from test_batching_functional import EmbedUpstream
 from proxy.admission.limits import Usage
 from proxy.admission.local import LocalStore
 from proxy.policy.compile import compile_plan
-from proxy.policy.explain import explain, format_text
+from proxy.policy.explain import explain
+from proxy.policy.explain_text import format_text
 from proxy.policy.load import load_policy
 
 pytestmark = pytest.mark.timeout(30)
