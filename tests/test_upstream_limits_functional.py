@@ -190,10 +190,9 @@ async def test_a_stream_waiting_for_upstream_capacity_gets_its_200_and_heartbeat
         await asyncio.sleep(0.01)
     body = {"model": "m", "messages": MESSAGES, "stream": True}
     async with aiohttp.ClientSession() as http:
-        started = time.monotonic()
         response = await http.post(proxy.v1 + "/chat/completions", json=body,
                                    headers={"Authorization": "Bearer sk-alpha"})
-        assert response.status == 200 and time.monotonic() - started < 0.4  # committed while waiting
+        assert response.status == 200 and not slow.done()  # committed while the slot is still taken
         received = await asyncio.wait_for(response.content.read(), 5)
     beats = received.count(b": waiting for upstream capacity (concurrency)\n")
     assert beats >= 3, received[:300]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import time
 from collections.abc import Awaitable, Callable
 
 import aiohttp
@@ -189,13 +188,13 @@ async def test_a_stream_request_answered_with_a_stalled_whole_body_ends_within_f
     runner, url = await serve(stall)
     try:
         proxy = await start_proxy(policy(url, route=", timeouts: {first_token: 1s, total: 20s}"))
-        started = time.monotonic()
         async with aiohttp.ClientSession() as http:
             body = b'{"model":"m","stream":true}'
             async with http.post(proxy.v1 + "/chat/completions", headers=ALPHA, data=body) as resp:
                 assert resp.status == 504
-                assert (await resp.json())["error"]["code"] == "upstream_timeout"
-        assert time.monotonic() - started < 4
+                error = (await resp.json())["error"]
+        # The read timeout (first_token) ended it, not the 20 s total deadline.
+        assert error["code"] == "upstream_timeout" and "stopped sending" in error["message"]
     finally:
         await runner.cleanup()
 
