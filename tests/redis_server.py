@@ -18,11 +18,38 @@ import pytest
 START_TIMEOUT = 10.0
 
 
+# Cluster mode also listens on port + 10000 (the cluster bus) and refuses to start above 55535.
+CLUSTER_BUS_OFFSET = 10000
+HIGHEST_CLUSTER_PORT = 65535 - CLUSTER_BUS_OFFSET
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
     return port
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_cluster_port() -> int:
+    """A free port whose cluster-bus port (port + 10000) is free too. The kernel's ephemeral range
+    usually starts at 32768, so a random free port is above 55535 about a third of the time."""
+    for _ in range(1000):
+        port = free_port()
+        if port <= HIGHEST_CLUSTER_PORT and _bindable(port + CLUSTER_BUS_OFFSET):
+            return port
+    for port in range(20000, HIGHEST_CLUSTER_PORT):  # an ephemeral range entirely above 55535
+        if _bindable(port) and _bindable(port + CLUSTER_BUS_OFFSET):
+            return port
+    pytest.fail("no free loopback port pair for a cluster-mode redis-server")
 
 
 class RedisServer:
@@ -35,7 +62,7 @@ class RedisServer:
         self.binary = binary
         self.directory = directory
         self.cluster = cluster
-        self.port = free_port()
+        self.port = free_cluster_port() if cluster else free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -57,7 +84,7 @@ class RedisServer:
         while self.command("PING") != "+PONG":
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                pytest.fail(f"redis-server did not start on port {self.port}")
+                pytest.fail(f"redis-server did not start on port {self.port}: {self._log_tail()}")
             time.sleep(0.02)
         if self.cluster:  # a one-node cluster owning every slot: scripts must keep to one slot
             assert self.command("CLUSTER ADDSLOTSRANGE 0 16383") == "+OK"
@@ -65,6 +92,11 @@ class RedisServer:
                 if time.monotonic() > deadline:
                     pytest.fail("the one-node cluster did not become ready")
                 time.sleep(0.02)
+
+    def _log_tail(self) -> str:
+        log = self.directory / f"redis-{self.port}.log"
+        lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
+        return " | ".join(lines[-3:]) or "no output"
 
     def stop(self) -> None:
         """Terminate by PID and wait (kill after 5 s)."""
