@@ -363,7 +363,9 @@ def _share_attempts(call: Call, merged: Call) -> None:
 
 def _headers(call: Call, sent: Call, upstream: Iterable[tuple[str, str]], size: int) -> CIMultiDict[str]:
     route = call.route.name if call.route is not None else ""
-    out = client_headers(upstream, request_id=call.request_id, route=route, upstream_name=sent.upstream)
+    answered_by = sent.plan.upstreams.get(sent.upstream)
+    out = client_headers(upstream, request_id=call.request_id, route=route, upstream_name=sent.upstream,
+                         hide=answered_by.hide_response_headers if answered_by is not None else None)
     out[BATCH_SIZE_HEADER] = str(size)
     return out
 

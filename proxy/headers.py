@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 
 from multidict import CIMultiDict
 
-from proxy.policy.plan import UpstreamSpec
+from proxy.policy.plan import Matcher, UpstreamSpec
 
 HOP_BY_HOP = frozenset(
     {
@@ -91,15 +91,23 @@ def credentials_of(client: Mapping[str, str]) -> dict[str, str]:
 
 
 def client_headers(
-    upstream: Iterable[tuple[str, str]], *, request_id: str, route: str, upstream_name: str
+    upstream: Iterable[tuple[str, str]],
+    *,
+    request_id: str,
+    route: str,
+    upstream_name: str,
+    hide: Matcher | None = None,
 ) -> CIMultiDict[str]:
-    """Headers for the client response. The upstream's own request id survives as x-upstream-request-id."""
+    """Headers for the client response. The upstream's own request id survives as x-upstream-request-id
+    (unless `hide`, the upstream's `hide_response_headers`, names x-request-id)."""
     out: CIMultiDict[str] = CIMultiDict()
     named: list[str] = []
     for name, value in upstream:
         lower = name.lower()
         if lower == "connection":
             named += _connection_tokens(value)
+        if hide is not None and lower != "content-type" and hide(lower):
+            continue
         if lower in _DROP_DOWN:
             if lower == "x-request-id" and value != request_id:
                 out["x-upstream-request-id"] = value

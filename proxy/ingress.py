@@ -160,8 +160,10 @@ async def forward(
         upstream = sent.response
         call.status = upstream.status
         prepared = waiting.response if waiting is not None else None  # out while queued, here or in dispatch
+        answered_by = plan.upstreams.get(sent.deployment.upstream)
         headers = client_headers(
-            upstream.headers.items(), request_id=call.request_id, route=call.route.name, upstream_name=call.upstream
+            upstream.headers.items(), request_id=call.request_id, route=call.route.name, upstream_name=call.upstream,
+            hide=answered_by.hide_response_headers if answered_by is not None else None,
         )
         dispatch.annotate(headers, call, sent)
         exchange = call.exchange

@@ -45,6 +45,7 @@ upstreams:
     base_url: "http://127.0.0.1:9/v1"
     timeouts: {{first_token: 90s}}
     headers: {{x-custom-auth: {HEADER_SECRET}}}
+    hide_response_headers: [OpenAI-Organization, "x-ratelimit-*"]
   claude: {{provider: anthropic, base_url: "http://127.0.0.1:9/v1"}}
 tenants:
   alpha: {{keys: [ka-secret-key], priority: high, limits: {{requests_per_minute: 60, concurrent: 5}}}}
@@ -185,6 +186,7 @@ def test_text_output_lists_every_setting_with_its_source(loaded: LoadedPolicy) -
         "queue:    shared: concurrency=4 (from queues.shared)",
         "class=high (from tenant)",
         "heartbeat=5s (from route)",
+        "response headers not relayed: openai-organization, x-ratelimit-*",
     ):
         assert fragment in text, text
     assert HEADER_SECRET not in text and HEADER_SECRET not in json.dumps(answer_for(loaded, CASES[1]))
@@ -201,6 +203,7 @@ def test_cli_by_key_prints_json_without_the_key_or_header_values(loaded: LoadedP
     answer = json.loads(result.stdout)
     assert answer["route"]["name"] == "vip" and answer["tenant"] == {"name": "alpha", "identified_by": "key"}
     assert answer["upstream"]["extra_headers"] == ["x-custom-auth"]
+    assert answer["upstream"]["hide_response_headers"] == ["openai-organization", "x-ratelimit-*"]
     assert "ka-secret-key" not in result.stdout and HEADER_SECRET not in result.stdout
     text = subprocess.run(
         [*cli, "--model", "small-1", "--tenant", "beta"],

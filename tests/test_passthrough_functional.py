@@ -322,6 +322,58 @@ async def test_upstream_cookies_are_relayed_but_never_kept_or_replayed(
     assert echo.last.header_all("cookie") == ["mine=1"]  # a client's own cookie is its to send
 
 
+ACCOUNT_HEADERS = [
+    ("openai-organization", "org-platform-team"),
+    ("openai-project", "proj_platform"),
+    ("x-ratelimit-remaining-requests", "17"),
+    ("X-RateLimit-Reset-Tokens", "1m2s"),
+    ("openai-processing-ms", "42"),
+    ("x-request-id", "upstream-req-9"),
+]
+EMBEDDING = (
+    b'{"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.5,0.25]}],'
+    b'"model":"m","usage":{"prompt_tokens":2,"total_tokens":2}}'
+)
+
+
+async def test_hidden_response_headers_never_reach_the_client(start_proxy: StartProxy, echo: EchoUpstream) -> None:
+    """A shared key's organisation, project and quota are the platform's business: an upstream's
+    `hide_response_headers` keeps them from every response (whole, streamed and batched), globs and
+    any case included, while the other headers are still relayed."""
+    routes = """
+      - {name: batched, match: {path: /v1/embeddings}, upstream: echo, batch: {max_wait: 10ms}}
+      - {name: all, upstream: echo}
+    """
+    hide = 'hide_response_headers: [OpenAI-Organization, openai-project, "x-ratelimit-*", x-request-id, content-type]'
+    proxy = await start_proxy(echo_policy(echo, upstream_extra=hide, routes=routes))
+    whole = [("Content-Type", "application/json"), *ACCOUNT_HEADERS]
+    stream = [("Content-Type", "text/event-stream"), *ACCOUNT_HEADERS]
+    chunk = b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[]}\n\n'
+    echo.reply(
+        Reply(headers=whole, body=b'{"id":"c","object":"chat.completion","created":1,"model":"m","choices":[]}'),
+        Reply(headers=stream, chunks=[chunk, b"data: [DONE]\n\n"]),
+        Reply(headers=whole, body=EMBEDDING),
+    )
+    async with openai.AsyncOpenAI(base_url=proxy.v1, api_key="sk-alpha", max_retries=0) as client:
+        messages = [{"role": "user", "content": "hi"}]
+        completion = await client.chat.completions.with_raw_response.create(model="m", messages=messages)
+        async with client.chat.completions.with_streaming_response.create(
+            model="m", messages=messages, stream=True
+        ) as streamed:
+            assert [line async for line in streamed.iter_lines() if line] == [chunk.decode().strip(), "data: [DONE]"]
+        embedded = await client.embeddings.with_raw_response.create(model="m", input="hi")
+        assert embedded.parse().data[0].embedding == [0.5, 0.25]
+        for response in (completion, streamed, embedded):
+            headers = response.headers
+            for name in ("openai-organization", "openai-project", "x-ratelimit-remaining-requests",
+                         "x-ratelimit-reset-tokens", "x-upstream-request-id"):
+                assert name not in headers, (name, response.http_request.url)
+            assert headers["openai-processing-ms"] == "42"
+            assert headers["content-type"].startswith(("application/json", "text/event-stream"))  # always relayed
+            assert headers["x-request-id"] == response.request_id  # our own id, not the upstream's
+    assert embedded.headers["x-signalbox-route"] == "batched"
+
+
 @pytest.mark.parametrize(
     ("status", "headers", "body"),
     [

@@ -318,6 +318,16 @@ INVALID: list[tuple[str, str, list[tuple[int, int, str, str]]]] = [
         [(8, 12, "routes[0].queue", "undefined queue 'interactiv'; did you mean 'interactive'?")],
     ),
     (
+        "hidden-response-header-not-a-name",
+        """
+        upstreams:
+          a:
+            provider: mock
+            hide_response_headers: [openai-organization, "x-ratelimit: *"]
+        """,
+        [(4, 28, "upstreams.a.hide_response_headers", "'x-ratelimit: *' is not a header name or a glob of one")],
+    ),
+    (
         "unknown-priority-classes",
         """
         priorities: [high, standard, batch]

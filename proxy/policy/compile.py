@@ -87,6 +87,7 @@ def _upstream(name: str, spec: Upstream) -> UpstreamSpec:
         max_connections=spec.pool.max_connections,
         keepalive=spec.pool.keepalive,
         mock=_mock(spec.mock or MockSpec()) if spec.provider == "mock" else None,
+        hide_response_headers=Matcher(tuple(spec.hide_response_headers)) if spec.hide_response_headers else None,
     )
 
 

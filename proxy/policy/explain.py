@@ -29,7 +29,7 @@ COMPILED_SECTIONS = ("deployments", "balance", "retry", "breaker", "fallbacks", 
 _COVERED = {
     "name", "match", "upstream", "model", "timeouts", "keys", "api_key", "provider", "base_url", "mock",
     "limits", "on_limit", "queue", "tokens", "stream", "priority", "max_priority", "weight", "models",
-    "pool", "headers", "query", "auth_header",
+    "pool", "headers", "query", "auth_header", "hide_response_headers",
 }
 LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute", "concurrent")
 
@@ -166,6 +166,7 @@ def upstream_section(ctx: Context) -> dict[str, Any] | None:
         "auth_header": upstream.auth_header,
         "extra_headers": [name for name, _ in upstream.headers],  # names only: values may be secrets
         "query": [name for name, _ in upstream.query],
+        "hide_response_headers": list(hidden.patterns) if (hidden := upstream.hide_response_headers) else [],
         "pool": {
             "max_connections": upstream.max_connections,
             "keepalive": format_duration(upstream.keepalive),

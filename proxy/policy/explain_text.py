@@ -29,6 +29,8 @@ def format_text(answer: dict[str, Any]) -> str:
             f"upstream: {up['name']} ({up['provider']}, {up['base_url']}), "
             f"pool {up['pool']['max_connections']} connections, keep-alive {up['pool']['keepalive']}"
         )
+        if up.get("hide_response_headers"):
+            lines.append(f"  response headers not relayed: {', '.join(up['hide_response_headers'])}")
     lines.append(f"model sent upstream: {answer['model_sent_upstream']}")
     if "protocol" in answer:
         lines.append(f"protocol: {answer['protocol']}")

@@ -187,6 +187,8 @@ class UpstreamSpec:
     keepalive: float
     mock: MockPlan | None
     limit: Limit | None = None
+    hide_response_headers: Matcher | None = None
+    """Upstream response headers not relayed to clients (lower-case names and globs); None: relay all."""
 
     def fingerprint(self) -> tuple[object, ...]:
         """What a connection pool depends on: a reload keeps the pool when this is unchanged."""

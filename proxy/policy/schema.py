@@ -7,11 +7,15 @@ optional fields, so older policy files keep validating.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from proxy.policy.units import ByteSize, Duration
+
+# An HTTP field name (RFC 9110 §5.1 token characters), with the glob characters * ? [ ] also allowed.
+_HEADER_PATTERN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z\-?\[\]]+")
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 
@@ -196,6 +200,18 @@ class Upstream(Strict):
     route, deployment, retry or fallback sends it); a deployment whose upstream is over it is skipped."""
     breaker: Breaker | None = None
     pacing: Pacing = Field(default_factory=Pacing)
+    hide_response_headers: list[str] = Field(default_factory=list)
+    """Upstream response headers never relayed to clients (names or globs, any case), e.g.
+    `openai-organization`, `anthropic-organization-id`, `x-ratelimit-*`: what the vendor says about the
+    platform's account stays with the platform. Content-Type is always relayed."""
+
+    @field_validator("hide_response_headers")
+    @classmethod
+    def _header_patterns(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            if not _HEADER_PATTERN.fullmatch(pattern):
+                raise ValueError(f"{pattern!r} is not a header name or a glob of one")
+        return [pattern.lower() for pattern in patterns]
 
     @model_validator(mode="after")
     def _base_url_matches_provider(self) -> Upstream:
