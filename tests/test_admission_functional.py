@@ -5,6 +5,7 @@ exactly as long as a test needs) and reports token usage like OpenAI does."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -352,6 +353,33 @@ async def test_token_limit_settles_from_the_real_usage(
     assert f'signalbox_tokens_total{{kind="settled",tenant="alpha"}} {3.0 * (PROMPT + COMPLETION)}' in text
     assert 'signalbox_tokens_total{kind="refunded",tenant="alpha"}' in text
     assert 'signalbox_limiter_remaining{limit="tenant:alpha/tokens_per_minute",tenant="alpha"}' in text
+
+
+async def test_stream_usage_is_asked_of_the_deployment_that_answers(
+    start_proxy: StartProxy, async_openai: MakeAsync, gated: Gated
+) -> None:
+    """The route's own upstream speaks Anthropic (it reports usage by itself) but is down; its fallback is
+    OpenAI-compatible. The fallback's attempt asks for the usage chunk, settles on it, and strips it."""
+    with socket.socket() as sock:  # a loopback port with nobody listening: the Anthropic upstream is down
+        sock.bind(("127.0.0.1", 0))
+        down = sock.getsockname()[1]
+    proxy = await start_proxy(f"""
+upstreams:
+  claude: {{provider: anthropic, base_url: "http://127.0.0.1:{down}/v1", api_key: sk-claude}}
+  up: {{provider: openai, base_url: "{gated.url}/v1", api_key: sk-up}}
+tenants:
+  alpha: {{keys: [sk-alpha], limits: {{tokens_per_minute: 5000}}}}
+routes:
+  - {{name: chat, match: {{path: /v1/chat/completions}}, upstream: claude, fallbacks: [backup]}}
+  - {{name: backup, match: {{path: /nowhere}}, upstream: up}}
+""")
+    stream = await chat(async_openai(proxy), max_tokens=900, stream=True)
+    chunks = [chunk async for chunk in stream]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello"
+    assert all(c.usage is None and c.choices for c in chunks)  # the client did not ask for usage
+    assert gated.seen[-1]["stream_options"] == {"include_usage": True}
+    tokens = (await usage_of(proxy, "tenant:alpha")).tokens
+    assert tokens.used == pytest.approx(PROMPT + COMPLETION)  # settled, not the ~900 estimate
 
 
 async def test_an_interrupted_stream_settles_on_the_estimate(

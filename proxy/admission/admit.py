@@ -129,8 +129,7 @@ class _Admit:
         limit_set = self.limits
         if (limit_set is not None and limit_set.tokens) or route.upstream_tokens:
             estimate = call.token_estimate = tok.estimate(call, route.default_max_tokens)
-            call.want_usage = True
-            call.strip_usage = tok.wants_stream_usage(call, call.plan.upstreams[route.upstream].provider)
+            call.want_usage = True  # each attempt decides whether to ask a stream for it (outgoing.send)
             if limit_set is not None and limit_set.tokens:
                 cost = estimate
         if limit_set is None:

@@ -12,6 +12,7 @@ import aiohttp
 import orjson
 
 from proxy import multipart
+from proxy.admission.tokens import wants_stream_usage
 from proxy.call import Call
 from proxy.errors import InvalidRequest, UpstreamTimeout, UpstreamUnreachable
 from proxy.headers import credentials_of, upstream_headers
@@ -72,7 +73,7 @@ class Outgoing:
         self.identify_header = identify_header
         self._headers_for = ""
         self._headers: dict[str, str] = {}
-        self._body_key: tuple[str | None, str] | None = None
+        self._body_key: tuple[str | None, str, bool] | None = None
         self._body: bytes | None = None
 
     def headers(self, spec: UpstreamSpec) -> dict[str, str]:
@@ -88,7 +89,7 @@ class Outgoing:
         return self._headers
 
     def body(self, model: str | None, exchange: Exchange) -> bytes | None:
-        key = (model, exchange.kind)
+        key = (model, exchange.kind, self.call.strip_usage)
         if self._body_key != key:
             self._body = upstream_body(self.call, model)
             self._body_key = key
@@ -107,6 +108,8 @@ class Outgoing:
         except exchanges.Untranslatable as exc:
             raise InvalidRequest(str(exc)) from None
         call.exchange = exchange
+        if call.want_usage:  # per attempt: a pool or a fallback may mix providers
+            call.strip_usage = wants_stream_usage(call, spec.provider)
         headers = self.headers(spec)
         body = self.body(deployment.model, exchange)
         url = base_url + exchange.upstream_path + _query(self.query_string, spec)  # base_url ends at /v1
