@@ -15,7 +15,7 @@ import openai
 import orjson
 import pytest
 from aiohttp import web
-from conftest import Proxy
+from conftest import EchoUpstream, Proxy, Reply
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -380,6 +380,44 @@ routes:
     assert gated.seen[-1]["stream_options"] == {"include_usage": True}
     tokens = (await usage_of(proxy, "tenant:alpha")).tokens
     assert tokens.used == pytest.approx(PROMPT + COMPLETION)  # settled, not the ~900 estimate
+
+
+def responses_event(kind: str, **fields: Any) -> bytes:
+    return f"event: {kind}\n".encode() + b"data: " + orjson.dumps({"type": kind, **fields}) + b"\n\n"
+
+
+async def test_a_responses_api_stream_settles_on_the_usage_of_its_last_event(
+    start_proxy: StartProxy, async_openai: MakeAsync, echo: EchoUpstream
+) -> None:
+    """The Responses API streams typed events and reports usage only inside response.completed's
+    `response`; its inline image is charged flat (not 100,000 tokens of base64, over the limit)."""
+    proxy = await start_proxy(f"""
+upstreams:
+  up: {{provider: openai, base_url: "{echo.url}/v1", api_key: sk-up}}
+tenants:
+  alpha: {{keys: [sk-alpha], limits: {{tokens_per_minute: 20000}}}}
+routes:
+  - {{name: all, upstream: up}}
+""")
+    response = {"id": "resp_1", "object": "response", "created_at": 1, "model": "m", "output": [],
+                "status": "in_progress", "usage": None}
+    usage = {"input_tokens": 1210, "output_tokens": 3, "total_tokens": 1213,
+             "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}}
+    echo.reply(Reply(headers=[("Content-Type", "text/event-stream")], chunks=[
+        responses_event("response.created", sequence_number=0, response=response),
+        responses_event("response.output_text.delta", sequence_number=1, item_id="msg_1", output_index=0,
+                        content_index=0, delta="Hi!", logprobs=[]),
+        responses_event("response.completed", sequence_number=2,
+                        response={**response, "status": "completed", "usage": usage}),
+    ]))
+    image = {"type": "input_image", "image_url": "data:image/png;base64," + "A" * 400_000}
+    turn = {"role": "user", "content": [{"type": "input_text", "text": "what is it?"}, image]}
+    stream = await async_openai(proxy).responses.create(model="m", input=[turn], stream=True, max_output_tokens=100)
+    events = [event async for event in stream]
+    assert [e.type for e in events] == ["response.created", "response.output_text.delta", "response.completed"]
+    assert events[-1].response.usage.total_tokens == 1213
+    tokens = (await usage_of(proxy, "tenant:alpha")).tokens
+    assert tokens.used == pytest.approx(1213)
 
 
 async def test_an_interrupted_stream_settles_on_the_estimate(

@@ -291,12 +291,28 @@ def test_estimate_is_body_size_plus_output() -> None:
     assert tok.estimate(embed, 300) == -(-len(embed.raw_body) // 4)
 
 
-def test_estimate_charges_images_flat_not_by_base64_size() -> None:
-    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 400_000}}
-    body = {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, image]}]}
-    call = _call(body)
-    estimate = tok.estimate(call, 0)
-    assert tok.IMAGE_TOKENS < estimate < tok.IMAGE_TOKENS + 100
+BASE64 = "A" * 400_000
+DATA_URL = "data:image/png;base64," + BASE64
+MEDIA = [
+    ("/v1/chat/completions", "messages", {"type": "image_url", "image_url": {"url": DATA_URL}}),
+    ("/v1/chat/completions", "messages", {"type": "input_audio", "input_audio": {"data": BASE64, "format": "wav"}}),
+    ("/v1/chat/completions", "messages", {"type": "file", "file": {"file_data": BASE64, "filename": "a.pdf"}}),
+    ("/v1/responses", "input", {"type": "input_image", "image_url": DATA_URL}),
+    ("/v1/responses", "input", {"type": "input_file", "file_data": BASE64, "filename": "a.pdf"}),
+    ("/v1/messages", "messages", {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                            "data": BASE64}}),
+    ("/v1/messages", "messages", {"type": "document", "source": {"type": "base64",
+                                                               "media_type": "application/pdf", "data": BASE64}}),
+]
+
+
+@pytest.mark.parametrize(("path", "field", "part"), MEDIA, ids=[f"{m[0]}:{m[2]['type']}" for m in MEDIA])
+def test_estimate_charges_inline_media_flat_not_by_base64_size(path: str, field: str, part: dict[str, Any]) -> None:
+    """400 KB of base64 would be 100,000 tokens at 4 bytes a token: enough to refuse the request under a
+    modest token limit although it costs a few hundred."""
+    body = {"model": "m", field: [{"role": "user", "content": [{"type": "text", "text": "hi"}, part]}]}
+    estimate = tok.estimate(_call(body, path=path), 0)
+    assert tok.MEDIA_TOKENS < estimate < tok.MEDIA_TOKENS + 100
 
 
 def test_used_reads_openai_and_anthropic_usage() -> None:

@@ -2,8 +2,9 @@
 stream for its usage, and what a finished request really cost (the relay records `call.usage`).
 
 The estimate is deliberately cheap and errs high: about 4 bytes of request body per token (which
-covers messages, tools and system prompts alike without walking them), inline images charged a
-flat amount instead of their base64 size, plus the most output the request allows. Settlement with
+covers messages, tools and system prompts alike without walking them), inline media (images, audio,
+files, documents) charged a flat amount instead of their base64 size, plus the most output the request
+allows. Settlement with
 the real `usage` corrects it either way, so it only needs to be the right order of magnitude.
 """
 
@@ -16,9 +17,15 @@ from typing import Any
 from proxy.call import Call
 
 BYTES_PER_TOKEN = 4
-IMAGE_TOKENS = 1000
-"""Flat estimate per image part (OpenAI charges 85 to ~1,500 by size and detail)."""
-_IMAGE_PARTS = frozenset({"image_url", "image", "input_image"})
+MEDIA_TOKENS = 1000
+"""Flat estimate per media part (OpenAI charges an image 85 to ~1,500 tokens by size and detail; audio,
+a PDF's pages and a file cost by their length, which the request does not tell cheaply). Base64 at
+4 bytes a token would overcharge a 1 MB image as 250,000 tokens and refuse it under a token limit."""
+# Chat Completions (image_url, input_audio, file), Responses (input_image, input_file, input_audio),
+# Anthropic Messages (image, document).
+_MEDIA_PARTS = frozenset(
+    {"image_url", "image", "input_image", "input_audio", "file", "input_file", "document"}
+)
 _NO_OUTPUT_PATHS = frozenset({"/v1/embeddings", "/v1/moderations", "/v1/messages/count_tokens"})
 _STREAM_USAGE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 
@@ -34,22 +41,23 @@ def estimate(call: Call, default_max_tokens: int) -> int:
 
 def prompt_estimate(raw: bytes, body: Mapping[str, Any] | None) -> int:
     size = len(raw)
-    images = 0
-    messages = body.get("messages") if body is not None else None
-    if isinstance(messages, list):
-        for message in messages:
-            content = message.get("content") if isinstance(message, dict) else None
+    media = 0
+    for turns in (body.get("messages"), body.get("input")) if body is not None else ():
+        if not isinstance(turns, list):  # `input` may be a plain string (Responses, embeddings)
+            continue
+        for turn in turns:
+            content = turn.get("content") if isinstance(turn, dict) else None
             if not isinstance(content, list):
                 continue
             for part in content:
-                if isinstance(part, dict) and part.get("type") in _IMAGE_PARTS:
-                    images += 1
+                if isinstance(part, dict) and part.get("type") in _MEDIA_PARTS:
+                    media += 1
                     size -= _inline_size(part)
-    return math.ceil(max(0, size) / BYTES_PER_TOKEN) + images * IMAGE_TOKENS
+    return math.ceil(max(0, size) / BYTES_PER_TOKEN) + media * MEDIA_TOKENS
 
 
 def _inline_size(part: Mapping[str, Any]) -> int:
-    """Bytes of an image part's inline payload (a data: URL or base64 `data`), two levels deep."""
+    """Bytes of a media part's inline payload (a data: URL, base64 `data` or `file_data`), two levels deep."""
     size = 0
     for value in part.values():
         if isinstance(value, str):

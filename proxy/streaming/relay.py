@@ -437,7 +437,8 @@ def _has_usage(raw: bytes) -> bool:
 def _note_usage(call: Call, data: bytes) -> bool:
     """Merge the `usage` an event carries into `call.usage` (for token limits); True for an OpenAI
     usage-only chunk (`choices: []`). Anthropic reports input tokens in message_start and the output
-    total in message_delta; merging keeps the latest of each."""
+    total in message_delta; merging keeps the latest of each. The Responses API reports it in the
+    `response` of its last event (response.completed, .incomplete or .failed)."""
     try:
         event = orjson.loads(data)
     except orjson.JSONDecodeError:
@@ -445,9 +446,9 @@ def _note_usage(call: Call, data: bytes) -> bool:
     if not isinstance(event, dict):
         return False
     usage = event.get("usage")
-    message = event.get("message")
-    if not isinstance(usage, dict) and isinstance(message, dict):
-        usage = message.get("usage")
+    if not isinstance(usage, dict):
+        holder = event.get("message") or event.get("response")
+        usage = holder.get("usage") if isinstance(holder, dict) else None
     if not isinstance(usage, dict):
         return False
     call.usage = {**call.usage, **usage} if call.usage else usage
