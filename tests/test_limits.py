@@ -28,6 +28,7 @@ from proxy.admission.upstream import UpstreamHold
 from proxy.call import Attempt, Call
 from proxy.errors import UpstreamLimited
 from proxy.policy.plan import Limit, LimitSpec
+from proxy.upstream.outgoing import wants_stream_usage
 
 
 class Clock:
@@ -386,12 +387,12 @@ def test_the_soonest_upstream_refusal_is_the_one_waited_for() -> None:
 
 def test_stream_usage_is_asked_only_when_the_client_did_not() -> None:
     call = _call({"model": "m", "stream": True})
-    assert tok.wants_stream_usage(call, "openai")
-    assert not tok.wants_stream_usage(call, "anthropic")  # translated streams carry their own usage
+    assert wants_stream_usage(call, "openai")
+    assert not wants_stream_usage(call, "anthropic")  # translated streams carry their own usage
     asked = _call({"model": "m", "stream": True, "stream_options": {"include_usage": True}})
-    assert not tok.wants_stream_usage(asked, "openai")
+    assert not wants_stream_usage(asked, "openai")
     other = _call({"model": "m", "stream": True, "stream_options": {"include_obfuscation": False}})
-    assert tok.wants_stream_usage(other, "mock")
-    assert not tok.wants_stream_usage(_call({"model": "m"}), "openai")  # not a stream
+    assert wants_stream_usage(other, "mock")
+    assert not wants_stream_usage(_call({"model": "m"}), "openai")  # not a stream
     embed = _call({"model": "m", "stream": True}, path="/v1/embeddings")
-    assert not tok.wants_stream_usage(embed, "openai")
+    assert not wants_stream_usage(embed, "openai")

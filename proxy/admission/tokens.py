@@ -1,5 +1,5 @@
-"""Token accounting for token limits (pure): the estimate reserved at admission, whether to ask a
-stream for its usage, and what a finished request really cost (the relay records `call.usage`).
+"""Token accounting for token limits (pure): the estimate reserved at admission and what a finished
+request really cost (the relay records `call.usage`; outgoing asks a stream for it).
 
 The estimate is deliberately cheap and errs high: about 4 bytes of request body per token (which
 covers messages, tools and system prompts alike without walking them), inline media (images, audio,
@@ -27,7 +27,6 @@ _MEDIA_PARTS = frozenset(
     {"image_url", "image", "input_image", "input_audio", "file", "input_file", "document"}
 )
 _NO_OUTPUT_PATHS = frozenset({"/v1/embeddings", "/v1/moderations", "/v1/messages/count_tokens"})
-_STREAM_USAGE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 
 
 def estimate(call: Call, default_max_tokens: int) -> int:
@@ -128,17 +127,3 @@ def attempt_amount(reserved: int, status: int, usage: Mapping[str, Any] | None) 
     if status == 0 or status >= 400:
         return 0
     return reserved
-
-
-def wants_stream_usage(call: Call, provider: str) -> bool:
-    """Should the proxy add `stream_options.include_usage` upstream (and strip that chunk again)?
-
-    Only for OpenAI-protocol streams to OpenAI-compatible upstreams, when the client did not ask.
-    """
-    body = call.body
-    if not call.stream or body is None or call.protocol != "openai" or provider not in ("openai", "mock"):
-        return False
-    if call.path not in _STREAM_USAGE_PATHS:
-        return False
-    options = body.get("stream_options")
-    return options is None or (isinstance(options, dict) and options.get("include_usage") is not True)

@@ -12,7 +12,6 @@ import aiohttp
 import orjson
 
 from proxy import multipart
-from proxy.admission.tokens import wants_stream_usage
 from proxy.call import Call
 from proxy.errors import InvalidRequest, UpstreamTimeout, UpstreamUnreachable
 from proxy.headers import credentials_of, upstream_headers
@@ -46,6 +45,23 @@ def _with_usage(body: dict[str, Any], ask: bool) -> dict[str, Any]:
         options = body.get("stream_options")
         body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
     return body
+
+
+_STREAM_USAGE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+
+
+def wants_stream_usage(call: Call, provider: str) -> bool:
+    """Should the proxy add `stream_options.include_usage` upstream (and strip that chunk again)?
+
+    Only for OpenAI-protocol streams to OpenAI-compatible upstreams, when the client did not ask.
+    """
+    body = call.body
+    if not call.stream or body is None or call.protocol != "openai" or provider not in ("openai", "mock"):
+        return False
+    if call.path not in _STREAM_USAGE_PATHS:
+        return False
+    options = body.get("stream_options")
+    return options is None or (isinstance(options, dict) and options.get("include_usage") is not True)
 
 
 class Outgoing:
