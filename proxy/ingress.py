@@ -305,9 +305,9 @@ def resolve(call: Call, plan: Plan) -> Any:
     if route is None:
         models = plan.models_for(call.tenant)
         allowed = ", ".join(models) if models else "none"
-        what = f"model '{call.model}'" if call.model else f"path {call.path}"
+        what = f"model '{call.model}' on {call.path}" if call.model else call.path
         raise NoRoute(
-            f"no route for {what} on {call.path} for tenant '{call.tenant.name}'. Models you may use: {allowed}",
+            f"no route for {what} for tenant '{call.tenant.name}'. Models you may use: {allowed}",
             param="model" if call.model else None,
         )
     return route

@@ -334,8 +334,12 @@ async def test_no_route_is_404_and_lists_the_tenants_models(
     assert info.value.status_code == 404
     assert info.value.code == "model_not_found"
     assert info.value.param == "model"
-    assert "gpt-9" in info.value.message and "mock-chat" in info.value.message
+    assert "- no route for model 'gpt-9' on /v1/chat/completions for tenant 'beta'." in info.value.message
+    assert "mock-chat" in info.value.message
     assert "mock-embed" not in info.value.message  # beta's allow-list excludes it
+    with pytest.raises(openai.NotFoundError) as no_model:  # a path no route takes, and no model to name
+        await async_openai(proxy, "sk-beta").get("/nowhere/at/all", cast_to=object)
+    assert "- no route for /v1/nowhere/at/all for tenant 'beta'." in no_model.value.message
     # A tenant-restricted route is invisible to other tenants.
     with pytest.raises(openai.NotFoundError):
         await async_openai(proxy, "sk-alpha").chat.completions.create(model="gamma-chat", messages=MESSAGES)
