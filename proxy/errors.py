@@ -76,7 +76,10 @@ class ProxyError(Exception):
 
     def anthropic_body(self, request_id: str) -> dict[str, object]:
         kind = _ANTHROPIC_TYPES.get(self.status, "api_error")
-        return {"type": "error", "error": {"type": kind, "message": self.message}, "request_id": request_id}
+        message = self.message
+        if self.param and self.param not in message:  # Anthropic's errors have no `param`; they say it first
+            message = f"{self.param}: {message}"
+        return {"type": "error", "error": {"type": kind, "message": message}, "request_id": request_id}
 
     def response_headers(self) -> dict[str, str]:
         headers = dict(self.headers)

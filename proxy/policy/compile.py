@@ -28,6 +28,7 @@ from proxy.policy.plan import (
     key_digest,
 )
 from proxy.policy.schema import Batch, Limits, MockSpec, Policy, Route, State, Timeouts, Upstream
+from proxy.providers.exchange import DEFAULT_MAX_TOKENS as ANTHROPIC_DEFAULT_MAX_TOKENS
 
 _DEFAULT_AUTH = {"openai": "authorization", "anthropic": "x-api-key", "mock": "authorization"}
 
@@ -89,6 +90,15 @@ def _upstream(name: str, spec: Upstream) -> UpstreamSpec:
         mock=_mock(spec.mock or MockSpec()) if spec.provider == "mock" else None,
         hide_response_headers=Matcher(tuple(spec.hide_response_headers)) if spec.hide_response_headers else None,
     )
+
+
+def _anthropic_max_tokens(route: Route) -> int:
+    """A default the policy wrote is sent; the schema's 1,024 is only what gets reserved, and Anthropic
+    would cut answers there, so an unset one sends 4,096 (a cap most answers stay under)."""
+    tokens = route.tokens
+    if "default_max_tokens" in tokens.model_fields_set and tokens.default_max_tokens >= 1:
+        return tokens.default_max_tokens
+    return ANTHROPIC_DEFAULT_MAX_TOKENS
 
 
 def _mock(spec: MockSpec) -> MockPlan:
@@ -190,6 +200,7 @@ def _admission(
                 on_limit=route.on_limit,
                 queue=queues[route.queue] if route.queue is not None else None,
                 default_max_tokens=route.tokens.default_max_tokens,
+                anthropic_max_tokens=_anthropic_max_tokens(route),
                 deployments=_limited(rule.deployments, upstreams),
             )
         )

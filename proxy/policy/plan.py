@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from proxy.providers.exchange import DEFAULT_MAX_TOKENS as ANTHROPIC_DEFAULT_MAX_TOKENS
+
 Provider = Literal["openai", "anthropic", "mock"]
 IdentifyMode = Literal["api_key", "header", "single", "passthrough"]
 
@@ -251,6 +253,9 @@ class RouteRule:
     on_limit: Literal["reject", "queue"] = "reject"
     queue: QueueSpec | None = None
     default_max_tokens: int = 1024
+    anthropic_max_tokens: int = ANTHROPIC_DEFAULT_MAX_TOKENS
+    """`max_tokens` sent to an Anthropic upstream (which requires one) when an OpenAI client sets no
+    maximum: the route's `tokens.default_max_tokens` when the policy sets it, else 4096."""
     stream: StreamSpec | None = None
     batch: BatchRule | None = None
     deployments: tuple[DeploymentSpec, ...] = ()

@@ -34,7 +34,10 @@ OPENAI_REQUEST_FIELDS: tuple[FieldHandling, ...] = (
         "messages", "mapped", "system/developer → `system`; same-role runs merged; tool → tool_result"
     ),
     FieldHandling("max_completion_tokens", "mapped", "→ max_tokens (preferred over max_tokens)"),
-    FieldHandling("max_tokens", "mapped", "→ max_tokens; when both are absent the route's default is sent"),
+    FieldHandling(
+        "max_tokens", "mapped",
+        "→ max_tokens; when both are absent, the route's tokens.default_max_tokens if the policy sets it, else 4096",
+    ),
     FieldHandling(
         "temperature", "mapped", "clamped to Anthropic's 0..1 (OpenAI allows up to 2); not rescaled"
     ),

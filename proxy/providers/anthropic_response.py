@@ -47,15 +47,17 @@ def _int(value: object) -> int:
 
 
 def anthropic_usage_to_openai(usage: Mapping[str, Any]) -> dict[str, Any]:
-    """Anthropic counts cached input apart from `input_tokens`; OpenAI's prompt_tokens includes it."""
+    """Anthropic counts cached input (read from and written to the cache) apart from `input_tokens`;
+    OpenAI's prompt_tokens includes both, detailed as cached_tokens and cache_write_tokens."""
     cache_read = _int(usage.get("cache_read_input_tokens"))
-    prompt = _int(usage.get("input_tokens")) + _int(usage.get("cache_creation_input_tokens")) + cache_read
+    cache_write = _int(usage.get("cache_creation_input_tokens"))
+    prompt = _int(usage.get("input_tokens")) + cache_write + cache_read
     completion = _int(usage.get("output_tokens"))
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": cache_read},
+        "prompt_tokens_details": {"cached_tokens": cache_read, "cache_write_tokens": cache_write},
     }
 
 
@@ -63,10 +65,11 @@ def openai_usage_to_anthropic(usage: Mapping[str, Any] | None) -> dict[str, Any]
     usage = usage or {}
     details = usage.get("prompt_tokens_details")
     cached = _int(details.get("cached_tokens")) if isinstance(details, Mapping) else 0
+    written = _int(details.get("cache_write_tokens")) if isinstance(details, Mapping) else 0
     return {
-        "input_tokens": max(_int(usage.get("prompt_tokens")) - cached, 0),
+        "input_tokens": max(_int(usage.get("prompt_tokens")) - cached - written, 0),
         "output_tokens": _int(usage.get("completion_tokens")),
-        "cache_creation_input_tokens": 0,
+        "cache_creation_input_tokens": written,
         "cache_read_input_tokens": cached,
     }
 

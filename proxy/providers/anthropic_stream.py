@@ -61,6 +61,7 @@ class AnthropicToOpenAIStream:
         "_kinds",
         "_tool_index",
         "_tools",
+        "_no_arguments",
         "_usage",
         "_finish_sent",
         "_finished",
@@ -74,6 +75,9 @@ class AnthropicToOpenAIStream:
         self._kinds: dict[int, str] = {}  # Anthropic block index -> "text" | "tool" | "other"
         self._tool_index: dict[int, int] = {}  # Anthropic block index -> OpenAI tool_calls index
         self._tools = 0
+        # Tool blocks whose arguments are still empty: OpenAI always sends a JSON text ("{}" for none), and
+        # the SDK's stream helpers json-parse what they accumulated.
+        self._no_arguments: set[int] = set()
         self._usage: dict[str, Any] = {}  # Anthropic-shaped, cumulative
         self._finish_sent = False
         self._finished = False
@@ -119,19 +123,37 @@ class AnthropicToOpenAIStream:
             return self._block_start(data)
         if kind == "content_block_delta":
             return self._block_delta(data)
+        if kind == "content_block_stop":
+            index = data.get("index")
+            return self._empty_arguments(index) if isinstance(index, int) else []
         if kind == "message_delta":
             self._merge_usage(data.get("usage"))
             stop_reason = _mapping(data.get("delta")).get("stop_reason")
             if stop_reason is None or self._finish_sent:
                 return []
             self._finish_sent = True
-            return [self._chunk({}, openai_finish_reason(stop_reason))]
+            return [*self._empty_arguments(), self._chunk({}, openai_finish_reason(stop_reason))]
         if kind == "message_stop":
             return self._stop()
         if kind == "error":
             self._finished = True
             return [openai_frame(anthropic_stream_error_to_openai(data))]
-        return []  # ping, content_block_stop, and event types added after this was written
+        return []  # ping, and event types added after this was written
+
+    def _empty_arguments(self, index: int | None = None) -> list[bytes]:
+        """`"{}"` for a finished tool block (`index`, or every open one) that got no argument text."""
+        if index is None:
+            indices = sorted(self._no_arguments)
+        elif index in self._no_arguments:
+            indices = [index]
+        else:
+            return []
+        out = []
+        for block in indices:
+            self._no_arguments.discard(block)
+            call = {"index": self._tool_index[block], "function": {"arguments": "{}"}}
+            out.append(self._chunk({"tool_calls": [call]}))
+        return out
 
     def _block_start(self, data: Mapping[str, Any]) -> list[bytes]:
         index = data.get("index")
@@ -149,6 +171,8 @@ class AnthropicToOpenAIStream:
         self._tool_index[index] = tool_index = self._tools
         self._tools += 1
         given = block.get("input")
+        if not given:
+            self._no_arguments.add(index)
         function = {"name": block.get("name"), "arguments": tool_arguments(given) if given else ""}
         call = {"index": tool_index, "id": block.get("id"), "type": "function", "function": function}
         return [self._chunk({"tool_calls": [call]})]
@@ -164,12 +188,13 @@ class AnthropicToOpenAIStream:
             fragment = delta.get("partial_json")
             if not isinstance(fragment, str) or not fragment:
                 return []
+            self._no_arguments.discard(index)
             call = {"index": self._tool_index[index], "function": {"arguments": fragment}}
             return [self._chunk({"tool_calls": [call]})]
         return []  # thinking, signature and citations deltas
 
     def _stop(self) -> list[bytes]:
-        out = [] if self._finish_sent else [self._chunk({}, "stop")]
+        out = [] if self._finish_sent else [*self._empty_arguments(), self._chunk({}, "stop")]
         self._finish_sent = True
         if self._include_usage:
             usage = self.usage or anthropic_usage_to_openai({})

@@ -62,10 +62,13 @@ def choose(front_path: str, provider: str) -> Exchange:
     )
 
 
-def request_body(exchange: Exchange, body: Mapping[str, Any], model: str) -> bytes:
-    """The upstream body for a translated exchange (raises TranslationError on untranslatable fields)."""
+def request_body(
+    exchange: Exchange, body: Mapping[str, Any], model: str, default_max_tokens: int = DEFAULT_MAX_TOKENS
+) -> bytes:
+    """The upstream body for a translated exchange (raises TranslationError on untranslatable fields);
+    `default_max_tokens` is sent to Anthropic when the OpenAI client set no maximum."""
     if exchange.kind == "openai_to_anthropic":
-        out = openai_chat_to_anthropic(body, default_max_tokens=DEFAULT_MAX_TOKENS)
+        out = openai_chat_to_anthropic(body, default_max_tokens=default_max_tokens)
     else:
         out = anthropic_to_openai_chat(body)
     out["model"] = model

@@ -229,6 +229,7 @@ async def _pump(
     whole = decoder.whole
     monotonic = time.monotonic
     last_raw: bytes | None = None  # the newest event when it came by the fast path (no SSEEvent built)
+    marked = False  # the first event relayed to the client has been timed
     try:
         async for chunk in upstream.content.iter_any():
             if plain and whole(chunk) and chunk[0] not in _NOT_A_FIELD:
@@ -237,8 +238,9 @@ async def _pump(
                 last, last_raw = None, chunk
                 now = monotonic()
                 watch.last_event = now
-                if not watch.first_event:
-                    watch.first_event = True
+                watch.first_event = True
+                if not marked:
+                    marked = True
                     call.mark("first_token")
                 call.events_relayed += 1
                 call.bytes_out += len(chunk)
@@ -260,10 +262,12 @@ async def _pump(
                     return
                 continue
             done = False
+            progressed = False
             out: list[bytes] = []
             for event in events:
                 if event.is_comment_only:
                     continue  # upstream keep-alives are not progress; our own heartbeats cover silence
+                progressed = True  # even when the translator drops it (a model still thinking is not silent)
                 if call.want_usage and _has_usage(event.raw) and _note_usage(call, event.data_bytes()):
                     if call.strip_usage:
                         continue  # the usage chunk the proxy asked for and the client did not
@@ -279,13 +283,16 @@ async def _pump(
                     done = raw.startswith(_DONE_PREFIXES)
                 if done:
                     break
-            if not out:
+            if not progressed:
                 continue
             now = time.monotonic()
             watch.last_event = now
-            if not watch.first_event:
-                watch.first_event = True
-                call.mark("first_token")  # time to first token, for its histogram
+            watch.first_event = True  # first_token and idle time the upstream, whatever reaches the client
+            if not out:
+                continue
+            if not marked:
+                marked = True
+                call.mark("first_token")  # time to first token, for its histogram: the first event relayed
             call.events_relayed += len(out)
             data = out[0] if len(out) == 1 else b"".join(out)
             call.bytes_out += len(data)

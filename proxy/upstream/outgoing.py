@@ -26,9 +26,10 @@ def upstream_body(call: Call, model_rewrite: str | None = None) -> bytes | None:
     exchange = call.exchange
     if exchange is not None and exchange.kind != "pass" and call.body is not None:
         try:
-            return exchanges.request_body(exchange, call.body, model_rewrite or call.model)
+            default_max = call.route.anthropic_max_tokens if call.route is not None else exchanges.DEFAULT_MAX_TOKENS
+            return exchanges.request_body(exchange, call.body, model_rewrite or call.model, default_max)
         except exchanges.TranslationError as exc:
-            raise InvalidRequest(str(exc)) from None
+            raise InvalidRequest(exc.message, param=exc.param) from None
     if call.body is not None and model_rewrite and call.body.get("model") != model_rewrite:
         return orjson.dumps(_with_usage({**call.body, "model": model_rewrite}, call.strip_usage))
     if call.strip_usage and call.body is not None:
