@@ -18,6 +18,7 @@ import orjson
 import pytest
 from aiohttp import web
 from multidict import CIMultiDict
+from stream_helpers import Servers
 
 from proxy.app import build_app
 from proxy.policy.compile import compile_plan
@@ -37,6 +38,20 @@ def closed_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
     return port
+
+
+@pytest.fixture(autouse=True)
+def _upstream_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Test policies name the upstream key as ${TEST_UPSTREAM_KEY}."""
+    monkeypatch.setenv("TEST_UPSTREAM_KEY", UPSTREAM_KEY)
+
+
+@pytest.fixture
+async def servers() -> AsyncIterator[Servers]:
+    """Loopback upstreams a test starts, stopped at teardown (resilience tests use their own kind)."""
+    started = Servers()
+    yield started
+    await started.close()
 
 
 # --- policies ---------------------------------------------------------------------------------------

@@ -25,11 +25,6 @@ StartProxy = Callable[..., Awaitable[Proxy]]
 HEARTBEAT = b": ping\n"
 
 
-@pytest.fixture(autouse=True)
-def _upstream_key(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TEST_UPSTREAM_KEY", UPSTREAM_KEY)
-
-
 def echo_policy(echo: EchoUpstream, *, upstream_extra: str = "", routes: str = "", head: str = "") -> str:
     routes = (
         routes

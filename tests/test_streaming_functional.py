@@ -15,7 +15,7 @@ import anthropic
 import openai
 import orjson
 import pytest
-from conftest import UPSTREAM_KEY, Proxy
+from conftest import Proxy
 from stream_helpers import (
     SSE,
     PausedClient,
@@ -44,18 +44,6 @@ MakeOpenAI = Callable[..., openai.AsyncOpenAI]
 PING = b": ping\n"
 PROMPT: Any = [{"role": "user", "content": "tell me about signal boxes on old railways"}]
 ALPHA = {"x-api-key": "sk-alpha", "content-type": "application/json", "anthropic-version": "2023-06-01"}
-
-
-@pytest.fixture(autouse=True)
-def _upstream_key(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TEST_UPSTREAM_KEY", UPSTREAM_KEY)
-
-
-@pytest.fixture
-async def servers() -> AsyncIterator[Servers]:
-    started = Servers()
-    yield started
-    await started.close()
 
 
 @pytest.fixture

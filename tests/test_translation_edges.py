@@ -7,14 +7,14 @@ names, and the `max_tokens` an Anthropic upstream is sent when the OpenAI client
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anthropic
 import openai
 import orjson
 import pytest
-from conftest import UPSTREAM_KEY, Proxy
+from conftest import Proxy
 from stream_helpers import JSON, SSE, Script, ScriptedUpstream, Servers, chat_chunk, sse
 
 pytestmark = pytest.mark.timeout(30)
@@ -22,18 +22,6 @@ pytestmark = pytest.mark.timeout(30)
 StartProxy = Callable[..., Awaitable[Proxy]]
 USER: Any = [{"role": "user", "content": "hi"}]
 DONE = b"data: [DONE]\n\n"
-
-
-@pytest.fixture(autouse=True)
-def _upstream_key(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TEST_UPSTREAM_KEY", UPSTREAM_KEY)
-
-
-@pytest.fixture
-async def servers() -> AsyncIterator[Servers]:
-    started = Servers()
-    yield started
-    await started.close()
 
 
 @pytest.fixture

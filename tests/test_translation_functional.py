@@ -49,18 +49,6 @@ ANTHROPIC_TOOL: Any = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _upstream_key(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TEST_UPSTREAM_KEY", UPSTREAM_KEY)
-
-
-@pytest.fixture
-async def servers() -> AsyncIterator[Servers]:
-    started = Servers()
-    yield started
-    await started.close()
-
-
 @pytest.fixture
 async def mock_url() -> AsyncIterator[str]:
     """The mock upstream on its own port: it speaks OpenAI under /v1/chat/completions and Anthropic under

@@ -16,7 +16,7 @@ import anthropic
 import openai
 import pytest
 from aiohttp import web
-from conftest import UPSTREAM_KEY, EchoUpstream, Proxy, Reply
+from conftest import EchoUpstream, Proxy, Reply
 
 from proxy import multipart
 
@@ -26,11 +26,6 @@ StartProxy = Callable[..., Awaitable[Proxy]]
 ALPHA = {"Authorization": "Bearer sk-alpha", "Content-Type": "application/json"}
 ANTHROPIC = {"x-api-key": "sk-alpha", "anthropic-version": "2023-06-01", "content-type": "application/json"}
 HTML_502 = b"<html><head><title>502 Bad Gateway</title></head><body><h1>502 Bad Gateway</h1><hr>nginx</body></html>"
-
-
-@pytest.fixture(autouse=True)
-def _upstream_key(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TEST_UPSTREAM_KEY", UPSTREAM_KEY)
 
 
 def policy(base_url: str, *, provider: str = "openai", route: str = "", upstream_extra: str = "") -> str:
