@@ -141,9 +141,16 @@ class Queue:
     def admit(self, waited: float | None) -> None:
         """Count an admission; `waited` is None when a slot was free (no histogram sample: cheap)."""
         self.admitted += 1
-        self.waits.append(waited or 0.0)
-        if waited is not None and self.metrics is not None:
-            self.metrics.queue_waited(self.spec.name, waited)
+        if waited is None:
+            self.waits.append(0.0)
+        else:
+            self.waited(waited)
+
+    def waited(self, seconds: float) -> None:
+        """A wait for a slot ended, granted or not: a queue whose waiters all time out is not idle."""
+        self.waits.append(seconds)
+        if self.metrics is not None:
+            self.metrics.queue_waited(self.spec.name, seconds)
 
 
 class Scheduler:
@@ -188,6 +195,7 @@ class Scheduler:
         metrics = self.metrics
         if metrics is None:
             return
+        metrics.queue_length.clear()  # a reload may have renamed the classes: no stale series
         for name, queue in self.queues.items():
             by_class = [0] * len(queue.classes)
             for (cls, _tenant), count in queue.board.counts().items():
@@ -242,8 +250,10 @@ class _Slot:
                 ticket.timer.cancel()
             if ticket.state == GRANTED:
                 queue.release()  # granted just as we were cancelled: pass the slot on
-            elif queue.board.remove(ticket):
-                queue.reject("client_gone")
+            else:
+                if queue.board.remove(ticket):
+                    queue.reject("client_gone")
+                queue.waited(queue.clock() - ticket.enqueued)  # timed out, cleared, or the client left
             raise
         finally:
             if begun and self.waiting is not None:

@@ -273,7 +273,8 @@ async def test_a_waiter_gets_the_slot_when_it_frees(plan_for: Callable[..., Plan
 
 async def test_bounds_full_and_timeout(plan_for: Callable[..., Plan]) -> None:
     plan = plan_for(concurrency=1, max_waiting=1, max_wait="200ms")
-    sched = Scheduler(Metrics())
+    metrics = Metrics()
+    sched = Scheduler(metrics)
     gate = asyncio.Event()
     log: list[str] = []
     holder = start(hold(sched, call_for(plan, "a", "r1"), log, gate))
@@ -288,9 +289,37 @@ async def test_bounds_full_and_timeout(plan_for: Callable[..., Plan]) -> None:
         await asyncio.wait_for(waiter, 2)
     queue = sched.queues["q"]
     assert queue.rejected == {"queue_full": 1, "queue_timeout": 1} and len(queue.board) == 0
+    # The timed-out wait is a wait: a queue whose waiters all time out must not look idle.
+    assert metrics.registry.get_sample_value("signalbox_queue_wait_seconds_count", {"queue": "q"}) == 1
+    assert list(queue.waits) == [0.0, pytest.approx(0.2, abs=0.15)]  # the holder's free slot, then the wait
     gate.set()
     await holder
     assert queue.active == 0
+
+
+async def test_queue_length_drops_the_classes_a_reload_renamed(
+    plan_for: Callable[..., Plan], make_plan: Callable[[str], Plan]
+) -> None:
+    plan = plan_for(concurrency=1)
+    metrics = Metrics()
+    sched = Scheduler(metrics)
+    gate = asyncio.Event()
+    log: list[str] = []
+    tasks = [start(hold(sched, call_for(plan, "a", f"r{i}"), log, gate)) for i in range(3)]
+    await settle()
+    await sched.refresh_metrics()
+    waiting = {"queue": "q", "priority": "standard"}
+    assert metrics.registry.get_sample_value("signalbox_queue_length", waiting) == 2
+    renamed = make_plan(POLICY.replace("[critical, standard, batch]", "[gold, silver, bronze]")
+                        .replace("priority: batch, max_priority: standard", "priority: bronze")
+                        .replace("priority: standard, max_priority: critical", "priority: silver")
+                        .format(concurrency=1, max_waiting=100, max_wait="5s"))
+    sched.reconfigure(renamed)
+    await sched.refresh_metrics()
+    assert metrics.registry.get_sample_value("signalbox_queue_length", waiting) is None
+    assert metrics.registry.get_sample_value("signalbox_queue_length", {"queue": "q", "priority": "silver"}) == 2
+    gate.set()
+    await asyncio.gather(*tasks)
 
 
 async def test_cancelled_waiter_is_removed_and_never_runs(plan_for: Callable[..., Plan]) -> None:

@@ -75,7 +75,8 @@ class Metrics:
             ["queue", "priority"], registry=r,
         )
         self.queue_wait = Histogram(
-            "signalbox_queue_wait_seconds", "Time waited for a slot by requests that found none free.",
+            "signalbox_queue_wait_seconds", "Time waited for a slot by requests that found none free "
+            "(whether they got one, timed out, were cleared or left).",
             ["queue"], buckets=(0.001, *_LATENCY_BUCKETS), registry=r,
         )
         self.rejections = Counter(
