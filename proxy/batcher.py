@@ -22,7 +22,7 @@ import os
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import aiohttp
@@ -264,8 +264,8 @@ class Batcher:
         try:
             status, headers, body = await self._send(merged, _merged_headers(first.headers), first.query, deadline)
         finally:
-            for member in members:
-                _share_attempts(member.call, merged)
+            for i, member in enumerate(members):
+                _share_attempts(member.call, merged, counted=i == 0)
         if 200 <= status < 300:
             self._split(members, merged, status, headers, body)
         elif merge.should_bisect(status, len(members)):
@@ -352,9 +352,10 @@ def _merged_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
     return out
 
 
-def _share_attempts(call: Call, merged: Call) -> None:
-    """Every caller of a merged call shows its attempts (access log, admission's request count)."""
-    call.attempts.extend(merged.attempts)
+def _share_attempts(call: Call, merged: Call, *, counted: bool) -> None:
+    """Every caller of a merged call shows its attempts (access log, admission's request count); one
+    caller (`counted`) carries them into the upstream metrics, which count upstream calls."""
+    call.attempts.extend(merged.attempts if counted else (replace(a, shared=True) for a in merged.attempts))
     call.upstream = merged.upstream
     call.exchange = merged.exchange
     if "upstream_headers" in merged.marks:

@@ -23,6 +23,9 @@ class Attempt:
     status: int
     duration: float
     error: str | None = None
+    shared: bool = False
+    """A merged embeddings call's attempt as another caller of the batch sees it: in that caller's access
+    log, but counted once in the upstream metrics (by the batch's first caller)."""
 
 
 class Hold(typing.Protocol):

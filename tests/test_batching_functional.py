@@ -143,6 +143,13 @@ async def test_fifty_concurrent_calls_share_at_most_three_upstream_calls_with_id
     assert 'signalbox_batch_flushes_total{reason="timeout",route="batched"}' in metrics
     assert f'signalbox_batch_upstream_calls_saved_total{{route="batched"}} {50.0 - batched_calls}' in metrics
     assert 'signalbox_batch_callers_count{route="batched"}' in metrics
+    # Upstream metrics count upstream calls: the merged calls once each, not once per caller.
+    upstream_calls = sum(
+        float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+        if line.startswith('signalbox_upstream_requests_total{deployment="up/text-embedding-3-small"')
+    )
+    assert upstream_calls == embed_up.calls == batched_calls + 50
+    assert f'signalbox_upstream_ttfb_seconds_count{{upstream="up"}} {float(batched_calls + 50)}' in metrics
 
 
 async def test_base64_and_float_payloads_round_trip_byte_for_byte(

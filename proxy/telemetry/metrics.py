@@ -203,7 +203,7 @@ class Metrics:
         self.duration.observe(key, call.elapsed())
         marks = call.marks
         ttfb = marks.get("upstream_headers")
-        if ttfb is not None and call.upstream:
+        if ttfb is not None and call.upstream and not (call.attempts and call.attempts[-1].shared):
             self.ttfb.observe((call.upstream,), ttfb)
         if call.error is not None:
             self.errors.inc((call.error,))
@@ -212,6 +212,8 @@ class Metrics:
         if call.events_relayed:
             self.stream_events.inc(key, call.events_relayed)
         for attempt in call.attempts:
+            if attempt.shared:
+                continue  # another caller of the same merged call counts it
             status = _status(attempt.status) if attempt.status else attempt.error or "error"
             self.upstream_requests.inc((attempt.upstream, status))
             self.upstream_latency.observe((attempt.upstream,), attempt.duration)
