@@ -12,6 +12,7 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
@@ -63,19 +64,33 @@ def new_request_id() -> str:
     return f"{random.getrandbits(96):024x}"
 
 
+Stage = Callable[[web.Request, Call, Runtime], Awaitable[web.StreamResponse]]
+
+
 async def proxy_handler(request: web.Request) -> web.StreamResponse:
+    return await _served(request, handle, "anthropic" if request.path.startswith("/v1/messages") else "openai")
+
+
+async def models_handler(request: web.Request) -> web.StreamResponse:
+    """GET /v1/models and /v1/models/{id}: answered by the proxy from the policy, in the caller's protocol
+    (the anthropic SDK sends `anthropic-version` and expects Anthropic's Models API shape)."""
+    return await _served(request, list_models, "anthropic" if "anthropic-version" in request.headers else "openai")
+
+
+async def _served(request: web.Request, stage: Stage, protocol: Protocol) -> web.StreamResponse:
+    """One request through `stage`: errors in the client's protocol, then metrics and the access log."""
     state = request.app[STATE]
     call = Call(
         request_id=request.headers.get("x-request-id") or new_request_id(),
         plan=state.plans.current,
         method=request.method,
         path=request.rel_url.raw_path,  # percent-encoded as sent: matched and forwarded without decoding
-        protocol="anthropic" if request.path.startswith("/v1/messages") else "openai",
+        protocol=protocol,
         started=time.perf_counter(),
     )
     state.in_flight += 1
     try:
-        return await handle(request, call, state)
+        return await stage(request, call, state)
     except ProxyError as err:
         call.status = err.status
         call.error = err.reason
@@ -313,29 +328,22 @@ def resolve(call: Call, plan: Plan) -> Any:
     return route
 
 
-async def models_handler(request: web.Request) -> web.Response:
-    """GET /v1/models and /v1/models/{id}: answered by the proxy from the policy, in the caller's protocol
-    (the anthropic SDK sends `anthropic-version` and expects Anthropic's Models API shape)."""
-    state = request.app[STATE]
-    plan = state.plans.current
-    request_id = request.headers.get("x-request-id") or new_request_id()
-    protocol: Protocol = "anthropic" if "anthropic-version" in request.headers else "openai"
-    try:
-        tenant = identify(request, plan)
-    except ProxyError as err:
-        return render(err, protocol, request_id)
-    models = plan.models_for(tenant)
+async def list_models(request: web.Request, call: Call, state: Runtime) -> web.Response:
+    """The models the tenant's routes take, from the policy (no upstream call)."""
+    protocol = call.protocol
+    call.tenant = tenant = identify(request, call.plan)
+    models = call.plan.models_for(tenant)
     wanted = request.match_info.get("model")
-    headers = {"x-request-id": request_id}
+    headers = {"x-request-id": call.request_id}
     if protocol == "anthropic":
-        headers["request-id"] = request_id
+        headers["request-id"] = call.request_id
     entry = _anthropic_model if protocol == "anthropic" else _openai_model
     created = int(state.started_wall)
     body: dict[str, Any]
     if wanted is not None:
+        call.model = wanted
         if wanted not in models:
-            unknown = NoRoute(f"model '{wanted}' is not available to you. Models you may use: {', '.join(models)}")
-            return render(unknown, protocol, request_id)
+            raise NoRoute(f"model '{wanted}' is not available to you. Models you may use: {', '.join(models)}")
         body = entry(wanted, created)
     elif protocol == "anthropic":
         body = {
@@ -346,7 +354,10 @@ async def models_handler(request: web.Request) -> web.Response:
         }
     else:
         body = {"object": "list", "data": [entry(m, created) for m in models]}
-    return web.Response(body=orjson.dumps(body), content_type="application/json", headers=headers)
+    call.status = 200
+    data = orjson.dumps(body)
+    call.bytes_out = len(data)
+    return web.Response(body=data, content_type="application/json", headers=headers)
 
 
 def _openai_model(model: str, created: int) -> dict[str, Any]:

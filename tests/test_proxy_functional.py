@@ -214,6 +214,13 @@ async def test_models_list_shows_the_tenants_models(proxy: Proxy, async_openai: 
         await async_openai(proxy, "sk-beta").models.retrieve("mock-embed")
     with pytest.raises(openai.AuthenticationError):
         await async_openai(proxy, "sk-nobody").models.list()
+    # Answered by the proxy, yet requests like any other: in the access log and the metrics.
+    lines = [line for line in proxy.access_lines() if line["path"].startswith("/v1/models")]
+    assert [(line["status"], line["tenant"]) for line in lines] == [
+        (200, "alpha"), (200, "beta"), (200, "gamma"), (200, "beta"), (404, "beta"), (401, None),
+    ]
+    refused = {"route": "", "tenant": "", "upstream": "", "status": "401"}
+    assert proxy.state.metrics.registry.get_sample_value("signalbox_requests_total", refused) == 1
 
 
 async def test_response_headers_request_id_route_upstream_and_rate_limits(
