@@ -18,7 +18,7 @@ from contextlib import AbstractAsyncContextManager
 
 from proxy.admission.admit import NOTHING, Waiting
 from proxy.call import Call
-from proxy.errors import InvalidRequest, QueueCleared, QueueFull, QueueTimeout
+from proxy.errors import InvalidRequest, ProxyError, QueueCleared, QueueFull, QueueTimeout
 from proxy.fair_queue import GONE, GRANTED, WAITING, FairQueue, Ticket
 from proxy.policy.plan import Plan, QueueSpec, TenantRule
 from proxy.telemetry.metrics import Metrics
@@ -112,17 +112,21 @@ class Queue:
 
     def clear(self) -> int:
         """Fail every waiting request with QueueCleared (503, x-should-retry: false); returns how many."""
+        return self.fail_waiters(QueueCleared(
+            f"queue '{self.spec.name}' was cleared by an operator; the request was not sent upstream",
+            should_retry=False,
+        ), "queue_cleared")
+
+    def fail_waiters(self, error: ProxyError, reason: str) -> int:
+        """Fail every waiting request with `error` (counted as `reason`); returns how many."""
         tickets = self.board.clear()
         for ticket in tickets:
             if ticket.timer is not None:
                 ticket.timer.cancel()
             if ticket.future is not None and not ticket.future.done():
-                ticket.future.set_exception(QueueCleared(
-                    f"queue '{self.spec.name}' was cleared by an operator; the request was not sent upstream",
-                    should_retry=False,
-                ))
+                ticket.future.set_exception(error)
         if tickets:
-            self.reject("queue_cleared", len(tickets))
+            self.reject(reason, len(tickets))
         return len(tickets)
 
     def pause(self) -> None:
@@ -173,6 +177,15 @@ class Scheduler:
         elif queue.spec is not spec and newest:
             queue.configure(spec, classes)
         return queue
+
+    def shut(self, error: ProxyError) -> int:
+        """Shutdown, past the drain timeout: no queue grants a slot again, and every waiter fails with
+        `error` (a waiting stream gets it as its error event). Returns how many were waiting."""
+        failed = 0
+        for queue in self.queues.values():
+            queue.pause()
+            failed += queue.fail_waiters(error, "shutdown")
+        return failed
 
     def reconfigure(self, plan: Plan) -> None:
         """After a reload: new numbers for known queues now (a bigger queue grants its waiters at once)."""

@@ -194,6 +194,34 @@ async def test_drain_timeout_ends_remaining_streams_with_an_error_event(tmp_path
         proxy.stop()
 
 
+@pytest.mark.timeout(60)
+async def test_drain_timeout_fails_queued_requests_instead_of_sending_them(tmp_path: Path) -> None:
+    """At the drain timeout the stream holding the queue's one slot ends; the stream waiting for that slot
+    (its 200 already out, on heartbeats) must get the shutdown error too, not the freed slot and a new
+    upstream call that shutdown would then cut without a word."""
+    (tmp_path / "p").mkdir()
+    queued = _policy(tokens=200, delay="100ms").replace("    upstream: mock\n", "    upstream: mock\n    queue: q\n")
+    queued += "queues:\n  q: {concurrency: 1, max_wait: 60s, heartbeat_while_queued: true}\n"
+    (tmp_path / "p" / "p.yaml").write_text(queued)
+    proxy = Serve(tmp_path / "p", "--shutdown-grace", "0s", "--drain-timeout", "1s")
+    try:
+        await proxy.wait_ready()
+        async with aiohttp.ClientSession() as session:
+            holder = spawn(_read_stream(proxy.url, session), name="holder")
+            await asyncio.sleep(0.5)
+            waiter = spawn(_read_stream(proxy.url, session), name="waiter")
+            await asyncio.sleep(0.5)
+            os.kill(proxy.process.pid, signal.SIGTERM)
+            (held, _), (waited, _) = await asyncio.wait_for(asyncio.gather(holder, waiter), 10)
+        for body in (held, waited):
+            last = [line for line in body.split(b"\n") if line.strip()][-1]
+            assert last.startswith(b'data: {"error"') and b"shutting down" in last, body[-300:]
+        assert b"queued position=1" in waited and b'"choices"' not in waited  # never sent upstream
+        assert proxy.process.wait(timeout=10) == 0
+    finally:
+        proxy.stop()
+
+
 def test_published_schema_is_current_and_strict() -> None:
     published = json.loads((ROOT / "policy.schema.json").read_text())
     current = Policy.model_json_schema(mode="validation")

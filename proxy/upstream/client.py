@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from proxy.errors import UpstreamTimeout, UpstreamUnreachable
+from proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
 from proxy.mock_upstream import MockFault, MockSettings, start_mock
 from proxy.policy.plan import MockPlan, Plan, UpstreamSpec
 from proxy.upstream.registry import Registry
@@ -66,6 +66,8 @@ class UpstreamClients:
         self._retired: list[_Pool] = []
         self.registry = registry or Registry()
         """Breakers, pacing holds and load per deployment (see registry.py); survives reloads."""
+        self.refusing: ProxyError | None = None
+        """Set at shutdown, past the drain timeout: no new attempt is sent, each gets this error instead."""
 
     async def configure(self, plan: Plan) -> None:
         """Create pools for new or changed upstreams; keep unchanged ones (and their warm connections)."""

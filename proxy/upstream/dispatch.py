@@ -239,6 +239,8 @@ async def _pool(
         try:
             if wait > 0:
                 await asyncio.sleep(wait)
+            if request.clients.refusing is not None:
+                raise request.clients.refusing  # shutting down: nothing new goes upstream
             # Each attempt gets its own first_token limit, unless the deadline is nearer.
             first_token = state.spec.timeouts.first_token
             left = deadline - clock()
