@@ -176,7 +176,7 @@ async def _drain(runtime: Runtime, runner: web.AppRunner, site: web.TCPSite) -> 
     log.warning("drain timeout: ending %d requests still in flight", runtime.in_flight)
     shutting_down = ServiceUnavailable("the proxy is shutting down; retry the request", should_retry=True)
     # Nothing new goes upstream from here: a slot freed by an ended stream must not start another call.
-    runtime.clients.refusing = shutting_down
+    runtime.clients.refusing = runtime.admission.closing = shutting_down
     runtime.scheduler.shut(shutting_down)
     for end in list(runtime.open_streams):
         end(shutting_down)

@@ -25,7 +25,7 @@ from proxy.admission.limits import Refusal, WaitUntil, decide, go_duration, rate
 from proxy.admission.local import LocalStore
 from proxy.admission.store import LimiterStore, Reservation
 from proxy.call import Call
-from proxy.errors import RateLimited
+from proxy.errors import ProxyError, RateLimited
 from proxy.policy.plan import Limit, LimitSet, Plan
 from proxy.telemetry.metrics import Metrics
 
@@ -60,7 +60,7 @@ NOTHING = _Nothing()
 class Admission:
     """The limiter store plus what admission reports to; one per app."""
 
-    __slots__ = ("store", "metrics", "recheck", "tokens", "_exported")
+    __slots__ = ("store", "metrics", "recheck", "tokens", "_exported", "closing")
 
     def __init__(
         self, store: LimiterStore | None = None, metrics: Metrics | None = None, recheck: float = RECHECK
@@ -71,6 +71,8 @@ class Admission:
         self.tokens: dict[str, list[int]] = {}
         """[reserved, settled, refunded] token totals by tenant: summed per request, exported at scrape."""
         self._exported: dict[str, list[int]] = {}
+        self.closing: ProxyError | None = None
+        """Set at shutdown, past the drain timeout: a request waiting for a limit fails with it."""
 
     async def refresh_metrics(self) -> None:
         """signalbox_limiter_remaining, set at scrape time from the store's snapshots."""
@@ -159,6 +161,9 @@ class _Admit:
                     await self.waiting.begin(_status(result))
                 waited = True
                 await asyncio.sleep(max(0.0, decision.at - now))
+                if admission.closing is not None:
+                    self._rejected("shutdown")
+                    raise admission.closing
                 result = await admission.store.try_acquire(limits, cost)
         except asyncio.CancelledError:
             if waited:
