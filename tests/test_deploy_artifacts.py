@@ -484,8 +484,10 @@ def write_configmap(doc: Doc, into: Path) -> Path:
 
 def test_default_chart_policies_load(rendered: Callable[[str], list[Doc]], tmp_path: Path) -> None:
     folder = write_configmap(one(rendered("default"), "ConfigMap"), tmp_path / "p")
-    loaded = load_policy(folder, environ={"OPENAI_API_KEY": "sk-test"})
+    loaded = load_policy(folder, environ={"OPENAI_API_KEY": "sk-test", "SIGNALBOX_APP_KEY": "sk-app"})
     assert [r.name for r in loaded.policy.routes] == ["default"]
+    # Even as a sidecar the proxy listens on the pod IP (the kubelet probes it): callers need a key.
+    assert loaded.policy.identify.mode == "api_key"
 
 
 def load_docs_yaml() -> list[Doc]:
@@ -504,7 +506,7 @@ def test_plain_sidecar_yaml_is_valid_and_consistent(
     assert all("subPath" not in m for m in c["volumeMounts"])
     port = int(arg(c, "--port"))
     assert c["ports"][0]["containerPort"] == port
-    app_env = [e["value"] for x in spec["containers"] for e in x.get("env", [])]
+    app_env = [e.get("value") for x in spec["containers"] for e in x.get("env", [])]
     assert f"http://127.0.0.1:{port}/v1" in app_env
     grace = int(arg(c, "--shutdown-grace").rstrip("s")) + int(arg(c, "--drain-timeout").rstrip("s"))
     assert spec["terminationGracePeriodSeconds"] > grace
@@ -514,7 +516,11 @@ def test_plain_sidecar_yaml_is_valid_and_consistent(
     chart_args = proxy_container(pod_spec(rendered("native")))["args"]
     assert [a for a in c["args"] if a.startswith("--")] == [a for a in chart_args if a.startswith("--")]
     folder = write_configmap(one(docs, "ConfigMap"), tmp_path / "p")
-    assert load_policy(folder, environ={"OPENAI_API_KEY": "sk-test"}).policy.upstreams["openai"]
+    loaded = load_policy(folder, environ={"OPENAI_API_KEY": "sk-test", "SIGNALBOX_APP_KEY": "sk-app"})
+    assert loaded.policy.upstreams["openai"] and loaded.policy.identify.mode == "api_key"
+    app = next(x for x in spec["containers"] if x["name"] == "my-app")
+    key = next(e for e in app["env"] if e["name"] == "OPENAI_API_KEY")  # the app's key to the proxy
+    assert key["valueFrom"]["secretKeyRef"]["key"] == "SIGNALBOX_APP_KEY"
 
 
 # --- Install scripts ----------------------------------------------------------------------------
