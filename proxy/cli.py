@@ -158,7 +158,12 @@ def _serve(args: argparse.Namespace) -> int:
     runtime = app[STATE]
     runtime.reloader = Reloader(Path(args.policies), loaded, runtime.plans.swap)
     _tune_gc()
-    uvloop.run(serve(app))
+    try:
+        uvloop.run(serve(app))
+    except OSError as exc:  # a port in use or not ours to bind: one line, not a traceback
+        print(f"cannot listen: {exc.strerror or exc} (--host {args.host} --port {args.port}, "
+              f"--admin-host {args.admin_host} --admin-port {args.admin_port})", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -156,6 +156,19 @@ def test_serve_starts_fast_answers_and_stops_on_sigterm() -> None:
     assert any(line["route"] == "chat" and line["status"] == 200 for line in lines)
 
 
+def test_serve_on_a_port_in_use_says_so_in_one_line_and_exits_2() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for ports in ((port, free_port()), (free_port(), port)):  # the API port, then the admin port
+            args = ["--port", str(ports[0]), "--admin-port", str(ports[1]), "--shutdown-grace", "0"]
+            result = run("serve", "--policies", "policies/default.yaml", *args)
+            assert result.returncode == 2, result.stderr
+            assert "Traceback" not in result.stderr
+            assert result.stderr.strip().splitlines()[-1].startswith("cannot listen: "), result.stderr
+
+
 def test_serve_with_an_invalid_policy_exits_1(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("upstream: {}\n")
