@@ -63,6 +63,8 @@ def upstream_headers(
         out.pop(token, None)
     for name, value in spec.headers:
         out[name] = value
+    if spec.basic_auth is not None:  # from base_url's user:password@ (the loader refuses a second Authorization)
+        out["authorization"] = spec.basic_auth
     if client_credentials:
         out.update(client_credentials)
     elif spec.api_key is not None:

@@ -40,7 +40,7 @@ def a_call(plan_dir: str, n: int) -> Call:
 
 async def test_lines_are_batched_and_flushed_within_the_bound(tmp_path: Path) -> None:
     policy = tmp_path / "p.yaml"
-    policy.write_text("upstreams: {m: {provider: mock}}\n")
+    policy.write_text("upstreams: {m: {provider: mock}}\nroutes: [{name: r, upstream: m}]\n")
     raw = CountingRaw()
     log = AccessLog(stream=io.BufferedWriter(raw, buffer_size=64 * 1024))
     for n in range(50):

@@ -175,3 +175,54 @@ def test_serve_with_an_invalid_policy_exits_1(tmp_path: Path) -> None:
     result = run("serve", "--policies", str(bad), "--port", str(free_port()))
     assert result.returncode == 1
     assert f"{bad}:1:1: upstream: unknown key 'upstream'; did you mean 'upstreams'?" in result.stderr
+
+
+def problem_lines(result: subprocess.CompletedProcess[str]) -> list[tuple[str, int, int, str, str]]:
+    """validate's problem lines, parsed; fails on anything else (a traceback, a bare message)."""
+    lines = result.stderr.splitlines()
+    assert lines and lines[-1] == f"{len(lines) - 1} problem(s) found", result.stderr
+    found = [PROBLEM_LINE.match(line) for line in lines[:-1]]
+    assert all(found), result.stderr
+    return [(m["file"], int(m["line"]), int(m["column"]), m["path"], m["message"]) for m in found if m]
+
+
+def test_validate_and_serve_report_unreadable_entries_without_a_traceback(tmp_path: Path) -> None:
+    (tmp_path / "policy.yaml").write_text((REPO / "policies" / "default.yaml").read_text())
+    (tmp_path / "archive.yaml").mkdir()  # a directory is not part of the set
+    dangling = tmp_path / "removed.yaml"
+    dangling.symlink_to(Path("..data") / "removed.yaml")  # a ConfigMap key being removed
+    for result in (run("validate", str(tmp_path)), run("serve", "--policies", str(tmp_path), "--port", "0")):
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert f"{dangling}:1:1: (top): cannot read this file: No such file or directory" in result.stderr
+    assert [(f, line, path) for f, line, _, path, _ in problem_lines(run("validate", str(tmp_path)))] == [
+        (str(dangling), 1, "(top)")
+    ]
+    dangling.unlink()
+    assert run("validate", str(tmp_path)).returncode == 0
+
+
+def test_validate_refuses_an_empty_file_and_a_set_without_routes(tmp_path: Path) -> None:
+    empty = tmp_path / "policy.yaml"
+    empty.write_text("# truncated by a non-atomic save\n")
+    result = run("validate", str(empty))
+    assert result.returncode == 1 and result.stdout == ""
+    [(file, line, column, path, message)] = problem_lines(result)
+    assert (file, line, column, path) == (str(empty), 1, 1, "(top)") and "the file is empty" in message
+    empty.write_text("upstreams: {mock: {provider: mock}}\ntenants: {t: {keys: [sk-t]}}\n")
+    [(file, line, column, path, message)] = problem_lines(run("validate", str(empty)))
+    assert (file, line, column, path) == (str(empty), 1, 1, "routes") and "no routes" in message
+
+
+def test_validate_never_prints_an_interpolated_value(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "upstreams:\n  o: {provider: openai, base_url: 'http://127.0.0.1:1/v1',\n"
+        "      timeouts: {connect: '${SB_CLI_SECRET}'}}\n"
+        "routes: [{name: r, upstream: o}]\n"
+    )
+    env = {**child_env(), "SB_CLI_SECRET": "sk-ENVSECRET"}
+    result = subprocess.run(
+        [PYTHON, "-m", "proxy", "validate", str(policy)], cwd=REPO, env=env, capture_output=True, text=True, timeout=20
+    )
+    [(_, line, _, path, message)] = problem_lines(result)
+    assert (line, path) == (3, "upstreams.o.timeouts.connect") and "ENVSECRET" not in result.stderr, message

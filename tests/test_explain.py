@@ -32,6 +32,7 @@ from proxy.runtime import STATE, Settings
 pytestmark = pytest.mark.timeout(30)
 
 HEADER_SECRET = "hdr-secret-value-123"
+URL_PASSWORD = "url-PASSWORD-S3CRET-42"
 POLICY = f"""
 identify: {{mode: api_key}}
 priorities: [high, standard, low]
@@ -46,7 +47,7 @@ upstreams:
     timeouts: {{first_token: 90s}}
     headers: {{x-custom-auth: {HEADER_SECRET}}}
     hide_response_headers: [OpenAI-Organization, "x-ratelimit-*"]
-  claude: {{provider: anthropic, base_url: "http://127.0.0.1:9/v1"}}
+  claude: {{provider: anthropic, base_url: "http://svc:{URL_PASSWORD}@127.0.0.1:9/v1/"}}
 tenants:
   alpha: {{keys: [ka-secret-key], priority: high, limits: {{requests_per_minute: 60, concurrent: 5}}}}
   beta: {{keys: [kb-secret-key], models: ["small-*", "claude-*"], weight: 2}}
@@ -212,6 +213,20 @@ def test_cli_by_key_prints_json_without_the_key_or_header_values(loaded: LoadedP
     assert "route:    small (#3)" in text and "(from default)" in text
 
 
+def test_base_url_credentials_are_masked_in_every_rendering(loaded: LoadedPolicy) -> None:
+    claude = next(c for c in CASES if c.route == "claude")
+    answer = answer_for(loaded, claude)
+    assert answer["upstream"]["base_url"] == "http://svc:***@127.0.0.1:9/v1"
+    assert "upstream: claude (anthropic, http://svc:***@127.0.0.1:9/v1)" in format_text(answer)
+    result = subprocess.run(
+        [PYTHON, "-m", "proxy", "explain", "--policies", str(Path(loaded.files[0]).parent), "--model", "claude-3",
+         "--tenant", "beta"],
+        cwd=ROOT, capture_output=True, text=True, timeout=30, check=True,
+    )
+    assert "http://svc:***@127.0.0.1:9/v1" in result.stdout
+    assert URL_PASSWORD not in json.dumps(answer) + result.stdout + result.stderr
+
+
 def test_cli_explain_errors_exit_2(loaded: LoadedPolicy) -> None:
     folder = Path(loaded.files[0]).parent
     result = subprocess.run(
@@ -263,6 +278,9 @@ async def test_admin_explain_matches_the_cli(admin_url: str, loaded: LoadedPolic
                                                                      "path": "/v1/embeddings"}) as resp:
             body = await resp.json()
             assert body["route"]["name"] == "embed" and "ka-secret-key" not in json.dumps(body)
+        async with session.get(admin_url + "/admin/explain", params={"model": "claude-3", "tenant": "beta"}) as resp:
+            text = await resp.text()
+            assert "http://svc:***@127.0.0.1:9/v1" in text and URL_PASSWORD not in text
         for params, status, message in (
             ({"tenant": "alpha"}, 400, "model"),
             ({"model": "m", "tenant": "nobody"}, 400, "unknown tenant"),

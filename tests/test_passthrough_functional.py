@@ -769,6 +769,36 @@ async def test_passthrough_mode_forwards_the_clients_own_credentials(
     assert "x-signalbox-tenant" not in echo.last.header_names
 
 
+async def test_base_url_credentials_are_sent_as_basic_auth_in_every_mode(
+    start_proxy: StartProxy, echo: EchoUpstream
+) -> None:
+    # aiohttp refuses URL credentials next to an Authorization header: the app's own, in passthrough mode,
+    # was a 500 for every request. The proxy now sends them as an explicit header; the URL carries none.
+    host = echo.url.removeprefix("http://")
+    policy = f"""
+    identify: {{mode: passthrough, tenant: apps}}
+    upstreams:
+      basic: {{provider: openai, base_url: "http://svc:p%40ss@{host}/v1"}}
+      keyed: {{provider: anthropic, base_url: "http://svc:p%40ss@{host}/v1", api_key: sk-keyed}}
+    tenants:
+      apps: {{}}
+    routes:
+      - {{name: basic, match: {{model: m}}, upstream: basic}}
+      - {{name: keyed, upstream: keyed}}
+    """
+    proxy = await start_proxy(policy)
+    status, _, _ = await call(proxy, "m", {})
+    assert status == 200 and echo.last.header_all("authorization") == ["Basic c3ZjOnBAc3M="]  # svc:p@ss
+    status, _, _ = await call(proxy, "m", {"Authorization": "Bearer sk-users-own-key"})
+    assert status == 200 and echo.last.header_all("authorization") == ["Bearer sk-users-own-key"]
+    status, _, _ = await call(proxy, "claude", {"Authorization": "Bearer sk-users-own-key"})
+    assert status == 200 and echo.last.header_all("authorization") == ["Bearer sk-users-own-key"]
+    status, _, _ = await call(proxy, "claude", {})
+    assert status == 200 and echo.last.header_all("authorization") == ["Basic c3ZjOnBAc3M="]
+    assert echo.last.header("x-api-key") == "sk-keyed"
+    assert all("p%40ss" not in value for _, value in echo.last.headers)
+
+
 async def test_passthrough_without_a_default_tenant_needs_the_header(
     start_proxy: StartProxy, echo: EchoUpstream
 ) -> None:

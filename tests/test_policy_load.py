@@ -133,7 +133,7 @@ INVALID: list[tuple[str, str, list[tuple[int, int, str, str]]]] = [
                 4,
                 12,
                 "timeouts.connect",
-                "invalid duration '5 parsecs': use a number with a unit, such as 250ms",
+                "invalid duration: use a number with a unit (ms, s, m or h), such as 250ms",
             )
         ],
     ),
@@ -150,7 +150,7 @@ INVALID: list[tuple[str, str, list[tuple[int, int, str, str]]]] = [
         """
         max_body_size: huge
         """,
-        [(1, 16, "max_body_size", "invalid size 'huge'")],
+        [(1, 16, "max_body_size", "invalid size: use a number of bytes or a number with a unit")],
     ),
     (
         "undefined-upstream-with-suggestion",
@@ -355,6 +355,55 @@ INVALID: list[tuple[str, str, list[tuple[int, int, str, str]]]] = [
         """,
         [(1, 1, "(top)", "must be a mapping of sections")],
     ),
+    # A file truncated by a non-atomic save or an empty ConfigMap key: never a policy that serves nothing.
+    ("empty-file", "", [(1, 1, "(top)", "the file is empty")]),
+    ("only-comments", "# routes: come later\n\n   \n", [(1, 1, "(top)", "the file is empty")]),
+    (
+        "no-routes",
+        """
+        upstreams:
+          a: {provider: mock}
+        tenants:
+          t: {keys: [sk-t]}
+        """,
+        [(1, 1, "routes", "no routes: every request would be refused")],
+    ),
+    (
+        "empty-routes",
+        """
+        upstreams:
+          a: {provider: mock}
+        routes: []
+        """,
+        [(3, 9, "routes", "no routes")],
+    ),
+    # Two Authorization headers: aiohttp refuses them at every request (a 500), so the loader refuses the policy.
+    (
+        "base-url-credentials-and-bearer-api-key",
+        """
+        upstreams:
+          a:
+            provider: openai
+            api_key: sk-upstream
+            base_url: http://svc:pw@127.0.0.1:1/v1
+        routes:
+          - {name: r, upstream: a}
+        """,
+        [(5, 15, "upstreams.a.base_url", "(user:password@, sent as Authorization: Basic) and api_key is sent")],
+    ),
+    (
+        "base-url-credentials-and-authorization-header",
+        """
+        upstreams:
+          a:
+            provider: anthropic
+            base_url: https://svc@127.0.0.1:1/v1
+            headers: {AUTHORIZATION: Bearer x}
+        routes:
+          - {name: r, upstream: a}
+        """,
+        [(4, 15, "upstreams.a.base_url", "and headers sets Authorization too")],
+    ),
 ]
 
 
@@ -424,8 +473,12 @@ def test_env_interpolation_reads_the_process_environment(
     path = write(
         tmp_path / "policy.yaml",
         """
+        upstreams:
+          a: {provider: mock}
         tenants:
           t: {keys: ["${SB_PROCESS_KEY}"]}
+        routes:
+          - {name: r, upstream: a}
         """,
     )
     monkeypatch.delenv("SB_PROCESS_KEY", raising=False)
@@ -444,9 +497,50 @@ def test_default_policy_loads_and_compiles() -> None:
     assert len(loaded.digest) == 64
 
 
-def test_empty_file_is_an_empty_policy(tmp_path: Path) -> None:
-    loaded = load_policy(write(tmp_path / "empty.yaml", ""), environ={})
-    assert loaded.policy.routes == [] and loaded.policy.upstreams == {}
+def test_problems_never_quote_a_value_that_may_be_an_interpolated_secret(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "policy.yaml",
+        """
+        upstreams:
+          a:
+            provider: openai
+            base_url: "${SB_SECRET}"
+            api_key: ${SB_SECRET}
+            timeouts: {connect: "${SB_SECRET}", idle: "${SB_SECRET}s"}
+        max_body_size: ${SB_SECRET}
+        routes:
+          - {name: r, upstream: a}
+        """,
+    )
+    problems = problems_of(path, environ={"SB_SECRET": "sk-live-ENVSECRET-9876"})
+    rendered = [str(p) for p in problems]
+    assert len(rendered) == 3, rendered
+    assert not any("ENVSECRET" in line for line in rendered), rendered
+    assert any("timeouts.connect: invalid duration: use a number with a unit" in line for line in rendered)
+    assert any("max_body_size: invalid size: use a number of bytes" in line for line in rendered)
+
+
+def test_base_url_credentials_become_basic_auth_and_leave_the_compiled_url(tmp_path: Path) -> None:
+    from proxy.headers import upstream_headers
+
+    path = write(
+        tmp_path / "policy.yaml",
+        """
+        upstreams:
+          a: {provider: openai, base_url: "http://svc:${SB_PASSWORD}@127.0.0.1:1/v1/"}
+          b: {provider: anthropic, base_url: "https://tok-S3CRET@127.0.0.1:2/v1", api_key: sk-b}
+        routes:
+          - {name: r, upstream: a}
+        """,
+    )
+    plan = compile_plan(load_policy(path, environ={"SB_PASSWORD": "p%40ss:word"}))
+    a, b = plan.upstreams["a"], plan.upstreams["b"]
+    assert (a.base_url, b.base_url) == ("http://127.0.0.1:1/v1", "https://127.0.0.1:2/v1")
+    assert "p%40ss" not in repr(plan) and "S3CRET" not in repr(plan)
+    headers = upstream_headers([("Authorization", "Bearer client")], a, request_id="r")
+    assert headers["authorization"] == "Basic c3ZjOnBAc3M6d29yZA=="  # svc:p@ss:word, percent-decoded
+    headers = upstream_headers([], b, request_id="r")  # the key goes in x-api-key: no second Authorization
+    assert headers["authorization"] == "Basic dG9rLVMzQ1JFVDo=" and headers["x-api-key"] == "sk-b"
 
 
 # --- directories ---------------------------------------------------------------------------------------
@@ -497,7 +591,7 @@ def test_error_in_second_file_reports_that_files_own_line(tmp_path: Path) -> Non
         """,
     )
     [problem] = problems_of(tmp_path)
-    assert str(problem).startswith(f"{second}:6:22: routes[1].timeouts.idle: invalid duration 'forever'")
+    assert str(problem).startswith(f"{second}:6:22: routes[1].timeouts.idle: invalid duration: use a number")
 
 
 def test_reference_error_in_second_file_reports_that_files_own_line(tmp_path: Path) -> None:
@@ -560,6 +654,42 @@ def test_configmap_mount_with_data_symlink_and_hidden_entries(tmp_path: Path) ->
     assert str(problem).startswith(
         f"{mount / 'policy.yaml'}:7:15: routes[0].upstream: undefined upstream 'b'"
     )
+
+
+def test_an_empty_file_or_no_routes_in_a_directory(tmp_path: Path) -> None:
+    write(tmp_path / "10-base.yaml", BASE)
+    empty = write(tmp_path / "20-truncated.yaml", "")
+    assert [str(p) for p in problems_of(tmp_path)] == [f"{empty}:1:1: (top): the file is empty "
+                                                       "(nothing but comments or blank lines): a policy file "
+                                                       "needs at least one section"]
+    empty.unlink()
+    write(tmp_path / "10-base.yaml", BASE.split("routes:")[0])
+    write(tmp_path / "20-more.yaml", "queues:\n  q: {concurrency: 1}\n")
+    [problem] = problems_of(tmp_path)
+    assert problem.mark is None and problem.path == "routes"
+    assert problem.message == f"{tmp_path}: no routes: every request would be refused; define at least one route"
+
+
+def test_non_files_are_skipped_and_unreadable_files_reported(tmp_path: Path) -> None:
+    write(tmp_path / "10-base.yaml", BASE)
+    (tmp_path / "20-dir.yaml").mkdir()  # not a file: not part of the set
+    assert [Path(f).name for f in load_policy(tmp_path, environ={}).files] == ["10-base.yaml"]
+    # A ConfigMap key just removed: its symlink dangles for a moment. Reported, so a reload keeps serving.
+    dangling = tmp_path / "30-removed.yaml"
+    dangling.symlink_to(Path("..data") / "30-removed.yaml")
+    [problem] = problems_of(tmp_path)
+    assert str(problem).startswith(f"{dangling}:1:1: (top): cannot read this file: No such file or directory")
+    assert "symlink to a missing file" in problem.message
+    dangling.unlink()
+    unreadable = write(tmp_path / "30-secret.yaml", "routes: []\n")
+    unreadable.chmod(0)
+    try:
+        if os.access(unreadable, os.R_OK):
+            pytest.skip("running as root: a mode 000 file is still readable")
+        [problem] = problems_of(tmp_path)
+        assert str(problem) == f"{unreadable}:1:1: (top): cannot read this file: Permission denied"
+    finally:
+        unreadable.chmod(0o644)
 
 
 def test_empty_and_missing_directories(tmp_path: Path) -> None:

@@ -255,6 +255,58 @@ async def test_sighup_and_admin_reload_report_what_happened(tmp_path: Path) -> N
         proxy.stop()
 
 
+@pytest.mark.timeout(60)
+async def test_an_emptied_file_or_a_dangling_key_is_refused_and_the_old_policy_keeps_serving(tmp_path: Path) -> None:
+    # A non-atomic save truncates the file first; a removed ConfigMap key leaves a dangling symlink for a
+    # moment. Either was applied (every request a 401) or crashed the loader; both must be refused.
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    file = policies / "policy.yaml"
+    file.write_text(policy(rpm=1000))
+    proxy = Serve(policies, "--reload-interval", "0.1s")
+    try:
+        await proxy.wait_ready()
+        async with aiohttp.ClientSession() as session:
+
+            async def policy_status() -> dict[str, Any]:
+                return (await proxy.admin(session, "GET", "/admin/policy"))[1]
+
+            async def refused() -> list[dict[str, Any]] | None:
+                answer = await policy_status()
+                return answer["last_error"]["problems"] if answer["last_error"] else None
+
+            async def chat() -> int:
+                body = {"model": "m1", "messages": [{"role": "user", "content": "hi"}]}
+                async with session.post(proxy.url + "/v1/chat/completions", json=body, headers=AUTH) as resp:
+                    return resp.status
+
+            file.write_text("")  # the watch sees it
+            [problem] = await until(refused)
+            assert (problem["file"], problem["line"], problem["column"]) == (str(file), 1, 1)
+            assert "the file is empty" in problem["message"]
+            assert await chat() == 200 and (await policy_status())["version"] == 1
+            file.write_text("# comments only\n")
+            status, answer = await proxy.admin(session, "POST", "/admin/reload")
+            assert status == 422 and answer["result"] == "rejected" and answer["policy"]["version"] == 1
+            assert await proxy.metric(session, "signalbox_policy_last_reload_success") == 0
+
+            async def cleared() -> bool:
+                return (await policy_status())["last_error"] is None
+
+            file.write_text(policy(rpm=1000))  # back to the serving version: the error clears
+            await until(cleared)
+            dangling = policies / "removed.yaml"
+            dangling.symlink_to(Path("..data") / "removed.yaml")
+            [problem] = await until(refused)
+            assert problem["file"] == str(dangling) and "cannot read this file" in problem["message"]
+            assert await chat() == 200
+            dangling.unlink()  # the kubelet removes it next: the set is the serving one again
+            await until(cleared)
+            assert (await policy_status())["version"] == 1 and await chat() == 200
+    finally:
+        proxy.stop()
+
+
 # --- the limiter registry across a reload (pure, fake clock) ------------------------------------------
 
 

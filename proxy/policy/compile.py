@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from dataclasses import replace
 from types import MappingProxyType
 
@@ -27,10 +28,19 @@ from proxy.policy.plan import (
     UpstreamSpec,
     key_digest,
 )
-from proxy.policy.schema import Batch, Limits, MockSpec, Policy, Route, State, Timeouts, Upstream
+from proxy.policy.schema import (
+    DEFAULT_AUTH_HEADER,
+    Batch,
+    Limits,
+    MockSpec,
+    Policy,
+    Route,
+    State,
+    Timeouts,
+    Upstream,
+)
+from proxy.policy.units import split_userinfo
 from proxy.providers.exchange import DEFAULT_MAX_TOKENS as ANTHROPIC_DEFAULT_MAX_TOKENS
-
-_DEFAULT_AUTH = {"openai": "authorization", "anthropic": "x-api-key", "mock": "authorization"}
 
 
 def compile_plan(loaded: LoadedPolicy) -> Plan:
@@ -77,19 +87,34 @@ def _state(state: State) -> StateRule:
 
 
 def _upstream(name: str, spec: Upstream) -> UpstreamSpec:
+    base_url, basic_auth = _credentials_out_of_url(spec.base_url)
     return UpstreamSpec(
         name=name,
         provider=spec.provider,
-        base_url=spec.base_url.rstrip("/") if spec.base_url else None,
+        base_url=base_url,
         api_key=spec.api_key.get_secret_value() if spec.api_key else None,
-        auth_header=spec.auth_header or _DEFAULT_AUTH[spec.provider],
+        auth_header=spec.auth_header or DEFAULT_AUTH_HEADER[spec.provider],
         headers=tuple((k.lower(), v) for k, v in spec.headers.items()),
         query=tuple(spec.query.items()),
         max_connections=spec.pool.max_connections,
         keepalive=spec.pool.keepalive,
         mock=_mock(spec.mock or MockSpec()) if spec.provider == "mock" else None,
         hide_response_headers=Matcher(tuple(spec.hide_response_headers)) if spec.hide_response_headers else None,
+        basic_auth=basic_auth,
     )
+
+
+def _credentials_out_of_url(url: str | None) -> tuple[str | None, str | None]:
+    """base_url's `user:password@` becomes an explicit Basic `Authorization` value and leaves the URL: the
+    HTTP client never sees credentials in a URL (aiohttp refuses them next to an Authorization header),
+    and nothing that prints the compiled base_url can show them."""
+    if url is None:
+        return None, None
+    bare, user, password = split_userinfo(url.rstrip("/"))
+    if user is None:
+        return bare, None
+    token = base64.b64encode(f"{user}:{password or ''}".encode()).decode("ascii")
+    return bare, "Basic " + token
 
 
 def _anthropic_max_tokens(route: Route) -> int:

@@ -5,7 +5,7 @@ match, then lists every setting that applies with the layer it came from (route,
 a named queue, policy or default). Each section of the answer is one small function over the
 compiled route (plus the validated source, which knows what was written and what defaulted), so
 a new route capability adds one function to `SECTIONS`. Keys and header values are never printed:
-a key is only used to find its tenant.
+a key is only used to find its tenant, and a base_url's password is masked.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from proxy.policy.load import LoadedPolicy
 from proxy.policy.plan import Limit, Matcher, Plan, RouteRule, TenantRule
 from proxy.policy.schema import Policy, Route, Tenant, Upstream
-from proxy.policy.units import format_duration
+from proxy.policy.units import format_duration, mask_userinfo
 from proxy.providers.exchange import Untranslatable, choose
 
 # Route capabilities shown as they were compiled, when the compiled route has them.
@@ -159,10 +159,15 @@ def upstream_section(ctx: Context) -> dict[str, Any] | None:
     upstream = ctx.plan.upstreams.get(getattr(ctx.route, "upstream", None) or "")
     if upstream is None:
         return None
+    source = ctx.policy.upstreams.get(upstream.name)
+    if source is not None and source.base_url:  # as written, with a password in it masked
+        base_url = mask_userinfo(source.base_url.rstrip("/"))
+    else:
+        base_url = upstream.base_url or "(in-process mock)"
     return {
         "name": upstream.name,
         "provider": upstream.provider,
-        "base_url": upstream.base_url or "(in-process mock)",
+        "base_url": base_url,
         "auth_header": upstream.auth_header,
         "extra_headers": [name for name, _ in upstream.headers],  # names only: values may be secrets
         "query": [name for name, _ in upstream.query],

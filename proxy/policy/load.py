@@ -17,8 +17,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from proxy.policy.schema import Policy
-from proxy.policy.units import UnsetVariable, interpolate
+from proxy.policy.schema import DEFAULT_AUTH_HEADER, Policy, Upstream
+from proxy.policy.units import UnsetVariable, interpolate, split_userinfo
 
 Loc = tuple[str | int, ...]
 # The sections that are maps of named entries: several files may each add entries.
@@ -66,10 +66,14 @@ class _Marks:
 
 
 def policy_files(path: Path) -> list[Path]:
-    """The YAML files of a policy set, in name order. Hidden entries (ConfigMap `..data`) are skipped."""
+    """The YAML files of a policy set, in name order. Hidden entries (ConfigMap `..data`) are skipped, and
+    so is anything that is not a file (a directory named `x.yaml`). A dangling symlink is listed: reading
+    it fails and is reported (a ConfigMap key being removed), so a reload keeps the serving policy."""
     if path.is_dir():
         return sorted(
-            p for p in path.iterdir() if p.suffix in (".yaml", ".yml") and not p.name.startswith(".")
+            p for p in path.iterdir()
+            if p.suffix in (".yaml", ".yml") and not p.name.startswith(".")
+            and (p.is_file() or (p.is_symlink() and not p.exists()))
         )
     return [path]
 
@@ -78,7 +82,10 @@ def load_policy(path: Path | str, environ: Mapping[str, str] | None = None) -> L
     path = Path(path)
     if not path.exists():
         raise PolicyError([Problem(None, "", f"{path}: no such file or directory")])
-    files = policy_files(path)
+    try:
+        files = policy_files(path)
+    except OSError as exc:
+        raise PolicyError([Problem(None, "", f"{path}: cannot list the directory: {exc.strerror}")]) from None
     if not files:
         raise PolicyError([Problem(None, "", f"{path}: no .yaml or .yml files found")])
     problems: list[Problem] = []
@@ -86,7 +93,11 @@ def load_policy(path: Path | str, environ: Mapping[str, str] | None = None) -> L
     merged: dict[str, Any] = {}
     digest = hashlib.sha256()
     for file in files:
-        raw = file.read_bytes()
+        try:
+            raw = file.read_bytes()
+        except OSError as exc:
+            problems.append(_unreadable(file, exc))
+            continue
         digest.update(file.name.encode() + b"\0" + raw + b"\0")
         file_marks = _Marks({}, {})
         data = _parse_file(file, raw.decode("utf-8", errors="replace"), file_marks, problems, environ)
@@ -97,9 +108,25 @@ def load_policy(path: Path | str, environ: Mapping[str, str] | None = None) -> L
     except ValidationError as exc:
         raise PolicyError(problems + _translate(exc, merged, marks)) from None
     problems += _cross_check(policy, marks)
+    if not problems and not policy.routes:
+        problems.append(_no_routes(path, files, marks))
     if problems:
         raise PolicyError(problems)
     return LoadedPolicy(policy, tuple(str(f) for f in files), digest.hexdigest())
+
+
+def _unreadable(file: Path, exc: OSError) -> Problem:
+    reason = exc.strerror or type(exc).__name__
+    if file.is_symlink() and not file.exists():
+        reason += " (a symlink to a missing file; a ConfigMap key being removed looks like this for a moment)"
+    return Problem(Mark(str(file), 1, 1), "", f"cannot read this file: {reason}")
+
+
+def _no_routes(path: Path, files: list[Path], marks: _Marks) -> Problem:
+    """A set without routes refuses every request (401 or 404): never something to serve or hot-reload."""
+    mark = marks.values.get(("routes",)) or (Mark(str(files[0]), 1, 1) if len(files) == 1 else None)
+    where = "" if mark is not None else f"{path}: "
+    return Problem(mark, "routes", f"{where}no routes: every request would be refused; define at least one route")
 
 
 # --- YAML with marks ---------------------------------------------------------------------------
@@ -119,8 +146,10 @@ def _parse_file(
         where = Mark(str(file), mark.line + 1, mark.column + 1) if mark else None
         problems.append(Problem(where, "", f"YAML syntax error: {exc.problem}"))
         return None
-    if root is None:
-        return {}
+    if root is None:  # nothing but comments and blank lines: a truncated save or an empty ConfigMap key
+        message = "the file is empty (nothing but comments or blank lines): a policy file needs at least one section"
+        problems.append(Problem(Mark(str(file), 1, 1), "", message))
+        return None
     if not isinstance(root, yaml.MappingNode):
         problems.append(Problem(_mark(file, root), "", "a policy file must be a mapping of sections"))
         return None
@@ -333,6 +362,10 @@ def _cross_check(policy: Policy, marks: _Marks) -> list[Problem]:
         own, top = rule.priority, rule.max_priority
         if own in classes and top in classes and classes.index(top) > classes.index(own):
             add(("tenants", name, "max_priority"), f"'{top}' is below the tenant's own priority '{own}'")
+    for name, upstream in policy.upstreams.items():
+        conflict = _second_authorization(upstream)
+        if conflict:
+            add(("upstreams", name, "base_url"), conflict)
     ident = policy.identify
     if ident.tenant is not None and ident.tenant not in policy.tenants:
         add(("identify", "tenant"), _undefined("tenant", ident.tenant, policy.tenants))
@@ -344,6 +377,22 @@ def _cross_check(policy: Policy, marks: _Marks) -> list[Problem]:
                 add(("tenants", name, "keys", j), f"this key is also a key of tenant '{owners[secret]}'")
             owners.setdefault(secret, name)
     return problems
+
+
+def _second_authorization(upstream: Upstream) -> str | None:
+    """base_url's `user:password@` is sent as `Authorization: Basic`; a second Authorization is ambiguous."""
+    if upstream.base_url is None or split_userinfo(upstream.base_url)[1] is None:
+        return None
+    basic = "base_url carries credentials (user:password@, sent as Authorization: Basic)"
+    key_header = upstream.auth_header or DEFAULT_AUTH_HEADER[upstream.provider]
+    if upstream.api_key is not None and key_header == "authorization":
+        return (
+            f"{basic} and api_key is sent in the Authorization header too: keep one, or send the key in "
+            "another header (auth_header: api-key or x-api-key)"
+        )
+    if any(header.lower() == "authorization" for header in upstream.headers):
+        return f"{basic} and headers sets Authorization too: keep one"
+    return None
 
 
 def _undefined(kind: str, name: str, defined: Mapping[str, object]) -> str:

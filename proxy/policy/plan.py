@@ -191,6 +191,8 @@ class UpstreamSpec:
     limit: Limit | None = None
     hide_response_headers: Matcher | None = None
     """Upstream response headers not relayed to clients (lower-case names and globs); None: relay all."""
+    basic_auth: str | None = field(default=None, repr=False)
+    """`Basic …` from base_url's `user:password@` (which the compiled base_url no longer carries)."""
 
     def fingerprint(self) -> tuple[object, ...]:
         """What a connection pool depends on: a reload keeps the pool when this is unchanged."""

@@ -19,6 +19,9 @@ _HEADER_PATTERN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z\-?\[\]]+")
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 
+DEFAULT_AUTH_HEADER = {"openai": "authorization", "anthropic": "x-api-key", "mock": "authorization"}
+"""Where an upstream's api_key goes when `auth_header` is unset."""
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
@@ -184,7 +187,8 @@ class Deployment(Strict):
 class Upstream(Strict):
     provider: Literal["openai", "anthropic", "mock"]
     base_url: str | None = None
-    """Up to and including the API version segment, e.g. https://api.openai.com/v1. Not for `mock`."""
+    """Up to and including the API version segment, e.g. https://api.openai.com/v1. Not for `mock`.
+    `user:password@` in it is sent as Basic auth (`Authorization`), never shown (explain masks it)."""
     api_key: SecretStr | None = None
     auth_header: Literal["authorization", "api-key", "x-api-key"] | None = None
     """How the key is sent: `Authorization: Bearer` (OpenAI-compatible default), `api-key` (Azure),

@@ -1,6 +1,8 @@
-"""Policy value types: durations (`250ms`, `30s`, `5m`), sizes (`32MiB`) and `${ENV}` interpolation.
+"""Policy value types: durations (`250ms`, `30s`, `5m`), sizes (`32MiB`), `${ENV}` interpolation and the
+credentials a URL may carry (`user:password@`).
 
-Pure parsing, shared by the schema and the CLI; every error message says what a valid value looks like.
+Pure parsing, shared by the schema and the CLI; every error message says what a valid value looks like,
+never the value itself (it may come from the environment and be a secret).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import os
 import re
 from collections.abc import Mapping
 from typing import Annotated
+from urllib.parse import unquote
 
 from pydantic import BeforeValidator, WithJsonSchema
 
@@ -33,7 +36,8 @@ def parse_duration(value: object) -> float:
         match = _DURATION.match(value)
         if match:
             return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-    raise ValueError(f"invalid duration {value!r}: use a number with a unit, such as 250ms, 30s or 5m")
+    # Never quote the value: it may come from `${VARIABLE}` interpolation and be a secret.
+    raise ValueError("invalid duration: use a number with a unit (ms, s, m or h), such as 250ms, 30s or 5m")
 
 
 def parse_size(value: object) -> int:
@@ -46,7 +50,10 @@ def parse_size(value: object) -> int:
         match = _SIZE.match(value)
         if match:
             return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
-    raise ValueError(f"invalid size {value!r}: use a number with a unit, such as 512KiB or 32MiB")
+    raise ValueError(  # the value is never quoted (it may be an interpolated secret)
+        "invalid size: use a number of bytes or a number with a unit (B, KB, KiB, MB, MiB, GB, GiB), "
+        "such as 512KiB or 32MiB"
+    )
 
 
 def format_duration(seconds: float) -> str:
@@ -79,6 +86,37 @@ def interpolate(text: str, environ: Mapping[str, str] | None = None) -> str:
         raise UnsetVariable(name)
 
     return _ENV.sub(substitute, text) if "${" in text else text
+
+
+def _userinfo(url: str) -> tuple[str, str, str] | None:
+    """`scheme://USERINFO@rest` -> (scheme, userinfo as written, rest); None without credentials."""
+    scheme, sep, rest = url.partition("://")
+    authority_end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    userinfo, at, host = rest[:authority_end].rpartition("@")
+    if not sep or not at:
+        return None
+    return scheme, userinfo, host + rest[authority_end:]
+
+
+def split_userinfo(url: str) -> tuple[str, str | None, str | None]:
+    """`scheme://user:password@host/...` -> (the URL without `user:password@`, user, password), the two
+    percent-decoded; `(url, None, None)` when the URL carries no credentials."""
+    parts = _userinfo(url)
+    if parts is None:
+        return url, None, None
+    scheme, userinfo, rest = parts
+    user, colon, password = userinfo.partition(":")
+    return f"{scheme}://{rest}", unquote(user), unquote(password) if colon else None
+
+
+def mask_userinfo(url: str) -> str:
+    """The URL as it may be shown (explain, logs): `user:***@`; a user alone (often a token) is `***@`."""
+    parts = _userinfo(url)
+    if parts is None:
+        return url
+    scheme, userinfo, rest = parts
+    user, colon, _ = userinfo.partition(":")
+    return f"{scheme}://{user + ':***' if colon else '***'}@{rest}"
 
 
 # The JSON Schema (for editors) shows what people write, not the parsed float/int.
