@@ -41,7 +41,7 @@ def _bindable(port: int) -> bool:
 
 def free_cluster_port() -> int:
     """A free port whose cluster-bus port (port + 10000) is free too. The kernel's ephemeral range
-    usually starts at 32768, so a random free port is above 55535 about a third of the time."""
+    usually spans 32768-60999, so a random free port is above 55535 about a fifth of the time."""
     for _ in range(1000):
         port = free_port()
         if port <= HIGHEST_CLUSTER_PORT and _bindable(port + CLUSTER_BUS_OFFSET):
