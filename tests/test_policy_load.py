@@ -392,6 +392,18 @@ INVALID: list[tuple[str, str, list[tuple[int, int, str, str]]]] = [
         [(5, 15, "upstreams.a.base_url", "(user:password@, sent as Authorization: Basic) and api_key is sent")],
     ),
     (
+        "base-url-that-does-not-parse",
+        """
+        upstreams:
+          a:
+            provider: openai
+            base_url: http://svc:pass/word@127.0.0.1:1/v1
+        routes:
+          - {name: r, upstream: a}
+        """,
+        [(3, 5, "upstreams.a", "base_url is not a valid URL")],
+    ),
+    (
         "base-url-credentials-and-authorization-header",
         """
         upstreams:

@@ -291,7 +291,8 @@ async def test_bounds_full_and_timeout(plan_for: Callable[..., Plan]) -> None:
     assert queue.rejected == {"queue_full": 1, "queue_timeout": 1} and len(queue.board) == 0
     # The timed-out wait is a wait: a queue whose waiters all time out must not look idle.
     assert metrics.registry.get_sample_value("signalbox_queue_wait_seconds_count", {"queue": "q"}) == 1
-    assert list(queue.waits) == [0.0, pytest.approx(0.2, abs=0.15)]  # the holder's free slot, then the wait
+    holder_wait, timed_out = queue.waits  # the holder found a free slot; the waiter's wait is recorded
+    assert holder_wait == 0.0 and timed_out > 0.0
     gate.set()
     await holder
     assert queue.active == 0

@@ -11,6 +11,7 @@ import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from yarl import URL
 
 from proxy.policy.units import ByteSize, Duration
 
@@ -226,9 +227,20 @@ class Upstream(Strict):
             raise ValueError(f"base_url is required for provider {self.provider}")
         elif not self.base_url.startswith(("http://", "https://")):
             raise ValueError("base_url must start with http:// or https://")
+        elif not _parses_as_url(self.base_url):  # the value is not quoted: it may hold a password
+            raise ValueError("base_url is not a valid URL (a port that is not a number, or a '/', '?' or '#' "
+                             "in a password that should be percent-encoded)")
         if self.mock is not None and self.provider != "mock":
             raise ValueError("the mock section applies only to provider: mock")
         return self
+
+
+def _parses_as_url(url: str) -> bool:
+    try:
+        URL(url)
+    except ValueError:
+        return False
+    return True
 
 
 class Tenant(Strict):

@@ -11,9 +11,9 @@ import os
 import re
 from collections.abc import Mapping
 from typing import Annotated
-from urllib.parse import unquote
 
 from pydantic import BeforeValidator, WithJsonSchema
+from yarl import URL  # aiohttp's own URL type: parses credentials as the client would
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -88,35 +88,30 @@ def interpolate(text: str, environ: Mapping[str, str] | None = None) -> str:
     return _ENV.sub(substitute, text) if "${" in text else text
 
 
-def _userinfo(url: str) -> tuple[str, str, str] | None:
-    """`scheme://USERINFO@rest` -> (scheme, userinfo as written, rest); None without credentials."""
-    scheme, sep, rest = url.partition("://")
-    authority_end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
-    userinfo, at, host = rest[:authority_end].rpartition("@")
-    if not sep or not at:
-        return None
-    return scheme, userinfo, host + rest[authority_end:]
-
-
 def split_userinfo(url: str) -> tuple[str, str | None, str | None]:
     """`scheme://user:password@host/...` -> (the URL without `user:password@`, user, password), the two
-    percent-decoded; `(url, None, None)` when the URL carries no credentials."""
-    parts = _userinfo(url)
-    if parts is None:
+    percent-decoded; `(url, None, None)` when the URL carries no credentials (or does not parse: the
+    schema refuses such a base_url)."""
+    try:
+        parsed = URL(url)
+    except ValueError:
         return url, None, None
-    scheme, userinfo, rest = parts
-    user, colon, password = userinfo.partition(":")
-    return f"{scheme}://{rest}", unquote(user), unquote(password) if colon else None
+    if parsed.user is None:
+        return url, None, None
+    return str(parsed.with_user(None)), parsed.user, parsed.password
 
 
 def mask_userinfo(url: str) -> str:
     """The URL as it may be shown (explain, logs): `user:***@`; a user alone (often a token) is `***@`."""
-    parts = _userinfo(url)
-    if parts is None:
+    try:
+        parsed = URL(url)
+    except ValueError:
         return url
-    scheme, userinfo, rest = parts
-    user, colon, _ = userinfo.partition(":")
-    return f"{scheme}://{user + ':***' if colon else '***'}@{rest}"
+    if parsed.user is None:
+        return url
+    if parsed.password is None:
+        return str(parsed.with_user("***"))
+    return str(parsed.with_password("***"))
 
 
 # The JSON Schema (for editors) shows what people write, not the parsed float/int.
