@@ -20,10 +20,10 @@ import orjson
 from aiohttp import web
 
 from proxy import lifecycle
+from proxy.flow.gate import Queue
 from proxy.policy.explain import ExplainError, explain
 from proxy.policy.load import Problem
 from proxy.runtime import STATE, Runtime
-from proxy.scheduler import Queue
 
 TOKEN_ENV = "SIGNALBOX_ADMIN_TOKEN"
 _TOKEN: web.AppKey[str | None] = web.AppKey("signalbox_admin_token", str)

@@ -24,7 +24,7 @@ from proxy.admission.limits import (
 )
 from proxy.admission.local import LocalStore
 from proxy.admission.store import Reservation
-from proxy.admission.upstream import UpstreamHold
+from proxy.flow.upstream import UpstreamHold
 from proxy.call import Attempt, Call
 from proxy.errors import UpstreamLimited
 from proxy.policy.plan import Limit, LimitSpec

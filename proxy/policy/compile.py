@@ -270,6 +270,9 @@ def _limit(limits: Limits | None, key: str, scope: str, tenant: str) -> Limit | 
 
 def _queues(policy: Policy) -> dict[str, QueueSpec]:
     return {
-        name: QueueSpec(name, q.concurrency, q.max_waiting, q.max_wait, q.ageing, q.heartbeat_while_queued)
+        name: QueueSpec(
+            name, q.concurrency, q.max_waiting, q.max_wait, q.ageing, q.heartbeat_while_queued,
+            q.shed.waiting if q.shed is not None else None, q.shed.wait if q.shed is not None else None,
+        )
         for name, q in policy.queues.items()
     }

@@ -173,6 +173,10 @@ class QueueSpec:
     max_wait: float
     ageing: float | None
     heartbeat: bool
+    shed_waiting: int | None = None
+    """Waiting count from which arrivals push out the lowest class (None: no shedding by count)."""
+    shed_wait: float | None = None
+    """Estimated wait past which arrivals push out the lowest class (None: no shedding by wait)."""
 
 
 @dataclass(frozen=True, slots=True)
