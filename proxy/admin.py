@@ -177,11 +177,17 @@ async def queue_items(request: web.Request) -> web.Response:
             "stream": t.stream,
             "waited_ms": round((now - t.enqueued) * 1000, 1),
             "position": queue.board.position(t),
+            "eta_s": _rounded(queue.eta_of(t)),
+            "waiting_for": queue.cause(t),
         }
         for t in queue.board.tickets()
     ]
     items.sort(key=lambda item: item["position"])
     return _json({"queue": queue.spec.name, "paused": queue.paused, "items": items})
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return round(seconds, 1) if seconds is not None else None
 
 
 async def pause_queue(request: web.Request) -> web.Response:

@@ -170,6 +170,10 @@ async def test_a_tenant_over_its_own_rate_holds_up_nobody_else(
     served = await asyncio.gather(*[call(b, "critic") for _ in range(10)])
     assert [error for _, _, error in served] == [None] * 10  # b went past a's waiters, same class
     assert len(gate.board) == 3 and not any(t.done() for t in stuck)  # a's keep their places
+    head = min(gate.board.tickets(), key=gate.board.position)
+    assert "tenant 'a' (2 requests per minute)" in gate.cause(head)  # what the admin API says it waits for
+    eta = gate.eta_of(head)
+    assert eta is not None and eta > 0  # the refill rate of a's window bounds the estimate
     for task in stuck:
         task.cancel()
     await asyncio.gather(*stuck, return_exceptions=True)
