@@ -57,7 +57,8 @@ class Entry:
         waits = route.on_limit == "queue" and route.queue is not None and not self.slot_only
         self.grant = Grant()
         if own and not waits:  # over a limit the route answers 429 at once
-            taken = await acquire(scheduler.store(), Need(False, own, cost), {})
+            reserve = shed.headroom(route.queue, self.cls) if route.queue is not None else 0.0
+            taken = await acquire(scheduler.store(), Need(False, own, cost, headroom=reserve), {})
             if not isinstance(taken, Grant):
                 raise rejection(admission, taken.refusal, call, False)
             self._adopt(taken)
@@ -202,9 +203,9 @@ class Entry:
                 call.prehold = None
                 await prehold[1].finish(0, None, sent=False)
             if grant is not None and grant.slot and self.gate is not None:
-                self.gate.release(grant)
-            elif freed:
-                scheduler.kick()
+                self.gate.release(grant, kick=not freed)
+            if freed:
+                scheduler.kick()  # own limits and upstream capacity are shared with other queues
 
 
 def upstream_limits(route: RouteRule, plan: Plan) -> tuple[Limit, ...]:

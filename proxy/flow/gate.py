@@ -241,12 +241,13 @@ class Gate:
             self.departures.append(self.clock())
         return outcome
 
-    def release(self, grant: Grant) -> None:
-        """A granted ticket is done with its slot."""
+    def release(self, grant: Grant, *, kick: bool = True) -> None:
+        """A granted ticket is done with its slot (`kick=False`: the caller kicks every gate itself)."""
         if grant.slot:
             grant.slot = False
             self.active -= 1
-            self.kick()
+            if kick:
+                self.kick()
 
     def expire(self, ticket: Ticket) -> None:
         if not self.board.remove(ticket):
