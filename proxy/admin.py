@@ -47,7 +47,9 @@ def build_admin_app(app: web.Application, environ: Mapping[str, str] | None = No
     if settings.admin_auth_disabled and token is None and not is_loopback(settings.admin_host):
         host = settings.admin_host
         raise ValueError(f"admin auth may be disabled only on a loopback admin host, not {host}")
-    admin = web.Application(middlewares=[_auth])
+    if token is not None:
+        runtime.secrets.add_process_secret(token)
+    admin = web.Application(middlewares=[_redacted, _auth])
     admin[STATE] = runtime
     admin[_TOKEN] = token
     admin.router.add_get("/admin/queues", list_queues)
@@ -76,6 +78,15 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         response.headers["WWW-Authenticate"] = 'Bearer realm="signalbox-admin"'
         return response
     return await handler(request)
+
+
+@web.middleware
+async def _redacted(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """No secret the process knows leaves in an admin answer (a reload error may quote a value)."""
+    response = await handler(request)
+    if isinstance(response, web.Response) and isinstance(response.body, bytes):
+        response.body = request.app[STATE].secrets.current.scrub(response.body)
+    return response
 
 
 def _json(body: Any, status: int = 200) -> web.Response:

@@ -40,7 +40,7 @@ from proxy.headers import client_headers
 from proxy.policy.plan import Plan, TenantRule
 from proxy.providers import exchange as exchanges
 from proxy.runtime import STATE, Runtime
-from proxy.streaming import relay
+from proxy.streaming import relay, whole
 from proxy.tasks import Deadline
 from proxy.upstream import dispatch
 
@@ -179,9 +179,11 @@ async def forward(
         call.status = upstream.status
         prepared = waiting.response if waiting is not None else None  # out while queued, here or in dispatch
         answered_by = plan.upstreams.get(sent.deployment.upstream)
+        redact = state.secrets.current  # errors: every secret; a success's headers: what went upstream
         headers = client_headers(
             upstream.headers.items(), request_id=call.request_id, route=call.route.name, upstream_name=call.upstream,
             hide=answered_by.hide_response_headers if answered_by is not None else None,
+            redact=redact if upstream.status >= 400 else state.secrets.upstream,
         )
         dispatch.annotate(headers, call, sent)
         headers[QUEUE_WAIT_HEADER] = _ms(call.queue_wait)
@@ -198,17 +200,20 @@ async def forward(
                 translator,
                 state.open_streams,
                 prepared,
+                redact,
             )
         transform = None
         if exchange.kind != "pass" or upstream.status >= 400:
             model, created = call.model, int(call.started_wall)
-            transform = partial(exchanges.response_body, exchange, model=model, created=created)
+            transform = partial(exchanges.response_body, exchange, model=model, created=created, redact=redact)
         # A stream request answered with a whole body (an error, or a server that ignores `stream`) has no
         # socket read timeout (streams are timed by the relay's watchdog): first_token bounds that read.
         read_timeout = sent.route.timeouts.first_token if call.stream else None
         if prepared is not None and waiting is not None:
-            return await waiting.relay_whole(upstream, transform, read_timeout)
-        return await relay.respond_whole(call, upstream, headers, transform, read_timeout)
+            return await waiting.relay_whole(upstream, transform, read_timeout, sent.body)
+        return await whole.respond_whole(
+            call, upstream, headers, transform, read_timeout, request=request, whole=sent.body
+        )
     except (asyncio.CancelledError, TimeoutError) as exc:
         if isinstance(exc, asyncio.CancelledError) and not guard.expired():
             raise  # the client went away: not a timeout

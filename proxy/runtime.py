@@ -15,6 +15,7 @@ from proxy.flow.scheduler import PRIORITY_HEADER, Scheduler
 from proxy.flow.upstream import UpstreamQuota
 from proxy.policy.plan import Plan
 from proxy.policy.reload import Reloader
+from proxy.redact import SecretsRef, redact_logs
 from proxy.streaming.relay import StreamSettings
 from proxy.telemetry.logging import AccessLog
 from proxy.telemetry.metrics import Metrics
@@ -78,6 +79,8 @@ class Runtime:
     """Open embedding batches by key, and their flushes (each takes one scheduler slot)."""
     upstreams: Registry = field(init=False)
     """Per-deployment circuit breakers, pacing holds and load (the same object as `clients.registry`)."""
+    secrets: SecretsRef = field(init=False)
+    """What every output is redacted with (responses, logs, metrics, the admin API); see proxy/redact.py."""
 
     def __post_init__(self) -> None:
         self.admission = Admission(metrics=self.metrics)
@@ -93,6 +96,9 @@ class Runtime:
         # Upstream limits, per attempt, in admission's store; a finished attempt tells the queues.
         self.upstreams.quota = UpstreamQuota(self.admission, self.scheduler.kick)
         self.metrics.before_scrape.append(self.upstreams.refresh_metrics)
+        self.secrets = SecretsRef()
+        self.secrets.load(self.plans.current.secrets, self.plans.current.upstream_secrets)
+        redact_logs(self.secrets)
 
     @property
     def stream_settings(self) -> StreamSettings:

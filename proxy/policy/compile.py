@@ -39,6 +39,7 @@ from proxy.policy.schema import (
     Timeouts,
     Upstream,
 )
+from proxy.policy.secrets import policy_secrets
 from proxy.policy.units import split_userinfo
 from proxy.providers.exchange import DEFAULT_MAX_TOKENS as ANTHROPIC_DEFAULT_MAX_TOKENS
 
@@ -55,6 +56,7 @@ def compile_plan(loaded: LoadedPolicy) -> Plan:
         key_digest(key.get_secret_value()): name for name, t in policy.tenants.items() for key in t.keys
     }
     upstreams, routes, tenants = _admission(policy, upstreams, routes, tenants)
+    secrets, upstream_secrets = policy_secrets(policy)
     ident = policy.identify
     return Plan(
         digest=loaded.digest,
@@ -65,10 +67,13 @@ def compile_plan(loaded: LoadedPolicy) -> Plan:
         routes=routes,
         key_index=MappingProxyType(key_index),
         max_body_size=policy.max_body_size,
+        max_buffered_response=policy.max_buffered_response,
         priorities=tuple(policy.priorities),
         queues=MappingProxyType(_queues(policy)),
         state=_state(policy.state),
         routes_by_name=MappingProxyType({r.name: r for r in routes}),
+        secrets=secrets,
+        upstream_secrets=upstream_secrets,
     )
 
 

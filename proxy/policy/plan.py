@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from proxy.providers.exchange import DEFAULT_MAX_TOKENS as ANTHROPIC_DEFAULT_MAX_TOKENS
+from proxy.redact import EMPTY, Redactor
 
 Provider = Literal["openai", "anthropic", "mock"]
 IdentifyMode = Literal["api_key", "header", "single", "passthrough"]
@@ -334,6 +335,12 @@ class Plan:
     """For fallbacks."""
     state: StateRule = field(default_factory=StateRule)
     """Where limit counters live; read once at start-up (the store outlives plan swaps)."""
+    max_buffered_response: int = 32 * 1024 * 1024
+    """Largest non-streamed upstream answer read into memory (proxy/upstream/body.py)."""
+    secrets: Redactor = field(default=EMPTY, repr=False, compare=False)
+    """Every secret of the policy in every form it is sent, compiled once (proxy/redact.py)."""
+    upstream_secrets: Redactor = field(default=EMPTY, repr=False, compare=False)
+    """The upstream credentials alone (a short list, searched in every response's headers)."""
 
     def tenant_for_key(self, key: str) -> TenantRule | None:
         name = self.key_index.get(key_digest(key))

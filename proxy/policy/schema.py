@@ -457,6 +457,9 @@ class Policy(Strict):
     timeouts: Timeouts = Field(default_factory=Timeouts)
     """Defaults for every upstream and route."""
     max_body_size: ByteSize = 32 * 1024 * 1024
+    max_buffered_response: ByteSize = 32 * 1024 * 1024
+    """Largest non-streamed upstream answer held in memory; a larger pass-through success is streamed
+    through as it arrives, one that must be translated or normalised gets 502."""
     priorities: list[str] = Field(default_factory=lambda: ["standard"], min_length=1)
     """Priority classes, highest first."""
     queues: dict[str, Queue] = Field(default_factory=dict)

@@ -1,4 +1,4 @@
-"""Moves an upstream response to the client: whole bodies, or SSE streams event by event.
+"""Moves an upstream SSE stream to the client event by event (whole bodies: whole.py).
 
 Stream rules: write only whole events (so an injected heartbeat never splits one), read the next
 upstream chunk only after the previous write returned (aiohttp drains above 64 KiB, so a slow
@@ -15,7 +15,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
 
 import aiohttp
 import orjson
@@ -23,11 +22,21 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.call import Call
-from proxy.errors import ProxyError, SlowClient, UpstreamTimeout, UpstreamUnreachable, stream_error_frame
+from proxy.errors import (
+    ProxyError,
+    SlowClient,
+    UpstreamBadResponse,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+    stream_error_frame,
+)
 from proxy.policy.plan import StreamSpec, TimeoutSpec
 from proxy.providers.exchange import StreamTranslator
+from proxy.redact import EMPTY, Redactor
 from proxy.streaming.sse import DONE, SSEDecoder, SSEEvent, encode_comment
+from proxy.streaming.whole import BodyTransform, read_body, read_failure, too_large
 from proxy.tasks import spawn
+from proxy.upstream.body import Whole
 
 # `data:` may omit the space (valid SSE; the SDK only checks that the data starts with [DONE]).
 _DONE_PREFIXES = (DONE.rstrip(b"\n"), b"data:[DONE]")
@@ -69,43 +78,6 @@ class _Watch:
         self.failure: ProxyError | None = None
 
 
-BodyTransform = Callable[[int, bytes], tuple[int, bytes]]
-
-
-async def respond_whole(
-    call: Call,
-    upstream: aiohttp.ClientResponse,
-    headers: CIMultiDict[str],
-    transform: BodyTransform | None = None,
-    read_timeout: float | None = None,
-) -> web.Response:
-    """Relay a non-streamed response: status, headers and body bytes untouched unless `transform` is given
-    (protocol translation, or an upstream error shape normalised). `read_timeout` bounds the body read
-    when the connection has no socket read timeout (a stream request answered with a whole body)."""
-    try:
-        body = await _read(upstream, read_timeout)
-    except (TimeoutError, aiohttp.ClientError) as exc:
-        raise _read_failure(call, exc) from None
-    finally:
-        upstream.release()
-    status = upstream.status
-    if call.want_usage and 200 <= status < 300:
-        call.usage = _usage_of_body(body)
-    if transform is not None:
-        status, body = transform(status, body)
-        headers["Content-Type"] = "application/json"
-    call.status = status
-    call.bytes_out = len(body)
-    return web.Response(status=status, body=body, headers=headers)
-
-
-async def _read(upstream: aiohttp.ClientResponse, limit: float | None) -> bytes:
-    if limit is None:
-        return await upstream.read()
-    async with asyncio.timeout(limit):
-        return await upstream.read()
-
-
 async def respond_stream(
     request: web.Request,
     call: Call,
@@ -117,6 +89,7 @@ async def respond_stream(
     translator: StreamTranslator | None = None,
     open_streams: set[Callable[[ProxyError], None]] | None = None,
     prepared: web.StreamResponse | None = None,
+    redact: Redactor = EMPTY,
 ) -> web.StreamResponse:
     """Relay an SSE stream; returns the prepared response once the stream has ended, however it ended.
 
@@ -150,7 +123,7 @@ async def respond_stream(
         open_streams.add(end)
     ended = False  # the upstream's stream ended and nothing failed: its connection may be reused
     try:
-        await _pump(response, upstream, decoder, call, watch, settings, translator)
+        await _pump(response, upstream, decoder, call, watch, settings, translator, redact)
         ended = watch.failure is None
     except ConnectionResetError:
         call.client_gone = True
@@ -223,6 +196,7 @@ async def _pump(
     watch: _Watch,
     settings: StreamSettings,
     translator: StreamTranslator | None,
+    redact: Redactor = EMPTY,
 ) -> None:
     last: SSEEvent | None = None  # the newest event passed through, judged at EOF
     plain = translator is None and not call.want_usage  # pass-through: no event needs parsing
@@ -248,7 +222,8 @@ async def _pump(
                     watch.write_started = now
                 watch.writing += 1
                 try:
-                    await response.write(chunk)
+                    # An upstream's in-stream error may quote the credentials it got (whole events only here).
+                    await response.write(redact.scrub(chunk) if redact and b"error" in chunk else chunk)
                 finally:
                     watch.writing -= 1
                     watch.last_write = monotonic()
@@ -301,7 +276,7 @@ async def _pump(
                 watch.write_started = now
             watch.writing += 1
             try:
-                await response.write(data)
+                await response.write(redact.scrub(data) if redact and b"error" in data else data)
             finally:
                 watch.writing -= 1
                 watch.last_write = time.monotonic()
@@ -309,7 +284,7 @@ async def _pump(
                 return
     except (TimeoutError, aiohttp.ClientError) as exc:
         if watch.failure is None:
-            watch.failure = _read_failure(call, exc)
+            watch.failure = read_failure(call, exc)
         return
     except ConnectionResetError:
         raise
@@ -462,15 +437,6 @@ def _note_usage(call: Call, data: bytes) -> bool:
     return event.get("choices") == []
 
 
-def _usage_of_body(body: bytes) -> dict[str, Any] | None:
-    try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    usage = parsed.get("usage") if isinstance(parsed, dict) else None
-    return usage if isinstance(usage, dict) else None
-
-
 # Named events that end a stream: Anthropic's, and OpenAI Responses' (which sends no [DONE]).
 _TERMINAL_EVENTS = frozenset(
     {"message_stop", "error", "response.completed", "response.failed", "response.incomplete"}
@@ -532,12 +498,6 @@ async def _finish_with_error(response: web.StreamResponse, call: Call, error: Pr
         await response.write_eof()
     except ConnectionResetError:
         call.client_gone = True
-
-
-def _read_failure(call: Call, exc: BaseException) -> ProxyError:
-    if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
-        return UpstreamTimeout(f"upstream '{call.upstream}' stopped sending (read timeout)")
-    return UpstreamUnreachable(f"upstream '{call.upstream}' broke the connection mid-response ({type(exc).__name__})")
 
 
 class QueuedStream:
@@ -611,14 +571,21 @@ class QueuedStream:
         upstream: aiohttp.ClientResponse,
         transform: BodyTransform | None = None,
         read_timeout: float | None = None,
+        whole: Whole | None = None,
     ) -> web.StreamResponse:
-        """The upstream answered without a stream (an error, usually): pass it on as one error event."""
+        """The upstream answered without a stream (an error, usually): pass it on as one error event.
+        `whole`: what dispatch already read of it."""
         try:
-            body = await _read(upstream, read_timeout)
+            if whole is None:
+                whole = await read_body(upstream, read_timeout, self.call.plan.max_buffered_response)
+            if not whole.complete:
+                upstream.close()
+                return await self.fail(UpstreamBadResponse(too_large(self.call, upstream)))
         except (TimeoutError, aiohttp.ClientError) as exc:
-            return await self.fail(_read_failure(self.call, exc))
+            return await self.fail(read_failure(self.call, exc))
         finally:
             upstream.release()
+        body = whole.data
         assert self.response is not None
         status = upstream.status
         if transform is not None:
