@@ -28,13 +28,21 @@ REDACTED = "[redacted]"
 MIN_SECRET_LENGTH = 6
 """Shorter values are not searched for: they would match ordinary words (and break JSON bodies)."""
 
-_TOKEN = rb"[A-Za-z0-9_\-]"
-# A token with a mask in it: `sk-proj-****abcd`, `sk-...abcd`, `****abcd`. The lookbehind makes only
-# token starts try, so a long run of letters costs one scan, not one per position.
-_MASKED = re.compile(rb"(?<![A-Za-z0-9_\-])(" + _TOKEN + rb"*)(?:\*{3,}|\.{3}|\xe2\x80\xa6)(" + _TOKEN + rb"*)")
+# A token with a mask in it: `sk-proj-****abcd`, `sk-...abcd`, `****abcd`: anything between delimiters
+# (quotes, spaces, brackets). The lookbehind makes only token starts try, and the bounded head only its
+# first 256 bytes, so a long token costs one short scan (no key is longer).
+_MASKED = re.compile(
+    rb"(?<![^\s\"'`<>()\[\]{},;])([^\s\"'`<>()\[\]{},;*]{0,256}?)(?:\*{3,}|\.{3}|\xe2\x80\xa6)"
+    rb"([^\s\"'`<>()\[\]{},;]{0,256})"
+)
 _MASK_MARKS = (b"***", b"...", "…".encode())
 _VISIBLE = 2
 """Visible characters of a masked token that must match a secret's start or end for it to go."""
+_TRAILING = b".:!?"
+"""Sentence punctuation after a masked key (`...abcd.`) is not part of it."""
+_MASK_SCAN = 64 * 1024
+"""Masked fragments are looked for in a body's head only: they come in an error's message, and a long body
+of `***` tokens would cost a Python call each."""
 
 
 def forms(value: str) -> set[str]:
@@ -81,8 +89,11 @@ class Redactor:
             return data
         if literal.search(data) is not None:
             data = literal.sub(REDACTED.encode(), data)
-        if any(mark in data for mark in _MASK_MARKS):
-            data = _MASKED.sub(self._masked, data)
+        head = data[:_MASK_SCAN] if len(data) > _MASK_SCAN else data
+        if any(mark in head for mark in _MASK_MARKS):
+            clean = _MASKED.sub(self._masked, head)
+            if clean != head:
+                data = clean if head is data else clean + data[_MASK_SCAN:]
         return data
 
     def scrub_text(self, text: str) -> str:
@@ -93,7 +104,7 @@ class Redactor:
         return text if clean is data else clean.decode("utf-8", "surrogatepass")
 
     def _masked(self, match: re.Match[bytes]) -> bytes:
-        head, tail = match.group(1), match.group(2)
+        head, tail = match.group(1), match.group(2).rstrip(_TRAILING)
         if len(head) >= _VISIBLE and any(s.startswith(head) for s in self._raw):
             return REDACTED.encode()
         if len(tail) >= _VISIBLE and any(s.endswith(tail) for s in self._raw):
