@@ -61,8 +61,8 @@ async def read_all(response: aiohttp.ClientResponse, cap: int, already: Whole | 
 
 async def read_error(response: aiohttp.ClientResponse, left: float, cap: int) -> Whole | None:
     """Read a retriable error's body (kept, so it can still be relayed); at the end of the body aiohttp
-    returns the connection to the pool for the retry. None (the connection closed) if it could not be
-    read whole within `left` seconds (the deadline) and `cap` bytes."""
+    returns the connection to the pool for the retry. One over `cap` is closed at once and kept
+    incomplete (the relay answers 502 for it); None (closed) if it could not be read within `left`."""
     try:
         async with asyncio.timeout(max(0.001, min(_ERROR_BODY_WAIT, left))):
             whole = await read_capped(response, cap)
@@ -71,5 +71,4 @@ async def read_error(response: aiohttp.ClientResponse, left: float, cap: int) ->
         return None
     if not whole.complete:
         response.close()
-        return None
     return whole
