@@ -204,6 +204,8 @@ async def _pump(
     monotonic = time.monotonic
     last_raw: bytes | None = None  # the newest event when it came by the fast path (no SSEEvent built)
     marked = False  # the first event relayed to the client has been timed
+    # An upstream's in-stream error may quote the credentials it got: events that say "error" are searched.
+    scrub = redact.scrub if redact else None
     try:
         async for chunk in upstream.content.iter_any():
             if plain and whole(chunk) and chunk[0] not in _NOT_A_FIELD:
@@ -222,8 +224,7 @@ async def _pump(
                     watch.write_started = now
                 watch.writing += 1
                 try:
-                    # An upstream's in-stream error may quote the credentials it got (whole events only here).
-                    await response.write(redact.scrub(chunk) if redact and b"error" in chunk else chunk)
+                    await response.write(scrub(chunk) if scrub is not None and b"error" in chunk else chunk)
                 finally:
                     watch.writing -= 1
                     watch.last_write = monotonic()
@@ -276,7 +277,7 @@ async def _pump(
                 watch.write_started = now
             watch.writing += 1
             try:
-                await response.write(redact.scrub(data) if redact and b"error" in data else data)
+                await response.write(scrub(data) if scrub is not None and b"error" in data else data)
             finally:
                 watch.writing -= 1
                 watch.last_write = time.monotonic()
