@@ -39,7 +39,7 @@ async def respond_whole(
             whole = await read_body(upstream, read_timeout, call.plan.max_buffered_response)
         if not whole.complete:
             if transform is None:
-                return await _pass_large(request, call, upstream, headers, whole.data)
+                return await _pass_large(request, call, upstream, headers, whole.head)
             upstream.close()
             raise UpstreamBadResponse(too_large(call, upstream))
     except (TimeoutError, aiohttp.ClientError) as exc:
@@ -76,7 +76,7 @@ _PASS_CHUNK = 64 * 1024
 
 
 async def _pass_large(
-    request: web.Request, call: Call, upstream: aiohttp.ClientResponse, headers: CIMultiDict[str], head: bytes
+    request: web.Request, call: Call, upstream: aiohttp.ClientResponse, headers: CIMultiDict[str], head: list[bytes]
 ) -> web.StreamResponse:
     """A pass-through answer too large to buffer: the bytes read so far, then the rest as it arrives (one
     chunk at a time: each write waits for the client). A cut upstream or an expired deadline cuts the
@@ -87,9 +87,11 @@ async def _pass_large(
     call.status = upstream.status
     await response.prepare(request)
     try:
-        if head:
-            call.bytes_out += len(head)
-            await response.write(head)
+        head.reverse()
+        while head:  # each chunk is dropped once written: the memory goes as the client takes it
+            chunk = head.pop()
+            call.bytes_out += len(chunk)
+            await response.write(chunk)
         while chunk := await upstream.content.read(_PASS_CHUNK):
             call.bytes_out += len(chunk)
             await response.write(chunk)

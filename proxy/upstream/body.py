@@ -8,7 +8,7 @@ does not is left on the connection, its head (at most the cap) kept, for the rel
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 
@@ -21,8 +21,11 @@ _ERROR_BODY_WAIT = 10.0
 @dataclass(frozen=True, slots=True)
 class Whole:
     data: bytes
-    """The whole body when `complete`; else the head read before the cap was reached."""
+    """The whole body when `complete`."""
     complete: bool
+    head: list[bytes] = field(default_factory=list)
+    """When not `complete`: what was read before the cap was reached, as read (not joined: no second copy),
+    emptied by whoever relays it."""
 
 
 async def read_capped(response: aiohttp.ClientResponse, cap: int) -> Whole:
@@ -45,7 +48,7 @@ async def read_capped(response: aiohttp.ClientResponse, cap: int) -> Whole:
         size += len(chunk)
         chunks.append(chunk)
         if size > cap:
-            return Whole(b"".join(chunks), False)
+            return Whole(b"", False, chunks)
     return Whole(chunks[0] if len(chunks) == 1 else b"".join(chunks), True)
 
 
