@@ -206,7 +206,7 @@ def _scrub(record: logging.LogRecord, refs: list[SecretsRef]) -> None:
     clean = message
     for ref in refs:
         clean = ref.current.scrub_text(clean)
-    if clean is not message or record.args:
+    if clean is not message:  # else the record keeps its template and arguments
         record.msg, record.args = clean, ()
     if record.exc_info and not record.exc_text:
         text = logging.Formatter().formatException(record.exc_info)
