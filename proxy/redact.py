@@ -3,14 +3,16 @@
 A `Redactor` is compiled once per policy load from raw secret values (upstream keys, base_url
 credentials, upstream header values, tenant keys, the Redis password, the admin token): each value
 becomes its forms (as is, percent-encoded, JSON-escaped), and all forms one regex of escaped
-alternatives, longest first. A second, cheap pass handles the masked fragments vendors echo of a
+literals factored by shared prefixes (longer matches win). A second, cheap pass handles the masked
+fragments vendors echo of a
 rejected key (OpenAI's `sk-proj-****abcd`): a masked token goes when its visible head is the start,
 or its visible tail the end, of a known secret. Known values rather than key-shaped patterns: an
 Azure key is 32 hex digits and a password is anything.
 
-Hand-written rather than a library: the `re` module does the matching; what is ours is only which
-forms of which values to look for. (An Aho-Corasick package would buy nothing at a few dozen
-patterns on error bodies of a few hundred bytes: `bench/redaction.py` measures the cost.)
+Hand-written rather than a library: the `re` module does the matching; what is ours is which forms
+of which values to look for, and the prefix factoring (a flat alternation costs one try per secret
+per byte: 230 µs on a success's headers with 500 secrets; factored, 3-5 µs from 5 to 500 secrets,
+which is what an Aho-Corasick package would buy: `bench/redaction.py` measures it).
 """
 
 from __future__ import annotations
