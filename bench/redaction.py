@@ -3,7 +3,8 @@
 Prints CPU µs per call (process time, one core, no sockets) for a policy of N secrets (one OpenAI key,
 one Azure hex key, Basic credentials, and N-3 random tenant keys), on:
   - a relayed error body with nothing to redact (the usual case), and one quoting the key and its mask,
-  - a success's response headers (searched with the upstream credentials alone),
+  - a success's response headers (searched for the answering upstream's credentials alone: here a key,
+    an Azure key and Basic credentials),
   - an in-stream event that says "error" (the only events searched),
   - compiling the set (once per policy load).
 Run: .venv/bin/python bench/redaction.py [--secrets 5 50 500] [--json]
@@ -85,7 +86,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['secrets']:>8} {r['compile_ms']:>11} {r['error_body_clean_us']:>11} "
               f"{r['error_body_quoting_us']:>9} {r['error_event_us']:>12} {r['success_headers_us']:>8}")
-    print("(µs of CPU per call; headers: a success's, searched with the upstream credentials only)")
+    print("(µs of CPU per call; headers: a success's, searched for its upstream's credentials only)")
 
 
 if __name__ == "__main__":

@@ -368,7 +368,7 @@ def _headers(call: Call, sent: Call, upstream: Iterable[tuple[str, str]], size: 
     answered_by = sent.plan.upstreams.get(sent.upstream)
     out = client_headers(upstream, request_id=call.request_id, route=route, upstream_name=sent.upstream,
                          hide=answered_by.hide_response_headers if answered_by is not None else None,
-                         redact=sent.plan.upstream_secrets)
+                         redact=answered_by.secrets if answered_by is not None else sent.plan.secrets)
     out[BATCH_SIZE_HEADER] = str(size)
     return out
 

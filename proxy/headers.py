@@ -131,8 +131,8 @@ def client_headers(
 def _redact_values(headers: CIMultiDict[str], redact: Redactor) -> None:
     """One search over all values (the usual answer: nothing found), then value by value."""
     joined = "\n".join(headers.values())
-    if redact.scrub_text(joined) is joined:
+    if redact.scrub_text(joined, masks=False) is joined:
         return
-    items = [(name, redact.scrub_text(value)) for name, value in headers.items()]
+    items = [(name, redact.scrub_text(value, masks=False)) for name, value in headers.items()]
     headers.clear()
     headers.extend(items)

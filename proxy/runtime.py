@@ -97,7 +97,7 @@ class Runtime:
         self.upstreams.quota = UpstreamQuota(self.admission, self.scheduler.kick)
         self.metrics.before_scrape.append(self.upstreams.refresh_metrics)
         self.secrets = SecretsRef()
-        self.secrets.load(self.plans.current.secrets, self.plans.current.upstream_secrets)
+        self.secrets.load(self.plans.current.secrets)
         redact_logs(self.secrets)
 
     @property

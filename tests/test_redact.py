@@ -55,7 +55,7 @@ def test_redis_url_credentials() -> None:
 
 def test_log_records_are_redacted_before_any_handler(caplog: pytest.LogCaptureFixture) -> None:
     ref = SecretsRef()
-    ref.load(Redactor([KEY]), Redactor())
+    ref.load(Redactor([KEY]))
     ref.add_process_secret("admin-token-0123")
     redact_logs(ref)
     logging.getLogger("any.library").warning("sent %s and %s", KEY, "admin-token-0123", exc_info=ValueError(KEY))

@@ -56,10 +56,16 @@ FORMS = sorted(
 ECHO = " | ".join([*FORMS, f"Bearer {OPENAI_KEY}", f"Basic {BASIC_TOKEN}", f"api-key: {AZURE_KEY}"])
 """What the upstreams quote back: every form of every secret."""
 HEADER_ECHO = " ".join(f for f in FORMS if "*" not in f)  # header values: printable ASCII
-SENT = (OPENAI_KEY, AZURE_KEY, BASIC_PASSWORD, GATEWAY_VALUE)
-SENT_ECHO = " ".join(f for s in SENT for f in forms_of(s) if "*" not in f) + f" Basic {BASIC_TOKEN}"
-"""What went upstream (so what an upstream can quote back in a success's headers: tenant keys, the admin
-token and the Redis password never travel there; error answers are searched for every secret)."""
+SENT = {
+    "oai": (OPENAI_KEY, GATEWAY_VALUE), "azure": (AZURE_KEY,), "claude": (AZURE_KEY,), "basic": (BASIC_PASSWORD,)
+}
+"""What each upstream is sent (so what it can quote back in a success's headers: tenant keys, the admin
+token and the Redis password never travel upstream; error answers are searched for every secret)."""
+
+
+def sent_echo(upstream: str) -> str:
+    echoed = " ".join(f for secret in SENT[upstream] for f in forms_of(secret) if "*" not in f)
+    return echoed + (f" Basic {BASIC_TOKEN} {BASIC_USER}:{BASIC_PASSWORD}" if upstream == "basic" else "")
 
 
 def policy(echo: str, silent: str) -> str:
@@ -153,8 +159,8 @@ def error_reply(status: int, kind: str = "openai") -> Reply:
     return Reply(status=status, headers=[("Content-Type", content_type), ("x-debug-echo", HEADER_ECHO)], body=body)
 
 
-def stream_reply(kind: str) -> Reply:
-    headers = [("Content-Type", "text/event-stream"), ("x-debug-echo", SENT_ECHO)]
+def stream_reply(kind: str, upstream: str) -> Reply:
+    headers = [("Content-Type", "text/event-stream"), ("x-debug-echo", sent_echo(upstream))]
     if kind == "anthropic":
         start = {"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant",
                                                       "model": "m", "content": [], "usage": {"input_tokens": 1}}}
@@ -204,7 +210,7 @@ async def test_no_secret_in_any_form_leaves_by_any_way(
         got, body = await call(session, seen, messages_url, {"model": "oai", **MESSAGES}, "front 403", anthropic=True)
         assert got == 403 and orjson.loads(body)["type"] == "error" and "[redacted]" in body
         # A success's headers quoting what went upstream.
-        echo.reply(Reply(headers=[("Content-Type", "application/json"), ("x-debug-echo", SENT_ECHO)]))
+        echo.reply(Reply(headers=[("Content-Type", "application/json"), ("x-debug-echo", sent_echo("basic"))]))
         assert (await call(session, seen, chat_url, {"model": "basic", **CHAT}, "basic 200"))[0] == 200
         # Mid-stream error events: pass-through, and translated both ways.
         for model, kind, url, anthropic in (
@@ -212,7 +218,7 @@ async def test_no_secret_in_any_form_leaves_by_any_way(
             ("claude", "anthropic", chat_url, False),
             ("azure", "openai", messages_url, True),
         ):
-            echo.reply(stream_reply(kind))
+            echo.reply(stream_reply(kind, model))
             body_in = {"model": model, "stream": True, **(MESSAGES if anthropic else CHAT)}
             got, body = await call(session, seen, url, body_in, f"stream {model}", anthropic)
             assert got == 200 and "[redacted]" in body, (model, body)

@@ -39,9 +39,10 @@ from proxy.policy.schema import (
     Timeouts,
     Upstream,
 )
-from proxy.policy.secrets import policy_secrets
+from proxy.policy.secrets import policy_secrets, upstream_credentials
 from proxy.policy.units import split_userinfo
 from proxy.providers.exchange import DEFAULT_MAX_TOKENS as ANTHROPIC_DEFAULT_MAX_TOKENS
+from proxy.redact import Redactor
 
 
 def compile_plan(loaded: LoadedPolicy) -> Plan:
@@ -56,7 +57,6 @@ def compile_plan(loaded: LoadedPolicy) -> Plan:
         key_digest(key.get_secret_value()): name for name, t in policy.tenants.items() for key in t.keys
     }
     upstreams, routes, tenants = _admission(policy, upstreams, routes, tenants)
-    secrets, upstream_secrets = policy_secrets(policy)
     ident = policy.identify
     return Plan(
         digest=loaded.digest,
@@ -72,8 +72,7 @@ def compile_plan(loaded: LoadedPolicy) -> Plan:
         queues=MappingProxyType(_queues(policy)),
         state=_state(policy.state),
         routes_by_name=MappingProxyType({r.name: r for r in routes}),
-        secrets=secrets,
-        upstream_secrets=upstream_secrets,
+        secrets=policy_secrets(policy),
     )
 
 
@@ -106,6 +105,7 @@ def _upstream(name: str, spec: Upstream) -> UpstreamSpec:
         mock=_mock(spec.mock or MockSpec()) if spec.provider == "mock" else None,
         hide_response_headers=Matcher(tuple(spec.hide_response_headers)) if spec.hide_response_headers else None,
         basic_auth=basic_auth,
+        secrets=Redactor(upstream_credentials(spec)),
     )
 
 

@@ -198,6 +198,9 @@ class UpstreamSpec:
     """Upstream response headers not relayed to clients (lower-case names and globs); None: relay all."""
     basic_auth: str | None = field(default=None, repr=False)
     """`Basic …` from base_url's `user:password@` (which the compiled base_url no longer carries)."""
+    secrets: Redactor = field(default=EMPTY, repr=False, compare=False)
+    """What this upstream is sent as credentials (so all it can quote back), searched in its successes'
+    headers (a short list: a few µs per response)."""
 
     def fingerprint(self) -> tuple[object, ...]:
         """What a connection pool depends on: a reload keeps the pool when this is unchanged."""
@@ -339,8 +342,6 @@ class Plan:
     """Largest non-streamed upstream answer read into memory (proxy/upstream/body.py)."""
     secrets: Redactor = field(default=EMPTY, repr=False, compare=False)
     """Every secret of the policy in every form it is sent, compiled once (proxy/redact.py)."""
-    upstream_secrets: Redactor = field(default=EMPTY, repr=False, compare=False)
-    """The upstream credentials alone (a short list, searched in every response's headers)."""
 
     def tenant_for_key(self, key: str) -> TenantRule | None:
         name = self.key_index.get(key_digest(key))

@@ -7,26 +7,32 @@ from urllib.parse import unquote
 
 from yarl import URL
 
-from proxy.policy.schema import Policy
+from proxy.policy.schema import Policy, Upstream
 from proxy.redact import Redactor, basic_values
 
 
-def policy_secrets(policy: Policy) -> tuple[Redactor, Redactor]:
-    """(every secret: upstream keys, base_url credentials, upstream header values, tenant keys and the
-    Redis password; the upstream credentials alone: what the proxy sends, so what an upstream can echo)."""
-    sent: list[str] = []
+def policy_secrets(policy: Policy) -> Redactor:
+    """Every secret: upstream keys, base_url credentials, upstream header values, tenant keys and the
+    Redis password."""
+    values: list[str] = []
     for upstream in policy.upstreams.values():
-        if upstream.api_key is not None:
-            sent.append(upstream.api_key.get_secret_value())
-        sent += upstream.headers.values()  # OpenAI-Organization, a gateway's own key: any may be one
-        if upstream.base_url:
-            sent += _url_credentials(upstream.base_url)
-    values = list(sent)
+        values += upstream_credentials(upstream)
     for tenant in policy.tenants.values():
         values += (key.get_secret_value() for key in tenant.keys)
     if policy.state.url:
         values += _redis_credentials(policy.state.url)
-    return Redactor(values), Redactor(sent)
+    return Redactor(values)
+
+
+def upstream_credentials(upstream: Upstream) -> list[str]:
+    """What the proxy sends an upstream that may be secret: its key, its base_url's credentials, and its
+    header values (OpenAI-Organization, a gateway's own key: any may be one)."""
+    values = list(upstream.headers.values())
+    if upstream.api_key is not None:
+        values.append(upstream.api_key.get_secret_value())
+    if upstream.base_url:
+        values += _url_credentials(upstream.base_url)
+    return values
 
 
 def _url_credentials(url: str) -> list[str]:
