@@ -8,7 +8,7 @@ its built-in mock (the idle upstream the probe requests go to). The clients are 
 receive buffer that read the response headers and then nothing. Per wave: RSS before, peak (sampled every
 50 ms) and per stalled stream ((peak - before) / streams); every 0.2 s meanwhile a probe request to the
 idle route (its latency, max and p99). After the waves: RSS once the streams are gone (the proxy's own
-stream count at 0) and 2 s of quiet.
+request count at 0) and 5 s of quiet.
 Run: .venv/bin/python bench/stalled.py [--streams 1000] [--waves 2] [--slow-client 10] [--json]
 (about a minute; Linux; everything on 127.0.0.1; every process it starts is stopped by PID)
 """
@@ -187,7 +187,7 @@ async def measure(args: argparse.Namespace, port: int, admin_port: int, pid: int
         if await open_streams(admin) <= 0:
             break
         await asyncio.sleep(0.1)
-    await asyncio.sleep(2)
+    await asyncio.sleep(5)  # the proxy trims its heap 2 s after a burst of streams ended
     after = vm_kib(pid, "VmRSS")
     probes = [ms for w in waves for ms in w.probe_ms]
     return {

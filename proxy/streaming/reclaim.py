@@ -22,7 +22,7 @@ TRIM_AFTER = 256
 """Streams ended since the last trim that make one worth it."""
 TRIM_DELAY = 2.0
 """Seconds after the last of them ended (a burst usually ends together)."""
-TRIM_INTERVAL = 30.0
+TRIM_INTERVAL = 10.0
 """Least seconds between two trims."""
 
 log = logging.getLogger("signalbox.memory")
