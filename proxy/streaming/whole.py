@@ -13,7 +13,8 @@ from multidict import CIMultiDict
 
 from proxy.batching.merge import usage_of
 from proxy.call import Call
-from proxy.errors import ProxyError, UpstreamBadResponse, UpstreamTimeout, UpstreamUnreachable
+from proxy.errors import UpstreamBadResponse
+from proxy.streaming.failure import read_failure
 from proxy.upstream.body import Whole, read_capped
 
 BodyTransform = Callable[[int, bytes], tuple[int, bytes]]
@@ -107,9 +108,3 @@ async def _pass_large(
         if isinstance(exc, asyncio.CancelledError):
             raise
     return response
-
-
-def read_failure(call: Call, exc: BaseException) -> ProxyError:
-    if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
-        return UpstreamTimeout(f"upstream '{call.upstream}' stopped sending (read timeout)")
-    return UpstreamUnreachable(f"upstream '{call.upstream}' broke the connection mid-response ({type(exc).__name__})")
