@@ -7,7 +7,8 @@ import logging
 
 import pytest
 
-from proxy.policy.secrets import _redis_credentials
+from proxy.policy.schema import Upstream
+from proxy.policy.secrets import _redis_credentials, upstream_credentials
 from proxy.redact import Redactor, SecretsRef, basic_values, redact_logs
 
 AZURE = "9f86d081884c7d659a2feaa0c55ad015"
@@ -61,3 +62,11 @@ def test_log_records_are_redacted_before_any_handler(caplog: pytest.LogCaptureFi
     logging.getLogger("any.library").warning("sent %s and %s", KEY, "admin-token-0123", exc_info=ValueError(KEY))
     assert KEY not in caplog.text and "admin-token-0123" not in caplog.text
     assert caplog.text.count("[redacted]") == 3
+
+
+def test_protocol_headers_of_an_upstream_are_not_secrets() -> None:
+    upstream = Upstream(
+        provider="openai", base_url="https://api.example.com/v1",
+        headers={"Content-Type": "application/json", "OpenAI-Beta": "assistants=v2", "X-Org-Key": "org-key-12345"},
+    )
+    assert upstream_credentials(upstream) == ["org-key-12345"]

@@ -24,10 +24,17 @@ def policy_secrets(policy: Policy) -> Redactor:
     return Redactor(values)
 
 
+_PUBLIC_HEADERS = frozenset(
+    {"accept", "content-type", "user-agent", "openai-beta", "openai-version", "anthropic-version", "anthropic-beta"}
+)
+"""Headers whose values describe the protocol, never a credential: `application/json` in every answer's
+Content-Type must not become `[redacted]`."""
+
+
 def upstream_credentials(upstream: Upstream) -> list[str]:
     """What the proxy sends an upstream that may be secret: its key, its base_url's credentials, and its
-    header values (OpenAI-Organization, a gateway's own key: any may be one)."""
-    values = list(upstream.headers.values())
+    header values (OpenAI-Organization, a gateway's own key: any may be one, protocol headers aside)."""
+    values = [value for name, value in upstream.headers.items() if name.lower() not in _PUBLIC_HEADERS]
     if upstream.api_key is not None:
         values.append(upstream.api_key.get_secret_value())
     if upstream.base_url:
