@@ -66,7 +66,7 @@ class UpstreamQuota:
     async def take(self, call: Call, limit: Limit) -> UpstreamHold | UpstreamLimited:
         """Count one attempt of `call` in `limit`, or say why it may not go to that upstream now."""
         cost = 0
-        if limit.spec.tokens_per_minute:
+        if limit.spec.counts_tokens:
             cost = call.token_estimate
             if not cost:  # a call admission did not estimate (a merged embeddings batch)
                 default = call.route.default_max_tokens if call.route is not None else 1024
