@@ -112,7 +112,7 @@ class KeyState:
 
     def _refusal(self, now: float, tokens: int, concurrency_hint: float, headroom: float) -> Refusal | None:
         keep = 1.0 - headroom
-        found: list[tuple[Dimension, SlidingWindow | None, float | None, bool]] = []
+        found: list[_Found] = []
         concurrent = self.limit.spec.concurrent
         if concurrent is not None and self.in_use + 1 > concurrent * keep + _EPS:
             found.append(("concurrent", None, concurrency_hint, False))
@@ -121,18 +121,11 @@ class KeyState:
         for window in self.tokens if tokens else ():
             wait = window.wait(now, tokens, keep)
             found.append(("tokens", window, wait, not self.pending or wait is None))
-        worst = None
-        for dimension, window, wait, exact in found:
-            if wait == 0.0 and window is not None:
-                continue
-            if worst is None or wait is None or not worst[3] or wait > (worst[2] or 0.0):
-                worst = (dimension, window, wait, exact)
-            if wait is None:
-                break  # never fits: nothing says more
+        worst = _worst(found)
         if worst is None:
             return None
-        dimension, window, wait, exact = worst
-        unit = window.name.rpartition("_per_")[2] if window is not None else ""
+        dimension, refusing, wait, exact = worst
+        unit = refusing.name.rpartition("_per_")[2] if refusing is not None else ""
         return Refusal(self.limit, dimension, wait, exact, self.usage(now), unit, headroom)
 
     def take(self, now: float, tokens: int) -> None:
@@ -171,6 +164,24 @@ class KeyState:
             concurrent=(spec.concurrent, self.in_use) if spec.concurrent is not None else None,
             windows=requests + tokens,
         )
+
+
+_Found = tuple[Dimension, SlidingWindow | None, float | None, bool]
+"""(dimension, the window or None for concurrency, its wait, exact) of one check that refused."""
+
+
+def _worst(found: list[_Found]) -> _Found | None:
+    """The one to report: "never" first, then an exact wait over a hint, then the longest wait."""
+    worst: _Found | None = None
+    for entry in found:
+        _, window, wait, _ = entry
+        if wait == 0.0 and window is not None:
+            continue  # this window admits
+        if worst is None or wait is None or not worst[3] or wait > (worst[2] or 0.0):
+            worst = entry
+        if wait is None:
+            break  # never fits: nothing says more
+    return worst
 
 
 def _window(old: dict[str, SlidingWindow], rate: Rate, minute: float) -> SlidingWindow:

@@ -112,7 +112,7 @@ class UpstreamQuota:
         raise soonest
 
 
-_LIMIT_NAMES = {"requests": "requests per minute", "tokens": "tokens per minute", "concurrent": "concurrency"}
+_LIMIT_NAMES = {"requests": "request rate", "tokens": "token rate", "concurrent": "concurrency"}
 
 
 def _waiting_for(soonest: UpstreamLimited) -> Callable[[], str]:
