@@ -15,6 +15,8 @@ from proxy.admission.limits import KeyState, Refusal, describe, ratelimit_header
 from proxy.admission.local import LocalStore
 from proxy.admission.store import Reservation
 from proxy.policy.compile import compile_plan
+from proxy.policy.explain import explain
+from proxy.policy.explain_text import format_text
 from proxy.policy.load import PolicyError, load_policy
 from proxy.policy.plan import Limit, LimitSpec, Plan, QueueSpec, headroom_for
 
@@ -228,14 +230,14 @@ async def test_headroom_applies_to_tokens_and_concurrency_too() -> None:
 POLICY = """
 priorities: [host, planner, critic, reporter]
 upstreams:
-  up: {{provider: mock, limits: {{requests_per_minute: 500, requests_per_day: 10000}}}}
+  llm: {{provider: mock, limits: {{requests_per_minute: 500, requests_per_day: 10000}}}}
 tenants:
   app: {{keys: [sk-app], limits: {{requests_per_second: 5, tokens_per_hour: 90000}}}}
 queues:
   agents: {{concurrency: 50{queue}}}
 routes:
   - name: chat
-    upstream: up
+    upstream: llm
     queue: agents
     limits: {{tokens_per_day: 1000000, per_tenant: {{requests_per_hour: 100}}}}
 """
@@ -254,7 +256,7 @@ def test_every_unit_compiles_where_limits_are_written(write_policy: Callable[...
     (tenant, route_limit, pair) = route.limit_sets["app"].limits
     assert pair.spec == LimitSpec(requests_per_hour=100)
     assert route.limit_sets["app"].tokens  # tokens per hour and per day count tokens
-    up = plan.upstreams["up"].limit
+    up = plan.upstreams["llm"].limit
     assert up is not None and up.spec == LimitSpec(requests_per_minute=500, requests_per_day=10000)
     assert route.deployments[0].limit == up and not route.upstream_tokens
     assert plan.queues["agents"].headroom == ()
@@ -289,3 +291,18 @@ def test_bad_reserves_are_refused_with_their_place(
     assert message in problem.message
     assert problem.mark is not None and (problem.mark.file, problem.mark.line) == (str(path), 8)
     assert problem.path.startswith("queues.agents.reserve")
+
+
+def test_explain_shows_every_unit_and_each_class_headroom(write_policy: Callable[..., Path]) -> None:
+    loaded = load_policy(write_policy(POLICY.format(queue=", reserve: {host: 20%, planner: 10%}")))
+    answer = explain(loaded, compile_plan(loaded), model="m", path="/v1/chat/completions", tenant="app")
+    checks = {c["key"]: c for c in answer["limits"]["checks"]}
+    assert checks["tenant:app"]["requests_per_second"] == 5 and checks["tenant:app"]["tokens_per_hour"] == 90000
+    assert checks["route:chat"]["tokens_per_day"] == 1_000_000
+    assert checks["upstream:llm"]["requests_per_day"] == 10000
+    assert answer["queue"]["headroom_by_class"] == {
+        "value": {"host": "0%", "planner": "20%", "critic": "30%", "reporter": "30%"}, "from": "queues.agents",
+    }
+    text = format_text(answer)
+    assert "requests_per_second=5, tokens_per_hour=90000" in text
+    assert "requests_per_minute=500, requests_per_day=10000" in text
