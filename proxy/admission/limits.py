@@ -12,7 +12,8 @@ from typing import Literal
 # Re-exported: their home before there were units other than the minute.
 from proxy.admission.window import WINDOW as WINDOW
 from proxy.admission.window import SlidingWindow as SlidingWindow
-from proxy.policy.plan import Limit, LimitSpec, Rate
+from proxy.policy.plan import Limit, LimitSpec
+from proxy.policy.rates import Rate
 
 _EPS = 1e-9
 

@@ -1,11 +1,10 @@
 """The Redis limiter store: limits shared by every replica that points at the same Redis.
 
 One admission decision is one round trip: an EVALSHA of the acquire script (`redis_scripts.py`), which
-checks every limit of the request and counts it in all of them, or in none, with Redis's clock. Settle
-and release are one more round trip each, and only when the request holds tokens or a concurrency
-lease. Leases held by this replica are renewed by one keeper task per store (one call per renewal
-round for all of them, not one timer per request); a replica that dies stops renewing and its leases
-are reclaimed by the next acquire after they expire.
+checks every window of every limit of the request (with the class's headroom) and counts it in all or
+none, on Redis's clock. Settle and release are one more round trip each, only when the request holds
+tokens or a lease. One keeper task per store renews this replica's leases (one call per round, not a
+timer per request); a dead replica's leases are reclaimed by the next acquire after they expire.
 
 Redis trouble never fails a request: every call has a short timeout and goes through the store's own
 circuit breaker (`degrade.py`). A failed call, or any call while the breaker is open, falls back to
@@ -19,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import math
 import secrets
 import time
 from collections import deque
@@ -53,8 +51,7 @@ class SharedReservation(Reservation):
 
     prepared: tuple[codec.Prepared, ...] = ()
     stamps: tuple[tuple[int, int], ...] = ()
-    """Per limit, the Redis (sec, usec) it was counted at (limits in a Cluster may see different clocks):
-    a refund goes back to the windows of every unit that instant fell in."""
+    """Per limit (a Cluster's nodes differ), the Redis (sec, usec) it was counted at: refunds go there."""
     lease: str = ""
 
 
@@ -142,9 +139,7 @@ class RedisStore:
 
     # --- the LimiterStore interface -----------------------------------------------------------------
 
-    async def try_acquire(
-        self, limits: Sequence[Limit], tokens: int, *, headroom: float = 0.0
-    ) -> Reservation | Refusal:
+    async def try_acquire(self, limits: Sequence[Limit], tokens: int, *, headroom: float = 0) -> Reservation | Refusal:
         current = self._current
         if current is not None:
             limits = [current.get(limit.key, limit) for limit in limits]
@@ -236,15 +231,13 @@ class RedisStore:
         reply = await self._eval(ACQUIRE, keys, args)
         if int(reply[0]) != 1:
             return codec.refusal(prepared, reply, tokens, self._length, headroom)
-        stamp = (int(reply[1]), int(reply[2]))
-        return self._reserved(prepared, tokens, lease, (stamp,) * len(prepared))
+        return self._reserved(prepared, tokens, lease, ((int(reply[1]), int(reply[2])),) * len(prepared))
 
-    def _reserved(
-        self, prepared: tuple[codec.Prepared, ...], tokens: int, lease: str, stamps: tuple[tuple[int, int], ...]
-    ) -> SharedReservation:
+    def _reserved(self, prepared: tuple[codec.Prepared, ...], tokens: int, lease: str,
+                  stamps: tuple[tuple[int, int], ...]) -> SharedReservation:
         at = codec.redis_now(*stamps[0])
         return SharedReservation(
-            tuple(p.limit for p in prepared), math.floor(at / self._length), 1, tokens, bool(lease),
+            tuple(p.limit for p in prepared), int(at // self._length), 1, tokens, bool(lease),
             at=at, prepared=prepared, stamps=stamps, lease=lease,
         )
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.admission.limits import WINDOW, KeyState, Refusal, Usage
-from proxy.policy.plan import RATE_UNITS, Limit
+from proxy.policy.plan import Limit
+from proxy.policy.rates import RATE_UNITS
 
 CONCURRENCY_HINT = 1.0
 """Retry-After for a concurrency refusal (as the in-memory store): nobody knows when a lease frees."""

@@ -18,7 +18,8 @@ from typing import Any
 from pydantic import BaseModel
 
 from proxy.policy.load import LoadedPolicy
-from proxy.policy.plan import RATE_FIELDS, Limit, Matcher, Plan, RouteRule, TenantRule
+from proxy.policy.plan import Limit, Matcher, Plan, RouteRule, TenantRule
+from proxy.policy.rates import RATE_FIELDS
 from proxy.policy.schema import Policy, Route, Tenant, Upstream
 from proxy.policy.units import format_duration, mask_userinfo
 from proxy.providers.exchange import Untranslatable, choose
