@@ -20,10 +20,10 @@ import orjson
 from aiohttp import web
 
 from proxy import lifecycle
+from proxy.flow.gate import Queue
 from proxy.policy.explain import ExplainError, explain
 from proxy.policy.load import Problem
 from proxy.runtime import STATE, Runtime
-from proxy.scheduler import Queue
 
 TOKEN_ENV = "SIGNALBOX_ADMIN_TOKEN"
 _TOKEN: web.AppKey[str | None] = web.AppKey("signalbox_admin_token", str)
@@ -176,11 +176,17 @@ async def queue_items(request: web.Request) -> web.Response:
             "stream": t.stream,
             "waited_ms": round((now - t.enqueued) * 1000, 1),
             "position": queue.board.position(t),
+            "eta_s": _rounded(queue.eta_of(t)),
+            "waiting_for": queue.cause(t),
         }
         for t in queue.board.tickets()
     ]
     items.sort(key=lambda item: item["position"])
     return _json({"queue": queue.spec.name, "paused": queue.paused, "items": items})
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return round(seconds, 1) if seconds is not None else None
 
 
 async def pause_queue(request: web.Request) -> web.Response:

@@ -8,13 +8,13 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from proxy.admission.admit import Admission
-from proxy.admission.upstream import UpstreamQuota
 from proxy.batcher import Batcher
 from proxy.errors import ProxyError
+from proxy.flow.admit import Admission
+from proxy.flow.scheduler import PRIORITY_HEADER, Scheduler
+from proxy.flow.upstream import UpstreamQuota
 from proxy.policy.plan import Plan
 from proxy.policy.reload import Reloader
-from proxy.scheduler import PRIORITY_HEADER, Scheduler
 from proxy.streaming.relay import StreamSettings
 from proxy.telemetry.logging import AccessLog
 from proxy.telemetry.metrics import Metrics
@@ -73,7 +73,7 @@ class Runtime:
     admission: Admission = field(init=False)
     """Limits: the limiter store (counters survive reloads) and its metrics."""
     scheduler: Scheduler = field(init=False)
-    """Queues by name (slots, waiters, pause state survive reloads)."""
+    """Queues by name (slots, waiters, pause state survive reloads): the flow every call enters."""
     batcher: Batcher = field(init=False)
     """Open embedding batches by key, and their flushes (each takes one scheduler slot)."""
     upstreams: Registry = field(init=False)
@@ -81,7 +81,7 @@ class Runtime:
 
     def __post_init__(self) -> None:
         self.admission = Admission(metrics=self.metrics)
-        self.scheduler = Scheduler(self.metrics)
+        self.scheduler = Scheduler(self.metrics, admission=self.admission)
         # A batch waits for its one slot with its first caller's priority.
         self.batcher = Batcher(
             self.metrics, self.clients, lambda call, hdrs: self.scheduler.slot(call, hdrs.get(PRIORITY_HEADER))
@@ -90,7 +90,8 @@ class Runtime:
         self.metrics.in_flight.set_function(lambda: self.in_flight)  # read at scrape, not two locks per request
         self.upstreams = self.clients.registry
         self.upstreams.metrics = self.metrics
-        self.upstreams.quota = UpstreamQuota(self.admission)  # upstream limits, per attempt, in admission's store
+        # Upstream limits, per attempt, in admission's store; a finished attempt tells the queues.
+        self.upstreams.quota = UpstreamQuota(self.admission, self.scheduler.kick)
         self.metrics.before_scrape.append(self.upstreams.refresh_metrics)
 
     @property

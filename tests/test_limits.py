@@ -24,9 +24,9 @@ from proxy.admission.limits import (
 )
 from proxy.admission.local import LocalStore
 from proxy.admission.store import Reservation
-from proxy.admission.upstream import UpstreamHold
 from proxy.call import Attempt, Call
 from proxy.errors import UpstreamLimited
+from proxy.flow.upstream import UpstreamHold
 from proxy.policy.plan import Limit, LimitSpec
 from proxy.upstream.outgoing import wants_stream_usage
 

@@ -272,7 +272,8 @@ def _queues(policy: Policy) -> dict[str, QueueSpec]:
     return {
         name: QueueSpec(
             name, q.concurrency, q.max_waiting, q.max_wait, q.ageing, q.heartbeat_while_queued,
-            reserve.headroom(q.reserve, policy.priorities),
+            q.shed.waiting if q.shed is not None else None, q.shed.wait if q.shed is not None else None,
+            headroom=reserve.headroom(q.reserve, policy.priorities),
         )
         for name, q in policy.queues.items()
     }

@@ -167,6 +167,10 @@ class QueueSpec:
     max_wait: float
     ageing: float | None
     heartbeat: bool
+    shed_waiting: int | None = None
+    """Waiting count from which arrivals push out the lowest class (None: no shedding by count)."""
+    shed_wait: float | None = None
+    """Estimated wait past which arrivals push out the lowest class (None: no shedding by wait)."""
     headroom: tuple[float, ...] = ()
     """By class index (0 is the highest): the share of every limit a request of that class must leave
     free, the sum of `reserve` of the classes above it. Empty: no reserves (every class 0)."""

@@ -69,6 +69,14 @@ class RouteLimits(Limits):
     """Applied to each (route, tenant) pair on its own."""
 
 
+class Shed(Strict):
+    waiting: int | None = Field(default=None, ge=1)
+    """From this many waiting requests, an arrival pushes out the newest waiter of the lowest class below
+    its own (or is refused itself when no lower class waits)."""
+    wait: Duration | None = None
+    """The same, when an arrival's estimated wait passes this."""
+
+
 class Queue(Strict):
     """A named waiting room; routes that name the same queue share its slots."""
 
@@ -81,6 +89,8 @@ class Queue(Strict):
     """A waiting request moves up one priority class per `ageing` waited (starvation guard)."""
     heartbeat_while_queued: bool = False
     """Streams that must wait get their 200 + SSE headers at once and `: queued position=N` comments."""
+    shed: Shed | None = None
+    """Class-aware load shedding: past a threshold the lowest class waiting is refused first."""
     reserve: dict[str, Percent] = Field(default_factory=dict)
     """Priority class -> share of every limit its requests wait in (requests and tokens at every unit,
     concurrency) kept free for it and the classes above it: a lower class is refused while taking one
