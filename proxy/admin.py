@@ -161,14 +161,13 @@ def _summary(queue: Queue, now: float) -> dict[str, Any]:
 
 def _usage(usage: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"key": usage.key, "scope": usage.scope, "tenant": usage.tenant or None}
-    for name, meter in (("requests_per_minute", usage.requests), ("tokens_per_minute", usage.tokens)):
-        if meter is not None:
-            out[name] = {
-                "limit": meter.limit,
-                "used": round(meter.used, 1),
-                "remaining": meter.remaining,
-                "reset_s": round(meter.reset, 3),
-            }
+    for meter in usage.windows:  # one entry per window: requests_per_minute, tokens_per_day, ...
+        out[meter.name] = {
+            "limit": meter.limit,
+            "used": round(meter.used, 1),
+            "remaining": meter.remaining,
+            "reset_s": round(meter.reset, 3),
+        }
     if usage.concurrent is not None:
         out["concurrent"] = {"limit": usage.concurrent[0], "in_use": usage.concurrent[1]}
     return out

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from proxy.admission import tokens as tok
-from proxy.admission.limits import Refusal, go_duration, ratelimit_headers
+from proxy.admission.limits import Refusal, describe, go_duration, ratelimit_headers
 from proxy.admission.local import LocalStore
 from proxy.admission.store import LimiterStore, Reservation
 from proxy.call import Call
@@ -78,9 +78,8 @@ class Admission:
                     metrics.count_tokens(tenant, kind, totals[i] - exported[i])
                     exported[i] = totals[i]
         for usage in await self.store.remaining():
-            for name, meter in (("requests_per_minute", usage.requests), ("tokens_per_minute", usage.tokens)):
-                if meter is not None:
-                    metrics.limiter_remaining.labels(usage.tenant, f"{usage.key}/{name}").set(meter.remaining)
+            for meter in usage.windows:
+                metrics.limiter_remaining.labels(usage.tenant, f"{usage.key}/{meter.name}").set(meter.remaining)
             if usage.concurrent is not None:
                 free = usage.concurrent[0] - usage.concurrent[1]
                 metrics.limiter_remaining.labels(usage.tenant, f"{usage.key}/concurrent").set(free)
@@ -177,15 +176,9 @@ REASONS = {"requests": "rate_limit", "tokens": "token_limit", "concurrent": "con
 
 
 def describe_refusal(refusal: Refusal) -> str:
-    """Which limit and what it allows: `route 'chat' (500 requests per minute)`."""
-    limit = refusal.limit
-    spec = limit.spec
-    allows = {
-        "requests": f"{spec.requests_per_minute} requests per minute",
-        "tokens": f"{spec.tokens_per_minute} tokens per minute",
-        "concurrent": f"{spec.concurrent} requests at once",
-    }[refusal.dimension]
-    return f"{limit.scope} ({allows})"
+    """Which limit and what it allows: `route 'chat' (allows 5 requests per second)`."""
+    spec = refusal.limit.spec
+    return f"{refusal.limit.scope} ({describe(spec, refusal.dimension, refusal.unit, refusal.headroom)})"
 
 
 def refusal_message(refusal: Refusal, call: Call | None, cost: int, waited: bool) -> str:
@@ -194,20 +187,20 @@ def refusal_message(refusal: Refusal, call: Call | None, cost: int, waited: bool
     spec = limit.spec
     tenant = call.tenant if call is not None else None
     whose = f" (tenant '{tenant.name}')" if not limit.tenant and tenant is not None else ""
-    if refusal.retry_after is None:
-        return (
-            f"request too large: it reserves {cost} tokens (prompt estimate + max output) but "
-            f"{limit.scope}{whose} allows {spec.tokens_per_minute} tokens per minute; "
-            "lower max_tokens or shorten the prompt"
-        )
+    allows = describe(spec, refusal.dimension, refusal.unit, refusal.headroom)
     who = f"{limit.scope}{whose}"
-    what = {
-        "requests": f"rate limit exceeded: {who} allows {spec.requests_per_minute} requests per minute",
-        "tokens": f"token limit exceeded: {who} allows {spec.tokens_per_minute} tokens per minute "
-        f"and this request reserves {cost}",
-        "concurrent": f"concurrency limit exceeded: {who} allows {spec.concurrent} requests at once",
-    }
-    text = what[refusal.dimension]
+    if refusal.retry_after is None:
+        if refusal.dimension == "tokens":
+            return (
+                f"request too large: it reserves {cost} tokens (prompt estimate + max output) but "
+                f"{who} {allows}; lower max_tokens or shorten the prompt"
+            )
+        return f"{who} {allows}, which leaves this priority class nothing; send it with a higher class"
+    text = {
+        "requests": f"rate limit exceeded: {who} {allows}",
+        "tokens": f"token limit exceeded: {who} {allows} and this request reserves {cost}",
+        "concurrent": f"concurrency limit exceeded: {who} {allows}",
+    }[refusal.dimension]
     queue = call.route.queue if call is not None and call.route is not None else None
     if waited and queue is not None and call is not None:
         text = f"waited {call.elapsed():.1f}s in queue '{queue.name}' (its max_wait); still {text}"

@@ -29,11 +29,12 @@ def departure_rate(departures: Sequence[float], now: float) -> float | None:
 
 
 def refill_rate(refusal: Refusal) -> float | None:
-    """Requests per second the refusing limit lets through (None: not a rate, e.g. concurrency)."""
-    spec = refusal.limit.spec
-    if refusal.dimension == "requests" and spec.requests_per_minute:
-        return spec.requests_per_minute / 60.0
-    return None
+    """Requests per second the refusing window lets through (None: not a rate, e.g. concurrency)."""
+    if refusal.dimension != "requests":
+        return None
+    rates = [r.limit / r.seconds for r in refusal.limit.spec.rates() if r.dimension == "requests"
+             and r.unit == refusal.unit]
+    return rates[0] if rates else None
 
 
 def eta(position: int, departures_per_s: float | None, refill_per_s: float | None) -> float | None:

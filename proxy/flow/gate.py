@@ -358,7 +358,7 @@ async def acquire(store: LimiterStore | None, need: Need, closed: dict[str, Refu
             if limit.key in closed:
                 first = first or closed[limit.key]
                 continue
-            held = await _try(store, (limit,), need.upstream_cost if limit.spec.tokens_per_minute else 0,
+            held = await _try(store, (limit,), need.upstream_cost if limit.spec.counts_tokens else 0,
                               need.headroom)
             if isinstance(held, Reservation):
                 grant.upstream, grant.upstream_limit = held, limit
@@ -373,9 +373,7 @@ async def acquire(store: LimiterStore | None, need: Need, closed: dict[str, Refu
 
 
 async def _try(store: LimiterStore, limits: tuple[Limit, ...], cost: int, headroom: float) -> Reservation | Refusal:
-    if headroom:
-        return await store.try_acquire(limits, cost, headroom=headroom)  # type: ignore[call-arg]
-    return await store.try_acquire(limits, cost)
+    return await store.try_acquire(limits, cost, headroom=headroom)
 
 
 async def give_back(store: LimiterStore | None, grant: Grant) -> None:

@@ -36,5 +36,5 @@ def refusal(spec: QueueSpec, waiting: int, eta: float | None) -> QueueShed:
 
 def headroom(spec: QueueSpec, cls: int) -> float:
     """The share of each shared budget class `cls` must leave free (0 for the top class)."""
-    shares: tuple[float, ...] = getattr(spec, "headroom", ())
+    shares = spec.headroom
     return shares[cls] if cls < len(shares) else 0.0

@@ -79,7 +79,7 @@ class UpstreamQuota:
             call.prehold = None
             return prehold[1]
         cost = 0
-        if limit.spec.tokens_per_minute:
+        if limit.spec.counts_tokens:
             cost = call.token_estimate
             if not cost:  # a call admission did not estimate (a merged embeddings batch)
                 default = call.route.default_max_tokens if call.route is not None else 1024
@@ -130,7 +130,7 @@ class UpstreamQuota:
         raise soonest
 
 
-_LIMIT_NAMES = {"requests": "requests per minute", "tokens": "tokens per minute", "concurrent": "concurrency"}
+_LIMIT_NAMES = {"requests": "request rate", "tokens": "token rate", "concurrent": "concurrency"}
 
 
 def _waiting_for(soonest: UpstreamLimited) -> Callable[[], str]:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import base64
-from dataclasses import replace
+from dataclasses import fields, replace
 from types import MappingProxyType
 
-from proxy.policy import resilience
+from proxy.policy import reserve, resilience
 from proxy.policy.load import LoadedPolicy
 from proxy.policy.plan import (
     BatchRule,
@@ -221,7 +221,7 @@ def _admission(
             candidates = (tenants[tenant].limit, route_limit, pair)
             found = tuple(x for x in candidates if x is not None)
             if found:
-                sets[tenant] = LimitSet(found, any(x.spec.tokens_per_minute for x in found))
+                sets[tenant] = LimitSet(found, any(x.spec.counts_tokens for x in found))
         compiled.append(
             replace(
                 rule,
@@ -260,7 +260,7 @@ def _upstream_flags(routes: list[RouteRule]) -> tuple[RouteRule, ...]:
                 reached += [d.limit for d in by_name[name].deployments]
         limits = [limit for limit in reached if limit is not None]
         if limits:
-            tokens = any(limit.spec.tokens_per_minute for limit in limits)
+            tokens = any(limit.spec.counts_tokens for limit in limits)
             rule = replace(rule, upstream_limited=True, upstream_tokens=tokens)
         out.append(rule)
     return tuple(out)
@@ -269,7 +269,7 @@ def _upstream_flags(routes: list[RouteRule]) -> tuple[RouteRule, ...]:
 def _limit(limits: Limits | None, key: str, scope: str, tenant: str) -> Limit | None:
     if limits is None:
         return None
-    spec = LimitSpec(limits.requests_per_minute, limits.tokens_per_minute, limits.concurrent)
+    spec = LimitSpec(**{f.name: getattr(limits, f.name) for f in fields(LimitSpec)})
     return Limit(key, scope, tenant, spec) if spec != LimitSpec() else None
 
 
@@ -278,6 +278,7 @@ def _queues(policy: Policy) -> dict[str, QueueSpec]:
         name: QueueSpec(
             name, q.concurrency, q.max_waiting, q.max_wait, q.ageing, q.heartbeat_while_queued,
             q.shed.waiting if q.shed is not None else None, q.shed.wait if q.shed is not None else None,
+            headroom=reserve.headroom(q.reserve, policy.priorities),
         )
         for name, q in policy.queues.items()
     }

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from proxy.policy.rates import LimitSpec as LimitSpec  # its home before rate units
 from proxy.providers.exchange import DEFAULT_MAX_TOKENS as ANTHROPIC_DEFAULT_MAX_TOKENS
 from proxy.redact import EMPTY, Redactor
 
@@ -137,13 +138,6 @@ class MockPlan:
 
 
 @dataclass(frozen=True, slots=True)
-class LimitSpec:
-    requests_per_minute: int | None = None
-    tokens_per_minute: int | None = None
-    concurrent: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class Limit:
     """One named limit. `key` names its counters in the limiter store, so a reload that keeps the
     key keeps the counts; `scope` is how messages name it."""
@@ -178,6 +172,16 @@ class QueueSpec:
     """Waiting count from which arrivals push out the lowest class (None: no shedding by count)."""
     shed_wait: float | None = None
     """Estimated wait past which arrivals push out the lowest class (None: no shedding by wait)."""
+    headroom: tuple[float, ...] = ()
+    """By class index (0 is the highest): the share of every limit a request of that class must leave
+    free, the sum of `reserve` of the classes above it. Empty: no reserves (every class 0)."""
+
+
+def headroom_for(queue: QueueSpec | None, cls: int) -> float:
+    """The `headroom` to pass to `LimiterStore.try_acquire` for a request of class `cls` in `queue`."""
+    if queue is None or not 0 <= cls < len(queue.headroom):
+        return 0.0
+    return queue.headroom[cls]
 
 
 @dataclass(frozen=True, slots=True)
