@@ -23,6 +23,7 @@ from aiohttp import web
 from proxy import multipart
 from proxy.admission.admit import NOTHING
 from proxy.call import Call
+from proxy.edge import timeouts as edge
 from proxy.errors import (
     AuthenticationFailed,
     BodyTooLarge,
@@ -123,7 +124,7 @@ async def handle(request: web.Request, call: Call, state: Runtime) -> web.Stream
             param="path",
         )
     call.tenant = identify(request, plan)
-    await read_body(request, call, plan.max_body_size)
+    await read_body(request, call, plan.max_body_size, state.settings.client_timeouts)
     call.route = resolve(call, plan)
     if call.route.batch is not None:  # embeddings: admitted one by one, one scheduler slot per batch
         async with state.admission.admit(call):
@@ -258,21 +259,16 @@ def _bearer(value: str | None) -> str | None:
     return None
 
 
-async def read_body(request: web.Request, call: Call, limit: int) -> None:
-    """Read the body once, within the size limit, and parse it once."""
+async def read_body(request: web.Request, call: Call, limit: int, timeouts: edge.ClientTimeouts) -> None:
+    """Read the body once, within the size limit and the body timeouts, and parse it once."""
     if not request.body_exists:
         return
     length = request.content_length
     if length is not None and length > limit:
         raise BodyTooLarge(_too_large(length, limit))
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(_too_large(size, limit))
-        chunks.append(chunk)
-    call.raw_body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    call.raw_body = await edge.read_body(
+        request.content, limit, lambda size: BodyTooLarge(_too_large(size, limit)), timeouts
+    )
     if not call.raw_body:
         return
     content_type = request.headers.get("Content-Type")

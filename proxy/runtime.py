@@ -11,6 +11,7 @@ from aiohttp import web
 from proxy.admission.admit import Admission
 from proxy.admission.upstream import UpstreamQuota
 from proxy.batcher import Batcher
+from proxy.edge.timeouts import ClientTimeouts
 from proxy.errors import ProxyError
 from proxy.policy.plan import Plan
 from proxy.policy.reload import Reloader
@@ -52,6 +53,8 @@ class Settings:
     admin_auth_disabled: bool = False
     """Serve the admin API without a token (the CLI allows it only on a loopback admin host)."""
     stream: StreamSettings = field(default_factory=StreamSettings)
+    client_timeouts: ClientTimeouts = field(default_factory=ClientTimeouts)
+    """How long a client may take over a request's head and body, and stay idle between requests."""
 
 
 @dataclass(slots=True)
