@@ -12,7 +12,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
@@ -65,6 +65,15 @@ def new_request_id() -> str:
     return f"{random.getrandbits(96):024x}"
 
 
+def request_id_of(headers: Mapping[str, str]) -> str:
+    """The client's x-request-id if it is a plain token (printable ASCII, at most 128 characters), else a
+    new one: it is echoed in a response header and written to the access log, which take no other bytes."""
+    sent = headers.get("x-request-id")
+    if sent and len(sent) <= 128 and sent.isascii() and sent.isprintable():
+        return sent
+    return new_request_id()
+
+
 Stage = Callable[[web.Request, Call, Runtime], Awaitable[web.StreamResponse]]
 
 
@@ -82,7 +91,7 @@ async def _served(request: web.Request, stage: Stage, protocol: Protocol) -> web
     """One request through `stage`: errors in the client's protocol, then metrics and the access log."""
     state = request.app[STATE]
     call = Call(
-        request_id=request.headers.get("x-request-id") or new_request_id(),
+        request_id=request_id_of(request.headers),
         plan=state.plans.current,
         method=request.method,
         path=request.rel_url.raw_path,  # percent-encoded as sent: matched and forwarded without decoding
@@ -249,7 +258,7 @@ def identify(request: web.Request, plan: Plan) -> TenantRule:
         raise AuthenticationFailed(f"no tenant: send the {ident.header} header")
     tenant_rule = plan.tenants.get(name)
     if tenant_rule is None:
-        raise AuthenticationFailed(f"unknown tenant '{name}' in the {ident.header} header")
+        raise AuthenticationFailed(f"the {ident.header} header names no tenant of this proxy (value not repeated)")
     return tenant_rule
 
 

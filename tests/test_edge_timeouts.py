@@ -81,9 +81,10 @@ async def test_an_idle_kept_alive_connection_is_closed_after_its_answer(port: in
     assert talk.answers[0].headers.get("connection") != "close"  # kept alive, then closed for idleness
 
 
-async def test_a_body_that_stops_gets_a_408_and_is_closed(port: int) -> None:
+@pytest.mark.parametrize("sent", [0, 10])
+async def test_a_body_that_stops_gets_a_408_and_is_closed(port: int, sent: int) -> None:
     head = f"{HEAD}Content-Type: application/json\r\nContent-Length: {len(CHAT)}\r\n\r\n".encode()
-    talk = await converse(port, drip(head + CHAT[:10], b"", 3600))
+    talk = await converse(port, drip(head + CHAT[:sent], b"", 3600))
     assert_timed_out(talk, mentions="--body-idle-timeout")
 
 

@@ -21,6 +21,7 @@ from aiohttp.http_exceptions import (
     LineTooLong,
     TransferEncodingError,
 )
+from aiohttp.web import RequestPayloadError
 
 from proxy.errors import (
     HeadersTooLarge,
@@ -76,7 +77,7 @@ _FRAMING = "the request's body framing (Content-Length or chunked Transfer-Encod
 _HEADER = "a header's name or value has a character HTTP does not allow (a control byte, for instance)"
 
 
-def for_parse_error(exc: BaseException | None, max_field_size: int) -> Failure:
+def for_parse_error(exc: BaseException | None, max_field_size: int, max_headers: int) -> Failure:
     """The answer to a request the HTTP parser refused (or gave up waiting for)."""
     if isinstance(exc, HeadTimeout):
         message = f"the request line and headers did not arrive within {exc.limit:g} s (serve --header-timeout)"
@@ -90,15 +91,23 @@ def for_parse_error(exc: BaseException | None, max_field_size: int) -> Failure:
         return Failure(_malformed("the request line does not start with an HTTP method"), "not HTTP", quiet=True)
     if isinstance(exc, BadStatusLine | InvalidURLError):
         return Failure(_malformed("the request line is not 'METHOD /path HTTP/1.1'"), "bad request line")
-    if isinstance(exc, TransferEncodingError | ContentLengthError):
-        return Failure(_malformed(_FRAMING), "bad body framing")
+    if isinstance(exc, TransferEncodingError | ContentLengthError | RequestPayloadError):
+        return Failure(_malformed(_FRAMING), "bad body framing or encoding")
     if isinstance(exc, BadHttpMessage):
-        return _by_reason(exc.message.split("\n", 1)[0].lower())
+        reason = exc.message.split("\n", 1)[0].lower()
+        if reason.startswith("too many"):
+            message = f"the request has more than {max_headers} header fields"
+            return Failure(HeadersTooLarge(message), "too many headers")
+        return _by_reason(reason)
     return Failure(_malformed("the request is not valid HTTP/1.1"), "malformed")
 
 
 def _by_reason(reason: str) -> Failure:
-    """llhttp's reason line (a fixed text such as "Invalid header value char") says which part failed."""
+    """The parser's reason line (a fixed text such as "Invalid header value char") says which part failed."""
+    if "missing 'host'" in reason:
+        return Failure(_malformed("an HTTP/1.1 request needs a Host header"), "no Host header")
+    if reason.startswith("duplicate"):
+        return Failure(_malformed("a header that may appear once appears twice"), "duplicate header")
     if "chunk" in reason or "content-length" in reason or "transfer-encoding" in reason:
         return Failure(_malformed(_FRAMING), "bad body framing")
     if "pri/upgrade" in reason:

@@ -27,6 +27,7 @@ import logging
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from aiohttp.web_request import BaseRequest
@@ -34,7 +35,7 @@ from aiohttp.web_request import BaseRequest
 from proxy.edge import answers
 from proxy.edge.timeouts import ClientTimeouts
 from proxy.errors import ProxyError, render
-from proxy.ingress import new_request_id
+from proxy.ingress import request_id_of
 
 log = logging.getLogger("signalbox.edge")
 _AFTER = 1.0
@@ -98,7 +99,7 @@ class GuardedHandler(RequestHandler):
         # The body of a request already handed out is malformed: end that body instead of queuing a second
         # answer behind a read that would never finish.
         self._messages.pop()
-        self._report(answers.for_parse_error(message.exc, self.max_field_size).kind)
+        self._report(self._failure(message.exc).kind)
         if self._request_in_progress:
             body.set_exception(web.RequestPayloadError("invalid body framing"))
         else:
@@ -142,14 +143,14 @@ class GuardedHandler(RequestHandler):
             error = answers.for_handler_failure(status)
             protocol = answers.protocol_of(request.path, request.headers)
         else:
-            failure = answers.for_parse_error(exc, self.max_field_size)
+            failure = self._failure(exc)
             self._report(failure.kind, quiet=failure.quiet)
             error = failure.error
             protocol = answers.protocol_of_head(self._head)
         self._head = None
         if request.writer.output_size > 0:
             raise ConnectionError("the response had begun: the connection is closed instead")
-        response = render(error, protocol, request.headers.get("x-request-id") or new_request_id())
+        response = render(error, protocol, request_id_of(request.headers))
         response.force_close()
         return response
 
@@ -158,9 +159,22 @@ class GuardedHandler(RequestHandler):
     ) -> tuple[web.StreamResponse, bool]:
         if isinstance(resp, web.HTTPException) and resp.status >= 400:  # the router's 404/405, Expect's 417
             error = answers.for_http_refusal(resp.status, resp.headers.get("Allow"), request.path, self._admin)
-            request_id = request.headers.get("x-request-id") or new_request_id()
+            request_id = request_id_of(request.headers)
             resp = render(error, answers.protocol_of(request.path, request.headers), request_id)
         return await super().finish_response(request, resp, start_time)
+
+    def _failure(self, exc: BaseException | None) -> answers.Failure:
+        return answers.for_parse_error(exc, self.max_field_size, self.max_headers)
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        """aiohttp's "Unhandled exception": also what it says when the unread rest of a body it is
+        discarding after an answer turns out malformed (bad gzip, say). That is the client's fault, not
+        ours: one line without a traceback. Anything else keeps its traceback."""
+        exc = kw.get("exc_info")
+        if isinstance(exc, web.RequestPayloadError | HttpProcessingError):
+            self._report(self._failure(exc).kind)
+            return
+        super().log_exception(*args, **kw)
 
     def _report(self, kind: str, *, quiet: bool = False) -> None:
         """One log line per connection, naming the kind of fault and the peer, never request bytes."""

@@ -69,7 +69,7 @@ async def _read_timed(
     when = min(loop.time() + timeouts.body_idle, last)
     try:
         # One timer for the whole read, moved on at each chunk: the sooner of the idle and total limits.
-        async with asyncio.timeout(when) as clock:
+        async with asyncio.timeout_at(when) as clock:
             while chunk := await content.readany():
                 size += len(chunk)
                 if size > limit:
