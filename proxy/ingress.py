@@ -258,7 +258,8 @@ def identify(request: web.Request, plan: Plan) -> TenantRule:
         raise AuthenticationFailed(f"no tenant: send the {ident.header} header")
     tenant_rule = plan.tenants.get(name)
     if tenant_rule is None:
-        raise AuthenticationFailed(f"the {ident.header} header names no tenant of this proxy (value not repeated)")
+        shown = f"'{name}'" if len(name) <= 64 and name.isascii() and name.isprintable() else "(not shown)"
+        raise AuthenticationFailed(f"unknown tenant {shown} in the {ident.header} header")
     return tenant_rule
 
 

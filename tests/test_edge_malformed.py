@@ -178,6 +178,22 @@ async def test_bad_chunk_framing_after_the_head_gets_exactly_one_answer(
     assert_clean_logs(logs, 1)
 
 
+async def test_pipelined_requests_are_answered_in_order_and_garbage_after_them_gets_its_400(proxy: Proxy) -> None:
+    health = b"GET /healthz HTTP/1.1\r\nHost: proxy\r\n\r\n"
+    body = f"Content-Length: {len(CHAT)}\r\n".encode()
+
+    async def pipeline(writer: asyncio.StreamWriter) -> None:
+        writer.write(health + post(AUTH + body) + health)  # one write: three requests
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.write(b"\x01\x02 nonsense\r\n\r\n")
+        await asyncio.Event().wait()
+
+    talk = await converse(port_of(proxy), pipeline)
+    assert [a.status for a in talk.answers] == [200, 200, 200, 400]
+    assert talk.closed_by_server
+
+
 async def test_an_unknown_expect_value_is_refused_without_echoing_it(
     proxy: Proxy, logs: pytest.LogCaptureFixture
 ) -> None:
