@@ -81,6 +81,19 @@ async def test_an_idle_kept_alive_connection_is_closed_after_its_answer(port: in
     assert talk.answers[0].headers.get("connection") != "close"  # kept alive, then closed for idleness
 
 
+async def test_the_next_head_on_a_kept_alive_connection_is_timed_too(port: int) -> None:
+    async def one_request_then_half_a_head(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: proxy\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        await drip(b"GET /v1/mo", b"d", 0.1)(writer)
+
+    talk = await converse(port, one_request_then_half_a_head)
+    assert talk.closed_by_server
+    assert [a.status for a in talk.answers] == [200, 408]
+    assert "--header-timeout" in talk.answers[1].json()["error"]["message"]
+
+
 @pytest.mark.parametrize("sent", [0, 10])
 async def test_a_body_that_stops_gets_a_408_and_is_closed(port: int, sent: int) -> None:
     head = f"{HEAD}Content-Type: application/json\r\nContent-Length: {len(CHAT)}\r\n\r\n".encode()

@@ -43,7 +43,7 @@ _AFTER = 1.0
 
 
 class GuardedHandler(RequestHandler):
-    __slots__ = ("_admin", "_body", "_head", "_head_timer", "_reported", "_timeouts")
+    __slots__ = ("_admin", "_body", "_head", "_head_started", "_head_timer", "_reported", "_timeouts")
 
     def __init__(self, manager: web.Server, timeouts: ClientTimeouts, admin: bool, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -51,6 +51,7 @@ class GuardedHandler(RequestHandler):
         self._admin = admin
         self._head: bytes | None = None
         """The first bytes of the request being read (up to SNIFF), to answer a parse failure in its protocol."""
+        self._head_started = 0.0
         self._head_timer: asyncio.TimerHandle | None = None
         self._body: StreamReader | None = None
         """The body of the last request handed to a handler; bytes are body bytes until it ends."""
@@ -58,7 +59,7 @@ class GuardedHandler(RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self._start_head_clock()
+        self._start_head_clock(self._loop.time())  # a new connection's first head is timed from the accept
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._stop_head_clock()
@@ -77,12 +78,15 @@ class GuardedHandler(RequestHandler):
         super().data_received(data)
         if self._request_count != count:
             self._parsed(body if in_body else None, waiting)
+        elif self._head is not None and self._head_timer is None:
+            # A kept-alive connection's next head did not come whole in one read: its clock runs from its
+            # first byte. (A head that comes whole, the usual case, never costs a timer.)
+            self._start_head_clock(self._head_started)
 
     def _note_head(self, data: bytes) -> None:
         if self._head is None:
             self._head = data
-            if self._head_timer is None:  # a kept-alive connection: the next request's clock starts now
-                self._start_head_clock()
+            self._head_started = self._loop.time()
         elif len(self._head) < answers.SNIFF:
             self._head += data[: answers.SNIFF]
 
@@ -106,9 +110,9 @@ class GuardedHandler(RequestHandler):
             body.feed_eof()  # answered already (aiohttp is discarding the rest): just stop waiting for it
         self.close()
 
-    def _start_head_clock(self) -> None:
+    def _start_head_clock(self, started: float) -> None:
         loop = self._loop
-        deadline = loop.time() + self._timeouts.header
+        deadline = started + self._timeouts.header
         self._head_timer = loop.call_at(deadline, self._head_late)
         self._next_keepalive_close_time = max(self._next_keepalive_close_time, deadline + _AFTER)
 
@@ -122,7 +126,7 @@ class GuardedHandler(RequestHandler):
         if self._force_close or self._close or self.transport is None:
             return
         if self._request_in_progress:  # an earlier request on this connection is still being answered
-            self._start_head_clock()
+            self._start_head_clock(self._loop.time())
             return
         waiter = self._waiter
         if not self._head or waiter is None or waiter.done():
