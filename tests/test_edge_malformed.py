@@ -114,6 +114,8 @@ async def test_malformed_http_gets_json_that_quotes_nothing(
     raw, status, code = MALFORMED[case]
     talk = await converse(port_of(proxy), raw)
     assert_error(talk, status, code=code)
+    reason = talk.answers[0].json()["error"]["code"]
+    assert proxy.state.metrics.errors.get(reason) == 1  # counted with the proxy's other refusals
     assert_clean_logs(logs, 1)
     assert len([r for r in logs.records if r.name == "signalbox.edge"]) == 1  # logged, once
 

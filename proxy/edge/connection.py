@@ -36,6 +36,8 @@ from proxy.edge import answers
 from proxy.edge.timeouts import ClientTimeouts
 from proxy.errors import ProxyError, render
 from proxy.ingress import request_id_of
+from proxy.runtime import STATE
+from proxy.telemetry.hot import HotCounter
 
 log = logging.getLogger("signalbox.edge")
 _AFTER = 1.0
@@ -43,12 +45,16 @@ _AFTER = 1.0
 
 
 class GuardedHandler(RequestHandler):
-    __slots__ = ("_admin", "_body", "_head", "_head_started", "_head_timer", "_reported", "_timeouts")
+    __slots__ = ("_admin", "_body", "_errors", "_head", "_head_started", "_head_timer", "_reported", "_timeouts")
 
-    def __init__(self, manager: web.Server, timeouts: ClientTimeouts, admin: bool, **kwargs: Any) -> None:
+    def __init__(
+        self, manager: web.Server, timeouts: ClientTimeouts, admin: bool, errors: HotCounter | None, **kwargs: Any
+    ) -> None:
         super().__init__(manager, **kwargs)
         self._timeouts = timeouts
         self._admin = admin
+        self._errors = errors
+        """signalbox_proxy_errors_total, which counts these answers like the handlers' own."""
         self._head: bytes | None = None
         """The first bytes of the request being read (up to SNIFF), to answer a parse failure in its protocol."""
         self._head_started = 0.0
@@ -154,6 +160,7 @@ class GuardedHandler(RequestHandler):
         self._head = None
         if request.writer.output_size > 0:
             raise ConnectionError("the response had begun: the connection is closed instead")
+        self._count(error)
         response = render(error, protocol, request_id_of(request.headers))
         response.force_close()
         return response
@@ -165,7 +172,12 @@ class GuardedHandler(RequestHandler):
             error = answers.for_http_refusal(resp.status, resp.headers.get("Allow"), request.path, self._admin)
             request_id = request_id_of(request.headers)
             resp = render(error, answers.protocol_of(request.path, request.headers), request_id)
+            self._count(error)
         return await super().finish_response(request, resp, start_time)
+
+    def _count(self, error: ProxyError) -> None:
+        if self._errors is not None:
+            self._errors.inc((error.reason,))
 
     def _failure(self, exc: BaseException | None) -> answers.Failure:
         return answers.for_parse_error(exc, self.max_field_size, self.max_headers)
@@ -194,14 +206,15 @@ class GuardedServer(web.Server):
     """aiohttp's Server, making GuardedHandlers."""
 
     def __init__(
-        self, handler: Any, *, timeouts: ClientTimeouts, admin: bool, **kwargs: Any
+        self, handler: Any, *, timeouts: ClientTimeouts, admin: bool, errors: HotCounter | None, **kwargs: Any
     ) -> None:
         super().__init__(handler, **kwargs)
         self._timeouts = timeouts
         self._admin = admin
+        self._errors = errors
 
     def __call__(self) -> RequestHandler:
-        return GuardedHandler(self, self._timeouts, self._admin, loop=self._loop, **self._kwargs)
+        return GuardedHandler(self, self._timeouts, self._admin, self._errors, loop=self._loop, **self._kwargs)
 
 
 class GuardedRunner(web.AppRunner):
@@ -224,6 +237,7 @@ class GuardedRunner(web.AppRunner):
             plain.request_handler,
             timeouts=self._timeouts,
             admin=self._admin,
+            errors=self.app[STATE].metrics.errors if STATE in self.app else None,
             request_factory=plain.request_factory,
             handler_cancellation=plain.handler_cancellation,
             loop=asyncio.get_running_loop(),
