@@ -193,6 +193,7 @@ async def test_pipelined_requests_are_answered_in_order_and_garbage_after_them_g
 
     talk = await converse(port_of(proxy), pipeline)
     assert [a.status for a in talk.answers] == [200, 200, 200, 400]
+    assert talk.answers[-1].json()["error"]["code"] == "malformed_request"
     assert talk.closed_by_server
 
 

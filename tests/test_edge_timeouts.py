@@ -116,18 +116,21 @@ async def test_a_body_that_trickles_gets_a_408_and_is_closed(port: int, framing:
 
 async def test_a_client_slow_within_every_limit_is_served(port: int, echo: EchoUpstream) -> None:
     """Head split in two, body in three parts, each gap shorter than its limit but the sum longer than
-    the header and body-idle limits: timers restart where they should, and the request goes through."""
-    head = f"{HEAD}Content-Type: application/json\r\nContent-Length: {len(CHAT)}\r\nConnection: close\r\n\r\n"
+    the header and body-idle limits: timers restart where they should, and the request goes through
+    (then the idle connection is closed)."""
+    head = f"{HEAD}Content-Type: application/json\r\nContent-Length: {len(CHAT)}\r\n\r\n"
 
     async def slow(writer: asyncio.StreamWriter) -> None:
         for part in (head[:40].encode(), head[40:].encode(), CHAT[:20], CHAT[20:40], CHAT[40:]):
             writer.write(part)
             await writer.drain()
             await asyncio.sleep(0.3)
+        await silent(writer)
 
     talk = await converse(port, slow)
     assert [a.status for a in talk.answers] == [200]
     assert echo.last.body == CHAT
+    assert talk.closed_by_server
 
 
 async def test_a_head_within_its_limit_is_not_cut_by_a_shorter_keepalive(
@@ -140,11 +143,12 @@ async def test_a_head_within_its_limit_is_not_cut_by_a_shorter_keepalive(
         writer.write(b"GET /healthz HTTP/1.1\r\nHost: proxy\r\n")
         await writer.drain()
         await asyncio.sleep(0.8)  # past the keep-alive limit, within the header limit
-        writer.write(b"Connection: close\r\n\r\n")
+        writer.write(b"\r\n")
         await silent(writer)
 
     talk = await converse(int(proxy.url.rsplit(":", 1)[1]), pause_mid_head)
     assert [a.status for a in talk.answers] == [200]
+    assert talk.closed_by_server  # by the keep-alive limit, once idle after the answer
 
 
 async def test_the_admin_port_closes_slow_and_idle_clients_too(start_proxy: StartProxy, echo: EchoUpstream) -> None:
