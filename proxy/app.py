@@ -19,6 +19,7 @@ from aiohttp import web
 
 from proxy import ingress, lifecycle
 from proxy.admin import build_admin_app
+from proxy.edge.connection import GuardedRunner
 from proxy.errors import ServiceUnavailable
 from proxy.policy.plan import Plan
 from proxy.runtime import STATE, PlanRef, Runtime, Settings
@@ -135,8 +136,9 @@ async def serve(app: web.Application) -> None:
     runtime = app[STATE]
     settings = runtime.settings
     admin = await _start_admin(app)
-    runner = web.AppRunner(
-        app, handle_signals=False, handler_cancellation=True, access_log=None, shutdown_timeout=_LAST_WORDS
+    runner = GuardedRunner(
+        app, settings.client_timeouts, handle_signals=False, handler_cancellation=True, access_log=None,
+        shutdown_timeout=_LAST_WORDS,
     )
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, backlog=1024, reuse_address=True)
@@ -197,7 +199,10 @@ async def _drain(runtime: Runtime, runner: web.AppRunner, site: web.TCPSite) -> 
 async def _start_admin(app: web.Application) -> web.AppRunner:
     """The admin API on its own port, sharing the app's runtime (see proxy.admin)."""
     settings = app[STATE].settings
-    runner = web.AppRunner(build_admin_app(app), handle_signals=False, access_log=None, shutdown_timeout=1.0)
+    runner = GuardedRunner(
+        build_admin_app(app), settings.client_timeouts, admin=True, handle_signals=False, access_log=None,
+        shutdown_timeout=1.0,
+    )
     await runner.setup()
     try:
         await web.TCPSite(runner, settings.admin_host, settings.admin_port, reuse_address=True).start()

@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument(
         "--reload-interval", type=parse_duration, default=2.0, help="how often to check the policies for changes"
     )
+    _client_timeout_flags(serve)
 
     validate = commands.add_parser("validate", help="check a policy set and exit")
     validate.add_argument("path")
@@ -74,6 +75,30 @@ def main(argv: list[str] | None = None) -> int:
         run_mock_forever(settings, args.host, args.port)
         return 0
     return _serve(args)
+
+
+def _client_timeout_flags(serve: argparse.ArgumentParser) -> None:
+    """How long a client may take over a request and sit idle (defaults and why: proxy.edge.timeouts)."""
+    from proxy.edge.timeouts import ClientTimeouts
+
+    default = ClientTimeouts()
+    for flag, value, what in (
+        ("--header-timeout", default.header, "for a request's line and headers to arrive"),
+        ("--body-idle-timeout", default.body_idle, "a request body may go without a byte"),
+        ("--body-timeout", default.body, "for a whole request body to arrive"),
+        ("--keepalive-timeout", default.keepalive, "an idle connection is kept between requests"),
+    ):
+        serve.add_argument(flag, type=_positive_duration, default=value, help=f"how long {what} (default {value:g}s)")
+
+
+def _positive_duration(text: str) -> float:
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError("must be more than 0 (such as 500ms or 10s)")
+    return seconds
 
 
 def _validate(path: Path) -> int:
@@ -126,6 +151,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvloop
 
     from proxy.app import build_app, serve
+    from proxy.edge.timeouts import ClientTimeouts
     from proxy.policy.reload import Reloader
     from proxy.runtime import STATE, Settings
 
@@ -153,6 +179,10 @@ def _serve(args: argparse.Namespace) -> int:
         access_log=not args.no_access_log,
         reload_interval=args.reload_interval,
         admin_auth_disabled=args.admin_no_auth,
+        client_timeouts=ClientTimeouts(
+            header=args.header_timeout, body_idle=args.body_idle_timeout, body=args.body_timeout,
+            keepalive=args.keepalive_timeout,
+        ),
     )
     app = build_app(plan, settings)
     runtime = app[STATE]

@@ -3,9 +3,13 @@
     ProxyError                      status  OpenAI type / code
     ├── InvalidRequest              400     invalid_request_error
     │   ├── InvalidJSON             400     invalid_request_error / invalid_json
-    │   └── MissingModel            400     invalid_request_error / missing_model
+    │   ├── MissingModel            400     invalid_request_error / missing_model
+    │   └── MalformedRequest        400     invalid_request_error / malformed_request (bad HTTP, never quoted)
     ├── AuthenticationFailed        401     authentication_error / invalid_api_key
     ├── NoRoute                     404     invalid_request_error / model_not_found
+    ├── PathNotFound                404     invalid_request_error / not_found (a path the proxy does not serve)
+    ├── MethodNotAllowed            405     invalid_request_error / method_not_allowed
+    ├── RequestTimeout              408     invalid_request_error / request_timeout (head or body too slow)
     ├── BodyTooLarge                413     invalid_request_error / request_too_large
     ├── RateLimited                 429     rate_limit_exceeded (admission: limits and queues)
     │   ├── QueueFull               429     rate_limit_exceeded, x-should-retry: false
@@ -13,6 +17,7 @@
     │   ├── QueueShed               429     rate_limit_exceeded, x-should-retry: true (lowest class first)
     │   ├── UpstreamPaced           429     rate_limit_exceeded (every deployment held until its reset)
     │   └── UpstreamLimited         429     rate_limit_exceeded (every deployment's upstream over its limits)
+    ├── HeadersTooLarge             431     invalid_request_error / request_header_fields_too_large
     ├── ServiceUnavailable          503     service_unavailable (draining, queue cleared)
     │   ├── QueueCleared            503     service_unavailable, x-should-retry: false
     │   └── CircuitOpen             503     circuit_open (every deployment's circuit is open)
@@ -39,8 +44,11 @@ _ANTHROPIC_TYPES = {
     401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
+    405: "invalid_request_error",
+    408: "timeout_error",
     413: "request_too_large",
     429: "rate_limit_error",
+    431: "invalid_request_error",
     504: "timeout_error",
     529: "overloaded_error",
 }
@@ -122,6 +130,39 @@ class BodyTooLarge(ProxyError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+
+
+class MalformedRequest(InvalidRequest):
+    """Not valid HTTP/1.1 (request line, a header, the body's framing). The message names the kind of
+    fault only: the offending bytes may be a credential."""
+
+    code = "malformed_request"
+
+
+class PathNotFound(ProxyError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class MethodNotAllowed(ProxyError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class RequestTimeout(ProxyError):
+    """The client was too slow sending its request head or body (`serve --header-timeout`, ...)."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
+class HeadersTooLarge(ProxyError):
+    status = 431
+    type = "invalid_request_error"
+    code = "request_header_fields_too_large"
 
 
 class RateLimited(ProxyError):
@@ -259,9 +300,12 @@ def render(error: ProxyError, protocol: Protocol, request_id: str) -> web.Respon
     headers.setdefault("x-signalbox-attempts", "0")  # refused before dispatch (dispatch's errors carry theirs)
     if protocol == "anthropic":
         headers["request-id"] = request_id  # where the anthropic SDK reads `_request_id` from
-    return web.Response(
+    response = web.Response(
         status=error.status, body=orjson.dumps(body), content_type="application/json", headers=headers
     )
+    if headers.get("connection") == "close":  # the request's framing cannot be trusted: no keep-alive
+        response.force_close()
+    return response
 
 
 def stream_error_frame(error: ProxyError, protocol: Protocol, request_id: str) -> bytes:

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
@@ -22,6 +22,7 @@ from aiohttp import web
 
 from proxy import multipart
 from proxy.call import Call
+from proxy.edge import timeouts as edge
 from proxy.errors import (
     AuthenticationFailed,
     BodyTooLarge,
@@ -66,6 +67,15 @@ def new_request_id() -> str:
     return f"{random.getrandbits(96):024x}"
 
 
+def request_id_of(headers: Mapping[str, str]) -> str:
+    """The client's x-request-id if it is a plain token (printable ASCII, at most 128 characters), else a
+    new one: it is echoed in a response header and written to the access log, which take no other bytes."""
+    sent = headers.get("x-request-id")
+    if sent and len(sent) <= 128 and sent.isascii() and sent.isprintable():
+        return sent
+    return new_request_id()
+
+
 Stage = Callable[[web.Request, Call, Runtime], Awaitable[web.StreamResponse]]
 
 
@@ -83,7 +93,7 @@ async def _served(request: web.Request, stage: Stage, protocol: Protocol) -> web
     """One request through `stage`: errors in the client's protocol, then metrics and the access log."""
     state = request.app[STATE]
     call = Call(
-        request_id=request.headers.get("x-request-id") or new_request_id(),
+        request_id=request_id_of(request.headers),
         plan=state.plans.current,
         method=request.method,
         path=request.rel_url.raw_path,  # percent-encoded as sent: matched and forwarded without decoding
@@ -126,7 +136,7 @@ async def handle(request: web.Request, call: Call, state: Runtime) -> web.Stream
             param="path",
         )
     call.tenant = identify(request, plan)
-    await read_body(request, call, plan.max_body_size)
+    await read_body(request, call, plan.max_body_size, state.settings.client_timeouts)
     call.route = resolve(call, plan)
     asked = request.headers.get(PRIORITY_HEADER)
     if call.route.batch is not None:  # embeddings: limits taken one by one, one queue slot per batch
@@ -261,7 +271,8 @@ def identify(request: web.Request, plan: Plan) -> TenantRule:
         raise AuthenticationFailed(f"no tenant: send the {ident.header} header")
     tenant_rule = plan.tenants.get(name)
     if tenant_rule is None:
-        raise AuthenticationFailed(f"unknown tenant '{name}' in the {ident.header} header")
+        shown = f"'{name}'" if len(name) <= 64 and name.isascii() and name.isprintable() else "(not shown)"
+        raise AuthenticationFailed(f"unknown tenant {shown} in the {ident.header} header")
     return tenant_rule
 
 
@@ -271,21 +282,16 @@ def _bearer(value: str | None) -> str | None:
     return None
 
 
-async def read_body(request: web.Request, call: Call, limit: int) -> None:
-    """Read the body once, within the size limit, and parse it once."""
+async def read_body(request: web.Request, call: Call, limit: int, timeouts: edge.ClientTimeouts) -> None:
+    """Read the body once, within the size limit and the body timeouts, and parse it once."""
     if not request.body_exists:
         return
     length = request.content_length
     if length is not None and length > limit:
         raise BodyTooLarge(_too_large(length, limit))
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(_too_large(size, limit))
-        chunks.append(chunk)
-    call.raw_body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    call.raw_body = await edge.read_body(
+        request.content, limit, lambda size: BodyTooLarge(_too_large(size, limit)), timeouts
+    )
     if not call.raw_body:
         return
     content_type = request.headers.get("Content-Type")

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from proxy.batcher import Batcher
+from proxy.edge.timeouts import ClientTimeouts
 from proxy.errors import ProxyError
 from proxy.flow.admit import Admission
 from proxy.flow.scheduler import PRIORITY_HEADER, Scheduler
@@ -53,6 +54,8 @@ class Settings:
     admin_auth_disabled: bool = False
     """Serve the admin API without a token (the CLI allows it only on a loopback admin host)."""
     stream: StreamSettings = field(default_factory=StreamSettings)
+    client_timeouts: ClientTimeouts = field(default_factory=ClientTimeouts)
+    """How long a client may take over a request's head and body, and stay idle between requests."""
 
 
 @dataclass(slots=True)

@@ -21,6 +21,7 @@ from multidict import CIMultiDict
 from stream_helpers import Servers
 
 from proxy.app import build_app
+from proxy.edge.connection import GuardedRunner
 from proxy.policy.compile import compile_plan
 from proxy.policy.load import load_policy
 from proxy.policy.plan import Plan
@@ -101,7 +102,11 @@ class Proxy:
 
 
 async def _serve(app: web.Application) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=0.5)
+    options: dict[str, Any] = {"handler_cancellation": True, "access_log": None, "shutdown_timeout": 0.5}
+    if STATE in app:  # the proxy, with its client timeouts and JSON answers; a test upstream as it is
+        runner: web.AppRunner = GuardedRunner(app, app[STATE].settings.client_timeouts, **options)
+    else:
+        runner = web.AppRunner(app, **options)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

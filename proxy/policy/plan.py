@@ -321,8 +321,9 @@ class StateRule:
 
 
 def key_digest(key: str) -> str:
-    """Keys are indexed by digest so the plan (and anything that prints it) never holds them."""
-    return hashlib.sha256(key.encode()).hexdigest()
+    """Keys are indexed by digest so the plan (and anything that prints it) never holds them. A header
+    value carries non-UTF-8 bytes as surrogates: hashed as the bytes sent (they match no key)."""
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)

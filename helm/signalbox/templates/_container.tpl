@@ -35,6 +35,16 @@ Argument: (dict "ctx" <context with .Values/.Release> "sidecar" <bool>).
     - {{ printf "%ds" ($v.server.shutdownGraceSeconds | int) | quote }}
     - --drain-timeout
     - {{ printf "%ds" ($v.server.drainTimeoutSeconds | int) | quote }}
+    {{- with $v.server.clientTimeouts }}
+    - --header-timeout
+    - {{ printf "%ds" (.headerSeconds | int) | quote }}
+    - --body-idle-timeout
+    - {{ printf "%ds" (.bodyIdleSeconds | int) | quote }}
+    - --body-timeout
+    - {{ printf "%ds" (.bodySeconds | int) | quote }}
+    - --keepalive-timeout
+    - {{ printf "%ds" (.keepAliveSeconds | int) | quote }}
+    {{- end }}
     {{- range $v.server.extraArgs }}
     - {{ . | quote }}
     {{- end }}

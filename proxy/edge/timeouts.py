@@ -1,0 +1,90 @@
+"""How long a client may take to send its request or keep a connection idle, and the body read that
+enforces the body limits.
+
+Defaults, for a proxy whose clients are SDKs that write a whole request at once:
+
+- header 10 s: an SDK sends its head (< 2 KiB) in one write; 10 s covers a few TCP retransmissions.
+  Counted from the accept for a new connection, from the first byte of the next request on a kept-alive one.
+- body idle 30 s: no body byte for this long ends the request with a 408. A gap in a live upload is a
+  network stall, and TCP's retransmission backoff (1+2+4+8 s) stays well under it.
+- body 120 s: the whole body, however it trickles. A 25 MiB upload (the largest the OpenAI API takes)
+  needs 1.7 Mbit/s to make it.
+- keep-alive 75 s: an idle connection between requests. Longer than the 60 s idle timeout of the usual
+  balancers and ingress controllers in front of a proxy (which must close first, or a request they send
+  on a connection we are closing fails), and than every SDK's pool expiry (5 s for the Python and Node
+  SDKs). nginx uses the same default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiohttp import StreamReader
+from aiohttp.web import RequestPayloadError
+
+from proxy.errors import MalformedRequest, ProxyError, RequestTimeout
+
+CLOSE = {"connection": "close"}
+"""On an answer whose request's bytes were not all read: the connection cannot carry another request."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClientTimeouts:
+    """Process settings (`serve --header-timeout ...`), seconds."""
+
+    header: float = 10.0
+    body_idle: float = 30.0
+    body: float = 120.0
+    keepalive: float = 75.0
+
+
+async def read_body(
+    content: StreamReader, limit: int, too_large: Callable[[int], ProxyError], timeouts: ClientTimeouts
+) -> bytes:
+    """The whole body, at most `limit` bytes, within the body timeouts. A body that came with the head
+    (most requests) is taken without a timer."""
+    try:
+        if content.is_eof():
+            data = content.read_nowait()
+            if len(data) > limit:
+                raise too_large(len(data))
+            return data
+        return await _read_timed(content, limit, too_large, timeouts)
+    except RequestPayloadError:  # bad chunk framing or Content-Encoding (the parser's words may quote bytes)
+        raise MalformedRequest(
+            "the request body could not be read: its chunked encoding or Content-Encoding is invalid",
+            headers=dict(CLOSE),
+        ) from None
+
+
+async def _read_timed(
+    content: StreamReader, limit: int, too_large: Callable[[int], ProxyError], timeouts: ClientTimeouts
+) -> bytes:
+    loop = asyncio.get_running_loop()
+    last = loop.time() + timeouts.body
+    chunks: list[bytes] = []
+    size = 0
+    when = min(loop.time() + timeouts.body_idle, last)
+    try:
+        # One timer for the whole read, moved on at each chunk: the sooner of the idle and total limits.
+        async with asyncio.timeout_at(when) as clock:
+            while chunk := await content.readany():
+                size += len(chunk)
+                if size > limit:
+                    raise too_large(size)
+                chunks.append(chunk)
+                when = min(loop.time() + timeouts.body_idle, last)
+                clock.reschedule(when)
+    except TimeoutError:
+        raise _too_slow(when == last, timeouts) from None
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _too_slow(total: bool, timeouts: ClientTimeouts) -> RequestTimeout:
+    if total:
+        what = f"the request body took longer than {timeouts.body:g} s to arrive (serve --body-timeout)"
+    else:
+        what = f"the request body stalled: no byte for {timeouts.body_idle:g} s (serve --body-idle-timeout)"
+    return RequestTimeout(f"{what}; send the body without pauses", headers=dict(CLOSE))
