@@ -70,9 +70,9 @@ class RetrySpec:
     max_retry_after: float = 2.0
     """Longest upstream hint (retry-after, reset headers) waited out; a longer one moves to another deployment."""
     budget_percent: float = 20.0
-    """Retries in flight to an upstream may be at most this share of its active requests ..."""
+    """Retries sent in the last 10 s may be at most this share of the route's first attempts ..."""
     budget_min: int = 3
-    """... or this many, whichever is larger."""
+    """... or this many a second, whichever is larger (upstream/budget.py)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -115,13 +115,13 @@ class Backoff(Strict):
 
 
 class RetryBudget(Strict):
-    """Retries in flight to one upstream are capped at `percent` of its active requests, at least
-    `min_retries` (Envoy's retry budget), so an outage cannot turn into a retry storm."""
+    """Per route, over the last 10 s: retries sent at most `percent` % of the requests sent upstream,
+    or `min_retries` a second, whichever is larger, so an outage cannot turn into a retry storm."""
 
     percent: float | None = Field(default=None, ge=0, le=100)
     """Default 20."""
     min_retries: int | None = Field(default=None, ge=0, le=100_000)
-    """Default 3."""
+    """Retries a second always allowed (light traffic). Default 3."""
 
 
 class Retry(Strict):
