@@ -1,6 +1,15 @@
-"""The Redis limiter store's view of Redis: every call goes through `Health.call(op)`, which bounds it in
-time, asks the circuit breaker first and tells it the outcome after, and reports each change of state
-once (a log line, the `signalbox_limiter_degraded` gauge, the /readyz detail).
+"""The Redis limiter store's view of Redis: every call goes through `Health.call(op)` or, for the acquire,
+`Health.run(op, ...)`; both bound it in time, ask the circuit breaker first and tell it the outcome
+after, and report each change of state once (a log line, the `signalbox_limiter_degraded` gauge, the
+/readyz detail).
+
+A slow answer is not an outage. The bound (`state.timeout`, 250 ms by default) is far above a healthy
+Redis round trip and covers a cold pool's connect. An acquire is bounded by Redis's time, not by this
+replica's own backlog: while the event loop takes more than a tenth of the bound per turn, the answer
+may be waiting unread, so the bound is renewed (up to LATE_LIMIT bounds in all). An acquire that fails
+on a broken connection is sent once more within the bound; one that is only slow is never re-sent: it
+may have run, and a second one would count the request twice. Past the bound the request is decided
+locally, but the call is not cancelled: its late answer goes to the store to reconcile (`late`).
 """
 
 from __future__ import annotations
@@ -8,8 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, NoReturn, TypeVar
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
@@ -17,12 +26,22 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.admission.degrade import Breaker
 from proxy.policy.plan import StateRule
+from proxy.tasks import spawn
 from proxy.telemetry.metrics import Metrics
 
 log = logging.getLogger("signalbox.limits")
 
 FAILURES: tuple[type[BaseException], ...] = (RedisError, RedisClusterException, OSError, TimeoutError)
 """What a Redis call may fail with (TimeoutError: our own bound on the call)."""
+
+
+T = TypeVar("T")
+
+LATE_LIMIT = 20
+"""An acquire may take this many bounds in all while the event loop is congested; past its bound, its
+answer may still come within as many (then it is cancelled)."""
+CONGESTED = 0.1
+"""A loop turn longer than this share of the bound: the replica's own backlog, not Redis, is slow."""
 
 
 class Unavailable(Exception):
@@ -34,7 +53,7 @@ class Skipped(Unavailable):
 
 
 class Health:
-    __slots__ = ("breaker", "timeout", "where", "replicas", "metrics", "clock", "reason", "since")
+    __slots__ = ("breaker", "timeout", "where", "replicas", "metrics", "clock", "reason", "since", "late")
 
     def __init__(
         self,
@@ -52,6 +71,8 @@ class Health:
         self.reason: str | None = None
         self.since: float | None = None
         """Wall-clock time of the last change of state."""
+        self.late: set[asyncio.Task[Any]] = set()
+        """Calls past their bound whose answer may still come (cancelled by `cancel_late`)."""
         if metrics is not None:
             metrics.limiter_degraded.set(0)
 
@@ -63,6 +84,81 @@ class Health:
         """`async with health.call("acquire"):` around one logical Redis operation (one or more
         commands sent together). Raises `Skipped` or `Unavailable` instead of any Redis error."""
         return Call(self, op, self.timeout if timeout is None else timeout)
+
+    async def run(self, op: str, send: Callable[[], Coroutine[Any, Any, T]], late: Callable[[T], None]) -> T:
+        """One guarded call that must not run twice (an acquire): `send()` is re-sent once only after a
+        connection error within the bound. Past the bound: `Unavailable`, and the call goes on (for at
+        most LATE_LIMIT bounds) so that `late(answer)` can reconcile what it did."""
+        breaker = self.breaker
+        probe = breaker.state != "closed"
+        if not breaker.allow(self.clock()):
+            raise Skipped
+        started = self.clock()
+        end = started + self.timeout
+        task = spawn(send(), name=f"limiter-store-{op}")
+        resent = False
+        try:
+            while True:
+                done, _ = await asyncio.wait((task,), timeout=max(0.0, end - self.clock()))
+                if not done:
+                    if await self._congested() and self.clock() - started < self.timeout * LATE_LIMIT:
+                        end = self.clock() + self.timeout
+                        continue
+                    self._outlive(task, late)
+                    self.failed(op, TimeoutError(f"no answer within {self.timeout * 1000:g} ms"))
+                exc = task.exception()
+                if exc is None:
+                    self.succeeded()
+                    return task.result()
+                if not isinstance(exc, FAILURES):
+                    raise exc  # a bug, not Redis: no fallback hides it
+                if not resent and isinstance(exc, RedisConnectionError | ConnectionError) and self.clock() < end:
+                    resent = True  # a broken pooled connection: the command did not reach Redis
+                    task = spawn(send(), name=f"limiter-store-{op}")
+                    continue
+                self.failed(op, exc)
+        except asyncio.CancelledError:
+            if not task.done():
+                task.cancel()
+            if probe and breaker.state == "half_open":
+                breaker.abandon()
+            raise
+
+    async def _congested(self) -> bool:
+        """Does one turn of the event loop take a noticeable share of the bound (its own backlog)?"""
+        before = self.clock()
+        await asyncio.sleep(0)
+        return self.clock() - before > self.timeout * CONGESTED
+
+    def _outlive(self, task: asyncio.Task[T], late: Callable[[T], None]) -> None:
+        """Let a call past its bound finish (bounded), handing its answer to `late`."""
+        stop = asyncio.get_running_loop().call_later(self.timeout * LATE_LIMIT, task.cancel)
+        self.late.add(task)
+
+        def landed(done: asyncio.Task[T]) -> None:
+            stop.cancel()
+            self.late.discard(done)
+            if not done.cancelled() and done.exception() is None:
+                late(done.result())
+
+        task.add_done_callback(landed)
+
+    def cancel_late(self) -> None:
+        for task in list(self.late):
+            task.cancel()
+
+    def succeeded(self) -> None:
+        if self.breaker.success(self.clock()):
+            self.changed(False)
+
+    def failed(self, op: str, exc: BaseException) -> NoReturn:
+        """Count a failed call (metrics, breaker) and raise `Unavailable` from it."""
+        if self.metrics is not None:
+            self.metrics.redis_failed(op, kind_of(exc))
+        log.debug("limiter store: %s failed: %s", op, describe(exc))
+        if self.breaker.failure(self.clock()):
+            self.changed(True, exc)
+        raise Unavailable from exc
 
     def trip(self, exc: BaseException) -> None:
         """Redis is unreachable at start-up: degraded from the first request on."""
@@ -124,20 +220,13 @@ class Call:
         except TimeoutError as timed_out:
             kind, exc = TimeoutError, timed_out
         health = self.health
-        breaker = health.breaker
         if kind is None:
-            if breaker.success(health.clock()):
-                health.changed(False)
+            health.succeeded()
             return
         if isinstance(exc, FAILURES):
-            if health.metrics is not None:
-                health.metrics.redis_failed(self.op, kind_of(exc))
-            log.debug("limiter store: %s failed: %s", self.op, describe(exc))
-            if breaker.failure(health.clock()):
-                health.changed(True, exc)
-            raise Unavailable from exc
+            health.failed(self.op, exc)
         if self.probe:  # cancelled (or a bug): neither outcome; let the next caller probe
-            breaker.abandon()
+            health.breaker.abandon()
 
 
 def kind_of(exc: BaseException) -> str:
