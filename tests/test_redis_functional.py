@@ -479,13 +479,13 @@ routes:
 
     async def stalls() -> None:
         while stalling:
-            await stall(server, 0.1)
-            await asyncio.sleep(0.1)
+            await stall(server, 0.07)
+            await asyncio.sleep(0.25)
 
     with busy_cpu(120):
         for run in range(runs):
             for proxy in proxies:  # cold pools: every run opens its connections under load
-                await proxy.state.admission.store.client.connection_pool.disconnect()
+                await proxy.state.admission.store.client.connection_pool.disconnect(inuse_connections=False)
             clients = [async_openai(proxy, key=f"sk-t{run}") for proxy in proxies]
             await outside_a_minute_edge(clock, margin=8.0)
             stalling = True
@@ -496,6 +496,11 @@ routes:
             await staller
             admitted.append(sum(not isinstance(r, openai.RateLimitError) for r in results))
             assert upstream.received - before == admitted[-1]
+            if os.environ.get("DBG"):
+                for proxy in proxies:
+                    m = proxy.state.metrics
+                    print(run, admitted[-1], [(x.labels, x.value) for f in m.redis_errors.collect() for x in f.samples if x.value and x.name.endswith("total")], file=sys.stderr)
+                    print("H", [(x.labels.get("le"), x.value) for f in m.redis_call.collect() for x in f.samples if x.name.endswith("bucket") and x.labels.get("op") == "acquire"], file=sys.stderr)
     assert admitted == [limit] * runs
     for proxy in proxies:
         assert await metric(proxy, "signalbox_limiter_degraded") == 0.0

@@ -4,12 +4,13 @@ after, and report each change of state once (a log line, the `signalbox_limiter_
 /readyz detail).
 
 A slow answer is not an outage. The bound (`state.timeout`, 250 ms by default) is far above a healthy
-Redis round trip and covers a cold pool's connect. An acquire is bounded by Redis's time, not by this
-replica's own backlog: while the event loop takes more than a tenth of the bound per turn, the answer
-may be waiting unread, so the bound is renewed (up to LATE_LIMIT bounds in all). An acquire that fails
-on a broken connection is sent once more within the bound; one that is only slow is never re-sent: it
-may have run, and a second one would count the request twice. Past the bound the request is decided
-locally, but the call is not cancelled: its late answer goes to the store to reconcile (`late`).
+Redis round trip. An acquire past it is given up on only if Redis answered nothing else either for
+`alive_for` (the bound plus the keeper's tick: the keeper pings when nothing else did): a Redis that
+answers other calls is alive, and the call is late because of a cold pool, a stall or this replica's
+own busy event loop, so it waits on, up to LATE_LIMIT bounds in all. An acquire that fails on a broken
+connection is sent once more within the bound; one that is only slow is never re-sent: it may have run,
+and a second one would count the request twice. Given up on, the request is decided locally, but the
+call is not cancelled: its late answer goes to the store to reconcile (`late`).
 """
 
 from __future__ import annotations
@@ -38,10 +39,10 @@ FAILURES: tuple[type[BaseException], ...] = (RedisError, RedisClusterException, 
 T = TypeVar("T")
 
 LATE_LIMIT = 20
-"""An acquire may take this many bounds in all while the event loop is congested; past its bound, its
-answer may still come within as many (then it is cancelled)."""
-CONGESTED = 0.1
-"""A loop turn longer than this share of the bound: the replica's own backlog, not Redis, is slow."""
+"""A call waits at most this many bounds while Redis answers other calls; an acquire given up on may
+still answer within as many more (then it is cancelled)."""
+BLOCKED = 0.1
+"""A bound that ran out this late (as a share of it): the event loop was blocked, answers may be unread."""
 
 
 class Unavailable(Exception):
@@ -53,7 +54,10 @@ class Skipped(Unavailable):
 
 
 class Health:
-    __slots__ = ("breaker", "timeout", "where", "replicas", "metrics", "clock", "reason", "since", "late")
+    __slots__ = (
+        "breaker", "timeout", "where", "replicas", "metrics", "clock", "reason", "since", "late", "alive_for",
+        "answered_at",
+    )
 
     def __init__(
         self,
@@ -73,6 +77,9 @@ class Health:
         """Wall-clock time of the last change of state."""
         self.late: set[asyncio.Task[Any]] = set()
         """Calls past their bound whose answer may still come (cancelled by `cancel_late`)."""
+        self.alive_for = self.timeout + keeper_tick(rule)
+        self.answered_at = clock()
+        """When Redis last answered any call of this replica."""
         if metrics is not None:
             metrics.limiter_degraded.set(0)
 
@@ -101,8 +108,9 @@ class Health:
             while True:
                 done, _ = await asyncio.wait((task,), timeout=max(0.0, end - self.clock()))
                 if not done:
-                    if await self._congested() and self.clock() - started < self.timeout * LATE_LIMIT:
-                        end = self.clock() + self.timeout
+                    now = self.clock()
+                    if self.waits_on(now, started, now - end):
+                        end = now + self.timeout
                         continue
                     self._outlive(task, late)
                     self.failed(op, TimeoutError(f"no answer within {self.timeout * 1000:g} ms"))
@@ -124,12 +132,6 @@ class Health:
                 breaker.abandon()
             raise
 
-    async def _congested(self) -> bool:
-        """Does one turn of the event loop take a noticeable share of the bound (its own backlog)?"""
-        before = self.clock()
-        await asyncio.sleep(0)
-        return self.clock() - before > self.timeout * CONGESTED
-
     def _outlive(self, task: asyncio.Task[T], late: Callable[[T], None]) -> None:
         """Let a call past its bound finish (bounded), handing its answer to `late`."""
         stop = asyncio.get_running_loop().call_later(self.timeout * LATE_LIMIT, task.cancel)
@@ -139,16 +141,26 @@ class Health:
             stop.cancel()
             self.late.discard(done)
             if not done.cancelled() and done.exception() is None:
+                self.answered_at = self.clock()
                 late(done.result())
 
         task.add_done_callback(landed)
+
+    def waits_on(self, now: float, started: float, late_by: float) -> bool:
+        """Is a call past its bound only slow, not lost? Redis answered some call recently (within the
+        bound plus the keeper's tick), or the bound ran out late because this replica's event loop was
+        blocked (the answer may be there, unread); and the call is not older than LATE_LIMIT bounds."""
+        if now - started >= self.timeout * LATE_LIMIT:
+            return False
+        return now - self.answered_at < self.alive_for or late_by > self.timeout * BLOCKED
 
     def cancel_late(self) -> None:
         for task in list(self.late):
             task.cancel()
 
     def succeeded(self) -> None:
-        if self.breaker.success(self.clock()):
+        self.answered_at = self.clock()
+        if self.breaker.success(self.answered_at):
             self.changed(False)
 
     def failed(self, op: str, exc: BaseException) -> NoReturn:
@@ -194,9 +206,10 @@ class Health:
 
 
 class Call:
-    """One guarded Redis operation: the breaker's gate, a time bound, and the outcome reported back."""
+    """One guarded Redis operation: the breaker's gate, a time bound (renewed while Redis answers other
+    calls, as for `Health.run`), and the outcome reported back."""
 
-    __slots__ = ("health", "op", "limit", "probe", "bound")
+    __slots__ = ("health", "op", "limit", "probe", "bound", "started", "timer")
 
     def __init__(self, health: Health, op: str, limit: float) -> None:
         self.health = health
@@ -204,17 +217,31 @@ class Call:
         self.limit = limit
         self.probe = False
         self.bound: asyncio.Timeout | None = None
+        self.started = 0.0
+        self.timer: asyncio.TimerHandle | None = None
 
     async def __aenter__(self) -> None:
-        breaker = self.health.breaker
+        health = self.health
+        breaker = health.breaker
         self.probe = breaker.state != "closed"
-        if not breaker.allow(self.health.clock()):
+        self.started = health.clock()
+        if not breaker.allow(self.started):
             raise Skipped
-        self.bound = asyncio.timeout(self.limit)
+        self.bound = asyncio.timeout(None)  # expired by `_expire` (one timer per call, as before)
         await self.bound.__aenter__()
+        self.timer = asyncio.get_running_loop().call_later(self.limit, self._expire)
+
+    def _expire(self) -> None:
+        assert self.bound is not None and self.timer is not None
+        loop = asyncio.get_running_loop()
+        if self.health.waits_on(self.health.clock(), self.started, loop.time() - self.timer.when()):
+            self.timer = loop.call_later(self.limit, self._expire)
+        else:
+            self.bound.reschedule(loop.time())
 
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
-        assert self.bound is not None
+        assert self.bound is not None and self.timer is not None
+        self.timer.cancel()
         try:
             await self.bound.__aexit__(kind, exc, tb)  # turns its own cancellation into TimeoutError
         except TimeoutError as timed_out:
@@ -227,6 +254,11 @@ class Call:
             health.failed(self.op, exc)
         if self.probe:  # cancelled (or a bug): neither outcome; let the next caller probe
             health.breaker.abandon()
+
+
+def keeper_tick(rule: StateRule) -> float:
+    """How often the store's keeper runs a round (renewing leases, probing or pinging Redis)."""
+    return max(0.02, min(rule.lease_ttl / 3, rule.breaker_cooldown))
 
 
 def kind_of(exc: BaseException) -> str:

@@ -1,7 +1,8 @@
-"""The Redis limiter store's background work, one round per tick: probe Redis while the breaker is
-open; once it answers, remove orphaned leases, roll back what acquires that answered too late counted
-(their requests were decided locally), add the requests admitted locally meanwhile to the shared
-counts (`failopen.py`), and renew the leases this replica holds."""
+"""The Redis limiter store's background work, one round per tick: probe Redis while the breaker is open,
+and ping it when nothing else did during the tick (so `Health` tells a slow Redis from a silent one);
+once it answers, remove orphaned leases, roll back what acquires that answered too late counted (their
+requests were decided locally), add the requests admitted locally meanwhile to the shared counts
+(`failopen.py`), and renew the leases this replica holds."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from proxy.admission.failopen import Unshared
-from proxy.admission.redis_health import Unavailable
+from proxy.admission.redis_health import Unavailable, keeper_tick
 
 if TYPE_CHECKING:
     from proxy.admission.redis import RedisStore
@@ -30,12 +31,13 @@ class Keeper:
         store = self.store
         rule = store.rule
         renew_every = rule.lease_ttl / 3
-        tick = max(0.02, min(renew_every, rule.breaker_cooldown))
+        tick = keeper_tick(rule)
         renewed = store._clock()
         while True:
             await asyncio.sleep(tick)
             try:
-                if store.health.breaker.state == "open":
+                health = store.health
+                if health.breaker.state == "open" or store._clock() - health.answered_at >= tick:
                     await self.probe()
                 if store.health.breaker.degraded:
                     continue
