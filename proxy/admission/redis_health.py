@@ -3,7 +3,7 @@
 after, and report each change of state once (a log line, the `signalbox_limiter_degraded` gauge, the
 /readyz detail).
 
-A slow answer is not an outage. The bound (`state.timeout`, 250 ms by default) is far above a healthy
+A slow answer is not an outage. The bound (`state.timeout`, 1 s by default) is far above a healthy
 Redis round trip. An acquire past it is given up on only if Redis answered nothing else either for
 `alive_for` (the bound plus the keeper's tick: the keeper pings when nothing else did): a Redis that
 answers other calls is alive, and the call is late because of a cold pool, a stall or this replica's

@@ -300,7 +300,7 @@ class StateRule:
     url: str | None = field(default=None, repr=False)
     """May carry a password: never printed."""
     key_prefix: str = "signalbox"
-    timeout: float = 0.25
+    timeout: float = 1.0
     expected_replicas: int = 1
     lease_ttl: float = 30.0
     max_connections: int = 64

@@ -410,7 +410,7 @@ class State(Strict):
     `redis+sentinel://host:26379[,host:port]/<service>[/db]`, `redis+cluster://host:port[,host:port]`.
     Write `${REDIS_URL}` to keep passwords out of the policy."""
     key_prefix: str = Field(default="signalbox", pattern=r"^[A-Za-z0-9_.:\-]+$")
-    timeout: Duration = 0.25
+    timeout: Duration = 1.0
     """Longest one Redis call may take before the request is decided locally (a slow answer is not an
     outage: far above a healthy round trip, it covers a cold pool's connect and a busy event loop)."""
     expected_replicas: int = Field(default=1, ge=1, le=100_000)
