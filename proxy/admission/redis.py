@@ -154,6 +154,7 @@ class RedisStore:
             limits = [current.get(limit.key, limit) for limit in limits]
         prepared = tuple(self._prepare(limit) for limit in limits)
         lease = f"{self._instance}:{next(self._ids)}" if any(p.concurrent for p in prepared) else ""
+
         def send() -> Coroutine[Any, Any, SharedReservation | Refusal]:
             if self.cluster and len(prepared) > 1:
                 return self._acquire_cluster(prepared, tokens, lease)
