@@ -113,7 +113,7 @@ class Health:
                         end = now + self.timeout
                         continue
                     self._outlive(task, late)
-                    self.failed(op, TimeoutError(f"no answer within {self.timeout * 1000:g} ms"))
+                    self.failed(op, TimeoutError(f"Redis silent for {self.timeout * 1000:g} ms"))
                 exc = task.exception()
                 if exc is None:
                     self.succeeded()
@@ -121,7 +121,9 @@ class Health:
                 if not isinstance(exc, FAILURES):
                     raise exc  # a bug, not Redis: no fallback hides it
                 if not resent and isinstance(exc, RedisConnectionError | ConnectionError) and self.clock() < end:
-                    resent = True  # a broken pooled connection: the command did not reach Redis
+                    # Mostly a pooled connection Redis had closed: the command never ran. (If it did, the
+                    # request counts twice: errs towards admitting less, never more.)
+                    resent = True
                     task = spawn(send(), name=f"limiter-store-{op}")
                     continue
                 self.failed(op, exc)
