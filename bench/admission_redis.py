@@ -1,7 +1,7 @@
 """Admission cost with the Redis limiter store beside the in-memory one.
 
 Starts its own redis-server on a free loopback port (persistence off; stopped by PID at the end) and
-runs `Admission.admit(call)` exactly as ingress does (decide, then settle and release on the way out)
+runs `Scheduler.enter(call)` exactly as ingress does (decide, then settle and release on the way out)
 for three limit shapes: requests/min; requests/min + tokens/min; requests/min + tokens/min +
 concurrency. Limits are large, so every decision admits (the common case). Prints, per store and shape:
 
@@ -35,11 +35,12 @@ from redis.asyncio import Redis
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import free_port, percentile, stop, wait_port  # noqa: E402
-from proxy.admission.admit import Admission  # noqa: E402
 from proxy.admission.local import LocalStore  # noqa: E402
 from proxy.admission.redis import RedisStore  # noqa: E402
 from proxy.admission.store import LimiterStore  # noqa: E402
 from proxy.call import Attempt, Call  # noqa: E402
+from proxy.flow.admit import Admission  # noqa: E402
+from proxy.flow.scheduler import Scheduler  # noqa: E402
 from proxy.policy.compile import compile_plan  # noqa: E402
 from proxy.policy.load import load_policy  # noqa: E402
 from proxy.policy.plan import Plan, StateRule  # noqa: E402
@@ -93,11 +94,11 @@ async def redis_counters(client: Redis) -> tuple[int, float]:
 
 
 async def measure(store: LimiterStore, plan: Plan, tenant: str, n: int, probe: Redis | None) -> dict[str, Any]:
-    admission = Admission(store, Metrics())
+    admission = Scheduler(Metrics(), admission=Admission(store, Metrics()))
     call = make_call(plan, tenant)
     limits = plan.routes[0].limit_sets[tenant].limits
     for _ in range(200):  # warm up: connections, scripts, caches
-        async with admission.admit(call):
+        async with admission.enter(call):
             pass
     before = await redis_counters(probe) if probe is not None else (0, 0.0)
     decisions: list[float] = []
@@ -106,7 +107,7 @@ async def measure(store: LimiterStore, plan: Plan, tenant: str, n: int, probe: R
     clock = time.perf_counter
     for _ in range(n):
         started = clock()
-        async with admission.admit(call):
+        async with admission.enter(call):
             decided = clock()
         ended = clock()
         decisions.append(decided - started)
@@ -135,14 +136,14 @@ async def measure(store: LimiterStore, plan: Plan, tenant: str, n: int, probe: R
     }
 
 
-async def throughput(admission: Admission, call: Call, n: int, width: int = 64) -> float:
+async def throughput(admission: Scheduler, call: Call, n: int, width: int = 64) -> float:
     left = n
 
     async def worker() -> None:
         nonlocal left
         while left > 0:
             left -= 1
-            async with admission.admit(call):
+            async with admission.enter(call):
                 pass
 
     started = time.perf_counter()

@@ -6,6 +6,8 @@ Prints (CPU µs per request, process time, one core, no sockets):
   - the board alone with 10,000 waiting (one pop + one push, steady state),
   - the whole async hand-off with 10,000 waiting tasks (release -> grant -> the waiter resumes -> exits),
     minus the bare asyncio wake-up of the same number of tasks,
+  - 10,000 requests waiting on a rate window: the CPU the process burns while they wait (no polling: one
+    timer per gate), and the CPU per request once the window lets them through a few at a time,
 and checks the order the 10,000 were served in: strict classes, weighted fairness across tenants.
 Run: .venv/bin/python bench/scheduler.py [--waiting 10000] [--json]
 """
@@ -26,17 +28,20 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from proxy.admission.admit import Admission  # noqa: E402
+from proxy.admission.local import LocalStore  # noqa: E402
 from proxy.call import Attempt, Call  # noqa: E402
-from proxy.fair_queue import FairQueue, Ticket  # noqa: E402
+from proxy.flow.admit import Admission  # noqa: E402
+from proxy.flow.board import FairQueue, Ticket  # noqa: E402
+from proxy.flow.scheduler import Scheduler  # noqa: E402
 from proxy.policy.compile import compile_plan  # noqa: E402
 from proxy.policy.load import load_policy  # noqa: E402
 from proxy.policy.plan import Plan  # noqa: E402
-from proxy.scheduler import Scheduler  # noqa: E402
 from proxy.telemetry.metrics import Metrics  # noqa: E402
 
 TENANTS = 100
 CLASSES = ("critical", "standard", "batch")
+RATE = 50
+"""Requests per window of the rate-bound tenant (`slow`)."""
 
 
 def build_plan(slots: int, waiting: int) -> Plan:
@@ -56,10 +61,12 @@ tenants:
 {tenants}
   free: {{keys: [kfree]}}
   rpm: {{keys: [krpm], limits: {{requests_per_minute: 100000000}}}}
+  slow: {{keys: [kslow], limits: {{requests_per_minute: {RATE}}}}}
 routes:
   - {{name: plain, match: {{model: plain}}, upstream: u}}
   - {{name: limited, match: {{model: limited}}, upstream: u, queue: roomy}}
   - {{name: queued, match: {{model: queued}}, upstream: u, queue: board}}
+  - {{name: rated, match: {{model: rated}}, upstream: u, queue: board, on_limit: queue}}
 """
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.yaml"
@@ -81,14 +88,14 @@ def make_call(plan: Plan, route: int, tenant: int | str, rid: str = "r") -> Call
 
 async def per_request(plan: Plan, route: int, tenant: str, rounds: int) -> float:
     """CPU µs of `async with admit(call), slot(call)` around nothing, minus an empty loop."""
-    admission, scheduler = Admission(metrics=Metrics()), Scheduler(Metrics())
+    scheduler = Scheduler(Metrics(), admission=Admission(metrics=Metrics()))
     call = make_call(plan, route, tenant)
 
     async def loop(work: bool) -> float:
         start = time.process_time()
         for _ in range(rounds):
             if work:
-                async with admission.admit(call), scheduler.slot(call, None):
+                async with scheduler.enter(call, None):
                     pass
         return time.process_time() - start
 
@@ -160,6 +167,46 @@ async def handoff(plan: Plan, waiting: int, slots: int) -> dict[str, Any]:
     }
 
 
+async def rate_bound(plan: Plan, waiting: int, idle: float, window: float) -> dict[str, Any]:
+    """`waiting` requests of one tenant over its requests-per-window limit: CPU while nothing can go (the
+    window is spent), then CPU per request while the window admits RATE per `window` seconds."""
+    scheduler = Scheduler(Metrics(), admission=Admission(LocalStore(window=window), metrics=Metrics()))
+    served = 0
+
+    async def waiter(call: Call) -> None:
+        nonlocal served
+        async with scheduler.enter(call, None):
+            served += 1
+
+    loop = asyncio.get_running_loop()
+    first = [make_call(plan, 3, "slow", f"w{i}") for i in range(RATE)]
+    for call in first:  # spend the window
+        async with scheduler.enter(call, None):
+            pass
+    tasks = [loop.create_task(waiter(make_call(plan, 3, "slow", f"r{i}"))) for i in range(waiting)]
+    gate = scheduler.queues["board"]
+    while len(gate.board) < waiting:  # noqa: ASYNC110 - let the waiters enqueue
+        await asyncio.sleep(0)
+    # Idle: the window is spent and refills only at the next window's start; nobody polls meanwhile.
+    start_cpu, start_wall = time.process_time(), time.perf_counter()
+    await asyncio.sleep(idle)
+    idle_cpu = time.process_time() - start_cpu
+    idle_wall = time.perf_counter() - start_wall
+    before = served
+    start_cpu, start_wall = time.process_time(), time.perf_counter()
+    await asyncio.sleep(3 * window)
+    drain_cpu, drained = time.process_time() - start_cpu, served - before
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return {
+        "idle_cpu_percent": 100 * idle_cpu / idle_wall,
+        "idle_seconds": round(idle_wall, 2),
+        "drained": drained,
+        "cpu_per_admitted_us": drain_cpu / drained * 1e6 if drained else None,
+    }
+
+
 def check_order(served: list[tuple[int, str]]) -> dict[str, Any]:
     """Strict classes: every class-0 grant before any class-1 one, and so on. Fairness: inside a class,
     at every prefix each tenant's count stays within its weight (one round) of its weighted share."""
@@ -195,6 +242,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "tenant_rpm_tpm_limit_and_free_slot_us": await per_request(plan, 1, "t0", args.rounds),
         "board_pop_push_with_10k_waiting_us": board_only(args.waiting, args.rounds),
         "handoff_with_waiting": await handoff(plan, args.waiting, args.slots),
+        "rate_bound": await rate_bound(plan, args.waiting, args.idle, args.window),
         "waiting": args.waiting,
         "slots": args.slots,
     }
@@ -205,6 +253,8 @@ def main() -> None:
     parser.add_argument("--waiting", type=int, default=10_000)
     parser.add_argument("--slots", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=50_000)
+    parser.add_argument("--idle", type=float, default=2.0, help="seconds to watch the rate-bound waiters idle")
+    parser.add_argument("--window", type=float, default=4.0, help="the rate window's length in seconds")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     result = uvloop.run(main_async(args))
@@ -214,7 +264,7 @@ def main() -> None:
     hand = result["handoff_with_waiting"]
     print(f"CPU per request (µs), {args.waiting} waiting, {args.slots} slots, {TENANTS} tenants, 3 classes")
     rows = [
-        ("no limits, no queue (admit + slot)", "no_limits_no_queue_us"),
+        ("no limits, no queue (enter)", "no_limits_no_queue_us"),
         ("tenant requests/min limit", "tenant_rpm_limit_us"),
         ("tenant requests/min + tokens/min (reserve, settle)", "tenant_rpm_tpm_limit_us"),
         ("queue with a free slot", "free_slot_us"),
@@ -226,6 +276,12 @@ def main() -> None:
     print(f"  {'async hand-off per admitted request (total)':<50}{hand['total_us']:8.2f}")
     print(f"  {'  asyncio wake-up of a task alone':<50}{hand['asyncio_wakeup_us']:8.2f}")
     print(f"  {'  added by the scheduler':<50}{hand['added_us']:8.2f}")
+    rate = result["rate_bound"]
+    print(f"  {args.waiting} waiting on a spent rate window: {rate['idle_cpu_percent']:.2f} % of a core over "
+          f"{rate['idle_seconds']} s idle")
+    per = rate["cpu_per_admitted_us"]
+    print(f"  then {rate['drained']} admitted at {RATE} per {args.window:g} s window: "
+          f"{per:.1f} µs CPU per admitted request" if per else "  none admitted while watched")
     print(f"  order: strict priority {hand['strict_priority']}, "
           f"worst fairness lag {hand['fairness_max_lag_rounds']} rounds, served {hand['served']}")
 

@@ -20,10 +20,10 @@ import orjson
 from aiohttp import web
 
 from proxy import lifecycle
+from proxy.flow.gate import Queue
 from proxy.policy.explain import ExplainError, explain
 from proxy.policy.load import Problem
 from proxy.runtime import STATE, Runtime
-from proxy.scheduler import Queue
 
 TOKEN_ENV = "SIGNALBOX_ADMIN_TOKEN"
 _TOKEN: web.AppKey[str | None] = web.AppKey("signalbox_admin_token", str)
@@ -47,7 +47,9 @@ def build_admin_app(app: web.Application, environ: Mapping[str, str] | None = No
     if settings.admin_auth_disabled and token is None and not is_loopback(settings.admin_host):
         host = settings.admin_host
         raise ValueError(f"admin auth may be disabled only on a loopback admin host, not {host}")
-    admin = web.Application(middlewares=[_auth])
+    if token is not None:
+        runtime.secrets.add_process_secret(token)
+    admin = web.Application(middlewares=[_redacted, _auth])
     admin[STATE] = runtime
     admin[_TOKEN] = token
     admin.router.add_get("/admin/queues", list_queues)
@@ -76,6 +78,15 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         response.headers["WWW-Authenticate"] = 'Bearer realm="signalbox-admin"'
         return response
     return await handler(request)
+
+
+@web.middleware
+async def _redacted(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """No secret the process knows leaves in an admin answer (a reload error may quote a value)."""
+    response = await handler(request)
+    if isinstance(response, web.Response) and isinstance(response.body, bytes):
+        response.body = request.app[STATE].secrets.current.scrub(response.body)
+    return response
 
 
 def _json(body: Any, status: int = 200) -> web.Response:
@@ -150,14 +161,13 @@ def _summary(queue: Queue, now: float) -> dict[str, Any]:
 
 def _usage(usage: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"key": usage.key, "scope": usage.scope, "tenant": usage.tenant or None}
-    for name, meter in (("requests_per_minute", usage.requests), ("tokens_per_minute", usage.tokens)):
-        if meter is not None:
-            out[name] = {
-                "limit": meter.limit,
-                "used": round(meter.used, 1),
-                "remaining": meter.remaining,
-                "reset_s": round(meter.reset, 3),
-            }
+    for meter in usage.windows:  # one entry per window: requests_per_minute, tokens_per_day, ...
+        out[meter.name] = {
+            "limit": meter.limit,
+            "used": round(meter.used, 1),
+            "remaining": meter.remaining,
+            "reset_s": round(meter.reset, 3),
+        }
     if usage.concurrent is not None:
         out["concurrent"] = {"limit": usage.concurrent[0], "in_use": usage.concurrent[1]}
     return out
@@ -177,11 +187,17 @@ async def queue_items(request: web.Request) -> web.Response:
             "stream": t.stream,
             "waited_ms": round((now - t.enqueued) * 1000, 1),
             "position": queue.board.position(t),
+            "eta_s": _rounded(queue.eta_of(t)),
+            "waiting_for": queue.cause(t),
         }
         for t in queue.board.tickets()
     ]
     items.sort(key=lambda item: item["position"])
     return _json({"queue": queue.spec.name, "paused": queue.paused, "items": items})
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return round(seconds, 1) if seconds is not None else None
 
 
 async def pause_queue(request: web.Request) -> web.Response:

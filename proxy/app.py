@@ -37,7 +37,7 @@ def build_app(plan: Plan, settings: Settings | None = None) -> web.Application:
     app[STATE] = runtime
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", runtime.metrics.handle)
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/models", ingress.models_handler)
     app.router.add_get("/v1/models/{model:.+}", ingress.models_handler)
     app.router.add_route("*", "/v1/{tail:.*}", ingress.proxy_handler)
@@ -99,6 +99,15 @@ async def _upstreams(app: web.Application) -> AsyncIterator[None]:
             await watcher
     await runtime.batcher.close()
     await runtime.clients.close()
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text, redacted: label values are policy names, but nothing secret may leave anyway."""
+    runtime = request.app[STATE]
+    response = await runtime.metrics.handle(request)
+    if isinstance(response.body, bytes):
+        response.body = runtime.secrets.current.scrub(response.body)
+    return response
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -46,6 +46,7 @@ from proxy.providers import exchange as exchanges
 from proxy.tasks import TaskSet
 from proxy.telemetry.metrics import Metrics
 from proxy.upstream import dispatch
+from proxy.upstream.body import read_all
 from proxy.upstream.client import UpstreamClients
 
 BATCH_SIZE_HEADER = "x-signalbox-batch-size"
@@ -301,7 +302,7 @@ class Batcher:
         upstream = sent.response
         usage: dict[str, Any] | None = None
         try:
-            body = await upstream.read()
+            body = await read_all(upstream, call.plan.max_buffered_response, sent.body, call.upstream)
             if sent.hold is not None and upstream.status < 300:
                 usage = merge.usage_of(body)
         except (TimeoutError, aiohttp.ClientError) as exc:
@@ -366,7 +367,8 @@ def _headers(call: Call, sent: Call, upstream: Iterable[tuple[str, str]], size: 
     route = call.route.name if call.route is not None else ""
     answered_by = sent.plan.upstreams.get(sent.upstream)
     out = client_headers(upstream, request_id=call.request_id, route=route, upstream_name=sent.upstream,
-                         hide=answered_by.hide_response_headers if answered_by is not None else None)
+                         hide=answered_by.hide_response_headers if answered_by is not None else None,
+                         redact=answered_by.secrets if answered_by is not None else sent.plan.secrets)
     out[BATCH_SIZE_HEADER] = str(size)
     return out
 
@@ -378,7 +380,7 @@ def _whole(
     headers = _headers(call, sent, upstream, size)
     if status >= 400 and sent.exchange is not None:
         status, body = exchanges.response_body(sent.exchange, status, body, model=call.model,
-                                               created=int(call.started_wall))
+                                               created=int(call.started_wall), redact=sent.plan.secrets)
         headers["Content-Type"] = "application/json"
     usage = merge.usage_of(body) if status < 300 and call.want_usage else None
     return Reply(status, headers, body, usage)

@@ -29,7 +29,7 @@ class Attempt:
 
 
 class Hold(typing.Protocol):
-    """What one upstream attempt holds in its upstream's limit (proxy/admission/upstream.py). Finished
+    """What one upstream attempt holds in its upstream's limit (proxy/flow/upstream.py). Finished
     once: by dispatch for an attempt that failed, else once the response it produced is done with."""
 
     async def finish(self, status: int, usage: Mapping[str, Any] | None, *, sent: bool = True) -> None:
@@ -84,6 +84,11 @@ class Call:
     """The proxy asked the upstream for stream usage (include_usage); relay drops that chunk."""
     waiting: WaitingRoom | None = None
     """Set for a stream on a queue with `heartbeat_while_queued`: how any wait keeps the client informed."""
+    prehold: tuple[str, Hold] | None = None
+    """Upstream capacity the queue secured with everything else (limit key, hold): dispatch's first attempt
+    to that upstream uses it instead of taking its own."""
+    queue_wait: float = 0.0
+    """Seconds spent waiting in a queue (x-signalbox-queue-wait-ms)."""
     hold: Hold | None = None
     """The current attempt's place in its upstream's limit, until finished (admission's exit finishes
     the one the relayed response came from)."""

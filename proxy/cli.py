@@ -110,7 +110,7 @@ def _explain(args: argparse.Namespace) -> int:
     except ExplainError as exc:
         print(f"explain: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(answer, indent=2) if args.json else format_text(answer))
+    print(plan.secrets.scrub_text(json.dumps(answer, indent=2) if args.json else format_text(answer)))
     return 0
 
 

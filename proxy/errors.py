@@ -10,6 +10,7 @@
     ├── RateLimited                 429     rate_limit_exceeded (admission: limits and queues)
     │   ├── QueueFull               429     rate_limit_exceeded, x-should-retry: false
     │   ├── QueueTimeout            429     rate_limit_exceeded ("waited N s in queue X")
+    │   ├── QueueShed               429     rate_limit_exceeded, x-should-retry: true (lowest class first)
     │   ├── UpstreamPaced           429     rate_limit_exceeded (every deployment held until its reset)
     │   └── UpstreamLimited         429     rate_limit_exceeded (every deployment's upstream over its limits)
     ├── ServiceUnavailable          503     service_unavailable (draining, queue cleared)
@@ -141,6 +142,14 @@ class QueueTimeout(RateLimited):
     @property
     def reason(self) -> str:
         return "queue_timeout"
+
+
+class QueueShed(RateLimited):
+    """Past the queue's shedding threshold: the lowest class waiting is refused first."""
+
+    @property
+    def reason(self) -> str:
+        return "queue_shed"
 
 
 class UpstreamPaced(RateLimited):

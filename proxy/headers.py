@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from multidict import CIMultiDict
 
 from proxy.policy.plan import Matcher, UpstreamSpec
+from proxy.redact import EMPTY, Redactor
 
 HOP_BY_HOP = frozenset(
     {
@@ -99,9 +100,11 @@ def client_headers(
     route: str,
     upstream_name: str,
     hide: Matcher | None = None,
+    redact: Redactor = EMPTY,
 ) -> CIMultiDict[str]:
     """Headers for the client response. The upstream's own request id survives as x-upstream-request-id
-    (unless `hide`, the upstream's `hide_response_headers`, names x-request-id)."""
+    (unless `hide`, the upstream's `hide_response_headers`, names x-request-id). A value quoting a secret
+    `redact` knows (a gateway echoing the credentials it got) has it replaced."""
     out: CIMultiDict[str] = CIMultiDict()
     named: list[str] = []
     for name, value in upstream:
@@ -117,7 +120,19 @@ def client_headers(
         out.add(name, value)
     for token in named:
         out.popall(token, None)
+    if redact and out:
+        _redact_values(out, redact)
     out["x-request-id"] = request_id
     out["x-signalbox-route"] = route
     out["x-signalbox-upstream"] = upstream_name
     return out
+
+
+def _redact_values(headers: CIMultiDict[str], redact: Redactor) -> None:
+    """One search over all values (the usual answer: nothing found), then value by value."""
+    joined = "\n".join(headers.values())
+    if redact.scrub_text(joined, masks=False) is joined:
+        return
+    items = [(name, redact.scrub_text(value, masks=False)) for name, value in headers.items()]
+    headers.clear()
+    headers.extend(items)

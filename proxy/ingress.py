@@ -21,7 +21,6 @@ import orjson
 from aiohttp import web
 
 from proxy import multipart
-from proxy.admission.admit import NOTHING
 from proxy.call import Call
 from proxy.errors import (
     AuthenticationFailed,
@@ -35,12 +34,13 @@ from proxy.errors import (
     UpstreamTimeout,
     render,
 )
+from proxy.flow.admit import NOTHING
+from proxy.flow.scheduler import PRIORITY_HEADER
 from proxy.headers import client_headers
 from proxy.policy.plan import Plan, TenantRule
 from proxy.providers import exchange as exchanges
 from proxy.runtime import STATE, Runtime
-from proxy.scheduler import PRIORITY_HEADER
-from proxy.streaming import relay
+from proxy.streaming import relay, whole
 from proxy.tasks import Deadline
 from proxy.upstream import dispatch
 
@@ -55,6 +55,8 @@ _MODEL_REQUIRED = frozenset(
         "/v1/responses",
     }
 )
+QUEUE_WAIT_HEADER = "x-signalbox-queue-wait-ms"
+"""On every answer: how long the request waited in its queue before it was sent (0: it did not wait)."""
 CLIENT_CLOSED = 499  # nginx's convention for "client closed the request"
 log = logging.getLogger("signalbox.ingress")
 
@@ -94,6 +96,7 @@ async def _served(request: web.Request, stage: Stage, protocol: Protocol) -> web
     except ProxyError as err:
         call.status = err.status
         call.error = err.reason
+        err.headers[QUEUE_WAIT_HEADER] = _ms(call.queue_wait)
         return render(err, call.protocol, call.request_id)
     except ConnectionResetError:
         call.client_gone = True
@@ -125,16 +128,16 @@ async def handle(request: web.Request, call: Call, state: Runtime) -> web.Stream
     call.tenant = identify(request, plan)
     await read_body(request, call, plan.max_body_size)
     call.route = resolve(call, plan)
-    if call.route.batch is not None:  # embeddings: admitted one by one, one scheduler slot per batch
-        async with state.admission.admit(call):
+    asked = request.headers.get(PRIORITY_HEADER)
+    if call.route.batch is not None:  # embeddings: limits taken one by one, one queue slot per batch
+        async with state.scheduler.enter(call, asked, slot=False):
             return await state.batcher.submit(request, call)
     waiting = call.waiting = _waiting_room(request, call, state)
-    admitted = state.admission.admit(call, waiting)
-    slot = state.scheduler.slot(call, request.headers.get(PRIORITY_HEADER), waiting)
-    if admitted is NOTHING and slot is NOTHING:
+    entry = state.scheduler.enter(call, asked, waiting)
+    if entry is NOTHING:
         return await forward(request, call, state, None)  # no limit, no queue: nothing to enter or leave
     try:
-        async with admitted, slot:
+        async with entry:
             return await forward(request, call, state, waiting)
     except ProxyError as err:
         if waiting is None or waiting.response is None:
@@ -176,11 +179,14 @@ async def forward(
         call.status = upstream.status
         prepared = waiting.response if waiting is not None else None  # out while queued, here or in dispatch
         answered_by = plan.upstreams.get(sent.deployment.upstream)
+        redact = state.secrets.current  # errors: every secret; a success's headers: what went upstream
         headers = client_headers(
             upstream.headers.items(), request_id=call.request_id, route=call.route.name, upstream_name=call.upstream,
             hide=answered_by.hide_response_headers if answered_by is not None else None,
+            redact=redact if upstream.status >= 400 or answered_by is None else answered_by.secrets,
         )
         dispatch.annotate(headers, call, sent)
+        headers[QUEUE_WAIT_HEADER] = _ms(call.queue_wait)
         exchange = call.exchange
         assert exchange is not None
         if call.stream and upstream.status == 200 and upstream.content_type == "text/event-stream":
@@ -194,17 +200,20 @@ async def forward(
                 translator,
                 state.open_streams,
                 prepared,
+                redact,
             )
         transform = None
         if exchange.kind != "pass" or upstream.status >= 400:
             model, created = call.model, int(call.started_wall)
-            transform = partial(exchanges.response_body, exchange, model=model, created=created)
+            transform = partial(exchanges.response_body, exchange, model=model, created=created, redact=redact)
         # A stream request answered with a whole body (an error, or a server that ignores `stream`) has no
         # socket read timeout (streams are timed by the relay's watchdog): first_token bounds that read.
         read_timeout = sent.route.timeouts.first_token if call.stream else None
         if prepared is not None and waiting is not None:
-            return await waiting.relay_whole(upstream, transform, read_timeout)
-        return await relay.respond_whole(call, upstream, headers, transform, read_timeout)
+            return await waiting.relay_whole(upstream, transform, read_timeout, sent.body)
+        return await whole.respond_whole(
+            call, upstream, headers, transform, read_timeout, request=request, whole=sent.body
+        )
     except (asyncio.CancelledError, TimeoutError) as exc:
         if isinstance(exc, asyncio.CancelledError) and not guard.expired():
             raise  # the client went away: not a timeout
@@ -227,6 +236,10 @@ def has_dot_segment(raw_path: str) -> bool:
         if segment.replace("%2e", ".").replace("%2E", ".") in (".", ".."):
             return True
     return False
+
+
+def _ms(seconds: float) -> str:
+    return str(round(seconds * 1000))
 
 
 def identify(request: web.Request, plan: Plan) -> TenantRule:
@@ -334,7 +347,7 @@ async def list_models(request: web.Request, call: Call, state: Runtime) -> web.R
     call.tenant = tenant = identify(request, call.plan)
     models = call.plan.models_for(tenant)
     wanted = request.match_info.get("model")
-    headers = {"x-request-id": call.request_id}
+    headers = {"x-request-id": call.request_id, QUEUE_WAIT_HEADER: "0"}
     if protocol == "anthropic":
         headers["request-id"] = call.request_id
     entry = _anthropic_model if protocol == "anthropic" else _openai_model

@@ -25,6 +25,7 @@ def attach(runtime: Runtime) -> None:
         await runtime.clients.configure(plan)
 
     async def commit(plan: Plan, loaded: LoadedPolicy) -> None:
+        runtime.secrets.load(plan.secrets)  # first: the listeners below may log
         # Counters and queues are kept by name; only their numbers change.
         await runtime.admission.reconfigure(plan)
         runtime.scheduler.reconfigure(plan)

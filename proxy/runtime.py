@@ -8,13 +8,14 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from proxy.admission.admit import Admission
-from proxy.admission.upstream import UpstreamQuota
 from proxy.batcher import Batcher
 from proxy.errors import ProxyError
+from proxy.flow.admit import Admission
+from proxy.flow.scheduler import PRIORITY_HEADER, Scheduler
+from proxy.flow.upstream import UpstreamQuota
 from proxy.policy.plan import Plan
 from proxy.policy.reload import Reloader
-from proxy.scheduler import PRIORITY_HEADER, Scheduler
+from proxy.redact import SecretsRef, redact_logs
 from proxy.streaming.relay import StreamSettings
 from proxy.telemetry.logging import AccessLog
 from proxy.telemetry.metrics import Metrics
@@ -73,15 +74,17 @@ class Runtime:
     admission: Admission = field(init=False)
     """Limits: the limiter store (counters survive reloads) and its metrics."""
     scheduler: Scheduler = field(init=False)
-    """Queues by name (slots, waiters, pause state survive reloads)."""
+    """Queues by name (slots, waiters, pause state survive reloads): the flow every call enters."""
     batcher: Batcher = field(init=False)
     """Open embedding batches by key, and their flushes (each takes one scheduler slot)."""
     upstreams: Registry = field(init=False)
     """Per-deployment circuit breakers, pacing holds and load (the same object as `clients.registry`)."""
+    secrets: SecretsRef = field(init=False)
+    """What every output is redacted with (responses, logs, metrics, the admin API); see proxy/redact.py."""
 
     def __post_init__(self) -> None:
         self.admission = Admission(metrics=self.metrics)
-        self.scheduler = Scheduler(self.metrics)
+        self.scheduler = Scheduler(self.metrics, admission=self.admission)
         # A batch waits for its one slot with its first caller's priority.
         self.batcher = Batcher(
             self.metrics, self.clients, lambda call, hdrs: self.scheduler.slot(call, hdrs.get(PRIORITY_HEADER))
@@ -90,8 +93,12 @@ class Runtime:
         self.metrics.in_flight.set_function(lambda: self.in_flight)  # read at scrape, not two locks per request
         self.upstreams = self.clients.registry
         self.upstreams.metrics = self.metrics
-        self.upstreams.quota = UpstreamQuota(self.admission)  # upstream limits, per attempt, in admission's store
+        # Upstream limits, per attempt, in admission's store; a finished attempt tells the queues.
+        self.upstreams.quota = UpstreamQuota(self.admission, self.scheduler.kick)
         self.metrics.before_scrape.append(self.upstreams.refresh_metrics)
+        self.secrets = SecretsRef()
+        self.secrets.load(self.plans.current.secrets)
+        redact_logs(self.secrets)
 
     @property
     def stream_settings(self) -> StreamSettings:

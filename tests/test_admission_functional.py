@@ -545,7 +545,7 @@ async def test_a_stream_waiting_for_a_limit_gets_heartbeats_then_proceeds(
     ) as response:
         assert response.status == 200
         received = await asyncio.wait_for(response.content.readany(), 2)
-        assert received.startswith(b": waiting for capacity: tenant 'alpha'\n")
+        assert received.startswith(b": queued position=1")  # one wait, in the queue, for every limit
         gated.release()  # the first settles and refunds: the stream is admitted
         await until(lambda: len(gated.seen) == 2)
         gated.release()

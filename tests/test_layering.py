@@ -17,7 +17,7 @@ PACKAGE = ROOT / "proxy"
 STAGES = (
     "proxy.ingress",
     "proxy.admission",
-    "proxy.scheduler",
+    "proxy.flow",
     "proxy.batcher",
     "proxy.upstream.dispatch",
     "proxy.streaming.relay",
@@ -118,20 +118,20 @@ def test_the_scan_sees_the_package() -> None:
         (("proxy.policy", "proxy.providers"), STAGES + ENTRY_POINTS + ("proxy.upstream", "proxy.telemetry")),
         # The shared context and error tree are imported by every stage and import none of them.
         (
-            ("proxy.call", "proxy.errors", "proxy.headers", "proxy.tasks", "proxy.fair_queue"),
+            ("proxy.call", "proxy.errors", "proxy.headers", "proxy.tasks"),
             STAGES + ENTRY_POINTS + ("proxy.upstream",),
         ),
         # Telemetry is fed from the Call at stage boundaries; it never calls into a stage.
         (("proxy.telemetry",), STAGES + ENTRY_POINTS + ("proxy.upstream", "proxy.providers")),
         # No stage reaches back to ingress or to the entry points.
         (STAGES[1:] + ("proxy.upstream", "proxy.providers"), ("proxy.ingress",) + ENTRY_POINTS),
-        # Admission decides before the scheduler queues; it does not know about queues or dispatch.
+        # The limiter stores and their maths know nothing of queues, dispatch or the relay.
         (
             ("proxy.admission",),
-            ("proxy.scheduler", "proxy.batcher", "proxy.upstream", "proxy.streaming.relay"),
+            ("proxy.flow", "proxy.batcher", "proxy.upstream", "proxy.streaming.relay"),
         ),
-        # The upstream side never reaches back to admission or scheduling.
-        (("proxy.upstream", "proxy.streaming"), ("proxy.admission", "proxy.scheduler", "proxy.batcher")),
+        # The upstream side never reaches back to admission or the flow (it knows quotas by their port).
+        (("proxy.upstream", "proxy.streaming"), ("proxy.admission", "proxy.flow", "proxy.batcher")),
         # The relay moves bytes; it does not dispatch.
         (("proxy.streaming.relay",), ("proxy.upstream.dispatch",)),
         # The mock upstream is a separate server: it shares nothing with the proxy's data path.
@@ -226,3 +226,12 @@ def test_tasks_are_created_only_in_proxy_tasks() -> None:
                 ]
     assert offenders == []
     assert list(_task_calls(ast.parse(MODULES["proxy.tasks"].read_text())))  # the checker does see calls
+
+
+@pytest.mark.parametrize("name", ["proxy.flow.board", "proxy.flow.estimate", "proxy.flow.shed"])
+def test_the_flow_decisions_are_pure(name: str) -> None:
+    """The order, the estimate and the shedding rule are decisions over plain data: no I/O, no stage."""
+    runtime_imports = [i.target for i in IMPORTS[name] if not i.type_checking]
+    assert not [t for t in runtime_imports if within(t, IO_LIBRARIES)]
+    assert not [t for t in runtime_imports if within(t, STAGES + ENTRY_POINTS + ("proxy.upstream",))
+                and not within(t, ("proxy.flow.board", "proxy.admission.limits"))]

@@ -24,9 +24,9 @@ from proxy.admission.limits import (
 )
 from proxy.admission.local import LocalStore
 from proxy.admission.store import Reservation
-from proxy.admission.upstream import UpstreamHold
 from proxy.call import Attempt, Call
 from proxy.errors import UpstreamLimited
+from proxy.flow.upstream import UpstreamHold
 from proxy.policy.plan import Limit, LimitSpec
 from proxy.upstream.outgoing import wants_stream_usage
 
@@ -149,7 +149,7 @@ def test_key_state_reports_the_longest_wait_and_keeps_counts_on_reconfigure() ->
     assert refusal is not None and refusal.dimension == "requests"
     state.configure(limit(rpm=10, tpm=5000))  # a reload: bigger numbers, same counts
     assert state.check(1.0, 200, 1.0) is None
-    assert state.requests is not None and state.requests.current == 2
+    assert state.requests[0].current == 2
 
 
 async def test_store_is_all_or_nothing_across_limits() -> None:

@@ -22,7 +22,8 @@ from openai._streaming import SSEDecoder as OpenAISSEDecoder
 pytestmark = pytest.mark.timeout(20)
 
 StartProxy = Callable[..., Awaitable[Proxy]]
-HEARTBEAT = b": ping\n"
+# A block of its own until an `id:` reached the client, a lone line glued to the next block after.
+HEARTBEATS = (b": ping\n\n", b": ping\n")
 
 
 def echo_policy(echo: EchoUpstream, *, upstream_extra: str = "", routes: str = "", head: str = "") -> str:
@@ -467,7 +468,7 @@ SSE_HEADERS = [
 # What a pass-through stream guarantees, precisely: the client receives the upstream's event blocks
 # (a block = bytes up to and including its blank line) in order, each byte-identical, with two liberties:
 #   * comment-only blocks (upstream keep-alives) may be dropped;
-#   * `: ping\n` heartbeat lines may be added, but only between blocks, never inside one.
+#   * `: ping` heartbeats may be added, but only between blocks, never inside one.
 # Framing bytes in front of a block's first line are not forwarded: a stream-start BOM, or the LF that
 # completes a CRLF split across two upstream reads (that block then ends in CR alone, which every SSE
 # parser reads as the same line end). Nothing else may change.
@@ -494,15 +495,19 @@ def match_stream(received: bytes, blocks: list[tuple[bytes, bool]]) -> int:
     """Assert `received` is the blocks in order, optional ones present or not, with `: ping` heartbeat lines
     allowed only between blocks (never inside one). Returns how many heartbeats were seen."""
     pos = beats = 0
+
+    def skip_beats() -> None:
+        nonlocal pos, beats
+        while beat := next((b for b in HEARTBEATS if received.startswith(b, pos)), None):
+            pos, beats = pos + len(beat), beats + 1
+
     for block, optional in blocks:
-        while received.startswith(HEARTBEAT, pos):
-            pos, beats = pos + len(HEARTBEAT), beats + 1
+        skip_beats()
         if received.startswith(block, pos):
             pos += len(block)
         else:
             assert optional, f"missing or altered block {block!r} at {pos}: {received[pos : pos + 80]!r}"
-    while received.startswith(HEARTBEAT, pos):
-        pos, beats = pos + len(HEARTBEAT), beats + 1
+    skip_beats()
     assert pos == len(received), f"unexpected trailing bytes {received[pos:]!r}"
     return beats
 

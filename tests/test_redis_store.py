@@ -47,7 +47,8 @@ def test_every_key_of_a_limit_shares_one_hash_tag_and_slot() -> None:
     prepared = [codec.prepare("sb", limit("tenant:a", rpm=1)), codec.prepare("sb", limit("route:r", conc=2))]
     keys, args = codec.acquire_call(prepared, 10, "lease-1", 30000, 60.0)
     assert keys == ["{sb:tenant:a}:window", "{sb:tenant:a}:leases", "{sb:route:r}:window", "{sb:route:r}:leases"]
-    assert args == [60.0, 10, "lease-1", 30000, 1, 0, 0, 0, 0, 2]
+    # tokens, lease, ttl, headroom; then per limit: concurrent, hash expiry, units, (suffix, length, rpm, tpm)...
+    assert args == [10, "lease-1", 30000, 0.0, 0, 121_000, 1, "", 60.0, 1, 0, 2, 121_000, 0]
 
 
 def test_breaker_opens_after_consecutive_failures_and_probes_once_per_cooldown() -> None:

@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 
 from proxy.call import Call
 from proxy.errors import InvalidRequest, QueueCleared, QueueFull, QueueTimeout
-from proxy.fair_queue import GONE, FairQueue, Ticket
+from proxy.flow.board import GONE, FairQueue, Ticket
+from proxy.flow.scheduler import Scheduler, priority_of
 from proxy.policy.plan import Plan
-from proxy.scheduler import Scheduler, priority_of
 from proxy.telemetry.metrics import Metrics
 
 pytestmark = pytest.mark.timeout(20)

@@ -41,7 +41,7 @@ pytestmark = pytest.mark.timeout(40)
 
 StartProxy = Callable[..., Awaitable[Proxy]]
 MakeOpenAI = Callable[..., openai.AsyncOpenAI]
-PING = b": ping\n"
+PING = b": ping\n\n"  # a block of its own: no `id:` has reached the client (see test_heartbeat_framing.py)
 PROMPT: Any = [{"role": "user", "content": "tell me about signal boxes on old railways"}]
 ALPHA = {"x-api-key": "sk-alpha", "content-type": "application/json", "anthropic-version": "2023-06-01"}
 

@@ -178,7 +178,7 @@ async def test_on_limit_queue_waits_for_a_concurrency_slot_at_the_upstream(
 async def test_a_stream_waiting_for_upstream_capacity_gets_its_200_and_heartbeats(
     start_proxy: StartProxy, async_openai: MakeOpenAI, servers: Servers
 ) -> None:
-    # The wait happens in dispatch (an upstream's limit), not at admission: the queue's
+    # The call waits in its queue for the upstream's capacity, and the queue's
     # heartbeat_while_queued still keeps a silent stream from being cut by a load balancer.
     up = await servers.faulty("up")
     top = "queues:\n  q: {max_wait: 5s, heartbeat_while_queued: true}\n"
@@ -194,10 +194,10 @@ async def test_a_stream_waiting_for_upstream_capacity_gets_its_200_and_heartbeat
                                    headers={"Authorization": "Bearer sk-alpha"})
         assert response.status == 200 and not slow.done()  # committed while the slot is still taken
         received = await asyncio.wait_for(response.content.read(), 5)
-    beats = received.count(b": waiting for upstream capacity (concurrency)\n")
+    beats = received.count(b": queued position=1")  # it waits in the queue, slot and limits alike
     assert beats >= 3, received[:300]
     assert received.endswith(b"data: [DONE]\n\n") and b'"finish_reason":"stop"' in received
-    assert received.rindex(b": waiting") < received.index(b"data: {")  # no heartbeat inside the stream
+    assert received.rindex(b": queued") < received.index(b"data: {")  # no heartbeat inside the stream
     assert (await slow).http_response.status_code == 200
     assert up.calls == 2
 
@@ -328,11 +328,12 @@ async def test_a_call_waiting_for_capacity_counts_its_fallback_once(
     client = async_openai(proxy)
     await create(client)
     await create(client)  # a is full: backup's b takes it (one fallback)
-    waited = await create(client)  # both full: it waits (rechecks go over the fallback again), then goes
+    waited = await create(client)  # both full: it waits in its queue for a or b, then goes where room came
     assert waited.http_response.status_code == 200
     registry = proxy.state.metrics.registry
     count = registry.get_sample_value("signalbox_fallbacks_total", {"route": "chat", "fallback": "backup"})
-    assert count == 2  # one per call that went to the fallbacks, however often it looked again
+    went_to_backup = waited.http_response.headers.get("x-signalbox-fallback") == "backup"
+    assert count == 1 + went_to_backup  # one per call that went to the fallbacks, never one per look
 
 
 async def test_routes_that_reach_no_limited_upstream_pay_nothing_for_upstream_limits(

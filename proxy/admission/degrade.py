@@ -10,7 +10,7 @@ I/O or threads of its own: closed (Redis is used) -> open after `failures` conse
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Literal
 
 from proxy.policy.plan import Limit, LimitSpec
@@ -83,14 +83,8 @@ def local_share(limit: Limit, replicas: int) -> Limit:
     if replicas <= 1:
         return limit
     spec = limit.spec
-    return replace(
-        limit,
-        spec=LimitSpec(
-            _share(spec.requests_per_minute, replicas),
-            _share(spec.tokens_per_minute, replicas),
-            _share(spec.concurrent, replicas),
-        ),
-    )
+    shares = {f.name: _share(getattr(spec, f.name), replicas) for f in fields(LimitSpec)}
+    return replace(limit, spec=LimitSpec(**shares))
 
 
 def _share(value: int | None, replicas: int) -> int | None:

@@ -67,11 +67,11 @@ class FailOpen:
         return tuple(counted)
 
     async def decide(
-        self, limits: Sequence[Limit], prepared: tuple[codec.Prepared, ...], tokens: int
+        self, limits: Sequence[Limit], prepared: tuple[codec.Prepared, ...], tokens: int, headroom: float = 0.0
     ) -> Reservation | Refusal:
         """The local decision: what is left of this replica's share; an admission is remembered for Redis."""
-        result = await self.local.try_acquire([self.share(limit) for limit in limits], tokens)
-        if isinstance(result, Refusal) or not any(p.rpm or p.tpm for p in prepared):
+        result = await self.local.try_acquire([self.share(limit) for limit in limits], tokens, headroom=headroom)
+        if isinstance(result, Refusal) or not any(p.units for p in prepared):
             return result
         key = tuple(p.window for p in prepared)
         found = self._unshared.get(key)
@@ -80,7 +80,7 @@ class FailOpen:
                 return result
             found = self._unshared[key] = Unshared(prepared, 0, 0, self._clock())
         found.requests += 1
-        found.tokens += tokens if any(p.tpm for p in prepared) else 0
+        found.tokens += tokens if any(u.tokens for p in prepared for u in p.units) else 0
         return result
 
     def drain(self) -> list[Unshared]:

@@ -1,6 +1,6 @@
-"""Admission maths, pure: sliding-window counters (requests/min, tokens/min), concurrency counts,
-and `decide()`. Time is always passed in; nothing here sleeps, locks or does I/O, so a Redis store
-can run the same arithmetic in a script and the tests step a fake clock.
+"""Admission maths, pure: sliding-window counters (requests and tokens per second, minute, hour or
+day), concurrency counts, and `decide()`. Time is always passed in; nothing here sleeps, locks or does
+I/O, so a Redis store can run the same arithmetic in a script and the tests step a fake clock.
 """
 
 from __future__ import annotations
@@ -9,104 +9,27 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+# Re-exported: their home before there were units other than the minute.
+from proxy.admission.window import WINDOW as WINDOW
+from proxy.admission.window import SlidingWindow as SlidingWindow
 from proxy.policy.plan import Limit, LimitSpec
+from proxy.policy.rates import Rate
 
-WINDOW = 60.0
-"""Every limit is per minute."""
 _EPS = 1e-9
 
 Dimension = Literal["requests", "tokens", "concurrent"]
 
 
-class SlidingWindow:
-    """Approximate sliding window over `length` seconds, in O(1) memory.
-
-    Two fixed windows are kept: the current one and the one before it. The count "in the last
-    minute" is the previous window's count weighted by the share of it that still overlaps the
-    last minute, plus the current window's count (the `limits` library's and Cloudflare's scheme).
-    """
-
-    __slots__ = ("limit", "length", "index", "current", "previous")
-
-    def __init__(self, limit: float, length: float = WINDOW) -> None:
-        self.limit = limit
-        self.length = length
-        self.index = 0
-        self.current = 0.0
-        self.previous = 0.0
-
-    def roll(self, now: float) -> None:
-        index = math.floor(now / self.length)
-        if index == self.index:
-            return
-        self.previous = self.current if index == self.index + 1 else 0.0
-        self.current = 0.0
-        self.index = index
-
-    def used(self, now: float) -> float:
-        self.roll(now)
-        elapsed = (now - self.index * self.length) / self.length
-        return self.previous * (1.0 - elapsed) + self.current
-
-    def fits(self, now: float, cost: float) -> bool:
-        """`wait(now, cost) == 0`, on the hot path: no allocation, one call."""
-        length = self.length
-        index = math.floor(now / length)
-        if index != self.index:
-            self.roll(now)
-        elapsed = (now - index * length) / length
-        return self.previous * (1.0 - elapsed) + self.current + cost <= self.limit + _EPS
-
-    def remaining(self, now: float) -> float:
-        return max(0.0, self.limit - self.used(now))
-
-    def wait(self, now: float, cost: float) -> float | None:
-        """Seconds until `cost` more fits (0: now), or None when it never can (cost > limit)."""
-        if cost > self.limit + _EPS:
-            return None
-        if self.used(now) + cost <= self.limit + _EPS:
-            return 0.0
-        start = self.index * self.length
-        if self.current + cost <= self.limit + _EPS:
-            # Fits once enough of the previous window has slid out, still inside this window.
-            share = 1.0 - (self.limit - self.current - cost) / self.previous
-            return max(0.0, start + share * self.length - now)
-        # Only after this window closes, once enough of it has slid out of the next one.
-        share = max(0.0, 1.0 - (self.limit - cost) / self.current)
-        return max(0.0, start + self.length + share * self.length - now)
-
-    def reset(self, now: float) -> float:
-        """Seconds until the window is empty again (OpenAI's `x-ratelimit-reset-*`)."""
-        self.roll(now)
-        start = self.index * self.length
-        if self.current > 0:
-            return start + 2 * self.length - now
-        if self.previous > 0:
-            return start + self.length - now
-        return 0.0
-
-    def add(self, now: float, amount: float) -> int:
-        """Count `amount` now; returns the window index it landed in (for a later refund)."""
-        self.roll(now)
-        self.current += amount
-        return self.index
-
-    def refund(self, index: int, amount: float) -> None:
-        """Take back `amount` counted in window `index`, if that window is still remembered."""
-        if index == self.index:
-            self.current = max(0.0, self.current - amount)
-        elif index == self.index - 1:
-            self.previous = max(0.0, self.previous - amount)
-
-
 @dataclass(frozen=True, slots=True)
 class Meter:
-    """One dimension of a limit as seen at an instant: what the x-ratelimit-* headers report."""
+    """One window of a limit as seen at an instant: what the x-ratelimit-* headers report."""
 
     limit: int
     used: float
     remaining: int
     reset: float
+    name: str = "requests_per_minute"
+    """The window: `requests_per_second`, `tokens_per_day`, ..."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,8 +41,11 @@ class Usage:
     tenant: str
     requests: Meter | None
     tokens: Meter | None
+    """The tightest window of each dimension (`tightest`): what the x-ratelimit-* headers report."""
     concurrent: tuple[int, int] | None
     """(limit, in use)."""
+    windows: tuple[Meter, ...] = ()
+    """Every window, requests then tokens, shortest unit first (metrics, admin API)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,23 +55,30 @@ class Refusal:
     limit: Limit
     dimension: Dimension
     retry_after: float | None
-    """Seconds until it would fit; None when it never can (a request bigger than the limit)."""
+    """Seconds until it would fit; None when it never can (a request bigger than the limit, or than the
+    share of it that `headroom` leaves)."""
     exact: bool
     """False when capacity may free earlier than computed (concurrency; tokens while reservations are
     still unsettled and may be refunded): `retry_after` is then an upper bound or a hint."""
     usage: Usage
+    unit: str = ""
+    """The window that refused (`second`, `minute`, `hour`, `day`); "" for concurrency."""
+    headroom: float = 0.0
+    """The share of the limit the request had to leave free (its class's reserve)."""
 
 
 class KeyState:
-    """The counters of one limit key; a reload swaps the spec and keeps the counts."""
+    """The counters of one limit key; a reload swaps the spec and keeps the counts of the windows it keeps."""
 
-    __slots__ = ("limit", "length", "requests", "tokens", "in_use", "pending")
+    __slots__ = ("limit", "minute", "requests", "tokens", "in_use", "pending")
 
-    def __init__(self, limit: Limit, length: float = WINDOW) -> None:
+    def __init__(self, limit: Limit, minute: float = WINDOW) -> None:
         self.limit = limit
-        self.length = length
-        self.requests: SlidingWindow | None = None
-        self.tokens: SlidingWindow | None = None
+        self.minute = minute
+        """The length of a minute (tests shrink it); every unit's window scales with it."""
+        self.requests: tuple[SlidingWindow, ...] = ()
+        self.tokens: tuple[SlidingWindow, ...] = ()
+        """One window per unit the spec sets, shortest first."""
         self.in_use = 0
         self.pending = 0
         """Tokens reserved by requests not settled yet (a settle may refund them)."""
@@ -157,92 +90,134 @@ class KeyState:
             self._apply(limit.spec)
 
     def _apply(self, spec: LimitSpec) -> None:
-        self.requests = _resize(self.requests, spec.requests_per_minute, self.length)
-        self.tokens = _resize(self.tokens, spec.tokens_per_minute, self.length)
+        old = {w.name: w for w in self.requests + self.tokens}
+        rates = spec.rates()
+        self.requests = tuple(_window(old, r, self.minute) for r in rates if r.dimension == "requests")
+        self.tokens = tuple(_window(old, r, self.minute) for r in rates if r.dimension == "tokens")
 
-    def check(self, now: float, tokens: int, concurrency_hint: float) -> Refusal | None:
-        """The refusal with the longest wait among this key's dimensions, or None if all admit."""
-        spec = self.limit.spec
-        requests, window = self.requests, self.tokens
-        if (
-            (spec.concurrent is None or self.in_use < spec.concurrent)
-            and (requests is None or requests.fits(now, 1))
-            and (window is None or not tokens or window.fits(now, tokens))
-        ):
-            return None  # the hot path: every dimension admits
-        return self._refusal(now, tokens, concurrency_hint)
+    def check(self, now: float, tokens: int, concurrency_hint: float, headroom: float = 0.0) -> Refusal | None:
+        """The refusal with the longest wait among this key's windows, or None if all admit with
+        `headroom` x each limit still free after counting this request."""
+        keep = 1.0 - headroom
+        concurrent = self.limit.spec.concurrent
+        if concurrent is not None and self.in_use + 1 > concurrent * keep + _EPS:
+            return self._refusal(now, tokens, concurrency_hint, headroom)
+        for window in self.requests:
+            if not window.fits(now, 1, keep):
+                return self._refusal(now, tokens, concurrency_hint, headroom)
+        if tokens:
+            for window in self.tokens:
+                if not window.fits(now, tokens, keep):
+                    return self._refusal(now, tokens, concurrency_hint, headroom)
+        return None  # the hot path: every window admits
 
-    def _refusal(self, now: float, tokens: int, concurrency_hint: float) -> Refusal | None:
-        worst: Refusal | None = None
-        spec = self.limit.spec
-        if spec.concurrent is not None and self.in_use >= spec.concurrent:
-            worst = Refusal(self.limit, "concurrent", concurrency_hint, False, self.usage(now))
-        dimensions: tuple[tuple[Dimension, SlidingWindow | None, int], ...] = (
-            ("requests", self.requests, 1),
-            ("tokens", self.tokens, tokens),
-        )
-        for dimension, window, cost in dimensions:
-            if window is None or not cost:
-                continue
-            wait = window.wait(now, cost)
-            if wait == 0.0:
-                continue
-            exact = dimension == "requests" or not self.pending or wait is None
-            if worst is None or not worst.exact or wait is None or wait > (worst.retry_after or 0.0):
-                worst = Refusal(self.limit, dimension, wait, exact, self.usage(now))
-            if wait is None:
-                break
-        return worst
+    def _refusal(self, now: float, tokens: int, concurrency_hint: float, headroom: float) -> Refusal | None:
+        keep = 1.0 - headroom
+        found: list[_Found] = []
+        concurrent = self.limit.spec.concurrent
+        if concurrent is not None and self.in_use + 1 > concurrent * keep + _EPS:
+            found.append(("concurrent", None, concurrency_hint, False))
+        for window in self.requests:
+            found.append(("requests", window, window.wait(now, 1, keep), True))
+        for window in self.tokens if tokens else ():
+            wait = window.wait(now, tokens, keep)
+            found.append(("tokens", window, wait, not self.pending or wait is None))
+        worst = _worst(found)
+        if worst is None:
+            return None
+        dimension, refusing, wait, exact = worst
+        unit = refusing.name.rpartition("_per_")[2] if refusing is not None else ""
+        return Refusal(self.limit, dimension, wait, exact, self.usage(now), unit, headroom)
 
     def take(self, now: float, tokens: int) -> None:
-        """Count one request and its tokens (in the window that `now` falls in)."""
-        if self.requests is not None:
-            self.requests.add(now, 1)
-        if self.tokens is not None and tokens:
-            self.tokens.add(now, tokens)
+        """Count one request and its tokens (in the window that `now` falls in, at every unit)."""
+        for window in self.requests:
+            window.add(now, 1)
+        if tokens and self.tokens:
+            for window in self.tokens:
+                window.add(now, tokens)
             self.pending += tokens
         if self.limit.spec.concurrent is not None:
             self.in_use += 1
 
-    def adjust(self, now: float, index: int, reserved: int, requests: int, tokens: int) -> None:
-        """Settle a reservation of `reserved` tokens: `requests`/`tokens` are the differences (real
-        minus reserved); negative ones are refunds."""
-        if self.tokens is not None:
+    def adjust(self, now: float, at: float, reserved: int, requests: int, tokens: int) -> None:
+        """Settle a reservation of `reserved` tokens counted at time `at`: `requests`/`tokens` are the
+        differences (real minus reserved); negative ones are refunds to the windows `at` fell in."""
+        if self.tokens:
             self.pending = max(0, self.pending - reserved)
-        for window, delta in ((self.requests, requests), (self.tokens, tokens)):
-            if window is None or not delta:
-                continue
-            if delta < 0:
-                window.refund(index, -delta)
-            else:
-                window.add(now, delta)
+        for windows, delta in ((self.requests, requests), (self.tokens, tokens)):
+            for window in windows if delta else ():
+                if delta < 0:
+                    window.refund(math.floor(at / window.length), -delta)
+                else:
+                    window.add(now, delta)
 
     def usage(self, now: float) -> Usage:
         spec = self.limit.spec
+        requests = tuple(_meter(w, now) for w in self.requests)
+        tokens = tuple(_meter(w, now) for w in self.tokens)
         return Usage(
             key=self.limit.key,
             scope=self.limit.scope,
             tenant=self.limit.tenant,
-            requests=_meter(self.requests, now),
-            tokens=_meter(self.tokens, now),
+            requests=tightest(requests),
+            tokens=tightest(tokens),
             concurrent=(spec.concurrent, self.in_use) if spec.concurrent is not None else None,
+            windows=requests + tokens,
         )
 
 
-def _resize(window: SlidingWindow | None, limit: int | None, length: float) -> SlidingWindow | None:
-    if limit is None:
-        return None
+_Found = tuple[Dimension, SlidingWindow | None, float | None, bool]
+"""(dimension, the window or None for concurrency, its wait, exact) of one check that refused."""
+
+
+def _worst(found: list[_Found]) -> _Found | None:
+    """The one to report: "never" first, then an exact wait over a hint, then the longest wait."""
+    worst: _Found | None = None
+    for entry in found:
+        _, window, wait, _ = entry
+        if wait == 0.0 and window is not None:
+            continue  # this window admits
+        if worst is None or wait is None or not worst[3] or wait > (worst[2] or 0.0):
+            worst = entry
+        if wait is None:
+            break  # never fits: nothing says more
+    return worst
+
+
+def _window(old: dict[str, SlidingWindow], rate: Rate, minute: float) -> SlidingWindow:
+    window = old.get(rate.name)
     if window is None:
-        return SlidingWindow(limit, length)
-    window.limit = limit
+        return SlidingWindow(rate.limit, rate.seconds * minute / WINDOW, rate.name)
+    window.limit = rate.limit
     return window
 
 
-def _meter(window: SlidingWindow | None, now: float) -> Meter | None:
-    if window is None:
-        return None
+def _meter(window: SlidingWindow, now: float) -> Meter:
     used = window.used(now)
-    return Meter(int(window.limit), used, max(0, math.floor(window.limit - used + _EPS)), window.reset(now))
+    remaining = max(0, math.floor(window.limit - used + _EPS))
+    return Meter(int(window.limit), used, remaining, window.reset(now), window.name)
+
+
+def tightest(meters: tuple[Meter, ...]) -> Meter | None:
+    """The meter a client should hear about when one header names requests (or tokens) whatever the
+    unit: the one with the fewest left, and of those the one that takes longest to reset."""
+    if not meters:
+        return None
+    return min(meters, key=lambda m: (m.remaining, -m.reset))
+
+
+def describe(spec: LimitSpec, dimension: Dimension, unit: str = "", headroom: float = 0.0) -> str:
+    """How a message states a limit: `allows 5 requests per second` (`unit` names the window that refused;
+    empty: every unit of `dimension`, `allows 5 requests per second and 1000 requests per day`)."""
+    if dimension == "concurrent":
+        text = f"allows {spec.concurrent} requests at once"
+    else:
+        rates = [r for r in spec.rates() if r.dimension == dimension and (not unit or r.unit == unit)]
+        text = "allows " + " and ".join(f"{r.limit} {dimension} per {r.unit}" for r in rates)
+    if headroom > 0:
+        text += f" ({headroom * 100:g}% of it kept free for higher priority classes)"
+    return text
 
 
 # --- the decision -------------------------------------------------------------------------------
@@ -295,7 +270,8 @@ def decide_wait(wait: float | None, exact: bool, now: float, deadline: float | N
 
 
 def ratelimit_headers(usage: Usage) -> dict[str, str]:
-    """OpenAI's x-ratelimit-* headers for the proxy's own limit (PROTOCOLS.md §1.4)."""
+    """OpenAI's x-ratelimit-* headers for the proxy's own limit (PROTOCOLS.md §1.4). They name requests
+    and tokens without a unit, so each reports its dimension's tightest window (`tightest`)."""
     headers: dict[str, str] = {}
     for name, meter in (("requests", usage.requests), ("tokens", usage.tokens)):
         if meter is not None:

@@ -24,6 +24,7 @@ class LocalStore:
     __slots__ = ("_clock", "_length", "_states", "_current")
 
     def __init__(self, clock: Callable[[], float] = time.monotonic, window: float = WINDOW) -> None:
+        """`window`: the length of a minute (tests shrink it; every unit scales with it)."""
         self._clock = clock
         self._length = window
         self._states: dict[str, KeyState] = {}
@@ -52,7 +53,9 @@ class LocalStore:
             if state.limit is not limits[key]:
                 state.configure(limits[key])
 
-    async def try_acquire(self, limits: Sequence[Limit], tokens: int) -> Reservation | Refusal:
+    async def try_acquire(
+        self, limits: Sequence[Limit], tokens: int, *, headroom: float = 0.0
+    ) -> Reservation | Refusal:
         now = self._clock()
         states = self._states
         worst: Refusal | None = None
@@ -63,7 +66,7 @@ class LocalStore:
             if state is None or state.limit is not limit:
                 state = self._state(limit)
             held.append(state)
-            refusal = state.check(now, tokens, CONCURRENCY_HINT)
+            refusal = state.check(now, tokens, CONCURRENCY_HINT, headroom)
             if refusal is not None and _longer(refusal, worst):
                 worst = refusal
             concurrent = concurrent or state.limit.spec.concurrent is not None
@@ -74,7 +77,7 @@ class LocalStore:
         # The limits as counted (after a reload they may be newer than the ones the call carries):
         # release() must give concurrency back exactly where take() counted it.
         counted = tuple(state.limit for state in held)
-        return Reservation(counted, math.floor(now / self._length), 1, tokens, concurrent)
+        return Reservation(counted, math.floor(now / self._length), 1, tokens, concurrent, at=now)
 
     async def release(self, reservation: Reservation) -> None:
         if reservation.released or not reservation.concurrent:
@@ -96,7 +99,7 @@ class LocalStore:
         for limit in reservation.limits:
             state = self._states.get(limit.key)
             if state is not None:
-                state.adjust(now, reservation.window, reservation.tokens, d_requests, d_tokens)
+                state.adjust(now, reservation.at, reservation.tokens, d_requests, d_tokens)
 
     async def remaining(self, keys: Iterable[str] | None = None) -> list[Usage]:
         now = self._clock()

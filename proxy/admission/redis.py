@@ -1,11 +1,10 @@
 """The Redis limiter store: limits shared by every replica that points at the same Redis.
 
 One admission decision is one round trip: an EVALSHA of the acquire script (`redis_scripts.py`), which
-checks every limit of the request and counts it in all of them, or in none, with Redis's clock. Settle
-and release are one more round trip each, and only when the request holds tokens or a concurrency
-lease. Leases held by this replica are renewed by one keeper task per store (one call per renewal
-round for all of them, not one timer per request); a replica that dies stops renewing and its leases
-are reclaimed by the next acquire after they expire.
+checks every window of every limit of the request (with the class's headroom) and counts it in all or
+none, on Redis's clock. Settle and release are one more round trip each, only when the request holds
+tokens or a lease. One keeper task per store renews this replica's leases (one call per round, not a
+timer per request); a dead replica's leases are reclaimed by the next acquire after they expire.
 
 Redis trouble never fails a request: every call is bounded (`redis_health.py`: a slow answer is not an
 outage) and goes through the store's own circuit breaker (`degrade.py`). A failed call, or any call
@@ -54,8 +53,8 @@ class SharedReservation(Reservation):
     """Counted in Redis: settle and release go back there (a local one goes to the local store)."""
 
     prepared: tuple[codec.Prepared, ...] = ()
-    windows: tuple[int, ...] = ()
-    """Per limit, the window index it was counted in (limits in a Cluster may see different clocks)."""
+    stamps: tuple[tuple[int, int], ...] = ()
+    """Per limit (a Cluster's nodes differ), the Redis (sec, usec) it was counted at: refunds go there."""
     lease: str = ""
     shadow: tuple[Reservation, ...] = ()
     """The same request in this replica's local shares (failopen.py), settled and released with it."""
@@ -148,7 +147,7 @@ class RedisStore:
 
     # --- the LimiterStore interface -----------------------------------------------------------------
 
-    async def try_acquire(self, limits: Sequence[Limit], tokens: int) -> Reservation | Refusal:
+    async def try_acquire(self, limits: Sequence[Limit], tokens: int, *, headroom: float = 0) -> Reservation | Refusal:
         current = self._current
         if current is not None:
             limits = [current.get(limit.key, limit) for limit in limits]
@@ -157,15 +156,15 @@ class RedisStore:
 
         def send() -> Coroutine[Any, Any, SharedReservation | Refusal]:
             if self.cluster and len(prepared) > 1:
-                return self._acquire_cluster(prepared, tokens, lease)
-            return self._acquire(prepared, tokens, lease)
+                return self._acquire_cluster(prepared, tokens, lease, headroom)
+            return self._acquire(prepared, tokens, lease, headroom)
 
         try:
             result = await self.health.run("acquire", send, self._landed_late)
         except Unavailable as exc:
             if lease and not isinstance(exc, Skipped):
                 self._orphan(prepared, lease)  # the script may have run before the call failed
-            return await self.failopen.decide(limits, prepared, tokens)
+            return await self.failopen.decide(limits, prepared, tokens, headroom)
         except asyncio.CancelledError:
             if lease:
                 self._orphan(prepared, lease)
@@ -191,7 +190,7 @@ class RedisStore:
         self._unhold(prepared, lease)
         try:
             async with self.health.call("release"):
-                await self._adjust(prepared, reservation.windows, 0, 0, 0, lease)
+                await self._adjust(prepared, reservation.stamps, 0, 0, 0, lease)
         except Unavailable:
             self._orphan(prepared, lease)  # removed later, or it expires
         except asyncio.CancelledError:
@@ -213,7 +212,7 @@ class RedisStore:
         try:
             async with self.health.call("settle"):
                 await self._adjust(
-                    reservation.prepared, reservation.windows, reservation.tokens, d_requests, d_tokens, ""
+                    reservation.prepared, reservation.stamps, reservation.tokens, d_requests, d_tokens, ""
                 )
         except Unavailable:
             pass  # the shared counters keep the estimate: errs towards admitting less, never more
@@ -242,46 +241,46 @@ class RedisStore:
     # --- Redis calls ----------------------------------------------------------------------------------
 
     async def _acquire(
-        self, prepared: tuple[codec.Prepared, ...], tokens: int, lease: str
+        self, prepared: tuple[codec.Prepared, ...], tokens: int, lease: str, headroom: float
     ) -> SharedReservation | Refusal:
-        keys, args = codec.acquire_call(prepared, tokens, lease, self._ttl_ms, self._length)
+        keys, args = codec.acquire_call(prepared, tokens, lease, self._ttl_ms, self._length, headroom)
         reply = await self._eval(ACQUIRE, keys, args)
         if int(reply[0]) != 1:
-            return codec.refusal(prepared, reply, tokens, self._length)
-        index = int(reply[1])
+            return codec.refusal(prepared, reply, tokens, self._length, headroom)
+        return self._reserved(prepared, tokens, lease, ((int(reply[1]), int(reply[2])),) * len(prepared))
+
+    def _reserved(self, prepared: tuple[codec.Prepared, ...], tokens: int, lease: str,
+                  stamps: tuple[tuple[int, int], ...]) -> SharedReservation:
+        at = codec.redis_now(*stamps[0])
         return SharedReservation(
-            tuple(p.limit for p in prepared), index, 1, tokens, bool(lease),
-            prepared=prepared, windows=(index,) * len(prepared), lease=lease,
+            tuple(p.limit for p in prepared), int(at // self._length), 1, tokens, bool(lease),
+            at=at, prepared=prepared, stamps=stamps, lease=lease,
         )
 
     async def _acquire_cluster(
-        self, prepared: tuple[codec.Prepared, ...], tokens: int, lease: str
+        self, prepared: tuple[codec.Prepared, ...], tokens: int, lease: str, headroom: float
     ) -> SharedReservation | Refusal:
         """One call per limit (one slot each), run together. All-or-nothing is kept by rolling back the
         limits that admitted when another refused; in between they may refuse a request they would have
         admitted, never the reverse."""
+        ttl, minute = self._ttl_ms, self._length
         replies = await asyncio.gather(
-            *(self._eval(ACQUIRE, *codec.acquire_call([p], tokens, lease, self._ttl_ms, self._length))
-              for p in prepared),
+            *(self._eval(ACQUIRE, *codec.acquire_call([p], tokens, lease, ttl, minute, headroom)) for p in prepared),
             return_exceptions=True,
         )
-        taken = [(p, int(r[1])) for p, r in zip(prepared, replies, strict=True)
+        taken = [(p, (int(r[1]), int(r[2]))) for p, r in zip(prepared, replies, strict=True)
                  if not isinstance(r, BaseException) and int(r[0]) == 1]
         if len(taken) == len(prepared):
-            windows = tuple(w for _, w in taken)
-            return SharedReservation(
-                tuple(p.limit for p in prepared), windows[0], 1, tokens, bool(lease),
-                prepared=prepared, windows=windows, lease=lease,
-            )
+            return self._reserved(prepared, tokens, lease, tuple(stamp for _, stamp in taken))
         if taken:  # give back what the admitting limits counted
             back = tuple(p for p, _ in taken)
-            await self._adjust(back, tuple(w for _, w in taken), tokens, -1, -tokens, lease)
+            await self._adjust(back, tuple(stamp for _, stamp in taken), tokens, -1, -tokens, lease)
         worst: Refusal | None = None
         for p, reply in zip(prepared, replies, strict=True):
             if isinstance(reply, BaseException):
                 raise reply
             if int(reply[0]) != 1:
-                found = codec.refusal([p], reply, tokens, self._length)
+                found = codec.refusal([p], reply, tokens, minute, headroom)
                 if codec.longer(found, worst):
                     worst = found
         assert worst is not None
@@ -290,22 +289,22 @@ class RedisStore:
     async def _adjust(
         self,
         prepared: Sequence[codec.Prepared],
-        windows: Sequence[int],
+        stamps: Sequence[tuple[int, int]],
         reserved: int,
         requests: int,
         tokens: int,
         lease: str,
     ) -> None:
-        def call(group: Sequence[codec.Prepared], at: Sequence[int]) -> tuple[list[str], list[Any]]:
+        def call(group: Sequence[codec.Prepared], at: Sequence[tuple[int, int]]) -> tuple[list[str], list[Any]]:
             return codec.adjust_call(
-                group, at, length=self._length, reserved=reserved, requests=requests, tokens=tokens,
+                group, at, minute=self._length, reserved=reserved, requests=requests, tokens=tokens,
                 lease=lease,
             )
 
         if not self.cluster or len(prepared) == 1:
-            await self._eval(ADJUST, *call(prepared, windows))
+            await self._eval(ADJUST, *call(prepared, stamps))
             return
-        pairs = zip(prepared, windows, strict=True)
+        pairs = zip(prepared, stamps, strict=True)
         await asyncio.gather(*(self._eval(ADJUST, *call([p], [w])) for p, w in pairs))
 
     async def _leases(self, mode: str, held: dict[str, list[str]]) -> int:

@@ -93,7 +93,8 @@ class Keeper:
             async with store.health.call("reconcile"):
                 while left:
                     item = left[-1]
-                    await store._adjust(item.prepared, (0,) * len(item.prepared), 0, item.requests, item.tokens, "")
+                    at = ((0, 0),) * len(item.prepared)  # additions go to the current windows whatever the stamp
+                    await store._adjust(item.prepared, at, 0, item.requests, item.tokens, "")
                     left.pop()
         except Unavailable:
             store.failopen.restore(left)
@@ -105,7 +106,7 @@ class Keeper:
             async with store.health.call("rollback"):
                 while store._late:
                     late = store._late[0]
-                    await store._adjust(late.prepared, late.windows, late.tokens, -1, -late.tokens, late.lease)
+                    await store._adjust(late.prepared, late.stamps, late.tokens, -1, -late.tokens, late.lease)
                     store._late.popleft()
         except Unavailable:
             pass  # the next round tries again

@@ -1,13 +1,15 @@
 """The Lua scripts of the Redis limiter store (text only; `redis.py` loads them once and runs them by SHA).
 
 Each script does one whole decision atomically inside Redis with Redis's own clock (`TIME`), so no
-replica's clock matters. The arithmetic is the one of `limits.SlidingWindow`, line for line: two fixed
-windows per limit (current and previous), the previous one weighted by the share of it that still
-overlaps the last `length` seconds. Per limit there are two keys sharing one hash tag, so in a Redis
-Cluster they live in one slot:
+replica's clock matters. The arithmetic is the one of `window.SlidingWindow`, line for line: two fixed
+windows per limit and unit (current and previous), the previous one weighted by the share of it that
+still overlaps the last `length` seconds. Per limit there are two keys sharing one hash tag, so in a
+Redis Cluster they live in one slot:
 
-    {<prefix>:<limit key>}:window   hash: i (window index), rc/rp requests, tc/tp tokens and
-                                    pc/pp tokens reserved but not settled yet, each current/previous
+    {<prefix>:<limit key>}:window   hash, per unit (field suffix: none for the minute, so the layout
+                                    of minute-only limits is unchanged; _s, _h, _d): i (window index),
+                                    rc/rp requests, tc/tp tokens and pc/pp tokens reserved but not
+                                    settled yet, each current/previous
     {<prefix>:<limit key>}:leases   sorted set: concurrency lease id -> expiry (Redis ms)
 
 Numbers are stored as integers; scripts return integers only (RESP truncates Lua floats).
@@ -27,12 +29,12 @@ local function clock()
   return sec, usec, sec + usec / 1000000, sec * 1000 + math.floor(usec / 1000)
 end
 
--- One limit's window hash rolled to `index` (limits.SlidingWindow.roll). Reads only.
-local function load(key, index)
-  local v = redis.call('HMGET', key, 'i', 'rc', 'rp', 'tc', 'tp', 'pc', 'pp')
+-- One unit's fields of a limit's window hash, rolled to `index` (limits.SlidingWindow.roll). Reads only.
+local function load(key, x, index)
+  local v = redis.call('HMGET', key, 'i' .. x, 'rc' .. x, 'rp' .. x, 'tc' .. x, 'tp' .. x, 'pc' .. x, 'pp' .. x)
   local s = {i = tonumber(v[1]), rc = tonumber(v[2]) or 0, rp = tonumber(v[3]) or 0,
              tc = tonumber(v[4]) or 0, tp = tonumber(v[5]) or 0, pc = tonumber(v[6]) or 0,
-             pp = tonumber(v[7]) or 0}
+             pp = tonumber(v[7]) or 0, x = x}
   s.found = s.i ~= nil
   if s.i == nil then s.i = index end
   if s.i ~= index then
@@ -47,13 +49,10 @@ local function load(key, index)
   return s
 end
 
-local function save(key, s, keep_ms)
-  redis.call('HSET', key, 'i', s.i, 'rc', s.rc, 'rp', s.rp, 'tc', s.tc, 'tp', s.tp, 'pc', s.pc, 'pp', s.pp)
-  redis.call('PEXPIRE', key, keep_ms)
-end
-
-local function keep_ms(length)
-  return math.floor(length * 2000) + 1000
+local function save(key, s)
+  local x = s.x
+  redis.call('HSET', key, 'i' .. x, s.i, 'rc' .. x, s.rc, 'rp' .. x, s.rp, 'tc' .. x, s.tc, 'tp' .. x, s.tp,
+             'pc' .. x, s.pc, 'pp' .. x, s.pp)
 end
 """
 
@@ -61,55 +60,71 @@ ACQUIRE_LUA = (
     _PRELUDE
     + """
 -- KEYS: per limit, its window hash then its lease set.
--- ARGV: length (s), tokens, lease id, lease ttl (ms), then per limit: rpm, tpm, concurrent (0: none).
--- All limits admit and the request is counted in each: {1, window index}. Else nothing is counted:
--- {0, sec, usec, then per limit: i, rc, rp, tc, tp, pending, leases held}.
+-- ARGV: tokens, lease id, lease ttl (ms), headroom (the share of every limit to leave free), then per
+--   limit: concurrent (0: none), hash expiry (ms), units n, then per unit: field suffix, length (s),
+--   requests limit, tokens limit (0: none).
+-- All limits admit and the request is counted in each: {1, sec, usec}. Else nothing is counted:
+-- {0, sec, usec, then per limit: leases held, then per unit: i, rc, rp, tc, tp, pending}.
 local sec, usec, now, now_ms = clock()
-local length, cost, lease, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
-local index = math.floor(now / length)
-local weight = 1.0 - (now - index * length) / length
-local n = #KEYS / 2
-local states = {}
+local cost, lease, ttl = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+local keep = 1.0 - tonumber(ARGV[4])
+local pos = 5
+local limits = {}
 local admit = true
-for j = 1, n do
-  local base = 4 + (j - 1) * 3
-  local s = load(KEYS[2 * j - 1], index)
-  s.rpm, s.tpm, s.conc = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3])
-  s.held = 0
-  if s.conc > 0 then
+for j = 1, #KEYS / 2 do
+  local l = {conc = tonumber(ARGV[pos]), expiry = tonumber(ARGV[pos + 1]), held = 0, units = {}}
+  local n = tonumber(ARGV[pos + 2])
+  pos = pos + 3
+  if l.conc > 0 then
     redis.call('ZREMRANGEBYSCORE', KEYS[2 * j], '-inf', now_ms)  -- reclaim leases nobody renewed
-    s.held = redis.call('ZCARD', KEYS[2 * j])
-    if s.held >= s.conc then admit = false end
+    l.held = redis.call('ZCARD', KEYS[2 * j])
+    if l.held + 1 > l.conc * keep + EPS then admit = false end
   end
-  if s.rpm > 0 and s.rp * weight + s.rc + 1 > s.rpm + EPS then admit = false end
-  if s.tpm > 0 and cost > 0 and s.tp * weight + s.tc + cost > s.tpm + EPS then admit = false end
-  states[j] = s
+  for u = 1, n do
+    local length = tonumber(ARGV[pos + 1])
+    local index = math.floor(now / length)
+    local weight = 1.0 - (now - index * length) / length
+    local s = load(KEYS[2 * j - 1], ARGV[pos], index)
+    s.rl, s.tl = tonumber(ARGV[pos + 2]), tonumber(ARGV[pos + 3])
+    pos = pos + 4
+    if s.rl > 0 and s.rp * weight + s.rc + 1 > s.rl * keep + EPS then admit = false end
+    if s.tl > 0 and cost > 0 and s.tp * weight + s.tc + cost > s.tl * keep + EPS then admit = false end
+    l.units[u] = s
+  end
+  limits[j] = l
 end
 if not admit then
   local out = {0, sec, usec}
-  for j = 1, n do
-    local s = states[j]
-    local row = {s.i, s.rc, s.rp, s.tc, s.tp, s.pc + s.pp, s.held}
-    for k = 1, #row do out[#out + 1] = row[k] end
+  for j = 1, #limits do
+    out[#out + 1] = limits[j].held
+    for _, s in ipairs(limits[j].units) do
+      local row = {s.i, s.rc, s.rp, s.tc, s.tp, s.pc + s.pp}
+      for k = 1, #row do out[#out + 1] = row[k] end
+    end
   end
   return out
 end
-for j = 1, n do
-  local s = states[j]
-  if s.rpm > 0 or (s.tpm > 0 and cost > 0) then
-    if s.rpm > 0 then s.rc = s.rc + 1 end
-    if s.tpm > 0 and cost > 0 then
-      s.tc = s.tc + cost
-      s.pc = s.pc + cost
+for j = 1, #limits do
+  local l = limits[j]
+  local saved = false
+  for _, s in ipairs(l.units) do
+    if s.rl > 0 or (s.tl > 0 and cost > 0) then
+      if s.rl > 0 then s.rc = s.rc + 1 end
+      if s.tl > 0 and cost > 0 then
+        s.tc = s.tc + cost
+        s.pc = s.pc + cost
+      end
+      save(KEYS[2 * j - 1], s)
+      saved = true
     end
-    save(KEYS[2 * j - 1], s, keep_ms(length))
   end
-  if s.conc > 0 then
+  if saved then redis.call('PEXPIRE', KEYS[2 * j - 1], l.expiry) end
+  if l.conc > 0 then
     redis.call('ZADD', KEYS[2 * j], now_ms + ttl, lease)
     redis.call('PEXPIRE', KEYS[2 * j], ttl * 2)
   end
 end
-return {1, index}
+return {1, sec, usec}
 """
 )
 
@@ -118,12 +133,11 @@ ADJUST_LUA = (
     + """
 -- Settle, release or roll back one reservation (limits.KeyState.adjust, plus the lease).
 -- KEYS: per limit, its window hash then its lease set.
--- ARGV: length, reserved tokens, requests delta, tokens delta, lease id ('' none), then per limit:
---   the window index it was counted in, counts requests (1/0), counts tokens (1/0), holds the lease (1/0).
+-- ARGV: reserved tokens, requests delta, tokens delta, lease id ('' none), then per limit: the sec and usec
+--   it was counted at, holds the lease (1/0), hash expiry (ms), units n, then per unit: field suffix,
+--   length (s), counts requests (1/0), counts tokens (1/0).
 local sec, usec, now, now_ms = clock()
-local length = tonumber(ARGV[1])
-local reserved, dreq, dtok, lease = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
-local index = math.floor(now / length)
+local reserved, dreq, dtok, lease = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 
 -- Take `amount` back from the window it was counted in, if that window is still remembered.
 local function refund(s, cur, prev, at, amount)
@@ -135,32 +149,45 @@ local function refund(s, cur, prev, at, amount)
   return cur, prev
 end
 
-for j = 1, #KEYS / 2 do
-  local base = 5 + (j - 1) * 4
-  local at = tonumber(ARGV[base + 1])
-  local counts_requests, counts_tokens = ARGV[base + 2] == '1', ARGV[base + 3] == '1'
-  if (counts_requests and dreq ~= 0) or (counts_tokens and (reserved > 0 or dtok ~= 0)) then
-    local s = load(KEYS[2 * j - 1], index)
-    if s.found or dreq > 0 or dtok > 0 then
-      if counts_tokens then
-        s.pc, s.pp = refund(s, s.pc, s.pp, at, reserved)
-        if dtok < 0 then
-          s.tc, s.tp = refund(s, s.tc, s.tp, at, -dtok)
-        elseif dtok > 0 then
-          s.tc = s.tc + dtok
-        end
-      end
-      if counts_requests then
-        if dreq < 0 then
-          s.rc, s.rp = refund(s, s.rc, s.rp, at, -dreq)
-        elseif dreq > 0 then
-          s.rc = s.rc + dreq
-        end
-      end
-      save(KEYS[2 * j - 1], s, keep_ms(length))
+local function apply(s, at, counts_requests, counts_tokens)
+  if counts_tokens then
+    s.pc, s.pp = refund(s, s.pc, s.pp, at, reserved)
+    if dtok < 0 then
+      s.tc, s.tp = refund(s, s.tc, s.tp, at, -dtok)
+    elseif dtok > 0 then
+      s.tc = s.tc + dtok
     end
   end
-  if ARGV[base + 4] == '1' and lease ~= '' then
+  if counts_requests then
+    if dreq < 0 then
+      s.rc, s.rp = refund(s, s.rc, s.rp, at, -dreq)
+    elseif dreq > 0 then
+      s.rc = s.rc + dreq
+    end
+  end
+end
+
+local pos = 5
+for j = 1, #KEYS / 2 do
+  local counted = tonumber(ARGV[pos]) + tonumber(ARGV[pos + 1]) / 1000000
+  local holds, expiry, n = ARGV[pos + 2] == '1', tonumber(ARGV[pos + 3]), tonumber(ARGV[pos + 4])
+  pos = pos + 5
+  local saved = false
+  for u = 1, n do
+    local length = tonumber(ARGV[pos + 1])
+    local counts_requests, counts_tokens = ARGV[pos + 2] == '1', ARGV[pos + 3] == '1'
+    if (counts_requests and dreq ~= 0) or (counts_tokens and (reserved > 0 or dtok ~= 0)) then
+      local s = load(KEYS[2 * j - 1], ARGV[pos], math.floor(now / length))
+      if s.found or dreq > 0 or dtok > 0 then
+        apply(s, math.floor(counted / length), counts_requests, counts_tokens)
+        save(KEYS[2 * j - 1], s)
+        saved = true
+      end
+    end
+    pos = pos + 4
+  end
+  if saved then redis.call('PEXPIRE', KEYS[2 * j - 1], expiry) end
+  if holds and lease ~= '' then
     redis.call('ZREM', KEYS[2 * j], lease)
   end
 end
@@ -204,16 +231,22 @@ return count
 SNAPSHOT_LUA = (
     _PRELUDE
     + """
--- Read-only: the state of some limits now. KEYS: per limit, window hash and lease set. ARGV: length.
--- Returns {sec, usec, then per limit: i, rc, rp, tc, tp, pending, live leases}.
+-- Read-only: the state of some limits now. KEYS: per limit, window hash and lease set.
+-- ARGV: per limit: units n, then per unit: field suffix, length (s).
+-- Returns {sec, usec, then per limit: live leases, then per unit: i, rc, rp, tc, tp, pending}.
 local sec, usec, now, now_ms = clock()
-local index = math.floor(now / tonumber(ARGV[1]))
 local out = {sec, usec}
+local pos = 1
 for j = 1, #KEYS / 2 do
-  local s = load(KEYS[2 * j - 1], index)
-  local held = redis.call('ZCOUNT', KEYS[2 * j], '(' .. now_ms, '+inf')
-  local row = {s.i, s.rc, s.rp, s.tc, s.tp, s.pc + s.pp, held}
-  for k = 1, #row do out[#out + 1] = row[k] end
+  out[#out + 1] = redis.call('ZCOUNT', KEYS[2 * j], '(' .. now_ms, '+inf')
+  local n = tonumber(ARGV[pos])
+  pos = pos + 1
+  for u = 1, n do
+    local s = load(KEYS[2 * j - 1], ARGV[pos], math.floor(now / tonumber(ARGV[pos + 1])))
+    pos = pos + 2
+    local row = {s.i, s.rc, s.rp, s.tc, s.tp, s.pc + s.pp}
+    for k = 1, #row do out[#out + 1] = row[k] end
+  end
 end
 return out
 """

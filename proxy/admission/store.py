@@ -22,19 +22,29 @@ class Reservation:
     limits: tuple[Limit, ...]
     """The limits it was counted in (their `key`s name the counters)."""
     window: int
-    """The window index the request was counted in; a refund goes back there."""
+    """The minute window index the request was counted in."""
     requests: int
     tokens: int
     concurrent: bool
     """It holds a concurrency count in the limits that have `concurrent`."""
     settled: bool = False
     released: bool = False
+    at: float = 0.0
+    """When it was counted (the store's clock): a refund goes back to the windows, of every unit, that
+    this instant fell in."""
 
 
 class LimiterStore(Protocol):
-    async def try_acquire(self, limits: Sequence[Limit], tokens: int) -> Reservation | Refusal:
+    async def try_acquire(
+        self, limits: Sequence[Limit], tokens: int, *, headroom: float = 0.0
+    ) -> Reservation | Refusal:
         """All of `limits` admit one request of `tokens` tokens, and it is counted in each;
-        or none counts it and the refusal with the longest wait is returned. Atomic."""
+        or none counts it and the refusal with the longest wait is returned. Atomic.
+
+        `headroom` (0 to <1) is the share of every window's limit (requests and tokens at every unit,
+        and of `concurrent`) that must still be free once this request is counted: capacity kept for
+        higher priority classes, across replicas when the store is shared. A request that would eat
+        into it is refused like any other, with `retry_after` = when it would fit above it."""
         ...
 
     async def release(self, reservation: Reservation) -> None:

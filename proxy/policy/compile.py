@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import base64
-from dataclasses import replace
+from dataclasses import fields, replace
 from types import MappingProxyType
 
-from proxy.policy import resilience
+from proxy.policy import reserve, resilience
 from proxy.policy.load import LoadedPolicy
 from proxy.policy.plan import (
     BatchRule,
@@ -39,8 +39,10 @@ from proxy.policy.schema import (
     Timeouts,
     Upstream,
 )
+from proxy.policy.secrets import policy_secrets, upstream_credentials
 from proxy.policy.units import split_userinfo
 from proxy.providers.exchange import DEFAULT_MAX_TOKENS as ANTHROPIC_DEFAULT_MAX_TOKENS
+from proxy.redact import Redactor
 
 
 def compile_plan(loaded: LoadedPolicy) -> Plan:
@@ -65,10 +67,12 @@ def compile_plan(loaded: LoadedPolicy) -> Plan:
         routes=routes,
         key_index=MappingProxyType(key_index),
         max_body_size=policy.max_body_size,
+        max_buffered_response=policy.max_buffered_response,
         priorities=tuple(policy.priorities),
         queues=MappingProxyType(_queues(policy)),
         state=_state(policy.state),
         routes_by_name=MappingProxyType({r.name: r for r in routes}),
+        secrets=policy_secrets(policy),
     )
 
 
@@ -101,6 +105,7 @@ def _upstream(name: str, spec: Upstream) -> UpstreamSpec:
         mock=_mock(spec.mock or MockSpec()) if spec.provider == "mock" else None,
         hide_response_headers=Matcher(tuple(spec.hide_response_headers)) if spec.hide_response_headers else None,
         basic_auth=basic_auth,
+        secrets=Redactor(upstream_credentials(spec)),
     )
 
 
@@ -216,7 +221,7 @@ def _admission(
             candidates = (tenants[tenant].limit, route_limit, pair)
             found = tuple(x for x in candidates if x is not None)
             if found:
-                sets[tenant] = LimitSet(found, any(x.spec.tokens_per_minute for x in found))
+                sets[tenant] = LimitSet(found, any(x.spec.counts_tokens for x in found))
         compiled.append(
             replace(
                 rule,
@@ -255,7 +260,7 @@ def _upstream_flags(routes: list[RouteRule]) -> tuple[RouteRule, ...]:
                 reached += [d.limit for d in by_name[name].deployments]
         limits = [limit for limit in reached if limit is not None]
         if limits:
-            tokens = any(limit.spec.tokens_per_minute for limit in limits)
+            tokens = any(limit.spec.counts_tokens for limit in limits)
             rule = replace(rule, upstream_limited=True, upstream_tokens=tokens)
         out.append(rule)
     return tuple(out)
@@ -264,12 +269,16 @@ def _upstream_flags(routes: list[RouteRule]) -> tuple[RouteRule, ...]:
 def _limit(limits: Limits | None, key: str, scope: str, tenant: str) -> Limit | None:
     if limits is None:
         return None
-    spec = LimitSpec(limits.requests_per_minute, limits.tokens_per_minute, limits.concurrent)
+    spec = LimitSpec(**{f.name: getattr(limits, f.name) for f in fields(LimitSpec)})
     return Limit(key, scope, tenant, spec) if spec != LimitSpec() else None
 
 
 def _queues(policy: Policy) -> dict[str, QueueSpec]:
     return {
-        name: QueueSpec(name, q.concurrency, q.max_waiting, q.max_wait, q.ageing, q.heartbeat_while_queued)
+        name: QueueSpec(
+            name, q.concurrency, q.max_waiting, q.max_wait, q.ageing, q.heartbeat_while_queued,
+            q.shed.waiting if q.shed is not None else None, q.shed.wait if q.shed is not None else None,
+            headroom=reserve.headroom(q.reserve, policy.priorities),
+        )
         for name, q in policy.queues.items()
     }

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 
 from proxy.policy.load import LoadedPolicy
 from proxy.policy.plan import Limit, Matcher, Plan, RouteRule, TenantRule
+from proxy.policy.rates import RATE_FIELDS
 from proxy.policy.schema import Policy, Route, Tenant, Upstream
 from proxy.policy.units import format_duration, mask_userinfo
 from proxy.providers.exchange import Untranslatable, choose
@@ -31,7 +32,7 @@ _COVERED = {
     "limits", "on_limit", "queue", "tokens", "stream", "priority", "max_priority", "weight", "models",
     "pool", "headers", "query", "auth_header", "hide_response_headers",
 }
-LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute", "concurrent")
+LIMIT_FIELDS = tuple(name for name, *_ in RATE_FIELDS) + ("concurrent",)
 
 
 class ExplainError(ValueError):
@@ -279,7 +280,15 @@ def queue_section(ctx: Context) -> dict[str, Any] | None:
         "max_wait": field("max_wait", format_duration(spec.max_wait)),
         "ageing": field("ageing", format_duration(spec.ageing) if spec.ageing is not None else None),
         "heartbeat_while_queued": field("heartbeat_while_queued", spec.heartbeat),
+        "headroom_by_class": field("reserve", _reserve(ctx.plan.priorities, spec.headroom)),
     }
+
+
+def _reserve(classes: tuple[str, ...], headroom: tuple[float, ...]) -> dict[str, str] | None:
+    """The share of every limit a request of each class must leave free (its `reserve`s above it)."""
+    if not headroom:
+        return None
+    return {cls: f"{share * 100:g}%" for cls, share in zip(classes, headroom, strict=True)}
 
 
 def priority_section(ctx: Context) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from proxy.policy import reserve
 from proxy.policy.schema import DEFAULT_AUTH_HEADER, Policy, Upstream
 from proxy.policy.units import UnsetVariable, interpolate, split_userinfo
 
@@ -362,6 +363,7 @@ def _cross_check(policy: Policy, marks: _Marks) -> list[Problem]:
         own, top = rule.priority, rule.max_priority
         if own in classes and top in classes and classes.index(top) > classes.index(own):
             add(("tenants", name, "max_priority"), f"'{top}' is below the tenant's own priority '{own}'")
+    reserve.check(policy, add)
     for name, upstream in policy.upstreams.items():
         conflict = _second_authorization(upstream)
         if conflict:

@@ -12,7 +12,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from proxy.policy.rates import LimitSpec as LimitSpec  # its home before rate units
 from proxy.providers.exchange import DEFAULT_MAX_TOKENS as ANTHROPIC_DEFAULT_MAX_TOKENS
+from proxy.redact import EMPTY, Redactor
 
 Provider = Literal["openai", "anthropic", "mock"]
 IdentifyMode = Literal["api_key", "header", "single", "passthrough"]
@@ -136,13 +138,6 @@ class MockPlan:
 
 
 @dataclass(frozen=True, slots=True)
-class LimitSpec:
-    requests_per_minute: int | None = None
-    tokens_per_minute: int | None = None
-    concurrent: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class Limit:
     """One named limit. `key` names its counters in the limiter store, so a reload that keeps the
     key keeps the counts; `scope` is how messages name it."""
@@ -173,6 +168,20 @@ class QueueSpec:
     max_wait: float
     ageing: float | None
     heartbeat: bool
+    shed_waiting: int | None = None
+    """Waiting count from which arrivals push out the lowest class (None: no shedding by count)."""
+    shed_wait: float | None = None
+    """Estimated wait past which arrivals push out the lowest class (None: no shedding by wait)."""
+    headroom: tuple[float, ...] = ()
+    """By class index (0 is the highest): the share of every limit a request of that class must leave
+    free, the sum of `reserve` of the classes above it. Empty: no reserves (every class 0)."""
+
+
+def headroom_for(queue: QueueSpec | None, cls: int) -> float:
+    """The `headroom` to pass to `LimiterStore.try_acquire` for a request of class `cls` in `queue`."""
+    if queue is None or not 0 <= cls < len(queue.headroom):
+        return 0.0
+    return queue.headroom[cls]
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +202,9 @@ class UpstreamSpec:
     """Upstream response headers not relayed to clients (lower-case names and globs); None: relay all."""
     basic_auth: str | None = field(default=None, repr=False)
     """`Basic …` from base_url's `user:password@` (which the compiled base_url no longer carries)."""
+    secrets: Redactor = field(default=EMPTY, repr=False, compare=False)
+    """What this upstream is sent as credentials (so all it can quote back), searched in its successes'
+    headers (a short list: a few µs per response)."""
 
     def fingerprint(self) -> tuple[object, ...]:
         """What a connection pool depends on: a reload keeps the pool when this is unchanged."""
@@ -330,6 +342,10 @@ class Plan:
     """For fallbacks."""
     state: StateRule = field(default_factory=StateRule)
     """Where limit counters live; read once at start-up (the store outlives plan swaps)."""
+    max_buffered_response: int = 32 * 1024 * 1024
+    """Largest non-streamed upstream answer read into memory (proxy/upstream/body.py)."""
+    secrets: Redactor = field(default=EMPTY, repr=False, compare=False)
+    """Every secret of the policy in every form it is sent, compiled once (proxy/redact.py)."""
 
     def tenant_for_key(self, key: str) -> TenantRule | None:
         name = self.key_index.get(key_digest(key))

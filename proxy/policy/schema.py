@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from yarl import URL
 
-from proxy.policy.units import ByteSize, Duration
+from proxy.policy.units import ByteSize, Duration, Percent
 
 # An HTTP field name (RFC 9110 §5.1 token characters), with the glob characters * ? [ ] also allowed.
 _HEADER_PATTERN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z\-?\[\]]+")
@@ -47,19 +47,34 @@ class Pool(Strict):
 
 class Limits(Strict):
     """Rate limits. Every limit that applies to a request (tenant, route, route per tenant, upstream)
-    must admit it; minutes are sliding windows. An upstream's are checked per attempt, on the upstream the
-    attempt is sent to."""
+    must admit it, and so must every rate of one limit (each unit is its own sliding window: a limit may
+    give requests per minute and per day together, as vendors publish them). An upstream's are checked
+    per attempt, on the upstream the attempt is sent to."""
 
+    requests_per_second: int | None = Field(default=None, ge=1)
     requests_per_minute: int | None = Field(default=None, ge=1)
+    requests_per_hour: int | None = Field(default=None, ge=1)
+    requests_per_day: int | None = Field(default=None, ge=1)
+    tokens_per_second: int | None = Field(default=None, ge=1)
     tokens_per_minute: int | None = Field(default=None, ge=1)
     """Prompt estimate + max output tokens reserved at admission (an upstream's: per attempt), settled with the real
-    `usage`."""
+    `usage`; the same for every `tokens_per_*`."""
+    tokens_per_hour: int | None = Field(default=None, ge=1)
+    tokens_per_day: int | None = Field(default=None, ge=1)
     concurrent: int | None = Field(default=None, ge=1)
 
 
 class RouteLimits(Limits):
     per_tenant: Limits | None = None
     """Applied to each (route, tenant) pair on its own."""
+
+
+class Shed(Strict):
+    waiting: int | None = Field(default=None, ge=1)
+    """From this many waiting requests, an arrival pushes out the newest waiter of the lowest class below
+    its own (or is refused itself when no lower class waits)."""
+    wait: Duration | None = None
+    """The same, when an arrival's estimated wait passes this."""
 
 
 class Queue(Strict):
@@ -74,6 +89,19 @@ class Queue(Strict):
     """A waiting request moves up one priority class per `ageing` waited (starvation guard)."""
     heartbeat_while_queued: bool = False
     """Streams that must wait get their 200 + SSE headers at once and `: queued position=N` comments."""
+    shed: Shed | None = None
+    """Class-aware load shedding: past a threshold the lowest class waiting is refused first."""
+    reserve: dict[str, Percent] = Field(default_factory=dict)
+    """Priority class -> share of every limit its requests wait in (requests and tokens at every unit,
+    concurrency) kept free for it and the classes above it: a lower class is refused while taking one
+    would leave less than the reserves of all the classes above it. Holds across replicas with Redis."""
+
+    @field_validator("reserve")
+    @classmethod
+    def _reserve_below_all(cls, value: dict[str, float]) -> dict[str, float]:
+        if sum(value.values()) >= 100:
+            raise ValueError("the reserves add up to 100% or more: the lowest class would get nothing")
+        return value
 
 
 class TokenSettings(Strict):
@@ -448,6 +476,9 @@ class Policy(Strict):
     timeouts: Timeouts = Field(default_factory=Timeouts)
     """Defaults for every upstream and route."""
     max_body_size: ByteSize = 32 * 1024 * 1024
+    max_buffered_response: ByteSize = 32 * 1024 * 1024
+    """Largest non-streamed upstream answer held in memory; a larger pass-through success is streamed
+    through as it arrives, one that must be translated or normalised gets 502."""
     priorities: list[str] = Field(default_factory=lambda: ["standard"], min_length=1)
     """Priority classes, highest first."""
     queues: dict[str, Queue] = Field(default_factory=dict)

@@ -1,5 +1,5 @@
-"""Policy value types: durations (`250ms`, `30s`, `5m`), sizes (`32MiB`), `${ENV}` interpolation and the
-credentials a URL may carry (`user:password@`).
+"""Policy value types: durations (`250ms`, `30s`, `5m`), sizes (`32MiB`), percentages (`20%`), `${ENV}`
+interpolation and the credentials a URL may carry (`user:password@`).
 
 Pure parsing, shared by the schema and the CLI; every error message says what a valid value looks like,
 never the value itself (it may come from the environment and be a secret).
@@ -21,6 +21,7 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|KiB|MB|MiB|GB|GiB)?\s*$")
 _SIZE_UNITS = {
     None: 1, "B": 1, "KB": 1000, "KiB": 1024, "MB": 1000**2, "MiB": 1024**2, "GB": 1000**3, "GiB": 1024**3,
 }
+_PERCENT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%?\s*$")
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -54,6 +55,18 @@ def parse_size(value: object) -> int:
         "invalid size: use a number of bytes or a number with a unit (B, KB, KiB, MB, MiB, GB, GiB), "
         "such as 512KiB or 32MiB"
     )
+
+
+def parse_percent(value: object) -> float:
+    """`20%`, `12.5 %` or a bare number from 0 to 100 -> percent (float)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a percentage such as 20% or a number from 0 to 100")
+    if isinstance(value, str):
+        match = _PERCENT.match(value)
+        value = float(match.group(1)) if match else None
+    if isinstance(value, int | float) and 0 <= value <= 100:
+        return float(value)
+    raise ValueError("invalid percentage: use a number from 0 to 100, with or without %, such as 20% or 12.5")
 
 
 def format_duration(seconds: float) -> str:
@@ -126,5 +139,13 @@ _SIZE_SCHEMA = {
     ],
     "description": "a size: 512KiB, 32MiB or a number of bytes",
 }
+_PERCENT_SCHEMA = {
+    "anyOf": [
+        {"type": "number", "minimum": 0, "maximum": 100},
+        {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*%?\s*$"},
+    ],
+    "description": "a percentage: 20% or a number from 0 to 100",
+}
 Duration = Annotated[float, BeforeValidator(parse_duration), WithJsonSchema(_DURATION_SCHEMA)]
+Percent = Annotated[float, BeforeValidator(parse_percent), WithJsonSchema(_PERCENT_SCHEMA)]
 ByteSize = Annotated[int, BeforeValidator(parse_size), WithJsonSchema(_SIZE_SCHEMA)]

@@ -151,16 +151,6 @@ def _anthropic_fields(status: int | None, body: object) -> tuple[str, str]:
     return kind, _text(message) or _fallback_message(status)
 
 
-_KEY_FRAGMENT = re.compile(rb"\b(?:g?sk|rk)[-_][A-Za-z0-9*._-]{3,}")
-"""What providers echo of a rejected key: OpenAI's `sk-proj-****abcd`, Groq's `gsk_…`, DeepSeek's `sk-…`."""
-
-
-def redact_key_fragments(raw: bytes) -> bytes:
-    """An upstream 401/403 quotes part of the key it refused, which is the platform's key, not the caller's:
-    no tenant may see even its last characters."""
-    return _KEY_FRAGMENT.sub(b"[redacted]", raw)
-
-
 def normalise_anthropic_error(status: int, body: object) -> dict[str, Any] | None:
     """An Anthropic upstream's error body in Anthropic's shape; None when it already is (keep its bytes).
     A load balancer's HTML page or a proxy's plain text in front of Anthropic becomes a proper error."""

@@ -27,8 +27,8 @@ from proxy.providers.errors_map import (
     normalise_anthropic_error,
     normalise_openai_compatible_error,
     openai_error_to_anthropic,
-    redact_key_fragments,
 )
+from proxy.redact import EMPTY, Redactor
 
 Kind = Literal["pass", "openai_to_anthropic", "anthropic_to_openai"]
 DEFAULT_MAX_TOKENS = 4096
@@ -75,18 +75,19 @@ def request_body(
     return orjson.dumps(out)
 
 
-def response_body(exchange: Exchange, status: int, raw: bytes, model: str, created: int) -> tuple[int, bytes]:
-    """Translate a whole response (success or error) into the client's protocol."""
+def response_body(
+    exchange: Exchange, status: int, raw: bytes, model: str, created: int, redact: Redactor = EMPTY
+) -> tuple[int, bytes]:
+    """Translate a whole response (success or error) into the client's protocol. An error body loses
+    every secret `redact` knows first (an upstream may quote the key or credentials it refused)."""
+    if status >= 400:
+        raw = redact.scrub(raw)
     parsed: object
     try:
         parsed = orjson.loads(raw) if raw else None
     except orjson.JSONDecodeError:
         parsed = raw.decode("utf-8", errors="replace")
     if status >= 400:
-        redacted = redact_key_fragments(raw) if status in (401, 403) else raw
-        if redacted != raw:
-            raw = redacted
-            parsed = orjson.loads(raw) if isinstance(parsed, dict | list) else raw.decode("utf-8", "replace")
         return _error(exchange, status, parsed, raw)
     if exchange.kind == "pass" or not isinstance(parsed, dict):
         return status, raw

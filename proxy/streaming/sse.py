@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["DONE", "SSEDecoder", "SSEEvent", "encode_comment", "encode_event"]
+__all__ = ["DONE", "SSEDecoder", "SSEEvent", "encode_comment", "encode_event", "has_id_line"]
 
 DONE: bytes = b"data: [DONE]\n\n"
 
@@ -302,14 +302,24 @@ def encode_event(data: bytes | str, event: str | None = None) -> bytes:
     return head + b"".join([b"data: " + line + b"\n" for line in _NEWLINES.split(body)]) + b"\n"
 
 
-def encode_comment(text: str = "ping") -> bytes:
-    """A heartbeat: comment line(s) `: text\\n` with NO blank line after them; write it only at a boundary.
+def encode_comment(text: str = "ping", *, end_block: bool = False) -> bytes:
+    """A heartbeat: comment line(s) `: text\\n`, as a block of its own (`end_block`) or glued to the next one.
 
-    Why no blank line: the openai/anthropic SDK decoders dispatch an event on a blank line whenever their
-    never-reset `_last_event_id` is set (WHATWG behaviour), so once an upstream has sent any `id:`, a
-    `: ping\\n\\n` heartbeat would reach the SDK as an empty-data event and fail `json.loads`. A lone comment
-    line is ignored and simply joins the next block (a comment never ends a block). The cost: a decoder of
-    the proxy's own output sees a trailing heartbeat at EOF as an unterminated block with no fields.
+    A block of its own (`: ping\\n\\n`) is what every reader handles, hand-written ones that split the body
+    on blank lines and keep the blocks starting with `data:` included; write it while no `id:` has gone to
+    this reader. Glued (no blank line) once one has: the openai/anthropic SDK decoders dispatch an event on
+    a blank line whenever their never-reset `_last_event_id` is set (WHATWG behaviour), so a comment-only
+    block would then reach the SDK as an empty-data event and fail `json.loads`; a lone comment line joins
+    the next block instead (a comment never ends a block). Either way, write it only at an event boundary.
     """
     lines = _NEWLINES.split(text.encode("utf-8"))
-    return b"".join([b": " + line + b"\n" if line else b":\n" for line in lines])
+    comment = b"".join([b": " + line + b"\n" if line else b":\n" for line in lines])
+    return comment + b"\n" if end_block else comment
+
+
+def has_id_line(block: bytes) -> bool:
+    """Does this run of whole SSE blocks hold an `id:` field line? (Only a line can start with `id:`: the
+    data of a `data:` line cannot hold a line break.)"""
+    if b"id:" not in block:
+        return False  # the common case, one search
+    return block.startswith((b"id:", _BOM + b"id:")) or b"\nid:" in block or b"\rid:" in block

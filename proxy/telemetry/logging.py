@@ -57,6 +57,7 @@ class AccessLog:
             "status": call.status,
             "duration_ms": round(call.elapsed() * 1000, 2),
             "ttfb_ms": round(ttfb * 1000, 2) if ttfb is not None else None,
+            "queue_wait_ms": round(call.queue_wait * 1000, 1) if call.queue_wait else None,
             # One entry per upstream attempt: the deployment, its status (0: no response), the time to its
             # headers or failure, and why it failed without a response (upstream_unreachable,
             # upstream_timeout, cancelled).

@@ -95,7 +95,7 @@ class Metrics:
             "refunded).", ["tenant", "kind"], registry=r,
         )
         self.limiter_remaining = Gauge(
-            "signalbox_limiter_remaining", "What is left of a limit this minute (or concurrent slots free).",
+            "signalbox_limiter_remaining", "What is left of a limit in its window (or concurrent slots free).",
             ["tenant", "limit"], registry=r,
         )
         # The shared limiter store (Redis): fed per Redis call; the degraded gauge changes with the state.

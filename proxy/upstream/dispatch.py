@@ -35,12 +35,10 @@ from proxy.errors import (
 )
 from proxy.policy.plan import DeploymentSpec, RouteRule
 from proxy.upstream import hints, retry
+from proxy.upstream.body import Whole, read_error
 from proxy.upstream.client import UpstreamClients
 from proxy.upstream.outgoing import Outgoing, read_whole
 from proxy.upstream.registry import DeploymentState, Registry
-
-_ERROR_BODY_WAIT = 10.0
-"""Longest read of a retriable error's body (kept to relay if no retry succeeds)."""
 
 
 @dataclass(slots=True)
@@ -57,6 +55,8 @@ class Sent:
     hold: Hold | None = None
     """The answering attempt's place in its upstream's limit (also `call.hold`): finished by whoever is
     done with the response last (admission's exit for a relayed response, the batcher for a batch)."""
+    body: Whole | None = None
+    """What dispatch read of a whole answer (success or retriable error)."""
 
     def done(self) -> None:
         """The response has been relayed (or abandoned): it no longer counts as outstanding."""
@@ -81,8 +81,8 @@ class _Progress:
     """Where a call's attempts stand across its pools (the route's, then each fallback's)."""
 
     __slots__ = (
-        "attempts", "failure", "failure_route", "failure_deployment", "error", "last_was_error", "stop",
-        "reason", "until", "refused",
+        "attempts", "failure", "failure_route", "failure_deployment", "failure_body", "error",
+        "last_was_error", "stop", "reason", "until", "refused",
     )
 
     def __init__(self, route: RouteRule) -> None:
@@ -91,6 +91,7 @@ class _Progress:
         """The last retriable error response, body buffered: relayed if nothing better comes."""
         self.failure_route = route
         self.failure_deployment: DeploymentSpec | None = None
+        self.failure_body: Whole | None = None
         self.error: ProxyError | None = None
         """The last error without a response (connect error, timeout)."""
         self.last_was_error = False
@@ -222,6 +223,7 @@ async def _pool(
                 progress.stop = "budget"
                 return None
         hold: Hold | None = None
+        whole: Whole | None = None
         if state.spec.limit is not None and quota is not None:
             # Taken before any backoff wait, so the request counts from the moment it is committed to.
             taken = await quota.take(call, state.spec.limit)
@@ -253,7 +255,9 @@ async def _pool(
                 # connection cut mid-body is still a failure nothing has reached the client of.
                 left = deadline - clock()
                 bound = bound or left < first_token
-                await read_whole(response, state.spec.upstream, max(left, 0.001) if bound else None)
+                whole = await read_whole(
+                    response, state.spec.upstream, max(left, 0.001) if bound else None, call.plan.max_buffered_response
+                )
         except (UpstreamUnreachable, UpstreamTimeout) as err:
             registry.release(state)
             if hold is not None:  # no answer came: the request stays counted, its tokens go back
@@ -300,17 +304,17 @@ async def _pool(
             if exhausted is not None:
                 registry.hold(state, now, exhausted)
         if status < 400 or not retry.status_retriable(status, spec, headers.get("x-should-retry")):
-            return Sent(response, rule, state.spec, lease=(registry, state), hold=hold)
+            return Sent(response, rule, state.spec, lease=(registry, state), hold=hold, body=whole)
         hint = hints.retry_hint(headers, registry.wall())
         try:
-            buffered = await _buffer(response, deadline, clock)
+            buffered = await read_error(response, deadline - clock(), call.plan.max_buffered_response)
         finally:
             registry.release(state)
             if hold is not None:  # answered with an error: the request counts, no tokens
                 call.hold = None
                 await hold.finish(status, None)
-        if buffered:
-            progress.failure, progress.last_was_error = response, False
+        if buffered is not None:
+            progress.failure, progress.last_was_error, progress.failure_body = response, False, buffered
             progress.failure_route, progress.failure_deployment = rule, state.spec
         else:
             progress.error, progress.last_was_error = UpstreamUnreachable(
@@ -327,19 +331,6 @@ async def _pool(
     return None
 
 
-async def _buffer(response: aiohttp.ClientResponse, deadline: float, clock: Any) -> bool:
-    """Read a retriable error's body: `read()` keeps it (so it can still be relayed) and, at the end of
-    the body, aiohttp returns the connection to the pool for the retry. (No `release()`: a released
-    response refuses a later `read()`.) False if the body could not be read."""
-    try:
-        async with asyncio.timeout(max(0.001, min(_ERROR_BODY_WAIT, deadline - clock()))):
-            await response.read()
-    except (TimeoutError, aiohttp.ClientError):
-        response.close()
-        return False
-    return True
-
-
 def _give_up(progress: _Progress, route: RouteRule, registry: Registry) -> Sent:
     """No pool produced an answer worth relaying at once: relay the last real upstream error (with
     x-should-retry: false when the deadline stopped us), else say why nothing was sent."""
@@ -348,7 +339,7 @@ def _give_up(progress: _Progress, route: RouteRule, registry: Registry) -> Sent:
     # The real upstream error is relayed when the deadline stopped us, else the last outcome.
     deployment = progress.failure_deployment
     if failure is not None and deployment is not None and (final or not progress.last_was_error):
-        return Sent(failure, progress.failure_route, deployment, final)
+        return Sent(failure, progress.failure_route, deployment, final, body=progress.failure_body)
     if progress.error is not None:
         error = progress.error
         if progress.stop == "deadline" and not isinstance(error, UpstreamTimeout):

@@ -18,6 +18,7 @@ from proxy.headers import credentials_of, upstream_headers
 from proxy.policy.plan import DeploymentSpec, UpstreamSpec
 from proxy.providers import exchange as exchanges
 from proxy.providers.exchange import Exchange
+from proxy.upstream.body import Whole, read_capped
 from proxy.upstream.client import UpstreamClients, send_once
 
 
@@ -147,15 +148,14 @@ class Outgoing:
         return response
 
 
-async def read_whole(response: aiohttp.ClientResponse, upstream: str, limit: float | None) -> None:
-    """Read a whole answer; aiohttp keeps the body for the relay and pools the connection at its end.
-    Socket reads are bounded by first_token; `limit` (what is left of the deadline, when nearer) too."""
+async def read_whole(response: aiohttp.ClientResponse, upstream: str, limit: float | None, cap: int) -> Whole:
+    """Read a whole answer, up to `cap` bytes (the rest of a larger one stays on the connection for the
+    relay). Socket reads are bounded by first_token; `limit` (what is left of the deadline, when nearer) too."""
     try:
         if limit is None:
-            await response.read()
-        else:
-            async with asyncio.timeout(limit):
-                await response.read()
+            return await read_capped(response, cap)
+        async with asyncio.timeout(limit):
+            return await read_capped(response, cap)
     except aiohttp.ServerTimeoutError:
         response.close()
         raise UpstreamTimeout(f"upstream '{upstream}' stopped sending mid-response") from None

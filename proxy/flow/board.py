@@ -1,15 +1,22 @@
 """The ticket board's order, pure: strict priority classes first; inside a class, deficit round robin across
 tenants by weight (a tenant with 1,000 waiting requests gets its share, not the whole queue); optionally a
 ticket moves up one class per `ageing` waited so lower classes cannot starve. Time is passed in; no I/O,
-no futures: `proxy.scheduler.Queue` adds slots and waiting around it.
+no futures: `proxy.flow.gate.Gate` adds slots, limits and waiting around it.
+
+Two ways out: `pop` (the next ticket, whatever it needs) and `peek` + `take` (the best ticket a predicate
+accepts: a lane whose head is blocked by a limit of its own is passed over for this turn, keeps its place
+and its deficit, and blocks nobody else).
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import asyncio
 
 WAITING, GRANTED, GONE = 0, 1, 2
 
@@ -19,7 +26,7 @@ class Ticket:
 
     __slots__ = (
         "request_id", "tenant", "weight", "model", "stream", "cls", "seq", "enqueued", "moved", "state",
-        "future", "timer",
+        "future", "timer", "need", "blocked",
     )
 
     def __init__(
@@ -36,8 +43,12 @@ class Ticket:
         self.enqueued = now
         self.moved = now
         self.state = WAITING
-        self.future: asyncio.Future[None] | None = None
+        self.future: asyncio.Future[Any] | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.need: Any = None
+        """What the gate must find free for this ticket (opaque here)."""
+        self.blocked: Any = None
+        """Why it was last passed over (the gate's business; shown when it times out)."""
 
 
 class _Lane:
@@ -128,6 +139,49 @@ class FairQueue:
             ring.rotate(-1)
             ring[0].deficit += ring[0].weight
 
+    def peek(self, now: float, ok: Callable[[Ticket], bool]) -> Ticket | None:
+        """The ticket `pop` would return among those `ok` accepts, left in place (`take` it once its
+        capacity is secured). Only a lane's head is asked: inside one tenant and class, arrival order is
+        strict. A refused lane is rotated past like a lane whose turn is over, its deficit kept."""
+        if not self.live:
+            return None
+        if self.ageing is not None:
+            self._age(now)
+        for index, klass in enumerate(self.classes):
+            if klass.live:
+                ticket = self._peek_in(klass, index, ok)
+                if ticket is not None:
+                    return ticket
+        return None
+
+    def _peek_in(self, klass: _Class, index: int, ok: Callable[[Ticket], bool]) -> Ticket | None:
+        ring = klass.ring
+        refused: set[int] = set()
+        while len(refused) < len(ring):
+            lane = ring[0]
+            head = _head(lane, index)
+            if id(lane) in refused or not ok(head):
+                refused.add(id(lane))
+            elif lane.deficit >= 1.0:
+                return head
+            ring.rotate(-1)
+            head_lane = ring[0]
+            # A lane passed over while blocked banks at most one quantum: no burst once it is unblocked.
+            head_lane.deficit = min(head_lane.deficit + head_lane.weight, head_lane.weight + 1.0)
+        return None
+
+    def take(self, ticket: Ticket) -> None:
+        """Take out a ticket `peek` returned (still waiting): it is served, its lane charged one turn."""
+        klass = self.classes[ticket.cls]
+        lane = klass.lanes[ticket.tenant]
+        if lane.items and lane.items[0] is ticket:
+            lane.items.popleft()
+        else:
+            lane.items.remove(ticket)
+        lane.deficit = max(0.0, lane.deficit - 1.0)
+        ticket.state = GRANTED
+        self._unlink(klass, lane)
+
     def _unlink(self, klass: _Class, lane: _Lane) -> None:
         lane.live -= 1
         klass.live -= 1
@@ -139,6 +193,24 @@ class FairQueue:
             del klass.lanes[lane.tenant]
             if was_head and ring:
                 ring[0].deficit += ring[0].weight
+
+    def last_of_lowest(self, below: int) -> Ticket | None:
+        """The newest waiting ticket of the lowest class under class `below` (None if none): what
+        class-aware shedding pushes out first."""
+        for index in range(len(self.classes) - 1, below, -1):
+            klass = self.classes[index]
+            if not klass.live:
+                continue
+            newest: Ticket | None = None
+            for lane in klass.ring:
+                for ticket in reversed(lane.items):
+                    if ticket.state == WAITING and ticket.cls == index:
+                        if newest is None or ticket.enqueued > newest.enqueued:
+                            newest = ticket
+                        break
+            if newest is not None:
+                return newest
+        return None
 
     def remove(self, ticket: Ticket) -> bool:
         """Take a waiting ticket out (client gone, timed out). False if it was not waiting."""
@@ -210,3 +282,11 @@ class FairQueue:
                 continue
             ahead += min(other.live, math.ceil((rounds + before) * other.weight))
         return ahead + rank + 1
+
+
+def _head(lane: _Lane, index: int) -> Ticket:
+    """A lane's first live ticket (dropping the stale ones before it)."""
+    items = lane.items
+    while items[0].state != WAITING or items[0].cls != index:
+        items.popleft()
+    return items[0]

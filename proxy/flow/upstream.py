@@ -21,52 +21,65 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from proxy.admission import tokens as tok
-from proxy.admission.admit import Admission, refusal_message
 from proxy.admission.limits import Refusal, WaitUntil, decide_wait, ratelimit_headers
 from proxy.admission.store import LimiterStore, Reservation
-from proxy.call import Call
+from proxy.call import Call, Hold
 from proxy.errors import UpstreamLimited
+from proxy.flow.admit import Admission, refusal_message
 from proxy.policy.plan import Limit
 
 
 class UpstreamHold:
     """One attempt's reservation in its upstream's limit; `finish` settles and releases it once."""
 
-    __slots__ = ("store", "reservation", "finished")
+    __slots__ = ("store", "reservation", "finished", "kick")
 
-    def __init__(self, store: LimiterStore, reservation: Reservation) -> None:
+    def __init__(self, store: LimiterStore, reservation: Reservation, kick: Callable[[], None] | None = None) -> None:
         self.store = store
         self.reservation = reservation
         self.finished = False
+        self.kick = kick
+        """Tells the queues' gates that capacity freed (a release, a refund)."""
 
     async def finish(self, status: int, usage: Mapping[str, Any] | None, *, sent: bool = True) -> None:
         if self.finished:
             return
         self.finished = True
         reservation, store = self.reservation, self.store
+        freed = False
         try:
             requests = 1 if sent else 0
             if reservation.tokens or requests != reservation.requests:
                 spent = tok.attempt_amount(reservation.tokens, status, usage) if sent and reservation.tokens else 0
                 await store.settle(reservation, requests=requests, tokens=spent)
+                freed = spent < reservation.tokens or requests < reservation.requests
         finally:
             if reservation.concurrent:
                 await store.release(reservation)
+                freed = True
+            if freed and self.kick is not None:
+                self.kick()
 
 
 class UpstreamQuota:
     """Implements dispatch's `Quota` port over admission's store (read at each call: the Redis store
     replaces the default one at start-up)."""
 
-    __slots__ = ("admission",)
+    __slots__ = ("admission", "kick")
 
-    def __init__(self, admission: Admission) -> None:
+    def __init__(self, admission: Admission, kick: Callable[[], None] | None = None) -> None:
         self.admission = admission
+        self.kick = kick
 
-    async def take(self, call: Call, limit: Limit) -> UpstreamHold | UpstreamLimited:
-        """Count one attempt of `call` in `limit`, or say why it may not go to that upstream now."""
+    async def take(self, call: Call, limit: Limit) -> Hold | UpstreamLimited:
+        """Count one attempt of `call` in `limit`, or say why it may not go to that upstream now. The
+        capacity the queue secured for the call (`call.prehold`) serves the first attempt to its upstream."""
+        prehold = call.prehold
+        if prehold is not None and prehold[0] == limit.key:
+            call.prehold = None
+            return prehold[1]
         cost = 0
-        if limit.spec.tokens_per_minute:
+        if limit.spec.counts_tokens:
             cost = call.token_estimate
             if not cost:  # a call admission did not estimate (a merged embeddings batch)
                 default = call.route.default_max_tokens if call.route is not None else 1024
@@ -74,7 +87,7 @@ class UpstreamQuota:
         store = self.admission.store
         result = await store.try_acquire((limit,), cost)
         if isinstance(result, Reservation):
-            return UpstreamHold(store, result)
+            return UpstreamHold(store, result, self.kick)
         return refused(result, call, cost)
 
     async def wait(self, call: Call, soonest: UpstreamLimited, left: float, waited: bool) -> None:
@@ -86,8 +99,12 @@ class UpstreamQuota:
         admission = self.admission
         now = time.monotonic()
         until: float | None = None
+        bound = "timeouts.total"
         if route is not None and route.on_limit == "queue" and route.queue is not None:
-            until = now + min(left, route.queue.max_wait - call.elapsed())
+            queue_left = route.queue.max_wait - call.elapsed()
+            until = now + min(left, queue_left)
+            if queue_left < left:
+                bound = f"max_wait of queue '{route.queue.name}'"
         decision = decide_wait(soonest.retry_after, soonest.exact, now, until, admission.recheck)
         if isinstance(decision, WaitUntil):
             room = call.waiting  # a stream with heartbeat_while_queued: its 200 now, then heartbeats
@@ -105,14 +122,15 @@ class UpstreamQuota:
             return
         if admission.metrics is not None:
             admission.metrics.reject(soonest.reason)
-        if waited and route is not None and route.queue is not None:
-            wait = f"waited {call.elapsed():.1f}s (max_wait of queue '{route.queue.name}'); still "
+        if route is not None and route.queue is not None and until is not None:
+            what = "waited" if waited else "could not wait"
+            wait = f"{what} for upstream capacity during a retry until its {bound} ran short; still "
             soonest.message = wait + soonest.message
             soonest.args = (soonest.message,)
         raise soonest
 
 
-_LIMIT_NAMES = {"requests": "requests per minute", "tokens": "tokens per minute", "concurrent": "concurrency"}
+_LIMIT_NAMES = {"requests": "request rate", "tokens": "token rate", "concurrent": "concurrency"}
 
 
 def _waiting_for(soonest: UpstreamLimited) -> Callable[[], str]:

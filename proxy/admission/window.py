@@ -1,0 +1,99 @@
+"""The sliding window over one unit (a second, a minute, an hour, a day), pure: time is passed in, so a
+Redis script can run the same arithmetic and tests step a fake clock.
+"""
+
+from __future__ import annotations
+
+import math
+
+WINDOW = 60.0
+"""The length of a minute; tests shrink it (every unit scales with it) to stay short."""
+_EPS = 1e-9
+
+
+class SlidingWindow:
+    """Approximate sliding window over `length` seconds, in O(1) memory.
+
+    Two fixed windows are kept: the current one and the one before it. The count "in the last
+    `length` seconds" is the previous window's count weighted by the share of it that still overlaps
+    them, plus the current window's count (the `limits` library's and Cloudflare's scheme).
+
+    `keep` (1 - headroom) is the share of the limit a caller may fill: a request that would leave less
+    than `headroom` x limit free does not fit (capacity reserved for higher priority classes).
+    """
+
+    __slots__ = ("limit", "length", "name", "index", "current", "previous")
+
+    def __init__(self, limit: float, length: float = WINDOW, name: str = "requests_per_minute") -> None:
+        self.limit = limit
+        self.length = length
+        self.name = name
+        """`requests_per_minute`, `tokens_per_day`, ...: what metrics and the admin API call it."""
+        self.index = 0
+        self.current = 0.0
+        self.previous = 0.0
+
+    def roll(self, now: float) -> None:
+        index = math.floor(now / self.length)
+        if index == self.index:
+            return
+        self.previous = self.current if index == self.index + 1 else 0.0
+        self.current = 0.0
+        self.index = index
+
+    def used(self, now: float) -> float:
+        self.roll(now)
+        elapsed = (now - self.index * self.length) / self.length
+        return self.previous * (1.0 - elapsed) + self.current
+
+    def fits(self, now: float, cost: float, keep: float = 1.0) -> bool:
+        """`wait(now, cost, keep) == 0`, on the hot path: no allocation, one call."""
+        length = self.length
+        index = math.floor(now / length)
+        if index != self.index:
+            self.roll(now)
+        elapsed = (now - index * length) / length
+        return self.previous * (1.0 - elapsed) + self.current + cost <= self.limit * keep + _EPS
+
+    def remaining(self, now: float) -> float:
+        return max(0.0, self.limit - self.used(now))
+
+    def wait(self, now: float, cost: float, keep: float = 1.0) -> float | None:
+        """Seconds until `cost` more fits under `keep` x limit (0: now), or None when it never can
+        (cost > keep x limit)."""
+        cap = self.limit * keep
+        if cost > cap + _EPS:
+            return None
+        if self.used(now) + cost <= cap + _EPS:
+            return 0.0
+        start = self.index * self.length
+        if self.current + cost <= cap + _EPS:
+            # Fits once enough of the previous window has slid out, still inside this window.
+            share = 1.0 - (cap - self.current - cost) / self.previous
+            return max(0.0, start + share * self.length - now)
+        # Only after this window closes, once enough of it has slid out of the next one.
+        share = max(0.0, 1.0 - (cap - cost) / self.current)
+        return max(0.0, start + self.length + share * self.length - now)
+
+    def reset(self, now: float) -> float:
+        """Seconds until the window is empty again (OpenAI's `x-ratelimit-reset-*`)."""
+        self.roll(now)
+        start = self.index * self.length
+        if self.current > 0:
+            return start + 2 * self.length - now
+        if self.previous > 0:
+            return start + self.length - now
+        return 0.0
+
+    def add(self, now: float, amount: float) -> int:
+        """Count `amount` now; returns the window index it landed in (for a later refund)."""
+        self.roll(now)
+        self.current += amount
+        return self.index
+
+    def refund(self, index: int, amount: float) -> None:
+        """Take back `amount` counted in window `index`, if that window is still remembered."""
+        if index == self.index:
+            self.current = max(0.0, self.current - amount)
+        elif index == self.index - 1:
+            self.previous = max(0.0, self.previous - amount)

@@ -1,0 +1,77 @@
+"""Reading a whole (non-streamed) upstream answer within the policy's `max_buffered_response`.
+
+An answer that fits is read into memory (to retry a cut one, translate or normalise it); one that
+does not is left on the connection, its head (at most the cap) kept, for the relay to stream through
+(a pass-through success) or refuse with a 502 (an answer that must be transformed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from proxy.errors import UpstreamBadResponse
+
+_ERROR_BODY_WAIT = 10.0
+"""Longest read of a retriable error's body (kept to relay if no retry succeeds)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Whole:
+    data: bytes
+    """The whole body when `complete`."""
+    complete: bool
+    head: list[bytes] = field(default_factory=list)
+    """When not `complete`: what was read before the cap was reached, as read (not joined: no second copy),
+    emptied by whoever relays it."""
+
+
+async def read_capped(response: aiohttp.ClientResponse, cap: int) -> Whole:
+    """The body when it fits in `cap` bytes; else what was read of it, the rest left unread.
+
+    A declared Content-Length over the cap reads nothing. Raises what reading raises (aiohttp's
+    ClientError, a timeout from the caller's bound)."""
+    length = response.content_length
+    if length is not None:
+        if length > cap:
+            return Whole(b"", False)
+        return Whole(await response.read(), True)  # aiohttp reads exactly Content-Length bytes
+    chunks: list[bytes] = []
+    size = 0
+    content = response.content
+    while True:
+        chunk = await content.readany()
+        if not chunk:
+            break
+        size += len(chunk)
+        chunks.append(chunk)
+        if size > cap:
+            return Whole(b"", False, chunks)
+    return Whole(chunks[0] if len(chunks) == 1 else b"".join(chunks), True)
+
+
+async def read_all(response: aiohttp.ClientResponse, cap: int, already: Whole | None, upstream: str) -> bytes:
+    """The whole body: what was `already` read of it, or read now. For callers that need the answer
+    whole (a batched call split back per caller): one over `cap` is refused with a 502."""
+    whole = already if already is not None else await read_capped(response, cap)
+    if not whole.complete:
+        response.close()
+        raise UpstreamBadResponse(f"upstream '{upstream}' answered a body over max_buffered_response ({cap} bytes)")
+    return whole.data
+
+
+async def read_error(response: aiohttp.ClientResponse, left: float, cap: int) -> Whole | None:
+    """Read a retriable error's body (kept, so it can still be relayed); at the end of the body aiohttp
+    returns the connection to the pool for the retry. One over `cap` is closed at once and kept
+    incomplete (the relay answers 502 for it); None (closed) if it could not be read within `left`."""
+    try:
+        async with asyncio.timeout(max(0.001, min(_ERROR_BODY_WAIT, left))):
+            whole = await read_capped(response, cap)
+    except (TimeoutError, aiohttp.ClientError):
+        response.close()
+        return None
+    if not whole.complete:
+        response.close()
+    return whole
