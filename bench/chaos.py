@@ -11,6 +11,10 @@ It prints what a client sees and what it cost upstream:
 - success rate: 200 with a complete body (a stream ended by `data: [DONE]` without an error event);
 - amplification: upstream calls / client requests, from the proxy's own
   `signalbox_upstream_requests_total` (every attempt, whatever its outcome);
+- what the extra calls can buy: first-try success s0 (requests answered well at one attempt) plus, for
+  each extra call per request, s0 again (a retry meets the same faults), capped by what 3 attempts
+  allow (1 - (1 - s0)^3): the success a retry budget of that size should reach;
+- answers that told the client `x-should-retry: false` (stopping the SDK's own retries);
 - latency percentiles of whole requests (to the last byte), and the proxy's retry/breaker counters.
 
   .venv/bin/python bench/chaos.py                    # 60 s at concurrency 50
@@ -69,6 +73,9 @@ class Tally:
     latencies: list[float] = field(default_factory=list)
     outcomes: Counter[str] = field(default_factory=Counter)
     attempts: Counter[str] = field(default_factory=Counter)
+    first_try_ok: int = 0
+    do_not_retry: int = 0
+    """Failed answers carrying x-should-retry: false."""
 
     @property
     def requests(self) -> int:
@@ -89,6 +96,10 @@ async def one(http: aiohttp.ClientSession, url: str, stream: bool, tally: Tally)
                 outcome = "ok" if ok else "stream_broken"
             else:
                 outcome = "ok" if data.startswith(b"{") and b'"choices"' in data else "bad_body"
+            if outcome == "ok" and resp.headers.get("x-signalbox-attempts") == "1":
+                tally.first_try_ok += 1
+            if outcome != "ok" and resp.headers.get("x-should-retry", "").lower() == "false":
+                tally.do_not_retry += 1
     except (aiohttp.ClientError, TimeoutError) as exc:
         outcome = f"client_{type(exc).__name__}"
     tally.latencies.append(time.monotonic() - started)
@@ -184,6 +195,9 @@ def main() -> int:
     upstream_calls = delta("signalbox_upstream_requests_total")
     requests = tally.requests
     lat = tally.latencies
+    amplification = upstream_calls / requests if requests else 0.0
+    first_try = tally.first_try_ok / requests if requests else 0.0
+    buyable = min(1 - (1 - first_try) ** 3, first_try * amplification)
     report: dict[str, Any] = {
         "duration_s": round(elapsed, 1),
         "concurrency": args.concurrency,
@@ -192,9 +206,12 @@ def main() -> int:
         "client_requests": requests,
         "throughput_rps": round(requests / elapsed, 1),
         "success_rate": round(tally.outcomes["ok"] / requests, 4) if requests else 0.0,
+        "first_try_success": round(first_try, 4),
+        "success_the_extra_calls_can_buy": round(buyable, 4),
+        "should_retry_false_answers": tally.do_not_retry,
         "outcomes": dict(tally.outcomes.most_common()),
         "upstream_calls": int(upstream_calls),
-        "amplification": round(upstream_calls / requests, 3) if requests else 0.0,
+        "amplification": round(amplification, 3),
         "attempts_per_request": dict(sorted(tally.attempts.items())),
         "latency_ms": {q: round(percentile(lat, p) * 1000, 1) for q, p in (("p50", 50), ("p90", 90), ("p99", 99))}
         | {"max": round(max(lat) * 1000, 1) if lat else None},
@@ -216,6 +233,9 @@ def main() -> int:
     print(f"  client requests      {requests}  ({report['throughput_rps']} /s)")
     print(f"  success rate         {report['success_rate']:.2%}   outcomes {report['outcomes']}")
     print(f"  amplification        {report['amplification']}  ({report['upstream_calls']} upstream calls)")
+    print(f"  extra calls can buy  {report['success_the_extra_calls_can_buy']:.2%}  "
+          f"(first-try success {report['first_try_success']:.2%} x amplification, at most 3 tries' worth)")
+    print(f"  x-should-retry:false {report['should_retry_false_answers']} failed answers")
     print(f"  latency ms           {report['latency_ms']}")
     print(f"  attempts/request     {report['attempts_per_request']}")
     print(f"  upstream statuses    {report['upstream_statuses']}")

@@ -318,5 +318,5 @@ async def explain_request(request: web.Request) -> web.Response:
 
 async def list_upstreams(request: web.Request) -> web.Response:
     """Per deployment: circuit state, failures in a row, openings, requests outstanding, pacing hold;
-    per upstream: requests active and retries in flight (the retry budget's inputs)."""
+    per route: first attempts and retries in the retry budget's 10 s window."""
     return _json(request.app[STATE].upstreams.snapshot())

@@ -5,10 +5,19 @@ circuits and pacing holds, and the counters a cancelled attempt must give back."
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 
-from proxy.policy.plan import BreakerSpec, DeploymentSpec, Matcher, PacingSpec, RouteRule, TimeoutSpec
+from proxy.policy.plan import (
+    BreakerSpec,
+    DeploymentSpec,
+    Matcher,
+    PacingSpec,
+    RetrySpec,
+    RouteRule,
+    TimeoutSpec,
+)
 from proxy.upstream.breaker import Breaker
 from proxy.upstream.registry import Registry
 
@@ -150,9 +159,8 @@ def test_open_deployments_are_skipped_and_a_due_probe_goes_first() -> None:
     clock.now += 1.0
     probe, _ = reg.choose(pool, clock.now)
     assert probe is a
-    assert reg.start(a, clock.now, retry=False) is True and state(a.breaker) == "half_open"
+    assert reg.start(a, clock.now, False, pool) is True and state(a.breaker) == "half_open"
     assert {reg.choose(pool, clock.now)[0].id for _ in range(20)} == {"b"}  # type: ignore[union-attr]
-    reg.answered(a, False)
     reg.release(a)
     reg.record(a, clock.now, False, True)
     assert state(a.breaker) == "closed"
@@ -214,28 +222,29 @@ def test_least_outstanding_spreads_in_flight_requests() -> None:
     for _ in range(6):
         state, _ = reg.choose(pool, clock.now)
         assert state is not None
-        reg.start(state, clock.now, retry=False)
+        reg.start(state, clock.now, False, pool)
         picked.append(state.id)
     assert sorted(picked) == ["a", "a", "b", "b", "c", "c"]
 
 
-def test_counters_come_back_to_zero_and_the_budget_counts_retries_per_upstream() -> None:
+def test_counters_come_back_to_zero_and_the_budget_counts_retries_per_route() -> None:
     clock = Clock()
     reg = registry(clock)
-    spec = deployment("a")
-    a = reg.state(spec)
-    from proxy.policy.plan import RetrySpec
-
-    budget = RetrySpec(attempts=3, budget_percent=0.0, budget_min=2)
-    for _ in range(2):
-        assert reg.retry_allowed(a, budget)
-        reg.start(a, clock.now, retry=True)
-    assert not reg.retry_allowed(a, budget)
-    assert (a.outstanding, a.load.active, a.load.retrying) == (2, 2, 2)
-    for _ in range(2):
-        reg.answered(a, True)
+    pool = replace(route(deployment("a")), retry=RetrySpec(attempts=3, budget_percent=50.0, budget_min=0))
+    a = reg.state(pool.deployments[0])
+    assert not reg.retry_allowed(pool, a, clock.now)  # no request yet: nothing to retry
+    for _ in range(4):
+        reg.start(a, clock.now, False, pool)
+    for _ in range(2):  # 50 % of 4 first attempts
+        assert reg.retry_allowed(pool, a, clock.now)
+        reg.start(a, clock.now, True, pool)
+    assert not reg.retry_allowed(pool, a, clock.now)
+    assert a.outstanding == 6
+    for _ in range(6):
         reg.release(a)
-    assert (a.outstanding, a.load.active, a.load.retrying) == (0, 0, 0)
+    assert a.outstanding == 0
     snapshot = reg.snapshot()
-    assert snapshot["upstreams"] == {"a": {"active": 0, "retrying": 0}}
+    assert snapshot["retry_budgets"] == {"r": {"requests": 4, "retries": 2}}
     assert snapshot["deployments"][0]["circuit"] == "closed"
+    clock.now += 10.0  # the window has passed: nothing counts any more
+    assert reg.snapshot()["retry_budgets"] == {"r": {"requests": 0, "retries": 0}}

@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import random
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +28,7 @@ from redis_server import RedisServer, running
 
 from proxy.admission.redis import RedisStore, SharedReservation
 from proxy.admission.redis_codec import redis_now
+from proxy.tasks import spawn
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -120,9 +125,12 @@ async def clock(server: RedisServer) -> AsyncIterator[Callable[[], Awaitable[flo
     await client.aclose()
 
 
-def policy(upstream: Counting, url: str, limits: str, *, state: str = "", route: str = "", replicas: int = 3) -> str:
+def policy(
+    upstream: Counting, url: str, limits: str, *, state: str = "", route: str = "", replicas: int = 3,
+    timeout: str = "1s",
+) -> str:
     return f"""
-state: {{backend: redis, url: "{url}", key_prefix: sb-test, timeout: 1s, expected_replicas: {replicas}{state}}}
+state: {{backend: redis, url: "{url}", key_prefix: sb-test, timeout: {timeout}, expected_replicas: {replicas}{state}}}
 upstreams:
   up: {{provider: openai, base_url: "{upstream.url}/v1", api_key: sk-up}}
 tenants:
@@ -318,6 +326,7 @@ async def test_redis_outage_falls_back_to_local_shares_and_sharing_resumes(
     text = policy(upstream, server.url, "requests_per_minute: 40", state=state, replicas=2)
     proxies = [await start_proxy(text) for _ in range(2)]
     clients = [async_openai(proxy) for proxy in proxies]
+    await outside_a_minute_edge(clock, margin=15.0)  # the whole test in one minute of Redis's clock
     for i in range(4):
         await chat(clients[i % 2])
     assert [await metric(p, "signalbox_limiter_degraded") for p in proxies] == [0.0, 0.0]
@@ -330,19 +339,26 @@ async def test_redis_outage_falls_back_to_local_shares_and_sharing_resumes(
         status, body = await readyz(proxy)
         assert status == 200 and body["ready"] is True  # degraded is not unready
         assert body["limits"]["degraded"] is True and body["limits"]["shared"] is False
-    # Each replica now applies its share, 40 / 2 = 20 a minute; proxy 0 used 3 of it already.
+    # Each replica now applies its share, 40 / 2 = 20 a minute; proxy 0 used 5 of it already: 2 admitted
+    # through Redis before the outage, 3 locally since.
     results = [await attempt(clients[0]) for _ in range(20)]
     refused = [r for r in results if isinstance(r, openai.RateLimitError)]
-    assert len(refused) == 3 and refused[0].response.headers["x-ratelimit-limit-requests"] == "20"
+    assert len(refused) == 5 and refused[0].response.headers["x-ratelimit-limit-requests"] == "20"
 
     await server.astart()  # an empty Redis (no data, no scripts)
     async def shared_again() -> bool:  # the keepers probe after each cooldown
         return [await metric(p, "signalbox_limiter_degraded") for p in proxies] == [0.0, 0.0]
 
     await until(shared_again)
-    await outside_a_minute_edge(clock)
+    store = proxies[0].state.admission.store
+
+    async def reconciled() -> bool:  # the 21 requests admitted locally (18 + 3) are added to the new Redis
+        (usage,) = await store.remaining(["tenant:alpha"])
+        return usage.requests is not None and usage.requests.used == 21
+
+    await until(reconciled)
     results = await asyncio.gather(*(attempt(clients[i % 2]) for i in range(50)))
-    assert sum(not isinstance(r, openai.RateLimitError) for r in results) == 40  # shared again
+    assert sum(not isinstance(r, openai.RateLimitError) for r in results) == 40 - 21  # shared again
     for proxy in proxies:
         status, body = await readyz(proxy)
         assert status == 200 and body["limits"]["shared"] is True
@@ -417,3 +433,111 @@ routes:
         assert usage.requests is not None and usage.requests.used == pytest.approx(5)
     finally:
         await runner.cleanup()
+
+
+# --- a slow Redis is not an outage ----------------------------------------------------------------------------
+
+_STALL = (
+    "EVAL \"local t = redis.call('TIME') local s = t[1] * 1000000 + t[2] while true do "
+    "local n = redis.call('TIME') if n[1] * 1000000 + n[2] - s > {us} then return 1 end end\" 0"
+)
+
+
+async def stall(server: RedisServer, seconds: float) -> None:
+    """Keep Redis busy (a Lua loop) for `seconds`: every other call waits, none fails."""
+    await asyncio.to_thread(server.command, _STALL.format(us=round(seconds * 1e6)))
+
+
+@contextmanager
+def busy_cpu(seconds: float) -> Iterator[None]:
+    """One busy-loop process per CPU for the block (each ends by itself after `seconds`; stopped by PID)."""
+    code = f"import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end:\n    pass\n"
+    spinners = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(os.cpu_count() or 1)]
+    try:
+        yield
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait(5)
+
+
+@pytest.mark.timeout(150)
+async def test_three_replicas_on_a_loaded_machine_admit_exactly_the_limit_run_after_run(
+    start_proxy: StartProxy, async_openai: MakeAsync, upstream: Counting, server: RedisServer,
+    clock: Callable[[], Awaitable[float]],
+) -> None:
+    """20 runs of 90 requests over three replicas sharing 30 a minute, each run on a limit of its own,
+    with cold connection pools, every CPU busy and Redis stalling 70 ms every 250 ms: calls answer late
+    (hundreds of ms: the test's event loop serves three replicas and all the clients), none fails, and
+    each run admits exactly 30, not 30 plus local shares on top."""
+    runs, limit = 20, 30
+    tenants = "\n".join(f"  t{i}: {{keys: [sk-t{i}], limits: {{requests_per_minute: {limit}}}}}" for i in range(runs))
+    text = f"""
+state: {{backend: redis, url: "{server.url}", key_prefix: sb-slow, expected_replicas: 3}}
+upstreams:
+  up: {{provider: openai, base_url: "{upstream.url}/v1", api_key: sk-up}}
+tenants:
+{tenants}
+routes:
+  - name: chat
+    match: {{path: /v1/chat/completions}}
+    upstream: up
+"""
+    proxies = [await start_proxy(text) for _ in range(3)]
+    base = [async_openai(proxy) for proxy in proxies]
+    admitted: list[int] = []
+    stalling = True
+
+    async def stalls() -> None:
+        while stalling:
+            await stall(server, 0.07)
+            await asyncio.sleep(0.25)
+
+    with busy_cpu(120):
+        for run in range(runs):
+            for proxy in proxies:  # cold pools: every run opens its connections under load
+                await proxy.state.admission.store.client.connection_pool.disconnect(inuse_connections=False)
+            clients = [client.with_options(api_key=f"sk-t{run}") for client in base]
+            await outside_a_minute_edge(clock, margin=5.0)
+            stalling = True
+            staller = spawn(stalls(), name="redis-staller")
+            before = upstream.received
+            results = await asyncio.gather(*(attempt(clients[i % 3]) for i in range(3 * limit)))
+            stalling = False
+            await staller
+            admitted.append(sum(not isinstance(r, openai.RateLimitError) for r in results))
+            assert upstream.received - before == admitted[-1]
+    assert admitted == [limit] * runs
+    for proxy in proxies:
+        assert await metric(proxy, "signalbox_limiter_degraded") == 0.0
+
+
+async def test_past_the_bound_each_replica_admits_only_what_is_left_of_its_share_and_reconciles(
+    start_proxy: StartProxy, async_openai: MakeAsync, upstream: Counting, server: RedisServer,
+    clock: Callable[[], Awaitable[float]],
+) -> None:
+    state = ", breaker: {failures: 1, cooldown: 3s}"
+    text = policy(upstream, server.url, "requests_per_minute: 60", state=state, timeout="100ms")
+    proxies = [await start_proxy(text) for _ in range(3)]
+    clients = [async_openai(proxy) for proxy in proxies]
+    store = proxies[0].state.admission.store
+    await outside_a_minute_edge(clock, margin=15.0)
+    first = await asyncio.gather(*(attempt(clients[i % 3]) for i in range(30)))
+    assert not any(isinstance(r, openai.RateLimitError) for r in first)  # 10 per replica, through Redis
+    stalled = spawn(stall(server, 1.0), name="redis-stall")
+    await asyncio.sleep(0.05)
+    second = await asyncio.gather(*(attempt(clients[i % 3]) for i in range(60)))
+    # Redis answers past the bound: each replica decides alone, on its share of 20, of which it used 10.
+    assert sum(not isinstance(r, openai.RateLimitError) for r in second) == 30
+    assert upstream.received == 60
+    await stalled
+
+    async def reconciled() -> bool:  # the late admissions rolled back, the local ones added
+        (usage,) = await store.remaining(["tenant:alpha"])
+        degraded = [p.state.admission.store.health.degraded for p in proxies]
+        return usage.requests is not None and usage.requests.used == 60 and not any(degraded)
+
+    await until(reconciled, 15)
+    third = await asyncio.gather(*(attempt(clients[i % 3]) for i in range(30)))
+    assert all(isinstance(r, openai.RateLimitError) for r in third)
+    assert upstream.received == 60

@@ -290,10 +290,11 @@ async def test_redis_stopping_opens_the_breaker_and_a_restart_closes_it(
         result = await store.try_acquire([lim], 0)
         assert isinstance(result, Reservation) and not isinstance(result, SharedReservation)
     assert store.health.degraded and degraded(metrics) == 1
-    failures = metrics.registry.get_sample_value(
-        "signalbox_redis_errors_total", {"op": "acquire", "kind": "connection"}
-    )
-    assert failures == 3
+    failures = [
+        metrics.registry.get_sample_value("signalbox_redis_errors_total", {"op": op, "kind": "connection"}) or 0
+        for op in ("acquire", "probe")
+    ]
+    assert failures[0] >= 1 and sum(failures) >= 3  # the keeper pings an idle Redis too: it may fail first
     await server.astart()
     deadline = time.monotonic() + 5
     while store.health.degraded:  # the keeper probes after each cooldown
@@ -344,7 +345,7 @@ async def test_reload_keeps_the_shared_counts_and_uses_the_new_numbers(
     assert isinstance(await store.try_acquire([old], 0), SharedReservation)
     refused = await store.try_acquire([old], 0)
     assert isinstance(refused, Refusal) and refused.limit.spec.requests_per_minute == 4
-    assert store._share(new).spec.requests_per_minute == 2  # the fallback follows the reload too
+    assert store.failopen.share(new).spec.requests_per_minute == 2  # the fallback follows the reload too
 
 
 # --- a one-node Redis Cluster ---------------------------------------------------------------------------

@@ -95,9 +95,8 @@ async def settle(proxy: Proxy, limit_s: float = 2.0) -> None:
     deadline = time.monotonic() + limit_s
     registry = proxy.state.upstreams
     while time.monotonic() < deadline:
-        loads = [(u.active, u.retrying) for u in registry.loads.values()]
         busy = [d.outstanding for d in registry.deployments.values()]
-        if proxy.state.in_flight == 0 and all(x == (0, 0) for x in loads) and not any(busy):
+        if proxy.state.in_flight == 0 and not any(busy):
             return
         await asyncio.sleep(0.02)
     raise AssertionError(f"still busy: in_flight={proxy.state.in_flight} {registry.snapshot()}")
@@ -355,35 +354,72 @@ async def test_a_fallback_serves_within_the_deadline_and_says_so(
 # --- budget and pacing ----------------------------------------------------------------------------------------
 
 
-async def test_an_exhausted_retry_budget_relays_the_error_with_do_not_retry(
+async def test_a_budget_refusal_relays_the_error_and_leaves_the_sdk_free_to_retry(
     start_proxy: StartProxy, async_openai: MakeOpenAI, servers: Servers
 ) -> None:
     up = await servers.faulty("up")
-    up.default = Step(503)
+    up.script(Step(503))
     route = "  - {name: chat, upstream: up, retry: {attempts: 3, budget: {percent: 0, min_retries: 0}}}"
     proxy = await start_proxy(policy(upstreams(up), route))
     with pytest.raises(openai.InternalServerError) as info:
         await create(async_openai(proxy))
-    assert info.value.response.headers["x-should-retry"] == "false" and up.calls == 1
+    assert up.calls == 1  # the proxy's budget allows no retry...
+    assert "x-should-retry" not in info.value.response.headers  # ...but says nothing against the client's
     metrics = await scrape(proxy)
     assert metrics[("signalbox_retry_budget_exhausted_total", (("upstream", "up"),))] == 1
+    up.script(Step(503))
+    raw = await create(async_openai(proxy, max_retries=1))  # the SDK's own retry is a new request: it succeeds
+    assert "up" in raw.parse().choices[0].message.content
+    assert up.calls == 3
+    await settle(proxy)
 
 
-async def test_the_budget_caps_concurrent_retries_during_an_outage(
+async def test_retries_waiting_out_retry_after_do_not_use_up_the_budget(
+    start_proxy: StartProxy, async_openai: MakeOpenAI, servers: Servers
+) -> None:
+    """Every 4th upstream call is a 429 with retry-after. The budget (20 %) bounds the retries *sent* per
+    request, however long each waits: 100 requests buy up to 20 retries, each of which succeeds unless it
+    is itself a 4th call. (A budget on retries in flight let about 2 at a time through, each holding its
+    place for the whole wait, and told every refused client not to retry.)"""
+    up = await servers.faulty("up")
+    up.script(*[Step(), Step(), Step(), Step(429, {"retry-after": "0.3"})] * 60)
+    route = "  - {name: chat, upstream: up, retry: {attempts: 3, budget: {percent: 20, min_retries: 0}}}"
+    lines = upstreams(up, extra=", breaker: {consecutive_failures: 0, failure_ratio: 0}")
+    proxy = await start_proxy(policy(lines, route))
+    client = async_openai(proxy)
+    outcomes: list[str] = []
+
+    async def worker() -> None:
+        for _ in range(10):
+            try:
+                await create(client)
+                outcomes.append("ok")
+            except openai.RateLimitError as error:
+                outcomes.append(f"429 x-should-retry={error.response.headers.get('x-should-retry')}")
+
+    await asyncio.gather(*(worker() for _ in range(10)))
+    retries = up.calls - 100
+    assert 0 < retries <= 20  # 20 % of the 100 first attempts, never more
+    assert up.calls // 4 - retries == outcomes.count("429 x-should-retry=None")  # each failure retried or relayed
+    assert outcomes.count("ok") >= 86  # 73 without retries; the concurrency budget got about 80
+    assert "429 x-should-retry=false" not in outcomes
+    await settle(proxy)
+
+
+async def test_the_budget_caps_retries_during_an_outage(
     start_proxy: StartProxy, async_openai: MakeOpenAI, servers: Servers
 ) -> None:
     up = await servers.faulty("up")
-    up.default = Step(503, {"retry-after": "0.3"})
-    route = "  - {name: chat, upstream: up, retry: {attempts: 3, budget: {percent: 20, min_retries: 3}}}"
+    up.default = Step(503)
+    retry = "retry: {attempts: 3, backoff: {base: 10ms}, budget: {percent: 20, min_retries: 0}}"
+    route = f"  - {{name: chat, upstream: up, {retry}}}"
     lines = upstreams(up, extra=", breaker: {consecutive_failures: 0, failure_ratio: 0}")  # budget alone
     proxy = await start_proxy(policy(lines, route))
     client = async_openai(proxy)
     results = await asyncio.gather(*[create(client) for _ in range(20)], return_exceptions=True)
     assert all(isinstance(r, openai.InternalServerError) for r in results)
-    # 20 first attempts; at most max(3, 20 % of 20) = 4 retries in flight at once, each at most twice.
-    assert 20 < up.calls <= 20 + 2 * 4
-    stopped = [r for r in results if r.response.headers.get("x-should-retry") == "false"]  # type: ignore[union-attr]
-    assert len(stopped) >= 16
+    assert 20 < up.calls <= 20 + 4  # 20 first attempts, 20 % of them retried at most (not 2 each)
+    assert not [r for r in results if r.response.headers.get("x-should-retry")]  # type: ignore[union-attr]
     await settle(proxy)
 
 

@@ -92,8 +92,8 @@ def test_never_sleep_past_the_deadline() -> None:
     assert retry.fits(10.0, 0.5, 11.0)
     assert not retry.fits(10.0, 1.0, 11.0)
     assert not retry.fits(10.0, 2.0, 11.0)
-    assert retry.stop_reason_final("budget") and retry.stop_reason_final("deadline")
-    assert not retry.stop_reason_final("attempts")
+    assert retry.stop_reason_final("deadline")
+    assert not retry.stop_reason_final("attempts") and not retry.stop_reason_final("budget")
 
 
 # --- hints -----------------------------------------------------------------------------------------------
@@ -188,13 +188,28 @@ def test_hint_parsing_never_raises(value: str) -> None:
 # --- budget ------------------------------------------------------------------------------------------------
 
 
-def test_retry_budget_floor_and_share() -> None:
-    assert budget.retry_allowed(active=0, retrying=0, percent=20, floor=3)
-    assert budget.retry_allowed(active=2, retrying=2, percent=20, floor=3)
-    assert not budget.retry_allowed(active=10, retrying=3, percent=20, floor=3)  # floor 3 > 20 % of 10
-    assert budget.retry_allowed(active=100, retrying=19, percent=20, floor=3)
-    assert not budget.retry_allowed(active=100, retrying=20, percent=20, floor=3)
-    assert not budget.retry_allowed(active=100, retrying=0, percent=0, floor=0)
+def test_retry_budget_is_a_share_of_the_first_attempts_in_a_ten_second_window() -> None:
+    b = budget.RetryBudget()
+    now = 1000.0
+    assert b.allows(now, 20, 0) is False  # no traffic, no floor: nothing to retry
+    assert b.allows(now, 20, 1) is True  # the floor: 1 a second, 10 in the window
+    for i in range(100):
+        b.request(now + i * 0.05)  # 100 first attempts over 5 s
+    now += 5.0
+    for _ in range(20):
+        assert b.allows(now, 20, 0)
+        b.retry(now)
+    assert not b.allows(now, 20, 0)  # 20 % of 100
+    assert b.allows(now, 20, 3)  # the floor, 3 a second = 30 in the window, is larger
+    assert b.counts(now) == (100, 20)
+    # A retry costs once, whatever it then waits: later first attempts make room again.
+    for _ in range(10):
+        b.request(now)
+    assert b.allows(now, 20, 0) and b.counts(now) == (110, 20)
+    # Slots age out second by second: 10 s after the first second, its 20 requests have gone.
+    assert b.counts(now + 5.0) == (110 - 20, 20)
+    assert b.counts(now + 60.0) == (0, 0)
+    assert budget.allowance(7, 20, 0) == 1 and budget.allowance(7, 20, 1) == 10
 
 
 # --- balancing ----------------------------------------------------------------------------------------------

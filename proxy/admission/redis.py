@@ -6,11 +6,13 @@ none, on Redis's clock. Settle and release are one more round trip each, only wh
 tokens or a lease. One keeper task per store renews this replica's leases (one call per round, not a
 timer per request); a dead replica's leases are reclaimed by the next acquire after they expire.
 
-Redis trouble never fails a request: every call has a short timeout and goes through the store's own
-circuit breaker (`degrade.py`). A failed call, or any call while the breaker is open, falls back to
-in-process limits sized at limit ÷ expected replicas; the keeper probes Redis after each cooldown and
-shared limiting resumes by itself. Each change of state is logged once, shown by the
-`signalbox_limiter_degraded` gauge and in `/readyz`.
+Redis trouble never fails a request: every call is bounded (`redis_health.py`: a slow answer is not an
+outage) and goes through the store's own circuit breaker (`degrade.py`). A failed call, or any call
+while the breaker is open, is decided locally on what is left of this replica's share, limit ÷ expected
+replicas, counting what Redis admitted here too (`failopen.py`); the keeper probes Redis after each
+cooldown, adds the local admissions to the shared counts, and shared limiting resumes by itself. An
+acquire that answers after its bound is reconciled: an admission nobody used is rolled back. Each
+change of state is logged once, shown by the `signalbox_limiter_degraded` gauge and in `/readyz`.
 """
 
 from __future__ import annotations
@@ -21,18 +23,19 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import NoScriptError
 
 from proxy.admission import redis_codec as codec
-from proxy.admission.degrade import local_share
+from proxy.admission.failopen import FailOpen
 from proxy.admission.limits import WINDOW, Refusal, Usage
 from proxy.admission.local import LocalStore
 from proxy.admission.redis_client import connect
 from proxy.admission.redis_health import FAILURES, Health, Skipped, Unavailable
+from proxy.admission.redis_keeper import Keeper
 from proxy.admission.redis_scripts import ACQUIRE, ADJUST, LEASES, SCRIPTS, SNAPSHOT, Script
 from proxy.admission.store import Reservation
 from proxy.policy.plan import Limit, StateRule
@@ -53,6 +56,8 @@ class SharedReservation(Reservation):
     stamps: tuple[tuple[int, int], ...] = ()
     """Per limit (a Cluster's nodes differ), the Redis (sec, usec) it was counted at: refunds go there."""
     lease: str = ""
+    shadow: tuple[Reservation, ...] = ()
+    """The same request in this replica's local shares (failopen.py), settled and released with it."""
 
 
 class RedisStore:
@@ -76,18 +81,20 @@ class RedisStore:
         self.where = where
         self.metrics = metrics
         self.local = LocalStore(window=window)
+        self.failopen = FailOpen(self.local, rule.expected_replicas, clock, window)
         self.health = Health(rule, where, metrics, clock)
         self._clock = clock
         self._length = window
         self._timeout = rule.timeout
         self._ttl_ms = max(1, round(rule.lease_ttl * 1000))
         self._prepared: dict[str, codec.Prepared] = {}
-        self._shares: dict[str, tuple[Limit, Limit]] = {}
         self._known: dict[str, Limit] = {}
         self._current: Mapping[str, Limit] | None = None
         self._held: dict[str, dict[str, None]] = {}
         """Lease set key -> ids of the leases this replica holds there (renewed by the keeper)."""
         self._orphans: deque[tuple[tuple[str, ...], str]] = deque(maxlen=_ORPHANS)
+        self._late: deque[SharedReservation] = deque(maxlen=_ORPHANS)
+        """Admissions Redis made after their request was decided locally: to roll back."""
         self._instance = secrets.token_hex(6)
         self._ids = itertools.count(1)
         self._tasks = TaskSet()
@@ -110,12 +117,13 @@ class RedisStore:
         else:
             prefix = self.rule.key_prefix
             log.info("limiter store: limits shared in Redis at %s (prefix %s)", self.where, prefix)
-        self._tasks.spawn(self._keep(), name="limiter-store-keeper")
+        self._tasks.spawn(Keeper(self).run(), name="limiter-store-keeper")
 
     async def close(self, *, release: bool = True) -> None:
         """Stop the keeper and close the pool; `release` gives back the leases still held first
         (`release=False` leaves them to expire, as a replica that died would)."""
         await self._tasks.close()
+        self.health.cancel_late()
         if release and self._held:
             held = {key: list(ids) for key, ids in self._held.items()}
             try:
@@ -135,7 +143,7 @@ class RedisStore:
         new local shares to the fallback store."""
         self._current = dict(limits)
         self._known = dict(limits)
-        await self.local.reconfigure({key: self._share(limit) for key, limit in limits.items()})
+        await self.local.reconfigure({key: self.failopen.share(limit) for key, limit in limits.items()})
 
     # --- the LimiterStore interface -----------------------------------------------------------------
 
@@ -145,30 +153,36 @@ class RedisStore:
             limits = [current.get(limit.key, limit) for limit in limits]
         prepared = tuple(self._prepare(limit) for limit in limits)
         lease = f"{self._instance}:{next(self._ids)}" if any(p.concurrent for p in prepared) else ""
+
+        def send() -> Coroutine[Any, Any, SharedReservation | Refusal]:
+            if self.cluster and len(prepared) > 1:
+                return self._acquire_cluster(prepared, tokens, lease, headroom)
+            return self._acquire(prepared, tokens, lease, headroom)
+
         try:
-            async with self.health.call("acquire"):
-                if self.cluster and len(prepared) > 1:
-                    result = await self._acquire_cluster(prepared, tokens, lease, headroom)
-                else:
-                    result = await self._acquire(prepared, tokens, lease, headroom)
+            result = await self.health.run("acquire", send, self._landed_late)
         except Unavailable as exc:
             if lease and not isinstance(exc, Skipped):
                 self._orphan(prepared, lease)  # the script may have run before the call failed
-            return await self.local.try_acquire([self._share(limit) for limit in limits], tokens, headroom=headroom)
+            return await self.failopen.decide(limits, prepared, tokens, headroom)
         except asyncio.CancelledError:
             if lease:
                 self._orphan(prepared, lease)
             raise
-        if isinstance(result, SharedReservation) and lease:
-            for p in prepared:
-                if p.concurrent:
-                    self._held.setdefault(p.leases, {})[lease] = None
+        if isinstance(result, SharedReservation):
+            result.shadow = await self.failopen.shadow(limits, tokens)
+            if lease:
+                for p in prepared:
+                    if p.concurrent:
+                        self._held.setdefault(p.leases, {})[lease] = None
         return result
 
     async def release(self, reservation: Reservation) -> None:
         if not isinstance(reservation, SharedReservation):
             await self.local.release(reservation)
             return
+        for shadow in reservation.shadow:
+            await self.local.release(shadow)
         if reservation.released or not reservation.concurrent:
             return
         reservation.released = True
@@ -187,6 +201,8 @@ class RedisStore:
         if not isinstance(reservation, SharedReservation):
             await self.local.settle(reservation, requests=requests, tokens=tokens)
             return
+        for shadow in reservation.shadow:
+            await self.local.settle(shadow, requests=requests, tokens=tokens)
         if reservation.settled:
             return
         reservation.settled = True
@@ -313,60 +329,14 @@ class RedisStore:
             if self.metrics is not None:
                 self.metrics.redis_called(script.name, time.perf_counter() - started)
 
-    # --- the keeper -----------------------------------------------------------------------------------
-
-    async def _keep(self) -> None:
-        """Renew held leases every third of their TTL, remove orphaned ones, probe Redis while degraded."""
-        rule = self.rule
-        renew_every = rule.lease_ttl / 3
-        tick = max(0.02, min(renew_every, rule.breaker_cooldown))
-        renewed = self._clock()
-        while True:
-            await asyncio.sleep(tick)
-            try:
-                if self.health.breaker.state == "open":
-                    await self._probe()
-                if self.health.breaker.degraded:
-                    continue
-                if self._orphans:
-                    await self._forget()
-                now = self._clock()
-                if self._held and now - renewed >= renew_every - tick / 2:
-                    renewed = now
-                    await self._renew()
-            except Exception:  # the keeper must outlive any surprise; the next round tries again
-                log.exception("limiter store: keeper round failed")
-
-    async def _probe(self) -> None:
-        try:
-            async with self.health.call("probe"):
-                await self.client.ping()
-        except Unavailable:
-            pass
-
-    async def _renew(self) -> None:
-        held = {key: list(ids) for key, ids in self._held.items() if ids}
-        try:
-            async with self.health.call("leases"):
-                lost = await self._leases("renew", held)
-        except Unavailable:
-            return
-        if lost:
-            log.debug("limiter store: %d leases had expired before renewal (reclaimed)", lost)
-
-    async def _forget(self) -> None:
-        orphans: dict[str, list[str]] = {}
-        while self._orphans:
-            keys, lease = self._orphans.popleft()
-            for key in keys:
-                orphans.setdefault(key, []).append(lease)
-        try:
-            async with self.health.call("leases"):
-                await self._leases("forget", orphans)
-        except Unavailable:
-            pass  # they expire by themselves
-
     # --- bookkeeping ----------------------------------------------------------------------------------
+
+    def _landed_late(self, result: SharedReservation | Refusal) -> None:
+        """An acquire answered after the request was decided locally: an admission nobody uses goes back
+        (by the keeper, once Redis answers; the local decision is added to the shared counts instead)."""
+        if isinstance(result, SharedReservation):
+            self._unhold(result.prepared, result.lease)
+            self._late.append(result)
 
     def _prepare(self, limit: Limit) -> codec.Prepared:
         found = self._prepared.get(limit.key)
@@ -377,14 +347,6 @@ class RedisStore:
             if self._current is None and len(self._known) < _CACHE:
                 self._known[limit.key] = limit
         return found
-
-    def _share(self, limit: Limit) -> Limit:
-        found = self._shares.get(limit.key)
-        if found is None or found[0] is not limit:
-            if len(self._shares) >= _CACHE:
-                self._shares.clear()
-            found = self._shares[limit.key] = (limit, local_share(limit, self.rule.expected_replicas))
-        return found[1]
 
     def _unhold(self, prepared: Sequence[codec.Prepared], lease: str) -> None:
         for p in prepared:

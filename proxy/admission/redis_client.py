@@ -1,8 +1,10 @@
 """Opening the limiter store's Redis client from a policy URL (standalone, Sentinel or Cluster).
 
 redis-py's asyncio clients do the work (connection pooling, Sentinel discovery, Cluster slot routing);
-this module only maps URL schemes onto them with the store's settings: a short connect timeout, no
-client-side retries (the store falls back to local limits instead of retrying) and a bounded pool.
+this module only maps URL schemes onto them with the store's settings: no client-side retries (the
+store decides what may be sent again) and a bounded pool. Connecting and waiting for a pooled
+connection get the store's longest wait, LATE_LIMIT bounds: whether a call is slow or lost is decided
+around it (`redis_health.py`), and a cold pool on a busy replica connects slowly without Redis being down.
 
     redis://[user:pass@]host:6379/0   rediss://... (TLS)   unix:///run/redis.sock?db=0
     redis+sentinel://[user:pass@]host:26379[,host:port...]/<service>[/db]   (rediss+sentinel: TLS)
@@ -21,6 +23,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from proxy.admission.redis_health import LATE_LIMIT
 from proxy.policy.plan import StateRule
 
 
@@ -91,7 +94,7 @@ def connect(rule: StateRule) -> tuple[Any, Target]:
         # Reads carry no socket timeout of their own: the store bounds every call as a whole
         # (redis_health.Call), and a second timer per read costs ~15 % of a call's CPU.
         "socket_timeout": None,
-        "socket_connect_timeout": rule.timeout,
+        "socket_connect_timeout": rule.timeout * LATE_LIMIT,
         "retry": Retry(NoBackoff(), 0),
         "health_check_interval": 0,
     }
@@ -99,7 +102,7 @@ def connect(rule: StateRule) -> tuple[Any, Target]:
         # A blocking pool waits (bounded) for a free connection instead of failing at once when all
         # `max_connections` are busy.
         pool = BlockingConnectionPool.from_url(
-            rule.url, max_connections=rule.max_connections, timeout=rule.timeout, **common
+            rule.url, max_connections=rule.max_connections, timeout=rule.timeout * LATE_LIMIT, **common
         )
         return Redis.from_pool(pool), target  # the client owns the pool: aclose() closes both
     auth: dict[str, Any] = {"username": target.username, "password": target.password}

@@ -72,9 +72,9 @@ class RetrySpec:
     max_retry_after: float = 2.0
     """Longest upstream hint (retry-after, reset headers) waited out; a longer one moves to another deployment."""
     budget_percent: float = 20.0
-    """Retries in flight to an upstream may be at most this share of its active requests ..."""
+    """Retries sent in the last 10 s may be at most this share of the route's first attempts ..."""
     budget_min: int = 3
-    """... or this many, whichever is larger."""
+    """... or this many a second, whichever is larger (upstream/budget.py)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,7 +312,7 @@ class StateRule:
     url: str | None = field(default=None, repr=False)
     """May carry a password: never printed."""
     key_prefix: str = "signalbox"
-    timeout: float = 0.05
+    timeout: float = 1.0
     expected_replicas: int = 1
     lease_ttl: float = 30.0
     max_connections: int = 64

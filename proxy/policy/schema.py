@@ -143,13 +143,13 @@ class Backoff(Strict):
 
 
 class RetryBudget(Strict):
-    """Retries in flight to one upstream are capped at `percent` of its active requests, at least
-    `min_retries` (Envoy's retry budget), so an outage cannot turn into a retry storm."""
+    """Per route, over the last 10 s: retries sent at most `percent` % of the requests sent upstream,
+    or `min_retries` a second, whichever is larger, so an outage cannot turn into a retry storm."""
 
     percent: float | None = Field(default=None, ge=0, le=100)
     """Default 20."""
     min_retries: int | None = Field(default=None, ge=0, le=100_000)
-    """Default 3."""
+    """Retries a second always allowed (light traffic). Default 3."""
 
 
 class Retry(Strict):
@@ -438,8 +438,9 @@ class State(Strict):
     `redis+sentinel://host:26379[,host:port]/<service>[/db]`, `redis+cluster://host:port[,host:port]`.
     Write `${REDIS_URL}` to keep passwords out of the policy."""
     key_prefix: str = Field(default="signalbox", pattern=r"^[A-Za-z0-9_.:\-]+$")
-    timeout: Duration = 0.05
-    """Longest one Redis call may take before the request falls back to local limits."""
+    timeout: Duration = 1.0
+    """Longest one Redis call may take before the request is decided locally (a slow answer is not an
+    outage: far above a healthy round trip, it covers a cold pool's connect and a busy event loop)."""
     expected_replicas: int = Field(default=1, ge=1, le=100_000)
     """Replicas sharing the limits: while Redis is unreachable each applies limit ÷ this locally."""
     lease_ttl: Duration = 30.0

@@ -50,7 +50,7 @@ class Sent:
     """The route whose pool answered: the call's own, or the fallback that served it."""
     deployment: DeploymentSpec
     final: bool = False
-    """Retrying stopped on the retry budget or the deadline: tell the client not to retry either."""
+    """Retrying stopped on the deadline: tell the client not to retry either."""
     lease: tuple[Registry, DeploymentState] | None = None
     hold: Hold | None = None
     """The answering attempt's place in its upstream's limit (also `call.hold`): finished by whoever is
@@ -184,6 +184,7 @@ async def _pool(
     spec = rule.retry
     clock = registry.clock
     call = request.call
+    paying = call.route or rule  # the call's own route: its budget pays for every retry, fallbacks too
     quota = registry.quota
     avoid: set[str] | None = None  # hint longer than max_retry_after: not again in this pool
     tried: set[str] | None = None  # prefer others for the next attempt
@@ -218,7 +219,7 @@ async def _pool(
             if not retry.fits(now, wait, deadline):
                 progress.stop = "deadline"
                 return None
-            if not registry.retry_allowed(state, spec):
+            if not registry.retry_allowed(paying, state, now):
                 progress.stop = "budget"
                 return None
         hold: Hold | None = None
@@ -235,7 +236,7 @@ async def _pool(
         full = None
         if is_retry and registry.metrics is not None:
             registry.metrics.retried(rule.name, progress.reason)
-        probe = registry.start(state, now, is_retry)
+        probe = registry.start(state, now, is_retry, paying)
         started = 0.0
         bound = False
         try:
@@ -258,7 +259,6 @@ async def _pool(
                     response, state.spec.upstream, max(left, 0.001) if bound else None, call.plan.max_buffered_response
                 )
         except (UpstreamUnreachable, UpstreamTimeout) as err:
-            registry.answered(state, is_retry)
             registry.release(state)
             if hold is not None:  # no answer came: the request stays counted, its tokens go back
                 call.hold = None
@@ -282,7 +282,6 @@ async def _pool(
             ready_at[state.id] = clock() + retry.backoff(made - 1, spec.backoff_base, spec.backoff_max, rand)
             continue
         except BaseException as exc:  # cancelled (client gone) or a request we cannot build: release everything
-            registry.answered(state, is_retry)
             registry.release(state)
             registry.abandon(state, probe)
             if started:
@@ -291,7 +290,6 @@ async def _pool(
                 call.hold = None
                 await hold.finish(0, None, sent=bool(started) and not isinstance(exc, InvalidRequest))
             raise
-        registry.answered(state, is_retry)
         now = clock()
         status = response.status
         made += 1
@@ -335,10 +333,10 @@ async def _pool(
 
 def _give_up(progress: _Progress, route: RouteRule, registry: Registry) -> Sent:
     """No pool produced an answer worth relaying at once: relay the last real upstream error (with
-    x-should-retry: false when the budget or the deadline stopped us), else say why nothing was sent."""
+    x-should-retry: false when the deadline stopped us), else say why nothing was sent."""
     final = retry.stop_reason_final(progress.stop)
     failure = progress.failure
-    # The real upstream error is relayed when the budget or deadline stopped us, else the last outcome.
+    # The real upstream error is relayed when the deadline stopped us, else the last outcome.
     deployment = progress.failure_deployment
     if failure is not None and deployment is not None and (final or not progress.last_was_error):
         return Sent(failure, progress.failure_route, deployment, final, body=progress.failure_body)

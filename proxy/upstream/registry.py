@@ -1,6 +1,6 @@
-"""Per-deployment runtime state: circuit breaker, requests in flight, pacing hold, and per-upstream load
-for the retry budget. One `Registry` hangs off the Runtime (via `UpstreamClients.registry`); state is
-keyed by deployment id, so a policy reload that keeps a deployment keeps its breaker and counters.
+"""Per-deployment runtime state (circuit breaker, requests in flight, pacing hold) and per-route retry
+budgets. One `Registry` hangs off the Runtime (via `UpstreamClients.registry`); state is keyed by
+deployment id and route name, so a policy reload that keeps them keeps their breakers and counters.
 
 Time and randomness are injected (`clock`, `rng`), so tests drive it without sleeping. Decisions are
 delegated to the pure modules (breaker, balance, budget); this module only keeps the numbers.
@@ -13,29 +13,20 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from proxy.policy.plan import DeploymentSpec, Plan, RetrySpec, RouteRule
-from proxy.upstream import balance, budget
+from proxy.policy.plan import DeploymentSpec, Plan, RouteRule
+from proxy.upstream import balance
 from proxy.upstream.breaker import Breaker, State
+from proxy.upstream.budget import RetryBudget
 
 if TYPE_CHECKING:
     from proxy.telemetry.metrics import Metrics
     from proxy.upstream.quota import Quota
 
 
-class UpstreamLoad:
-    """Requests in flight to one upstream (all its deployments), and how many of them are retries."""
-
-    __slots__ = ("active", "retrying")
-
-    def __init__(self) -> None:
-        self.active = 0
-        self.retrying = 0
-
-
 class DeploymentState:
-    __slots__ = ("id", "spec", "breaker", "outstanding", "hold_until", "load")
+    __slots__ = ("id", "spec", "breaker", "outstanding", "hold_until")
 
-    def __init__(self, spec: DeploymentSpec, load: UpstreamLoad) -> None:
+    def __init__(self, spec: DeploymentSpec) -> None:
         self.id = spec.id
         self.spec = spec
         self.breaker = Breaker(spec.breaker)
@@ -43,7 +34,6 @@ class DeploymentState:
         """Requests sent to this deployment whose response has not been fully relayed yet."""
         self.hold_until = 0.0
         """Pacing: no new dispatch before this clock time."""
-        self.load = load
 
 
 class Registry:
@@ -58,7 +48,8 @@ class Registry:
         """The wall clock, for HTTP dates and RFC 3339 reset timestamps."""
         self.rng = rng or random.Random()
         self.deployments: dict[str, DeploymentState] = {}
-        self.loads: dict[str, UpstreamLoad] = {}
+        self.budgets: dict[str, RetryBudget] = {}
+        """Per route name: the calls that came in on it pay for their retries (fallbacks included)."""
         self.metrics: Metrics | None = None
         self.quota: Quota | None = None
         """Upstream limits per attempt (the runtime wires admission's implementation in)."""
@@ -68,10 +59,7 @@ class Registry:
     def state(self, spec: DeploymentSpec) -> DeploymentState:
         found = self.deployments.get(spec.id)
         if found is None:
-            load = self.loads.get(spec.upstream)
-            if load is None:
-                load = self.loads[spec.upstream] = UpstreamLoad()
-            found = self.deployments[spec.id] = DeploymentState(spec, load)
+            found = self.deployments[spec.id] = DeploymentState(spec)
             if self.metrics is not None:
                 self.metrics.circuit_changed(spec.id, "closed", transition=False)
         elif found.spec is not spec:
@@ -90,6 +78,8 @@ class Registry:
             del self.deployments[gone]
             if self.metrics is not None:
                 self.metrics.forget_deployment(gone)
+        for name in [n for n in self.budgets if n not in plan.routes_by_name]:
+            del self.budgets[name]
 
     # --- choosing ------------------------------------------------------------------------------------
 
@@ -145,20 +135,30 @@ class Registry:
 
     # --- one attempt -------------------------------------------------------------------------------
 
-    def retry_allowed(self, state: DeploymentState, spec: RetrySpec) -> bool:
-        load = state.load
-        if budget.retry_allowed(load.active, load.retrying, spec.budget_percent, spec.budget_min):
+    def budget(self, route: RouteRule) -> RetryBudget:
+        found = self.budgets.get(route.name)
+        if found is None:
+            found = self.budgets[route.name] = RetryBudget()
+        return found
+
+    def retry_allowed(self, route: RouteRule, state: DeploymentState, now: float) -> bool:
+        """May a call that came in on `route` retry (on `state`) now? Its route's budget decides."""
+        spec = route.retry
+        if self.budget(route).allows(now, spec.budget_percent, spec.budget_min):
             return True
         if self.metrics is not None:
             self.metrics.budget_exhausted(state.spec.upstream)
         return False
 
-    def start(self, state: DeploymentState, now: float, retry: bool) -> bool:
-        """An attempt begins (its backoff included); returns True if it is the circuit's half-open probe."""
+    def start(self, state: DeploymentState, now: float, retry: bool, route: RouteRule) -> bool:
+        """An attempt begins (its backoff included), counted in the budget of `route` (the call's own);
+        returns True if it is the circuit's half-open probe."""
         state.outstanding += 1
-        state.load.active += 1
+        budget = self.budget(route)
         if retry:
-            state.load.retrying += 1
+            budget.retry(now)
+        else:
+            budget.request(now)
         breaker = state.breaker
         if breaker.state == "closed":
             return False
@@ -167,15 +167,9 @@ class Registry:
             self._changed(state, changed)
         return True
 
-    def answered(self, state: DeploymentState, retry: bool) -> None:
-        """The attempt has its outcome: it no longer counts as a retry in flight."""
-        if retry:
-            state.load.retrying -= 1
-
     def release(self, state: DeploymentState) -> None:
         """The attempt's response is done with (relayed, buffered, or never came)."""
         state.outstanding -= 1
-        state.load.active -= 1
 
     def record(self, state: DeploymentState, now: float, failed: bool, probe: bool) -> None:
         changed = state.breaker.record(now, failed, probe)
@@ -217,8 +211,11 @@ class Registry:
                 "outstanding": st.outstanding,
                 "pacing_hold_s": round(st.hold_until - now, 3) if st.hold_until > now else None,
             })
-        loads = {name: {"active": u.active, "retrying": u.retrying} for name, u in sorted(self.loads.items())}
-        return {"deployments": deployments, "upstreams": loads}
+        budgets = {
+            name: dict(zip(("requests", "retries"), b.counts(now), strict=True))
+            for name, b in sorted(self.budgets.items())
+        }
+        return {"deployments": deployments, "retry_budgets": budgets}
 
     async def refresh_metrics(self) -> None:
         """Scrape-time gauges: requests in flight, pacing holds and circuit state per deployment."""

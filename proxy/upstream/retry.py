@@ -61,6 +61,9 @@ def fits(now: float, wait: float, deadline: float) -> bool:
 
 
 def stop_reason_final(reason: str) -> bool:
-    """Stops after which the client should not retry either (x-should-retry: false): the retry budget
-    (the upstream is in trouble) and the deadline (the time the caller gave is spent)."""
-    return reason in ("budget", "deadline")
+    """Stops after which the client should not retry either (x-should-retry: false): only the deadline
+    (the time the route gives a call is spent). A retry-budget refusal is not final: it means the proxy
+    spent what it may add to this route's traffic, not that another try is bound to fail (under 27 %
+    faults it succeeds 3 times in 4), and the SDK's own retries are few, backed off and its user's to
+    spend. The upstream's answer is relayed as it came, with its own x-should-retry if it sent one."""
+    return reason == "deadline"
