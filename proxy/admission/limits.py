@@ -87,7 +87,8 @@ class SlidingWindow:
 
     def add(self, now: float, amount: float) -> int:
         """Count `amount` now; returns the window index it landed in (for a later refund)."""
-        self.roll(now)
+        if math.floor(now / self.length) != self.index:  # admission just rolled it: usually no call
+            self.roll(now)
         self.current += amount
         return self.index
 
@@ -196,10 +197,11 @@ class KeyState:
 
     def take(self, now: float, tokens: int) -> None:
         """Count one request and its tokens (in the window that `now` falls in)."""
-        if self.requests is not None:
-            self.requests.add(now, 1)
-        if self.tokens is not None and tokens:
-            self.tokens.add(now, tokens)
+        requests, window = self.requests, self.tokens
+        if requests is not None:
+            requests.add(now, 1)
+        if window is not None and tokens:
+            window.add(now, tokens)
             self.pending += tokens
         if self.limit.spec.concurrent is not None:
             self.in_use += 1
@@ -207,15 +209,13 @@ class KeyState:
     def adjust(self, now: float, index: int, reserved: int, requests: int, tokens: int) -> None:
         """Settle a reservation of `reserved` tokens: `requests`/`tokens` are the differences (real
         minus reserved); negative ones are refunds."""
-        if self.tokens is not None:
+        window = self.tokens
+        if window is not None:
             self.pending = max(0, self.pending - reserved)
-        for window, delta in ((self.requests, requests), (self.tokens, tokens)):
-            if window is None or not delta:
-                continue
-            if delta < 0:
-                window.refund(index, -delta)
-            else:
-                window.add(now, delta)
+            if tokens:
+                _apply(window, now, index, tokens)
+        if requests and self.requests is not None:
+            _apply(self.requests, now, index, requests)
 
     def usage(self, now: float) -> Usage:
         spec = self.limit.spec
@@ -227,6 +227,14 @@ class KeyState:
             tokens=_meter(self.tokens, now),
             concurrent=(spec.concurrent, self.in_use) if spec.concurrent is not None else None,
         )
+
+
+def _apply(window: SlidingWindow, now: float, index: int, delta: int) -> None:
+    """A settlement's difference: a refund goes back to the window it was counted in, a charge to now."""
+    if delta < 0:
+        window.refund(index, -delta)
+    else:
+        window.add(now, delta)
 
 
 def _resize(window: SlidingWindow | None, limit: int | None, length: float) -> SlidingWindow | None:

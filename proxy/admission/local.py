@@ -57,33 +57,38 @@ class LocalStore:
         states = self._states
         worst: Refusal | None = None
         concurrent = False
+        current = True  # every state counts under the limit the call carries (no reload in between)
         held: list[KeyState] = []
         for limit in limits:
             state = states.get(limit.key)
             if state is None or state.limit is not limit:
                 state = self._state(limit)
+                current = current and state.limit is limit
             held.append(state)
             refusal = state.check(now, tokens, CONCURRENCY_HINT)
             if refusal is not None and _longer(refusal, worst):
                 worst = refusal
-            concurrent = concurrent or state.limit.spec.concurrent is not None
+            if state.limit.spec.concurrent is not None:
+                concurrent = True
         if worst is not None:
             return worst
         for state in held:
             state.take(now, tokens)
         # The limits as counted (after a reload they may be newer than the ones the call carries):
         # release() must give concurrency back exactly where take() counted it.
-        counted = tuple(state.limit for state in held)
+        counted = tuple(limits) if current else tuple([state.limit for state in held])
         return Reservation(counted, math.floor(now / self._length), 1, tokens, concurrent)
 
     async def release(self, reservation: Reservation) -> None:
         if reservation.released or not reservation.concurrent:
             return
         reservation.released = True
+        states = self._states
         for limit in reservation.limits:
-            state = self._states.get(limit.key)
-            if state is not None and limit.spec.concurrent is not None and state.in_use > 0:
-                state.in_use -= 1
+            if limit.spec.concurrent is not None:
+                state = states.get(limit.key)
+                if state is not None and state.in_use > 0:
+                    state.in_use -= 1
 
     async def settle(self, reservation: Reservation, *, requests: int, tokens: int) -> None:
         if reservation.settled:
@@ -92,11 +97,12 @@ class LocalStore:
         d_requests, d_tokens = requests - reservation.requests, tokens - reservation.tokens
         if not d_requests and not d_tokens and not reservation.tokens:
             return
-        now = self._clock()
+        now, states = self._clock(), self._states
+        window, reserved = reservation.window, reservation.tokens
         for limit in reservation.limits:
-            state = self._states.get(limit.key)
+            state = states.get(limit.key)
             if state is not None:
-                state.adjust(now, reservation.window, reservation.tokens, d_requests, d_tokens)
+                state.adjust(now, window, reserved, d_requests, d_tokens)
 
     async def remaining(self, keys: Iterable[str] | None = None) -> list[Usage]:
         now = self._clock()
