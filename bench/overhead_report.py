@@ -180,5 +180,5 @@ def render_summary(runs: Sequence[dict[str, Metrics]]) -> str:
 
 
 def summary_json(runs: Sequence[dict[str, Metrics]]) -> dict[str, dict[str, float | list[float]]]:
-    return {label: {"runs": row, "median": statistics.median(row), "min": min(row), "max": max(row)}
+    return {label.strip(): {"runs": row, "median": statistics.median(row), "min": min(row), "max": max(row)}
             for label, row in summary_values(runs).items()}
