@@ -1,8 +1,10 @@
 """Overhead benchmark: the proxy against a bare aiohttp forwarder (the floor), same upstream, same load.
 
-Starts bench/fast_upstream.py, the floor and the proxy pinned apart with taskset, measures them in
-alternating rounds, and prints throughput, added latency, CPU per request, stream TTFC and CPU per
-relayed event side by side. Run: .venv/bin/python bench/overhead.py [--duration 10] [--only floor] [--json]
+Starts bench/fast_upstream.py, the floor and the proxy twice (a `minimal` policy with no limits and a
+`full` one with every kind of limit and a queue, bench/overhead_policies.py) pinned apart with taskset,
+measures them in alternating rounds, and prints throughput, added latency, CPU per request, stream TTFC
+and CPU per relayed event side by side; with --runs N, each run and the median and spread of the ratios.
+Run: .venv/bin/python bench/overhead.py [--duration 10] [--runs 3] [--only floor] [--json]
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import TypeVar
@@ -42,12 +44,13 @@ from common import (
     vm_kib,
     wait_port,
 )
+from overhead_policies import API_KEY, POLICIES, write_policy
+from overhead_report import Metrics, add_deltas, ratios, render, render_summary, sanity, summary_json
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 CHAT_PATH = "/v1/chat/completions"
-API_KEY = "sk-bench"
-Metrics = dict[str, float]
+PHASES = ("c64", "c1", "streams")
 R = TypeVar("R")
 
 
@@ -66,6 +69,8 @@ class Config:
     retries: int
     revision: str  # what was measured, read once at the start
     tmp: Path
+    policies: tuple[str, ...]  # one proxy target per policy (overhead_policies.py)
+    phases: tuple[str, ...]  # of PHASES
 
     @property
     def slice_s(self) -> int:
@@ -157,26 +162,6 @@ class Bench:
 
 
 # ---- starting things --------------------------------------------------------------------------------
-
-
-def write_policy(directory: Path, upstream_port: int) -> Path:
-    """The proxy's policy for the benchmark: one tenant, one route, the fast upstream, no limits."""
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "bench.yaml").write_text(f"""\
-upstreams:
-  fast:
-    provider: openai
-    base_url: http://127.0.0.1:{upstream_port}/v1
-    api_key: ${{BENCH_KEY:-unused}}
-tenants:
-  bench:
-    keys: ["{API_KEY}"]
-routes:
-  - name: bench
-    match: {{model: "*"}}
-    upstream: fast
-""")
-    return directory
 
 
 def proxy_command(policies: Path, port: int, admin_port: int, extra: tuple[str, ...]) -> list[str]:
@@ -273,112 +258,18 @@ def metrics(t: Target, cfg: Config) -> Metrics:
     out = {"rps_c64": div(t.requests, t.seconds),
            "lat_p50_ms": mean(t.lat_p50_us) / 1000, "lat_p99_ms": mean(t.lat_p99_us) / 1000,
            "ttfc_p50_ms": percentile(t.ttfc_ms, 50), "ttfc_p99_ms": percentile(t.ttfc_ms, 99),
-           "events": t.events, "events_per_stream": div(t.events, t.streams),
            "load_cpu_busy_pct": mean(t.load_busy_pct), "steal_pct": max(t.steal_pct, default=math.nan)}
     out |= {f"others_{phase}_pct": max(values) for phase, values in t.others_pct.items()}
+    if t.streams:  # the stream phase ran
+        out |= {"events": t.events, "events_per_stream": div(t.events, t.streams)}
     if t.pid:
         out |= {"cpu_us_per_req": div(t.cpu_s, t.requests, 1e6),
                 "cpu_us_per_event": div(t.stream_cpu_s, t.events, 1e6),
-                "target_cpu_pct": div(t.cpu_s, t.seconds, 100),
-                "rss_idle_mib": t.rss_idle_kib / 1024, "rss_peak_streams_mib": t.rss_peak_kib / 1024,
-                "rss_per_stream_kib": (t.rss_peak_kib - t.rss_idle_kib) / cfg.streams,
-                "vm_hwm_mib": vm_kib(t.pid, "VmHWM") / 1024}
+                "target_cpu_pct": div(t.cpu_s, t.seconds, 100), "vm_hwm_mib": vm_kib(t.pid, "VmHWM") / 1024}
+    if t.pid and t.streams:  # the stream phase ran
+        out |= {"rss_idle_mib": t.rss_idle_kib / 1024, "rss_peak_streams_mib": t.rss_peak_kib / 1024,
+                "rss_per_stream_kib": (t.rss_peak_kib - t.rss_idle_kib) / cfg.streams}
     return out
-
-
-def add_deltas(result: Metrics, direct: Metrics) -> Metrics:
-    """Added latency and TTFC: through the target minus straight to the upstream, same client, same load."""
-    return result | {"added_p50_ms": result["lat_p50_ms"] - direct["lat_p50_ms"],
-                     "added_p99_ms": result["lat_p99_ms"] - direct["lat_p99_ms"],
-                     "added_ttfc_p50_ms": result["ttfc_p50_ms"] - direct["ttfc_p50_ms"],
-                     "added_ttfc_p99_ms": result["ttfc_p99_ms"] - direct["ttfc_p99_ms"]}
-
-
-def sanity(results: dict[str, Metrics], cfg: Config, warnings: list[str]) -> None:
-    for name, m in results.items():
-        noisy = {phase: m[f"others_{phase}_pct"] for phase in ("c64", "c1", "streams")
-                 if m.get(f"others_{phase}_pct", 0) > 5}
-        if noisy:
-            worst = ", ".join(f"{phase} {pct:.0f}%" for phase, pct in noisy.items())
-            warnings.append(f"{name}: other programs ran on CPUs {cfg.proxy_cpu},{cfg.load_cpu} (worst "
-                            f"slice: {worst} of a CPU): the machine was not quiet, latency and TTFC suspect")
-        if m["events_per_stream"] < cfg.events + 1:
-            got, want = m["events_per_stream"], cfg.events + 1
-            warnings.append(f"{name}: {got:.1f} events a stream, expected {want}")
-        if name != "direct" and m["rps_c64"] > 0.8 * results["direct"]["rps_c64"]:
-            warnings.append(f"{name}: c64 rate near the upstream's own: the load side may be the bottleneck")
-
-
-# ---- report -----------------------------------------------------------------------------------------
-
-# (key, label, decimals, take the ratio proxy ÷ floor)
-ROWS = [
-    ("rps_c64", "requests/s at c64", 0, True),
-    ("cpu_us_per_req", "CPU µs per request (c64)", 1, True),
-    ("lat_p50_ms", "latency p50 at c1, ms", 3, False),
-    ("lat_p99_ms", "latency p99 at c1, ms", 3, False),
-    ("added_p50_ms", "added latency p50 at c1, ms", 3, True),
-    ("added_p99_ms", "added latency p99 at c1, ms", 3, True),
-    ("ttfc_p50_ms", "stream TTFC p50, ms", 2, False),
-    ("ttfc_p99_ms", "stream TTFC p99, ms", 2, False),
-    ("added_ttfc_p50_ms", "added TTFC p50, ms", 2, True),
-    ("added_ttfc_p99_ms", "added TTFC p99, ms", 2, True),
-    ("cpu_us_per_event", "CPU µs per relayed event", 1, True),
-    ("events", "events relayed", 0, False),
-    ("events_per_stream", "events per stream", 1, False),
-    ("rss_idle_mib", "RSS before streams, MiB", 1, False),
-    ("rss_peak_streams_mib", "RSS peak with streams, MiB", 1, False),
-    ("rss_per_stream_kib", "≈ RSS per open stream, KiB", 1, False),
-    ("vm_hwm_mib", "peak RSS (VmHWM), MiB", 1, True),
-    ("target_cpu_pct", "its own CPU % (c64)", 0, False),
-    ("load_cpu_busy_pct", "load CPU busy % (c64)", 0, False),
-    ("others_c64_pct", "not ours on the CPUs %, c64", 0, False),
-    ("others_c1_pct", "not ours on the CPUs %, c1", 0, False),
-    ("others_streams_pct", "not ours on the CPUs %, streams", 0, False),
-    ("steal_pct", "hypervisor steal %, worst", 1, False),
-]
-
-# (what, value from (results, ratios), limit): the issue's targets
-TARGETS: list[tuple[str, Callable[[dict[str, Metrics], Metrics], float], float]] = [
-    ("CPU per request, proxy ÷ floor ≤ 1.5", lambda _, ratio: ratio["cpu_us_per_req"], 1.5),
-    ("added latency p50 at c1 ≤ 0.4 ms", lambda results, _: results["proxy"]["added_p50_ms"], 0.4),
-    ("CPU per relayed event, proxy ÷ floor ≤ 1.3", lambda _, ratio: ratio["cpu_us_per_event"], 1.3),
-]
-
-
-def ratios(results: dict[str, Metrics]) -> Metrics:
-    if "proxy" not in results or "floor" not in results:
-        return {}
-    p, f = results["proxy"], results["floor"]
-    # a ratio to a floor value that is zero or negative (noise in a difference) would mean nothing
-    return {key: p[key] / f[key] for key, _, _, ratio in ROWS if ratio and key in p and f.get(key, 0) > 0}
-
-
-def cell(value: float | None, decimals: int) -> str:
-    if value is None or math.isnan(value):
-        return "-"
-    return f"{value:,.{decimals}f}"
-
-
-def render(results: dict[str, Metrics], cfg: Config, warnings: list[str]) -> str:
-    cols = [name for name in ("direct", "floor", "proxy") if name in results]
-    ratio = ratios(results)
-    head = f"{'metric':<30}" + "".join(f"{c:>12}" for c in cols) + (f"{'proxy÷floor':>13}" if ratio else "")
-    lines = [f"signalbox overhead at {cfg.revision}: {cfg.duration} s per phase in {cfg.rounds} rounds; "
-             f"proxy/floor on CPU {cfg.proxy_cpu}, wrk + upstream + stream client on CPU {cfg.load_cpu}; "
-             f"{cfg.streams} streams of {cfg.events} events {cfg.interval_ms:g} ms apart",
-             "", head, "-" * len(head)]
-    for key, label, decimals, _ in ROWS:
-        if any(key in results[c] for c in cols):
-            row = f"{label:<30}" + "".join(f"{cell(results[c].get(key), decimals):>12}" for c in cols)
-            lines.append(row + (f"{cell(ratio.get(key), 2):>13}" if ratio else ""))
-    if ratio:
-        lines.append("")
-        for what, check, limit in TARGETS:
-            value = check(results, ratio)
-            lines.append(f"target: {what:<44} {value:6.2f}  {'ok' if value <= limit else 'MISSED'}")
-    lines += [""] + [f"warning: {w}" for w in warnings]
-    return "\n".join(lines).rstrip()
 
 
 # ---- main -------------------------------------------------------------------------------------------
@@ -391,7 +282,7 @@ def run(cfg: Config, only: str, warnings: list[str]) -> dict[str, Metrics]:
             raise RuntimeError(missing)
         warnings.append(f"proxy skipped: {missing}")
         only = "floor"
-    up_port, floor_port, proxy_port = free_port(), free_port(), free_port()
+    up_port, floor_port = free_port(), free_port()
     py = sys.executable
     with ExitStack() as stack:
         upstream = stack.enter_context(running(
@@ -402,20 +293,32 @@ def run(cfg: Config, only: str, warnings: list[str]) -> dict[str, Metrics]:
             cmd = [py, str(BENCH / "floor.py"), "--port", str(floor_port), "--upstream",
                    f"http://127.0.0.1:{up_port}"]
             targets.append(stack.enter_context(running("floor", cmd, cfg.proxy_cpu, floor_port, cfg)))
-        if only in ("proxy", "both"):
-            cmd = proxy_command(write_policy(cfg.tmp / "policies", up_port), proxy_port, free_port(),
+        for policy in cfg.policies if only in ("proxy", "both") else ():
+            port = free_port()  # one proxy per policy, all up for the whole run, loaded one at a time
+            cmd = proxy_command(write_policy(cfg.tmp / f"policies-{policy}", up_port, policy), port, free_port(),
                                 cfg.proxy_args)
-            targets.append(stack.enter_context(running("proxy", cmd, cfg.proxy_cpu, proxy_port, cfg)))
+            targets.append(stack.enter_context(running(policy, cmd, cfg.proxy_cpu, port, cfg)))
         bench.pids = [t.pid for t in (upstream, *targets) if t.pid]
-        phases = (("c64 throughput", throughput), ("c1 latency", latency), ("streams", streaming))
-        for phase, measure in phases:
-            print(f"{phase}: {', '.join(t.name for t in targets)} ...", file=sys.stderr, flush=True)
-            measure(targets, bench)
+        phases = (("c64", "c64 throughput", throughput), ("c1", "c1 latency", latency),
+                  ("streams", "streams", streaming))
+        for key, phase, measure in phases:
+            if key in cfg.phases:
+                print(f"{phase}: {', '.join(t.name for t in targets)} ...", file=sys.stderr, flush=True)
+                measure(targets, bench)
         results = {t.name: metrics(t, cfg) for t in targets}
     direct = results["direct"]
     results = {name: m if name == "direct" else add_deltas(m, direct) for name, m in results.items()}
-    sanity(results, cfg, warnings)
+    sanity(results, cfg.events, (cfg.proxy_cpu, cfg.load_cpu), warnings)
     return results
+
+
+def header(cfg: Config, run_no: int, runs: int) -> str:
+    which = f"run {run_no} of {runs} at" if runs > 1 else "at"
+    streams = (f"; {cfg.streams} streams of {cfg.events} events {cfg.interval_ms:g} ms apart"
+               if "streams" in cfg.phases else "")
+    return (f"signalbox overhead {which} {cfg.revision}: {cfg.duration} s per phase in {cfg.rounds} rounds "
+            f"({', '.join(cfg.phases)}); proxy/floor on CPU {cfg.proxy_cpu}, wrk + upstream + stream client "
+            f"on CPU {cfg.load_cpu}{streams}")
 
 
 def main() -> None:
@@ -424,7 +327,13 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=10, help="seconds per phase and target (default 10)")
     parser.add_argument("--rounds", type=int, default=2, help="split each phase into alternating rounds")
     parser.add_argument("--warmup", type=int, default=2, help="warm-up seconds before a phase (0: none)")
+    parser.add_argument("--runs", type=int, default=1,
+                        help="repeat the whole run (fresh processes); print each and the median and spread")
     parser.add_argument("--only", choices=("floor", "proxy", "both"), default="both")
+    parser.add_argument("--policy", choices=(*POLICIES, "both"), default="both",
+                        help="the proxy's policy: minimal (no limits), full (every limit and a queue), or both")
+    parser.add_argument("--phase", action="append", choices=PHASES,
+                        help="measure only this phase (repeatable; default: all three)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     parser.add_argument("--proxy-cpu", type=int, default=0, help="CPU for the proxy and the floor")
     parser.add_argument("--load-cpu", type=int, default=1, help="CPU for wrk, upstream, stream client")
@@ -445,21 +354,33 @@ def main() -> None:
     # Ctrl-C and SIGTERM unwind through the finally blocks that stop every process we started
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
-    warnings: list[str] = []
+    policies = POLICIES if args.policy == "both" else (args.policy,)
+    phases = tuple(p for p in PHASES if p in (args.phase or PHASES))
+    runs: list[tuple[dict[str, Metrics], list[str]]] = []
     with tempfile.TemporaryDirectory(prefix="signalbox-bench-") as tmp:
         cfg = Config(args.duration, max(args.rounds, 1), args.warmup, args.proxy_cpu, args.load_cpu,
                      args.streams, args.events, args.interval_ms, tuple(args.proxy_arg), args.max_noise,
-                     args.retries, revision(), Path(tmp))
-        try:
-            results = run(cfg, args.only, warnings)
-        except RuntimeError as exc:
-            sys.exit(f"benchmark failed: {exc}")
+                     args.retries, revision(), Path(tmp), policies, phases)
+        for i in range(max(args.runs, 1)):
+            warnings: list[str] = []
+            run_cfg = replace(cfg, tmp=cfg.tmp / f"run{i + 1}")
+            run_cfg.tmp.mkdir()
+            print(f"run {i + 1} of {max(args.runs, 1)}", file=sys.stderr, flush=True)
+            try:
+                runs.append((run(run_cfg, args.only, warnings), warnings))
+            except RuntimeError as exc:
+                sys.exit(f"benchmark failed: {exc}")
+            if not args.json:  # each run as soon as it is done: a long series can be read as it goes
+                print(render(runs[-1][0], header(cfg, i + 1, max(args.runs, 1)),
+                             runs[-1][1]) + "\n", flush=True)
+    all_results = [results for results, _ in runs]
     if args.json:
         config = {k: v for k, v in vars(args).items() if k != "json"} | {"revision": cfg.revision}
-        print(json.dumps({"config": config, "results": results,
-                          "ratios": ratios(results), "warnings": warnings}, indent=2))
-    else:
-        print(render(results, cfg, warnings))
+        print(json.dumps({"config": config,
+                          "runs": [{"results": r, "ratios": ratios(r), "warnings": w} for r, w in runs],
+                          "summary": summary_json(all_results)}, indent=2))
+    elif len(runs) > 1:
+        print(render_summary(all_results))
 
 
 if __name__ == "__main__":
