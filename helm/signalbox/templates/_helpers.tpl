@@ -66,7 +66,65 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 {{- end -}}
 
-{{/* "true" when the admin API listens beyond the pod's loopback (it then needs a token). */}}
+{{/*
+"true" when the admin API requires the token: admin.auth, which may be turned off only on loopback.
+*/}}
+{{- define "signalbox.adminAuth" -}}
+{{- if .Values.admin.auth -}}true
+{{- else if include "signalbox.adminExposed" . -}}
+{{- fail "signalbox: admin.auth: false needs a loopback admin.host (127.0.0.1, ::1): an exposed admin API always needs the token" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The Secret holding the admin token: admin.existingSecret, else the one this chart generates. */}}
+{{- define "signalbox.adminSecretName" -}}
+{{- if .Values.admin.existingSecret -}}
+{{- .Values.admin.existingSecret -}}
+{{- else -}}
+{{- printf "%s-admin" (include "signalbox.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The Secret this chart creates from secretValues. */}}
+{{- define "signalbox.envSecretName" -}}
+{{- printf "%s-env" (include "signalbox.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+Native sidecars (an init container with restartPolicy: Always) exist from Kubernetes 1.29; an older
+API server would drop the field and run the proxy as a plain init container that never ends, so the
+pod would never start. Fail the render instead. Skipped when the caller passes no .Capabilities.
+*/}}
+{{- define "signalbox.requireNativeSidecars" -}}
+{{- if .Capabilities -}}
+{{- if semverCompare "<1.29.0-0" .Capabilities.KubeVersion.Version -}}
+{{- fail (printf "signalbox: sidecar.native: true needs Kubernetes >= 1.29 (native sidecars); this cluster is %s: set sidecar.native: false (the proxy then runs as a plain container next to the app)" .Capabilities.KubeVersion.Version) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+checksum/secrets: a digest of every secret value the proxy reads from its environment or files that
+Helm can see: secretValues, and the data of each referenced Secret that exists in the cluster at
+install/upgrade time (lookup returns nothing under `helm template`). A changed digest rolls the pods.
+Policies are left out on purpose: they hot-reload.
+*/}}
+{{- define "signalbox.secretsChecksum" -}}
+{{- $v := .Values -}}
+{{- $names := concat $v.envFromSecrets (list (include "signalbox.adminSecretName" .)) -}}
+{{- range concat $v.secretEnv $v.secretFiles -}}{{- $names = append $names .secretName -}}{{- end -}}
+{{- if $v.redis.existingSecret -}}{{- $names = append $names $v.redis.existingSecret -}}{{- end -}}
+{{- $seen := dict -}}
+{{- if .Release -}}
+{{- range $names | uniq | sortAlpha -}}
+{{- $found := lookup "v1" "Secret" $.Release.Namespace . -}}
+{{- if $found -}}{{- $_ := set $seen . ($found.data | default dict) -}}{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- dict "values" $v.secretValues "cluster" $seen | toJson | sha256sum -}}
+{{- end -}}
+
+{{/* "true" when the admin API listens beyond the pod's loopback. */}}
 {{- define "signalbox.adminExposed" -}}
 {{- if not (has (toString .Values.admin.host) (list "127.0.0.1" "localhost" "::1")) -}}true{{- end -}}
 {{- end -}}
@@ -118,4 +176,16 @@ The whole pod shares one grace budget, so in sidecar mode include this in the ap
 {{- end -}}
 {{- add $preStop (.Values.server.shutdownGraceSeconds | int) (.Values.server.drainTimeoutSeconds | int) 10 -}}
 {{- end -}}
+{{- end -}}
+
+{{/*
+PromQL label matchers in braces: (list <scoping matchers> <extra matchers>), either may be empty;
+nothing at all when both are.
+*/}}
+{{- define "signalbox.promMatchers" -}}
+{{- $parts := list -}}
+{{- range . -}}
+{{- if . -}}{{- $parts = append $parts . -}}{{- end -}}
+{{- end -}}
+{{- if $parts -}}{{ printf "{%s}" (join "," $parts) }}{{- end -}}
 {{- end -}}

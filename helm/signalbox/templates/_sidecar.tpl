@@ -5,7 +5,7 @@ of your chart, or (dict "Values" .Values.signalbox "Release" .Release "Capabilit
 
   spec:
     terminationGracePeriodSeconds: {{ include "signalbox.terminationGracePeriodSeconds" .Subcharts.signalbox }}
-    initContainers:            # sidecar.native: true (Kubernetes >= 1.29)
+    initContainers:            # sidecar.native: true (Kubernetes >= 1.29; the render fails on older)
       {{- include "signalbox.sidecarContainer" .Subcharts.signalbox | nindent 6 }}
     containers:
       - name: app
@@ -21,7 +21,9 @@ and, in the pod template's metadata (Prometheus scrape annotations for the sidec
   annotations:
     {{- include "signalbox.podAnnotations" .Subcharts.signalbox | nindent 4 }}
 
-The first two render YAML list items, the last map entries (nothing when metrics.podAnnotations is off). Names are prefixed (container "signalbox", ports "signalbox-http"/
+The first two render YAML list items, the last map entries: the scrape annotations (when
+metrics.podAnnotations is on) and checksum/secrets (when rollOnSecretChange is on), which rolls your
+pods when a secret the sidecar reads changes. Names are prefixed (container "signalbox", ports "signalbox-http"/
 "signalbox-admin", volumes "signalbox-policies"/"signalbox-tmp") to avoid clashing with the app's.
 */}}
 
@@ -35,9 +37,14 @@ The first two render YAML list items, the last map entries (nothing when metrics
 
 
 {{- define "signalbox.podAnnotations" -}}
+{{- $a := dict -}}
 {{- if .Values.metrics.podAnnotations -}}
-prometheus.io/scrape: "true"
-prometheus.io/port: {{ .Values.server.port | int | quote }}
-prometheus.io/path: /metrics
+{{- $_ := set $a "prometheus.io/scrape" "true" -}}
+{{- $_ := set $a "prometheus.io/port" (.Values.server.port | int | toString) -}}
+{{- $_ := set $a "prometheus.io/path" "/metrics" -}}
 {{- end -}}
+{{- if .Values.rollOnSecretChange -}}
+{{- $_ := set $a "checksum/secrets" (include "signalbox.secretsChecksum" .) -}}
+{{- end -}}
+{{- if $a -}}{{- toYaml $a -}}{{- end -}}
 {{- end -}}
