@@ -73,8 +73,8 @@ def rendered(helm: Path) -> Callable[[str], list[Doc]]:
     return get
 
 
-def one(docs: list[Doc], kind: str) -> Doc:
-    found = [d for d in docs if d["kind"] == kind]
+def one(docs: list[Doc], kind: str, name_suffix: str = "") -> Doc:
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"].endswith(name_suffix)]
     assert len(found) == 1, f"expected one {kind}, got {[d['kind'] for d in docs]}"
     return found[0]
 
