@@ -178,11 +178,15 @@ def test_helm_lint(helm: Path, values: str) -> None:
 
 
 def check_crd(doc: Doc) -> None:
-    """ServiceMonitor/PrometheusRule: kubernetes-validate has no CRD schemas, so check structure."""
+    """ServiceMonitor/PodMonitor/PrometheusRule: kubernetes-validate has no CRD schemas, so check structure."""
     assert doc["apiVersion"] == "monitoring.coreos.com/v1" and doc["metadata"]["name"]
     if doc["kind"] == "ServiceMonitor":
         assert doc["spec"]["selector"]["matchLabels"] and doc["spec"]["endpoints"]
         for ep in doc["spec"]["endpoints"]:
+            assert set(ep) <= {"port", "path", "interval", "scrapeTimeout"} and ep["port"]
+    elif doc["kind"] == "PodMonitor":
+        assert doc["spec"]["selector"]["matchLabels"] and doc["spec"]["podMetricsEndpoints"]
+        for ep in doc["spec"]["podMetricsEndpoints"]:
             assert set(ep) <= {"port", "path", "interval", "scrapeTimeout"} and ep["port"]
     elif doc["kind"] == "PrometheusRule":
         for group in doc["spec"]["groups"]:
@@ -289,19 +293,20 @@ def test_deployment_pod_hardening_probes_and_mounts(rendered: Callable[[str], li
         == one(docs, "ConfigMap")["metadata"]["name"]
     )
     assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
-    # Default admin stays on loopback with no token Secret: usable from the pod only, without a token.
-    assert arg(c, "--admin-host") == "127.0.0.1" and "env" not in c
-    assert "--admin-no-auth" in c["args"]
+    # Default admin stays on loopback and still needs the token, from the Secret the chart generates.
+    assert arg(c, "--admin-host") == "127.0.0.1" and "--admin-no-auth" not in c["args"]
+    assert c["env"] == [{"name": "SIGNALBOX_ADMIN_TOKEN",
+                         "valueFrom": {"secretKeyRef": {"name": "rel-signalbox-admin", "key": "token"}}}]
     assert [p["name"] for p in one(docs, "Service")["spec"]["ports"]] == ["http"]
     # preStop 2 + grace 5 + drain 60 + 10 margin
     assert spec["terminationGracePeriodSeconds"] == 77
     annotations = pod["metadata"]["annotations"]
+    assert re.fullmatch(r"[0-9a-f]{64}", annotations.pop("checksum/secrets"))
     assert annotations == {
         "prometheus.io/scrape": "true",
         "prometheus.io/port": "8080",
         "prometheus.io/path": "/metrics",
-    }
-    assert not any("checksum" in k for k in annotations), "policies hot-reload: do not roll pods on change"
+    }, "policies hot-reload: no checksum of the policy ConfigMap rolls the pods"
     assert one(docs, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
 
 
@@ -322,12 +327,14 @@ def exported_metric_names() -> set[str]:
 
 
 def test_prometheus_rule_alerts(rendered: Callable[[str], list[Doc]]) -> None:
+    """Structure and scoping; tests/test_chart_alerts.py runs the rules themselves in promtool."""
     rule_doc = one(rendered("full"), "PrometheusRule")
     rules = {r["alert"]: r for g in rule_doc["spec"]["groups"] for r in g["rules"]}
     expected = {
-        "SignalboxQueueBacklog": ["signalbox_queue_length", "> 50"],
-        "SignalboxQueueWaitHigh": ["histogram_quantile(0.95", "signalbox_queue_wait_seconds_bucket"],
-        "SignalboxRejectionsHigh": ["signalbox_rejections_total", "/", "signalbox_requests_total", "> 0.05"],
+        "SignalboxQueueBacklog": ["sum by (namespace, job, queue)", "signalbox_queue_length", "> 100"],
+        "SignalboxQueueWaitHigh": ["signalbox_queue_wait_seconds_sum", "signalbox_queue_wait_seconds_count", "> 300"],
+        "SignalboxRejectionsHigh": ['outcome="rejected"', "/", "signalbox_requests_total", "> 0.05"],
+        "SignalboxCancellationsHigh": ['outcome="cancelled"', "/", "signalbox_requests_total", "> 0.1"],
         "SignalboxCircuitOpen": ["signalbox_upstream_circuit_open", "== 1"],
         "SignalboxLimiterDegraded": ["signalbox_limiter_degraded", "== 1"],
         "SignalboxPolicyReloadFailing": [
@@ -340,14 +347,15 @@ def test_prometheus_rule_alerts(rendered: Callable[[str], list[Doc]]) -> None:
     for name, fragments in expected.items():
         expr = rules[name]["expr"]
         assert all(f in expr for f in fragments), expr
-        # Scoped to the Service's job, the label the ServiceMonitor gives these series.
-        assert expr.count('{job="rel-signalbox"}') == len(
-            [f for f in fragments if f.startswith("signalbox_")]
-        )
+        # Every series selector is scoped to the Service's job, the label the ServiceMonitor gives them.
+        selectors = re.findall(r"signalbox_\w+(\{[^}]*\})?", expr)
+        assert selectors and all(sel.startswith('{job="rel-signalbox"') for sel in selectors), expr
         assert rules[name]["labels"]["team"] == "platform"
-    # Every metric an alert reads is one the proxy exports (a typo would make an alert that never fires).
+        assert "pod" not in expr or name in {"SignalboxCircuitOpen"}
+    # Every metric an alert reads is one the proxy exports, or one of the metric contract's (outcome).
     used = {m for r in rules.values() for m in re.findall(r"signalbox_\w+", r["expr"])}
-    assert used - exported_metric_names() <= PENDING_METRICS
+    assert used <= exported_metric_names() | {"signalbox_requests_total"}
+    assert "client_gone" not in json.dumps(rule_doc) and "signalbox_rejections_total" not in json.dumps(rule_doc)
     # Prometheus' own template syntax must survive Helm's templating.
     assert "{{ $labels.pod }}" in rules["SignalboxCircuitOpen"]["annotations"]["description"]
     assert "{{ $labels.deployment }}" in rules["SignalboxCircuitOpen"]["annotations"]["description"]
@@ -360,7 +368,8 @@ def test_sidecar_mode_renders_only_configmap_and_demo(
     rendered: Callable[[str], list[Doc]], scenario: str
 ) -> None:
     docs = rendered(scenario)
-    assert {d["kind"] for d in docs} <= {"ConfigMap", "Deployment", "PrometheusRule"}
+    assert {d["kind"] for d in docs} <= {"ConfigMap", "Deployment", "PrometheusRule", "PodMonitor", "Secret"}
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "Secret"] == ["rel-signalbox-admin"]
     spec = pod_spec(docs)
     c = proxy_container(spec)
     native = scenario == "native"
@@ -380,8 +389,8 @@ def test_sidecar_mode_renders_only_configmap_and_demo(
     cm = one(docs, "ConfigMap")["metadata"]["name"]
     assert [v["configMap"]["name"] for v in spec["volumes"] if "configMap" in v] == [cm]
     app = next(x for x in spec["containers"] if x["name"] == "app")
-    assert app["env"] == [{"name": "OPENAI_BASE_URL", "value": "http://127.0.0.1:8181/v1"}]
-    assert "--admin-no-auth" in c["args"] and arg(c, "--admin-host") == "127.0.0.1"
+    assert app["env"][0] == {"name": "OPENAI_BASE_URL", "value": "http://127.0.0.1:8181/v1"}
+    assert "--admin-no-auth" not in c["args"] and arg(c, "--admin-host") == "127.0.0.1"
     annotations = one(docs, "Deployment")["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == "8181" and annotations["prometheus.io/scrape"] == "true"
 
@@ -412,7 +421,7 @@ def test_prestop_variants(helm: Path, args: list[str], expected: Doc | None) -> 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--set", "admin.host=0.0.0.0"], "admin.existingSecret is required"),
+        (["--set", "admin.host=0.0.0.0", "--set", "admin.auth=false"], "admin.auth: false needs a loopback"),
         (["--set", "policies.notes\\.txt=x"], "invalid propertyName 'notes.txt'"),
         # The template checks again for installs that skip the JSON schema.
         (
@@ -467,6 +476,7 @@ def test_another_chart_includes_the_sidecar_templates(helm: Path, tmp_path: Path
     cm = one(docs, "ConfigMap")["metadata"]["name"]
     assert {"name": cm} in [v.get("configMap") for v in spec["volumes"]]
     annotations = one(docs, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert re.fullmatch(r"[0-9a-f]{64}", annotations.pop("checksum/secrets"))
     assert annotations == {
         "prometheus.io/scrape": "true", "prometheus.io/port": "8181", "prometheus.io/path": "/metrics"
     }
@@ -512,9 +522,11 @@ def test_plain_sidecar_yaml_is_valid_and_consistent(
     assert spec["terminationGracePeriodSeconds"] > grace
     # Admin API on loopback without a token: reachable from the pod only, and not locked shut.
     assert arg(c, "--admin-host") == "127.0.0.1" and "--admin-no-auth" in c["args"]
-    # The same container the chart renders for a native sidecar (image, ports and names aside).
+    # The same container the chart renders for a native sidecar (image, ports and names aside), except
+    # that the chart now requires the admin token by default (admin.auth) and this file does not.
     chart_args = proxy_container(pod_spec(rendered("native")))["args"]
-    assert [a for a in c["args"] if a.startswith("--")] == [a for a in chart_args if a.startswith("--")]
+    flags = [a for a in c["args"] if a.startswith("--") and a != "--admin-no-auth"]
+    assert flags == [a for a in chart_args if a.startswith("--")]
     folder = write_configmap(one(docs, "ConfigMap"), tmp_path / "p")
     loaded = load_policy(folder, environ={"OPENAI_API_KEY": "sk-test", "SIGNALBOX_APP_KEY": "sk-app"})
     assert loaded.policy.upstreams["openai"] and loaded.policy.identify.mode == "api_key"

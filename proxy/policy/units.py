@@ -86,14 +86,39 @@ class UnsetVariable(ValueError):
         self.name = name
 
 
+class UnreadableSecretFile(UnsetVariable):
+    """`NAME_FILE` names a file that cannot be read as text (the message has its path, never content)."""
+
+    def __init__(self, name: str, path: str, reason: str) -> None:
+        ValueError.__init__(self, f"environment variable {name}_FILE names {path}, which cannot be read ({reason})")
+        self.name = name
+
+
+def read_secret_file(name: str, path: str) -> str:
+    """The value of `${NAME}` from the file `NAME_FILE` names (a mounted Kubernetes or Docker secret),
+    without the one trailing newline editors and `echo` add."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            value = fh.read()
+    except OSError as exc:
+        raise UnreadableSecretFile(name, path, exc.strerror or type(exc).__name__) from None
+    except UnicodeDecodeError:
+        raise UnreadableSecretFile(name, path, "not UTF-8 text") from None
+    return value.removesuffix("\n").removesuffix("\r")
+
+
 def interpolate(text: str, environ: Mapping[str, str] | None = None) -> str:
-    """Replace `${NAME}` and `${NAME:-default}`; an unset variable without a default is an error."""
+    """Replace `${NAME}` and `${NAME:-default}`: the variable, else the file `NAME_FILE` names (read at
+    every load), else the default; none of them is an error."""
     env = os.environ if environ is None else environ
 
     def substitute(match: re.Match[str]) -> str:
         name, default = match.group(1), match.group(2)
         if name in env:
             return env[name]
+        path = env.get(f"{name}_FILE")
+        if path:
+            return read_secret_file(name, path)
         if default is not None:
             return default
         raise UnsetVariable(name)
