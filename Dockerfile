@@ -18,11 +18,13 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/venv
 
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY proxy ./proxy
-# All runtime dependencies ship binary wheels for 3.11, so no compiler is needed; pip
-# compiles .pyc here, so the read-only runtime never has to write bytecode.
-RUN /opt/venv/bin/pip install . \
+# Every runtime dependency is pinned by constraints.txt (`make constraints` refreshes it from the
+# tested venv), so two builds of one commit install the same versions. All of them ship binary
+# wheels for 3.11, so no compiler is needed; pip compiles .pyc here, so the read-only runtime
+# never has to write bytecode.
+RUN /opt/venv/bin/pip install --constraint constraints.txt . \
     && /opt/venv/bin/signalbox --help >/dev/null
 
 

@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench tools venv clean
+.PHONY: run test lint bench tools venv clean constraints
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ test: $(STAMP) tools
 lint: $(STAMP)
 	$(BIN)/ruff check proxy tests bench
 	$(BIN)/mypy
+
+# Re-pin the image's runtime dependencies (constraints.txt) to the versions in the dev venv.
+constraints: $(STAMP)
+	$(BIN)/python scripts/refresh-constraints.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/overhead.py
