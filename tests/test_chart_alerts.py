@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 import yaml
-
 from test_deploy_artifacts import REPO, helm, one, run, template
 
 __all__ = ["helm"]  # the fixture, shared with the deployment tests

@@ -12,7 +12,6 @@ from typing import Any
 
 import kubernetes_validate  # type: ignore[import-untyped]
 import yaml
-
 from test_chart_alerts import promtool
 from test_deploy_artifacts import KUBE_VERSION, exported_metric_names, helm, one, template
 
@@ -64,7 +63,9 @@ def test_dashboard_configmap_renders_for_the_grafana_sidecar(helm: Path) -> None
         assert wanted in titles
     # Off by default, and the label is configurable for a sidecar set up differently.
     assert not [d for d in template(helm) if d["metadata"]["name"].endswith("-dashboard")]
-    custom = dashboard_configmap(helm, "--set", "grafanaDashboard.label=dash", "--set", "grafanaDashboard.labelValue=yes")
+    custom = dashboard_configmap(
+        helm, "--set", "grafanaDashboard.label=dash", "--set", "grafanaDashboard.labelValue=yes"
+    )
     assert custom["metadata"]["labels"]["dash"] == "yes" and "grafana_dashboard" not in custom["metadata"]["labels"]
 
 

@@ -4,6 +4,7 @@ gets a PodMonitor, secrets can be files, and a changed secret rolls the pods (a 
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import subprocess
@@ -13,7 +14,6 @@ from typing import Any
 
 import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
-
 from test_deploy_artifacts import CHART, REPO, Doc, arg, ci, helm, one, pod_spec, proxy_container, template
 
 __all__ = ["helm"]  # the fixture, shared with the deployment tests
@@ -157,8 +157,6 @@ def test_admin_api_needs_a_generated_token_by_default(helm: Path, values: str | 
     ref = next(e for e in c["env"] if e["name"] == "SIGNALBOX_ADMIN_TOKEN")["valueFrom"]["secretKeyRef"]
     secret = secrets_of(docs)[ref["name"]]
     kubernetes_validate.validate(secret, "1.33.0", strict=True)
-    import base64
-
     token = base64.b64decode(secret["data"][ref["key"]]).decode()
     assert re.fullmatch(r"[A-Za-z0-9]{40}", token)
     assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
@@ -168,7 +166,8 @@ def test_admin_token_from_an_existing_secret_and_no_auth_only_when_asked(helm: P
     docs = template(helm, "--set", "admin.existingSecret=ops-admin", "--set", "admin.secretKey=t")
     c = proxy_container(pod_spec(docs))
     assert not secrets_of(docs) and "--admin-no-auth" not in c["args"]
-    assert {"name": "SIGNALBOX_ADMIN_TOKEN", "valueFrom": {"secretKeyRef": {"name": "ops-admin", "key": "t"}}} in c["env"]
+    token = {"name": "SIGNALBOX_ADMIN_TOKEN", "valueFrom": {"secretKeyRef": {"name": "ops-admin", "key": "t"}}}
+    assert token in c["env"]
     docs = template(helm, "--set", "admin.auth=false")
     c = proxy_container(pod_spec(docs))
     assert "--admin-no-auth" in c["args"] and not secrets_of(docs)

@@ -12,7 +12,6 @@ from types import ModuleType
 
 from packaging.requirements import Requirement
 from packaging.version import Version
-
 from test_deploy_artifacts import dockerfile_stages
 
 REPO = Path(__file__).resolve().parent.parent
