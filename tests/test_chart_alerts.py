@@ -182,3 +182,11 @@ def test_extra_rules_are_appended_and_evaluated(helm: Path, promtool: Path, tmp_
 def test_extra_rules_are_checked_by_the_schema(helm: Path) -> None:
     proc = template(helm, "--set-json", 'prometheusRule.extraRules=[{"alert":"X"}]', check=False)
     assert proc.returncode != 0 and "expr" in proc.stderr, proc.stderr
+
+
+def test_install_prometheus_is_idempotent(promtool: Path) -> None:
+    before = promtool.stat().st_mtime_ns
+    proc = run(["bash", str(REPO / "scripts" / "install-prometheus.sh")], timeout=60)
+    assert proc.stdout == "" and proc.stderr == "" and promtool.stat().st_mtime_ns == before
+    version = subprocess.run([str(promtool), "--version"], capture_output=True, text=True, timeout=30)
+    assert version.returncode == 0 and version.stdout.startswith("promtool, version 2.")
