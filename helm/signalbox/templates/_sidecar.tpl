@@ -16,15 +16,16 @@ of your chart, or (dict "Values" .Values.signalbox "Release" .Release "Capabilit
     volumes:
       {{- include "signalbox.sidecarVolumes" .Subcharts.signalbox | nindent 6 }}
 
-and, in the pod template's metadata (Prometheus scrape annotations for the sidecar's /metrics):
+and, in the pod template's metadata (Prometheus scrape annotations and checksum/secrets):
 
   annotations:
     {{- include "signalbox.podAnnotations" .Subcharts.signalbox | nindent 4 }}
 
 The first two render YAML list items, the last map entries: the scrape annotations (when
-metrics.podAnnotations is on) and checksum/secrets (when rollOnSecretChange is on), which rolls your
-pods when a secret the sidecar reads changes. Names are prefixed (container "signalbox", ports "signalbox-http"/
-"signalbox-admin", volumes "signalbox-policies"/"signalbox-tmp") to avoid clashing with the app's.
+metrics.podAnnotations is on) and checksum/secrets (when rollOnSecretChange is on), which rolls
+your pods when a secret the sidecar reads changes. Names are prefixed (container "signalbox", ports
+"signalbox-http"/"signalbox-admin", volumes "signalbox-policies"/"signalbox-tmp"/"signalbox-secrets")
+to avoid clashing with the app's.
 */}}
 
 {{- define "signalbox.sidecarContainer" -}}
