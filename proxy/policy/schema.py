@@ -41,50 +41,78 @@ class Pool(Strict):
     """The upstream's connection pool: one aiohttp session per upstream, kept alive."""
 
     max_connections: int = Field(default=1024, ge=1, le=100_000)
+    """Connection pool size; every open stream holds one connection."""
     keepalive: Duration = 3.0
     """Idle keep-alive: shorter than vLLM's 5 s server default so we never reuse a socket it closed."""
 
 
 class MockFaultSpec(Strict):
+    """A fault the mock upstream injects, to rehearse a policy's failure handling."""
+
     kind: Literal["status", "stall", "drop"]
+    """`status`: answer with an error status; `stall`: wait before answering; `drop`: cut a stream."""
     probability: float = Field(default=1.0, ge=0.0, le=1.0)
+    """Share of requests that get this fault (rolled with `seed`)."""
     status: int = Field(default=503, ge=400, le=599)
+    """The status a `status` fault answers with."""
     retry_after: Duration | None = None
+    """A `retry-after` sent with a `status` fault."""
     stall: Duration = 0.0
+    """How long a `stall` fault waits."""
     after_events: int = Field(default=3, ge=0)
+    """Stream events sent before a `drop` fault cuts the connection."""
 
 
 class MockSpec(Strict):
     """Behaviour of the built-in mock upstream (`provider: mock`)."""
 
     ttft: Duration = 0.0
+    """Delay before the first token."""
     token_delay: Duration = 0.0
+    """Delay between stream events."""
     output_tokens: int = Field(default=16, ge=0, le=100_000)
+    """Tokens per answer (fewer if `max_tokens` says so)."""
     embedding_dim: int = Field(default=8, ge=1, le=16_384)
+    """Vector size when the request has no `dimensions`."""
     faults: list[MockFaultSpec] = Field(default_factory=list)
+    """Faults to inject, each with its own probability."""
     seed: int | None = None
+    """Seed for the fault dice; unset: a new seed at each start."""
 
 
 class Upstream(Strict):
+    """A server the proxy sends calls to, and how it is reached."""
+
     provider: Literal["openai", "anthropic", "mock"]
+    """`openai` for any OpenAI-compatible server (OpenAI, Azure OpenAI, vLLM, TGI, Groq, DeepSeek, Ollama),
+    `anthropic`, or `mock` (the built-in mock, started in-process)."""
     base_url: str | None = None
     """Up to and including the API version segment, e.g. https://api.openai.com/v1. Not for `mock`.
     `user:password@` in it is sent as Basic auth (`Authorization`), never shown (explain masks it)."""
     api_key: SecretStr | None = None
+    """The upstream's key, from the environment: `${OPENAI_API_KEY}`. It replaces the client's key upstream
+    (except under `identify.mode: passthrough`)."""
     auth_header: Literal["authorization", "api-key", "x-api-key"] | None = None
     """How the key is sent: `Authorization: Bearer` (OpenAI-compatible default), `api-key` (Azure),
     `x-api-key` (Anthropic default)."""
     headers: dict[str, str] = Field(default_factory=dict)
+    """Extra headers sent upstream (e.g. `OpenAI-Organization`)."""
     query: dict[str, str] = Field(default_factory=dict)
     """Added to every upstream URL, e.g. Azure's `api-version`."""
     pool: Pool = Field(default_factory=Pool)
+    """The connection pool to this upstream."""
     timeouts: Timeouts = Field(default_factory=Timeouts)
+    """Defaults for routes to this upstream (a route's fields win, then these, then the policy's)."""
     mock: MockSpec | None = None
+    """Only for `provider: mock`: how the built-in mock behaves."""
     limits: Limits | None = None
     """Protects the vendor key's own quota: counts every call sent to this upstream (each attempt, whatever
     route, deployment, retry or fallback sends it); a deployment whose upstream is over it is skipped."""
     breaker: Breaker | None = None
+    """The circuit breaker of each deployment on this upstream; per field this wins over the policy's
+    `breaker`, then the defaults."""
     pacing: Pacing = Field(default_factory=Pacing)
+    """Hold dispatches while the upstream reports a limit used up."""
     hide_response_headers: list[str] = Field(default_factory=list)
     """Upstream response headers never relayed to clients (names or globs, any case), e.g.
     `openai-organization`, `anthropic-organization-id`, `x-ratelimit-*`: what the vendor says about the
@@ -124,6 +152,8 @@ def _parses_as_url(url: str) -> bool:
 
 
 class Tenant(Strict):
+    """A caller of the proxy: an app or a team, with its keys, models, limits and place in the queues."""
+
     keys: list[SecretStr] = Field(default_factory=list)
     """Proxy API keys that identify this tenant (`Authorization: Bearer` or `x-api-key`)."""
     models: list[str] | None = None
@@ -135,13 +165,20 @@ class Tenant(Strict):
     weight: float = Field(default=1.0, gt=0, le=1000)
     """Share of the queue against other tenants of the same class (deficit round robin)."""
     limits: Limits | None = None
+    """The tenant's own limits, across all routes."""
 
 
 class Identify(Strict):
     """How a request is tied to a tenant."""
 
     mode: Literal["api_key", "header", "single", "passthrough"] = "api_key"
+    """`api_key`: the client's key (`Authorization: Bearer` or `x-api-key`) must be one of a tenant's `keys`
+    (else 401) and is never forwarded. `header`: trusted sidecar use, the header named by `header` names
+    the tenant (`tenant` when it is absent) and is not forwarded. `single`: every request belongs to
+    `tenant`. `passthrough`: like `header`, but the client's own `Authorization` / `x-api-key` / `api-key`
+    go upstream unchanged instead of the upstream's `api_key`."""
     header: str = "x-signalbox-tenant"
+    """The header that names the tenant under `header` and `passthrough`."""
     tenant: str | None = None
     """The tenant for `single` and `passthrough` (when the header is absent)."""
 
@@ -160,28 +197,41 @@ def _upstream_optional(schema: dict[str, Any]) -> None:
 
 
 class Route(Strict):
+    """A rule that sends the requests it matches to a pool of deployments, with its limits, queue, retries
+    and fallbacks. Routes are tried in order; the first whose `match` holds takes the request."""
+
     model_config = ConfigDict(json_schema_extra=_upstream_optional)
 
     name: str = Field(pattern=NAME_PATTERN)
+    """Unique; shown in `x-signalbox-route`, metrics and logs."""
     match: Match = Field(default_factory=Match)
+    """Which requests take this route. The first route whose `match` holds wins."""
     upstream: str
     """Shorthand for a pool of one deployment (with `model`); with `deployments` it is left out and
     filled in with the first deployment's upstream."""
     model: str | None = None
     """Rewrite the request's model to this name before sending it upstream."""
     deployments: list[Deployment] | None = Field(default=None, min_length=1)
+    """The pool, instead of `upstream` (+ `model`)."""
     balance: Literal["weighted", "least_outstanding"] = "weighted"
+    """How the pool is shared: `weighted` (random by weight) or `least_outstanding` (fewest requests in
+    flight per unit of weight, ties at random)."""
     retry: Retry | None = None
+    """This route's retry settings; per field they win over the policy's `retry`, then the defaults."""
     fallbacks: list[str] = Field(default_factory=list)
     """Route names tried in order (same deadline) once this route's pool has given up or is all open."""
     timeouts: Timeouts = Field(default_factory=Timeouts)
+    """Per field, these win over the upstream's, then the policy's, then the defaults."""
     limits: RouteLimits | None = None
+    """Limits on every request of this route, and under `per_tenant` on each tenant's."""
     on_limit: Literal["reject", "queue"] = "reject"
     """Over a limit: answer 429 at once, or wait (up to the queue's max_wait) for capacity."""
     queue: str | None = None
     """The named queue (see `queues`) this route's requests wait in for a slot."""
     tokens: TokenSettings = Field(default_factory=TokenSettings)
+    """How token limits estimate this route's requests."""
     stream: StreamOptions | None = None
+    """Heartbeat and slow-client settings for this route's streams."""
     batch: Batch | None = None
     """Merge concurrent embedding calls into one upstream call; only on embedding paths."""
 
@@ -225,19 +275,27 @@ class Policy(Strict):
     """One policy set: the union of every file in the policy directory."""
 
     version: Literal[1] = 1
+    """The policy format version."""
     identify: Identify = Field(default_factory=Identify)
+    """How a request is tied to a tenant."""
     upstreams: dict[str, Upstream] = Field(default_factory=dict)
+    """Upstreams by name; entries may be spread over files (a name defined twice is an error)."""
     tenants: dict[str, Tenant] = Field(default_factory=dict)
+    """Tenants by name; entries may be spread over files (a name defined twice is an error)."""
     routes: list[Route] = Field(default_factory=list)
+    """An ordered list, appended in file-name order: a request takes the first route whose `match` holds,
+    so put specific routes before general ones. No match: 404 with the models the tenant may use."""
     timeouts: Timeouts = Field(default_factory=Timeouts)
     """Defaults for every upstream and route."""
     max_body_size: ByteSize = 32 * 1024 * 1024
+    """Larger request bodies get 413."""
     max_buffered_response: ByteSize = 32 * 1024 * 1024
     """Largest non-streamed upstream answer held in memory; a larger pass-through success is streamed
     through as it arrives, one that must be translated or normalised gets 502."""
     priorities: list[str] = Field(default_factory=lambda: ["standard"], min_length=1)
     """Priority classes, highest first."""
     queues: dict[str, Queue] = Field(default_factory=dict)
+    """Named waiting rooms; routes name the queue they use (`queue: NAME`)."""
     retry: Retry = Field(default_factory=Retry)
     """Retry defaults for every route (a route's `retry` fields win)."""
     breaker: Breaker = Field(default_factory=Breaker)

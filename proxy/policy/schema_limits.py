@@ -12,10 +12,17 @@ class Timeouts(Strict):
     """Per-attempt and whole-call time limits. Unset fields inherit (route <- upstream <- defaults)."""
 
     connect: Duration | None = None
+    """TCP (and TLS) connect to the upstream, per attempt. Default 10s."""
     first_token: Duration | None = None
+    """Per attempt, from sending the request to the response headers, and for streams to the first event;
+    also the longest silence while a whole (not streamed) answer's body is read. Cut to what is left of
+    `total`. Default 300s."""
     idle: Duration | None = None
+    """Longest silence between two stream events (upstream keep-alive comments do not count as progress;
+    events dropped in translation, such as thinking, do). Default 300s."""
     total: Duration | None = None
-
+    """One deadline for the whole call, every retry, backoff and fallback included, counted from the moment
+    the request got its queue slot. Default 30m."""
 
 
 class Limits(Strict):
@@ -25,24 +32,37 @@ class Limits(Strict):
     per attempt, on the upstream the attempt is sent to."""
 
     requests_per_second: int | None = Field(default=None, ge=1)
+    """Requests admitted per sliding second."""
     requests_per_minute: int | None = Field(default=None, ge=1)
+    """Requests admitted per sliding minute."""
     requests_per_hour: int | None = Field(default=None, ge=1)
+    """Requests admitted per sliding hour."""
     requests_per_day: int | None = Field(default=None, ge=1)
+    """Requests admitted per sliding day."""
     tokens_per_second: int | None = Field(default=None, ge=1)
+    """Tokens per sliding second (see `tokens_per_minute` for how tokens are counted)."""
     tokens_per_minute: int | None = Field(default=None, ge=1)
     """Prompt estimate + max output tokens reserved at admission (an upstream's: per attempt), settled with the real
     `usage`; the same for every `tokens_per_*`."""
     tokens_per_hour: int | None = Field(default=None, ge=1)
+    """Tokens per sliding hour."""
     tokens_per_day: int | None = Field(default=None, ge=1)
+    """Tokens per sliding day."""
     concurrent: int | None = Field(default=None, ge=1)
+    """Requests in flight at once (an upstream's: attempts, held until the response is finished)."""
 
 
 class RouteLimits(Limits):
+    """A route's limits: every request on the route, all tenants together, plus `per_tenant`."""
+
     per_tenant: Limits | None = None
     """Applied to each (route, tenant) pair on its own."""
 
 
 class Shed(Strict):
+    """Class-aware shedding: keeps a queue short under overload by refusing the lowest classes first. The
+    waiter pushed out gets a 429 with `retry-after` from the estimate and `x-should-retry: true`."""
+
     waiting: int | None = Field(default=None, ge=1)
     """From this many waiting requests, an arrival pushes out the newest waiter of the lowest class below
     its own (or is refused itself when no lower class waits)."""
@@ -56,6 +76,8 @@ class Queue(Strict):
     concurrency: int | None = Field(default=None, ge=1)
     """Requests in flight at once (unset: no slot limit; the queue only bounds waits for limits)."""
     max_waiting: int = Field(default=1000, ge=0, le=1_000_000)
+    """Waiting requests beyond this get a 429 at once with `x-should-retry: false` (a retry would only add
+    load)."""
     max_wait: Duration = 30.0
     """Longest wait from arrival, for a slot or for a limit, before a 429."""
     ageing: Duration | None = None
@@ -78,6 +100,8 @@ class Queue(Strict):
 
 
 class TokenSettings(Strict):
+    """How a route's token limits estimate a request."""
+
     default_max_tokens: int = Field(default=1024, ge=0)
     """Output tokens reserved when a request sets neither max_tokens nor max_completion_tokens."""
 

@@ -14,6 +14,8 @@ RetryOutcome = int | Literal["connect_error", "timeout"]
 
 
 class Backoff(Strict):
+    """Full-jitter exponential backoff between retries of the same deployment."""
+
     base: Duration | None = None
     """Full-jitter exponential backoff: retry n waits a random time in [0, min(max, base x 2^n)). Default 250ms."""
     max: Duration | None = None
@@ -40,10 +42,13 @@ class Retry(Strict):
     """What is retried (Envoy's name; a bare `on` would be a YAML boolean). Default
     [429, 500, 502, 503, 504, 529, connect_error]; add `timeout` to retry timeouts before the first byte."""
     backoff: Backoff | None = None
+    """The wait before retrying a deployment already tried, when the upstream gave no hint."""
     max_retry_after: Duration | None = None
     """Longest upstream hint (retry-after, rate-limit reset) the proxy waits out. Default 2s; a longer
     hint moves the retry to another deployment (or relays the answer)."""
     budget: RetryBudget | None = None
+    """The retry budget: bounds the rate of retries a route sends (default 20 % of its requests, or 3 a
+    second)."""
 
     @field_validator("retry_on")
     @classmethod
@@ -80,5 +85,7 @@ class Pacing(Strict):
     hold new dispatches to that deployment until the reset instead of sending sure rejections."""
 
     enabled: bool = True
+    """Hold dispatches to a deployment whose answer reported a limit used up, until its reset."""
     max_hold: Duration = 60.0
+    """The longest one hold lasts, whatever reset the upstream reported."""
 

@@ -9,7 +9,11 @@ from proxy.policy.units import Duration
 
 
 class Deployment(Strict):
+    """One member of a route's pool: an upstream, the model name sent to it and a weight. Named `upstream`
+    or `upstream/model` in metrics, logs, the admin API and `x-signalbox-deployment`."""
+
     upstream: str
+    """The upstream's name (a key of `upstreams`)."""
     model: str | None = None
     """The model name sent to this upstream (a rewrite); unset: the client's."""
     weight: float = Field(default=1.0, gt=0, le=1000)
@@ -18,9 +22,16 @@ class Deployment(Strict):
 
 
 class Match(Strict):
+    """When a route applies: path, then model, then tenant. Globs: `*` matches any run of characters
+    (including `/`), `?` one character, `[abc]` a set; all compiled when the policy loads."""
+
     path: str | list[str] = "/v1/*"
+    """A glob or a list of globs on the request path."""
     model: str | list[str] = "*"
+    """A glob or a list of globs on the body's `model`. Names without glob characters are what
+    `GET /v1/models` lists."""
     tenants: list[str] | None = None
+    """Only these tenants; unset: all."""
 
 
 class StreamOptions(Strict):

@@ -26,11 +26,14 @@ class State(Strict):
     process. `redis`: shared by every replica that names the same Redis and `key_prefix`."""
 
     backend: Literal["memory", "redis"] = "memory"
+    """`redis` shares the limits; `memory` keeps them per process."""
     url: str | None = None
     """`redis://[user:pass@]host:6379/0`, `rediss://...` (TLS), `unix:///path`,
     `redis+sentinel://host:26379[,host:port]/<service>[/db]`, `redis+cluster://host:port[,host:port]`.
     Write `${REDIS_URL}` to keep passwords out of the policy."""
     key_prefix: str = Field(default="signalbox", pattern=r"^[A-Za-z0-9_.:\-]+$")
+    """The first part of every key; proxies sharing limits use the same prefix (and Redis), and two fleets
+    with different prefixes never share."""
     timeout: Duration = 1.0
     """Longest one Redis call may take before the request is decided locally (a slow answer is not an
     outage: far above a healthy round trip, it covers a cold pool's connect and a busy event loop)."""
@@ -39,7 +42,9 @@ class State(Strict):
     lease_ttl: Duration = 30.0
     """Concurrency leases expire after this unless renewed (every third of it) by a live replica."""
     max_connections: int = Field(default=64, ge=1, le=10_000)
+    """Pooled connections per replica; a request waits for a free one within its call's bound."""
     breaker: StateBreaker = Field(default_factory=StateBreaker)
+    """When the replica switches to local limits, and when it tries Redis again."""
 
     @model_validator(mode="after")
     def _redis_needs_url(self) -> State:
