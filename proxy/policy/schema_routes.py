@@ -51,7 +51,7 @@ class StreamOptions(Strict):
 
 
 class Batch(Strict):
-    """Coalesce concurrent embedding calls into one upstream call (README: Batching embeddings)."""
+    """Coalesce concurrent embedding calls into one upstream call (docs/policy/batching.md)."""
 
     max_items: int = Field(default=256, ge=1, le=2048)
     """Inputs in one upstream call (OpenAI accepts at most 2,048)."""
