@@ -26,7 +26,7 @@ test: $(STAMP) tools
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: $(STAMP)
-	$(BIN)/ruff check proxy tests bench
+	$(BIN)/ruff check proxy tests bench docs/hooks
 	$(BIN)/mypy
 
 # The manual (docs/, mkdocs.yml) into site/; the policy field reference is regenerated at every build.

@@ -277,7 +277,7 @@ class Policy(Strict):
     version: Literal[1] = 1
     """The policy format version."""
     identify: Identify = Field(default_factory=Identify)
-    """How a request is tied to a tenant."""
+    """How a request is tied to a tenant: by its API key (the default), a trusted header, or one tenant for all."""
     upstreams: dict[str, Upstream] = Field(default_factory=dict)
     """Upstreams by name; entries may be spread over files (a name defined twice is an error)."""
     tenants: dict[str, Tenant] = Field(default_factory=dict)
