@@ -23,7 +23,7 @@ _SCALARS: dict[object, str] = {
     Duration: "duration", ByteSize: "size", Percent: "percent", str: "string", int: "integer",
     float: "number", bool: "boolean", SecretStr: "secret string",
 }
-_BOUNDS = (("ge", "≥ {}"), ("gt", "> {}"), ("le", "≤ {}"), ("lt", "< {}"), ("min_length", "at least {} items"))
+_BOUNDS = (("ge", "≥ {}"), ("gt", "> {}"), ("le", "≤ {}"), ("lt", "< {}"), ("min_length", "at least {} item(s)"))
 
 
 def models(root: type[BaseModel] = Policy) -> dict[type[BaseModel], list[str]]:

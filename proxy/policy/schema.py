@@ -87,8 +87,11 @@ class Upstream(Strict):
     """`openai` for any OpenAI-compatible server (OpenAI, Azure OpenAI, vLLM, TGI, Groq, DeepSeek, Ollama),
     `anthropic`, or `mock` (the built-in mock, started in-process)."""
     base_url: str | None = None
-    """Up to and including the API version segment, e.g. https://api.openai.com/v1. Not for `mock`.
-    `user:password@` in it is sent as Basic auth (`Authorization`), never shown (explain masks it)."""
+    """Up to and including the API version segment, e.g. `https://api.openai.com/v1`, `http://vllm:8000/v1`,
+    `https://api.anthropic.com/v1`, `https://RESOURCE.openai.azure.com/openai/v1`. Not for `mock`.
+    `user:password@` in it is sent as Basic auth (`Authorization`), so it cannot go with an `api_key` sent in
+    `Authorization` or an `Authorization` in `headers`; it is never shown (explain masks it as `user:***@`).
+    Percent-encode `/`, `?`, `#` and `@` in a password: a URL that does not parse is refused."""
     api_key: SecretStr | None = None
     """The upstream's key, from the environment: `${OPENAI_API_KEY}`. It replaces the client's key upstream
     (except under `identify.mode: passthrough`)."""
@@ -116,7 +119,10 @@ class Upstream(Strict):
     hide_response_headers: list[str] = Field(default_factory=list)
     """Upstream response headers never relayed to clients (names or globs, any case), e.g.
     `openai-organization`, `anthropic-organization-id`, `x-ratelimit-*`: what the vendor says about the
-    platform's account stays with the platform. Content-Type is always relayed."""
+    platform's account stays with the platform. Applies to whole, streamed and batched answers;
+    Content-Type is always relayed; `x-request-id` hides `x-upstream-request-id`. The proxy still reads
+    hidden headers itself (retry and pacing hints); leave `retry-after` and `x-should-retry` visible, the SDKs
+    retry on them."""
 
     @field_validator("hide_response_headers")
     @classmethod
@@ -155,9 +161,11 @@ class Tenant(Strict):
     """A caller of the proxy: an app or a team, with its keys, models, limits and place in the queues."""
 
     keys: list[SecretStr] = Field(default_factory=list)
-    """Proxy API keys that identify this tenant (`Authorization: Bearer` or `x-api-key`)."""
+    """Proxy API keys that identify this tenant (`Authorization: Bearer` or `x-api-key`); stored in the plan
+    only as SHA-256 digests."""
     models: list[str] | None = None
-    """Optional allow-list of model globs; unset means every route the tenant reaches."""
+    """Optional allow-list of model globs; unset means every route the tenant reaches. Other models get 404
+    (the message lists the allowed ones)."""
     priority: str | None = None
     """Default priority class (one of `priorities`); unset: the middle class."""
     max_priority: str | None = None

@@ -19,7 +19,7 @@ class Backoff(Strict):
     base: Duration | None = None
     """Full-jitter exponential backoff: retry n waits a random time in [0, min(max, base x 2^n)). Default 250ms."""
     max: Duration | None = None
-    """Default 5s."""
+    """The longest backoff wait. Default 5s."""
 
 
 class RetryBudget(Strict):
@@ -27,7 +27,7 @@ class RetryBudget(Strict):
     or `min_retries` a second, whichever is larger, so an outage cannot turn into a retry storm."""
 
     percent: float | None = Field(default=None, ge=0, le=100)
-    """Default 20."""
+    """Retries a route may send, in % of the requests it sent upstream in the last 10 s. Default 20."""
     min_retries: int | None = Field(default=None, ge=0, le=100_000)
     """Retries a second always allowed (light traffic). Default 3."""
 
@@ -73,11 +73,11 @@ class Breaker(Strict):
     min_requests: int | None = Field(default=None, ge=1, le=1_000_000)
     """Calls in `window` before the ratio counts. Default 20."""
     window: Duration | None = None
-    """Default 30s."""
+    """The window `failure_ratio` and `min_requests` count over. Default 30s."""
     cooldown: Duration | None = None
     """Open time before one probe is let through; doubles at each re-opening. Default 5s."""
     max_cooldown: Duration | None = None
-    """Default 5m."""
+    """Cap of the cooldown; after a healthy spell this long it starts again from `cooldown`. Default 5m."""
 
 
 class Pacing(Strict):
