@@ -1,6 +1,7 @@
 """The policy format's field reference as Markdown, rendered from the pydantic models.
 
-Every word of the descriptions is the docstring of a model or of a field in the schema modules, so the
+Every word of the descriptions is the docstring of a model or of a field in the schema modules
+(read by proxy/policy/schema_docs.py), so the
 reference cannot drift from what `signalbox validate` accepts. The docs build renders it on every build
 (docs/hooks/policy_reference.py); nothing generated is committed. Hand-written rather than a mkdocs
 plugin: the plugins render JSON Schema, which has lost the duration and size types and the YAML paths.
@@ -10,13 +11,13 @@ from __future__ import annotations
 
 import types
 import typing
-from collections.abc import Iterator
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from pydantic import BaseModel, SecretStr
 from pydantic.fields import FieldInfo
 
 from proxy.policy.schema import Policy
+from proxy.policy.schema_docs import field_docs, models
 from proxy.policy.units import ByteSize, Duration, Percent
 
 _SCALARS: dict[object, str] = {
@@ -24,38 +25,6 @@ _SCALARS: dict[object, str] = {
     float: "number", bool: "boolean", SecretStr: "secret string",
 }
 _BOUNDS = (("ge", "≥ {}"), ("gt", "> {}"), ("le", "≤ {}"), ("lt", "< {}"), ("min_length", "at least {} item(s)"))
-
-
-def models(root: type[BaseModel] = Policy) -> dict[type[BaseModel], list[str]]:
-    """Every model reachable from `root`, in reading order, with the YAML paths where it is used."""
-    found: dict[type[BaseModel], list[str]] = {}
-
-    def visit(model: type[BaseModel], path: str) -> None:
-        seen = model in found
-        found.setdefault(model, []).append(path)
-        if seen:
-            return
-        for name, hint in get_type_hints(model, include_extras=True).items():
-            if name not in model.model_fields:
-                continue
-            for child, suffix in _nested(hint):
-                visit(child, f"{path}.{name}{suffix}".lstrip("."))
-
-    visit(root, "")
-    return found
-
-
-def _nested(hint: Any, suffix: str = "") -> Iterator[tuple[type[BaseModel], str]]:
-    origin = get_origin(hint)
-    if isinstance(hint, type) and issubclass(hint, BaseModel):
-        yield hint, suffix
-    elif origin is list:
-        yield from _nested(get_args(hint)[0], suffix + "[]")
-    elif origin is dict:
-        yield from _nested(get_args(hint)[1], suffix + ".NAME")
-    elif origin in (typing.Union, types.UnionType):
-        for arg in get_args(hint):
-            yield from _nested(arg, suffix)
 
 
 def type_name(hint: Any) -> str:
@@ -130,22 +99,13 @@ def bounds(field: FieldInfo) -> str:
     return "; ".join(parts)
 
 
-def missing_descriptions(root: type[BaseModel] = Policy) -> list[str]:
-    """Models and fields without a docstring: the reference would have a hole there."""
-    holes: list[str] = []
-    for model in models(root):
-        if not model.__doc__ or model.__doc__ == BaseModel.__doc__:
-            holes.append(model.__name__)
-        holes += [f"{model.__name__}.{name}" for name, field in model.model_fields.items() if not field.description]
-    return holes
-
-
 def _cell(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|")
 
 
 def _section(model: type[BaseModel], paths: list[str]) -> list[str]:
     hints = get_type_hints(model, include_extras=True)
+    docs = field_docs(model)
     required = set(model.model_json_schema().get("required", ()))
     where = ", ".join(f"`{path}`" for path in paths) if paths != [""] else "the top level of a policy file"
     lines = [f"## {model.__name__}", "", _cell(model.__doc__ or ""), "", f"Used at: {where}.", ""]
@@ -155,7 +115,7 @@ def _section(model: type[BaseModel], paths: list[str]) -> list[str]:
         limit = bounds(field)
         kind = f"{kind} ({limit})" if limit else kind
         default = default_text(hints[name], field, name in required)
-        lines.append(f"| `{name}` | {_cell(kind)} | {_cell(default)} | {_cell(field.description or '')} |")
+        lines.append(f"| `{name}` | {_cell(kind)} | {_cell(default)} | {_cell(docs.get(name, ''))} |")
     return [*lines, ""]
 
 

@@ -1,7 +1,7 @@
-"""The base of every policy model: unknown keys refused, values frozen, field docstrings as descriptions.
+"""The base of every policy model: unknown keys refused, values frozen.
 
-`use_attribute_docstrings` makes the docstring under each field its description, so the JSON Schema
-(`signalbox schema`) and the generated field reference (docs/policy/reference.md) read the same text.
+The docstring under each field is its description: proxy/policy/schema_docs.py reads it for the JSON
+Schema (`signalbox schema`) and the generated field reference (docs/policy/reference.md).
 """
 
 from __future__ import annotations
@@ -12,4 +12,4 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
