@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench tools venv clean constraints
+.PHONY: run test lint bench tools venv clean constraints docs docs-serve
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,15 +28,22 @@ test: $(STAMP) tools
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: $(STAMP)
-	$(BIN)/ruff check proxy tests bench
+	$(BIN)/ruff check proxy tests bench docs/hooks
 	$(BIN)/mypy
 
 # Re-pin the image's runtime dependencies (constraints.txt) to the versions in the dev venv.
 constraints: $(STAMP)
 	$(BIN)/python scripts/refresh-constraints.py
 
+# The manual (docs/, mkdocs.yml) into site/; the policy field reference is regenerated at every build.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+docs-serve: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --dev-addr 127.0.0.1:8008
+
 bench: $(STAMP)
 	$(BIN)/python bench/overhead.py
 
 clean:
-	rm -rf $(VENV) .tools build *.egg-info
+	rm -rf $(VENV) .tools build site *.egg-info

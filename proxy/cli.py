@@ -62,9 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "explain":
         return _explain(args)
     if args.command == "schema":
-        from proxy.policy.schema import Policy
+        from proxy.policy.schema_docs import json_schema
 
-        print(json.dumps(Policy.model_json_schema(mode="validation"), indent=2))
+        print(json.dumps(json_schema(), indent=2))
         return 0
     if args.command == "mock":
         from proxy.mock_upstream import MockSettings, run_mock_forever

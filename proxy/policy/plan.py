@@ -57,7 +57,7 @@ DEFAULT_RETRY_STATUSES = frozenset({429, 500, 502, 503, 504, 529})
 
 @dataclass(frozen=True, slots=True)
 class RetrySpec:
-    """A route's retry behaviour (README: Retries, timeouts, circuit breakers and fallbacks)."""
+    """A route's retry behaviour (docs/policy/retries.md)."""
 
     attempts: int = 1
     """Upstream calls per pool, the first one included. 1 (no retries) unless the policy says so, as in

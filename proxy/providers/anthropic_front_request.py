@@ -11,7 +11,7 @@ import orjson
 
 from proxy.providers.anthropic_request import FieldHandling, TranslationError
 
-# Coverage table for the README; fields not listed are dropped (OpenAI rejects unknown fields).
+# Coverage table for docs/policy/translation.md; fields not listed are dropped (OpenAI rejects unknown fields).
 ANTHROPIC_REQUEST_FIELDS: tuple[FieldHandling, ...] = (
     FieldHandling("model", "mapped", "copied as is"),
     FieldHandling("max_tokens", "mapped", "→ max_tokens (understood by OpenAI chat models, vLLM and TGI)"),

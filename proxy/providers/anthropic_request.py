@@ -25,7 +25,7 @@ class FieldHandling(NamedTuple):
     note: str
 
 
-# Coverage table for the README. "rejected" means: rejected when the value asks for something Anthropic
+# Coverage table for docs/policy/translation.md. "rejected" means: rejected when the value asks for something Anthropic
 # cannot do (the note says which values); harmless values of the same field are accepted and dropped.
 # Fields not listed here are dropped too: Anthropic answers 400 to unknown top-level fields.
 OPENAI_REQUEST_FIELDS: tuple[FieldHandling, ...] = (
