@@ -15,10 +15,10 @@ PACKAGE = ROOT / "proxy"
 
 # Stages and entry points that the shared and pure layers below them must never reach back into.
 STAGES = (
-    "proxy.ingress",
+    "proxy.ingress.handler",
     "proxy.admission",
     "proxy.flow",
-    "proxy.batcher",
+    "proxy.batching.batcher",
     "proxy.upstream.dispatch",
     "proxy.streaming.relay",
 )
@@ -105,10 +105,10 @@ def violations(sources: tuple[str, ...], forbidden: tuple[str, ...]) -> list[str
 
 
 def test_the_scan_sees_the_package() -> None:
-    for expected in ("proxy.ingress", "proxy.policy.load", "proxy.streaming.sse", "proxy.upstream.dispatch"):
+    for expected in ("proxy.ingress.handler", "proxy.policy.load", "proxy.streaming.sse", "proxy.upstream.dispatch"):
         assert expected in MODULES
-    assert any(i.target == "proxy.upstream.dispatch" for i in IMPORTS["proxy.ingress"])
-    assert any(i.target == "proxy.streaming.relay" for i in IMPORTS["proxy.ingress"])
+    assert any(i.target == "proxy.upstream.dispatch" for i in IMPORTS["proxy.ingress.handler"])
+    assert any(i.target == "proxy.streaming.relay" for i in IMPORTS["proxy.ingress.handler"])
 
 
 @pytest.mark.parametrize(
@@ -118,20 +118,20 @@ def test_the_scan_sees_the_package() -> None:
         (("proxy.policy", "proxy.providers"), STAGES + ENTRY_POINTS + ("proxy.upstream", "proxy.telemetry")),
         # The shared context and error tree are imported by every stage and import none of them.
         (
-            ("proxy.call", "proxy.errors", "proxy.headers", "proxy.tasks"),
+            ("proxy.call", "proxy.errors", "proxy.upstream.headers", "proxy.tasks"),
             STAGES + ENTRY_POINTS + ("proxy.upstream",),
         ),
         # Telemetry is fed from the Call at stage boundaries; it never calls into a stage.
         (("proxy.telemetry",), STAGES + ENTRY_POINTS + ("proxy.upstream", "proxy.providers")),
         # No stage reaches back to ingress or to the entry points.
-        (STAGES[1:] + ("proxy.upstream", "proxy.providers"), ("proxy.ingress",) + ENTRY_POINTS),
+        (STAGES[1:] + ("proxy.upstream", "proxy.providers"), ("proxy.ingress.handler",) + ENTRY_POINTS),
         # The limiter stores and their maths know nothing of queues, dispatch or the relay.
         (
             ("proxy.admission",),
-            ("proxy.flow", "proxy.batcher", "proxy.upstream", "proxy.streaming.relay"),
+            ("proxy.flow", "proxy.batching.batcher", "proxy.upstream", "proxy.streaming.relay"),
         ),
         # The upstream side never reaches back to admission or the flow (it knows quotas by their port).
-        (("proxy.upstream", "proxy.streaming"), ("proxy.admission", "proxy.flow", "proxy.batcher")),
+        (("proxy.upstream", "proxy.streaming"), ("proxy.admission", "proxy.flow", "proxy.batching.batcher")),
         # The relay moves bytes; it does not dispatch.
         (("proxy.streaming.relay",), ("proxy.upstream.dispatch",)),
         # The mock upstream is a separate server: it shares nothing with the proxy's data path.

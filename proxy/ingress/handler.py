@@ -10,26 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from datetime import UTC, datetime
+from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any
 
-import orjson
 from aiohttp import web
 
-from proxy import multipart
 from proxy.call import Call
-from proxy.edge import timeouts as edge
 from proxy.errors import (
-    AuthenticationFailed,
-    BodyTooLarge,
-    InvalidJSON,
     InvalidRequest,
-    MissingModel,
-    NoRoute,
     Protocol,
     ProxyError,
     UpstreamTimeout,
@@ -37,43 +26,18 @@ from proxy.errors import (
 )
 from proxy.flow.admit import NOTHING
 from proxy.flow.scheduler import PRIORITY_HEADER
-from proxy.headers import client_headers
-from proxy.policy.plan import Plan, TenantRule
+from proxy.ingress.identify import has_dot_segment, identify, request_id_of, resolve
+from proxy.ingress.models import list_models
+from proxy.ingress.read import read_body
 from proxy.providers import exchange as exchanges
 from proxy.runtime import STATE, Runtime
 from proxy.streaming import relay, whole
 from proxy.tasks import Deadline
 from proxy.upstream import dispatch
+from proxy.upstream.headers import QUEUE_WAIT_HEADER, client_headers
 
-# Endpoints whose body must name a model; other /v1 paths pass through with model "".
-_MODEL_REQUIRED = frozenset(
-    {
-        "/v1/chat/completions",
-        "/v1/completions",
-        "/v1/embeddings",
-        "/v1/messages",
-        "/v1/messages/count_tokens",
-        "/v1/responses",
-    }
-)
-QUEUE_WAIT_HEADER = "x-signalbox-queue-wait-ms"
-"""On every answer: how long the request waited in its queue before it was sent (0: it did not wait)."""
 CLIENT_CLOSED = 499  # nginx's convention for "client closed the request"
 log = logging.getLogger("signalbox.ingress")
-
-
-def new_request_id() -> str:
-    """24 hex digits. A correlation id, not a secret: the Mersenne Twister, not a getrandom() call per request."""
-    return f"{random.getrandbits(96):024x}"
-
-
-def request_id_of(headers: Mapping[str, str]) -> str:
-    """The client's x-request-id if it is a plain token (printable ASCII, at most 128 characters), else a
-    new one: it is echoed in a response header and written to the access log, which take no other bytes."""
-    sent = headers.get("x-request-id")
-    if sent and len(sent) <= 128 and sent.isascii() and sent.isprintable():
-        return sent
-    return new_request_id()
 
 
 Stage = Callable[[web.Request, Call, Runtime], Awaitable[web.StreamResponse]]
@@ -237,152 +201,7 @@ async def forward(
             sent.done()
 
 
-def has_dot_segment(raw_path: str) -> bool:
-    """A `.` or `..` segment, plain or percent-encoded. Routes match the path as sent, but the upstream (or
-    the CDN in front of it) resolves dot segments (RFC 3986 §5.2.4): `/v1/chat/../files` would pass a
-    route limited to `/v1/chat/*` and reach the Files API with the platform's key. Refused, not resolved:
-    no SDK sends them."""
-    for segment in raw_path.split("/"):
-        if segment.replace("%2e", ".").replace("%2E", ".") in (".", ".."):
-            return True
-    return False
-
-
 def _ms(seconds: float) -> str:
     return str(round(seconds * 1000))
 
 
-def identify(request: web.Request, plan: Plan) -> TenantRule:
-    """Which tenant is calling, by the policy's identification mode."""
-    ident = plan.identify
-    if ident.mode == "api_key":
-        key = _bearer(request.headers.get("authorization")) or request.headers.get("x-api-key")
-        if not key:
-            raise AuthenticationFailed(
-                "no API key: send your Signalbox key as 'Authorization: Bearer <key>' (or x-api-key)"
-            )
-        tenant = plan.tenant_for_key(key)
-        if tenant is None:
-            raise AuthenticationFailed("the API key is not known to this proxy; check the key your app sends")
-        return tenant
-    name = request.headers.get(ident.header) if ident.mode in ("header", "passthrough") else None
-    name = name or ident.tenant
-    if name is None:
-        raise AuthenticationFailed(f"no tenant: send the {ident.header} header")
-    tenant_rule = plan.tenants.get(name)
-    if tenant_rule is None:
-        shown = f"'{name}'" if len(name) <= 64 and name.isascii() and name.isprintable() else "(not shown)"
-        raise AuthenticationFailed(f"unknown tenant {shown} in the {ident.header} header")
-    return tenant_rule
-
-
-def _bearer(value: str | None) -> str | None:
-    if value and value[:7].lower() == "bearer ":
-        return value[7:].strip() or None
-    return None
-
-
-async def read_body(request: web.Request, call: Call, limit: int, timeouts: edge.ClientTimeouts) -> None:
-    """Read the body once, within the size limit and the body timeouts, and parse it once."""
-    if not request.body_exists:
-        return
-    length = request.content_length
-    if length is not None and length > limit:
-        raise BodyTooLarge(_too_large(length, limit))
-    call.raw_body = await edge.read_body(
-        request.content, limit, lambda size: BodyTooLarge(_too_large(size, limit)), timeouts
-    )
-    if not call.raw_body:
-        return
-    content_type = request.headers.get("Content-Type")
-    if content_type is not None and content_type[:10].lower() == "multipart/":
-        read_form(content_type, call)
-        return
-    try:
-        body: Any = orjson.loads(call.raw_body)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidJSON(f"the request body is not valid JSON ({exc.msg} at position {exc.pos})") from None
-    if not isinstance(body, dict):
-        raise InvalidJSON("the request body must be a JSON object")
-    call.body = body
-    model = body.get("model")
-    if isinstance(model, str):
-        call.model = model
-    call.stream = body.get("stream") is True
-
-
-def read_form(content_type: str, call: Call) -> None:
-    """An upload (audio, files, image edits) goes through as the client's bytes; its `model` and `stream`
-    form fields route it like a JSON body's would."""
-    boundary = multipart.boundary_of(content_type)
-    if boundary is None:
-        raise InvalidRequest(f"the Content-Type {content_type!r} names no multipart boundary")
-    span = multipart.field_span(call.raw_body, boundary, "model")
-    if span is not None:
-        call.model = call.raw_body[span[0] : span[1]].decode("utf-8", "replace")
-        call.form_model = span
-    call.stream = multipart.field_value(call.raw_body, boundary, "stream") == "true"
-
-
-def _too_large(size: int, limit: int) -> str:
-    return (
-        f"the request body is {size} bytes, over this proxy's limit of {limit} bytes; "
-        "send a smaller request or raise max_body_size in the policy"
-    )
-
-
-def resolve(call: Call, plan: Plan) -> Any:
-    assert call.tenant is not None
-    if not call.model and call.path in _MODEL_REQUIRED:
-        raise MissingModel("the request body must name a 'model'", param="model")
-    route = plan.resolve(call.path, call.model, call.tenant)
-    if route is None:
-        models = plan.models_for(call.tenant)
-        allowed = ", ".join(models) if models else "none"
-        what = f"model '{call.model}' on {call.path}" if call.model else call.path
-        raise NoRoute(
-            f"no route for {what} for tenant '{call.tenant.name}'. Models you may use: {allowed}",
-            param="model" if call.model else None,
-        )
-    return route
-
-
-async def list_models(request: web.Request, call: Call, state: Runtime) -> web.Response:
-    """The models the tenant's routes take, from the policy (no upstream call)."""
-    protocol = call.protocol
-    call.tenant = tenant = identify(request, call.plan)
-    models = call.plan.models_for(tenant)
-    wanted = request.match_info.get("model")
-    headers = {"x-request-id": call.request_id, QUEUE_WAIT_HEADER: "0"}
-    if protocol == "anthropic":
-        headers["request-id"] = call.request_id
-    entry = _anthropic_model if protocol == "anthropic" else _openai_model
-    created = int(state.started_wall)
-    body: dict[str, Any]
-    if wanted is not None:
-        call.model = wanted
-        if wanted not in models:
-            raise NoRoute(f"model '{wanted}' is not available to you. Models you may use: {', '.join(models)}")
-        body = entry(wanted, created)
-    elif protocol == "anthropic":
-        body = {
-            "data": [entry(m, created) for m in models],
-            "has_more": False,
-            "first_id": models[0] if models else None,
-            "last_id": models[-1] if models else None,
-        }
-    else:
-        body = {"object": "list", "data": [entry(m, created) for m in models]}
-    call.status = 200
-    data = orjson.dumps(body)
-    call.bytes_out = len(data)
-    return web.Response(body=data, content_type="application/json", headers=headers)
-
-
-def _openai_model(model: str, created: int) -> dict[str, Any]:
-    return {"id": model, "object": "model", "created": created, "owned_by": "signalbox"}
-
-
-def _anthropic_model(model: str, created: int) -> dict[str, Any]:
-    stamp = datetime.fromtimestamp(created, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    return {"type": "model", "id": model, "display_name": model, "created_at": stamp}

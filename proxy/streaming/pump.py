@@ -16,8 +16,8 @@ import orjson
 
 from proxy.call import Call
 from proxy.errors import ProxyError, UpstreamUnreachable
+from proxy.policy.redact import EMPTY, Redactor
 from proxy.providers.exchange import StreamTranslator
-from proxy.redact import EMPTY, Redactor
 from proxy.streaming.failure import read_failure
 from proxy.streaming.settings import StreamSettings
 from proxy.streaming.sink import WRITE_HIGH, Sink

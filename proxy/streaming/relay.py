@@ -24,8 +24,8 @@ from multidict import CIMultiDict
 from proxy.call import Call
 from proxy.errors import ProxyError, SlowClient
 from proxy.policy.plan import TimeoutSpec
+from proxy.policy.redact import EMPTY, Redactor
 from proxy.providers.exchange import StreamTranslator
-from proxy.redact import EMPTY, Redactor
 from proxy.streaming.failure import finish_with_error
 from proxy.streaming.pump import pump
 from proxy.streaming.queued import QueuedStream

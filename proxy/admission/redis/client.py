@@ -23,7 +23,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from proxy.admission.redis_health import LATE_LIMIT
+from proxy.admission.redis.health import LATE_LIMIT
 from proxy.policy.plan import StateRule
 
 

@@ -29,14 +29,14 @@ from typing import Any
 
 from redis.exceptions import NoScriptError
 
-from proxy.admission import redis_codec as codec
-from proxy.admission.failopen import FailOpen
 from proxy.admission.limits import WINDOW, Refusal, Usage
 from proxy.admission.local import LocalStore
-from proxy.admission.redis_client import connect
-from proxy.admission.redis_health import FAILURES, Health, Skipped, Unavailable
-from proxy.admission.redis_keeper import Keeper
-from proxy.admission.redis_scripts import ACQUIRE, ADJUST, LEASES, SCRIPTS, SNAPSHOT, Script
+from proxy.admission.redis import codec as codec
+from proxy.admission.redis.client import connect
+from proxy.admission.redis.failopen import FailOpen
+from proxy.admission.redis.health import FAILURES, Health, Skipped, Unavailable
+from proxy.admission.redis.keeper import Keeper
+from proxy.admission.redis.scripts import ACQUIRE, ADJUST, LEASES, SCRIPTS, SNAPSHOT, Script
 from proxy.admission.store import Reservation
 from proxy.policy.plan import Limit, StateRule
 from proxy.tasks import TaskSet
