@@ -1453,7 +1453,7 @@ def test_normalise_stream_error() -> None:
         ),
         (429, {"error": {"message": "bad", "type": "tokens"}}, "rate_limit_error", anthropic.RateLimitError),
         (500, "bad", "api_error", anthropic.InternalServerError),
-        (503, {"error": {"message": "bad"}}, "overloaded_error", anthropic.InternalServerError),
+        (503, {"error": {"message": "bad"}}, "api_error", anthropic.InternalServerError),
         (504, "bad", "timeout_error", anthropic.InternalServerError),
     ],
 )

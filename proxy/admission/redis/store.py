@@ -29,7 +29,7 @@ from typing import Any
 
 from redis.exceptions import NoScriptError
 
-from proxy.admission.limits import WINDOW, Refusal, Usage
+from proxy.admission.limits import WINDOW, Refusal, Usage, longer
 from proxy.admission.local import LocalStore
 from proxy.admission.redis import codec as codec
 from proxy.admission.redis.client import connect
@@ -281,7 +281,7 @@ class RedisStore:
                 raise reply
             if int(reply[0]) != 1:
                 found = codec.refusal([p], reply, tokens, minute, headroom)
-                if codec.longer(found, worst):
+                if longer(found, worst):
                     worst = found
         assert worst is not None
         return worst
