@@ -12,7 +12,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from functools import partial
 
 from aiohttp import web
 
@@ -29,9 +28,8 @@ from proxy.flow.scheduler import PRIORITY_HEADER
 from proxy.ingress.identify import has_dot_segment, identify, request_id_of, resolve
 from proxy.ingress.models import list_models
 from proxy.ingress.read import read_body
-from proxy.providers import exchange as exchanges
 from proxy.runtime import STATE, Runtime
-from proxy.streaming import relay, whole
+from proxy.streaming import relay
 from proxy.tasks import Deadline
 from proxy.upstream import dispatch
 from proxy.upstream.headers import QUEUE_WAIT_HEADER, client_headers
@@ -106,33 +104,22 @@ async def handle(request: web.Request, call: Call, state: Runtime) -> web.Stream
     if call.route.batch is not None:  # embeddings: limits taken one by one, one queue slot per batch
         async with state.scheduler.enter(call, asked, slot=False):
             return await state.batcher.submit(request, call)
-    waiting = call.waiting = _waiting_room(request, call, state)
+    waiting = call.waiting = relay.waiting_room(request, call, state.stream_settings)
     entry = state.scheduler.enter(call, asked, waiting)
     if entry is NOTHING:
-        return await forward(request, call, state, None)  # no limit, no queue: nothing to enter or leave
+        return await forward(request, call, state)  # no limit, no queue: nothing to enter or leave
     try:
         async with entry:
-            return await forward(request, call, state, waiting)
+            return await forward(request, call, state)
     except ProxyError as err:
         if waiting is None or waiting.response is None:
             raise
         return await waiting.fail(err)  # the 200 already went out while queued: an error event
 
 
-def _waiting_room(request: web.Request, call: Call, state: Runtime) -> relay.QueuedStream | None:
-    """Streams on a queue with heartbeat_while_queued get their headers early if they must wait."""
-    queue = call.route.queue if call.route is not None else None
-    if not call.stream or queue is None or not queue.heartbeat:
-        return None
-    assert call.route is not None
-    settings = relay.route_settings(state.stream_settings, call.route.stream)
-    return relay.QueuedStream(request, call, settings.heartbeat)
-
-
-async def forward(
-    request: web.Request, call: Call, state: Runtime, waiting: relay.QueuedStream | None
-) -> web.StreamResponse:
-    """Dispatch (retries, fallbacks) and relay; `timeouts.total` counts from here, after any wait for
+async def forward(request: web.Request, call: Call, state: Runtime) -> web.StreamResponse:
+    """Dispatch (retries, fallbacks), then the relay, called once for every kind of answer (stream, whole
+    body, after a queued stream's early 200); `timeouts.total` counts from here, after any wait for
     admission or a slot, and covers every retry and fallback."""
     assert call.route is not None
     plan = call.plan
@@ -151,7 +138,6 @@ async def forward(
         )
         upstream = sent.response
         call.status = upstream.status
-        prepared = waiting.response if waiting is not None else None  # out while queued, here or in dispatch
         answered_by = plan.upstreams.get(sent.deployment.upstream)
         redact = state.secrets.current  # errors: every secret; a success's headers: what went upstream
         headers = client_headers(
@@ -161,33 +147,8 @@ async def forward(
         )
         dispatch.annotate(headers, call, sent)
         headers[QUEUE_WAIT_HEADER] = _ms(call.queue_wait)
-        exchange = call.exchange
-        assert exchange is not None
-        if call.stream and upstream.status == 200 and upstream.content_type == "text/event-stream":
-            guard.cancel()  # past the headers, the stream's watchdog owns every time limit
-            translator = exchanges.stream_translator(
-                exchange, call.body or {}, call.model, int(call.started_wall)
-            )
-            settings = relay.route_settings(state.stream_settings, call.route.stream)
-            return await relay.respond_stream(
-                request, call, upstream, headers, sent.route.timeouts, settings, deadline,
-                translator,
-                state.open_streams,
-                prepared,
-                redact,
-            )
-        transform = None
-        if exchange.kind != "pass" or upstream.status >= 400:
-            model, created = call.model, int(call.started_wall)
-            transform = partial(exchanges.response_body, exchange, model=model, created=created, redact=redact)
-        # A stream request answered with a whole body (an error, or a server that ignores `stream`) has no
-        # socket read timeout (streams are timed by the relay's watchdog): first_token bounds that read.
-        read_timeout = sent.route.timeouts.first_token if call.stream else None
-        if prepared is not None and waiting is not None:
-            return await waiting.relay_whole(upstream, transform, read_timeout, sent.body)
-        return await whole.respond_whole(
-            call, upstream, headers, transform, read_timeout, request=request, whole=sent.body
-        )
+        answer = relay.Answer(upstream, headers, sent.route.timeouts, deadline, redact, sent.body)
+        return await relay.respond(request, call, answer, state.stream_settings, state.open_streams, guard)
     except (asyncio.CancelledError, TimeoutError) as exc:
         if isinstance(exc, asyncio.CancelledError) and not guard.expired():
             raise  # the client went away: not a timeout
