@@ -429,7 +429,7 @@ def summarise_profile(path: Path, top: int = 22) -> None:
         "frame",
         "write",
         "feed",
-        "_translate",
+        "translate",
         "_watchdog",
         "proxy_handler",
         "handle",
