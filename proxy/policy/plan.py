@@ -306,7 +306,7 @@ class IdentifySpec:
 
 @dataclass(frozen=True, slots=True)
 class StateRule:
-    """The limiter store: `memory` (this process) or `redis` (shared by replicas; see admission/redis.py)."""
+    """The limiter store: `memory` (this process) or `redis` (shared by replicas; see admission/redis/store.py)."""
 
     backend: Literal["memory", "redis"] = "memory"
     url: str | None = field(default=None, repr=False)
