@@ -1,4 +1,5 @@
-"""The running proxy's state, hung off the aiohttp app under one typed key (no module globals)."""
+"""The running proxy's state, hung off the aiohttp app under one typed key (no module globals), and the
+process settings it runs with (`Settings`, `ClientTimeouts`): the command line's, not hot-reloadable."""
 
 from __future__ import annotations
 
