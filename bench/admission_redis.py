@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import free_port, percentile, stop, wait_port  # noqa: E402
 from proxy.admission.local import LocalStore  # noqa: E402
-from proxy.admission.redis import RedisStore  # noqa: E402
+from proxy.admission.redis.store import RedisStore  # noqa: E402
 from proxy.admission.store import LimiterStore  # noqa: E402
 from proxy.call import Attempt, Call  # noqa: E402
 from proxy.flow.admit import Admission  # noqa: E402

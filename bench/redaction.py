@@ -1,4 +1,4 @@
-"""Redaction cost: what the compiled secret set (proxy/redact.py) costs where it runs.
+"""Redaction cost: what the compiled secret set (proxy/policy/redact.py) costs where it runs.
 
 Prints CPU µs per call (process time, one core, no sockets) for a policy of N secrets (one OpenAI key,
 one Azure hex key, Basic credentials, and N-3 random tenant keys), on:
@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from proxy.redact import Redactor, basic_values  # noqa: E402
+from proxy.policy.redact import Redactor, basic_values  # noqa: E402
 
 KEY = "sk-proj-" + "Q7vR2xK9mT4wZ8pL3nB6yH1cD5fJ0sA"
 AZURE = "9f86d081884c7d659a2feaa0c55ad015"

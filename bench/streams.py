@@ -425,22 +425,22 @@ def summarise_profile(path: Path, top: int = 22) -> None:
     under: dict[str, int] = {}
     total = 0
     marks = (
-        "_pump",
-        "_write",
+        "pump",
+        "frame",
+        "write",
         "feed",
-        "_translate",
+        "translate",
         "_watchdog",
         "proxy_handler",
         "handle",
         "send_once",
-        "respond_stream",
+        "respond",
         "record",
         "client_headers",
         "upstream_headers",
         "iter_any",
         "_request",
         "data_received",
-        "write",
         "prepare",
     )
     for line in path.read_text().splitlines():

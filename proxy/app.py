@@ -17,10 +17,11 @@ from collections.abc import AsyncIterator
 import orjson
 from aiohttp import web
 
-from proxy import ingress, lifecycle
+from proxy import lifecycle
 from proxy.admin import build_admin_app
-from proxy.edge.connection import GuardedRunner
 from proxy.errors import ServiceUnavailable
+from proxy.ingress import handler as ingress
+from proxy.ingress.edge.connection import GuardedRunner
 from proxy.policy.plan import Plan
 from proxy.runtime import STATE, PlanRef, Runtime, Settings
 from proxy.tasks import spawn
@@ -67,7 +68,7 @@ async def _limiter_store(app: web.Application) -> AsyncIterator[None]:
     if rule.backend != "redis":
         yield
         return
-    from proxy.admission.redis import RedisStore  # only replicas sharing limits pay for the import
+    from proxy.admission.redis.store import RedisStore  # only replicas sharing limits pay for the import
 
     store = RedisStore.open(rule, runtime.metrics)
     await store.start()  # never fails: without Redis it starts on local limits

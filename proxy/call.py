@@ -39,8 +39,9 @@ class Hold(typing.Protocol):
 
 
 class WaitingRoom(typing.Protocol):
-    """A stream's early 200 and heartbeats while it waits (relay.QueuedStream), for waits that happen past
-    admission: dispatch waiting for an upstream's limit."""
+    """Told when a request starts and stops waiting: a queued stream's early 200 and heartbeats
+    (proxy.streaming.queued.QueuedStream). The flow (queue, limits) and dispatch (an upstream's limit) know
+    it only by this port, so neither imports the relay."""
 
     async def begin(self, status: Callable[[], str]) -> None: ...
 

@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _client_timeout_flags(serve: argparse.ArgumentParser) -> None:
-    """How long a client may take over a request and sit idle (defaults and why: proxy.edge.timeouts)."""
-    from proxy.edge.timeouts import ClientTimeouts
+    """How long a client may take over a request and sit idle (defaults and why: proxy.runtime.ClientTimeouts)."""
+    from proxy.runtime import ClientTimeouts
 
     default = ClientTimeouts()
     for flag, value, what in (
@@ -151,9 +151,8 @@ def _serve(args: argparse.Namespace) -> int:
     import uvloop
 
     from proxy.app import build_app, serve
-    from proxy.edge.timeouts import ClientTimeouts
     from proxy.policy.reload import Reloader
-    from proxy.runtime import STATE, Settings
+    from proxy.runtime import STATE, ClientTimeouts, Settings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from proxy.admin import is_loopback

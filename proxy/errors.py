@@ -39,19 +39,34 @@ from aiohttp import web
 
 Protocol = Literal["openai", "anthropic"]
 
-_ANTHROPIC_TYPES = {
+ANTHROPIC_ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    402: "billing_error",
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
     408: "timeout_error",
     413: "request_too_large",
+    422: "invalid_request_error",
     429: "rate_limit_error",
     431: "invalid_request_error",
+    500: "api_error",
     504: "timeout_error",
     529: "overloaded_error",
 }
+"""Anthropic's error `type` by HTTP status (docs.claude.com/en/api/errors), for every error the proxy writes
+in Anthropic's shape: its own refusals and a translated upstream error. `overloaded_error` is 529's alone:
+a 503 (draining, an open circuit, an OpenAI-compatible server's "unavailable") is an `api_error`."""
+
+
+def anthropic_error_type(status: int) -> str:
+    """Any other 4xx is an invalid request; a 5xx, or no error status at all (an error inside a stream
+    whose 200 went out), is an `api_error`."""
+    kind = ANTHROPIC_ERROR_TYPES.get(status)
+    if kind is not None:
+        return kind
+    return "invalid_request_error" if 400 <= status < 500 else "api_error"
 
 
 class ProxyError(Exception):
@@ -84,7 +99,7 @@ class ProxyError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def anthropic_body(self, request_id: str) -> dict[str, object]:
-        kind = _ANTHROPIC_TYPES.get(self.status, "api_error")
+        kind = anthropic_error_type(self.status)
         message = self.message
         if self.param and self.param not in message:  # Anthropic's errors have no `param`; they say it first
             message = f"{self.param}: {message}"

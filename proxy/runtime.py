@@ -1,4 +1,5 @@
-"""The running proxy's state, hung off the aiohttp app under one typed key (no module globals)."""
+"""The running proxy's state, hung off the aiohttp app under one typed key (no module globals), and the
+process settings it runs with (`Settings`, `ClientTimeouts`): the command line's, not hot-reloadable."""
 
 from __future__ import annotations
 
@@ -8,20 +9,43 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from proxy.batcher import Batcher
-from proxy.edge.timeouts import ClientTimeouts
+from proxy.batching.batcher import Batcher
 from proxy.errors import ProxyError
 from proxy.flow.admit import Admission
 from proxy.flow.scheduler import PRIORITY_HEADER, Scheduler
 from proxy.flow.upstream import UpstreamQuota
 from proxy.policy.plan import Plan
+from proxy.policy.redact import SecretsRef, redact_logs
 from proxy.policy.reload import Reloader
-from proxy.redact import SecretsRef, redact_logs
 from proxy.streaming.relay import StreamSettings
 from proxy.telemetry.logging import AccessLog
 from proxy.telemetry.metrics import Metrics
 from proxy.upstream.client import UpstreamClients
 from proxy.upstream.registry import Registry
+
+
+@dataclass(frozen=True, slots=True)
+class ClientTimeouts:
+    """How long a client may take to send its request or keep a connection idle: process settings
+    (`serve --header-timeout ...`), seconds. Defaults, for a proxy whose clients are SDKs that write a
+    whole request at once:
+
+    - header 10 s: an SDK sends its head (< 2 KiB) in one write; 10 s covers a few TCP retransmissions.
+      Counted from the accept for a new connection, from the first byte of the next request on a kept-alive one.
+    - body idle 30 s: no body byte for this long ends the request with a 408. A gap in a live upload is a
+      network stall, and TCP's retransmission backoff (1+2+4+8 s) stays well under it.
+    - body 120 s: the whole body, however it trickles. A 25 MiB upload (the largest the OpenAI API takes)
+      needs 1.7 Mbit/s to make it.
+    - keep-alive 75 s: an idle connection between requests. Longer than the 60 s idle timeout of the usual
+      balancers and ingress controllers in front of a proxy (which must close first, or a request they send
+      on a connection we are closing fails), and than every SDK's pool expiry (5 s for the Python and Node
+      SDKs). nginx uses the same default.
+    """
+
+    header: float = 10.0
+    body_idle: float = 30.0
+    body: float = 120.0
+    keepalive: float = 75.0
 
 
 class PlanRef:
@@ -83,7 +107,7 @@ class Runtime:
     upstreams: Registry = field(init=False)
     """Per-deployment circuit breakers, pacing holds and load (the same object as `clients.registry`)."""
     secrets: SecretsRef = field(init=False)
-    """What every output is redacted with (responses, logs, metrics, the admin API); see proxy/redact.py."""
+    """What every output is redacted with (responses, logs, metrics, the admin API); see proxy/policy/redact.py."""
 
     def __post_init__(self) -> None:
         self.admission = Admission(metrics=self.metrics)

@@ -21,7 +21,7 @@ from multidict import CIMultiDict
 from stream_helpers import Servers
 
 from proxy.app import build_app
-from proxy.edge.connection import GuardedRunner
+from proxy.ingress.edge.connection import GuardedRunner
 from proxy.policy.compile import compile_plan
 from proxy.policy.load import load_policy
 from proxy.policy.plan import Plan

@@ -12,8 +12,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from proxy.edge.connection import GuardedRunner
-from proxy.edge.timeouts import ClientTimeouts
+from proxy.ingress.edge.connection import GuardedRunner
+from proxy.runtime import ClientTimeouts
 
 TENANT_KEY = "sk-alpha-SECRET-4be1d0-tenant"
 GIVE_UP = 30.0

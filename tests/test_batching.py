@@ -304,10 +304,13 @@ def test_bisecting_several_poisoned_callers_isolates_each() -> None:
 # --- the pure modules stay pure ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "proxy" / "batching").glob("*.py")), ids=lambda p: p.name)
+PURE = [ROOT / "proxy" / "batching" / f"{name}.py" for name in ("keys", "merge")]
+
+
+@pytest.mark.parametrize("path", PURE, ids=lambda p: p.name)
 def test_batching_modules_do_no_io_and_reach_no_stage(path: Path) -> None:
-    banned = ("aiohttp", "asyncio", "socket", "redis", "uvloop", "proxy.batcher", "proxy.ingress",
-              "proxy.flow", "proxy.admission", "proxy.upstream", "proxy.streaming", "proxy.runtime")
+    banned = ("aiohttp", "asyncio", "socket", "redis", "uvloop", "proxy.batching.batcher", "proxy.batching.flush",
+              "proxy.ingress", "proxy.flow", "proxy.admission", "proxy.upstream", "proxy.streaming", "proxy.runtime")
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):

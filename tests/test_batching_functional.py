@@ -24,7 +24,7 @@ from aiohttp import web
 from conftest import Proxy, _serve
 
 from proxy import mock_content as mc
-from proxy.batcher import BATCH_SIZE_HEADER
+from proxy.batching.flush import BATCH_SIZE_HEADER
 
 pytestmark = pytest.mark.timeout(60)
 StartProxy = Callable[..., Awaitable[Proxy]]

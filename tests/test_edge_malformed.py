@@ -16,8 +16,7 @@ import pytest
 from conftest import UPSTREAM_KEY, EchoUpstream, Proxy
 from edge_helpers import TENANT_KEY, Conversation, converse, policy, serve_admin
 
-from proxy.edge.timeouts import ClientTimeouts
-from proxy.runtime import Settings
+from proxy.runtime import ClientTimeouts, Settings
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -15,8 +15,7 @@ from conftest import EchoUpstream, Proxy
 from edge_helpers import TENANT_KEY, Conversation, converse, policy, serve_admin
 from test_cli import PYTHON, REPO, child_env, free_port
 
-from proxy.edge.timeouts import ClientTimeouts
-from proxy.runtime import Settings
+from proxy.runtime import ClientTimeouts, Settings
 
 pytestmark = pytest.mark.timeout(60)
 

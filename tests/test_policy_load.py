@@ -533,7 +533,7 @@ def test_problems_never_quote_a_value_that_may_be_an_interpolated_secret(tmp_pat
 
 
 def test_base_url_credentials_become_basic_auth_and_leave_the_compiled_url(tmp_path: Path) -> None:
-    from proxy.headers import upstream_headers
+    from proxy.upstream.headers import upstream_headers
 
     path = write(
         tmp_path / "policy.yaml",

@@ -25,21 +25,17 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletio
 from openai.types.chat import completion_create_params as openai_params
 from pydantic import TypeAdapter
 
-from proxy.providers.anthropic_front_request import ANTHROPIC_REQUEST_FIELDS, anthropic_to_openai_chat
-from proxy.providers.anthropic_request import (
+from proxy.providers.anthropic.front_request import ANTHROPIC_REQUEST_FIELDS, anthropic_to_openai_chat
+from proxy.providers.anthropic.front_response import openai_chat_to_anthropic_message
+from proxy.providers.anthropic.front_stream import OpenAIToAnthropicStream, anthropic_error_frame
+from proxy.providers.anthropic.request_to import (
     OPENAI_REQUEST_FIELDS,
     TranslationError,
     include_usage_requested,
     openai_chat_to_anthropic,
 )
-from proxy.providers.anthropic_response import anthropic_message_to_openai, openai_chat_to_anthropic_message
-from proxy.providers.anthropic_stream import (
-    DONE_FRAME,
-    AnthropicToOpenAIStream,
-    OpenAIToAnthropicStream,
-    anthropic_error_frame,
-    error_frame,
-)
+from proxy.providers.anthropic.response_from import anthropic_message_to_openai
+from proxy.providers.anthropic.stream_from import DONE_FRAME, AnthropicToOpenAIStream, error_frame
 from proxy.providers.errors_map import (
     anthropic_error_to_openai,
     normalise_openai_compatible_error,
@@ -1457,7 +1453,7 @@ def test_normalise_stream_error() -> None:
         ),
         (429, {"error": {"message": "bad", "type": "tokens"}}, "rate_limit_error", anthropic.RateLimitError),
         (500, "bad", "api_error", anthropic.InternalServerError),
-        (503, {"error": {"message": "bad"}}, "overloaded_error", anthropic.InternalServerError),
+        (503, {"error": {"message": "bad"}}, "api_error", anthropic.InternalServerError),
         (504, "bad", "timeout_error", anthropic.InternalServerError),
     ],
 )

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from proxy.admission.degrade import local_share
 from proxy.admission.limits import KeyState, Refusal, describe, ratelimit_headers
 from proxy.admission.local import LocalStore
+from proxy.admission.redis.degrade import local_share
 from proxy.admission.store import Reservation
 from proxy.policy.compile import compile_plan
 from proxy.policy.explain import explain

@@ -7,9 +7,9 @@ import logging
 
 import pytest
 
+from proxy.policy.redact import Redactor, SecretsRef, basic_values, redact_logs
 from proxy.policy.schema import Upstream
 from proxy.policy.secrets import _redis_credentials, upstream_credentials
-from proxy.redact import Redactor, SecretsRef, basic_values, redact_logs
 
 AZURE = "9f86d081884c7d659a2feaa0c55ad015"
 KEY = "sk-upstream-SECRET-7f3a9c-do-not-leak"

@@ -26,8 +26,8 @@ from conftest import Proxy
 from redis.asyncio import Redis
 from redis_server import RedisServer, running
 
-from proxy.admission.redis import RedisStore, SharedReservation
-from proxy.admission.redis_codec import redis_now
+from proxy.admission.redis.codec import redis_now
+from proxy.admission.redis.store import RedisStore, SharedReservation
 from proxy.tasks import spawn
 
 pytestmark = pytest.mark.timeout(60)

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from redis_server import RedisServer, running
 
-from proxy.admission import redis_codec as codec
 from proxy.admission.limits import Refusal
-from proxy.admission.redis import RedisStore, SharedReservation
+from proxy.admission.redis import codec as codec
+from proxy.admission.redis.store import RedisStore, SharedReservation
 from proxy.policy.compile import compile_plan
 from proxy.policy.load import load_policy
 from proxy.policy.plan import Limit, LimitSpec, Plan, StateRule, headroom_for

@@ -16,11 +16,11 @@ import pytest
 from redis.crc import key_slot
 from redis_server import RedisServer, running
 
-from proxy.admission import redis_codec as codec
-from proxy.admission.degrade import Breaker, local_share
 from proxy.admission.limits import Refusal
-from proxy.admission.redis import RedisStore, SharedReservation
-from proxy.admission.redis_client import parse
+from proxy.admission.redis import codec as codec
+from proxy.admission.redis.client import parse
+from proxy.admission.redis.degrade import Breaker, local_share
+from proxy.admission.redis.store import RedisStore, SharedReservation
 from proxy.admission.store import Reservation
 from proxy.policy.plan import Limit, LimitSpec, StateRule
 from proxy.telemetry.metrics import Metrics

@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 from conftest import EchoUpstream, Proxy, Reply
 
-from proxy import multipart
+from proxy.providers import multipart
 
 pytestmark = pytest.mark.timeout(20)
 

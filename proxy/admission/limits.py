@@ -289,3 +289,14 @@ def go_duration(seconds: float) -> str:
         return f"{round(seconds, 3):g}s"
     minutes, rest = divmod(math.ceil(seconds), 60)
     return f"{minutes}m{rest}s"
+
+
+def longer(refusal: Refusal, than: Refusal | None) -> bool:
+    """The refusal a client should hear about: "never" first, then the longest exact wait."""
+    if than is None or refusal.retry_after is None:
+        return True
+    if than.retry_after is None:
+        return False
+    if refusal.exact != than.exact:
+        return refusal.exact
+    return refusal.retry_after > than.retry_after

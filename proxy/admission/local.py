@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from proxy.admission.limits import WINDOW, KeyState, Refusal, Usage
+from proxy.admission.limits import WINDOW, KeyState, Refusal, Usage, longer
 from proxy.admission.store import Reservation
 from proxy.policy.plan import Limit
 
@@ -67,7 +67,7 @@ class LocalStore:
                 state = self._state(limit)
             held.append(state)
             refusal = state.check(now, tokens, CONCURRENCY_HINT, headroom)
-            if refusal is not None and _longer(refusal, worst):
+            if refusal is not None and longer(refusal, worst):
                 worst = refusal
             concurrent = concurrent or state.limit.spec.concurrent is not None
         if worst is not None:
@@ -105,14 +105,3 @@ class LocalStore:
         now = self._clock()
         wanted = self._states.keys() if keys is None else keys
         return [self._states[key].usage(now) for key in wanted if key in self._states]
-
-
-def _longer(refusal: Refusal, than: Refusal | None) -> bool:
-    """The refusal a client should hear about: "never" first, then the longest exact wait."""
-    if than is None or refusal.retry_after is None:
-        return True
-    if than.retry_after is None:
-        return False
-    if refusal.exact != than.exact:
-        return refusal.exact
-    return refusal.retry_after > than.retry_after

@@ -150,13 +150,3 @@ def halves(counts: Sequence[int], hint: int | None) -> tuple[list[int], list[int
             offset += count
     middle = size // 2
     return list(range(middle)), list(range(middle, size))
-
-
-def usage_of(body: bytes) -> dict[str, Any] | None:
-    """The `usage` object of a whole JSON answer, if it has one."""
-    try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    usage = parsed.get("usage") if isinstance(parsed, dict) else None
-    return usage if isinstance(usage, dict) else None

@@ -9,9 +9,6 @@ error or cancellation) the tokens are settled with the real `usage` and concurre
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Protocol
-
 from proxy.admission import tokens as tok
 from proxy.admission.limits import Refusal, describe, go_duration, ratelimit_headers
 from proxy.admission.local import LocalStore
@@ -24,14 +21,6 @@ from proxy.telemetry.metrics import Metrics
 _TOKEN_KINDS = ("reserved", "settled", "refunded")
 RECHECK = 0.5
 """Longest sleep of a retry waiting for an upstream's limit inside dispatch (releases free capacity early)."""
-
-
-class Waiting(Protocol):
-    """Told when a request starts and stops waiting (the relay commits streams and sends heartbeats)."""
-
-    async def begin(self, status: Callable[[], str]) -> None: ...
-
-    def end(self) -> None: ...
 
 
 class _Nothing:

@@ -19,10 +19,10 @@ import asyncio
 import math
 from typing import TYPE_CHECKING
 
-from proxy.call import Call
+from proxy.call import Call, WaitingRoom
 from proxy.errors import QueueFull, QueueShed
 from proxy.flow import shed
-from proxy.flow.admit import Waiting, estimate_tokens, rejection
+from proxy.flow.admit import estimate_tokens, rejection
 from proxy.flow.board import GRANTED, Ticket
 from proxy.flow.gate import Blocked, Gate, Grant, Need, acquire, give_back
 from proxy.flow.upstream import UpstreamHold
@@ -36,7 +36,7 @@ class Entry:
     __slots__ = ("scheduler", "call", "limits", "cls", "waiting", "has_slot", "slot_only", "grant", "gate")
 
     def __init__(self, scheduler: Scheduler, call: Call, limits: LimitSet | None, cls: int,
-                 waiting: Waiting | None, has_slot: bool, *, slot_only: bool = False) -> None:
+                 waiting: WaitingRoom | None, has_slot: bool, *, slot_only: bool = False) -> None:
         self.scheduler = scheduler
         self.call = call
         self.limits = limits

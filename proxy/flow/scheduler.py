@@ -14,9 +14,9 @@ from contextlib import AbstractAsyncContextManager
 
 from proxy.admission.limits import Refusal
 from proxy.admission.store import LimiterStore
-from proxy.call import Call
+from proxy.call import Call, WaitingRoom
 from proxy.errors import InvalidRequest, ProxyError, RateLimited
-from proxy.flow.admit import NOTHING, Admission, Waiting, describe_refusal, rejection
+from proxy.flow.admit import NOTHING, Admission, describe_refusal, rejection
 from proxy.flow.board import Ticket
 from proxy.flow.gate import Gate
 from proxy.policy.plan import Limit, Plan, QueueSpec, RouteRule, TenantRule
@@ -99,7 +99,7 @@ class Scheduler:
                 self.queue(spec, plan.priorities)
         self.kick()  # limits may have grown too
 
-    def enter(self, call: Call, asked: str | None = None, waiting: Waiting | None = None, *, slot: bool = True
+    def enter(self, call: Call, asked: str | None = None, waiting: WaitingRoom | None = None, *, slot: bool = True
               ) -> AbstractAsyncContextManager[None]:
         """Everything the call needs before dispatch (limits, a slot), taken in the queue's order; given
         back on the way out. NOTHING when the route has no limit and no queue slot."""

@@ -28,6 +28,7 @@ from proxy.policy.plan import (
     UpstreamSpec,
     key_digest,
 )
+from proxy.policy.redact import Redactor
 from proxy.policy.schema import (
     DEFAULT_AUTH_HEADER,
     Batch,
@@ -42,7 +43,6 @@ from proxy.policy.schema import (
 from proxy.policy.secrets import policy_secrets, upstream_credentials
 from proxy.policy.units import split_userinfo
 from proxy.providers.exchange import DEFAULT_MAX_TOKENS as ANTHROPIC_DEFAULT_MAX_TOKENS
-from proxy.redact import Redactor
 
 
 def compile_plan(loaded: LoadedPolicy) -> Plan:

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from proxy.policy.rates import LimitSpec as LimitSpec  # its home before rate units
+from proxy.policy.redact import EMPTY, Redactor
 from proxy.providers.exchange import DEFAULT_MAX_TOKENS as ANTHROPIC_DEFAULT_MAX_TOKENS
-from proxy.redact import EMPTY, Redactor
 
 Provider = Literal["openai", "anthropic", "mock"]
 IdentifyMode = Literal["api_key", "header", "single", "passthrough"]
@@ -44,7 +44,7 @@ class StreamSpec:
 
 @dataclass(frozen=True, slots=True)
 class BatchRule:
-    """A route's embeddings batching (proxy/batcher.py)."""
+    """A route's embeddings batching (proxy/batching/batcher.py)."""
 
     max_items: int = 256
     max_tokens: int = 100_000
@@ -306,7 +306,7 @@ class IdentifySpec:
 
 @dataclass(frozen=True, slots=True)
 class StateRule:
-    """The limiter store: `memory` (this process) or `redis` (shared by replicas; see admission/redis.py)."""
+    """The limiter store: `memory` (this process) or `redis` (shared by replicas; see admission/redis/store.py)."""
 
     backend: Literal["memory", "redis"] = "memory"
     url: str | None = field(default=None, repr=False)
@@ -346,7 +346,7 @@ class Plan:
     max_buffered_response: int = 32 * 1024 * 1024
     """Largest non-streamed upstream answer read into memory (proxy/upstream/body.py)."""
     secrets: Redactor = field(default=EMPTY, repr=False, compare=False)
-    """Every secret of the policy in every form it is sent, compiled once (proxy/redact.py)."""
+    """Every secret of the policy in every form it is sent, compiled once (proxy/policy/redact.py)."""
 
     def tenant_for_key(self, key: str) -> TenantRule | None:
         name = self.key_index.get(key_digest(key))

@@ -1,5 +1,5 @@
 """Which values of a policy are secrets (pure): what the proxy sends upstream as credentials and what
-identifies a caller. The compiled `Redactor` (proxy/redact.py) removes them from every output."""
+identifies a caller. The compiled `Redactor` (proxy/policy/redact.py) removes them from every output."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from urllib.parse import unquote
 
 from yarl import URL
 
+from proxy.policy.redact import Redactor, basic_values
 from proxy.policy.schema import Policy, Upstream
-from proxy.redact import Redactor, basic_values
 
 
 def policy_secrets(policy: Policy) -> Redactor:
@@ -54,7 +54,7 @@ def _url_credentials(url: str) -> list[str]:
 
 def _redis_credentials(url: str) -> list[str]:
     """`scheme://[user:]password@host...`, sentinel and cluster forms included (several hosts do not
-    parse as one URL, so the user info is cut out by hand, as proxy/admission/redis_client.py does)."""
+    parse as one URL, so the user info is cut out by hand, as proxy/admission/redis/client.py does)."""
     rest = url.partition("://")[2]
     credentials = rest.split("/", 1)[0].rpartition("@")[0]
     if not credentials:

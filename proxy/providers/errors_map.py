@@ -10,6 +10,8 @@ from typing import Any
 
 import orjson
 
+from proxy.errors import anthropic_error_type
+
 # An HTML error page from an intermediary is not a message: keep its head only.
 MAX_MESSAGE_CHARS = 2000
 
@@ -30,32 +32,12 @@ _O_TO_A_TYPE: Mapping[str, str] = {
     "insufficient_quota": "billing_error",
 }
 
-_ANTHROPIC_TYPE_BY_STATUS: Mapping[int, str] = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    402: "billing_error",
-    403: "permission_error",
-    404: "not_found_error",
-    408: "timeout_error",
-    413: "request_too_large",
-    422: "invalid_request_error",
-    429: "rate_limit_error",
-    500: "api_error",
-    503: "overloaded_error",
-    504: "timeout_error",
-    529: "overloaded_error",
-}
-
 _OPENAI_TYPE_BY_STATUS: Mapping[int, str] = {
     401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
     429: "rate_limit_error",
 }
-
-
-def _anthropic_type_for_status(status: int) -> str:
-    return _ANTHROPIC_TYPE_BY_STATUS.get(status, "api_error" if status >= 500 else "invalid_request_error")
 
 
 def _openai_type_for_status(status: int | None) -> str:
@@ -147,7 +129,7 @@ def _anthropic_fields(status: int | None, body: object) -> tuple[str, str]:
     elif isinstance(body, Mapping):
         message = body.get("message") if "message" in body else err
     if not isinstance(kind, str) or not kind:
-        kind = _anthropic_type_for_status(status) if status is not None else "api_error"
+        kind = anthropic_error_type(status) if status is not None else "api_error"
     return kind, _text(message) or _fallback_message(status)
 
 
@@ -183,9 +165,10 @@ def _anthropic_body(kind: str, message: str) -> dict[str, Any]:
 
 def openai_error_to_anthropic(status: int, body: object) -> tuple[int, dict[str, Any]]:
     """An OpenAI-compatible error response → (status, Anthropic error body); the type follows the status
-    (503 → overloaded_error, 504 → timeout_error), since upstream `type` strings vary by server."""
+    (proxy.errors.ANTHROPIC_ERROR_TYPES: 504 → timeout_error, 503 → api_error), since upstream `type` strings
+    vary by server."""
     err = _normalise(status, body)["error"]
-    return status, _anthropic_body(_anthropic_type_for_status(status), err["message"])
+    return status, _anthropic_body(anthropic_error_type(status), err["message"])
 
 
 def openai_stream_error_to_anthropic(data: Mapping[str, Any]) -> dict[str, Any] | None:

@@ -14,21 +14,23 @@ from typing import Any, Literal, Protocol
 
 import orjson
 
-from proxy.providers.anthropic_front_request import anthropic_to_openai_chat
-from proxy.providers.anthropic_request import (
+from proxy.policy.redact import EMPTY, Redactor
+from proxy.providers.anthropic.front_request import anthropic_to_openai_chat
+from proxy.providers.anthropic.front_response import openai_chat_to_anthropic_message
+from proxy.providers.anthropic.front_stream import OpenAIToAnthropicStream
+from proxy.providers.anthropic.request_to import (
     TranslationError,
     include_usage_requested,
     openai_chat_to_anthropic,
 )
-from proxy.providers.anthropic_response import anthropic_message_to_openai, openai_chat_to_anthropic_message
-from proxy.providers.anthropic_stream import AnthropicToOpenAIStream, OpenAIToAnthropicStream
+from proxy.providers.anthropic.response_from import anthropic_message_to_openai
+from proxy.providers.anthropic.stream_from import AnthropicToOpenAIStream
 from proxy.providers.errors_map import (
     anthropic_error_to_openai,
     normalise_anthropic_error,
     normalise_openai_compatible_error,
     openai_error_to_anthropic,
 )
-from proxy.redact import EMPTY, Redactor
 
 Kind = Literal["pass", "openai_to_anthropic", "anthropic_to_openai"]
 DEFAULT_MAX_TOKENS = 4096

@@ -1,4 +1,5 @@
-"""Moves an upstream response to the client: whole bodies (whole.py), or SSE streams event by event.
+"""The relay, ingress's one call for an upstream's answer: `respond` moves it to the client, whatever it is:
+an SSE stream event by event, a whole body, or either after a queued stream's 200 already went out.
 
 Stream rules: write only whole events (so an injected heartbeat never splits one), read the next
 upstream chunk only after the previous write left the client's queue small (sink.py: a slow client
@@ -7,8 +8,9 @@ KiB), close the upstream the moment the client goes, and end a broken stream wit
 the client's protocol. A single watchdog timer per stream does the timing (heartbeats, first-token and
 idle limits, the deadline, a slow client) so the per-event path carries no timers.
 
-Modules: pump.py (read, decode, translate, write), sink.py (bounded writes, heartbeat framing),
-watchdog.py (the timer), queued.py (the waiting room), whole.py (non-streamed bodies).
+Modules: pump.py (read and write), framing.py (pure: what each chunk becomes, how the stream ended),
+sink.py (bounded writes, heartbeat framing), watchdog.py (the timer), queued.py (the waiting room),
+whole.py (non-streamed bodies).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 
 import aiohttp
 from aiohttp import web
@@ -24,8 +28,9 @@ from multidict import CIMultiDict
 from proxy.call import Call
 from proxy.errors import ProxyError, SlowClient
 from proxy.policy.plan import TimeoutSpec
+from proxy.policy.redact import EMPTY, Redactor
+from proxy.providers import exchange as exchanges
 from proxy.providers.exchange import StreamTranslator
-from proxy.redact import EMPTY, Redactor
 from proxy.streaming.failure import finish_with_error
 from proxy.streaming.pump import pump
 from proxy.streaming.queued import QueuedStream
@@ -35,29 +40,93 @@ from proxy.streaming.sink import Sink, Watch
 from proxy.streaming.sse import SSEDecoder
 from proxy.streaming.watchdog import Watchdog
 from proxy.streaming.whole import BodyTransform, respond_whole
-from proxy.tasks import spawn
+from proxy.tasks import Deadline, spawn
+from proxy.upstream.body import Whole
 
-__all__ = ["BodyTransform", "QueuedStream", "StreamSettings", "respond_stream", "respond_whole", "route_settings"]
+__all__ = ["Answer", "QueuedStream", "StreamSettings", "respond", "route_settings", "waiting_room"]
 
 
-async def respond_stream(
+@dataclass(slots=True)
+class Answer:
+    """An upstream's answer as dispatch handed it over, with what relaying it needs."""
+
+    upstream: aiohttp.ClientResponse
+    headers: CIMultiDict[str]
+    """The client's response headers, already built from the upstream's."""
+    timeouts: TimeoutSpec
+    """The timeouts of the route that answered (a fallback's may differ from the call's own)."""
+    deadline: float
+    """The call's `timeouts.total`, as a `time.monotonic()` time."""
+    redact: Redactor = EMPTY
+    whole: Whole | None = None
+    """What dispatch already read of a non-streamed answer."""
+
+
+def waiting_room(request: web.Request, call: Call, process: StreamSettings) -> QueuedStream | None:
+    """Streams on a queue with heartbeat_while_queued get their headers early if they must wait."""
+    route = call.route
+    queue = route.queue if route is not None else None
+    if not call.stream or queue is None or not queue.heartbeat:
+        return None
+    assert route is not None
+    return QueuedStream(request, call, route_settings(process, route.stream).heartbeat)
+
+
+async def respond(
     request: web.Request,
     call: Call,
-    upstream: aiohttp.ClientResponse,
-    headers: CIMultiDict[str],
-    timeouts: TimeoutSpec,
-    settings: StreamSettings,
-    deadline: float,
-    translator: StreamTranslator | None = None,
+    answer: Answer,
+    process: StreamSettings,
     open_streams: set[Callable[[ProxyError], None]] | None = None,
-    prepared: web.StreamResponse | None = None,
-    redact: Redactor = EMPTY,
+    clock: Deadline | None = None,
+) -> web.StreamResponse:
+    """Relay `answer` to the client and return the response once it has ended, however it ended.
+
+    An SSE answer to a stream request is relayed event by event (translated when the client speaks another
+    protocol than the upstream) with the route's stream settings over `process`; `clock`, the call's total
+    deadline, is stopped there, as the stream's watchdog owns every time limit past the headers. Anything
+    else is a whole body, translated or normalised unless it passes through. A stream whose 200 went out
+    while it was queued (`call.waiting`) gets its events, or its error as an event, after that 200."""
+    upstream = answer.upstream
+    exchange = call.exchange
+    assert exchange is not None and call.route is not None
+    waiting = call.waiting if isinstance(call.waiting, QueuedStream) else None
+    prepared = waiting.response if waiting is not None else None  # out while queued, in the flow or dispatch
+    if call.stream and upstream.status == 200 and upstream.content_type == "text/event-stream":
+        if clock is not None:
+            clock.cancel()
+        translator = exchanges.stream_translator(exchange, call.body or {}, call.model, int(call.started_wall))
+        settings = route_settings(process, call.route.stream)
+        return await _stream(request, call, answer, settings, translator, open_streams, prepared)
+    transform: BodyTransform | None = None
+    if exchange.kind != "pass" or upstream.status >= 400:
+        transform = partial(exchanges.response_body, exchange, model=call.model, created=int(call.started_wall),
+                            redact=answer.redact)
+    # A stream request answered with a whole body (an error, or a server that ignores `stream`) has no
+    # socket read timeout (streams are timed by the relay's watchdog): first_token bounds that read.
+    read_timeout = answer.timeouts.first_token if call.stream else None
+    if waiting is not None and prepared is not None:
+        return await waiting.relay_whole(upstream, transform, read_timeout, answer.whole)
+    return await respond_whole(
+        call, upstream, answer.headers, transform, read_timeout, request=request, whole=answer.whole
+    )
+
+
+async def _stream(
+    request: web.Request,
+    call: Call,
+    answer: Answer,
+    settings: StreamSettings,
+    translator: StreamTranslator | None,
+    open_streams: set[Callable[[ProxyError], None]] | None,
+    prepared: web.StreamResponse | None,
 ) -> web.StreamResponse:
     """Relay an SSE stream; returns the prepared response once the stream has ended, however it ended.
 
     With a `translator`, each upstream event is parsed and re-encoded in the client's protocol;
     without one, events pass through byte for byte. `prepared`: the 200 and SSE headers already went
     out while the request was queued (QueuedStream); the events follow them."""
+    upstream, headers = answer.upstream, answer.headers
     watch = Watch(time.monotonic())
     if prepared is not None:
         response = prepared
@@ -73,7 +142,7 @@ async def respond_stream(
     sink.source = upstream.connection.transport if upstream.connection is not None else None
     # first_token counts from when the request was sent, so the wait for the headers counts too.
     sent_ago = call.attempts[-1].duration if call.attempts else 0.0
-    dog = Watchdog(request, sink, upstream, timeouts, settings, deadline, sent_ago)
+    dog = Watchdog(request, sink, upstream, answer.timeouts, settings, answer.deadline, sent_ago)
     decoder = SSEDecoder()
 
     def end(error: ProxyError) -> None:
@@ -86,7 +155,7 @@ async def respond_stream(
         open_streams.add(end)
     ended = False  # the upstream's stream ended and nothing failed: its connection may be reused
     try:
-        await pump(sink, upstream, decoder, call, settings, translator, redact)
+        await pump(sink, upstream, decoder, call, settings, translator, answer.redact)
         ended = watch.failure is None
     except ConnectionResetError:
         call.client_gone = True
@@ -102,27 +171,37 @@ async def respond_stream(
         RECLAIMER.stream_ended()
     try:
         if not call.client_gone:
-            if watch.failure is not None:
-                await finish_with_error(response, call, watch.failure)
-            else:
-                try:
-                    await response.write_eof()
-                except ConnectionResetError:
-                    call.client_gone = True
+            await _close(response, call, watch.failure)
     finally:
-        if not ended or call.client_gone:
-            upstream.close()
-        elif upstream.content.at_eof():
-            upstream.release()  # the whole body is read: the connection goes back to the pool
-        else:
-            try:
-                await asyncio.sleep(0)  # one loop turn: the chunk terminator is usually in the socket already
-            finally:
-                if upstream.content.at_eof():
-                    upstream.release()
-                else:  # off the request's own time (access log, metrics)
-                    spawn(_recycle(upstream), name="recycle")
+        await _give_back(upstream, reuse=ended and not call.client_gone)
     return response
+
+
+async def _close(response: web.StreamResponse, call: Call, failure: ProxyError | None) -> None:
+    """End the client's stream: with one error event if it failed, else cleanly."""
+    if failure is not None:
+        await finish_with_error(response, call, failure)
+        return
+    try:
+        await response.write_eof()
+    except ConnectionResetError:
+        call.client_gone = True
+
+
+async def _give_back(upstream: aiohttp.ClientResponse, *, reuse: bool) -> None:
+    """The upstream connection of an ended stream: back to the pool once its body is read, else closed."""
+    if not reuse:
+        upstream.close()
+    elif upstream.content.at_eof():
+        upstream.release()  # the whole body is read: the connection goes back to the pool
+    else:
+        try:
+            await asyncio.sleep(0)  # one loop turn: the chunk terminator is usually in the socket already
+        finally:
+            if upstream.content.at_eof():
+                upstream.release()
+            else:  # off the request's own time (access log, metrics)
+                spawn(_recycle(upstream), name="recycle")
 
 
 _RECYCLE_WAIT = 0.1

@@ -100,15 +100,17 @@ class Sink:
     async def write(self, data: bytes) -> None:
         """Whole events (or a heartbeat at a boundary); returns once the client has room for more."""
         watch = self.watch
-        if not self.id_sent:
+        if not self.id_sent and b"id:" in data:
             self.id_sent = has_id_line(data)
         if not watch.writing:
             watch.write_started = time.monotonic()  # the oldest write still blocked is what a slow client is judged by
         watch.writing += 1
         try:
-            if len(data) <= PIECE:
+            if len(data) <= PIECE:  # the per-event path: no coroutine for room() unless the queue is full
                 await self.response.write(data)
-                await self.room()
+                transport = self.transport
+                if transport is not None and transport.get_write_buffer_size() > WRITE_HIGH:
+                    await self.room()
                 return
             for start in range(0, len(data), PIECE):
                 await self.response.write(data[start : start + PIECE])

@@ -11,9 +11,9 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy.batching.merge import usage_of
 from proxy.call import Call
 from proxy.errors import UpstreamBadResponse
+from proxy.providers.usage import usage_of
 from proxy.streaming.failure import read_failure
 from proxy.upstream.body import Whole, read_capped
 

@@ -11,15 +11,15 @@ from typing import Any
 import aiohttp
 import orjson
 
-from proxy import multipart
 from proxy.call import Call
 from proxy.errors import InvalidRequest, UpstreamTimeout, UpstreamUnreachable
-from proxy.headers import credentials_of, upstream_headers
 from proxy.policy.plan import DeploymentSpec, UpstreamSpec
 from proxy.providers import exchange as exchanges
+from proxy.providers import multipart
 from proxy.providers.exchange import Exchange
 from proxy.upstream.body import Whole, read_capped
 from proxy.upstream.client import UpstreamClients, send_once
+from proxy.upstream.headers import credentials_of, upstream_headers
 
 
 def upstream_body(call: Call, model_rewrite: str | None = None) -> bytes | None:

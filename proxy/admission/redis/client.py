@@ -4,7 +4,7 @@ redis-py's asyncio clients do the work (connection pooling, Sentinel discovery, 
 this module only maps URL schemes onto them with the store's settings: no client-side retries (the
 store decides what may be sent again) and a bounded pool. Connecting and waiting for a pooled
 connection get the store's longest wait, LATE_LIMIT bounds: whether a call is slow or lost is decided
-around it (`redis_health.py`), and a cold pool on a busy replica connects slowly without Redis being down.
+around it (`health.py`), and a cold pool on a busy replica connects slowly without Redis being down.
 
     redis://[user:pass@]host:6379/0   rediss://... (TLS)   unix:///run/redis.sock?db=0
     redis+sentinel://[user:pass@]host:26379[,host:port...]/<service>[/db]   (rediss+sentinel: TLS)
@@ -23,7 +23,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from proxy.admission.redis_health import LATE_LIMIT
+from proxy.admission.redis.health import LATE_LIMIT
 from proxy.policy.plan import StateRule
 
 
@@ -51,31 +51,43 @@ def parse(url: str) -> Target:
         raise ValueError(f"unsupported Redis URL scheme {scheme}://")
     tls = base == "rediss"
     if base == "unix" or not mode:
-        parts = urlsplit(url)
-        host = parts.path if base == "unix" else (parts.hostname or "localhost")
-        where = f"{base}://{host}" + (f":{parts.port or 6379}" if base != "unix" else "")
-        return Target("standalone", tls, ((host, parts.port or 6379),), None, None, None, 0, where)
+        return _standalone(url, base, tls)
     credentials, _, location = rest.rpartition("@")
-    username, password = None, None
-    if credentials:
-        user, _, secret = credentials.partition(":")
-        username, password = (unquote(user) or None), (unquote(secret) or None)
+    username, password = _credentials(credentials)
     netloc, _, path = location.partition("/")
     default_port = 26379 if mode == "sentinel" else 6379
     hosts = tuple(_host_port(item, default_port) for item in netloc.split(",") if item)
     if not hosts:
         raise ValueError(f"{scheme}:// needs at least one host:port")
-    segments = [s for s in path.split("?")[0].split("/") if s]
-    service, db = None, 0
+    service, db = _service_and_db(scheme, mode, [s for s in path.split("?")[0].split("/") if s])
+    where = f"{scheme}://" + ",".join(f"{h}:{p}" for h, p in hosts) + (f"/{service}" if service else "")
+    return Target(mode, tls, hosts, username, password, service, db, where)
+
+
+def _standalone(url: str, base: str, tls: bool) -> Target:
+    """redis://, rediss:// and unix:// (redis-py reads their credentials and db from the URL itself)."""
+    parts = urlsplit(url)
+    host = parts.path if base == "unix" else (parts.hostname or "localhost")
+    where = f"{base}://{host}" + (f":{parts.port or 6379}" if base != "unix" else "")
+    return Target("standalone", tls, ((host, parts.port or 6379),), None, None, None, 0, where)
+
+
+def _credentials(credentials: str) -> tuple[str | None, str | None]:
+    if not credentials:
+        return None, None
+    user, _, secret = credentials.partition(":")
+    return (unquote(user) or None), (unquote(secret) or None)
+
+
+def _service_and_db(scheme: str, mode: str, segments: list[str]) -> tuple[str | None, int]:
+    """Sentinel: /<service>[/db]; Cluster: database 0 only."""
     if mode == "sentinel":
         if not segments:
             raise ValueError(f"{scheme}:// needs the service name: {scheme}://host:26379/<service>")
-        service = unquote(segments[0])
-        db = int(segments[1]) if len(segments) > 1 else 0
-    elif segments and segments[0] != "0":
+        return unquote(segments[0]), int(segments[1]) if len(segments) > 1 else 0
+    if segments and segments[0] != "0":
         raise ValueError("a Redis Cluster has only database 0")
-    where = f"{scheme}://" + ",".join(f"{h}:{p}" for h, p in hosts) + (f"/{service}" if service else "")
-    return Target(mode, tls, hosts, username, password, service, db, where)
+    return None, 0
 
 
 def _host_port(item: str, default: int) -> tuple[str, int]:
@@ -92,7 +104,7 @@ def connect(rule: StateRule) -> tuple[Any, Target]:
     target = parse(rule.url)
     common: dict[str, Any] = {
         # Reads carry no socket timeout of their own: the store bounds every call as a whole
-        # (redis_health.Call), and a second timer per read costs ~15 % of a call's CPU.
+        # (health.Call), and a second timer per read costs ~15 % of a call's CPU.
         "socket_timeout": None,
         "socket_connect_timeout": rule.timeout * LATE_LIMIT,
         "retry": Retry(NoBackoff(), 0),

@@ -15,7 +15,7 @@ answers are built inside `RequestHandler`), so this subclass adds, per connectio
 - a malformed body (bad chunk framing after the head went to a handler) fails that body's read, so the
   handler answers the one 400, instead of aiohttp queuing a second answer behind a read that never ends.
 
-The body's own clock is in `proxy.edge.timeouts.read_body`. This relies on a few RequestHandler internals
+The body's own clock is in `proxy.ingress.edge.timeouts.read_body`. This relies on a few RequestHandler internals
 (`_messages`, `_waiter`, `_request_in_progress`, `_next_keepalive_close_time`, `_ErrInfo`), which the
 tests in tests/test_edge_*.py exercise through real sockets.
 """
@@ -32,11 +32,10 @@ from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from aiohttp.web_request import BaseRequest
 
-from proxy.edge import answers
-from proxy.edge.timeouts import ClientTimeouts
 from proxy.errors import ProxyError, render
-from proxy.ingress import request_id_of
-from proxy.runtime import STATE
+from proxy.ingress.edge import answers
+from proxy.ingress.identify import request_id_of
+from proxy.runtime import STATE, ClientTimeouts
 from proxy.telemetry.hot import HotCounter
 
 log = logging.getLogger("signalbox.edge")

@@ -1,12 +1,12 @@
 """The Redis limiter store: limits shared by every replica that points at the same Redis.
 
-One admission decision is one round trip: an EVALSHA of the acquire script (`redis_scripts.py`), which
+One admission decision is one round trip: an EVALSHA of the acquire script (`scripts.py`), which
 checks every window of every limit of the request (with the class's headroom) and counts it in all or
 none, on Redis's clock. Settle and release are one more round trip each, only when the request holds
 tokens or a lease. One keeper task per store renews this replica's leases (one call per round, not a
 timer per request); a dead replica's leases are reclaimed by the next acquire after they expire.
 
-Redis trouble never fails a request: every call is bounded (`redis_health.py`: a slow answer is not an
+Redis trouble never fails a request: every call is bounded (`health.py`: a slow answer is not an
 outage) and goes through the store's own circuit breaker (`degrade.py`). A failed call, or any call
 while the breaker is open, is decided locally on what is left of this replica's share, limit ÷ expected
 replicas, counting what Redis admitted here too (`failopen.py`); the keeper probes Redis after each
@@ -29,14 +29,14 @@ from typing import Any
 
 from redis.exceptions import NoScriptError
 
-from proxy.admission import redis_codec as codec
-from proxy.admission.failopen import FailOpen
-from proxy.admission.limits import WINDOW, Refusal, Usage
+from proxy.admission.limits import WINDOW, Refusal, Usage, longer
 from proxy.admission.local import LocalStore
-from proxy.admission.redis_client import connect
-from proxy.admission.redis_health import FAILURES, Health, Skipped, Unavailable
-from proxy.admission.redis_keeper import Keeper
-from proxy.admission.redis_scripts import ACQUIRE, ADJUST, LEASES, SCRIPTS, SNAPSHOT, Script
+from proxy.admission.redis import codec as codec
+from proxy.admission.redis.client import connect
+from proxy.admission.redis.failopen import FailOpen
+from proxy.admission.redis.health import FAILURES, Health, Skipped, Unavailable
+from proxy.admission.redis.keeper import Keeper
+from proxy.admission.redis.scripts import ACQUIRE, ADJUST, LEASES, SCRIPTS, SNAPSHOT, Script
 from proxy.admission.store import Reservation
 from proxy.policy.plan import Limit, StateRule
 from proxy.tasks import TaskSet
@@ -281,7 +281,7 @@ class RedisStore:
                 raise reply
             if int(reply[0]) != 1:
                 found = codec.refusal([p], reply, tokens, minute, headroom)
-                if codec.longer(found, worst):
+                if longer(found, worst):
                     worst = found
         assert worst is not None
         return worst

@@ -1,4 +1,4 @@
-"""The Lua scripts of the Redis limiter store (text only; `redis.py` loads them once and runs them by SHA).
+"""The Lua scripts of the Redis limiter store (text only; `store.py` loads them once and runs them by SHA).
 
 Each script does one whole decision atomically inside Redis with Redis's own clock (`TIME`), so no
 replica's clock matters. The arithmetic is the one of `window.SlidingWindow`, line for line: two fixed

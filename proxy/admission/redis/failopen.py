@@ -14,10 +14,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from proxy.admission import redis_codec as codec
-from proxy.admission.degrade import local_share
 from proxy.admission.limits import WINDOW, Refusal
 from proxy.admission.local import LocalStore
+from proxy.admission.redis import codec as codec
+from proxy.admission.redis.degrade import local_share
 from proxy.admission.store import Reservation
 from proxy.policy.plan import Limit
 

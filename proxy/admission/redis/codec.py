@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.admission.limits import WINDOW, KeyState, Refusal, Usage
+from proxy.admission.limits import WINDOW, KeyState, Refusal, Usage, longer
 from proxy.policy.plan import Limit
 from proxy.policy.rates import RATE_UNITS
 
@@ -191,15 +191,3 @@ def snapshot(prepared: Sequence[Prepared], reply: Sequence[Any], minute: float) 
         state, at = key_state(p, reply, at, minute)
         usage.append(state.usage(now))
     return usage
-
-
-def longer(refusal: Refusal, than: Refusal | None) -> bool:
-    """The refusal a client should hear about: "never" first, then the longest exact wait (the order
-    the in-memory store uses)."""
-    if than is None or refusal.retry_after is None:
-        return True
-    if than.retry_after is None:
-        return False
-    if refusal.exact != than.exact:
-        return refusal.exact
-    return refusal.retry_after > than.retry_after

@@ -10,11 +10,11 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from proxy.admission.failopen import Unshared
-from proxy.admission.redis_health import Unavailable, keeper_tick
+from proxy.admission.redis.failopen import Unshared
+from proxy.admission.redis.health import Unavailable, keeper_tick
 
 if TYPE_CHECKING:
-    from proxy.admission.redis import RedisStore
+    from proxy.admission.redis.store import RedisStore
 
 log = logging.getLogger("signalbox.limits")
 

@@ -12,7 +12,10 @@ from collections.abc import Iterable, Mapping
 from multidict import CIMultiDict
 
 from proxy.policy.plan import Matcher, UpstreamSpec
-from proxy.redact import EMPTY, Redactor
+from proxy.policy.redact import EMPTY, Redactor
+
+QUEUE_WAIT_HEADER = "x-signalbox-queue-wait-ms"
+"""On every answer: how long the request waited in its queue before it was sent (0: it did not wait)."""
 
 HOP_BY_HOP = frozenset(
     {

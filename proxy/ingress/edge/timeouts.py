@@ -1,43 +1,19 @@
-"""How long a client may take to send its request or keep a connection idle, and the body read that
-enforces the body limits.
-
-Defaults, for a proxy whose clients are SDKs that write a whole request at once:
-
-- header 10 s: an SDK sends its head (< 2 KiB) in one write; 10 s covers a few TCP retransmissions.
-  Counted from the accept for a new connection, from the first byte of the next request on a kept-alive one.
-- body idle 30 s: no body byte for this long ends the request with a 408. A gap in a live upload is a
-  network stall, and TCP's retransmission backoff (1+2+4+8 s) stays well under it.
-- body 120 s: the whole body, however it trickles. A 25 MiB upload (the largest the OpenAI API takes)
-  needs 1.7 Mbit/s to make it.
-- keep-alive 75 s: an idle connection between requests. Longer than the 60 s idle timeout of the usual
-  balancers and ingress controllers in front of a proxy (which must close first, or a request they send
-  on a connection we are closing fails), and than every SDK's pool expiry (5 s for the Python and Node
-  SDKs). nginx uses the same default.
-"""
+"""The timed read of a request body, which enforces the body limits of `ClientTimeouts` (their defaults
+and why: proxy/runtime.py)."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from aiohttp import StreamReader
 from aiohttp.web import RequestPayloadError
 
 from proxy.errors import MalformedRequest, ProxyError, RequestTimeout
+from proxy.runtime import ClientTimeouts
 
 CLOSE = {"connection": "close"}
 """On an answer whose request's bytes were not all read: the connection cannot carry another request."""
-
-
-@dataclass(frozen=True, slots=True)
-class ClientTimeouts:
-    """Process settings (`serve --header-timeout ...`), seconds."""
-
-    header: float = 10.0
-    body_idle: float = 30.0
-    body: float = 120.0
-    keepalive: float = 75.0
 
 
 async def read_body(

@@ -1,5 +1,5 @@
-"""Complete (non-streaming) responses between Anthropic Messages and OpenAI chat completions, plus the
-finish-reason, usage and id mappings the stream translators share. Pure code over parsed JSON."""
+"""What both directions of the Anthropic ⇄ OpenAI translation share: finish and stop reasons, usage, ids and
+tool-call arguments. Pure code over parsed JSON."""
 
 from __future__ import annotations
 
@@ -91,40 +91,6 @@ def tool_arguments(tool_input: object) -> str:
     return orjson.dumps(tool_input if tool_input is not None else {}).decode()
 
 
-def anthropic_message_to_openai(body: Mapping[str, Any], *, model: str, created: int) -> dict[str, Any]:
-    """An Anthropic Message → an OpenAI chat.completion. Text blocks are joined; thinking, redacted
-    thinking and server-tool blocks have no OpenAI field and are dropped."""
-    texts: list[str] = []
-    calls: list[dict[str, Any]] = []
-    for block in body.get("content") or ():
-        if not isinstance(block, Mapping):
-            continue
-        if block.get("type") == "text":
-            texts.append(str(block.get("text", "")))
-        elif block.get("type") == "tool_use":
-            function = {"name": block.get("name"), "arguments": tool_arguments(block.get("input"))}
-            calls.append({"id": block.get("id"), "type": "function", "function": function})
-    message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts or not calls else None}
-    message["refusal"] = None
-    if calls:
-        message["tool_calls"] = calls
-    choice = {
-        "index": 0,
-        "message": message,
-        "finish_reason": openai_finish_reason(body.get("stop_reason")),
-        "logprobs": None,
-    }
-    usage = body.get("usage")
-    return {
-        "id": openai_id(body.get("id")),
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [choice],
-        "usage": anthropic_usage_to_openai(usage if isinstance(usage, Mapping) else {}),
-    }
-
-
 def tool_input(arguments: object) -> dict[str, Any]:
     """OpenAI `arguments` → Anthropic tool_use input. Output cut short by max tokens is not valid JSON;
     like Anthropic's own truncated tool_use, it becomes an empty object rather than failing the reply."""
@@ -135,36 +101,3 @@ def tool_input(arguments: object) -> dict[str, Any]:
     except orjson.JSONDecodeError:
         return {}
     return parsed if isinstance(parsed, dict) else {}
-
-
-def openai_chat_to_anthropic_message(body: Mapping[str, Any], *, model: str) -> dict[str, Any]:
-    """An OpenAI chat.completion → an Anthropic Message; only the first choice (we never ask for n>1)."""
-    choices = body.get("choices") or [{}]
-    choice = choices[0] if isinstance(choices[0], Mapping) else {}
-    message = choice.get("message")
-    message = message if isinstance(message, Mapping) else {}
-    content: list[dict[str, Any]] = []
-    for text in (message.get("content"), message.get("refusal")):
-        if isinstance(text, str) and text:
-            content.append({"type": "text", "text": text})
-    for call in message.get("tool_calls") or ():
-        function = call.get("function") if isinstance(call, Mapping) else None
-        if isinstance(call, Mapping) and isinstance(function, Mapping):
-            block = {
-                "id": call.get("id"),
-                "name": function.get("name"),
-                "input": tool_input(function.get("arguments")),
-            }
-            content.append({"type": "tool_use", **block})
-    stop_reason, stop_sequence = anthropic_stop(choice.get("finish_reason"), choice.get("stop_reason"))
-    usage = body.get("usage")
-    return {
-        "id": anthropic_id(body.get("id")),
-        "type": "message",
-        "role": "assistant",
-        "model": model,
-        "content": content,
-        "stop_reason": stop_reason,
-        "stop_sequence": stop_sequence,
-        "usage": openai_usage_to_anthropic(usage if isinstance(usage, Mapping) else None),
-    }

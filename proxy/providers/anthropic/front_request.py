@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from proxy.providers.anthropic_request import FieldHandling, TranslationError
+from proxy.providers.anthropic.request_to import FieldHandling, TranslationError
 
 # Coverage table for docs/policy/translation.md; fields not listed are dropped (OpenAI rejects unknown fields).
 ANTHROPIC_REQUEST_FIELDS: tuple[FieldHandling, ...] = (

@@ -25,7 +25,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from proxy.admission.degrade import Breaker
+from proxy.admission.redis.degrade import Breaker
 from proxy.policy.plan import StateRule
 from proxy.tasks import spawn
 from proxy.telemetry.metrics import Metrics

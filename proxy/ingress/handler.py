@@ -1,0 +1,168 @@
+"""Public handlers and `handle(call)`: THE data path, read top to bottom.
+
+identify tenant -> read and parse the body once -> resolve the route -> admission (limits) ->
+scheduler (a queue slot) -> dispatch -> relay.
+Every proxy-made refusal is a `ProxyError` rendered by `errors.render`; metrics and the access log
+are fed once, in `finally`, from the `Call`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from proxy.call import Call
+from proxy.errors import (
+    InvalidRequest,
+    Protocol,
+    ProxyError,
+    UpstreamTimeout,
+    render,
+)
+from proxy.flow.admit import NOTHING
+from proxy.flow.scheduler import PRIORITY_HEADER
+from proxy.ingress.identify import has_dot_segment, identify, request_id_of, resolve
+from proxy.ingress.models import list_models
+from proxy.ingress.read import read_body
+from proxy.runtime import STATE, Runtime
+from proxy.streaming import relay
+from proxy.tasks import Deadline
+from proxy.upstream import dispatch
+from proxy.upstream.headers import QUEUE_WAIT_HEADER, client_headers
+
+CLIENT_CLOSED = 499  # nginx's convention for "client closed the request"
+log = logging.getLogger("signalbox.ingress")
+
+
+Stage = Callable[[web.Request, Call, Runtime], Awaitable[web.StreamResponse]]
+
+
+async def proxy_handler(request: web.Request) -> web.StreamResponse:
+    return await _served(request, handle, "anthropic" if request.path.startswith("/v1/messages") else "openai")
+
+
+async def models_handler(request: web.Request) -> web.StreamResponse:
+    """GET /v1/models and /v1/models/{id}: answered by the proxy from the policy, in the caller's protocol
+    (the anthropic SDK sends `anthropic-version` and expects Anthropic's Models API shape)."""
+    return await _served(request, list_models, "anthropic" if "anthropic-version" in request.headers else "openai")
+
+
+async def _served(request: web.Request, stage: Stage, protocol: Protocol) -> web.StreamResponse:
+    """One request through `stage`: errors in the client's protocol, then metrics and the access log."""
+    state = request.app[STATE]
+    call = Call(
+        request_id=request_id_of(request.headers),
+        plan=state.plans.current,
+        method=request.method,
+        path=request.rel_url.raw_path,  # percent-encoded as sent: matched and forwarded without decoding
+        protocol=protocol,
+        started=time.perf_counter(),
+    )
+    state.in_flight += 1
+    try:
+        return await stage(request, call, state)
+    except ProxyError as err:
+        call.status = err.status
+        call.error = err.reason
+        err.headers[QUEUE_WAIT_HEADER] = _ms(call.queue_wait)
+        return render(err, call.protocol, call.request_id)
+    except ConnectionResetError:
+        call.client_gone = True
+        call.status = call.status or CLIENT_CLOSED
+        raise
+    except Exception:
+        log.exception("request %s failed inside the proxy", call.request_id)
+        internal = ProxyError(f"internal error in the proxy (request id {call.request_id}); please report it")
+        call.status = internal.status
+        call.error = internal.reason
+        return render(internal, call.protocol, call.request_id)
+    except asyncio.CancelledError:
+        call.client_gone = True
+        call.status = call.status or CLIENT_CLOSED
+        raise
+    finally:
+        state.in_flight -= 1
+        state.metrics.record(call)
+        state.access_log.write(call)
+
+
+async def handle(request: web.Request, call: Call, state: Runtime) -> web.StreamResponse:
+    plan = call.plan
+    if ("." in call.path or "%" in call.path) and has_dot_segment(call.path):
+        raise InvalidRequest(
+            f"the path {call.path} has a '.' or '..' segment; send the path without them",
+            param="path",
+        )
+    call.tenant = identify(request, plan)
+    await read_body(request, call, plan.max_body_size, state.settings.client_timeouts)
+    call.route = resolve(call, plan)
+    asked = request.headers.get(PRIORITY_HEADER)
+    if call.route.batch is not None:  # embeddings: limits taken one by one, one queue slot per batch
+        async with state.scheduler.enter(call, asked, slot=False):
+            return await state.batcher.submit(request, call)
+    waiting = call.waiting = relay.waiting_room(request, call, state.stream_settings)
+    entry = state.scheduler.enter(call, asked, waiting)
+    if entry is NOTHING:
+        return await forward(request, call, state)  # no limit, no queue: nothing to enter or leave
+    try:
+        async with entry:
+            return await forward(request, call, state)
+    except ProxyError as err:
+        if waiting is None or waiting.response is None:
+            raise
+        return await waiting.fail(err)  # the 200 already went out while queued: an error event
+
+
+async def forward(request: web.Request, call: Call, state: Runtime) -> web.StreamResponse:
+    """Dispatch (retries, fallbacks), then the relay, called once for every kind of answer (stream, whole
+    body, after a queued stream's early 200); `timeouts.total` counts from here, after any wait for
+    admission or a slot, and covers every retry and fallback."""
+    assert call.route is not None
+    plan = call.plan
+    deadline = time.monotonic() + call.route.timeouts.total
+    sent: dispatch.Sent | None = None
+    guard = Deadline(call.route.timeouts.total)
+    try:
+        sent = await dispatch.dispatch(
+            call,
+            state.clients,
+            request.headers,
+            request.rel_url.raw_query_string,  # still percent-encoded: forwarded as the client sent it
+            passthrough_auth=plan.identify.mode == "passthrough",
+            identify_header=plan.identify.header if plan.identify.mode != "api_key" else None,
+            deadline=deadline,
+        )
+        upstream = sent.response
+        call.status = upstream.status
+        answered_by = plan.upstreams.get(sent.deployment.upstream)
+        redact = state.secrets.current  # errors: every secret; a success's headers: what went upstream
+        headers = client_headers(
+            upstream.headers.items(), request_id=call.request_id, route=call.route.name, upstream_name=call.upstream,
+            hide=answered_by.hide_response_headers if answered_by is not None else None,
+            redact=redact if upstream.status >= 400 or answered_by is None else answered_by.secrets,
+        )
+        dispatch.annotate(headers, call, sent)
+        headers[QUEUE_WAIT_HEADER] = _ms(call.queue_wait)
+        answer = relay.Answer(upstream, headers, sent.route.timeouts, deadline, redact, sent.body)
+        return await relay.respond(request, call, answer, state.stream_settings, state.open_streams, guard)
+    except (asyncio.CancelledError, TimeoutError) as exc:
+        if isinstance(exc, asyncio.CancelledError) and not guard.expired():
+            raise  # the client went away: not a timeout
+        late = UpstreamTimeout("the request ran past its total deadline (timeouts.total)", should_retry=False)
+        raise dispatch.counted(late, call) from None
+    except ProxyError as err:
+        raise dispatch.counted(err, call) from None
+    finally:
+        guard.cancel()
+        if sent is not None:
+            sent.done()
+
+
+def _ms(seconds: float) -> str:
+    return str(round(seconds * 1000))
+
+
