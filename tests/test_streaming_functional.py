@@ -419,6 +419,7 @@ async def test_slow_client_limit_ends_the_stream_and_closes_the_upstream(
         await client.close()
     line = proxy.access_lines()[-1]
     assert line["status"] == 200 and line["client_gone"] is True and line["stream"] is True
+    assert line["outcome"] == "cancelled" and line["reason"] == "slow_client"
     assert line["error"] == "slow_client"  # told apart from a client that left on its own
     assert 'signalbox_proxy_errors_total{reason="slow_client"} 1.0' in await metrics_text(proxy)
 
