@@ -4,7 +4,7 @@ reading /metrics samples by label, and raw streams a test can abandon at a chose
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import aiohttp
@@ -92,6 +92,15 @@ async def idle(proxy: Proxy) -> None:
     async with asyncio.timeout(5):
         while proxy.state.in_flight:  # noqa: ASYNC110 - a plain counter in the proxy
             await asyncio.sleep(0.01)
+
+
+def start(coro: Awaitable[Any]) -> asyncio.Task[Any]:
+    """A request running in the background (the client side of a test)."""
+
+    async def run() -> Any:
+        return await coro
+
+    return asyncio.get_running_loop().create_task(run())
 
 
 async def until(predicate: Any, within: float = 5.0) -> None:

@@ -12,7 +12,7 @@ import aiohttp
 import openai
 import pytest
 from conftest import Proxy
-from outcome_helpers import auth, body, idle, line_of, metrics, mock_url, policy, post, sample, until
+from outcome_helpers import auth, body, idle, line_of, metrics, mock_url, policy, post, sample, start, until
 
 pytestmark = pytest.mark.timeout(30)
 __all__ = ["mock_url"]  # the fixture
@@ -119,9 +119,9 @@ async def test_a_full_queue_429_is_rejected_with_its_reason(start_proxy: StartPr
     proxy = await start_proxy(policy(mock_url))
     queue = proxy.state.scheduler
 
-    holder = asyncio.create_task(post(proxy, body("tight-1"), auth(ttft_ms="1500")))  # holds the one slot
+    holder = start(post(proxy, body("tight-1"), auth(ttft_ms="1500")))  # holds the one slot
     await until(lambda: "tight" in queue.queues and queue.queues["tight"].active == 1)
-    waiter = asyncio.create_task(post(proxy, body("tight-1"), auth()))  # the one place in line
+    waiter = start(post(proxy, body("tight-1"), auth()))  # the one place in line
     await until(lambda: len(queue.queues["tight"].board) == 1)
     status, _ = await post(proxy, body("tight-1"), {**auth(), "x-request-id": "r-full"})
     assert status == 429
@@ -137,9 +137,9 @@ async def test_a_full_queue_429_is_rejected_with_its_reason(start_proxy: StartPr
 async def test_a_waiter_that_leaves_is_cancelled_not_rejected(start_proxy: StartProxy, mock_url: str) -> None:
     proxy = await start_proxy(policy(mock_url))
     queues = proxy.state.scheduler.queues
-    holder = asyncio.create_task(post(proxy, body("tight-1"), auth(ttft_ms="1000")))
+    holder = start(post(proxy, body("tight-1"), auth(ttft_ms="1000")))
     await until(lambda: "tight" in queues and queues["tight"].active == 1)
-    leaving = asyncio.create_task(post(proxy, body("tight-1"), {**auth(), "x-request-id": "r-left"}))
+    leaving = start(post(proxy, body("tight-1"), {**auth(), "x-request-id": "r-left"}))
     await until(lambda: len(queues["tight"].board) == 1)
     leaving.cancel()
     await asyncio.gather(leaving, return_exceptions=True)
@@ -157,7 +157,7 @@ async def test_ttft_and_processing_count_from_dispatch_not_from_arrival(
 ) -> None:
     proxy = await start_proxy(policy(mock_url))
     queues = proxy.state.scheduler.queues
-    holder = asyncio.create_task(post(proxy, body("tight-1"), auth(ttft_ms="800")))  # holds the slot 0.8 s
+    holder = start(post(proxy, body("tight-1"), auth(ttft_ms="800")))  # holds the slot 0.8 s
     await until(lambda: "tight" in queues and queues["tight"].active == 1)
     status, data = await post(proxy, body("tight-1", stream=True), {**auth(), "x-request-id": "r-waited"})
     assert status == 200 and data.endswith(b"data: [DONE]\n\n")

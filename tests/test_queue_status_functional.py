@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 from conftest import Proxy, closed_port
-from outcome_helpers import auth, body, idle, mock_url, policy, post, until
+from outcome_helpers import auth, body, idle, mock_url, policy, post, start, until
 from test_admin_functional import serve_admin
 
 pytestmark = pytest.mark.timeout(30)
@@ -40,7 +40,7 @@ async def test_queue_status_counts_outcomes_and_times_under_load(
     jobs = [post(proxy, body(), auth(ttft_ms="300")) for _ in range(10)]  # 10 on 4 slots: some wait
     jobs += [post(proxy, body(), auth(status="500")) for _ in range(2)]
     jobs += [post(proxy, body(), auth(stall_ms="3000"))]  # over the route's first_token: a timeout
-    running = [asyncio.create_task(job) for job in jobs]
+    running = [start(job) for job in jobs]
     await until(lambda: "chat" in gate.queues and gate.queues["chat"].active == 4 and gate.queues["chat"].board.live)
     status, busy = await admin.call("GET", "/admin/queues/chat")
     assert status == 200 and busy["name"] == "chat"
@@ -136,9 +136,9 @@ async def test_a_full_queue_degrades_and_draining_is_unhealthy(
     proxy = await start_proxy(policy(mock_url))
     admin = await serve_admin(proxy)
     queues = proxy.state.scheduler.queues
-    holder = asyncio.create_task(post(proxy, body("tight-1"), auth(ttft_ms="800")))
+    holder = start(post(proxy, body("tight-1"), auth(ttft_ms="800")))
     await until(lambda: "tight" in queues and queues["tight"].active == 1)
-    waiter = asyncio.create_task(post(proxy, body("tight-1"), auth()))
+    waiter = start(post(proxy, body("tight-1"), auth()))
     await until(lambda: len(queues["tight"].board) == 1)
     _, full = await details(admin)
     tight = check(full, "queue:tight")

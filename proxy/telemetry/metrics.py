@@ -208,21 +208,13 @@ class Metrics:
         return child
 
     def record(self, call: Call) -> None:
-        """Called once per request, after the response ended (or failed)."""
+        """Called once per request, after the response ended (or failed) and its outcome was judged."""
         route = call.route.name if call.route is not None else ""
         key = (route,)
         tenant = call.tenant.name if call.tenant is not None else ""
         self.requests.inc((route, tenant, call.upstream, _status(call.status), call.outcome))
-        elapsed = call.elapsed()
-        self.duration.observe(key, elapsed)
         marks = call.marks
-        dispatched = marks.get("dispatch")
-        processing = None if dispatched is None else elapsed - dispatched
-        if processing is not None:
-            self.processing.observe(key, processing)
-        queue = call.route.queue if call.route is not None else None
-        if queue is not None:
-            self.queues.finished(queue.name, call, processing)
+        self._times(call, key, marks)
         ttfb = marks.get("upstream_headers")
         if ttfb is not None and call.upstream and not (call.attempts and call.attempts[-1].shared):
             self.ttfb.observe((call.upstream,), ttfb)
@@ -238,9 +230,22 @@ class Metrics:
             status = _status(attempt.status) if attempt.status else attempt.error or "error"
             self.upstream_requests.inc((attempt.upstream, status))
             self.upstream_latency.observe((attempt.upstream,), attempt.duration)
-        first = marks.get("first_token")
-        if first is not None and dispatched is not None:
-            self.ttft.observe(key, first - dispatched)
+
+    def _times(self, call: Call, key: tuple[str], marks: dict[str, float]) -> None:
+        """Arrival to end; dispatch (after any queue wait) to end and to the first event; the queue's books."""
+        elapsed = call.elapsed()
+        self.duration.observe(key, elapsed)
+        dispatched = marks.get("dispatch")
+        processing = None
+        if dispatched is not None:
+            processing = elapsed - dispatched
+            self.processing.observe(key, processing)
+            first = marks.get("first_token")
+            if first is not None:
+                self.ttft.observe(key, first - dispatched)
+        queue = call.route.queue if call.route is not None else None
+        if queue is not None:
+            self.queues.finished(queue.name, call, processing)
 
     def set_policy(self, digest: str) -> None:
         self.policy_version.clear()
