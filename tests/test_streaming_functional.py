@@ -225,7 +225,8 @@ async def test_client_disconnect_mid_stream_closes_the_upstream_at_once(
     await idle_proxy(proxy, 0.5)
     assert time.monotonic() - left < 1.0
     line = proxy.access_lines()[-1]
-    assert line["status"] == 200 and line["path"] == path
+    assert line["path"] == path and line["client_gone"] is True
+    assert (line["status"], line["outcome"]) == (499, "cancelled")  # the 200 went out, but the client left
 
 
 async def test_client_disconnect_during_silence_and_via_the_sdk(
