@@ -1,9 +1,9 @@
-"""The admin API, on its own port: queue inspection and control (pause, resume, clear), and the
-policy life cycle (status, reload now, explain a request).
+"""The admin API, on its own port: queue inspection and control (pause, resume, clear), the policy
+life cycle (status, reload now, explain a request), and the detailed health view.
 
-Every request needs `Authorization: Bearer $SIGNALBOX_ADMIN_TOKEN`. With no token configured the API
-refuses everything, unless the runtime setting `admin_auth_disabled` is on, which the CLI allows only
-when the admin port is bound to a loopback address. Nothing here shows prompt content.
+Every request but `GET /healthz/details` needs `Authorization: Bearer $SIGNALBOX_ADMIN_TOKEN`. With no
+token configured the API refuses everything, unless the runtime setting `admin_auth_disabled` is on, which
+the CLI allows only when the admin port is bound to a loopback address. Nothing here shows prompt content.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import os
-import statistics
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -21,11 +21,15 @@ from aiohttp import web
 
 from proxy import lifecycle
 from proxy.flow.gate import Queue
+from proxy.ops import health
+from proxy.ops import queues as queue_status
 from proxy.policy.explain import ExplainError, explain
 from proxy.policy.load import Problem
 from proxy.runtime import STATE, Runtime
 
 TOKEN_ENV = "SIGNALBOX_ADMIN_TOKEN"
+HEALTH_PATH = "/healthz/details"
+"""Readable without the token (monitoring): states and policy names only, no limits, no content."""
 _TOKEN: web.AppKey[str | None] = web.AppKey("signalbox_admin_token", str)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -53,6 +57,7 @@ def build_admin_app(app: web.Application, environ: Mapping[str, str] | None = No
     admin[STATE] = runtime
     admin[_TOKEN] = token
     admin.router.add_get("/admin/queues", list_queues)
+    admin.router.add_get("/admin/queues/{name}", one_queue)
     admin.router.add_get("/admin/queues/{name}/items", queue_items)
     admin.router.add_post("/admin/queues/{name}/pause", pause_queue)
     admin.router.add_post("/admin/queues/{name}/resume", resume_queue)
@@ -61,11 +66,14 @@ def build_admin_app(app: web.Application, environ: Mapping[str, str] | None = No
     admin.router.add_post("/admin/reload", reload_policy)
     admin.router.add_get("/admin/explain", explain_request)
     admin.router.add_get("/admin/upstreams", list_upstreams)
+    admin.router.add_get(HEALTH_PATH, health_details)
     return admin
 
 
 @web.middleware
 async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path == HEALTH_PATH and request.method in ("GET", "HEAD"):
+        return await handler(request)
     token = request.app[_TOKEN]
     if token is None:
         if not request.app[STATE].settings.admin_auth_disabled:
@@ -120,43 +128,23 @@ async def list_queues(request: web.Request) -> web.Response:
     scheduler = runtime.scheduler
     queues = [scheduler.queue(spec, plan.priorities) for spec in plan.queues.values()]
     queues += [q for name, q in scheduler.queues.items() if name not in plan.queues]  # gone from the plan
-    now = scheduler.clock()
+    now, perf_now = scheduler.clock(), time.perf_counter()
     usage = await runtime.admission.store.remaining()
+    book = runtime.metrics.queues
     return _json({
-        "queues": [_summary(queue, now) for queue in queues],
+        "queues": [queue_status.summary(queue, book, plan, now, perf_now) for queue in queues],
         "limits": [_usage(u) for u in sorted(usage, key=lambda u: u.key)],
     })
 
 
-def _summary(queue: Queue, now: float) -> dict[str, Any]:
-    spec = queue.spec
-    by_class: dict[str, int] = dict.fromkeys(queue.classes, 0)
-    by_tenant: dict[str, dict[str, int]] = {}
-    for (cls, tenant), count in queue.board.counts().items():
-        by_class[queue.classes[cls]] += count
-        by_tenant.setdefault(queue.classes[cls], {})[tenant] = count
-    oldest = min((t.enqueued for t in queue.board.tickets()), default=None)
-    waits = sorted(queue.waits)
-    return {
-        "name": spec.name,
-        "slots": spec.concurrency,
-        "active": queue.active,
-        "paused": queue.paused,
-        "waiting": len(queue.board),
-        "waiting_by_class": by_class,
-        "waiting_by_tenant": by_tenant,
-        "oldest_wait_ms": round((now - oldest) * 1000, 1) if oldest is not None else None,
-        "wait_ms": {
-            "p50": round(statistics.median(waits) * 1000, 1) if waits else None,
-            "p95": round(waits[min(len(waits) - 1, int(len(waits) * 0.95))] * 1000, 1) if waits else None,
-            "samples": len(waits),
-        },
-        "admitted": queue.admitted,
-        "rejected": dict(queue.rejected),
-        "max_waiting": spec.max_waiting,
-        "max_wait_s": spec.max_wait,
-        "ageing_s": spec.ageing,
-    }
+async def one_queue(request: web.Request) -> web.Response:
+    """One queue's status, as in GET /admin/queues."""
+    queue = _queue(request)
+    if isinstance(queue, web.Response):
+        return queue
+    runtime: Runtime = request.app[STATE]
+    book, plan = runtime.metrics.queues, runtime.plans.current
+    return _json(queue_status.summary(queue, book, plan, queue.clock(), time.perf_counter()))
 
 
 def _usage(usage: Any) -> dict[str, Any]:
@@ -320,3 +308,10 @@ async def list_upstreams(request: web.Request) -> web.Response:
     """Per deployment: circuit state, failures in a row, openings, requests outstanding, pacing hold;
     per route: first attempts and retries in the retry budget's 10 s window."""
     return _json(request.app[STATE].upstreams.snapshot())
+
+
+async def health_details(request: web.Request) -> web.Response:
+    """Each dependency's state and the overall one (proxy/ops/health.py): 200 while healthy or degraded, 503
+    when unhealthy."""
+    body = health.report(request.app[STATE])
+    return _json(body, 503 if body["status"] == "unhealthy" else 200)

@@ -22,6 +22,7 @@ from proxy.admin import build_admin_app
 from proxy.errors import ServiceUnavailable
 from proxy.ingress import handler as ingress
 from proxy.ingress.edge.connection import GuardedRunner
+from proxy.ops import health
 from proxy.policy.plan import Plan
 from proxy.runtime import STATE, PlanRef, Runtime, Settings
 from proxy.tasks import spawn
@@ -129,6 +130,8 @@ async def readyz(request: web.Request) -> web.Response:
     # Where limits live; a degraded shared store (Redis down, local limits) is reported, never unready.
     describe = getattr(runtime.admission.store, "describe", None)
     body["limits"] = describe() if describe is not None else {"backend": "memory"}
+    # One word from the detailed view (admin port, /healthz/details): an open circuit degrades, never unreadies.
+    body["health"] = health.overall(health.gather(runtime))
     return web.Response(status=200 if ok else 503, body=orjson.dumps(body), content_type="application/json")
 
 
@@ -187,6 +190,7 @@ async def _drain(runtime: Runtime, runner: web.AppRunner, site: web.TCPSite) -> 
         return
     log.warning("drain timeout: ending %d requests still in flight", runtime.in_flight)
     shutting_down = ServiceUnavailable("the proxy is shutting down; retry the request", should_retry=True)
+    shutting_down.cause = "shutdown"
     # Nothing new goes upstream from here: a slot freed by an ended stream must not start another call.
     runtime.clients.refusing = runtime.admission.closing = shutting_down
     runtime.scheduler.shut(shutting_down)

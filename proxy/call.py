@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.errors import Protocol
+from proxy.errors import Protocol, ProxyError
 from proxy.policy.plan import Plan, RouteRule, TenantRule
 from proxy.providers.exchange import Exchange
 
@@ -75,6 +75,12 @@ class Call:
     events_relayed: int = 0
     bytes_out: int = 0
     client_gone: bool = False
+    failure: ProxyError | None = None
+    """The proxy-made error the client got (as a response or as a stream's last event), if any."""
+    outcome: str = ""
+    """Set once at the end (proxy/telemetry/outcome.py): ok, upstream_error, timeout, rejected, cancelled or
+    proxy_error; `reason` says why for every outcome but ok."""
+    reason: str | None = None
     exchange: Exchange | None = None
     """Pass-through or a protocol translation, chosen by dispatch from the front and the upstream."""
     token_estimate: int = 0

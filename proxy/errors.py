@@ -27,6 +27,8 @@
 
 Each carries what the client needs to act (message, Retry-After, x-should-retry); `render()` writes
 it in the protocol the client speaks (OpenAI or Anthropic JSON). Messages never contain keys.
+Each class also says which `outcome` a request that ends with it has (rejected, upstream_error, timeout,
+cancelled, proxy_error), for metrics and the access log.
 """
 
 from __future__ import annotations
@@ -73,6 +75,11 @@ class ProxyError(Exception):
     status = 500
     type = "server_error"
     code: str | None = "internal_error"
+    outcome = "proxy_error"
+    """What the client finally got, for metrics and the access log (proxy/telemetry/outcome.py): ok,
+    upstream_error, timeout, rejected, cancelled or proxy_error (the proxy's own failure)."""
+    cause: str | None = None
+    """A finer reason than `reason` where one is known (the limit dimension of a 429: rate_limit, ...)."""
 
     def __init__(
         self,
@@ -119,6 +126,7 @@ class InvalidRequest(ProxyError):
     status = 400
     type = "invalid_request_error"
     code: str | None = None
+    outcome = "rejected"
 
 
 class InvalidJSON(InvalidRequest):
@@ -133,18 +141,21 @@ class AuthenticationFailed(ProxyError):
     status = 401
     type = "invalid_request_error"
     code = "invalid_api_key"
+    outcome = "rejected"
 
 
 class NoRoute(ProxyError):
     status = 404
     type = "invalid_request_error"
     code = "model_not_found"
+    outcome = "rejected"
 
 
 class BodyTooLarge(ProxyError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+    outcome = "rejected"
 
 
 class MalformedRequest(InvalidRequest):
@@ -158,12 +169,14 @@ class PathNotFound(ProxyError):
     status = 404
     type = "invalid_request_error"
     code = "not_found"
+    outcome = "rejected"
 
 
 class MethodNotAllowed(ProxyError):
     status = 405
     type = "invalid_request_error"
     code = "method_not_allowed"
+    outcome = "rejected"
 
 
 class RequestTimeout(ProxyError):
@@ -172,18 +185,21 @@ class RequestTimeout(ProxyError):
     status = 408
     type = "invalid_request_error"
     code = "request_timeout"
+    outcome = "rejected"
 
 
 class HeadersTooLarge(ProxyError):
     status = 431
     type = "invalid_request_error"
     code = "request_header_fields_too_large"
+    outcome = "rejected"
 
 
 class RateLimited(ProxyError):
     status = 429
     type = "requests"
     code = "rate_limit_exceeded"
+    outcome = "rejected"
 
 
 class QueueFull(RateLimited):
@@ -263,6 +279,7 @@ class ServiceUnavailable(ProxyError):
     status = 503
     type = "server_error"
     code = "service_unavailable"
+    outcome = "rejected"
 
 
 class QueueCleared(ServiceUnavailable):
@@ -279,18 +296,21 @@ class SlowClient(ProxyError):
 
     status = 200  # the stream's status had gone out already
     code = "slow_client"
+    outcome = "cancelled"
 
 
 class CircuitOpen(ServiceUnavailable):
     """Every deployment of the route and of its fallbacks has an open circuit breaker."""
 
     code = "circuit_open"
+    outcome = "upstream_error"
 
 
 class UpstreamUnreachable(ProxyError):
     status = 502
     type = "server_error"
     code = "upstream_unreachable"
+    outcome = "upstream_error"
 
 
 class UpstreamBadResponse(ProxyError):
@@ -299,12 +319,14 @@ class UpstreamBadResponse(ProxyError):
     status = 502
     type = "server_error"
     code = "upstream_bad_response"
+    outcome = "upstream_error"
 
 
 class UpstreamTimeout(ProxyError):
     status = 504
     type = "server_error"
     code = "upstream_timeout"
+    outcome = "timeout"
 
 
 def render(error: ProxyError, protocol: Protocol, request_id: str) -> web.Response:

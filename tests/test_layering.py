@@ -19,6 +19,7 @@ PACKAGE = ROOT / "proxy"
 # the runtime (the app's state) between ingress, which is handed it, and the stages it holds.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("entry points", ("proxy.__main__", "proxy.cli", "proxy.app", "proxy.lifecycle", "proxy.admin")),
+    ("operations (admin views, health)", ("proxy.ops",)),
     ("ingress", ("proxy.ingress",)),
     ("runtime", ("proxy.runtime",)),
     ("flow", ("proxy.flow",)),

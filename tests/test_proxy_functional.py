@@ -219,7 +219,7 @@ async def test_models_list_shows_the_tenants_models(proxy: Proxy, async_openai: 
     assert [(line["status"], line["tenant"]) for line in lines] == [
         (200, "alpha"), (200, "beta"), (200, "gamma"), (200, "beta"), (404, "beta"), (401, None),
     ]
-    refused = {"route": "", "tenant": "", "upstream": "", "status": "401"}
+    refused = {"route": "", "tenant": "", "upstream": "", "status": "401", "outcome": "rejected"}
     assert proxy.state.metrics.registry.get_sample_value("signalbox_requests_total", refused) == 1
 
 
@@ -594,9 +594,9 @@ async def scrape(proxy: Proxy) -> dict[tuple[str, tuple[tuple[str, str], ...]], 
 
 
 def requests_key(
-    route: str, tenant: str, upstream: str, status: str
+    route: str, tenant: str, upstream: str, status: str, outcome: str
 ) -> tuple[str, tuple[tuple[str, str], ...]]:
-    labels = {"route": route, "tenant": tenant, "upstream": upstream, "status": status}
+    labels = {"route": route, "tenant": tenant, "upstream": upstream, "status": status, "outcome": outcome}
     return ("signalbox_requests_total", tuple(sorted(labels.items())))
 
 
@@ -628,12 +628,14 @@ async def test_metrics_count_requests_and_show_in_flight(proxy: Proxy, async_ope
         await asyncio.sleep(0.02)
 
     after = await scrape(proxy)
-    # The abandoned stream had already answered 200; it is counted as such, and as a disconnect.
-    assert after[requests_key("chat", "alpha", "mock", "200")] == 3.0
+    # The abandoned stream had answered 200, but the client left: 499 and cancelled, not a success.
+    assert after[requests_key("chat", "alpha", "mock", "200", "ok")] == 2.0
+    assert after[requests_key("chat", "alpha", "mock", "499", "cancelled")] == 1.0
+    assert requests_key("chat", "alpha", "mock", "200", "cancelled") not in after
     assert after[("signalbox_client_disconnects_total", (("route", "chat"),))] == 1.0
-    assert after[requests_key("chat", "alpha", "mock", "429")] == 1.0
-    assert after[requests_key("", "alpha", "", "404")] == 1.0
-    assert after[requests_key("", "", "", "401")] == 1.0
+    assert after[requests_key("chat", "alpha", "mock", "429", "upstream_error")] == 1.0  # the upstream's 429
+    assert after[requests_key("", "alpha", "", "404", "rejected")] == 1.0
+    assert after[requests_key("", "", "", "401", "rejected")] == 1.0
     assert after[("signalbox_in_flight_requests", ())] == 0.0
     assert (
         after[("signalbox_request_duration_seconds_count", (("route", "chat"),))] == 4.0

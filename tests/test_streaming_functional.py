@@ -225,7 +225,8 @@ async def test_client_disconnect_mid_stream_closes_the_upstream_at_once(
     await idle_proxy(proxy, 0.5)
     assert time.monotonic() - left < 1.0
     line = proxy.access_lines()[-1]
-    assert line["status"] == 200 and line["path"] == path
+    assert line["path"] == path and line["client_gone"] is True
+    assert (line["status"], line["outcome"]) == (499, "cancelled")  # the 200 went out, but the client left
 
 
 async def test_client_disconnect_during_silence_and_via_the_sdk(
@@ -419,6 +420,7 @@ async def test_slow_client_limit_ends_the_stream_and_closes_the_upstream(
         await client.close()
     line = proxy.access_lines()[-1]
     assert line["status"] == 200 and line["client_gone"] is True and line["stream"] is True
+    assert line["outcome"] == "cancelled" and line["reason"] == "slow_client"
     assert line["error"] == "slow_client"  # told apart from a client that left on its own
     assert 'signalbox_proxy_errors_total{reason="slow_client"} 1.0' in await metrics_text(proxy)
 

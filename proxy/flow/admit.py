@@ -142,6 +142,7 @@ def rejection(admission: Admission, refusal: Refusal, call: Call | None, waited:
     )
     if refusal.dimension == "tokens":
         error.type = "tokens"
+    error.cause = REASONS[refusal.dimension]  # the access log's and the queue totals' reason
     return error
 
 

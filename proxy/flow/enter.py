@@ -182,7 +182,7 @@ class Entry:
             self.scheduler.kick()
             return
         if gate.board.remove(ticket):
-            gate.reject("client_gone")
+            gate.left += 1  # the client left: a cancellation, counted by its outcome, not as a rejection
         gate.waited(gate.clock() - ticket.enqueued)
 
     async def __aexit__(self, *exc: object) -> None:

@@ -77,7 +77,7 @@ class Blocked:
 class Gate:
     """A named queue: its slots, its board, operator state and counters."""
 
-    __slots__ = ("spec", "classes", "board", "active", "paused", "admitted", "rejected", "waits", "clock",
+    __slots__ = ("spec", "classes", "board", "active", "paused", "admitted", "rejected", "left", "waits", "clock",
                  "metrics", "scheduler", "departures", "_timer", "_timer_at", "_running", "_again")
 
     def __init__(self, spec: QueueSpec, classes: tuple[str, ...], metrics: Metrics | None,
@@ -89,6 +89,8 @@ class Gate:
         self.paused = False
         self.admitted = 0
         self.rejected: dict[str, int] = {}
+        self.left = 0
+        """Waiters whose client left: cancellations, not rejections (not in signalbox_rejections_total)."""
         self.waits: deque[float] = deque(maxlen=_RECENT_WAITS)
         self.metrics = metrics
         self.clock = clock
@@ -186,7 +188,7 @@ class Gate:
             if ticket.state != WAITING or ticket.future is None or ticket.future.done():
                 await give_back(store, outcome)  # it left while its capacity was being secured
                 if self.board.remove(ticket):  # its task was cancelled and has not cleaned up yet
-                    self.reject("client_gone")
+                    self.left += 1
                 continue
             self.board.take(ticket)
             self._grant(ticket, outcome)

@@ -112,11 +112,7 @@ class UpstreamQuota:
                 if room is not None:
                     await room.begin(_waiting_for(soonest))
                 await asyncio.sleep(max(0.0, decision.at - now))
-            except asyncio.CancelledError:
-                if admission.metrics is not None:
-                    admission.metrics.reject("client_gone")
-                raise
-            finally:
+            finally:  # a client that leaves meanwhile is a cancellation (its outcome), not a rejection
                 if room is not None:
                     room.end()
             return

@@ -31,6 +31,7 @@ from proxy.ingress.read import read_body
 from proxy.runtime import STATE, Runtime
 from proxy.streaming import relay
 from proxy.tasks import Deadline
+from proxy.telemetry.outcome import judge
 from proxy.upstream import dispatch
 from proxy.upstream.headers import QUEUE_WAIT_HEADER, client_headers
 
@@ -68,6 +69,7 @@ async def _served(request: web.Request, stage: Stage, protocol: Protocol) -> web
     except ProxyError as err:
         call.status = err.status
         call.error = err.reason
+        call.failure = err
         err.headers[QUEUE_WAIT_HEADER] = _ms(call.queue_wait)
         return render(err, call.protocol, call.request_id)
     except ConnectionResetError:
@@ -79,6 +81,7 @@ async def _served(request: web.Request, stage: Stage, protocol: Protocol) -> web
         internal = ProxyError(f"internal error in the proxy (request id {call.request_id}); please report it")
         call.status = internal.status
         call.error = internal.reason
+        call.failure = internal
         return render(internal, call.protocol, call.request_id)
     except asyncio.CancelledError:
         call.client_gone = True
@@ -86,6 +89,7 @@ async def _served(request: web.Request, stage: Stage, protocol: Protocol) -> web
         raise
     finally:
         state.in_flight -= 1
+        judge(call)  # the outcome both of them record
         state.metrics.record(call)
         state.access_log.write(call)
 
@@ -103,6 +107,7 @@ async def handle(request: web.Request, call: Call, state: Runtime) -> web.Stream
     asked = request.headers.get(PRIORITY_HEADER)
     if call.route.batch is not None:  # embeddings: limits taken one by one, one queue slot per batch
         async with state.scheduler.enter(call, asked, slot=False):
+            call.mark("dispatch")  # processing time counts from here (the batch's wait included)
             return await state.batcher.submit(request, call)
     waiting = call.waiting = relay.waiting_room(request, call, state.stream_settings)
     entry = state.scheduler.enter(call, asked, waiting)
@@ -122,6 +127,7 @@ async def forward(request: web.Request, call: Call, state: Runtime) -> web.Strea
     body, after a queued stream's early 200); `timeouts.total` counts from here, after any wait for
     admission or a slot, and covers every retry and fallback."""
     assert call.route is not None
+    call.mark("dispatch")  # processing time and time to first token count from here (queue wait excluded)
     plan = call.plan
     deadline = time.monotonic() + call.route.timeouts.total
     sent: dispatch.Sent | None = None

@@ -14,6 +14,7 @@ from proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnreachable, strea
 
 async def finish_with_error(response: web.StreamResponse, call: Call, error: ProxyError) -> None:
     call.error = error.reason
+    call.failure = error  # the client's outcome: a stream that ends with an error event is not a success
     try:
         await response.write(stream_error_frame(error, call.protocol, call.request_id))
         await response.write_eof()

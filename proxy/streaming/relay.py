@@ -164,6 +164,7 @@ async def _stream(
         if isinstance(watch.failure, SlowClient):
             call.client_gone = True
             call.error = watch.failure.reason  # told apart from a client that simply left
+            call.failure = watch.failure
         if not ended:
             upstream.close()  # a broken or abandoned stream: the upstream must stop generating now
         if open_streams is not None:

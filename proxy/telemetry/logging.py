@@ -44,6 +44,9 @@ class AccessLog:
             return
         marks = call.marks
         ttfb = marks.get("upstream_headers")
+        elapsed = call.elapsed()
+        dispatched = marks.get("dispatch")
+        first = marks.get("first_token")
         line = {
             "ts": round(call.started_wall, 3),
             "request_id": call.request_id,
@@ -55,9 +58,15 @@ class AccessLog:
             "upstream": call.upstream or None,
             "stream": call.stream,
             "status": call.status,
-            "duration_ms": round(call.elapsed() * 1000, 2),
+            "outcome": call.outcome,
+            "reason": call.reason,
+            "duration_ms": round(elapsed * 1000, 2),
             "ttfb_ms": round(ttfb * 1000, 2) if ttfb is not None else None,
             "queue_wait_ms": round(call.queue_wait * 1000, 1) if call.queue_wait else None,
+            # Both from dispatch, after any queue wait: the last byte, and a stream's first event.
+            "processing_ms": round((elapsed - dispatched) * 1000, 2) if dispatched is not None else None,
+            "ttft_ms": round((first - dispatched) * 1000, 2) if first is not None and dispatched is not None
+            else None,
             # One entry per upstream attempt: the deployment, its status (0: no response), the time to its
             # headers or failure, and why it failed without a response (upstream_unreachable,
             # upstream_timeout, cancelled).

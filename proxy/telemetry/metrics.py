@@ -6,6 +6,7 @@ Label children are cached: `labels()` costs a lock and a dict walk we do not wan
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -15,8 +16,11 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy.call import Call
 from proxy.telemetry.hot import HotCounter, HotHistogram, HotMetrics
+from proxy.telemetry.queues import QueueBook
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_WAIT_BUCKETS = (0.001, *_LATENCY_BUCKETS, 600, 900, 1800)
+"""Queue waits: up to 30 minutes, so a policy's max_wait of several minutes stays measurable."""
 _REDIS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 _STATUS_TEXT = {code: str(code) for code in range(100, 600)}
@@ -32,11 +36,16 @@ class Metrics:
         r = self.registry
         # Fed by every request (`record`): plain dicts exported at scrape time (see telemetry/hot.py).
         self.requests = HotCounter(
-            "signalbox_requests", "Requests answered, by route, tenant, upstream and status.",
-            ["route", "tenant", "upstream", "status"],
+            "signalbox_requests", "Requests, once each by what the client finally got: status (the status line "
+            "sent; 499 when the client left) and outcome (ok, upstream_error, timeout, rejected, cancelled, "
+            "proxy_error).", ["route", "tenant", "upstream", "status", "outcome"],
         )
         self.duration = HotHistogram(
             "signalbox_request_duration_seconds", "Time from arrival to the end of the response.",
+            ["route"], _LATENCY_BUCKETS,
+        )
+        self.processing = HotHistogram(
+            "signalbox_processing_seconds", "Time from dispatch (after any queue wait) to the end of the response.",
             ["route"], _LATENCY_BUCKETS,
         )
         self.ttfb = HotHistogram(
@@ -77,11 +86,12 @@ class Metrics:
         self.queue_wait = Histogram(
             "signalbox_queue_wait_seconds", "Time waited for a slot by requests that found none free "
             "(whether they got one, timed out, were cleared or left).",
-            ["queue"], buckets=(0.001, *_LATENCY_BUCKETS), registry=r,
+            ["queue"], buckets=_WAIT_BUCKETS, registry=r,
         )
         self.rejections = Counter(
             "signalbox_rejections", "Requests refused by admission or a queue, by reason (rate_limit, "
-            "token_limit, concurrency_limit, queue_full, queue_timeout, queue_cleared, client_gone).",
+            "token_limit, concurrency_limit, queue_full, queue_timeout, queue_cleared, ...). A client that left is a "
+            "cancellation (signalbox_requests_total{outcome=\"cancelled\"}), not a rejection.",
             ["reason"], registry=r,
         )
         self.active_requests = Gauge(
@@ -148,7 +158,8 @@ class Metrics:
             "its failure), by deployment.", ["deployment"], _LATENCY_BUCKETS,
         )
         self.ttft = HotHistogram(
-            "signalbox_time_to_first_token_seconds", "Streams: time from arrival to the first event relayed.",
+            "signalbox_time_to_first_token_seconds", "Streams: time from dispatch (after any queue wait) to the first "
+            "event relayed.",
             ["route"], _LATENCY_BUCKETS,
         )
         self.retries = Counter(
@@ -182,8 +193,10 @@ class Metrics:
         self.before_scrape: list[Callable[[], Awaitable[None]]] = []
         """Refreshers for state gauges (queues, limiters), awaited at each scrape."""
         self._children: dict[tuple[Any, ...], Any] = {}
+        self.queues = QueueBook(time.perf_counter)
+        """Per-queue totals and recent times for the admin API (proxy/telemetry/queues.py)."""
         r.register(HotMetrics([
-            self.requests, self.duration, self.ttfb, self.errors, self.client_gone, self.stream_events,
+            self.requests, self.duration, self.processing, self.ttfb, self.errors, self.client_gone, self.stream_events,
             self.upstream_requests, self.upstream_latency, self.ttft,
         ]))
 
@@ -195,13 +208,13 @@ class Metrics:
         return child
 
     def record(self, call: Call) -> None:
-        """Called once per request, after the response ended (or failed)."""
+        """Called once per request, after the response ended (or failed) and its outcome was judged."""
         route = call.route.name if call.route is not None else ""
         key = (route,)
         tenant = call.tenant.name if call.tenant is not None else ""
-        self.requests.inc((route, tenant, call.upstream, _status(call.status)))
-        self.duration.observe(key, call.elapsed())
+        self.requests.inc((route, tenant, call.upstream, _status(call.status), call.outcome))
         marks = call.marks
+        self._times(call, key, marks)
         ttfb = marks.get("upstream_headers")
         if ttfb is not None and call.upstream and not (call.attempts and call.attempts[-1].shared):
             self.ttfb.observe((call.upstream,), ttfb)
@@ -217,9 +230,22 @@ class Metrics:
             status = _status(attempt.status) if attempt.status else attempt.error or "error"
             self.upstream_requests.inc((attempt.upstream, status))
             self.upstream_latency.observe((attempt.upstream,), attempt.duration)
-        first = marks.get("first_token")
-        if first is not None:
-            self.ttft.observe(key, first)
+
+    def _times(self, call: Call, key: tuple[str], marks: dict[str, float]) -> None:
+        """Arrival to end; dispatch (after any queue wait) to end and to the first event; the queue's books."""
+        elapsed = call.elapsed()
+        self.duration.observe(key, elapsed)
+        dispatched = marks.get("dispatch")
+        processing = None
+        if dispatched is not None:
+            processing = elapsed - dispatched
+            self.processing.observe(key, processing)
+            first = marks.get("first_token")
+            if first is not None:
+                self.ttft.observe(key, first - dispatched)
+        queue = call.route.queue if call.route is not None else None
+        if queue is not None:
+            self.queues.finished(queue.name, call, processing)
 
     def set_policy(self, digest: str) -> None:
         self.policy_version.clear()

@@ -1,0 +1,151 @@
+"""Per-queue totals by outcome, recent wait and processing times, and the recent request and token rate, for
+`GET /admin/queues` (seed 004). Fed once per finished request whose route has a queue.
+
+Per request this is a few integer additions and three float stores into preallocated rings: no list grows,
+nothing is sorted. Averages and percentiles are computed when the admin API asks, over the last `WINDOW`
+requests that finished within the last `RECENT` seconds. The rate is two rings of `RATE_SPAN` one-second
+buckets (requests sent upstream, tokens their `usage` reported).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from proxy.call import Call
+from proxy.telemetry.outcome import OUTCOMES
+
+WINDOW = 1024
+"""Recent requests kept per queue for the averages and p95s."""
+RECENT = 300.0
+"""...of which only those that finished in the last 5 minutes count."""
+RATE_SPAN = 60
+"""Seconds of the rate window (one bucket per second)."""
+
+
+class QueueStats:
+    """One queue's counters. `clock` is the caller's (perf_counter in production, injected in tests)."""
+
+    __slots__ = ("outcomes", "reasons", "processed", "ends", "waits", "times", "next", "second", "requests",
+                 "tokens")
+
+    def __init__(self) -> None:
+        self.outcomes: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
+        self.reasons: dict[str, int] = {}
+        """Rejections by reason (rate_limit, queue_full, queue_timeout, ...)."""
+        self.processed = 0
+        """Requests that left the queue for an upstream (dispatched), whatever their outcome."""
+        self.ends = [-math.inf] * WINDOW
+        self.waits = [0.0] * WINDOW
+        self.times = [math.nan] * WINDOW  # processing seconds; NaN: never dispatched
+        self.next = 0
+        self.second = 0
+        self.requests = [0] * RATE_SPAN
+        self.tokens = [0] * RATE_SPAN
+
+    def finished(self, now: float, call: Call, processing: float | None) -> None:
+        outcome = call.outcome
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+        if outcome == "rejected":
+            reason = call.reason or "unknown"
+            self.reasons[reason] = self.reasons.get(reason, 0) + 1
+        i = self.next
+        self.ends[i] = now
+        self.waits[i] = call.queue_wait
+        self.times[i] = math.nan if processing is None else processing
+        self.next = (i + 1) % WINDOW
+        if processing is not None:
+            self.processed += 1
+        if call.attempts:  # sent upstream: what the queue's rate limits count
+            second = self._tick(now)
+            self.requests[second] += 1
+            if call.usage:
+                self.tokens[second] += _tokens(call.usage)
+
+    def _tick(self, now: float) -> int:
+        """Move the rate ring to `now`'s second (clearing the seconds skipped); its bucket index."""
+        second = int(now)
+        if second != self.second:
+            for s in range(max(self.second + 1, second - RATE_SPAN + 1), second + 1):
+                self.requests[s % RATE_SPAN] = 0
+                self.tokens[s % RATE_SPAN] = 0
+            self.second = second
+        return second % RATE_SPAN
+
+    def rate(self, now: float) -> tuple[int, int]:
+        """Requests and tokens of the last RATE_SPAN seconds."""
+        self._tick(now)
+        return sum(self.requests), sum(self.tokens)
+
+    def recent(self, now: float) -> tuple[list[float], list[float]]:
+        """Waits and processing times of the recent window, sorted (processing: dispatched requests only)."""
+        since = now - RECENT
+        waits: list[float] = []
+        times: list[float] = []
+        for end, wait, took in zip(self.ends, self.waits, self.times, strict=True):
+            if end >= since:
+                waits.append(wait)
+                if not math.isnan(took):
+                    times.append(took)
+        waits.sort()
+        times.sort()
+        return waits, times
+
+    def totals(self) -> dict[str, Any]:
+        o = self.outcomes
+        return {
+            "finished": sum(o.values()),
+            "processed": self.processed,
+            "succeeded": o["ok"],
+            "failed": o["upstream_error"] + o["proxy_error"],
+            "failed_upstream": o["upstream_error"],
+            "failed_proxy": o["proxy_error"],
+            "timed_out": o["timeout"],
+            "cancelled": o["cancelled"],
+            "rejected": o["rejected"],
+            "rejected_by_reason": dict(sorted(self.reasons.items())),
+        }
+
+
+class QueueBook:
+    """Every queue's stats by name (kept across reloads, like the queues themselves)."""
+
+    __slots__ = ("queues", "clock")
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.queues: dict[str, QueueStats] = {}
+        self.clock = clock
+
+    def finished(self, queue: str, call: Call, processing: float | None) -> None:
+        stats = self.queues.get(queue)
+        if stats is None:
+            stats = self.queues[queue] = QueueStats()
+        stats.finished(self.clock(), call, processing)
+
+    def get(self, queue: str) -> QueueStats:
+        return self.queues.get(queue) or QueueStats()
+
+
+def summary(samples: list[float]) -> dict[str, Any]:
+    """Average, p50 and p95 in milliseconds of sorted `samples` (None when there are none)."""
+    if not samples:
+        return {"avg": None, "p50": None, "p95": None, "samples": 0}
+    n = len(samples)
+    return {
+        "avg": round(sum(samples) / n * 1000, 1),
+        "p50": round(samples[(n - 1) // 2] * 1000, 1),
+        "p95": round(samples[min(n - 1, math.ceil(n * 0.95) - 1)] * 1000, 1),
+        "samples": n,
+    }
+
+
+def _tokens(usage: Mapping[str, Any]) -> int:
+    """Total tokens of an OpenAI or Anthropic `usage` (admission/tokens.py's rule; telemetry may not import a
+    stage)."""
+    total = usage.get("total_tokens")
+    if isinstance(total, int):
+        return total
+    keys = ("prompt_tokens", "completion_tokens", "input_tokens", "output_tokens", "cache_creation_input_tokens",
+            "cache_read_input_tokens")
+    return sum(v for k in keys if isinstance(v := usage.get(k), int))
