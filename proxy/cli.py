@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(Policy.model_json_schema(mode="validation"), indent=2))
         return 0
     if args.command == "mock":
-        from proxy.mock_upstream import MockSettings, run_mock_forever
+        from proxy.mock.server import MockSettings, run_mock_forever
 
         settings = MockSettings(
             ttft=args.ttft_ms / 1000, token_delay=args.token_delay_ms / 1000, output_tokens=args.output_tokens

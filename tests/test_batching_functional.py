@@ -23,7 +23,7 @@ import pytest
 from aiohttp import web
 from conftest import Proxy, _serve
 
-from proxy import mock_content as mc
+from proxy.mock import embeddings as mc
 from proxy.batcher import BATCH_SIZE_HEADER
 
 pytestmark = pytest.mark.timeout(60)
