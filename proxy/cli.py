@@ -49,12 +49,16 @@ def main(argv: list[str] | None = None) -> int:
 
     commands.add_parser("schema", help="print the JSON Schema of the policy format")
 
-    mock = commands.add_parser("mock", help="run the built-in mock upstream on its own")
+    from proxy.mock.flags import add_mock_arguments  # argparse only: the server is imported when it runs
+
+    mock = commands.add_parser(
+        "mock", help="run the built-in mock upstream on its own",
+        description="The built-in mock upstream: OpenAI chat, completions, Responses and embeddings, and Anthropic "
+        "messages, with scripted timing and faults.",
+    )
     mock.add_argument("--host", default="127.0.0.1")
     mock.add_argument("--port", type=int, default=8000)
-    mock.add_argument("--ttft-ms", type=float, default=0.0)
-    mock.add_argument("--token-delay-ms", type=float, default=0.0)
-    mock.add_argument("--output-tokens", type=int, default=16)
+    add_mock_arguments(mock)
 
     args = parser.parse_args(argv)
     if args.command == "validate":
@@ -67,12 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(Policy.model_json_schema(mode="validation"), indent=2))
         return 0
     if args.command == "mock":
-        from proxy.mock.server import MockSettings, run_mock_forever
+        from proxy.mock.flags import settings_from
+        from proxy.mock.server import run_mock_forever
 
-        settings = MockSettings(
-            ttft=args.ttft_ms / 1000, token_delay=args.token_delay_ms / 1000, output_tokens=args.output_tokens
-        )
-        run_mock_forever(settings, args.host, args.port)
+        run_mock_forever(settings_from(args), args.host, args.port)
         return 0
     return _serve(args)
 
