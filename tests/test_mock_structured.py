@@ -5,7 +5,7 @@ tool's parameters."""
 from __future__ import annotations
 
 from datetime import date, datetime
-from enum import Enum
+from enum import StrEnum
 from typing import Any, Literal
 from uuid import UUID
 
@@ -17,7 +17,7 @@ from proxy.mock.content import InvalidRequest, OutputFormat, answer_text, format
 from proxy.mock.structured import schema_value
 
 
-class Colour(str, Enum):
+class Colour(StrEnum):
     RED = "red"
     BLUE = "blue"
 
