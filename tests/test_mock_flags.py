@@ -17,7 +17,7 @@ from test_cli import PYTHON, REPO, child_env, free_port
 from proxy.mock.faults import MockFault, resolve_knobs
 from proxy.mock.flags import add_mock_arguments, settings_from
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = pytest.mark.timeout(60)
 
 
 def parse(*flags: str) -> Any:
@@ -67,10 +67,11 @@ def test_the_mock_command_serves_a_rate_limit_with_retry_after() -> None:
         cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30  # start-up is slow on a loaded machine
         while True:
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/mock/stats", timeout=2).read()
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/mock/stats", timeout=2) as answer:
+                    answer.read()
                 break
             except (OSError, urllib.error.URLError):
                 assert time.monotonic() < deadline and child.poll() is None, "the mock did not start"
