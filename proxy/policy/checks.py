@@ -8,6 +8,7 @@ defined (its own problem is already reported), and a rejected route is skipped.
 
 from __future__ import annotations
 
+import copy
 import difflib
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
@@ -45,29 +46,45 @@ class View:
 
 
 def salvage(merged: dict[str, Any], bad: list[Loc]) -> View | None:
-    """The policy without the entries the schema rejected (a named entry, a route, or else a whole
+    """The policy without what the schema rejected: first only the rejected fields of each entry (a route
+    keeps its other references checked), then the whole entries (a named entry, a route, or else a whole
     section, which then takes its default); None when even that does not validate."""
-    pruned = dict(merged)
-    dropped_routes: set[int] = set()
+    for depth in (3, 2):
+        pruned, keep = _pruned(merged, bad, depth)
+        try:
+            policy = Policy.model_validate(pruned)
+        except ValidationError:
+            continue
+        return View.of(policy, merged, keep)
+    return None
+
+
+def _pruned(merged: dict[str, Any], bad: list[Loc], depth: int) -> tuple[dict[str, Any], list[int]]:
+    pruned = copy.deepcopy(merged)  # only an invalid policy gets here, and policy data is small
+    dropped: set[int] = set()
     for loc in bad:
-        if not loc:
-            return None
-        section = loc[0]
-        if section == "routes" and len(loc) > 1 and isinstance(loc[1], int):
-            dropped_routes.add(loc[1])
-        elif section in NAMED_SECTIONS and len(loc) > 1 and isinstance(pruned.get(section), dict):
-            pruned[section] = {k: v for k, v in pruned[section].items() if k != loc[1]}
-        else:
-            pruned.pop(str(section), None)
-    keep: list[int] = []
-    if "routes" in pruned:
-        keep = [i for i in range(len(merged["routes"])) if i not in dropped_routes]
-        pruned["routes"] = [merged["routes"][i] for i in keep]
-    try:
-        policy = Policy.model_validate(pruned)
-    except ValidationError:
-        return None
-    return View.of(policy, merged, keep)
+        cut = loc[:depth] if loc and loc[0] in ("routes", *NAMED_SECTIONS) else loc[:1]
+        if len(cut) == 2 and cut[0] == "routes" and isinstance(cut[1], int):
+            dropped.add(cut[1])
+            continue
+        parent: Any = pruned
+        for part in cut[:-1]:
+            parent = _child(parent, part)
+        if isinstance(parent, dict) and cut:
+            parent.pop(cut[-1], None)
+    routes = pruned.get("routes")
+    keep = [i for i in range(len(routes)) if i not in dropped] if isinstance(routes, list) else []
+    if isinstance(routes, list):
+        pruned["routes"] = [routes[i] for i in keep]
+    return pruned, keep
+
+
+def _child(node: Any, part: str | int) -> Any:
+    if isinstance(node, dict):
+        return node.get(part)
+    if isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+        return node[part]
+    return None
 
 
 def route_names(view: View) -> Iterator[Finding]:
