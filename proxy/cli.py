@@ -40,10 +40,10 @@ def main(argv: list[str] | None = None) -> int:
 
     explain = commands.add_parser("explain", help="show which route, upstream and settings a request gets")
     explain.add_argument("--policies", default="policies")
-    explain.add_argument("--model", required=True)
+    explain.add_argument("--model", default="", help="the request's model (leave out for a request without one)")
     explain.add_argument("--path", default="/v1/chat/completions")
     who = explain.add_mutually_exclusive_group()
-    who.add_argument("--tenant")
+    who.add_argument("--tenant", help="the tenant (default: the only one, or identify.tenant)")
     who.add_argument("--key", help="a tenant's API key (used only to find the tenant; never printed)")
     explain.add_argument("--json", action="store_true", help="print JSON instead of text")
 
