@@ -8,14 +8,17 @@ RUN_STAMP := $(VENV)/.installed-run
 .PHONY: run test lint bench tools venv clean
 
 # `make run` needs only the runtime dependencies; `make test` and `make lint` add the test extra.
+# setuptools prints an informational note on every editable install (not a warning about this project).
+QUIET_BUILD := PYTHONWARNINGS="ignore:Editable installation"
+
 $(RUN_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e .
+	$(QUIET_BUILD) $(BIN)/pip install --quiet -e .
 	touch $(RUN_STAMP)
 
 $(STAMP): $(RUN_STAMP)
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(QUIET_BUILD) $(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
 venv: $(STAMP)
