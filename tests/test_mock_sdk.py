@@ -176,6 +176,16 @@ async def test_chat_json_object_mode_streamed_and_not(oai: openai.AsyncOpenAI) -
     assert text == whole.choices[0].message.content
 
 
+async def test_json_mode_follows_a_schema_given_in_the_prompt(oai: openai.AsyncOpenAI) -> None:
+    """instructor's JSON mode (and LangChain's json_mode) send json_object and put the schema in a message."""
+    system = f"Answer with JSON that matches this schema:\n{json.dumps(Solution.model_json_schema())}\nNo prose."
+    messages: Any = [{"role": "system", "content": system}, {"role": "user", "content": "solve 8x + 7 = -23"}]
+    whole = await oai.chat.completions.create(model=MODEL, messages=messages, response_format={"type": "json_object"})
+    assert Solution.model_validate_json(whole.choices[0].message.content or "").steps
+    answer = await oai.responses.create(model=MODEL, input=messages, text={"format": {"type": "json_object"}})
+    assert Solution.model_validate_json(answer.output_text).final_answer
+
+
 async def test_chat_tool_loop_ends_after_the_tool_result(oai: openai.AsyncOpenAI) -> None:
     messages: list[Any] = [{"role": "user", "content": "weather in Oslo?"}]
     first = await oai.chat.completions.create(model=MODEL, messages=messages, tools=[CHAT_WEATHER])

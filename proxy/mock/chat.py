@@ -29,6 +29,7 @@ from proxy.mock.content import (
     pos_int,
     require_field,
     sse,
+    with_prompt_schema,
 )
 from proxy.mock.embeddings import normalise_inputs
 
@@ -81,6 +82,7 @@ def plan_chat(body: Json, output_tokens: int, gen: Gen) -> TextPlan:
     if picked is not None:
         return plan_tool(model, prompt_tokens, prompt, output_tokens, picked, f"call_{gen.rid}", "tool_calls", usage)
     fmt = format_from(body.get("response_format"), "response_format", nested_schema=True)
+    fmt = with_prompt_schema(fmt, (content_text(m.get("content")) for m in messages))
     return plan_text(model, prompt_tokens, prompt, output_tokens, limit, fmt, ("stop", "length"), usage)
 
 

@@ -5,6 +5,7 @@ yields the same content."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,8 @@ from proxy.mock.structured import schema_value
 Json = dict[str, Any]
 FINGERPRINT = "fp_signalbox_mock"
 DONE = b"data: [DONE]\n\n"
+SCHEMA_SCAN_LIMIT = 64
+"""JSON objects tried per message when looking for a schema in a JSON-mode prompt."""
 UNKNOWN_TOOL = ""
 """The name of a tool result whose call is not in the conversation (e.g. it came with previous_response_id)."""
 
@@ -148,7 +151,8 @@ class TextPlan:
 
 @dataclass(frozen=True, slots=True)
 class OutputFormat:
-    """What the client asked the text to be: `json_object`, or `json_schema` with its schema."""
+    """What the client asked the text to be: `json_object` (with a schema found in the prompt, if any), or
+    `json_schema` with its schema."""
 
     kind: str
     schema: Any = None
@@ -174,11 +178,40 @@ def format_from(spec: Any, param: str, nested_schema: bool) -> OutputFormat | No
     raise InvalidRequest(f"'{param}.type' must be 'text', 'json_object' or 'json_schema'", param)
 
 
+def with_prompt_schema(fmt: OutputFormat | None, texts: Iterable[str]) -> OutputFormat | None:
+    """JSON mode gives no schema, but clients that use it (instructor's JSON mode, LangChain's json_mode)
+    put one in the prompt: the first JSON object in the messages that looks like a schema is used."""
+    if fmt is None or fmt.kind != "json_object" or fmt.schema is not None:
+        return fmt
+    for text in texts:
+        schema = _schema_in(text)
+        if schema is not None:
+            return OutputFormat("json_object", schema)
+    return fmt
+
+
+def _schema_in(text: str) -> Json | None:
+    decoder = json.JSONDecoder()
+    start = text.find("{")
+    for _ in range(SCHEMA_SCAN_LIMIT):  # bounded: a mock, not a parser of arbitrary prompts
+        if start < 0:
+            return None
+        try:
+            value, end = decoder.raw_decode(text, start)
+        except ValueError:
+            start = text.find("{", start + 1)
+            continue
+        if isinstance(value, dict) and isinstance(value.get("properties"), dict):
+            return value
+        start = text.find("{", end if isinstance(value, dict) else start + 1)
+    return None
+
+
 def answer_text(prompt: str, n: int, fmt: OutputFormat | None) -> list[str]:
     """The answer in pieces: n prompt-echo tokens, or the structured value's JSON split into n pieces."""
     if fmt is None:
         return gen_tokens(prompt, n)
-    if fmt.kind == "json_object":
+    if fmt.schema is None:
         value: Any = {"answer": "".join(gen_tokens(prompt, max(n, 1)))}
     else:
         value = schema_value(fmt.schema, prompt.split())

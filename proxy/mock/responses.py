@@ -29,6 +29,7 @@ from proxy.mock.content import (
     pos_int,
     require_field,
     sse,
+    with_prompt_schema,
 )
 
 
@@ -84,6 +85,7 @@ def plan_response(body: Json, output_tokens: int, gen: Gen) -> TextPlan:
     text = body.get("text")
     spec = text.get("format") if isinstance(text, dict) else None
     fmt = format_from(spec, "text.format", nested_schema=False)
+    fmt = with_prompt_schema(fmt, texts)
     return plan_text(model, prompt_tokens, prompt, output_tokens, limit, fmt, ("completed", "incomplete"))
 
 
