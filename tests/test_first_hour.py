@@ -30,7 +30,7 @@ def make_dry_run(target: str, venv: Path) -> list[str]:
 def test_make_run_installs_the_runtime_only_and_make_test_adds_the_test_extra(tmp_path: Path) -> None:
     run = make_dry_run("run", tmp_path / "venv")
     installs = [line for line in run if " install " in line and "--upgrade pip" not in line]
-    assert [line.split(" ", 1)[-1] for line in installs] == [f"{tmp_path}/venv/bin/pip install --quiet -e ."]
+    assert len(installs) == 1 and installs[0].endswith(f"{tmp_path}/venv/bin/pip install --quiet -e .")
     test = make_dry_run("test", tmp_path / "venv")
     assert any(line.endswith("-e '.[test]'") for line in test)
 
