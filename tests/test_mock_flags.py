@@ -83,3 +83,9 @@ def test_the_mock_command_serves_a_rate_limit_with_retry_after() -> None:
     finally:
         child.terminate()
         child.wait(timeout=10)
+
+
+def test_the_older_millisecond_flags_still_work() -> None:
+    """bench/streams.py and existing scripts spell the timing flags in milliseconds."""
+    settings = parse("--token-delay-ms", "20", "--output-tokens", "48", "--ttft-ms", "5")
+    assert (settings.ttft, settings.token_delay, settings.output_tokens, settings.faults) == (0.005, 0.02, 48, ())
