@@ -176,6 +176,22 @@ async def test_chat_json_object_mode_streamed_and_not(oai: openai.AsyncOpenAI) -
     assert text == whole.choices[0].message.content
 
 
+async def test_required_tool_choice_moves_on_to_the_next_tool(oai: openai.AsyncOpenAI) -> None:
+    """pydantic-ai's loop: a function tool, then (tool_choice required) its output tool, which ends the run."""
+    final: Any = {"type": "function", "function": {"name": "final_result", "parameters": Solution.model_json_schema()}}
+    messages: list[Any] = [{"role": "user", "content": "weather in Oslo?"}]
+    tools = [CHAT_WEATHER, final]
+    first = await oai.chat.completions.create(model=MODEL, messages=messages, tools=tools, tool_choice="required")
+    call = (first.choices[0].message.tool_calls or [])[0]
+    assert call.function.name == "get_weather"
+    messages += [first.choices[0].message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": "cold"}]
+    second = await oai.chat.completions.create(model=MODEL, messages=messages, tools=tools, tool_choice="required")
+    output = (second.choices[0].message.tool_calls or [])[0]
+    assert output.function.name == "final_result"
+    assert Solution.model_validate_json(output.function.arguments).steps
+
+
 async def test_json_mode_follows_a_schema_given_in_the_prompt(oai: openai.AsyncOpenAI) -> None:
     """instructor's JSON mode (and LangChain's json_mode) send json_object and put the schema in a message."""
     system = f"Answer with JSON that matches this schema:\n{json.dumps(Solution.model_json_schema())}\nNo prose."

@@ -241,8 +241,10 @@ def decide_tool(
 
     `mode` is "none", "auto" or "required"; `wanted` a tool the client named in tool_choice; `answered`
     the names of the tool results the conversation ends with (UNKNOWN_TOOL where the call is not in
-    it), or None when it does not end with results. A forced choice (named or required) is obeyed as the
-    real APIs do; under "auto" a tool whose result was just given is not called again, so agent loops end.
+    it), or None when it does not end with results. Under "auto" a tool whose result was just given is
+    not called again, so agent loops end. A forced choice is obeyed as the real APIs do: a named tool is
+    always called; "required" calls the first tool whose result was not just given (an agent's output
+    tool after its function tool, as pydantic-ai's loop expects), else the first.
     """
     if mode == "none" or not tools:
         return None
@@ -251,9 +253,9 @@ def decide_tool(
             if name == wanted:
                 return name, schema
         raise InvalidRequest(f"tool_choice names an unknown tool: {wanted!r}", "tool_choice")
-    picked = tools[0]
-    if mode != "required" and answered is not None:
-        names = set(answered)
-        if picked[0] in names or UNKNOWN_TOOL in names:
-            return None
-    return picked
+    names = set(answered or ())
+    if mode == "required":
+        return next((tool for tool in tools if tool[0] not in names), tools[0])
+    if answered is not None and (tools[0][0] in names or UNKNOWN_TOOL in names):
+        return None
+    return tools[0]
