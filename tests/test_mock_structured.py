@@ -119,8 +119,11 @@ def test_output_formats_of_each_protocol() -> None:
     flat = format_from({"type": "json_schema", "name": "x", "schema": schema}, "text.format", nested_schema=False)
     assert chat == flat == OutputFormat("json_schema", schema)
     assert format_from({"type": "text"}, "response_format", nested_schema=True) is None
-    with pytest.raises(InvalidRequest, match="json_schema.schema"):
-        format_from({"type": "json_schema", "json_schema": {"name": "x"}}, "response_format", nested_schema=True)
+    # The schema is optional in the API: without one, any JSON object will do.
+    assert format_from({"type": "json_schema", "json_schema": {"name": "x"}}, "response_format",
+                       nested_schema=True) == OutputFormat("json_object")
+    with pytest.raises(InvalidRequest, match="response_format.json_schema' is required"):
+        format_from({"type": "json_schema"}, "response_format", nested_schema=True)
     with pytest.raises(InvalidRequest, match="must be 'text'"):
         format_from({"type": "yaml"}, "response_format", nested_schema=True)
 

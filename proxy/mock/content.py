@@ -170,11 +170,12 @@ def format_from(spec: Any, param: str, nested_schema: bool) -> OutputFormat | No
         return OutputFormat("json_object")
     if kind == "json_schema":
         holder = spec.get("json_schema") if nested_schema else spec
+        if nested_schema and not isinstance(holder, dict):
+            raise InvalidRequest(f"'{param}.json_schema' is required and must be an object", param)
         schema = holder.get("schema") if isinstance(holder, dict) else None
-        if not isinstance(schema, dict):
-            where = f"{param}.json_schema.schema" if nested_schema else f"{param}.schema"
-            raise InvalidRequest(f"'{where}' is required and must be an object", param)
-        return OutputFormat("json_schema", schema)
+        if schema is not None and not isinstance(schema, dict):
+            raise InvalidRequest(f"'{param}.schema' must be an object", param)
+        return OutputFormat("json_schema", schema) if schema else OutputFormat("json_object")  # no schema: any object
     raise InvalidRequest(f"'{param}.type' must be 'text', 'json_object' or 'json_schema'", param)
 
 
