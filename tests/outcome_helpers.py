@@ -12,7 +12,7 @@ import pytest
 from conftest import Proxy
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.mock_upstream import MockSettings, start_mock
+from proxy.mock.server import MockSettings, start_mock
 
 
 @pytest.fixture

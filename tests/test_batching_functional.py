@@ -23,8 +23,8 @@ import pytest
 from aiohttp import web
 from conftest import Proxy, _serve
 
-from proxy import mock_content as mc
 from proxy.batching.flush import BATCH_SIZE_HEADER
+from proxy.mock import embeddings as mc
 
 pytestmark = pytest.mark.timeout(60)
 StartProxy = Callable[..., Awaitable[Proxy]]

@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 from aiohttp import web
 from test_ops_functional import PYTHON, ROOT
 
@@ -23,7 +24,7 @@ from proxy import lifecycle
 from proxy.admin import build_admin_app
 from proxy.app import build_app
 from proxy.policy.compile import compile_plan
-from proxy.policy.explain import Context, compiled_section, explain
+from proxy.policy.explain import Context, ExplainError, compiled_section, explain
 from proxy.policy.explain_text import format_text
 from proxy.policy.load import LoadedPolicy, load_policy
 from proxy.policy.reload import Reloader
@@ -292,3 +293,61 @@ async def test_admin_explain_matches_the_cli(admin_url: str, loaded: LoadedPolic
     async with aiohttp.ClientSession() as anonymous:
         async with anonymous.get(admin_url + "/admin/explain", params={"model": "m"}) as resp:
             assert resp.status == 401
+
+
+ONE_TENANT = """
+upstreams:
+  main: {provider: mock, breaker: {consecutive_failures: 3}}
+tenants:
+  only: {keys: [k-only]}
+routes:
+  - name: models
+    match: {path: /v1/models}
+    upstream: main
+  - name: chat
+    match: {model: "m-*"}
+    upstream: main
+    retry: {attempts: 3}
+"""
+
+
+@pytest.fixture
+def one_tenant(tmp_path: Path) -> Path:
+    (tmp_path / "policy.yaml").write_text(ONE_TENANT)
+    return tmp_path
+
+
+def test_cli_defaults_to_the_only_tenant_and_takes_a_request_without_a_model(one_tenant: Path) -> None:
+    result = subprocess.run(
+        [PYTHON, "-m", "proxy", "explain", "--policies", str(one_tenant), "--path", "/v1/models"],
+        cwd=ROOT, capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "tenant:   only (identified by the only tenant)" in result.stdout
+    assert "request:  /v1/models (no model)" in result.stdout
+    assert "route:    models (#0)" in result.stdout and "model sent upstream: (none" in result.stdout
+
+
+def test_a_model_route_does_not_match_a_request_without_a_model(one_tenant: Path) -> None:
+    loaded = load_policy(one_tenant)
+    answer = explain(loaded, compile_plan(loaded), path="/v1/chat/completions")
+    assert answer["route"] is None
+    assert answer["skipped"][1]["reason"] == "match.model ['m-*'] does not match a request without a model"
+
+
+def test_several_tenants_still_need_a_name(loaded: LoadedPolicy) -> None:
+    with pytest.raises(ExplainError, match="tenants: alpha, beta"):
+        explain(loaded, compile_plan(loaded), model="small-1")
+
+
+def test_text_names_the_upstream_shorthand_and_prints_values_as_yaml(one_tenant: Path) -> None:
+    loaded = load_policy(one_tenant)
+    text = format_text(explain(loaded, compile_plan(loaded), model="m-1"))
+    lines = text.splitlines()
+    assert "deployments (from route (upstream: main, a pool of one deployment)):" in lines
+    start = lines.index("retry (from route):")
+    retry = yaml.safe_load("\n".join(line[2:] for line in lines[start + 1:] if line.startswith("  ")))
+    assert retry["attempts"] == 3 and retry["statuses"] == [429, 500, 502, 503, 504, 529]
+    assert "{'" not in text  # no Python reprs
+    upstream_breaker = lines.index("breaker (from upstream):")
+    assert lines[upstream_breaker + 1] == "  consecutive_failures: 3"

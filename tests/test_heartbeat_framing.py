@@ -17,7 +17,7 @@ import pytest
 from conftest import Proxy
 from stream_helpers import SSE, Script, ScriptedUpstream, Servers, chat_chunk, read_raw
 
-from proxy.mock_upstream import MockSettings, start_mock
+from proxy.mock.server import MockSettings, start_mock
 from proxy.runtime import Settings
 from proxy.streaming.relay import StreamSettings
 

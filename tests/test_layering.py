@@ -30,15 +30,14 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("telemetry", ("proxy.telemetry",)),
     ("call", ("proxy.call",)),
     ("policy and providers", ("proxy.policy", "proxy.providers")),
-    ("mock", ("proxy.mock", "proxy.mock_upstream", "proxy.mock_content")),
+    ("mock", ("proxy.mock",)),
     ("shared", ("proxy.errors", "proxy.tasks")),
 )
 STAGES = ("proxy.ingress", "proxy.flow", "proxy.admission", "proxy.batching", "proxy.streaming")
 ENTRY_POINTS = LAYERS[0][1] + ("proxy.runtime",)
 LOOSE_MODULES = {"proxy.__main__", "proxy.cli", "proxy.app", "proxy.lifecycle", "proxy.admin", "proxy.runtime",
-                 "proxy.call", "proxy.errors", "proxy.tasks", "proxy.mock_upstream", "proxy.mock_content"}
-"""The only modules outside a stage package: entry points, the app's state, and what every stage shares
-(the mock's two modules until they move into proxy/mock/)."""
+                 "proxy.call", "proxy.errors", "proxy.tasks"}
+"""The only modules outside a stage package: entry points, the app's state, and what every stage shares."""
 IO_LIBRARIES = ("aiohttp", "asyncio", "socket", "httpx", "redis", "subprocess", "urllib.request", "uvloop")
 
 
@@ -176,7 +175,7 @@ def test_the_layer_check_sees_an_upward_import() -> None:
         (("proxy.policy", "proxy.providers"), ("proxy.upstream", "proxy.telemetry") + STAGES + ENTRY_POINTS),
         # The mock upstream is a separate server: it shares nothing with the proxy's data path.
         (
-            ("proxy.mock", "proxy.mock_upstream", "proxy.mock_content"),
+            ("proxy.mock",),
             STAGES + ENTRY_POINTS + ("proxy.policy", "proxy.upstream"),
         ),
     ],
@@ -188,6 +187,31 @@ def test_imports_flow_one_way(sources: tuple[str, ...], forbidden: tuple[str, ..
 
 def test_sse_codec_imports_nothing_from_proxy() -> None:
     assert [i.target for i in IMPORTS["proxy.streaming.sse"] if within(i.target, ("proxy",))] == []
+
+
+MOCK_BUILDERS = ("proxy.mock.content", "proxy.mock.structured", "proxy.mock.chat", "proxy.mock.responses",
+                 "proxy.mock.messages", "proxy.mock.embeddings", "proxy.mock.faults")
+
+
+@pytest.mark.parametrize("module", MOCK_BUILDERS)
+def test_the_mock_builds_bodies_without_io(module: str) -> None:
+    """The mock's protocol modules are pure: only proxy.mock.server and its helpers touch aiohttp."""
+    assert [i.target for i in IMPORTS[module] if within(i.target, IO_LIBRARIES)] == []
+
+
+def test_production_code_loads_the_mock_only_when_a_mock_upstream_starts() -> None:
+    """Outside proxy.mock, the mock is imported inside a function (or for type checking), never at load."""
+    eager = [
+        f"{MODULES[m].relative_to(ROOT)}:{i.line} imports {i.target}"
+        for m, found in IMPORTS.items()
+        if not within(m, ("proxy.mock",))
+        for i in found
+        if within(i.target, ("proxy.mock",)) and i.top_level and not i.type_checking
+    ]
+    assert eager == []
+    lazy = {m for m, found in IMPORTS.items() if not within(m, ("proxy.mock",))
+            and any(within(i.target, ("proxy.mock",)) for i in found)}
+    assert lazy == {"proxy.cli", "proxy.upstream.client"}
 
 
 def test_only_the_cli_imports_the_app() -> None:

@@ -17,8 +17,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.mock_content import split_pieces
-from proxy.mock_upstream import (
+from proxy.mock.content import split_pieces
+from proxy.mock.server import (
     MOCK_STATS,
     BadHeader,
     MockFault,

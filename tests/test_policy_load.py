@@ -238,7 +238,38 @@ INVALID: list[tuple[str, str, list[tuple[int, int, str, str]]]] = [
           a: {provider: mock
         routes: []
         """,
-        [(3, 7, "(top)", "YAML syntax error")],
+        [(2, 6, "(top)", "YAML syntax error: a flow mapping starts here and is not closed")],
+    ),
+    (
+        "yaml-unclosed-quote",
+        """
+        upstreams:
+          a:
+            provider: "mock
+            mock: {}
+        routes: []
+        """,
+        [(3, 15, "(top)", "YAML syntax error: a quoted scalar starts here and is not closed (found unexpected "
+                          "end of stream at line 6")],
+    ),
+    (
+        "yaml-key-without-colon",
+        """
+        upstreams
+          a: {provider: mock}
+        """,
+        [(1, 1, "(top)", "YAML syntax error: this key has no ':' after it (mapping values are not allowed here "
+                         "at line 2")],
+    ),
+    (
+        "yaml-bad-indentation",
+        """
+        upstreams:
+          a: {provider: mock}
+         b: {provider: mock}
+        """,
+        [(3, 2, "(top)", "YAML syntax error: expected <block end>, but found '<block mapping start>' (check this "
+                         "line's indentation: it is inside a block mapping that starts at line 1, column 1)")],
     ),
     (
         "yaml-tab-indentation",

@@ -31,7 +31,7 @@ from stream_helpers import (
     wait_for,
 )
 
-from proxy.mock_upstream import MockSettings, start_mock
+from proxy.mock.server import MockSettings, start_mock
 from proxy.policy.load import PolicyError
 from proxy.runtime import Settings
 from proxy.streaming.relay import StreamSettings

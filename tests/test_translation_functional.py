@@ -19,7 +19,7 @@ import pytest
 from conftest import UPSTREAM_KEY, Proxy
 from stream_helpers import JSON, SSE, Script, ScriptedUpstream, Servers, chat_chunk, read_raw, sse
 
-from proxy.mock_upstream import MockSettings, start_mock
+from proxy.mock.server import MockSettings, start_mock
 from proxy.streaming.sse import SSEDecoder
 
 pytestmark = pytest.mark.timeout(30)

@@ -68,13 +68,14 @@ def explain(
     loaded: LoadedPolicy,
     plan: Plan,
     *,
-    model: str,
+    model: str = "",
     path: str = "/v1/chat/completions",
     tenant: str | None = None,
     key: str | None = None,
     stream_defaults: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
-    """The answer as plain JSON-able data; `format_text` renders it for a terminal."""
+    """The answer as plain JSON-able data; `format_text` renders it for a terminal. An empty model is a
+    request without one (GET /v1/models, a route that matches on the path alone)."""
     rule, identified_by = _tenant(plan, tenant, key)
     answer: dict[str, Any] = {
         "request": {"path": path, "model": model},
@@ -122,7 +123,10 @@ def _tenant(plan: Plan, tenant: str | None, key: str | None) -> tuple[TenantRule
         return plan.tenants[tenant], "name"
     if plan.identify.tenant is not None:
         return plan.tenants[plan.identify.tenant], f"identify.{plan.identify.mode}"
-    raise ExplainError("name a tenant (--tenant) or a key (--key)")
+    if len(plan.tenants) == 1:
+        return next(iter(plan.tenants.values())), "the only tenant"
+    names = ", ".join(plan.tenants) or "none"
+    raise ExplainError(f"name a tenant (--tenant) or a key (--key); tenants: {names}")
 
 
 def _mismatch(route: RouteRule, path: str, model: str, tenant: str) -> str | None:
@@ -131,7 +135,8 @@ def _mismatch(route: RouteRule, path: str, model: str, tenant: str) -> str | Non
     if not route.paths(path):
         return f"match.path {list(route.paths.patterns)} does not match {path}"
     if not route.models(model):
-        return f"match.model {list(route.models.patterns)} does not match '{model}'"
+        asked = f"'{model}'" if model else "a request without a model"
+        return f"match.model {list(route.models.patterns)} does not match {asked}"
     return None
 
 
@@ -149,9 +154,10 @@ def _set_in(model: BaseModel | None, field: str) -> bool:
 def route_section(ctx: Context) -> dict[str, Any]:
     route = ctx.route
     tenants = "any tenant" if route.tenants is None else f"tenants {sorted(route.tenants)}"
+    model = f"model '{ctx.model}'" if ctx.model else "no model"
     why = (
         f"first route in order whose match holds: path {ctx.path} ~ {list(route.paths.patterns)}, "
-        f"model '{ctx.model}' ~ {list(route.models.patterns)}, {tenants}"
+        f"{model} ~ {list(route.models.patterns)}, {tenants}"
     )
     return {"name": route.name, "index": route.index, "why": why}
 
@@ -181,7 +187,7 @@ def upstream_section(ctx: Context) -> dict[str, Any] | None:
 
 
 def model_section(ctx: Context) -> str:
-    return ctx.route.model_rewrite or ctx.model
+    return ctx.route.model_rewrite or ctx.model or "(none: the request has no model)"
 
 
 def protocol_section(ctx: Context) -> str | None:
@@ -326,6 +332,8 @@ def compiled_section(name: str) -> Callable[[Context], dict[str, Any] | None]:
             return None
         if _set_in(ctx.source, name):
             source = "route"
+        elif name == "deployments" and _set_in(ctx.source, "upstream"):
+            source = f"route (upstream: {ctx.source.upstream}, a pool of one deployment)"
         elif _set_in(ctx.policy, name):
             source = "policy"
         else:

@@ -309,7 +309,7 @@ class Policy(Strict):
     breaker: Breaker = Field(default_factory=Breaker)
     """Circuit-breaker defaults for every upstream (an upstream's `breaker` fields win)."""
     # Names used across sections (upstreams, tenants, queues, priority classes) are checked by the
-    # loader (policy/load.py `_cross_check`), which knows each value's file:line.
+    # loader (policy/checks.py), which knows each value's file:line.
     state: State = Field(default_factory=State)
     """Where limit counters live: this process (memory) or Redis shared by replicas."""
 

@@ -16,15 +16,17 @@ import weakref
 from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from yarl import URL
 
 from proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
-from proxy.mock_upstream import MockFault, MockSettings, start_mock
 from proxy.policy.plan import MockPlan, Plan, UpstreamSpec
 from proxy.upstream.registry import Registry
+
+if TYPE_CHECKING:
+    from proxy.mock.faults import MockSettings
 
 log = logging.getLogger("signalbox.upstream")
 
@@ -136,6 +138,8 @@ class UpstreamClients:
         base_url = spec.base_url or ""
         if spec.provider == "mock":
             assert spec.mock is not None
+            from proxy.mock.server import start_mock  # only a policy with a mock upstream loads the mock
+
             runner, root = await start_mock(_mock_settings(spec.mock))
             base_url = root + "/v1"
         connector = PoolConnector(
@@ -159,6 +163,8 @@ class UpstreamClients:
 
 
 def _mock_settings(plan: MockPlan) -> MockSettings:
+    from proxy.mock.faults import MockFault, MockSettings
+
     faults = tuple(
         MockFault(
             kind=f.kind,
