@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     from proxy.flow.scheduler import Scheduler
 
 _RECENT_WAITS = 1024
+OPEN: dict[str, Refusal] = {}
+"""No limit closed: what an arrival passes to `acquire` (read only, never written)."""
 RECHECK = 0.5
 """A remote store (Redis) frees capacity that other replicas release unseen: look again this often."""
 
@@ -233,7 +235,16 @@ class Gate:
         others (or paused, or no slot); Blocked: a limit refused (the route may reject or queue)."""
         if self.paused or self.board.live or (need.slot and self.active >= self.slots):
             return None
-        outcome = await acquire(self._store(), need, {})
+        return self._took(need, await acquire(self._store(), need, {}))
+
+    def try_now_local(self, need: Need, store: LocalStore) -> Grant | Blocked | None:
+        """`try_now` over the in-memory store, synchronously: when nobody waits and everything is free,
+        entering takes no await, no future, no task and no timer."""
+        if self.paused or self.board.live or (need.slot and self.active >= self.slots):
+            return None
+        return self._took(need, acquire_now(store, need, OPEN))
+
+    def _took(self, need: Need, outcome: Grant | Blocked) -> Grant | Blocked:
         if isinstance(outcome, Grant):
             outcome.slot = need.slot
             if need.slot:
@@ -343,49 +354,91 @@ Queue = Gate
 
 async def acquire(store: LimiterStore | None, need: Need, closed: dict[str, Refusal]) -> Grant | Blocked:
     """Take everything `need` asks of the limiter store at once, or nothing (what was taken is given back)."""
+    if store is None or isinstance(store, LocalStore):
+        return acquire_now(store, need, closed)
     grant = Grant()
     if need.limits:
-        assert store is not None
-        taken = await _try(store, need.limits, need.cost, need.headroom)
+        taken = await store.try_acquire(need.limits, need.cost, headroom=need.headroom)
         if not isinstance(taken, Reservation):
             return Blocked(taken, [taken.limit.key])
         grant.reservation = taken
-    if need.upstreams:
+    if not need.upstreams:
+        return grant
+    first: Refusal | None = None
+    keys: list[str] = []
+    for limit in need.upstreams:
+        if limit.key in closed:
+            first = first or closed[limit.key]
+            continue
+        held = await store.try_acquire((limit,), _upstream_cost(need, limit), headroom=need.headroom)
+        if isinstance(held, Reservation):
+            grant.upstream, grant.upstream_limit = held, limit
+            return grant
+        keys.append(limit.key)
+        first = _sooner(held, first)
+    await give_back(store, grant)
+    assert first is not None
+    return Blocked(first, keys)
+
+
+def acquire_now(store: LocalStore | None, need: Need, closed: dict[str, Refusal]) -> Grant | Blocked:
+    """`acquire` from the in-memory store, which never suspends: no coroutine per limit."""
+    grant = Grant()
+    if need.limits:
         assert store is not None
-        first: Refusal | None = None
-        keys: list[str] = []
-        for limit in need.upstreams:
-            if limit.key in closed:
-                first = first or closed[limit.key]
-                continue
-            held = await _try(store, (limit,), need.upstream_cost if limit.spec.counts_tokens else 0,
-                              need.headroom)
-            if isinstance(held, Reservation):
-                grant.upstream, grant.upstream_limit = held, limit
-                return grant
-            keys.append(limit.key)
-            if first is None or (held.retry_after or 0.0) < (first.retry_after or math.inf):
-                first = held
-        await give_back(store, grant)
-        assert first is not None
-        return Blocked(first, keys)
-    return grant
+        taken = store.acquire_now(need.limits, need.cost, need.headroom)
+        if not isinstance(taken, Reservation):
+            return Blocked(taken, [taken.limit.key])
+        grant.reservation = taken
+    if not need.upstreams:
+        return grant
+    assert store is not None
+    first: Refusal | None = None
+    keys: list[str] = []
+    for limit in need.upstreams:
+        if limit.key in closed:
+            first = first or closed[limit.key]
+            continue
+        held = store.acquire_now((limit,), _upstream_cost(need, limit), need.headroom)
+        if isinstance(held, Reservation):
+            grant.upstream, grant.upstream_limit = held, limit
+            return grant
+        keys.append(limit.key)
+        first = _sooner(held, first)
+    give_back_now(store, grant)
+    assert first is not None
+    return Blocked(first, keys)
 
 
-async def _try(store: LimiterStore, limits: tuple[Limit, ...], cost: int, headroom: float) -> Reservation | Refusal:
-    return await store.try_acquire(limits, cost, headroom=headroom)
+def _upstream_cost(need: Need, limit: Limit) -> int:
+    return need.upstream_cost if limit.spec.counts_tokens else 0
+
+
+def _sooner(refusal: Refusal, than: Refusal | None) -> Refusal:
+    """Of two upstream refusals, the one that frees first (the call may go to whichever does)."""
+    if than is None or (refusal.retry_after or 0.0) < (than.retry_after or math.inf):
+        return refusal
+    return than
 
 
 async def give_back(store: LimiterStore | None, grant: Grant) -> None:
     """Undo a grant nobody used: nothing was sent, so nothing counts."""
+    if store is None or isinstance(store, LocalStore):
+        give_back_now(store, grant)
+        return
     for reservation in (grant.reservation, grant.upstream):
-        if reservation is None or store is None:
-            continue
-        await store.settle(reservation, requests=0, tokens=0)
-        if reservation.concurrent:
-            await store.release(reservation)
+        if reservation is not None:
+            await store.finish(reservation, requests=0, tokens=0)
     grant.reservation = grant.upstream = None
 
 
-__all__ = ["GONE", "GRANTED", "WAITING", "Blocked", "Gate", "Grant", "Need", "Queue", "Ticket", "acquire",
-           "give_back"]
+def give_back_now(store: LocalStore | None, grant: Grant) -> None:
+    """`give_back` to the in-memory store."""
+    for reservation in (grant.reservation, grant.upstream):
+        if reservation is not None and store is not None:
+            store.finish_now(reservation, 0, 0)
+    grant.reservation = grant.upstream = None
+
+
+__all__ = ["GONE", "GRANTED", "OPEN", "WAITING", "Blocked", "Gate", "Grant", "Need", "Queue", "Ticket", "acquire",
+           "acquire_now", "give_back", "give_back_now"]
