@@ -139,16 +139,16 @@ class KeyState:
         if concurrent is not None and self.in_use + 1 > concurrent * keep + _EPS:
             return False
         requests = self.requests
-        for i, window in enumerate(requests):
+        for window in requests:
             if not window.take(now, 1, keep):
-                _untake(requests[:i], 1)
+                _untake(requests, window, 1)
                 return False
         if tokens and self.tokens:
             windows = self.tokens
-            for i, window in enumerate(windows):
+            for window in windows:
                 if not window.take(now, tokens, keep):
-                    _untake(windows[:i], tokens)
-                    _untake(requests, 1)
+                    _untake(windows, window, tokens)
+                    _untake(requests, None, 1)
                     return False
             self.pending += tokens
         if concurrent is not None:
@@ -157,9 +157,9 @@ class KeyState:
 
     def unadmit(self, tokens: int) -> None:
         """Undo `admit` at the same instant (another key of the same request refused)."""
-        _untake(self.requests, 1)
+        _untake(self.requests, None, 1)
         if tokens and self.tokens:
-            _untake(self.tokens, tokens)
+            _untake(self.tokens, None, tokens)
             self.pending -= tokens
         if self.concurrent is not None:
             self.in_use -= 1
@@ -201,9 +201,12 @@ class KeyState:
         )
 
 
-def _untake(windows: tuple[SlidingWindow, ...], amount: int) -> None:
+def _untake(windows: tuple[SlidingWindow, ...], stop: SlidingWindow | None, amount: int) -> None:
+    """Undo what `take` just counted in `windows` before `stop` (None: in all of them)."""
     for window in windows:
-        window.current -= amount  # what `take` just added, in the same window: exact (whole numbers)
+        if window is stop:
+            return
+        window.current -= amount  # in the same window instant: exact (whole numbers)
 
 
 def _adjust(windows: tuple[SlidingWindow, ...], now: float, at: float, delta: int) -> None:

@@ -91,7 +91,7 @@ class LocalStore:
         # The limits as counted (after a reload they may be newer than the ones the call carries):
         # release() must give concurrency back exactly where take() counted it.
         counted = tuple(state.limit for state in held) if newer or not isinstance(limits, tuple) else limits
-        return Reservation(counted, math.floor(now / self._length), 1, tokens, concurrent, at=now)
+        return Reservation(counted, math.floor(now / self._length), 1, tokens, concurrent, False, False, now)
 
     def _refusal(self, limits: Sequence[Limit], now: float, tokens: int, headroom: float) -> Refusal:
         """The refusal with the longest wait among `limits` (one of them refused)."""
