@@ -25,9 +25,10 @@ from proxy.errors import QueueFull, QueueShed
 from proxy.flow import shed
 from proxy.flow.admit import Waiting, estimate_tokens, rejection
 from proxy.flow.board import GRANTED, Ticket
-from proxy.flow.gate import OPEN, Blocked, Gate, Grant, Need, acquire, acquire_now, give_back
+from proxy.flow.gate import Gate
+from proxy.flow.take import OPEN, Blocked, Grant, Need, acquire, acquire_now, give_back
 from proxy.flow.upstream import UpstreamHold
-from proxy.policy.plan import LimitSet
+from proxy.policy.plan import Limit, LimitSet
 
 if TYPE_CHECKING:
     from proxy.flow.scheduler import Scheduler
@@ -69,22 +70,32 @@ class Entry:
         if not self.has_slot and not own and not upstreams:
             return  # nothing to wait for in a queue (upstream limits: dispatch takes them per attempt)
         try:
-            spec = route.queue
-            assert spec is not None
-            gate = self.gate = scheduler.queue(spec, call.plan.priorities, newest=not scheduler.reloads)
-            need = Need(self.has_slot, own, cost, upstreams, call.token_estimate, shed.headroom(spec, self.cls))
+            gate, need = self._arrive(own, cost, upstreams)
             # Nobody waiting and everything free: taken here and now, without suspending (in-memory store).
             outcome = gate.try_now_local(need, local) if local is not None else await gate.try_now(need)
-            if isinstance(outcome, Grant):
-                self._adopt(outcome)
-                gate.admit(None)
-                return
-            if isinstance(outcome, Blocked) and outcome.refusal.retry_after is None:
-                raise rejection(scheduler.admission, outcome.refusal, call, False)  # bigger than the limit
-            await self._wait(gate, need, outcome)
+            if not self._admitted(gate, outcome):
+                await self._wait(gate, need, outcome)
         except BaseException:
             await self._undo()
             raise
+
+    def _arrive(self, own: tuple[Limit, ...], cost: int, upstreams: tuple[Limit, ...]) -> tuple[Gate, Need]:
+        """The route's gate, and what the call needs from it."""
+        call, scheduler = self.call, self.scheduler
+        spec = call.route.queue if call.route is not None else None
+        assert spec is not None
+        gate = self.gate = scheduler.queue(spec, call.plan.priorities, newest=not scheduler.reloads)
+        return gate, Need(self.has_slot, own, cost, upstreams, call.token_estimate, shed.headroom(spec, self.cls))
+
+    def _admitted(self, gate: Gate, outcome: Grant | Blocked | None) -> bool:
+        """Granted at arrival (True), or must wait (False); a request bigger than a limit is refused."""
+        if isinstance(outcome, Grant):
+            self._adopt(outcome)
+            gate.admit(None)
+            return True
+        if isinstance(outcome, Blocked) and outcome.refusal.retry_after is None:  # bigger than the limit
+            raise rejection(self.scheduler.admission, outcome.refusal, self.call, False)
+        return False
 
     async def _undo(self) -> None:
         """The call never got past its queue: what it took at arrival goes back (nothing was sent)."""

@@ -10,7 +10,8 @@ a limit of its own blocks nobody else and keeps its place.
 
 Passes run when capacity may have freed: a slot released, a reservation settled or released anywhere
 (the scheduler kicks every gate with waiters), a reload, a resume, and, for rate windows, one timer per
-gate at the soonest instant a refusing window admits again. No waiter polls.
+gate at the soonest instant a refusing window admits again. No waiter polls. Taking the capacity from
+the limiter store, all or nothing, is `proxy.flow.take`.
 """
 
 from __future__ import annotations
@@ -19,16 +20,16 @@ import asyncio
 import math
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from proxy.admission.limits import Refusal
 from proxy.admission.local import LocalStore
-from proxy.admission.store import LimiterStore, Reservation
+from proxy.admission.store import LimiterStore
 from proxy.errors import ProxyError, QueueCleared, QueueTimeout
 from proxy.flow import estimate
 from proxy.flow.board import GONE, GRANTED, WAITING, FairQueue, Ticket
-from proxy.policy.plan import Limit, QueueSpec
+from proxy.flow.take import OPEN, Blocked, Grant, Need, acquire, acquire_now, give_back, give_back_now
+from proxy.policy.plan import QueueSpec
 from proxy.tasks import spawn
 from proxy.telemetry.metrics import Metrics
 
@@ -36,44 +37,8 @@ if TYPE_CHECKING:
     from proxy.flow.scheduler import Scheduler
 
 _RECENT_WAITS = 1024
-OPEN: dict[str, Refusal] = {}
-"""No limit closed: what an arrival passes to `acquire` (read only, never written)."""
 RECHECK = 0.5
 """A remote store (Redis) frees capacity that other replicas release unseen: look again this often."""
-
-
-@dataclass(slots=True)
-class Need:
-    """What one request must find free to leave the queue."""
-
-    slot: bool
-    limits: tuple[Limit, ...] = ()
-    """Its own limits (tenant, route, per tenant), counted with `cost` tokens."""
-    cost: int = 0
-    upstreams: tuple[Limit, ...] = ()
-    """One of these upstream limits must admit (the route's deployments); empty: none to check."""
-    upstream_cost: int = 0
-    headroom: float = 0.0
-    """Share of each shared budget this class must leave for the classes above it (queue `reserve`)."""
-
-
-@dataclass(slots=True)
-class Grant:
-    """What a ticket was given: hand it back once (`Gate.release`, the admission settle)."""
-
-    slot: bool = False
-    reservation: Reservation | None = None
-    upstream: Reservation | None = None
-    upstream_limit: Limit | None = None
-    waited: float = 0.0
-
-
-@dataclass(slots=True)
-class Blocked:
-    """A ticket could not be served: the refusal, and every key it closes for this pass."""
-
-    refusal: Refusal
-    keys: list[str] = field(default_factory=list)
 
 
 class Gate:
@@ -350,94 +315,6 @@ class Gate:
 
 Queue = Gate
 """The admin API's name for it."""
-
-
-async def acquire(store: LimiterStore | None, need: Need, closed: dict[str, Refusal]) -> Grant | Blocked:
-    """Take everything `need` asks of the limiter store at once, or nothing (what was taken is given back)."""
-    if store is None or isinstance(store, LocalStore):
-        return acquire_now(store, need, closed)
-    grant = Grant()
-    if need.limits:
-        taken = await store.try_acquire(need.limits, need.cost, headroom=need.headroom)
-        if not isinstance(taken, Reservation):
-            return Blocked(taken, [taken.limit.key])
-        grant.reservation = taken
-    if not need.upstreams:
-        return grant
-    first: Refusal | None = None
-    keys: list[str] = []
-    for limit in need.upstreams:
-        if limit.key in closed:
-            first = first or closed[limit.key]
-            continue
-        held = await store.try_acquire((limit,), _upstream_cost(need, limit), headroom=need.headroom)
-        if isinstance(held, Reservation):
-            grant.upstream, grant.upstream_limit = held, limit
-            return grant
-        keys.append(limit.key)
-        first = _sooner(held, first)
-    await give_back(store, grant)
-    assert first is not None
-    return Blocked(first, keys)
-
-
-def acquire_now(store: LocalStore | None, need: Need, closed: dict[str, Refusal]) -> Grant | Blocked:
-    """`acquire` from the in-memory store, which never suspends: no coroutine per limit."""
-    grant = Grant()
-    if need.limits:
-        assert store is not None
-        taken = store.acquire_now(need.limits, need.cost, need.headroom)
-        if not isinstance(taken, Reservation):
-            return Blocked(taken, [taken.limit.key])
-        grant.reservation = taken
-    if not need.upstreams:
-        return grant
-    assert store is not None
-    first: Refusal | None = None
-    keys: list[str] = []
-    for limit in need.upstreams:
-        if limit.key in closed:
-            first = first or closed[limit.key]
-            continue
-        held = store.acquire_now((limit,), _upstream_cost(need, limit), need.headroom)
-        if isinstance(held, Reservation):
-            grant.upstream, grant.upstream_limit = held, limit
-            return grant
-        keys.append(limit.key)
-        first = _sooner(held, first)
-    give_back_now(store, grant)
-    assert first is not None
-    return Blocked(first, keys)
-
-
-def _upstream_cost(need: Need, limit: Limit) -> int:
-    return need.upstream_cost if limit.spec.counts_tokens else 0
-
-
-def _sooner(refusal: Refusal, than: Refusal | None) -> Refusal:
-    """Of two upstream refusals, the one that frees first (the call may go to whichever does)."""
-    if than is None or (refusal.retry_after or 0.0) < (than.retry_after or math.inf):
-        return refusal
-    return than
-
-
-async def give_back(store: LimiterStore | None, grant: Grant) -> None:
-    """Undo a grant nobody used: nothing was sent, so nothing counts."""
-    if store is None or isinstance(store, LocalStore):
-        give_back_now(store, grant)
-        return
-    for reservation in (grant.reservation, grant.upstream):
-        if reservation is not None:
-            await store.finish(reservation, requests=0, tokens=0)
-    grant.reservation = grant.upstream = None
-
-
-def give_back_now(store: LocalStore | None, grant: Grant) -> None:
-    """`give_back` to the in-memory store."""
-    for reservation in (grant.reservation, grant.upstream):
-        if reservation is not None and store is not None:
-            store.finish_now(reservation, 0, 0)
-    grant.reservation = grant.upstream = None
 
 
 __all__ = ["GONE", "GRANTED", "OPEN", "WAITING", "Blocked", "Gate", "Grant", "Need", "Queue", "Ticket", "acquire",
