@@ -376,3 +376,28 @@ async def test_cluster_keeps_each_limit_in_one_slot_and_rolls_back_partial_admis
         assert not store.health.degraded
         stores.remove(store)
         await store.close()
+
+
+async def test_finish_settles_and_releases_in_one_round_trip(server: RedisServer, stores: list[RedisStore]) -> None:
+    metrics = Metrics()
+    store = await open_store(stores, server.url, metrics=metrics)
+    lim = limit(tpm=1000, conc=1)
+
+    def adjusts() -> float:
+        return metrics.registry.get_sample_value("signalbox_redis_call_seconds_count", {"op": "adjust"}) or 0.0
+
+    reservation = await store.try_acquire([lim], 600)
+    assert isinstance(reservation, SharedReservation)
+    await store.finish(reservation, requests=1, tokens=100)  # refund 500 and give the lease back
+    assert adjusts() == 1
+    await store.finish(reservation, requests=1, tokens=0)  # once: nothing more is sent
+    assert adjusts() == 1
+    (usage,) = await store.remaining()
+    assert usage.tokens is not None and usage.tokens.used == pytest.approx(100, abs=2)
+    assert usage.concurrent == (1, 0)
+    again = await store.try_acquire([lim], 0)  # the lease is gone: concurrency 1 admits again
+    assert isinstance(again, SharedReservation)
+    await store.finish(again, requests=1, tokens=0)  # no tokens reserved: only the lease goes back
+    assert adjusts() == 2
+    (usage,) = await store.remaining()
+    assert usage.concurrent == (1, 0)

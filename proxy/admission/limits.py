@@ -70,7 +70,7 @@ class Refusal:
 class KeyState:
     """The counters of one limit key; a reload swaps the spec and keeps the counts of the windows it keeps."""
 
-    __slots__ = ("limit", "minute", "requests", "tokens", "in_use", "pending")
+    __slots__ = ("limit", "minute", "requests", "tokens", "in_use", "pending", "concurrent")
 
     def __init__(self, limit: Limit, minute: float = WINDOW) -> None:
         self.limit = limit
@@ -82,10 +82,12 @@ class KeyState:
         self.in_use = 0
         self.pending = 0
         """Tokens reserved by requests not settled yet (a settle may refund them)."""
+        self.concurrent = limit.spec.concurrent
         self._apply(limit.spec)
 
     def configure(self, limit: Limit) -> None:
         old, self.limit = self.limit.spec, limit
+        self.concurrent = limit.spec.concurrent
         if limit.spec != old:
             self._apply(limit.spec)
 
@@ -129,6 +131,39 @@ class KeyState:
         unit = refusing.name.rpartition("_per_")[2] if refusing is not None else ""
         return Refusal(self.limit, dimension, wait, exact, self.usage(now), unit, headroom)
 
+    def admit(self, now: float, tokens: int, keep: float = 1.0) -> bool:
+        """`check` and `take` in one pass, on the hot path: count the request if every window and the
+        concurrency admit it with `keep` x each limit, else count nothing and return False (`check` then
+        says why). Each window is checked and counted in one call, and a refusing one undoes the others."""
+        concurrent = self.concurrent
+        if concurrent is not None and self.in_use + 1 > concurrent * keep + _EPS:
+            return False
+        requests = self.requests
+        for window in requests:
+            if not window.take(now, 1, keep):
+                _untake(requests, window, 1)
+                return False
+        if tokens and self.tokens:
+            windows = self.tokens
+            for window in windows:
+                if not window.take(now, tokens, keep):
+                    _untake(windows, window, tokens)
+                    _untake(requests, None, 1)
+                    return False
+            self.pending += tokens
+        if concurrent is not None:
+            self.in_use += 1
+        return True
+
+    def unadmit(self, tokens: int) -> None:
+        """Undo `admit` at the same instant (another key of the same request refused)."""
+        _untake(self.requests, None, 1)
+        if tokens and self.tokens:
+            _untake(self.tokens, None, tokens)
+            self.pending -= tokens
+        if self.concurrent is not None:
+            self.in_use -= 1
+
     def take(self, now: float, tokens: int) -> None:
         """Count one request and its tokens (in the window that `now` falls in, at every unit)."""
         for window in self.requests:
@@ -144,13 +179,12 @@ class KeyState:
         """Settle a reservation of `reserved` tokens counted at time `at`: `requests`/`tokens` are the
         differences (real minus reserved); negative ones are refunds to the windows `at` fell in."""
         if self.tokens:
-            self.pending = max(0, self.pending - reserved)
-        for windows, delta in ((self.requests, requests), (self.tokens, tokens)):
-            for window in windows if delta else ():
-                if delta < 0:
-                    window.refund(math.floor(at / window.length), -delta)
-                else:
-                    window.add(now, delta)
+            pending = self.pending - reserved
+            self.pending = pending if pending > 0 else 0
+            if tokens:
+                _adjust(self.tokens, now, at, tokens)
+        if requests:
+            _adjust(self.requests, now, at, requests)
 
     def usage(self, now: float) -> Usage:
         spec = self.limit.spec
@@ -165,6 +199,23 @@ class KeyState:
             concurrent=(spec.concurrent, self.in_use) if spec.concurrent is not None else None,
             windows=requests + tokens,
         )
+
+
+def _untake(windows: tuple[SlidingWindow, ...], stop: SlidingWindow | None, amount: int) -> None:
+    """Undo what `take` just counted in `windows` before `stop` (None: in all of them)."""
+    for window in windows:
+        if window is stop:
+            return
+        window.current -= amount  # in the same window instant: exact (whole numbers)
+
+
+def _adjust(windows: tuple[SlidingWindow, ...], now: float, at: float, delta: int) -> None:
+    """Charge `delta` now, or refund it (negative) to the windows `at` fell in."""
+    for window in windows:
+        if delta < 0:
+            window.refund(math.floor(at / window.length), -delta)
+        else:
+            window.add(now, delta)
 
 
 _Found = tuple[Dimension, SlidingWindow | None, float | None, bool]

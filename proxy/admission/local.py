@@ -56,39 +56,87 @@ class LocalStore:
     async def try_acquire(
         self, limits: Sequence[Limit], tokens: int, *, headroom: float = 0.0
     ) -> Reservation | Refusal:
+        return self.acquire_now(limits, tokens, headroom)
+
+    async def release(self, reservation: Reservation) -> None:
+        self.release_now(reservation)
+
+    async def settle(self, reservation: Reservation, *, requests: int, tokens: int) -> None:
+        self.settle_now(reservation, requests, tokens)
+
+    async def finish(self, reservation: Reservation, *, requests: int, tokens: int) -> None:
+        self.finish_now(reservation, requests, tokens)
+
+    # The same, synchronous: the flow layer calls these directly when the store is this one, so an
+    # admitted request creates no coroutine for its limits (the in-memory store never suspends anyway).
+
+    def acquire_now(self, limits: Sequence[Limit], tokens: int, headroom: float = 0.0) -> Reservation | Refusal:
+        """`try_acquire`, without the coroutine."""
         now = self._clock()
+        keep = 1.0 - headroom
         states = self._states
-        worst: Refusal | None = None
-        concurrent = False
         held: list[KeyState] = []
+        concurrent = newer = False
         for limit in limits:
             state = states.get(limit.key)
             if state is None or state.limit is not limit:
                 state = self._state(limit)
+                newer = newer or state.limit is not limit
+            if not state.admit(now, tokens, keep):  # counted where it fits; undone once one refuses
+                for taken in held:
+                    taken.unadmit(tokens)
+                return self._refusal(limits, now, tokens, headroom)
             held.append(state)
-            refusal = state.check(now, tokens, CONCURRENCY_HINT, headroom)
-            if refusal is not None and longer(refusal, worst):
-                worst = refusal
-            concurrent = concurrent or state.limit.spec.concurrent is not None
-        if worst is not None:
-            return worst
-        for state in held:
-            state.take(now, tokens)
+            concurrent = concurrent or state.concurrent is not None
         # The limits as counted (after a reload they may be newer than the ones the call carries):
         # release() must give concurrency back exactly where take() counted it.
-        counted = tuple(state.limit for state in held)
-        return Reservation(counted, math.floor(now / self._length), 1, tokens, concurrent, at=now)
+        counted = tuple(state.limit for state in held) if newer or not isinstance(limits, tuple) else limits
+        return Reservation(counted, math.floor(now / self._length), 1, tokens, concurrent, False, False, now)
 
-    async def release(self, reservation: Reservation) -> None:
+    def _refusal(self, limits: Sequence[Limit], now: float, tokens: int, headroom: float) -> Refusal:
+        """The refusal with the longest wait among `limits` (one of them refused)."""
+        worst: Refusal | None = None
+        for limit in limits:
+            refusal = self._state(limit).check(now, tokens, CONCURRENCY_HINT, headroom)
+            if refusal is not None and longer(refusal, worst):
+                worst = refusal
+        assert worst is not None
+        return worst
+
+    def finish_now(self, reservation: Reservation, requests: int, tokens: int) -> None:
+        """`finish`, without the coroutine: settle and release in one pass over the keys."""
+        settle = not reservation.settled
+        reservation.settled = True
+        d_requests, d_tokens = requests - reservation.requests, tokens - reservation.tokens
+        settle = settle and bool(d_requests or d_tokens or reservation.tokens)
+        release = reservation.concurrent and not reservation.released
+        reservation.released = reservation.released or reservation.concurrent
+        if not settle and not release:
+            return
+        now = self._clock() if settle else 0.0
+        states = self._states
+        for limit in reservation.limits:
+            state = states.get(limit.key)
+            if state is None:
+                continue
+            if settle:
+                state.adjust(now, reservation.at, reservation.tokens, d_requests, d_tokens)
+            if release and limit.spec.concurrent is not None and state.in_use > 0:
+                state.in_use -= 1
+
+    def release_now(self, reservation: Reservation) -> None:
+        """`release`, without the coroutine."""
         if reservation.released or not reservation.concurrent:
             return
         reservation.released = True
+        states = self._states
         for limit in reservation.limits:
-            state = self._states.get(limit.key)
+            state = states.get(limit.key)
             if state is not None and limit.spec.concurrent is not None and state.in_use > 0:
                 state.in_use -= 1
 
-    async def settle(self, reservation: Reservation, *, requests: int, tokens: int) -> None:
+    def settle_now(self, reservation: Reservation, requests: int, tokens: int) -> None:
+        """`settle`, without the coroutine."""
         if reservation.settled:
             return
         reservation.settled = True
@@ -96,8 +144,9 @@ class LocalStore:
         if not d_requests and not d_tokens and not reservation.tokens:
             return
         now = self._clock()
+        states = self._states
         for limit in reservation.limits:
-            state = self._states.get(limit.key)
+            state = states.get(limit.key)
             if state is not None:
                 state.adjust(now, reservation.at, reservation.tokens, d_requests, d_tokens)
 

@@ -56,6 +56,11 @@ class LimiterStore(Protocol):
         called for every reservation that holds tokens, even when the amounts are unchanged."""
         ...
 
+    async def finish(self, reservation: Reservation, *, requests: int, tokens: int) -> None:
+        """`settle` then `release`, in one call (one round trip for a networked store): what a request
+        does once it is done."""
+        ...
+
     async def remaining(self, keys: Iterable[str] | None = None) -> list[Usage]:
         """Snapshots of the given keys (all known keys when None)."""
         ...

@@ -52,8 +52,26 @@ class SlidingWindow:
         index = math.floor(now / length)
         if index != self.index:
             self.roll(now)
+        cap = self.limit * keep + _EPS
+        if self.previous + self.current + cost <= cap:
+            return True  # fits even if none of the previous window had slid out: skip the weighting
         elapsed = (now - index * length) / length
-        return self.previous * (1.0 - elapsed) + self.current + cost <= self.limit * keep + _EPS
+        return self.previous * (1.0 - elapsed) + self.current + cost <= cap
+
+    def take(self, now: float, cost: float, keep: float = 1.0) -> bool:
+        """`add(now, cost)` if `fits(now, cost, keep)`, in one call; False (nothing counted) otherwise."""
+        length = self.length
+        index = math.floor(now / length)
+        if index != self.index:
+            self.roll(now)
+        total = self.current + cost
+        cap = self.limit * keep + _EPS
+        if self.previous + total > cap:  # else it fits even if none of the previous window had slid out
+            elapsed = (now - index * length) / length
+            if self.previous * (1.0 - elapsed) + total > cap:
+                return False
+        self.current = total
+        return True
 
     def remaining(self, now: float) -> float:
         return max(0.0, self.limit - self.used(now))
@@ -94,6 +112,8 @@ class SlidingWindow:
     def refund(self, index: int, amount: float) -> None:
         """Take back `amount` counted in window `index`, if that window is still remembered."""
         if index == self.index:
-            self.current = max(0.0, self.current - amount)
+            left = self.current - amount
+            self.current = left if left > 0.0 else 0.0
         elif index == self.index - 1:
-            self.previous = max(0.0, self.previous - amount)
+            left = self.previous - amount
+            self.previous = left if left > 0.0 else 0.0

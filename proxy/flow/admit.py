@@ -98,23 +98,32 @@ class Admission:
             self.metrics.reject(reason)
 
     async def settle(self, call: Call, reservation: Reservation) -> bool:
-        """The call is done: its own limits count what it really used, and its concurrency is given back.
-        True when that freed capacity someone may be waiting for."""
+        """The call is done: its own limits count what it really used, and its concurrency is given back
+        (one store call). True when that freed capacity someone may be waiting for."""
         store = self.store
-        freed = False
-        try:
-            requests = 1 if call.attempts else 0  # never sent upstream: give the request back
-            spent = tok.settle_amount(call, reservation.tokens) if reservation.tokens else 0
-            if reservation.tokens or requests != reservation.requests:
-                await store.settle(reservation, requests=requests, tokens=spent)
-                freed = spent < reservation.tokens or requests < reservation.requests
-            if reservation.tokens:
-                self.count_tokens(call, 0, spent, max(0, reservation.tokens - spent))
-        finally:
-            if reservation.concurrent:
-                await store.release(reservation)
-                freed = True
-        return freed
+        if isinstance(store, LocalStore):
+            return self.settle_now(call, reservation, store)
+        requests, spent = _spent(call, reservation)
+        await store.finish(reservation, requests=requests, tokens=spent)
+        return self._settled(call, reservation, requests, spent)
+
+    def settle_now(self, call: Call, reservation: Reservation, store: LocalStore) -> bool:
+        """`settle` into the in-memory store (which never suspends): no coroutine."""
+        requests, spent = _spent(call, reservation)
+        store.finish_now(reservation, requests, spent)
+        return self._settled(call, reservation, requests, spent)
+
+    def _settled(self, call: Call, reservation: Reservation, requests: int, spent: int) -> bool:
+        if reservation.tokens:
+            self.count_tokens(call, 0, spent, max(0, reservation.tokens - spent))
+        return reservation.concurrent or spent < reservation.tokens or requests < reservation.requests
+
+
+def _spent(call: Call, reservation: Reservation) -> tuple[int, int]:
+    """What a finished call counts: one request if it was sent upstream (else it is given back), and the
+    tokens it really used."""
+    requests = 1 if call.attempts else 0
+    return requests, tok.settle_amount(call, reservation.tokens) if reservation.tokens else 0
 
 
 def estimate_tokens(call: Call, limit_set: LimitSet | None) -> int:

@@ -19,14 +19,16 @@ import asyncio
 import math
 from typing import TYPE_CHECKING
 
+from proxy.admission.local import LocalStore
 from proxy.call import Call, WaitingRoom
 from proxy.errors import QueueFull, QueueShed
 from proxy.flow import shed
 from proxy.flow.admit import estimate_tokens, rejection
 from proxy.flow.board import GRANTED, Ticket
-from proxy.flow.gate import Blocked, Gate, Grant, Need, acquire, give_back
+from proxy.flow.gate import Gate
+from proxy.flow.take import OPEN, Blocked, Grant, Need, acquire, acquire_now, give_back
 from proxy.flow.upstream import UpstreamHold
-from proxy.policy.plan import Limit, LimitSet, Plan, RouteRule
+from proxy.policy.plan import Limit, LimitSet
 
 if TYPE_CHECKING:
     from proxy.flow.scheduler import Scheduler
@@ -51,43 +53,49 @@ class Entry:
         call, scheduler = self.call, self.scheduler
         route = call.route
         assert route is not None
-        admission = scheduler.admission
         cost = 0 if self.slot_only else estimate_tokens(call, self.limits)
         own = self.limits.limits if self.limits is not None else ()
         waits = route.on_limit == "queue" and route.queue is not None and not self.slot_only
-        self.grant = Grant()
+        store = scheduler.store()
+        local = store if isinstance(store, LocalStore) else None
         if own and not waits:  # over a limit the route answers 429 at once
             reserve = shed.headroom(route.queue, self.cls) if route.queue is not None else 0.0
-            taken = await acquire(scheduler.store(), Need(False, own, cost, headroom=reserve), {})
+            need = Need(False, own, cost, headroom=reserve)
+            taken = acquire_now(local, need, OPEN) if local is not None else await acquire(store, need, {})
             if not isinstance(taken, Grant):
-                raise rejection(admission, taken.refusal, call, False)
+                raise rejection(scheduler.admission, taken.refusal, call, False)
             self._adopt(taken)
             own = ()
-        upstreams = scheduler.upstream_limits(route, call.plan) if waits and route.batch is None else ()
+        upstreams = route.upstream_choices if waits and route.batch is None else ()
         if not self.has_slot and not own and not upstreams:
             return  # nothing to wait for in a queue (upstream limits: dispatch takes them per attempt)
         try:
-            await self._queue(own, cost, upstreams)
+            gate, need = self._arrive(own, cost, upstreams)
+            # Nobody waiting and everything free: taken here and now, without suspending (in-memory store).
+            outcome = gate.try_now_local(need, local) if local is not None else await gate.try_now(need)
+            if not self._admitted(gate, outcome):
+                await self._wait(gate, need, outcome)
         except BaseException:
             await self._undo()
             raise
 
-    async def _queue(self, own: tuple[Limit, ...], cost: int, upstreams: tuple[Limit, ...]) -> None:
+    def _arrive(self, own: tuple[Limit, ...], cost: int, upstreams: tuple[Limit, ...]) -> tuple[Gate, Need]:
+        """The route's gate, and what the call needs from it."""
         call, scheduler = self.call, self.scheduler
-        route = call.route
-        assert route is not None
-        spec = route.queue
+        spec = call.route.queue if call.route is not None else None
         assert spec is not None
         gate = self.gate = scheduler.queue(spec, call.plan.priorities, newest=not scheduler.reloads)
-        need = Need(self.has_slot, own, cost, upstreams, call.token_estimate, shed.headroom(spec, self.cls))
-        outcome = await gate.try_now(need)
+        return gate, Need(self.has_slot, own, cost, upstreams, call.token_estimate, shed.headroom(spec, self.cls))
+
+    def _admitted(self, gate: Gate, outcome: Grant | Blocked | None) -> bool:
+        """Granted at arrival (True), or must wait (False); a request bigger than a limit is refused."""
         if isinstance(outcome, Grant):
             self._adopt(outcome)
             gate.admit(None)
-            return
-        if isinstance(outcome, Blocked) and outcome.refusal.retry_after is None:
-            raise rejection(scheduler.admission, outcome.refusal, call, False)  # bigger than the limit: never fits
-        await self._wait(gate, need, outcome)
+            return True
+        if isinstance(outcome, Blocked) and outcome.refusal.retry_after is None:  # bigger than the limit
+            raise rejection(self.scheduler.admission, outcome.refusal, self.call, False)
+        return False
 
     async def _undo(self) -> None:
         """The call never got past its queue: what it took at arrival goes back (nothing was sent)."""
@@ -99,16 +107,20 @@ class Entry:
 
     def _adopt(self, taken: Grant) -> None:
         grant = self.grant
-        assert grant is not None
-        grant.slot = taken.slot
-        grant.waited = taken.waited
-        if taken.reservation is not None:
-            grant.reservation = taken.reservation
-            if taken.reservation.tokens:
-                self.scheduler.admission.count_tokens(self.call, taken.reservation.tokens, 0, 0)
+        reservation = taken.reservation
+        if grant is None:  # the first grant is kept as is
+            self.grant = taken
+        else:  # a slot after own limits taken at arrival (a route that rejects over its limits)
+            grant.slot = taken.slot
+            grant.waited = taken.waited
+            if reservation is not None:
+                grant.reservation = reservation
+        if reservation is not None and reservation.tokens:
+            self.scheduler.admission.count_tokens(self.call, reservation.tokens, 0, 0)
         if taken.upstream is not None and taken.upstream_limit is not None:
             store = self.scheduler.store()
             self.call.prehold = (taken.upstream_limit.key, UpstreamHold(store, taken.upstream, self.scheduler.kick))
+            taken.upstream = None  # the prehold finishes it
 
     async def _wait(self, gate: Gate, need: Need, first: Grant | Blocked | None) -> None:
         call, spec = self.call, gate.spec
@@ -188,15 +200,25 @@ class Entry:
     async def __aexit__(self, *exc: object) -> None:
         call, scheduler = self.call, self.scheduler
         grant = self.grant
+        store = scheduler.store()
+        local = store if isinstance(store, LocalStore) else None
         freed = False
         hold = call.hold
         try:
             if hold is not None:  # the relayed attempt's upstream hold: its response is done with now
                 call.hold = None
-                await hold.finish(call.status, call.usage)
-            if grant is not None and grant.reservation is not None:
-                freed = await scheduler.admission.settle(call, grant.reservation)
+                if local is not None and isinstance(hold, UpstreamHold):
+                    freed = hold.finish_now(call.status, call.usage, kick=False)  # kicked once below
+                else:
+                    await hold.finish(call.status, call.usage)
+            reservation = grant.reservation if grant is not None else None
+            if reservation is not None:
+                assert grant is not None
                 grant.reservation = None
+                if local is not None:
+                    freed = scheduler.admission.settle_now(call, reservation, local) or freed
+                else:
+                    freed = await scheduler.admission.settle(call, reservation) or freed
         finally:
             prehold = call.prehold
             if prehold is not None:  # dispatch never used it: the attempt went elsewhere, or never went
@@ -208,20 +230,6 @@ class Entry:
                 scheduler.kick()  # own limits and upstream capacity are shared with other queues
 
 
-def upstream_limits(route: RouteRule, plan: Plan) -> tuple[Limit, ...]:
-    """The upstream limits one of which the call must find free: one per distinct upstream of the route's
-    pool and of its fallbacks' pools (dispatch may send it to any of them); none when one of those
-    deployments has no upstream limit (it can always go there)."""
-    found: dict[str, Limit] = {}
-    rules = [route] + [plan.routes_by_name[name] for name in route.fallbacks if name in plan.routes_by_name]
-    for rule in rules:
-        for deployment in rule.deployments:
-            if deployment.limit is None:
-                return ()
-            found.setdefault(deployment.limit.key, deployment.limit)
-    return tuple(found.values())
-
-
 def _status(gate: Gate, ticket: Ticket) -> str:
     """The heartbeat comment of a waiting stream: its place and, when known, the estimated wait."""
     eta = gate.eta_of(ticket)
@@ -231,4 +239,4 @@ def _status(gate: Gate, ticket: Ticket) -> str:
     return text
 
 
-__all__ = ["Entry", "QueueShed", "upstream_limits"]
+__all__ = ["Entry", "QueueShed"]

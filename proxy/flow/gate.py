@@ -10,7 +10,8 @@ a limit of its own blocks nobody else and keeps its place.
 
 Passes run when capacity may have freed: a slot released, a reservation settled or released anywhere
 (the scheduler kicks every gate with waiters), a reload, a resume, and, for rate windows, one timer per
-gate at the soonest instant a refusing window admits again. No waiter polls.
+gate at the soonest instant a refusing window admits again. No waiter polls. Taking the capacity from
+the limiter store, all or nothing, is `proxy.flow.take`.
 """
 
 from __future__ import annotations
@@ -19,16 +20,16 @@ import asyncio
 import math
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from proxy.admission.limits import Refusal
 from proxy.admission.local import LocalStore
-from proxy.admission.store import LimiterStore, Reservation
+from proxy.admission.store import LimiterStore
 from proxy.errors import ProxyError, QueueCleared, QueueTimeout
 from proxy.flow import estimate
 from proxy.flow.board import GONE, GRANTED, WAITING, FairQueue, Ticket
-from proxy.policy.plan import Limit, QueueSpec
+from proxy.flow.take import OPEN, Blocked, Grant, Need, acquire, acquire_now, give_back, give_back_now
+from proxy.policy.plan import QueueSpec
 from proxy.tasks import spawn
 from proxy.telemetry.metrics import Metrics
 
@@ -38,40 +39,6 @@ if TYPE_CHECKING:
 _RECENT_WAITS = 1024
 RECHECK = 0.5
 """A remote store (Redis) frees capacity that other replicas release unseen: look again this often."""
-
-
-@dataclass(slots=True)
-class Need:
-    """What one request must find free to leave the queue."""
-
-    slot: bool
-    limits: tuple[Limit, ...] = ()
-    """Its own limits (tenant, route, per tenant), counted with `cost` tokens."""
-    cost: int = 0
-    upstreams: tuple[Limit, ...] = ()
-    """One of these upstream limits must admit (the route's deployments); empty: none to check."""
-    upstream_cost: int = 0
-    headroom: float = 0.0
-    """Share of each shared budget this class must leave for the classes above it (queue `reserve`)."""
-
-
-@dataclass(slots=True)
-class Grant:
-    """What a ticket was given: hand it back once (`Gate.release`, the admission settle)."""
-
-    slot: bool = False
-    reservation: Reservation | None = None
-    upstream: Reservation | None = None
-    upstream_limit: Limit | None = None
-    waited: float = 0.0
-
-
-@dataclass(slots=True)
-class Blocked:
-    """A ticket could not be served: the refusal, and every key it closes for this pass."""
-
-    refusal: Refusal
-    keys: list[str] = field(default_factory=list)
 
 
 class Gate:
@@ -235,7 +202,16 @@ class Gate:
         others (or paused, or no slot); Blocked: a limit refused (the route may reject or queue)."""
         if self.paused or self.board.live or (need.slot and self.active >= self.slots):
             return None
-        outcome = await acquire(self._store(), need, {})
+        return self._took(need, await acquire(self._store(), need, {}))
+
+    def try_now_local(self, need: Need, store: LocalStore) -> Grant | Blocked | None:
+        """`try_now` over the in-memory store, synchronously: when nobody waits and everything is free,
+        entering takes no await, no future, no task and no timer."""
+        if self.paused or self.board.live or (need.slot and self.active >= self.slots):
+            return None
+        return self._took(need, acquire_now(store, need, OPEN))
+
+    def _took(self, need: Need, outcome: Grant | Blocked) -> Grant | Blocked:
         if isinstance(outcome, Grant):
             outcome.slot = need.slot
             if need.slot:
@@ -343,51 +319,5 @@ Queue = Gate
 """The admin API's name for it."""
 
 
-async def acquire(store: LimiterStore | None, need: Need, closed: dict[str, Refusal]) -> Grant | Blocked:
-    """Take everything `need` asks of the limiter store at once, or nothing (what was taken is given back)."""
-    grant = Grant()
-    if need.limits:
-        assert store is not None
-        taken = await _try(store, need.limits, need.cost, need.headroom)
-        if not isinstance(taken, Reservation):
-            return Blocked(taken, [taken.limit.key])
-        grant.reservation = taken
-    if need.upstreams:
-        assert store is not None
-        first: Refusal | None = None
-        keys: list[str] = []
-        for limit in need.upstreams:
-            if limit.key in closed:
-                first = first or closed[limit.key]
-                continue
-            held = await _try(store, (limit,), need.upstream_cost if limit.spec.counts_tokens else 0,
-                              need.headroom)
-            if isinstance(held, Reservation):
-                grant.upstream, grant.upstream_limit = held, limit
-                return grant
-            keys.append(limit.key)
-            if first is None or (held.retry_after or 0.0) < (first.retry_after or math.inf):
-                first = held
-        await give_back(store, grant)
-        assert first is not None
-        return Blocked(first, keys)
-    return grant
-
-
-async def _try(store: LimiterStore, limits: tuple[Limit, ...], cost: int, headroom: float) -> Reservation | Refusal:
-    return await store.try_acquire(limits, cost, headroom=headroom)
-
-
-async def give_back(store: LimiterStore | None, grant: Grant) -> None:
-    """Undo a grant nobody used: nothing was sent, so nothing counts."""
-    for reservation in (grant.reservation, grant.upstream):
-        if reservation is None or store is None:
-            continue
-        await store.settle(reservation, requests=0, tokens=0)
-        if reservation.concurrent:
-            await store.release(reservation)
-    grant.reservation = grant.upstream = None
-
-
-__all__ = ["GONE", "GRANTED", "WAITING", "Blocked", "Gate", "Grant", "Need", "Queue", "Ticket", "acquire",
-           "give_back"]
+__all__ = ["GONE", "GRANTED", "OPEN", "WAITING", "Blocked", "Gate", "Grant", "Need", "Queue", "Ticket", "acquire",
+           "acquire_now", "give_back", "give_back_now"]

@@ -19,7 +19,7 @@ from proxy.errors import InvalidRequest, ProxyError, RateLimited
 from proxy.flow.admit import NOTHING, Admission, describe_refusal, rejection
 from proxy.flow.board import Ticket
 from proxy.flow.gate import Gate
-from proxy.policy.plan import Limit, Plan, QueueSpec, RouteRule, TenantRule
+from proxy.policy.plan import Plan, QueueSpec, TenantRule
 from proxy.telemetry.metrics import Metrics
 
 PRIORITY_HEADER = "x-signalbox-priority"
@@ -40,7 +40,7 @@ def priority_of(plan: Plan, tenant: TenantRule, asked: str | None) -> int:
 class Scheduler:
     """Every gate by name; a reload re-configures a gate instead of resetting it."""
 
-    __slots__ = ("queues", "metrics", "clock", "reloads", "admission", "_upstreams")
+    __slots__ = ("queues", "metrics", "clock", "reloads", "admission")
 
     def __init__(self, metrics: Metrics | None = None, clock: Callable[[], float] = time.monotonic,
                  admission: Admission | None = None) -> None:
@@ -49,8 +49,6 @@ class Scheduler:
         self.clock = clock
         self.admission = admission if admission is not None else Admission(metrics=metrics)
         self.reloads = False
-        self._upstreams: dict[int, tuple[RouteRule, tuple[Limit, ...]]] = {}
-        """Each route's upstream limits (see `upstream_limits`), worked out once per route object."""
         """Set once `reconfigure` was called: from then on only reloads change a queue's numbers, so a
         request still holding the previous plan cannot flip a queue back to old settings."""
 
@@ -65,16 +63,6 @@ class Scheduler:
         elif gate.spec is not spec and newest:
             gate.configure(spec, classes)
         return gate
-
-    def upstream_limits(self, route: RouteRule, plan: Plan) -> tuple[Limit, ...]:
-        from proxy.flow.enter import upstream_limits
-
-        known = self._upstreams.get(id(route))
-        if known is None or known[0] is not route:
-            if len(self._upstreams) > 4096:  # routes of plans long replaced
-                self._upstreams.clear()
-            known = self._upstreams[id(route)] = (route, upstream_limits(route, plan))
-        return known[1]
 
     def kick(self) -> None:
         """Capacity may have freed somewhere (a release, a settlement): every gate with waiters looks."""

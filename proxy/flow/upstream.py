@@ -22,6 +22,7 @@ from typing import Any
 
 from proxy.admission import tokens as tok
 from proxy.admission.limits import Refusal, WaitUntil, decide_wait, ratelimit_headers
+from proxy.admission.local import LocalStore
 from proxy.admission.store import LimiterStore, Reservation
 from proxy.call import Call, Hold
 from proxy.errors import UpstreamLimited
@@ -42,23 +43,44 @@ class UpstreamHold:
         """Tells the queues' gates that capacity freed (a release, a refund)."""
 
     async def finish(self, status: int, usage: Mapping[str, Any] | None, *, sent: bool = True) -> None:
+        store = self.store
+        if isinstance(store, LocalStore):
+            self.finish_now(status, usage, sent=sent)
+            return
         if self.finished:
             return
         self.finished = True
-        reservation, store = self.reservation, self.store
-        freed = False
+        requests, spent = self._amounts(status, usage, sent)
         try:
-            requests = 1 if sent else 0
-            if reservation.tokens or requests != reservation.requests:
-                spent = tok.attempt_amount(reservation.tokens, status, usage) if sent and reservation.tokens else 0
-                await store.settle(reservation, requests=requests, tokens=spent)
-                freed = spent < reservation.tokens or requests < reservation.requests
+            await store.finish(self.reservation, requests=requests, tokens=spent)
         finally:
-            if reservation.concurrent:
-                await store.release(reservation)
-                freed = True
-            if freed and self.kick is not None:
-                self.kick()
+            self._freed(requests, spent, True)
+
+    def finish_now(self, status: int, usage: Mapping[str, Any] | None, *, sent: bool = True, kick: bool = True
+                   ) -> bool:
+        """`finish` when the store is the in-memory one (which never suspends): no coroutine. True when it
+        freed capacity (`kick=False`: the caller tells the gates itself)."""
+        if self.finished:
+            return False
+        self.finished = True
+        store = self.store
+        assert isinstance(store, LocalStore)
+        requests, spent = self._amounts(status, usage, sent)
+        store.finish_now(self.reservation, requests, spent)
+        return self._freed(requests, spent, kick)
+
+    def _amounts(self, status: int, usage: Mapping[str, Any] | None, sent: bool) -> tuple[int, int]:
+        """What the attempt counts in the end: one request if it left the proxy, and its tokens."""
+        reserved = self.reservation.tokens
+        spent = tok.attempt_amount(reserved, status, usage) if sent and reserved else 0
+        return (1 if sent else 0), spent
+
+    def _freed(self, requests: int, spent: int, kick: bool) -> bool:
+        reservation = self.reservation
+        freed = reservation.concurrent or spent < reservation.tokens or requests < reservation.requests
+        if freed and kick and self.kick is not None:
+            self.kick()
+        return freed
 
 
 class UpstreamQuota:
@@ -85,7 +107,10 @@ class UpstreamQuota:
                 default = call.route.default_max_tokens if call.route is not None else 1024
                 cost = call.token_estimate = tok.estimate(call, default)
         store = self.admission.store
-        result = await store.try_acquire((limit,), cost)
+        if isinstance(store, LocalStore):
+            result = store.acquire_now((limit,), cost)
+        else:
+            result = await store.try_acquire((limit,), cost)
         if isinstance(result, Reservation):
             return UpstreamHold(store, result, self.kick)
         return refused(result, call, cost)

@@ -261,6 +261,11 @@ def _upstream_flags(routes: list[RouteRule]) -> tuple[RouteRule, ...]:
         limits = [limit for limit in reached if limit is not None]
         if limits:
             tokens = any(limit.spec.counts_tokens for limit in limits)
+            # Every deployment limited: a queued call waits for one of them (else it can always go somewhere).
+            choices: dict[str, Limit] = {}
+            for limit in limits if len(limits) == len(reached) else ():
+                choices.setdefault(limit.key, limit)
+            rule = replace(rule, upstream_choices=tuple(choices.values()))
             rule = replace(rule, upstream_limited=True, upstream_tokens=tokens)
         out.append(rule)
     return tuple(out)

@@ -264,6 +264,10 @@ class RouteRule:
     attempt; admission then closes what the relayed attempt held)."""
     upstream_tokens: bool = False
     """One of those limits counts tokens: admission estimates them and asks for the real usage."""
+    upstream_choices: tuple[Limit, ...] = ()
+    """The upstream limits one of which a queued call must find free before it leaves its queue: one per
+    distinct upstream of the route's pool and of its fallbacks' pools (dispatch may send it to any of
+    them); empty when one of those deployments has no upstream limit (it can always go there)."""
     on_limit: Literal["reject", "queue"] = "reject"
     queue: QueueSpec | None = None
     default_max_tokens: int = 1024

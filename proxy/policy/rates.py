@@ -59,7 +59,5 @@ class LimitSpec:
     @property
     def counts_tokens(self) -> bool:
         """Some window counts tokens: estimate, reserve and settle them."""
-        return any(
-            v is not None
-            for v in (self.tokens_per_second, self.tokens_per_minute, self.tokens_per_hour, self.tokens_per_day)
-        )
+        return (self.tokens_per_minute is not None or self.tokens_per_second is not None
+                or self.tokens_per_hour is not None or self.tokens_per_day is not None)  # per request: no generator

@@ -217,6 +217,40 @@ class RedisStore:
         except Unavailable:
             pass  # the shared counters keep the estimate: errs towards admitting less, never more
 
+    async def finish(self, reservation: Reservation, *, requests: int, tokens: int) -> None:
+        """Settle and release in one script call (ADJUST does both: the deltas, then the lease)."""
+        if not isinstance(reservation, SharedReservation):
+            self.local.settle_now(reservation, requests, tokens)
+            self.local.release_now(reservation)
+            return
+        for shadow in reservation.shadow:
+            self.local.settle_now(shadow, requests, tokens)
+            self.local.release_now(shadow)
+        settle = not reservation.settled
+        reservation.settled = True
+        d_requests, d_tokens = requests - reservation.requests, tokens - reservation.tokens
+        settle = settle and bool(d_requests or d_tokens or reservation.tokens)
+        release = reservation.concurrent and not reservation.released
+        if not settle and not release:
+            return
+        prepared, lease = reservation.prepared, reservation.lease if release else ""
+        if release:
+            reservation.released = True
+            self._unhold(prepared, lease)
+        reserved = reservation.tokens if settle else 0
+        if not settle:
+            d_requests = d_tokens = 0
+        try:
+            async with self.health.call("settle" if settle else "release"):
+                await self._adjust(prepared, reservation.stamps, reserved, d_requests, d_tokens, lease)
+        except Unavailable:
+            if release:
+                self._orphan(prepared, lease)  # removed later, or it expires
+        except asyncio.CancelledError:
+            if release:
+                self._orphan(prepared, lease)
+            raise
+
     async def remaining(self, keys: Iterable[str] | None = None) -> list[Usage]:
         known = self._known
         wanted = list(known) if keys is None else [key for key in keys if key in known]
