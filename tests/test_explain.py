@@ -6,6 +6,7 @@ fallbacks, deployments, batch) are shown when the compiled route carries them.""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 from collections.abc import AsyncIterator
@@ -371,7 +372,8 @@ async def test_admin_explain_defaults_like_the_cli(one_tenant: Path) -> None:
             async with session.get(url + "/admin/explain") as resp:
                 assert resp.status == 200
                 chat = await resp.json()
-    cli = subprocess.run(
+    cli = await asyncio.to_thread(
+        subprocess.run,
         [PYTHON, "-m", "proxy", "explain", "--policies", str(one_tenant), "--path", "/v1/models", "--json"],
         cwd=ROOT, capture_output=True, text=True, timeout=30,
     )
