@@ -280,12 +280,10 @@ async def reload_policy(request: web.Request) -> web.Response:
 
 
 async def explain_request(request: web.Request) -> web.Response:
-    """`signalbox explain` against the serving policy: ?model=M&(tenant=T|key=K)&path=P."""
+    """`signalbox explain` against the serving policy: ?model=M&(tenant=T|key=K)&path=P, each optional as in
+    the CLI (no model is a request without one; no tenant or key is the only tenant, or identify's)."""
     runtime: Runtime = request.app[STATE]
     query = request.query
-    model = query.get("model")
-    if model is None:
-        return _error(400, "give ?model=<name> (and tenant=<name> or key=<key>, optionally path=/v1/...)")
     if "tenant" in query and "key" in query:
         return _error(400, "give tenant or key, not both")
     reloader = runtime.reloader
@@ -295,7 +293,7 @@ async def explain_request(request: web.Request) -> web.Response:
     stream = runtime.settings.stream
     try:
         answer = explain(
-            reloader.loaded, plan, model=model, path=query.get("path", "/v1/chat/completions"),
+            reloader.loaded, plan, model=query.get("model", ""), path=query.get("path", "/v1/chat/completions"),
             tenant=query.get("tenant"), key=query.get("key"),
             stream_defaults={"heartbeat": stream.heartbeat, "slow_client": stream.slow_client},
         )

@@ -520,13 +520,16 @@ def test_plain_sidecar_yaml_is_valid_and_consistent(
     assert f"http://127.0.0.1:{port}/v1" in app_env
     grace = int(arg(c, "--shutdown-grace").rstrip("s")) + int(arg(c, "--drain-timeout").rstrip("s"))
     assert spec["terminationGracePeriodSeconds"] > grace
-    # Admin API on loopback without a token: reachable from the pod only, and not locked shut.
-    assert arg(c, "--admin-host") == "127.0.0.1" and "--admin-no-auth" in c["args"]
-    # The same container the chart renders for a native sidecar (image, ports and names aside), except
-    # that the chart now requires the admin token by default (admin.auth) and this file does not.
-    chart_args = proxy_container(pod_spec(rendered("native")))["args"]
-    flags = [a for a in c["args"] if a.startswith("--") and a != "--admin-no-auth"]
-    assert flags == [a for a in chart_args if a.startswith("--")]
+    # Admin API on loopback and, as the chart has it by default (admin.auth), behind a token from a Secret.
+    assert arg(c, "--admin-host") == "127.0.0.1" and "--admin-no-auth" not in c["args"]
+    token = next(e for e in c["env"] if e["name"] == "SIGNALBOX_ADMIN_TOKEN")
+    assert set(token["valueFrom"]["secretKeyRef"]) == {"name", "key"}
+    # The same container the chart renders for a native sidecar (image, ports and names aside).
+    chart = proxy_container(pod_spec(rendered("native")))
+    flags = [a for a in c["args"] if a.startswith("--")]
+    assert flags == [a for a in chart["args"] if a.startswith("--")]
+    chart_token = next(e for e in chart["env"] if e["name"] == "SIGNALBOX_ADMIN_TOKEN")
+    assert token["valueFrom"]["secretKeyRef"]["key"] == chart_token["valueFrom"]["secretKeyRef"]["key"]
     folder = write_configmap(one(docs, "ConfigMap"), tmp_path / "p")
     loaded = load_policy(folder, environ={"OPENAI_API_KEY": "sk-test", "SIGNALBOX_APP_KEY": "sk-app"})
     assert loaded.policy.upstreams["openai"] and loaded.policy.identify.mode == "api_key"

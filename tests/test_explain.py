@@ -6,6 +6,7 @@ fallbacks, deployments, batch) are shown when the compiled route carries them.""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 from collections.abc import AsyncIterator
@@ -254,8 +255,7 @@ def test_capabilities_on_the_compiled_route_are_shown_defensively(loaded: Loaded
 # --- GET /admin/explain -----------------------------------------------------------------------------
 
 
-@pytest.fixture
-async def admin_url(loaded: LoadedPolicy) -> AsyncIterator[str]:
+async def _admin_on(loaded: LoadedPolicy) -> AsyncIterator[str]:
     app = build_app(compile_plan(loaded), Settings())
     runtime = app[STATE]
     runtime.reloader = Reloader(Path(loaded.files[0]).parent, loaded, runtime.plans.swap)
@@ -264,8 +264,16 @@ async def admin_url(loaded: LoadedPolicy) -> AsyncIterator[str]:
     runner = web.AppRunner(admin, shutdown_timeout=0.5)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
-    yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    await runner.cleanup()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def admin_url(loaded: LoadedPolicy) -> AsyncIterator[str]:
+    async for url in _admin_on(loaded):
+        yield url
 
 
 async def test_admin_explain_matches_the_cli(admin_url: str, loaded: LoadedPolicy) -> None:
@@ -283,7 +291,7 @@ async def test_admin_explain_matches_the_cli(admin_url: str, loaded: LoadedPolic
             text = await resp.text()
             assert "http://svc:***@127.0.0.1:9/v1" in text and URL_PASSWORD not in text
         for params, status, message in (
-            ({"tenant": "alpha"}, 400, "model"),
+            ({"model": "m"}, 400, "tenants: alpha, beta"),
             ({"model": "m", "tenant": "nobody"}, 400, "unknown tenant"),
             ({"model": "m", "tenant": "alpha", "key": "x"}, 400, "not both"),
             ({"model": "m", "key": "no-such-key"}, 400, "no tenant owns this key"),
@@ -351,3 +359,26 @@ def test_text_names_the_upstream_shorthand_and_prints_values_as_yaml(one_tenant:
     assert "{'" not in text  # no Python reprs
     upstream_breaker = lines.index("breaker (from upstream):")
     assert lines[upstream_breaker + 1] == "  consecutive_failures: 3"
+
+
+async def test_admin_explain_defaults_like_the_cli(one_tenant: Path) -> None:
+    """No ?model= is a request without one and no tenant is the only tenant, as `signalbox explain` has it."""
+    loaded = load_policy(one_tenant)
+    async for url in _admin_on(loaded):
+        async with aiohttp.ClientSession(headers={"Authorization": "Bearer t0ken"}) as session:
+            async with session.get(url + "/admin/explain", params={"path": "/v1/models"}) as resp:
+                assert resp.status == 200, await resp.text()
+                body = await resp.json()
+            async with session.get(url + "/admin/explain") as resp:
+                assert resp.status == 200
+                chat = await resp.json()
+    cli = await asyncio.to_thread(
+        subprocess.run,
+        [PYTHON, "-m", "proxy", "explain", "--policies", str(one_tenant), "--path", "/v1/models", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=30,
+    )
+    assert cli.returncode == 0, cli.stderr
+    assert body["tenant"] == {"name": "only", "identified_by": "the only tenant"}
+    assert body["request"] == {"path": "/v1/models", "model": ""} and body["route"]["name"] == "models"
+    assert body == json.loads(cli.stdout)
+    assert chat["route"] is None and chat["request"] == {"path": "/v1/chat/completions", "model": ""}
