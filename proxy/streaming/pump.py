@@ -1,9 +1,12 @@
 """The stream pump: reads the upstream in bounded chunks, cuts them into whole SSE events, and hands them to
 the client's sink (translated, usage noted, keep-alives dropped), reading on only once the sink has room.
 
-What a stalled client costs is bounded here and in the sink: at most READ_MAX bytes read per turn, the
-upstream reader's own buffer (`read_bufsize`, set for streams in proxy/upstream/client.py), the partial
-event the decoder holds, and the sink's transport queue.
+What a stalled client costs is bounded here and in the sink: the upstream reader's buffer (`read_bufsize`,
+set for streams in proxy/upstream/client.py: the reader stops reading the socket past twice that), the piece
+being relayed, the partial event the decoder holds, and the sink's transport queue (`write_buffer`). The
+pump takes the reader's pieces as the HTTP parser cut them (`iter_chunks`: an HTTP chunk, which upstreams
+send one event per chunk, or what one socket read held of it), never a copy: `iter_chunked(n)` joined
+pieces into a new bytes object and raised the reader's limits to n (its high-water mark to 2n, 32 KiB).
 """
 
 from __future__ import annotations
@@ -20,11 +23,8 @@ from proxy.providers.exchange import StreamTranslator
 from proxy.redact import EMPTY, Redactor
 from proxy.streaming.failure import read_failure
 from proxy.streaming.settings import StreamSettings
-from proxy.streaming.sink import WRITE_HIGH, Sink
+from proxy.streaming.sink import Sink
 from proxy.streaming.sse import DONE, SSEDecoder, SSEEvent, has_id_line
-
-READ_MAX = 16 * 1024
-"""Largest upstream read handed to the decoder at once (a whole upstream read was up to 0.5 MiB)."""
 
 # `data:` may omit the space (valid SSE; the SDK only checks that the data starts with [DONE]).
 _DONE_PREFIXES = (DONE.rstrip(b"\n"), b"data:[DONE]")
@@ -51,10 +51,11 @@ async def pump(
     monotonic = time.monotonic
     write = sink.response.write
     transport = sink.transport
+    high = sink.high
     marked = False  # the first event relayed to the client has been timed
     scrub = redact.scrub if redact else None
     try:
-        async for chunk in upstream.content.iter_chunked(READ_MAX):
+        async for chunk, _ in upstream.content.iter_chunks():
             if plain and whole(chunk) and chunk[0] not in _NOT_A_FIELD:
                 # The common case: one whole event that starts with a field line (so not a keep-alive
                 # comment), relayed as it came, without building an event. The slow path below does the same.
@@ -75,7 +76,7 @@ async def pump(
                 watch.writing += 1
                 try:
                     await write(scrub(chunk) if scrub is not None and b"error" in chunk else chunk)
-                    if transport is not None and transport.get_write_buffer_size() > WRITE_HIGH:
+                    if transport is not None and transport.get_write_buffer_size() > high:
                         await sink.room()
                 finally:
                     watch.writing -= 1
