@@ -43,7 +43,7 @@ def _no_joined_copy() -> None:
     read, the transport held the joined copy and the relay the original. Left as aiohttp sets it on the
     affected versions."""
     if sys.version_info < (3, 12):
-        http_writer.SKIP_WRITELINES = False  # type: ignore[misc]
+        http_writer.SKIP_WRITELINES = False
 
 
 _no_joined_copy()
