@@ -130,13 +130,13 @@ async def _stream(
     watch = Watch(time.monotonic())
     if prepared is not None:
         response = prepared
-        sink = await Sink.open(request, response, watch)
+        sink = await Sink.open(request, response, watch, settings.write_buffer)
     else:
         headers["Content-Type"] = "text/event-stream; charset=utf-8"
         headers["Cache-Control"] = "no-cache"
         headers["X-Accel-Buffering"] = "no"
         response = web.StreamResponse(status=upstream.status, headers=headers)
-        sink = Sink(response, await response.prepare(request), request.transport, watch)
+        sink = Sink(response, await response.prepare(request), request.transport, watch, settings.write_buffer)
         if settings.heartbeat > 0:
             await sink.write(sink.heartbeat())
     sink.source = upstream.connection.transport if upstream.connection is not None else None

@@ -15,6 +15,10 @@ class StreamSettings:
     """End the stream when one write to the client has been blocked this long."""
     max_event_buffer: int = 16 * 1024 * 1024
     """Largest partial event held while waiting for its end."""
+    write_buffer: int = 4 * 1024
+    """Bytes queued for a client above which the relay waits for it and stops reading the upstream: with the
+    upstream reader's buffer (proxy/upstream/client.py, STREAM_READ_BUFSIZE) what a client that stopped
+    reading costs in stream data (docs/streams-memory.md)."""
 
 
 def route_settings(process: StreamSettings, route: StreamSpec | None) -> StreamSettings:

@@ -35,14 +35,19 @@ _REUSED: ContextVar[bool] = ContextVar("signalbox_connection_reused", default=Fa
 """Whether the connection of the request being sent (in this task) came from the pool."""
 _STREAMING: ContextVar[bool] = ContextVar("signalbox_streaming", default=False)
 """Whether the request being sent (in this task) asks for a stream."""
-STREAM_READ_BUFSIZE = 8 * 1024
+STREAM_READ_BUFSIZE = 4 * 1024
 """A stream's response reader stops reading the socket past twice this (aiohttp's default: 64 KiB, so
-128 KiB): the part of what a stalled client costs that sits in the upstream reader."""
+128 KiB): the part of what a stalled client costs that sits in the upstream reader. The relay reads the
+reader's pieces as they came (proxy/streaming/pump.py), so nothing raises this limit again. Plus the rest of
+the socket read that crossed it, which aiohttp's parser keeps as its tail: see STREAM_RCVBUF."""
 STREAM_RCVBUF = 16 * 1024
 """SO_RCVBUF of a stream's upstream socket. One socket read (up to 256 KiB on uvloop) lands in the reader
-whole, past its limit, and the kernel's receive queue bounds that read: a stalled client's stream holds at
-most about this much more. Linux doubles the value; the window it leaves (~24 KiB) carries 250 KB/s at a
-100 ms round trip, about 1,000 OpenAI chunk events a second."""
+whole, past its limit (or in the parser's tail once the reader pauses it), and the kernel's receive queue
+bounds that read: a stalled client's stream holds at most about this much more. On loopback (64 KiB MSS)
+this window is below one segment: 8 KiB events from a local upstream flow at ~70 a second (32 KiB:
+~10,000 a second, but ~66 KiB per stalled stream; docs/streams-memory.md). Linux doubles the value; the
+window it leaves (~24 KiB) carries 250 KB/s at a 100 ms round trip, about 1,000 OpenAI chunk events a
+second."""
 BULK_RCVBUF = 4 * 1024 * 1024
 """SO_RCVBUF given back to a pooled socket a stream had, when a non-stream request reuses it (the kernel
 caps it at net.core.rmem_max; the autotuning a socket starts with cannot be turned back on)."""
