@@ -36,6 +36,34 @@ class DeploymentState:
         """Pacing: no new dispatch before this clock time."""
 
 
+def usable(
+    states: list[DeploymentState], now: float, avoid: set[str] | None, full: set[str] | None
+) -> tuple[DeploymentState | None, list[int], float | None]:
+    """Which of a pool's deployments can take the next attempt now (pure: reads the states, changes nothing).
+
+    Returns (a deployment due for its half-open probe, [], None) as soon as one is found, since a probe
+    goes first (so a recovered deployment closes quickly); else (None, the indices of the ready ones, the
+    earliest pacing hold among the usable-but-held ones or None).
+    """
+    ready: list[int] = []
+    held: float | None = None
+    for i, st in enumerate(states):
+        if (avoid and st.id in avoid) or (full and st.spec.upstream in full) or not st.breaker.available(now):
+            continue  # avoided after an attempt, its upstream over its own limits, or its circuit open
+        if st.hold_until > now:
+            held = st.hold_until if held is None else min(held, st.hold_until)
+            continue
+        if st.breaker.probe_due(now):
+            return st, [], None
+        ready.append(i)
+    return None, ready, held
+
+
+def prefer_untried(states: list[DeploymentState], ready: list[int], tried: set[str]) -> list[int]:
+    """The ready indices not tried yet by this call; all of them when every one was (a retry may go back)."""
+    return [i for i in ready if states[i].id not in tried] or ready
+
+
 class Registry:
     def __init__(
         self,
@@ -66,6 +94,18 @@ class Registry:
             found.spec = spec  # a reload (or another route naming the same deployment)
             found.breaker.spec = spec.breaker
         return found
+
+    def _states(self, specs: tuple[DeploymentSpec, ...]) -> list[DeploymentState]:
+        """`state()` of each spec, with its dict look-up inline: this runs for every request to a pool, and
+        the method call per deployment cost more than the look-up (new or reloaded specs take `state()`)."""
+        get = self.deployments.get
+        states: list[DeploymentState] = []
+        for spec in specs:
+            found = get(spec.id)
+            if found is None or found.spec is not spec:
+                found = self.state(spec)
+            states.append(found)
+        return states
 
     def configure(self, plan: Plan) -> None:
         """Create state for every deployment of the plan; forget deployments no route names any more."""
@@ -98,7 +138,7 @@ class Registry:
         (over its own limits for this attempt). A due probe goes first (so a recovered deployment closes
         quickly); deployments not in `tried` are preferred for a retry."""
         specs = route.deployments
-        if len(specs) == 1:  # the common case, without building lists
+        if len(specs) == 1:  # the common case, inline and without building lists
             only = self.state(specs[0])
             if (avoid and only.id in avoid) or (full and only.spec.upstream in full):
                 return None, None
@@ -107,23 +147,14 @@ class Registry:
             if only.hold_until > now:
                 return None, only.hold_until
             return only, None
-        states = [self.state(s) for s in specs]
-        ready: list[int] = []
-        held: float | None = None
-        for i, st in enumerate(states):
-            if (avoid and st.id in avoid) or (full and st.spec.upstream in full) or not st.breaker.available(now):
-                continue
-            if st.hold_until > now:
-                held = st.hold_until if held is None else min(held, st.hold_until)
-                continue
-            if st.breaker.probe_due(now):
-                return st, None
-            ready.append(i)
+        states = self._states(specs)
+        probe, ready, held = usable(states, now, avoid, full)
+        if probe is not None:
+            return probe, None
         if not ready:
             return None, held
         if tried:
-            fresh = [i for i in ready if states[i].id not in tried]
-            ready = fresh or ready
+            ready = prefer_untried(states, ready, tried)
         weights = [s.weight for s in specs]
         outstanding = [st.outstanding for st in states]
         return states[balance.pick(route.balance, weights, outstanding, ready, self.rng.random())], None
