@@ -44,9 +44,11 @@ def openai_stream(deltas: int = 400, seed: int = 1) -> bytes:
     words = ["the", " proxy", " relays", " each", " event", " unchanged", ",", " and", " counts", " it", "."]
     for _ in range(deltas):
         text = "".join(rng.choice(words) for _ in range(rng.randint(1, 12)))
-        events.append(head + '"choices":[{"index":0,"delta":{"content":' + json.dumps(text) + '},"finish_reason":null}]}')
+        delta = '{"content":' + json.dumps(text) + "}"
+        events.append(head + '"choices":[{"index":0,"delta":' + delta + ',"finish_reason":null}]}')
     events.append(head + '"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}')
-    events.append(head + '"choices":[],"usage":{"prompt_tokens":812,"completion_tokens":2311,"total_tokens":3123}}')
+    usage = '"usage":{"prompt_tokens":812,"completion_tokens":2311,"total_tokens":3123}'
+    events.append(head + '"choices":[],' + usage + "}")
     events.append("[DONE]")
     return "".join(f"data: {e}\n\n" for e in events).encode()
 
