@@ -106,7 +106,8 @@ def test_a_lone_cr_ending_a_chunk_takes_the_next_lf_as_framing() -> None:
     assert got == [(b"data: a\r\n\r\n", 0), (b"\r", 0), (b"\ndata: b\n\n", 1)]
     got, rest, _ = blocks([b"data: a\r\r", b"data: b\r\r"])  # no LF follows: nothing is skipped
     assert got == [(b"data: a\r\r", 0), (b"data: b\r\r", 0)]
-    assert blocks([b"data: a\n\n\r", b"\n"]) == ([(b"data: a\n\n", 0), (b"\r", 0)], b"", [0, 1])  # the LF waits, then close() drops it
+    # A lone LF after such a CR waits for what follows it, and close() drops it (a framing byte, no line).
+    assert blocks([b"data: a\n\n\r", b"\n"]) == ([(b"data: a\n\n", 0), (b"\r", 0)], b"", [0, 1])
 
 
 def test_buffered_bytes_are_rebased_across_feeds() -> None:
