@@ -3,7 +3,8 @@ budgets. One `Registry` hangs off the Runtime (via `UpstreamClients.registry`); 
 deployment id and route name, so a policy reload that keeps them keeps their breakers and counters.
 
 Time and randomness are injected (`clock`, `rng`), so tests drive it without sleeping. Decisions are
-delegated to the pure modules (breaker, balance, budget); this module only keeps the numbers.
+delegated to the pure modules (breaker, balance, budget); this module keeps the numbers, plus the two pure
+steps of choosing that read a `DeploymentState` (`usable`, `prefer_untried`).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def usable(
 ) -> tuple[DeploymentState | None, list[int], float | None]:
     """Which of a pool's deployments can take the next attempt now (pure: reads the states, changes nothing).
 
-    Returns (a deployment due for its half-open probe, [], None) as soon as one is found, since a probe
+    Returns (a deployment whose circuit is due for a probe, [], None) as soon as one is found, since a probe
     goes first (so a recovered deployment closes quickly); else (None, the indices of the ready ones, the
     earliest pacing hold among the usable-but-held ones or None).
     """
