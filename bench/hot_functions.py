@@ -4,12 +4,14 @@
 SSE: a realistic OpenAI chat-completions stream (role chunk, ~400 content deltas of 1-12 tokens, a usage
 chunk, `[DONE]`), cut into random 1-16 KiB chunks (so events straddle chunk edges), with LF and with CRLF
 line endings, plus the same stream in 1-256 byte pieces (most events arrive in several chunks).
-choose: pools of 1, 3 and 10 deployments, some circuits open (and one due for a probe is not included:
-a due probe returns early), one held by pacing, with and without a `tried` set from a failed attempt.
+choose: pools of 1, 3 and 10 deployments, some circuits open (none due for a probe, which would return
+early), one held by pacing, with and without a `tried` set from a failed attempt.
 
 Prints the best-of-N time per stream / per call (min over repeats: the least disturbed by other load).
 Run: .venv/bin/python bench/hot_functions.py [--repeat 30]
-To compare against another checkout: PYTHONPATH=/path/to/other/checkout .venv/bin/python bench/hot_functions.py
+To compare with another checkout, run it from outside the repository (so the current directory does not
+shadow PYTHONPATH): cd /tmp && PYTHONPATH=/path/to/other/checkout /path/to/.venv/bin/python .../hot_functions.py
+Run the two one after the other several times: on a shared machine the spread between runs is a few %.
 """
 
 from __future__ import annotations
