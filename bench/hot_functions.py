@@ -9,8 +9,8 @@ early), one held by pacing, with and without a `tried` set from a failed attempt
 
 Prints the best-of-N time per stream / per call (min over repeats: the least disturbed by other load).
 Run: .venv/bin/python bench/hot_functions.py [--repeat 30]
-To compare with another checkout, run it from outside the repository (so the current directory does not
-shadow PYTHONPATH): cd /tmp && PYTHONPATH=/path/to/other/checkout /path/to/.venv/bin/python .../hot_functions.py
+To compare with another checkout: PYTHONPATH=/path/to/other/checkout .venv/bin/python bench/hot_functions.py
+(the first line printed says which proxy package was measured).
 Run the two one after the other several times: on a shared machine the spread between runs is a few %.
 """
 
