@@ -3,7 +3,8 @@ budgets. One `Registry` hangs off the Runtime (via `UpstreamClients.registry`); 
 deployment id and route name, so a policy reload that keeps them keeps their breakers and counters.
 
 Time and randomness are injected (`clock`, `rng`), so tests drive it without sleeping. Decisions are
-delegated to the pure modules (breaker, balance, budget); this module only keeps the numbers.
+delegated to the pure modules (breaker, balance, budget); this module keeps the numbers, plus the two pure
+steps of choosing that read a `DeploymentState` (`usable`, `prefer_untried`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,34 @@ class DeploymentState:
         """Requests sent to this deployment whose response has not been fully relayed yet."""
         self.hold_until = 0.0
         """Pacing: no new dispatch before this clock time."""
+
+
+def usable(
+    states: list[DeploymentState], now: float, avoid: set[str] | None, full: set[str] | None
+) -> tuple[DeploymentState | None, list[int], float | None]:
+    """Which of a pool's deployments can take the next attempt now (pure: reads the states, changes nothing).
+
+    Returns (a deployment whose circuit is due for a probe, [], None) as soon as one is found, since a probe
+    goes first (so a recovered deployment closes quickly); else (None, the indices of the ready ones, the
+    earliest pacing hold among the usable-but-held ones or None).
+    """
+    ready: list[int] = []
+    held: float | None = None
+    for i, st in enumerate(states):
+        if (avoid and st.id in avoid) or (full and st.spec.upstream in full) or not st.breaker.available(now):
+            continue  # avoided after an attempt, its upstream over its own limits, or its circuit open
+        if st.hold_until > now:
+            held = st.hold_until if held is None else min(held, st.hold_until)
+            continue
+        if st.breaker.probe_due(now):
+            return st, [], None
+        ready.append(i)
+    return None, ready, held
+
+
+def prefer_untried(states: list[DeploymentState], ready: list[int], tried: set[str]) -> list[int]:
+    """The ready indices not tried yet by this call; all of them when every one was (a retry may go back)."""
+    return [i for i in ready if states[i].id not in tried] or ready
 
 
 class Registry:
@@ -67,6 +96,18 @@ class Registry:
             found.breaker.spec = spec.breaker
         return found
 
+    def _states(self, specs: tuple[DeploymentSpec, ...]) -> list[DeploymentState]:
+        """`state()` of each spec, with its dict look-up inline: this runs for every request to a pool, and
+        the method call per deployment cost more than the look-up (new or reloaded specs take `state()`)."""
+        get = self.deployments.get
+        states: list[DeploymentState] = []
+        for spec in specs:
+            found = get(spec.id)
+            if found is None or found.spec is not spec:
+                found = self.state(spec)
+            states.append(found)
+        return states
+
     def configure(self, plan: Plan) -> None:
         """Create state for every deployment of the plan; forget deployments no route names any more."""
         keep: set[str] = set()
@@ -98,7 +139,7 @@ class Registry:
         (over its own limits for this attempt). A due probe goes first (so a recovered deployment closes
         quickly); deployments not in `tried` are preferred for a retry."""
         specs = route.deployments
-        if len(specs) == 1:  # the common case, without building lists
+        if len(specs) == 1:  # the common case, inline and without building lists
             only = self.state(specs[0])
             if (avoid and only.id in avoid) or (full and only.spec.upstream in full):
                 return None, None
@@ -107,23 +148,14 @@ class Registry:
             if only.hold_until > now:
                 return None, only.hold_until
             return only, None
-        states = [self.state(s) for s in specs]
-        ready: list[int] = []
-        held: float | None = None
-        for i, st in enumerate(states):
-            if (avoid and st.id in avoid) or (full and st.spec.upstream in full) or not st.breaker.available(now):
-                continue
-            if st.hold_until > now:
-                held = st.hold_until if held is None else min(held, st.hold_until)
-                continue
-            if st.breaker.probe_due(now):
-                return st, None
-            ready.append(i)
+        states = self._states(specs)
+        probe, ready, held = usable(states, now, avoid, full)
+        if probe is not None:
+            return probe, None
         if not ready:
             return None, held
         if tried:
-            fresh = [i for i in ready if states[i].id not in tried]
-            ready = fresh or ready
+            ready = prefer_untried(states, ready, tried)
         weights = [s.weight for s in specs]
         outstanding = [st.outstanding for st in states]
         return states[balance.pick(route.balance, weights, outstanding, ready, self.rng.random())], None
