@@ -181,8 +181,6 @@ async def forward(
             state.clients,
             request.headers,
             request.rel_url.raw_query_string,  # still percent-encoded: forwarded as the client sent it
-            passthrough_auth=plan.identify.mode == "passthrough",
-            identify_header=plan.identify.header if plan.identify.mode != "api_key" else None,
             deadline=deadline,
         )
         upstream = sent.response

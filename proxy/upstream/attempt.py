@@ -22,6 +22,7 @@ from proxy.errors import ProxyError, UpstreamLimited, UpstreamTimeout, UpstreamU
 from proxy.policy.plan import DeploymentSpec, RouteRule
 from proxy.upstream import hints, judge, retry
 from proxy.upstream.body import Whole, read_error
+from proxy.upstream.client import send_once
 from proxy.upstream.lease import Lease
 from proxy.upstream.outgoing import Outgoing, read_whole
 from proxy.upstream.registry import DeploymentState, Registry
@@ -121,21 +122,18 @@ FULL = Again()
 """The chosen deployment's upstream is over its own limit: choose again without it."""
 
 
-async def take(call: Call, state: DeploymentState, registry: Registry, progress: Progress) -> Hold | None | Again:
-    """A place in the deployment's upstream limit, if it has one; `FULL` when it is over it (the deployment
+async def take(call: Call, state: DeploymentState, registry: Registry, progress: Progress) -> Hold | Again:
+    """A place in the deployment's upstream limit (it has one); `FULL` when it is over it (the deployment
     is skipped for this attempt and another chosen). Taken before any backoff wait, so the request counts
     from the moment it is committed to."""
     quota = registry.quota
-    if state.spec.limit is None or quota is None:
-        progress.full = None
-        return None
+    assert quota is not None and state.spec.limit is not None
     taken = await quota.take(call, state.spec.limit)
     if isinstance(taken, UpstreamLimited):
         if taken.sooner(progress.refused):
             progress.refused = taken
         progress.full = add(progress.full, state.spec.upstream)
         return FULL
-    progress.full = None
     call.hold = taken
     return taken
 
@@ -193,16 +191,23 @@ async def _send(
     try:
         left = deadline - clock()
         bound = left < first_token
+        limit = max(left, 0.001) if bound else first_token
+        session, url, headers, body = request.prepare(spec)
         lease.started = time.perf_counter()
-        response = await request.send(spec, max(left, 0.001) if bound else first_token, bound)
+        response = await send_once(
+            session, call.method, url, headers=headers, body=body, query=None,
+            connect=min(spec.timeouts.connect, limit), first_token=limit, upstream=spec.upstream,
+            stream=call.stream, deadline_bound=bound,
+        )
+        call.mark("upstream_headers")
         if call.stream or response.status >= 400:
             return response, None, bound
         # Read a whole answer here rather than in the relay (which then finds it read): a connection cut
         # mid-body is still a failure nothing has reached the client of.
         left = deadline - clock()
         bound = bound or left < first_token
-        limit = max(left, 0.001) if bound else None
-        return response, await read_whole(response, spec.upstream, limit, call.plan.max_buffered_response), bound
+        cap = max(left, 0.001) if bound else None
+        return response, await read_whole(response, spec.upstream, cap, call.plan.max_buffered_response), bound
     except (UpstreamUnreachable, UpstreamTimeout) as err:
         return err, None, bound
 

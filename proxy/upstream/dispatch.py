@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping, MutableMapping
 
-from proxy.call import Call
+from proxy.call import Call, Hold
 from proxy.errors import CircuitOpen, InvalidRequest, ProxyError, UpstreamPaced, UpstreamTimeout
 from proxy.policy.plan import RouteRule
 from proxy.upstream import judge, retry
@@ -36,8 +36,6 @@ async def dispatch(
     client_headers: Mapping[str, str],
     query_string: str,
     *,
-    passthrough_auth: bool,
-    identify_header: str | None,
     deadline: float | None = None,
 ) -> Sent:
     """The call's request through its route's pool (retries, fallbacks) -> the upstream response to relay,
@@ -50,7 +48,7 @@ async def dispatch(
     registry = clients.registry
     if deadline is None:
         deadline = registry.clock() + route.timeouts.total
-    request = Outgoing(call, clients, client_headers, query_string, passthrough_auth, identify_header)
+    request = Outgoing(call, clients, client_headers, query_string)
     progress = Progress(route, registry, deadline)
     sent = await _pool(request, route, registry, deadline, progress)
     if sent is not None:
@@ -129,9 +127,13 @@ async def _pool(
                 progress.stop = "deadline" if found is None else "budget"
                 return None
             wait = found
-        hold = await take(call, state, registry, progress)
-        if isinstance(hold, Again):
-            continue
+        hold: Hold | None = None
+        if state.spec.limit is not None and registry.quota is not None:
+            taken = await take(call, state, registry, progress)
+            if isinstance(taken, Again):
+                continue
+            hold = taken
+        progress.full = None
         sent = await attempt(request, rule, state, hold, wait, now, progress)
         if not isinstance(sent, Again):
             return sent

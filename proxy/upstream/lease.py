@@ -51,10 +51,11 @@ class Lease:
             registry.abandon(state, self.probe)
             if self.started:
                 self.call.attempts.append(Attempt(state.id, 0, time.perf_counter() - self.started, "cancelled"))
-            await self._finish(0, sent=bool(self.started) and not issubclass(kind, InvalidRequest))
+            if self.hold is not None:
+                await self._finish(0, sent=bool(self.started) and not issubclass(kind, InvalidRequest))
             return
-        # An error answer or none: the request counts in the upstream's limit, its tokens go back.
-        await self._finish(self.status, sent=True)
+        if self.hold is not None:  # an error answer or none: the request counts in the upstream's limit
+            await self._finish(self.status, sent=True)
 
     def keep(self) -> Hold | None:
         """The answer is relayed: the caller takes the deployment's count and the hold over."""
@@ -63,8 +64,7 @@ class Lease:
 
     async def _finish(self, status: int, sent: bool) -> None:
         hold = self.hold
-        if hold is None:
-            return
+        assert hold is not None
         self.hold = None
         if self.call.hold is hold:
             self.call.hold = None
