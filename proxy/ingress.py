@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
 
 from proxy import multipart
 from proxy.call import Call
@@ -40,6 +41,7 @@ from proxy.flow.scheduler import PRIORITY_HEADER
 from proxy.headers import client_headers
 from proxy.policy.plan import Plan, TenantRule
 from proxy.providers import exchange as exchanges
+from proxy.redact import Redactor
 from proxy.runtime import STATE, Runtime
 from proxy.streaming import relay, whole
 from proxy.tasks import Deadline
@@ -171,10 +173,10 @@ async def forward(
     """Dispatch (retries, fallbacks) and relay; `timeouts.total` counts from here, after any wait for
     admission or a slot, and covers every retry and fallback."""
     assert call.route is not None
-    plan = call.plan
-    deadline = time.monotonic() + call.route.timeouts.total
+    total = call.route.timeouts.total
+    deadline = time.monotonic() + total
     sent: dispatch.Sent | None = None
-    guard = Deadline(call.route.timeouts.total)
+    guard = Deadline(total)
     try:
         sent = await dispatch.dispatch(
             call,
@@ -183,45 +185,7 @@ async def forward(
             request.rel_url.raw_query_string,  # still percent-encoded: forwarded as the client sent it
             deadline=deadline,
         )
-        upstream = sent.response
-        call.status = upstream.status
-        prepared = waiting.response if waiting is not None else None  # out while queued, here or in dispatch
-        answered_by = plan.upstreams.get(sent.deployment.upstream)
-        redact = state.secrets.current  # errors: every secret; a success's headers: what went upstream
-        headers = client_headers(
-            upstream.headers.items(), request_id=call.request_id, route=call.route.name, upstream_name=call.upstream,
-            hide=answered_by.hide_response_headers if answered_by is not None else None,
-            redact=redact if upstream.status >= 400 or answered_by is None else answered_by.secrets,
-        )
-        dispatch.annotate(headers, call, sent)
-        headers[QUEUE_WAIT_HEADER] = _ms(call.queue_wait)
-        exchange = call.exchange
-        assert exchange is not None
-        if call.stream and upstream.status == 200 and upstream.content_type == "text/event-stream":
-            guard.cancel()  # past the headers, the stream's watchdog owns every time limit
-            translator = exchanges.stream_translator(
-                exchange, call.body or {}, call.model, int(call.started_wall)
-            )
-            settings = relay.route_settings(state.stream_settings, call.route.stream)
-            return await relay.respond_stream(
-                request, call, upstream, headers, sent.route.timeouts, settings, deadline,
-                translator,
-                state.open_streams,
-                prepared,
-                redact,
-            )
-        transform = None
-        if exchange.kind != "pass" or upstream.status >= 400:
-            model, created = call.model, int(call.started_wall)
-            transform = partial(exchanges.response_body, exchange, model=model, created=created, redact=redact)
-        # A stream request answered with a whole body (an error, or a server that ignores `stream`) has no
-        # socket read timeout (streams are timed by the relay's watchdog): first_token bounds that read.
-        read_timeout = sent.route.timeouts.first_token if call.stream else None
-        if prepared is not None and waiting is not None:
-            return await waiting.relay_whole(upstream, transform, read_timeout, sent.body)
-        return await whole.respond_whole(
-            call, upstream, headers, transform, read_timeout, request=request, whole=sent.body
-        )
+        return await _relay(request, call, state, sent, waiting, guard, deadline)
     except (asyncio.CancelledError, TimeoutError) as exc:
         if isinstance(exc, asyncio.CancelledError) and not guard.expired():
             raise  # the client went away: not a timeout
@@ -233,6 +197,56 @@ async def forward(
         guard.cancel()
         if sent is not None:
             sent.done()
+
+
+def _relay(
+    request: web.Request, call: Call, state: Runtime, sent: dispatch.Sent, waiting: relay.QueuedStream | None,
+    guard: Deadline, deadline: float,
+) -> Awaitable[web.StreamResponse]:
+    """The relay of what dispatch got: a stream, or a whole body (passed on as is or transformed). A plain
+    call that returns the relay's coroutine, so the path has no extra coroutine for it."""
+    assert call.route is not None and call.exchange is not None
+    upstream = sent.response
+    call.status = upstream.status
+    redact = state.secrets.current  # errors: every secret; a success's headers: what went upstream
+    headers = _answer_headers(call, sent, redact)
+    prepared = waiting.response if waiting is not None else None  # out while queued, here or in dispatch
+    exchange = call.exchange
+    if call.stream and upstream.status == 200 and upstream.content_type == "text/event-stream":
+        guard.cancel()  # past the headers, the stream's watchdog owns every time limit
+        translator = exchanges.stream_translator(exchange, call.body or {}, call.model, int(call.started_wall))
+        settings = relay.route_settings(state.stream_settings, call.route.stream)
+        return relay.respond_stream(
+            request, call, upstream, headers, sent.route.timeouts, settings, deadline, translator,
+            state.open_streams, prepared, redact,
+        )
+    transform = None
+    if exchange.kind != "pass" or upstream.status >= 400:
+        model, created = call.model, int(call.started_wall)
+        transform = partial(exchanges.response_body, exchange, model=model, created=created, redact=redact)
+    # A stream request answered with a whole body (an error, or a server that ignores `stream`) has no
+    # socket read timeout (streams are timed by the relay's watchdog): first_token bounds that read.
+    read_timeout = sent.route.timeouts.first_token if call.stream else None
+    if prepared is not None and waiting is not None:
+        return waiting.relay_whole(upstream, transform, read_timeout, sent.body)
+    return whole.respond_whole(call, upstream, headers, transform, read_timeout, request=request, whole=sent.body)
+
+
+def _answer_headers(call: Call, sent: dispatch.Sent, redact: Redactor) -> CIMultiDict[str]:
+    """The upstream's headers for the client, with who answered, how, and how long the request waited.
+    A success's headers are searched for what went upstream (the answering upstream's secrets), an
+    error's for every secret."""
+    assert call.route is not None
+    upstream = sent.response
+    answered_by = call.plan.upstreams.get(sent.deployment.upstream)
+    headers = client_headers(
+        upstream.headers.items(), request_id=call.request_id, route=call.route.name, upstream_name=call.upstream,
+        hide=answered_by.hide_response_headers if answered_by is not None else None,
+        redact=redact if upstream.status >= 400 or answered_by is None else answered_by.secrets,
+    )
+    dispatch.annotate(headers, call, sent)
+    headers[QUEUE_WAIT_HEADER] = _ms(call.queue_wait)
+    return headers
 
 
 def has_dot_segment(raw_path: str) -> bool:

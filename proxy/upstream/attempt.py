@@ -142,7 +142,8 @@ async def attempt(
     request: Outgoing, rule: RouteRule, state: DeploymentState, hold: Hold | None, wait: float, now: float,
     progress: Progress,
 ) -> Sent | None | Again:
-    """One attempt, judged: the answer to relay (its lease handed over), None when the pool stops, or
+    """One attempt: the backoff wait, the request up to its response headers and, for a whole answer, its
+    body; then judged. Returns the answer to relay (its lease handed over), None when the pool stops, or
     `AGAIN`; an error that may not be retried is raised. Whatever it held is given back otherwise."""
     registry, call = progress.registry, request.call
     is_retry = progress.attempts > 0
@@ -150,72 +151,74 @@ async def attempt(
         registry.metrics.retried(rule.name, progress.reason)
     probe = registry.start(state, now, is_retry, call.route or rule)
     async with Lease(registry, state, call, hold, probe) as lease:
-        response, whole, bound = await _send(request, state, lease, wait, progress.deadline)
-        progress.made += 1
-        progress.attempts += 1
-        lease.settled = True
-        if isinstance(response, ProxyError):
-            return _failed(state, lease, response, bound, rule, progress)
-        status = lease.status = response.status
-        call.attempts.append(Attempt(state.id, status, time.perf_counter() - lease.started))
-        now = registry.clock()
-        registry.record(state, now, retry.breaker_failure(status), probe)
-        headers = response.headers
-        if state.spec.pacing.enabled:
-            _pace(registry, state, headers, now)
-        should_retry = headers.get("x-should-retry") if status >= 400 else None
-        if judge.judge(status, None, bound, should_retry, rule.retry) == "relay":
-            return Sent(response, rule, state.spec, lease=(registry, state), hold=lease.keep(), body=whole)
-        hint = hints.retry_hint(headers, registry.wall())
-        buffered = await read_error(response, progress.deadline - registry.clock(), call.plan.max_buffered_response)
-    _retry_after_answer(response, buffered, hint, rule, state, progress)
-    return AGAIN
-
-
-async def _send(
-    request: Outgoing, state: DeploymentState, lease: Lease, wait: float, deadline: float
-) -> tuple[aiohttp.ClientResponse | ProxyError, Whole | None, bool]:
-    """The attempt itself: the backoff wait, the request up to its response headers and, for a whole
-    answer, its body. An upstream's failure comes back in the response's place, with whether the call's
-    deadline bounded the attempt."""
-    call = request.call
-    clock = request.clients.registry.clock
-    bound = False
-    if wait > 0:
-        await asyncio.sleep(wait)
-    if request.clients.refusing is not None:
-        raise request.clients.refusing  # shutting down: nothing new goes upstream
-    # Each attempt gets its own first_token limit, unless the deadline is nearer.
-    spec = state.spec
-    first_token = spec.timeouts.first_token
-    try:
-        left = deadline - clock()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        if request.clients.refusing is not None:
+            raise request.clients.refusing  # shutting down: nothing new goes upstream
+        spec, clock = state.spec, registry.clock
+        # Each attempt gets its own first_token limit, unless the deadline is nearer.
+        first_token = spec.timeouts.first_token
+        left = progress.deadline - clock()
         bound = left < first_token
         limit = max(left, 0.001) if bound else first_token
         session, url, headers, body = request.prepare(spec)
         lease.started = time.perf_counter()
-        response = await send_once(
-            session, call.method, url, headers=headers, body=body, query=None,
-            connect=min(spec.timeouts.connect, limit), first_token=limit, upstream=spec.upstream,
-            stream=call.stream, deadline_bound=bound,
-        )
-        call.mark("upstream_headers")
-        if call.stream or response.status >= 400:
-            return response, None, bound
-        # Read a whole answer here rather than in the relay (which then finds it read): a connection cut
-        # mid-body is still a failure nothing has reached the client of.
-        left = deadline - clock()
-        bound = bound or left < first_token
-        cap = max(left, 0.001) if bound else None
-        return response, await read_whole(response, spec.upstream, cap, call.plan.max_buffered_response), bound
-    except (UpstreamUnreachable, UpstreamTimeout) as err:
-        return err, None, bound
+        whole = None
+        try:
+            response = await send_once(
+                session, call.method, url, headers=headers, body=body, query=None,
+                connect=min(spec.timeouts.connect, limit), first_token=limit, upstream=spec.upstream,
+                stream=call.stream, deadline_bound=bound,
+            )
+            call.mark("upstream_headers")
+            if not call.stream and response.status < 400:
+                # Read a whole answer here rather than in the relay (which then finds it read): a connection
+                # cut mid-body is still a failure nothing has reached the client of.
+                left = progress.deadline - clock()
+                bound = bound or left < first_token
+                cap = max(left, 0.001) if bound else None
+                whole = await read_whole(response, spec.upstream, cap, call.plan.max_buffered_response)
+        except (UpstreamUnreachable, UpstreamTimeout) as err:
+            return _failed(state, lease, err, bound, rule, progress)
+        sent = _answered(response, whole, bound, state, lease, rule, progress)
+        if sent is not None:
+            return sent
+        hint = hints.retry_hint(response.headers, registry.wall())
+        buffered = await read_error(response, progress.deadline - clock(), call.plan.max_buffered_response)
+    _retry_after_answer(response, buffered, hint, rule, state, progress)
+    return AGAIN
+
+
+def _answered(
+    response: aiohttp.ClientResponse, whole: Whole | None, bound: bool, state: DeploymentState, lease: Lease,
+    rule: RouteRule, progress: Progress,
+) -> Sent | None:
+    """An answer came: recorded (the call's attempts, the circuit, pacing) and judged. The answer to relay,
+    or None for one to retry (its body still to read)."""
+    registry = progress.registry
+    progress.made += 1
+    progress.attempts += 1
+    lease.settled = True
+    status = lease.status = response.status
+    lease.call.attempts.append(Attempt(state.id, status, time.perf_counter() - lease.started))
+    now = registry.clock()
+    registry.record(state, now, retry.breaker_failure(status), lease.probe)
+    headers = response.headers
+    if state.spec.pacing.enabled:
+        _pace(registry, state, headers, now)
+    should_retry = headers.get("x-should-retry") if status >= 400 else None
+    if judge.judge(status, None, bound, should_retry, rule.retry) == "relay":
+        return Sent(response, rule, state.spec, lease=(registry, state), hold=lease.keep(), body=whole)
+    return None
 
 
 def _failed(state: DeploymentState, lease: Lease, error: ProxyError, bound: bool, rule: RouteRule,
             progress: Progress) -> Sent | None | Again:
     """An attempt that got no answer: the pool stops (the deadline ran out), retries, or raises it."""
     registry = progress.registry
+    progress.made += 1
+    progress.attempts += 1
+    lease.settled = True
     lease.call.attempts.append(Attempt(state.id, 0, time.perf_counter() - lease.started, error.reason))
     progress.error, progress.last_was_error = error, True
     kind: retry.ErrorKind = "timeout" if isinstance(error, UpstreamTimeout) else "connect_error"

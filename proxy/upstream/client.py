@@ -12,7 +12,6 @@ import asyncio
 import functools
 import logging
 import socket
-import weakref
 from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -52,22 +51,28 @@ class PoolConnector(aiohttp.TCPConnector):
     """A TCPConnector that tells, per request, whether the connection was reused: only a reused keep-alive
     connection can be stale, so only there is a resend safe for a POST that produced no response."""
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._served: weakref.WeakSet[object] = weakref.WeakSet()
-        self._narrowed: weakref.WeakSet[object] = weakref.WeakSet()
-
     async def connect(self, req: Any, traces: Any, timeout: aiohttp.ClientTimeout) -> Any:  # noqa: ASYNC109
         conn = await super().connect(req, traces, timeout)
         protocol = conn.protocol
-        _REUSED.set(protocol in self._served)
-        self._served.add(protocol)
+        # The marks live on aiohttp's protocol object (one per connection; it has a __dict__): a lookup each,
+        # where weak sets cost a weak reference and a Python call per check and per add.
+        served = getattr(protocol, _SERVED, False)
+        _REUSED.set(served)
+        if not served:
+            setattr(protocol, _SERVED, True)
+        narrowed = getattr(protocol, _NARROWED, False)
         if _STREAMING.get():
-            if protocol not in self._narrowed and _set_rcvbuf(conn, STREAM_RCVBUF):
-                self._narrowed.add(protocol)
-        elif protocol in self._narrowed and _set_rcvbuf(conn, BULK_RCVBUF):
-            self._narrowed.discard(protocol)
+            if not narrowed and _set_rcvbuf(conn, STREAM_RCVBUF):
+                setattr(protocol, _NARROWED, True)
+        elif narrowed and _set_rcvbuf(conn, BULK_RCVBUF):
+            setattr(protocol, _NARROWED, False)
         return conn
+
+
+_SERVED = "_signalbox_served"
+"""Set on a connection's protocol once it carried a request: the next request on it is a reuse."""
+_NARROWED = "_signalbox_narrowed"
+"""Set while a connection's SO_RCVBUF is a stream's (STREAM_RCVBUF)."""
 
 
 def _set_rcvbuf(conn: Any, size: int) -> bool:

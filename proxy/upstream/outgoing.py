@@ -5,6 +5,7 @@ the client's bytes unless a deployment rewrites the model or the protocol differ
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -117,7 +118,7 @@ class Outgoing:
         session, base_url = self.clients.pool(spec.name)
         call.upstream = spec.name
         try:
-            exchange = exchanges.choose(call.path, spec.provider)
+            exchange = _choose(call.path, spec.provider)
         except exchanges.Untranslatable as exc:
             raise InvalidRequest(str(exc)) from None
         call.exchange = exchange
@@ -148,6 +149,11 @@ async def read_whole(response: aiohttp.ClientResponse, upstream: str, limit: flo
         raise UpstreamUnreachable(
             f"upstream '{upstream}' broke the connection mid-response ({type(exc).__name__})"
         ) from None
+
+
+_choose = functools.lru_cache(maxsize=256)(exchanges.choose)
+"""The exchange for a front path and a provider: the same few pairs over and over (an Untranslatable
+pair raises each time: lru_cache keeps no exceptions)."""
 
 
 def _query(client_query: str, spec: UpstreamSpec) -> str:
