@@ -176,7 +176,7 @@ async def forward(
     total = call.route.timeouts.total
     deadline = time.monotonic() + total
     sent: dispatch.Sent | None = None
-    guard = Deadline(total)
+    guard = Deadline(total, state.deadlines)
     try:
         sent = await dispatch.dispatch(
             call,

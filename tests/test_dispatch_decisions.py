@@ -258,3 +258,32 @@ def test_retry_module_still_owns_the_classification() -> None:
     assert not retry.status_retriable(500, spec)
     assert judge.judge(500, None, False, None, spec) == "relay"
     assert judge.judge(503, None, False, None, spec) == "retry"
+
+
+# --- what the plan works out for every request -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("identify", "passthrough", "dropped"),
+    [
+        ("", False, frozenset()),  # api_key: the key header is dropped anyway (a credential)
+        ("identify: {mode: header, header: X-Team}\n", False, frozenset({"x-team"})),
+        ("identify: {mode: passthrough, header: X-Team}\n", True, frozenset({"x-team"})),
+    ],
+)
+def test_the_identify_flags_are_worked_out_with_the_plan(
+    make_plan: Callable[[str], Plan], identify: str, passthrough: bool, dropped: frozenset[str]
+) -> None:
+    plan = make_plan(
+        identify
+        + """
+upstreams:
+  up: {provider: openai, base_url: "http://127.0.0.1:9/v1", api_key: sk-test-upstream}
+tenants:
+  t: {keys: [sk-tenant-key]}
+routes:
+  - {name: chat, match: {model: "*"}, upstream: up}
+"""
+    )
+    assert plan.identify.passthrough_auth is passthrough
+    assert plan.identify.drop_upstream == dropped
