@@ -15,9 +15,10 @@ import socket
 from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
+from aiohttp.client_proto import ResponseHandler
 from yarl import URL
 
 from proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
@@ -47,9 +48,42 @@ _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 """aiohttp itself resends these once on a dropped connection (RFC 9112 §9.3.1): no second resend here."""
 
 
+class LazyReadTimer(ResponseHandler):
+    """aiohttp's response protocol with a lazy `sock_read` timer (the first_token bound of a whole answer's
+    socket reads). aiohttp cancels and re-arms a timer at every socket read: a call_later and a cancel per
+    read, two of each for a small answer. Here a read only moves the deadline; the one timer, should it
+    fire before the deadline, waits on for the rest. Same limit, one timer per response."""
+
+    _read_due = 0.0
+
+    def _reschedule_timeout(self) -> None:
+        timeout = self._read_timeout
+        if not timeout:
+            self._drop_timeout()
+            return
+        loop = self._loop
+        self._read_due = due = loop.time() + timeout
+        if self._read_timeout_handle is None:
+            self._read_timeout_handle = loop.call_at(due, self._read_late)
+
+    def _read_late(self) -> None:
+        self._read_timeout_handle = None
+        due = self._read_due
+        if self._loop.time() < due:  # a read came since the timer was set: wait for the moved deadline
+            self._read_timeout_handle = self._loop.call_at(due, self._read_late)
+            return
+        self._on_read_timeout()
+
+
 class PoolConnector(aiohttp.TCPConnector):
     """A TCPConnector that tells, per request, whether the connection was reused: only a reused keep-alive
-    connection can be stale, so only there is a resend safe for a POST that produced no response."""
+    connection can be stale, so only there is a resend safe for a POST that produced no response. Its
+    connections time socket reads with one timer per response (LazyReadTimer)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        factory = functools.partial(LazyReadTimer, loop=self._loop)
+        self._factory = cast("functools.partial[ResponseHandler]", factory)  # aiohttp's protocol factory
 
     async def connect(self, req: Any, traces: Any, timeout: aiohttp.ClientTimeout) -> Any:  # noqa: ASYNC109
         conn = await super().connect(req, traces, timeout)
