@@ -115,7 +115,9 @@ class Deadlines:
         slot = int(when / self.RESOLUTION) + 1
         entry = self._slots.get(slot)
         if entry is None:
-            self._slots[slot] = ({guard}, loop.call_at(slot * self.RESOLUTION, self._fire, slot))
+            # call_later, not call_at: uvloop's call_at is call_later behind one more Python-level call.
+            handle = loop.call_later(slot * self.RESOLUTION - loop.time(), self._fire, slot)
+            self._slots[slot] = ({guard}, handle)
         else:
             entry[0].add(guard)
         return slot

@@ -62,15 +62,15 @@ class LazyReadTimer(ResponseHandler):
             self._drop_timeout()
             return
         loop = self._loop
-        self._read_due = due = loop.time() + timeout
-        if self._read_timeout_handle is None:
-            self._read_timeout_handle = loop.call_at(due, self._read_late)
+        self._read_due = loop.time() + timeout
+        if self._read_timeout_handle is None:  # (uvloop's call_at is call_later plus a Python-level call)
+            self._read_timeout_handle = loop.call_later(timeout, self._read_late)
 
     def _read_late(self) -> None:
         self._read_timeout_handle = None
-        due = self._read_due
-        if self._loop.time() < due:  # a read came since the timer was set: wait for the moved deadline
-            self._read_timeout_handle = self._loop.call_at(due, self._read_late)
+        left = self._read_due - self._loop.time()
+        if left > 0:  # a read came since the timer was set: wait for the moved deadline
+            self._read_timeout_handle = self._loop.call_later(left, self._read_late)
             return
         self._on_read_timeout()
 
