@@ -6,6 +6,7 @@ Label children are cached: `labels()` costs a lock and a dict walk we do not wan
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -20,10 +21,6 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 _REDIS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 _STATUS_TEXT = {code: str(code) for code in range(100, 600)}
-
-
-def _status(code: int) -> str:
-    return _STATUS_TEXT.get(code) or str(code)
 
 
 class Metrics:
@@ -199,8 +196,9 @@ class Metrics:
         route = call.route.name if call.route is not None else ""
         key = (route,)
         tenant = call.tenant.name if call.tenant is not None else ""
-        self.requests.inc((route, tenant, call.upstream, _status(call.status)))
-        self.duration.observe(key, call.elapsed())
+        status_text = _STATUS_TEXT  # looked up inline: this runs for every request
+        self.requests.inc((route, tenant, call.upstream, status_text.get(call.status) or str(call.status)))
+        self.duration.observe(key, time.perf_counter() - call.started)
         marks = call.marks
         ttfb = marks.get("upstream_headers")
         if ttfb is not None and call.upstream and not (call.attempts and call.attempts[-1].shared):
@@ -214,7 +212,8 @@ class Metrics:
         for attempt in call.attempts:
             if attempt.shared:
                 continue  # another caller of the same merged call counts it
-            status = _status(attempt.status) if attempt.status else attempt.error or "error"
+            code = attempt.status
+            status = (status_text.get(code) or str(code)) if code else attempt.error or "error"
             self.upstream_requests.inc((attempt.upstream, status))
             self.upstream_latency.observe((attempt.upstream,), attempt.duration)
         first = marks.get("first_token")
