@@ -50,11 +50,21 @@ _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 class LazyReadTimer(ResponseHandler):
     """aiohttp's response protocol with a lazy `sock_read` timer (the first_token bound of a whole answer's
-    socket reads). aiohttp cancels and re-arms a timer at every socket read: a call_later and a cancel per
-    read, two of each for a small answer. Here a read only moves the deadline; the one timer, should it
-    fire before the deadline, waits on for the rest. Same limit, one timer per response."""
+    socket reads), and the marks PoolConnector keeps per connection. aiohttp cancels and re-arms a timer at
+    every socket read: a call_later and a cancel per read, two of each for a small answer. Here a read
+    only moves the deadline; the one timer, should it fire before the deadline, waits on for the rest.
+    Same limit, one timer per response. The marks are slots: new attributes in aiohttp's instance dict
+    would cost ~800 bytes a connection."""
 
-    _read_due = 0.0
+    __slots__ = ("read_due", "served", "narrowed")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop=loop)
+        self.read_due = 0.0
+        self.served = False
+        """The connection carried a request: the next request on it is a reuse."""
+        self.narrowed = False
+        """Its SO_RCVBUF is a stream's (STREAM_RCVBUF)."""
 
     def _reschedule_timeout(self) -> None:
         timeout = self._read_timeout
@@ -62,13 +72,13 @@ class LazyReadTimer(ResponseHandler):
             self._drop_timeout()
             return
         loop = self._loop
-        self._read_due = loop.time() + timeout
+        self.read_due = loop.time() + timeout
         if self._read_timeout_handle is None:  # (uvloop's call_at is call_later plus a Python-level call)
             self._read_timeout_handle = loop.call_later(timeout, self._read_late)
 
     def _read_late(self) -> None:
         self._read_timeout_handle = None
-        left = self._read_due - self._loop.time()
+        left = self.read_due - self._loop.time()
         if left > 0:  # a read came since the timer was set: wait for the moved deadline
             self._read_timeout_handle = self._loop.call_later(left, self._read_late)
             return
@@ -88,25 +98,15 @@ class PoolConnector(aiohttp.TCPConnector):
     async def connect(self, req: Any, traces: Any, timeout: aiohttp.ClientTimeout) -> Any:  # noqa: ASYNC109
         conn = await super().connect(req, traces, timeout)
         protocol = conn.protocol
-        # The marks live on aiohttp's protocol object (one per connection; it has a __dict__): a lookup each,
-        # where weak sets cost a weak reference and a Python call per check and per add.
-        served = getattr(protocol, _SERVED, False)
-        _REUSED.set(served)
-        if not served:
-            setattr(protocol, _SERVED, True)
-        narrowed = getattr(protocol, _NARROWED, False)
+        assert isinstance(protocol, LazyReadTimer)  # this connector's factory makes them
+        _REUSED.set(protocol.served)
+        protocol.served = True
         if _STREAMING.get():
-            if not narrowed and _set_rcvbuf(conn, STREAM_RCVBUF):
-                setattr(protocol, _NARROWED, True)
-        elif narrowed and _set_rcvbuf(conn, BULK_RCVBUF):
-            setattr(protocol, _NARROWED, False)
+            if not protocol.narrowed and _set_rcvbuf(conn, STREAM_RCVBUF):
+                protocol.narrowed = True
+        elif protocol.narrowed and _set_rcvbuf(conn, BULK_RCVBUF):
+            protocol.narrowed = False
         return conn
-
-
-_SERVED = "_signalbox_served"
-"""Set on a connection's protocol once it carried a request: the next request on it is a reuse."""
-_NARROWED = "_signalbox_narrowed"
-"""Set while a connection's SO_RCVBUF is a stream's (STREAM_RCVBUF)."""
 
 
 def _set_rcvbuf(conn: Any, size: int) -> bool:
