@@ -18,6 +18,7 @@ from proxy.policy.plan import Plan
 from proxy.policy.redact import SecretsRef, redact_logs
 from proxy.policy.reload import Reloader
 from proxy.streaming.relay import StreamSettings
+from proxy.tasks import Deadlines
 from proxy.telemetry.logging import AccessLog
 from proxy.telemetry.metrics import Metrics
 from proxy.upstream.client import UpstreamClients
@@ -97,6 +98,8 @@ class Runtime:
     open_streams: set[Callable[[ProxyError], None]] = field(default_factory=set)
     """One `end(error)` per stream being relayed, so a drain can end them cleanly."""
     """Set when the policy came from files (the CLI); tests may build apps from a plan alone."""
+    deadlines: Deadlines = field(default_factory=Deadlines)
+    """Requests' total-time guards, sharing timers (see proxy.tasks.Deadlines)."""
 
     admission: Admission = field(init=False)
     """Limits: the limiter store (counters survive reloads) and its metrics."""

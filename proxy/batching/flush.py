@@ -107,13 +107,7 @@ class Sender:
         `call` is the merged Call (or a lone caller's own): one upstream call, so an upstream limit counts
         it once per attempt, and the answering attempt settles here with the whole answer's `usage`. The
         callers' own admissions (tenant, route) were taken one by one and settle with their shares."""
-        ident = call.plan.identify
-        sent = await dispatch.dispatch(
-            call, self.clients, headers, query,
-            passthrough_auth=ident.mode == "passthrough",
-            identify_header=ident.header if ident.mode != "api_key" else None,
-            deadline=deadline,
-        )
+        sent = await dispatch.dispatch(call, self.clients, headers, query, deadline=deadline)
         sent.done()  # the deployment stops counting as busy at the headers
         upstream = sent.response
         usage: dict[str, Any] | None = None

@@ -129,17 +129,16 @@ async def forward(request: web.Request, call: Call, state: Runtime) -> web.Strea
     assert call.route is not None
     call.mark("dispatch")  # processing time and time to first token count from here (queue wait excluded)
     plan = call.plan
-    deadline = time.monotonic() + call.route.timeouts.total
+    total = call.route.timeouts.total
+    deadline = time.monotonic() + total
     sent: dispatch.Sent | None = None
-    guard = Deadline(call.route.timeouts.total)
+    guard = Deadline(total, state.deadlines)
     try:
         sent = await dispatch.dispatch(
             call,
             state.clients,
             request.headers,
             request.rel_url.raw_query_string,  # still percent-encoded: forwarded as the client sent it
-            passthrough_auth=plan.identify.mode == "passthrough",
-            identify_header=plan.identify.header if plan.identify.mode != "api_key" else None,
             deadline=deadline,
         )
         upstream = sent.response

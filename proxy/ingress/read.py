@@ -3,6 +3,7 @@ once: JSON (its `model` and `stream` noted on the call) or a multipart upload pa
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import orjson
@@ -22,9 +23,11 @@ async def read_body(request: web.Request, call: Call, limit: int, timeouts: Clie
     length = request.content_length
     if length is not None and length > limit:
         raise BodyTooLarge(_too_large(length, limit))
-    call.raw_body = await edge.read_body(
-        request.content, limit, lambda size: BodyTooLarge(_too_large(size, limit)), timeouts
-    )
+    content = request.content
+    if content.is_eof():  # the body came with the head (most requests): no coroutine, no timer
+        call.raw_body = edge.read_ready(content, limit, partial(_refused, limit))
+    else:
+        call.raw_body = await edge.read_body(content, limit, partial(_refused, limit), timeouts)
     if not call.raw_body:
         return
     content_type = request.headers.get("Content-Type")
@@ -55,6 +58,10 @@ def read_form(content_type: str, call: Call) -> None:
         call.model = call.raw_body[span[0] : span[1]].decode("utf-8", "replace")
         call.form_model = span
     call.stream = multipart.field_value(call.raw_body, boundary, "stream") == "true"
+
+
+def _refused(limit: int, size: int) -> BodyTooLarge:
+    return BodyTooLarge(_too_large(size, limit))
 
 
 def _too_large(size: int, limit: int) -> str:

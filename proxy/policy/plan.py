@@ -306,6 +306,16 @@ class IdentifySpec:
     mode: IdentifyMode
     header: str
     tenant: str | None
+    passthrough_auth: bool = field(init=False)
+    """`passthrough`: the app's own credential headers go upstream instead of the upstream's key."""
+    drop_upstream: frozenset[str] = field(init=False)
+    """Client headers never forwarded upstream because they name the tenant (the identify header, in every
+    mode but `api_key`). Both worked out once, when the plan is built, not per request."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "passthrough_auth", self.mode == "passthrough")
+        drop = frozenset((self.header,)) if self.mode != "api_key" and self.header else frozenset()
+        object.__setattr__(self, "drop_upstream", drop)
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,13 +12,13 @@ import asyncio
 import functools
 import logging
 import socket
-import weakref
 from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import aiohttp
+from aiohttp.client_proto import ResponseHandler
 from yarl import URL
 
 from proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
@@ -55,25 +55,64 @@ _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 """aiohttp itself resends these once on a dropped connection (RFC 9112 §9.3.1): no second resend here."""
 
 
+class LazyReadTimer(ResponseHandler):
+    """aiohttp's response protocol with a lazy `sock_read` timer (the first_token bound of a whole answer's
+    socket reads), and the marks PoolConnector keeps per connection. aiohttp cancels and re-arms a timer at
+    every socket read: a call_later and a cancel per read, two of each for a small answer. Here a read
+    only moves the deadline; the one timer, should it fire before the deadline, waits on for the rest.
+    Same limit, one timer per response. The marks are slots: new attributes in aiohttp's instance dict
+    would cost ~800 bytes a connection."""
+
+    __slots__ = ("read_due", "served", "narrowed")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop=loop)
+        self.read_due = 0.0
+        self.served = False
+        """The connection carried a request: the next request on it is a reuse."""
+        self.narrowed = False
+        """Its SO_RCVBUF is a stream's (STREAM_RCVBUF)."""
+
+    def _reschedule_timeout(self) -> None:
+        timeout = self._read_timeout
+        if not timeout:
+            self._drop_timeout()
+            return
+        loop = self._loop
+        self.read_due = loop.time() + timeout
+        if self._read_timeout_handle is None:  # (uvloop's call_at is call_later plus a Python-level call)
+            self._read_timeout_handle = loop.call_later(timeout, self._read_late)
+
+    def _read_late(self) -> None:
+        self._read_timeout_handle = None
+        left = self.read_due - self._loop.time()
+        if left > 0:  # a read came since the timer was set: wait for the moved deadline
+            self._read_timeout_handle = self._loop.call_later(left, self._read_late)
+            return
+        self._on_read_timeout()
+
+
 class PoolConnector(aiohttp.TCPConnector):
     """A TCPConnector that tells, per request, whether the connection was reused: only a reused keep-alive
-    connection can be stale, so only there is a resend safe for a POST that produced no response."""
+    connection can be stale, so only there is a resend safe for a POST that produced no response. Its
+    connections time socket reads with one timer per response (LazyReadTimer)."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._served: weakref.WeakSet[object] = weakref.WeakSet()
-        self._narrowed: weakref.WeakSet[object] = weakref.WeakSet()
+        factory = functools.partial(LazyReadTimer, loop=self._loop)
+        self._factory = cast("functools.partial[ResponseHandler]", factory)  # aiohttp's protocol factory
 
     async def connect(self, req: Any, traces: Any, timeout: aiohttp.ClientTimeout) -> Any:  # noqa: ASYNC109
         conn = await super().connect(req, traces, timeout)
         protocol = conn.protocol
-        _REUSED.set(protocol in self._served)
-        self._served.add(protocol)
+        assert isinstance(protocol, LazyReadTimer)  # this connector's factory makes them
+        _REUSED.set(protocol.served)
+        protocol.served = True
         if _STREAMING.get():
-            if protocol not in self._narrowed and _set_rcvbuf(conn, STREAM_RCVBUF):
-                self._narrowed.add(protocol)
-        elif protocol in self._narrowed and _set_rcvbuf(conn, BULK_RCVBUF):
-            self._narrowed.discard(protocol)
+            if not protocol.narrowed and _set_rcvbuf(conn, STREAM_RCVBUF):
+                protocol.narrowed = True
+        elif protocol.narrowed and _set_rcvbuf(conn, BULK_RCVBUF):
+            protocol.narrowed = False
         return conn
 
 

@@ -1,10 +1,11 @@
 """What one attempt sends: the upstream URL, headers and body for a deployment, built once per call
-and upstream, and the call itself up to the response headers (client.send_once). The body forwarded is
+and upstream (the attempt itself is attempt.py, through client.send_once). The body forwarded is
 the client's bytes unless a deployment rewrites the model or the protocol differs."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,7 +19,7 @@ from proxy.providers import exchange as exchanges
 from proxy.providers import multipart
 from proxy.providers.exchange import Exchange
 from proxy.upstream.body import Whole, read_capped
-from proxy.upstream.client import UpstreamClients, send_once
+from proxy.upstream.client import UpstreamClients
 from proxy.upstream.headers import credentials_of, upstream_headers
 
 
@@ -70,8 +71,7 @@ class Outgoing:
     """What every attempt of one call shares; headers and body are built once per upstream/model."""
 
     __slots__ = (
-        "call", "clients", "client_headers", "query_string", "passthrough_auth", "identify_header",
-        "_headers_for", "_headers", "_body_key", "_body",
+        "call", "clients", "client_headers", "query_string", "_headers_for", "_headers", "_body_key", "_body",
     )
 
     def __init__(
@@ -80,15 +80,11 @@ class Outgoing:
         clients: UpstreamClients,
         client_headers: Mapping[str, str],
         query_string: str,
-        passthrough_auth: bool,
-        identify_header: str | None,
     ) -> None:
         self.call = call
         self.clients = clients
         self.client_headers = client_headers
         self.query_string = query_string
-        self.passthrough_auth = passthrough_auth
-        self.identify_header = identify_header
         self._headers_for = ""
         self._headers: dict[str, str] = {}
         self._body_key: tuple[str | None, str, bool] | None = None
@@ -96,12 +92,13 @@ class Outgoing:
 
     def headers(self, spec: UpstreamSpec) -> dict[str, str]:
         if self._headers_for != spec.name:
+            identify = self.call.plan.identify  # what it drops and passes on was worked out with the plan
             self._headers = upstream_headers(
                 self.client_headers.items(),
                 spec,
                 request_id=self.call.request_id,
-                drop=frozenset((self.identify_header,)) if self.identify_header else frozenset(),
-                client_credentials=credentials_of(self.client_headers) if self.passthrough_auth else None,
+                drop=identify.drop_upstream,
+                client_credentials=credentials_of(self.client_headers) if identify.passthrough_auth else None,
             )
             self._headers_for = spec.name
         return self._headers
@@ -113,16 +110,15 @@ class Outgoing:
             self._body_key = key
         return self._body
 
-    async def send(
-        self, deployment: DeploymentSpec, first_token: float, bound: bool
-    ) -> aiohttp.ClientResponse:
-        """One call to the deployment up to the response headers (`bound`: the deadline set first_token)."""
+    def prepare(self, deployment: DeploymentSpec) -> tuple[aiohttp.ClientSession, str, dict[str, str], bytes | None]:
+        """What one attempt on the deployment sends: the session, URL, headers and body (and the call learns
+        its upstream and exchange). A plain call, so sending adds no coroutine of its own to the path."""
         call = self.call
         spec = call.plan.upstreams[deployment.upstream]
         session, base_url = self.clients.pool(spec.name)
         call.upstream = spec.name
         try:
-            exchange = exchanges.choose(call.path, spec.provider)
+            exchange = _choose(call.path, spec.provider)
         except exchanges.Untranslatable as exc:
             raise InvalidRequest(str(exc)) from None
         call.exchange = exchange
@@ -131,21 +127,7 @@ class Outgoing:
         headers = self.headers(spec)
         body = self.body(deployment.model, exchange)
         url = base_url + exchange.upstream_path + _query(self.query_string, spec)  # base_url ends at /v1
-        response = await send_once(
-            session,
-            call.method,
-            url,
-            headers=headers,
-            body=body,
-            query=None,
-            connect=min(deployment.timeouts.connect, first_token),
-            first_token=first_token,
-            upstream=spec.name,
-            stream=call.stream,
-            deadline_bound=bound,
-        )
-        call.mark("upstream_headers")
-        return response
+        return session, url, headers, body
 
 
 async def read_whole(response: aiohttp.ClientResponse, upstream: str, limit: float | None, cap: int) -> Whole:
@@ -167,6 +149,11 @@ async def read_whole(response: aiohttp.ClientResponse, upstream: str, limit: flo
         raise UpstreamUnreachable(
             f"upstream '{upstream}' broke the connection mid-response ({type(exc).__name__})"
         ) from None
+
+
+_choose = functools.lru_cache(maxsize=256)(exchanges.choose)
+"""The exchange for a front path and a provider: the same few pairs over and over (an Untranslatable
+pair raises each time: lru_cache keeps no exceptions)."""
 
 
 def _query(client_query: str, spec: UpstreamSpec) -> str:

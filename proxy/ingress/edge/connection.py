@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
 from typing import Any
 
 from aiohttp import web
@@ -164,15 +165,17 @@ class GuardedHandler(RequestHandler):
         response.force_close()
         return response
 
-    async def finish_response(
+    def finish_response(
         self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None
-    ) -> tuple[web.StreamResponse, bool]:
+    ) -> Coroutine[Any, Any, tuple[web.StreamResponse, bool]]:
+        """aiohttp awaits what this returns: its own coroutine, with a JSON answer in place of its own
+        refusals (a plain method, so every response does not pay a coroutine of ours around aiohttp's)."""
         if isinstance(resp, web.HTTPException) and resp.status >= 400:  # the router's 404/405, Expect's 417
             error = answers.for_http_refusal(resp.status, resp.headers.get("Allow"), request.path, self._admin)
             request_id = request_id_of(request.headers)
             resp = render(error, answers.protocol_of(request.path, request.headers), request_id)
             self._count(error)
-        return await super().finish_response(request, resp, start_time)
+        return super().finish_response(request, resp, start_time)
 
     def _count(self, error: ProxyError) -> None:
         if self._errors is not None:

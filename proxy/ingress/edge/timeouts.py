@@ -21,18 +21,31 @@ async def read_body(
 ) -> bytes:
     """The whole body, at most `limit` bytes, within the body timeouts. A body that came with the head
     (most requests) is taken without a timer."""
+    if content.is_eof():
+        return read_ready(content, limit, too_large)
     try:
-        if content.is_eof():
-            data = content.read_nowait()
-            if len(data) > limit:
-                raise too_large(len(data))
-            return data
         return await _read_timed(content, limit, too_large, timeouts)
-    except RequestPayloadError:  # bad chunk framing or Content-Encoding (the parser's words may quote bytes)
-        raise MalformedRequest(
-            "the request body could not be read: its chunked encoding or Content-Encoding is invalid",
-            headers=dict(CLOSE),
-        ) from None
+    except RequestPayloadError:
+        raise _malformed() from None
+
+
+def read_ready(content: StreamReader, limit: int, too_large: Callable[[int], ProxyError]) -> bytes:
+    """A body that is all there (`content.is_eof()`): taken at once, without a coroutine or a timer."""
+    try:
+        data = content.read_nowait()
+    except RequestPayloadError:
+        raise _malformed() from None
+    if len(data) > limit:
+        raise too_large(len(data))
+    return data
+
+
+def _malformed() -> MalformedRequest:
+    """Bad chunk framing or Content-Encoding (the parser's words may quote bytes, so they are not used)."""
+    return MalformedRequest(
+        "the request body could not be read: its chunked encoding or Content-Encoding is invalid",
+        headers=dict(CLOSE),
+    )
 
 
 async def _read_timed(
