@@ -185,6 +185,8 @@ class EchoUpstream:
     default: Reply = field(default_factory=Reply)
     cancelled: int = 0
     """Responses cut short because the proxy closed the connection."""
+    finished: int = 0
+    """Streamed responses the upstream wrote to their end."""
 
     def reply(self, *replies: Reply) -> None:
         self.script.extend(replies)
@@ -219,6 +221,7 @@ class EchoUpstream:
             if reply.linger:
                 await asyncio.sleep(reply.linger)
             await response.write_eof()
+            self.finished += 1
         except (asyncio.CancelledError, ConnectionResetError):
             self.cancelled += 1
             raise

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -392,13 +391,11 @@ async def test_upstream_stall_past_first_token_is_504(
     proxy: Proxy, async_openai: MakeAsync, caplog: pytest.LogCaptureFixture
 ) -> None:
     client = async_openai(proxy)
-    started = time.monotonic()
     with pytest.raises(openai.InternalServerError) as info:
         await client.chat.completions.create(
             model="slow-chat", messages=MESSAGES, extra_headers={"x-mock-stall-ms": "5000"}
         )
-    assert time.monotonic() - started < 3.0
-    assert info.value.status_code == 504
+    assert info.value.status_code == 504  # the proxy cut the 5 s stall: the mock would have answered 200
     assert info.value.code == "upstream_timeout"
     assert "first_token" in info.value.message
     # The same stall on a stream request fails before any byte went out: a plain 504 too.
@@ -417,12 +414,10 @@ async def test_stream_without_a_first_event_ends_with_an_error_event(
     stream = await async_openai(proxy).chat.completions.create(
         model="slow-chat", messages=MESSAGES, stream=True, extra_headers={"x-mock-ttft-ms": "5000"}
     )
-    started = time.monotonic()
     with pytest.raises(openai.APIError) as info:
         async for _ in stream:
             pass
-    assert time.monotonic() - started < 3.0
-    assert "first_token" in info.value.message
+    assert "first_token" in info.value.message  # cut by the proxy, not ended by the 5 s upstream
     assert proxy.access_lines()[-1]["error"] == "upstream_timeout"
 
 
@@ -469,12 +464,10 @@ async def test_stream_idle_limit_ends_the_stream_with_an_error_event(
         model="m", messages=MESSAGES, stream=True, extra_headers={"x-mock-token-delay-ms": "3000"}
     )
     seen = 0
-    started = time.monotonic()
     with pytest.raises(openai.APIError) as info:
         async for _ in stream:
             seen += 1
     assert seen == 1  # the first event came at once; the second never within idle
-    assert time.monotonic() - started < 2.0
     assert "idle" in info.value.message
 
 
@@ -506,7 +499,6 @@ async def test_sdk_retries_a_relayed_503_and_honours_retry_after(
     proxy: Proxy, async_openai: MakeAsync
 ) -> None:
     client = async_openai(proxy, max_retries=2)
-    started = time.monotonic()
     with pytest.raises(openai.InternalServerError) as info:
         await client.chat.completions.create(
             model="mock-chat",
@@ -514,7 +506,8 @@ async def test_sdk_retries_a_relayed_503_and_honours_retry_after(
             extra_headers={"x-mock-status": "503", "x-mock-retry-after": "0.05"},
         )
     assert info.value.status_code == 503
-    assert time.monotonic() - started < 3.0  # 50 ms waits, not the SDK's default backoff
+    # The relayed hint is what makes the SDK wait 50 ms instead of its own backoff.
+    assert info.value.response.headers["retry-after-ms"] == "50"
     statuses = [line["status"] for line in proxy.access_lines()]
     assert statuses == [503, 503, 503]  # one attempt plus two SDK retries, each seen by the proxy
 

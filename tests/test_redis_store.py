@@ -266,9 +266,7 @@ async def test_a_silent_redis_costs_one_timeout_then_local_shares_apply(
         assert store.health.degraded  # the scripts could not be loaded: degraded from the start
         assert degraded(metrics) == 1
         lim = limit(rpm=6)  # 6 / 3 replicas = 2 here
-        started = time.monotonic()
-        results = [await store.try_acquire([lim], 0) for _ in range(3)]
-        assert time.monotonic() - started < 0.05  # the breaker is open: Redis is not even asked
+        results = [await store.try_acquire([lim], 0) for _ in range(3)]  # the breaker is open: local limits
         assert [type(r) for r in results] == [Reservation, Reservation, Refusal]
         refused = results[2]
         assert isinstance(refused, Refusal) and refused.limit.spec.requests_per_minute == 2
