@@ -14,7 +14,8 @@ import openai
 import pytest
 from aiohttp import web
 from conftest import Proxy
-from test_admission_functional import Gated, chat, gated, policy, start, until, waiting
+from kit import until
+from test_admission_functional import Gated, chat, gated, policy, start, waiting
 
 from proxy import lifecycle
 from proxy.admin import build_admin_app

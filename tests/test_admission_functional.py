@@ -16,6 +16,7 @@ import orjson
 import pytest
 from aiohttp import web
 from conftest import EchoUpstream, Proxy, Reply
+from kit import until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -125,13 +126,6 @@ routes:
     upstream: up
     {route}
 """
-
-
-async def until(predicate: Callable[[], bool], within: float = 5.0) -> None:
-    """Poll server-side state (queues, the upstream's log) until it holds; bounded."""
-    async with asyncio.timeout(within):
-        while not predicate():  # noqa: ASYNC110 - the state lives in other tasks; nothing to wait on
-            await asyncio.sleep(0.005)
 
 
 def chat(client: openai.AsyncOpenAI, user: str = "", **kwargs: Any) -> Awaitable[Any]:

@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 from conftest import closed_port
+from kit import sample_key, samples
 
 from proxy.policy.schema_docs import json_schema
 from proxy.tasks import spawn
@@ -92,11 +93,7 @@ class Serve:
     async def metric(self, session: aiohttp.ClientSession, name: str, **labels: str) -> float | None:
         """A sample's value from /metrics, or None when there is no such series."""
         async with session.get(self.url + "/metrics") as resp:
-            text = await resp.text()
-        if labels:  # the client library prints labels sorted by name
-            name += "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
-        found = [line for line in text.splitlines() if line.startswith(name + " ")]
-        return float(found[-1].rsplit(" ", 1)[1]) if found else None
+            return samples(await resp.text()).get(sample_key(name, **labels))
 
     def log(self) -> str:
         self.stderr.flush()

@@ -15,7 +15,7 @@ import aiohttp
 import openai
 import pytest
 from conftest import UPSTREAM_KEY, Proxy, closed_port
-from prometheus_client.parser import text_string_to_metric_families
+from kit import scrape
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -569,21 +569,6 @@ async def test_healthz_and_readyz(proxy: Proxy) -> None:
             assert (await resp.json())["draining"] is True
         async with http.get(proxy.url + "/healthz") as resp:
             assert resp.status == 200  # liveness never follows readiness
-
-
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return out
-
-
-async def scrape(proxy: Proxy) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    async with aiohttp.ClientSession() as http:
-        async with http.get(proxy.url + "/metrics") as resp:
-            assert resp.status == 200
-            return samples(await resp.text())
 
 
 def requests_key(

@@ -23,6 +23,7 @@ import orjson
 import pytest
 from aiohttp import web
 from conftest import Proxy
+from kit import sample_key, scrape, until
 from redis.asyncio import Redis
 from redis_server import RedisServer, running
 
@@ -163,20 +164,8 @@ async def outside_a_minute_edge(now: Callable[[], Awaitable[float]], margin: flo
         await asyncio.sleep(left + 0.05)
 
 
-async def until(check: Callable[[], Awaitable[bool]], within: float = 5.0) -> None:
-    """Poll state that lives in other tasks or in Redis until it holds; bounded."""
-    async with asyncio.timeout(within):
-        while not await check():  # noqa: ASYNC110 - nothing to wait on: the state is remote
-            await asyncio.sleep(0.01)
-
-
 async def metric(proxy: Proxy, name: str) -> float | None:
-    async with aiohttp.ClientSession() as session, session.get(proxy.url + "/metrics") as response:
-        text = await response.text()
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return None
+    return (await scrape(proxy)).get(sample_key(name))
 
 
 async def readyz(proxy: Proxy) -> tuple[int, dict[str, Any]]:

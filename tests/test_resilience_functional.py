@@ -15,7 +15,7 @@ import openai
 import pytest
 from aiohttp import web
 from conftest import Proxy, closed_port
-from prometheus_client.parser import text_string_to_metric_families
+from kit import scrape, until
 from resilience_helpers import Faulty, Servers, Step, servers_fixture
 
 from proxy.admin import build_admin_app
@@ -46,16 +46,6 @@ async def create(client: openai.AsyncOpenAI, **kw: Any) -> Any:
     return await client.chat.completions.with_raw_response.create(model="m", messages=MESSAGES, **kw)
 
 
-async def scrape(proxy: Proxy) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    async with aiohttp.ClientSession() as http, http.get(proxy.url + "/metrics") as resp:
-        text = await resp.text()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
 @pytest.fixture
 async def admin() -> AsyncIterator[Callable[[Proxy], Awaitable[dict[str, Any]]]]:
     """admin(proxy) -> GET /admin/upstreams on an admin server sharing the proxy's runtime."""
@@ -77,13 +67,6 @@ async def admin() -> AsyncIterator[Callable[[Proxy], Awaitable[dict[str, Any]]]]
     yield get
     for runner in runners:
         await runner.cleanup()
-
-
-async def until(condition: Callable[[], bool], limit_s: float = 2.0) -> None:
-    deadline = time.monotonic() + limit_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 def by_deployment(snapshot: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -22,6 +21,7 @@ import openai
 import pytest
 from aiohttp import web
 from conftest import Proxy, _serve, closed_port
+from kit import until
 from resilience_helpers import Faulty, Servers, Step, servers_fixture
 from test_batching_functional import EmbedUpstream
 
@@ -63,17 +63,6 @@ async def create(client: openai.AsyncOpenAI, **kw: Any) -> Any:
 async def usage(proxy: Proxy, key: str) -> Usage:
     (found,) = await proxy.state.admission.store.remaining([key])
     return found
-
-
-async def until(condition: Callable[[], Awaitable[bool] | bool], limit_s: float = 2.0) -> None:
-    """Poll state that lives in other tasks (handlers, the limiter store) until it holds; bounded."""
-    deadline = time.monotonic() + limit_s
-    while True:
-        held = condition()
-        if held if isinstance(held, bool) else await held:
-            return
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 async def free(proxy: Proxy, key: str) -> None:
