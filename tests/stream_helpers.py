@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
+from kit import Loopback
 
 SSE = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")]
 JSON = [("Content-Type", "application/json")]
@@ -124,30 +125,15 @@ class ScriptedUpstream:
         return response
 
 
-@dataclass
-class Servers:
-    """Loopback aiohttp servers started by a test, cleaned up at teardown."""
-
-    runners: list[web.AppRunner] = field(default_factory=list)
-
-    async def serve(self, app: web.Application) -> str:
-        runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=0.5)
-        await runner.setup()
-        self.runners.append(runner)
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        return f"http://127.0.0.1:{runner.addresses[0][1]}"
+class Servers(Loopback):
+    """Loopback servers started by a test, cleaned up at teardown; the scripted upstream among them."""
 
     async def scripted(self) -> ScriptedUpstream:
         upstream = ScriptedUpstream()
         app = web.Application(client_max_size=64 * 1024**2)
         app.router.add_route("*", "/{tail:.*}", upstream.handle)
-        upstream.url = await self.serve(app)
+        upstream.url = await self.serve(app, handler_cancellation=True)
         return upstream
-
-    async def close(self) -> None:
-        for runner in reversed(self.runners):
-            await runner.cleanup()
 
 
 # --- clients ------------------------------------------------------------------------------------------

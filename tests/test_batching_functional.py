@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +21,8 @@ import openai
 import orjson
 import pytest
 from aiohttp import web
-from conftest import Proxy, _serve
+from conftest import Proxy
+from kit import Loopback
 
 from proxy.batching.flush import BATCH_SIZE_HEADER
 from proxy.mock import embeddings as mc
@@ -78,14 +79,12 @@ class EmbedUpstream:
 
 
 @pytest.fixture
-async def embed_up() -> AsyncIterator[EmbedUpstream]:
+async def embed_up(loopback: Loopback) -> EmbedUpstream:
     upstream = EmbedUpstream()
     app = web.Application()
     app.router.add_post("/v1/embeddings", upstream.handle)
-    runner, url = await _serve(app)
-    upstream.url = url
-    yield upstream
-    await runner.cleanup()
+    upstream.url = await loopback.serve(app, handler_cancellation=True)
+    return upstream
 
 
 def policy(url: str, batch: str = "{max_wait: 300ms}", extra_routes: str = "", queues: str = "{}") -> str:

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import hashlib
 import tracemalloc
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 import orjson
 import pytest
 from aiohttp import web
 from conftest import Proxy
+from kit import Loopback
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -23,7 +24,7 @@ EXPECTED = hashlib.sha256(BLOCK * (SIZE // len(BLOCK))).hexdigest()
 
 
 @pytest.fixture
-async def big() -> AsyncIterator[str]:
+async def big(loopback: Loopback) -> str:
     """An OpenAI-compatible upstream whose answer is SIZE bytes, written 64 KiB at a time (so that it holds
     no copy of its own): `model` says how: `length` (Content-Length), `chunked`, or `error` (a 500)."""
 
@@ -41,12 +42,7 @@ async def big() -> AsyncIterator[str]:
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", answer)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    await runner.cleanup()
+    return await loopback.serve(app)
 
 
 def policy(url: str) -> str:

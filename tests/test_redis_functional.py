@@ -23,7 +23,7 @@ import orjson
 import pytest
 from aiohttp import web
 from conftest import Proxy
-from kit import sample_key, scrape, until
+from kit import Loopback, sample_key, scrape, until
 from redis.asyncio import Redis
 from redis_server import RedisServer, running
 
@@ -93,18 +93,13 @@ class Counting:
 
 
 @pytest.fixture
-async def upstream() -> AsyncIterator[Counting]:
+async def upstream(loopback: Loopback) -> AsyncIterator[Counting]:
     counting = Counting()
     app = web.Application()
     app.router.add_post("/v1/chat/completions", counting.handle)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    counting.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    counting.url = await loopback.serve(app, handler_cancellation=True)
     yield counting
-    counting.release(1000)
-    await runner.cleanup()
+    counting.release(1000)  # before `loopback` stops the server: no handler left waiting
 
 
 @pytest.fixture
@@ -388,15 +383,12 @@ async def test_a_reload_keeps_the_shared_counts_and_the_store(
 
 async def test_an_upstream_limit_on_a_pool_is_shared_and_counts_only_the_calls_that_upstream_gets(
     start_proxy: StartProxy, async_openai: MakeAsync, upstream: Counting, server: RedisServer,
-    clock: Callable[[], Awaitable[float]],
+    clock: Callable[[], Awaitable[float]], loopback: Loopback,
 ) -> None:
     spare = Counting()
     app = web.Application()
     app.router.add_post("/v1/chat/completions", spare.handle)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    spare.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    spare.url = await loopback.serve(app)
     text = f"""
 state: {{backend: redis, url: "{server.url}", key_prefix: sb-test, timeout: 1s}}
 upstreams:
@@ -409,19 +401,16 @@ routes:
     match: {{path: /v1/chat/completions}}
     deployments: [{{upstream: up, weight: 1000}}, {{upstream: spare, weight: 0.001}}]
 """
-    try:
-        proxies = [await start_proxy(text) for _ in range(2)]
-        for seed, proxy in enumerate(proxies):
-            proxy.state.upstreams.rng = random.Random(seed)  # `up` first whenever it has room
-        clients = [async_openai(proxy) for proxy in proxies]
-        await outside_a_minute_edge(clock)
-        answers = await asyncio.gather(*(chat(clients[i % 2]) for i in range(16)))  # none is refused
-        assert all(a.choices[0].message.content == "Hello" for a in answers)
-        assert upstream.received == 5 and spare.received == 11  # the shared 5, not 2 x 5; the rest elsewhere
-        (usage,) = await proxies[1].state.admission.store.remaining(["upstream:up"])
-        assert usage.requests is not None and usage.requests.used == pytest.approx(5)
-    finally:
-        await runner.cleanup()
+    proxies = [await start_proxy(text) for _ in range(2)]
+    for seed, proxy in enumerate(proxies):
+        proxy.state.upstreams.rng = random.Random(seed)  # `up` first whenever it has room
+    clients = [async_openai(proxy) for proxy in proxies]
+    await outside_a_minute_edge(clock)
+    answers = await asyncio.gather(*(chat(clients[i % 2]) for i in range(16)))  # none is refused
+    assert all(a.choices[0].message.content == "Hello" for a in answers)
+    assert upstream.received == 5 and spare.received == 11  # the shared 5, not 2 x 5; the rest elsewhere
+    (usage,) = await proxies[1].state.admission.store.remaining(["upstream:up"])
+    assert usage.requests is not None and usage.requests.used == pytest.approx(5)
 
 
 # --- a slow Redis is not an outage ----------------------------------------------------------------------------

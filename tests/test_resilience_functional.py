@@ -7,15 +7,14 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import openai
 import pytest
-from aiohttp import web
 from conftest import Proxy, closed_port
-from kit import scrape, until
+from kit import Loopback, scrape, until
 from resilience_helpers import Faulty, Servers, Step, servers_fixture
 
 from proxy.admin import build_admin_app
@@ -47,26 +46,20 @@ async def create(client: openai.AsyncOpenAI, **kw: Any) -> Any:
 
 
 @pytest.fixture
-async def admin() -> AsyncIterator[Callable[[Proxy], Awaitable[dict[str, Any]]]]:
-    """admin(proxy) -> GET /admin/upstreams on an admin server sharing the proxy's runtime."""
-    runners: list[web.AppRunner] = []
+def admin(loopback: Loopback) -> Callable[[Proxy], Awaitable[dict[str, Any]]]:
+    """admin(proxy) -> GET /admin/upstreams on an admin server sharing the first proxy's runtime."""
+    urls: list[str] = []
 
     async def get(proxy: Proxy) -> dict[str, Any]:
-        if not runners:
-            runner = web.AppRunner(build_admin_app(proxy.app, environ={"SIGNALBOX_ADMIN_TOKEN": "t"}))
-            await runner.setup()
-            await web.TCPSite(runner, "127.0.0.1", 0).start()
-            runners.append(runner)
-        port = runners[0].addresses[0][1]
+        if not urls:
+            urls.append(await loopback.serve(build_admin_app(proxy.app, environ={"SIGNALBOX_ADMIN_TOKEN": "t"})))
         async with aiohttp.ClientSession(headers={"Authorization": "Bearer t"}) as http:
-            async with http.get(f"http://127.0.0.1:{port}/admin/upstreams") as resp:
+            async with http.get(urls[0] + "/admin/upstreams") as resp:
                 assert resp.status == 200
                 body: dict[str, Any] = await resp.json()
                 return body
 
-    yield get
-    for runner in runners:
-        await runner.cleanup()
+    return get
 
 
 def by_deployment(snapshot: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -1,6 +1,7 @@
-"""The shared test kit: polling and metric scraping, so test files do not each carry a copy."""
+"""The shared test kit: polling, metric scraping and loopback servers, so test files do not each carry a copy."""
 
 from kit.metrics import Samples, sample_key, samples, scrape, total
 from kit.polling import until
+from kit.servers import Loopback
 
-__all__ = ["Samples", "sample_key", "samples", "scrape", "total", "until"]
+__all__ = ["Loopback", "Samples", "sample_key", "samples", "scrape", "total", "until"]
