@@ -13,7 +13,7 @@ import orjson
 import pytest
 from aiohttp import web
 from conftest import Proxy
-from kit import Loopback
+from kit import Loopback, build_policy, route_spec, upstream_spec
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -46,17 +46,13 @@ async def big(loopback: Loopback) -> str:
 
 
 def policy(url: str) -> str:
-    return f"""
-    version: 1
-    identify: {{mode: api_key}}
-    max_buffered_response: 1MiB
-    upstreams:
-      big: {{provider: openai, base_url: "{url}/v1", api_key: "${{TEST_UPSTREAM_KEY}}"}}
-    tenants:
-      team: {{keys: [sk-alpha]}}
-    routes:
-      - {{name: all, match: {{model: "*"}}, upstream: big}}
-    """
+    return build_policy(
+        {"big": upstream_spec(url)},
+        [route_spec("all", "big", model="*")],
+        tenants={"team": {"keys": ["sk-alpha"]}},
+        version=1,
+        max_buffered_response="1MiB",
+    )
 
 
 async def test_a_pass_through_answer_over_the_cap_streams_through_with_the_buffer_bounded(

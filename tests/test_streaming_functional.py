@@ -16,6 +16,7 @@ import openai
 import orjson
 import pytest
 from conftest import Proxy
+from kit import build_policy, route_spec, upstream_spec
 from stream_helpers import (
     SSE,
     PausedClient,
@@ -76,22 +77,19 @@ def policy(mock_url: str, scripted: ScriptedUpstream, timeouts: str = "{}") -> s
     """`gpt-*` → the mock as OpenAI (pass-through on /v1/chat/completions, translated on /v1/messages);
     `claude-*` → the mock as Anthropic (the reverse); `scripted-*` / `sc-*` → the scripted server as an
     OpenAI-compatible / Anthropic upstream."""
-    return f"""
-    identify: {{mode: api_key}}
-    upstreams:
-      oai: {{provider: openai, base_url: "{mock_url}/v1", api_key: "${{TEST_UPSTREAM_KEY}}"}}
-      claude: {{provider: anthropic, base_url: "{mock_url}/v1", api_key: "${{TEST_UPSTREAM_KEY}}"}}
-      scripted: {{provider: openai, base_url: "{scripted.url}/v1"}}
-      scripted-claude: {{provider: anthropic, base_url: "{scripted.url}/v1"}}
-    tenants:
-      alpha: {{keys: [sk-alpha]}}
-    timeouts: {timeouts}
-    routes:
-      - {{name: gpt, match: {{model: "gpt-*"}}, upstream: oai}}
-      - {{name: claude, match: {{model: "claude-*"}}, upstream: claude}}
-      - {{name: scripted, match: {{model: "scripted-*"}}, upstream: scripted}}
-      - {{name: scripted-claude, match: {{model: "sc-*"}}, upstream: scripted-claude}}
-    """
+    upstreams = {
+        "oai": upstream_spec(mock_url),
+        "claude": upstream_spec(mock_url, "anthropic"),
+        "scripted": upstream_spec(scripted.url, key=None),
+        "scripted-claude": upstream_spec(scripted.url, "anthropic", key=None),
+    }
+    routes = [
+        route_spec("gpt", "oai", model="gpt-*"),
+        route_spec("claude", "claude", model="claude-*"),
+        route_spec("scripted", "scripted", model="scripted-*"),
+        route_spec("scripted-claude", "scripted-claude", model="sc-*"),
+    ]
+    return build_policy(upstreams, routes, timeouts=timeouts)
 
 
 def stream_settings(**kw: Any) -> Settings:

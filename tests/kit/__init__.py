@@ -1,7 +1,19 @@
-"""The shared test kit: polling, metric scraping and loopback servers, so test files do not each carry a copy."""
+"""The shared test kit: polling, metric scraping, loopback servers and policies, so test files carry no copies."""
 
 from kit.metrics import Samples, sample_key, samples, scrape, total
+from kit.policy import build_policy, route_spec, upstream_spec
 from kit.polling import until
 from kit.servers import Loopback
 
-__all__ = ["Loopback", "Samples", "sample_key", "samples", "scrape", "total", "until"]
+__all__ = [
+    "Loopback",
+    "Samples",
+    "build_policy",
+    "route_spec",
+    "sample_key",
+    "samples",
+    "scrape",
+    "total",
+    "until",
+    "upstream_spec",
+]
