@@ -15,7 +15,7 @@ import aiohttp
 import openai
 import pytest
 from conftest import UPSTREAM_KEY, Proxy, closed_port
-from kit import scrape
+from kit import UPSTREAM_KEY_REF, build_policy, route_spec, scrape, upstream_spec
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -28,43 +28,24 @@ OUTPUT_TOKENS = 6
 
 
 def policy(*, max_body: str = "4KiB", dead_port: int | None = None) -> str:
-    return f"""
-    identify: {{mode: api_key}}
-    max_body_size: {max_body}
-    upstreams:
-      mock:
-        provider: mock
-        api_key: ${{TEST_UPSTREAM_KEY}}
-        mock: {{output_tokens: {OUTPUT_TOKENS}, embedding_dim: {EMBED_DIM}}}
-      dead:
-        provider: openai
-        base_url: http://127.0.0.1:{dead_port or closed_port()}/v1
-        api_key: ${{TEST_UPSTREAM_KEY}}
-        timeouts: {{connect: 2s}}
-    tenants:
-      alpha: {{keys: [sk-alpha]}}
-      beta:
-        keys: [sk-beta]
-        models: [mock-chat]
-      gamma: {{keys: [sk-gamma]}}
-    routes:
-      - name: gamma-only
-        match: {{model: gamma-chat, tenants: [gamma]}}
-        upstream: mock
-      - name: chat
-        match: {{path: [/v1/chat/completions, /v1/completions], model: [mock-chat, mock-chat-*]}}
-        upstream: mock
-      - name: embeddings
-        match: {{path: /v1/embeddings, model: mock-embed}}
-        upstream: mock
-      - name: slow
-        match: {{model: slow-chat}}
-        upstream: mock
-        timeouts: {{first_token: 300ms}}
-      - name: dead
-        match: {{model: dead-chat}}
-        upstream: dead
-    """
+    sizes = {"output_tokens": OUTPUT_TOKENS, "embedding_dim": EMBED_DIM}
+    mock = {"provider": "mock", "api_key": UPSTREAM_KEY_REF, "mock": sizes}
+    dead = upstream_spec(f"http://127.0.0.1:{dead_port or closed_port()}", timeouts={"connect": "2s"})
+    tenants = {
+        "alpha": {"keys": ["sk-alpha"]},
+        "beta": {"keys": ["sk-beta"], "models": ["mock-chat"]},
+        "gamma": {"keys": ["sk-gamma"]},
+    }
+    routes = [
+        {"name": "gamma-only", "match": {"model": "gamma-chat", "tenants": ["gamma"]}, "upstream": "mock"},
+        route_spec(
+            "chat", "mock", path=["/v1/chat/completions", "/v1/completions"], model=["mock-chat", "mock-chat-*"]
+        ),
+        route_spec("embeddings", "mock", path="/v1/embeddings", model="mock-embed"),
+        route_spec("slow", "mock", model="slow-chat", timeouts={"first_token": "300ms"}),
+        route_spec("dead", "dead", model="dead-chat"),
+    ]
+    return build_policy({"mock": mock, "dead": dead}, routes, tenants=tenants, max_body_size=max_body)
 
 
 @pytest.fixture

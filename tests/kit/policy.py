@@ -10,12 +10,12 @@ from typing import Any
 
 import yaml
 
-UPSTREAM_KEY = "${TEST_UPSTREAM_KEY}"
+UPSTREAM_KEY_REF = "${TEST_UPSTREAM_KEY}"
 """The upstream key as policies name it; conftest sets TEST_UPSTREAM_KEY for every test."""
 
 
 def upstream_spec(
-    url: str, provider: str = "openai", *, key: str | None = UPSTREAM_KEY, **extra: Any
+    url: str, provider: str = "openai", *, key: str | None = UPSTREAM_KEY_REF, **extra: Any
 ) -> dict[str, Any]:
     """An upstream at `url` (its root: `/v1` is appended), authenticated with the test upstream key."""
     spec: dict[str, Any] = {"provider": provider, "base_url": f"{url}/v1"}
@@ -25,7 +25,7 @@ def upstream_spec(
 
 
 def route_spec(
-    name: str, upstream: str, *, model: str | None = None, path: str | None = None, **extra: Any
+    name: str, upstream: str, *, model: str | list[str] | None = None, path: str | list[str] | None = None, **extra: Any
 ) -> dict[str, Any]:
     """A route to `upstream`, matching `model` and/or `path` when given (everything otherwise)."""
     spec: dict[str, Any] = {"name": name}
