@@ -21,11 +21,12 @@ GIVE_UP = 30.0
 """A test fails if the server has not closed the connection by then (the configured limits are < 1 s)."""
 
 
-def policy(base_url: str) -> str:
+def policy(base_url: str, identify: dict[str, str] | None = None) -> str:
     return build_policy(
         {"up": upstream_spec(base_url)},
         [route_spec("all", "up")],
         tenants={"alpha": {"keys": [TENANT_KEY]}},
+        identify=identify or {"mode": "api_key"},
     )
 
 

@@ -73,7 +73,9 @@ async def claude() -> AsyncIterator[Callable[[Proxy], anthropic.AsyncAnthropic]]
         await client.close()
 
 
-def policy(mock_url: str, scripted: ScriptedUpstream, timeouts: str = "{}") -> str:
+def policy(
+    mock_url: str, scripted: ScriptedUpstream, timeouts: str = "{}", extra_routes: tuple[dict[str, Any], ...] = ()
+) -> str:
     """`gpt-*` → the mock as OpenAI (pass-through on /v1/chat/completions, translated on /v1/messages);
     `claude-*` → the mock as Anthropic (the reverse); `scripted-*` / `sc-*` → the scripted server as an
     OpenAI-compatible / Anthropic upstream."""
@@ -88,6 +90,7 @@ def policy(mock_url: str, scripted: ScriptedUpstream, timeouts: str = "{}") -> s
         route_spec("claude", "claude", model="claude-*"),
         route_spec("scripted", "scripted", model="scripted-*"),
         route_spec("scripted-claude", "scripted-claude", model="sc-*"),
+        *extra_routes,
     ]
     return build_policy(upstreams, routes, timeouts=timeouts)
 
@@ -452,15 +455,8 @@ async def test_finished_streams_reuse_the_upstream_connection(
 
 
 def tuned_policy(mock_url: str, scripted: ScriptedUpstream) -> str:
-    return (
-        policy(mock_url, scripted)
-        + """
-      - name: tuned
-        match: {model: "tuned-*"}
-        upstream: scripted
-        stream: {heartbeat: 300ms, slow_client: 1s}
-    """
-    )
+    tuned = route_spec("tuned", "scripted", model="tuned-*", stream={"heartbeat": "300ms", "slow_client": "1s"})
+    return policy(mock_url, scripted, extra_routes=(tuned,))
 
 
 async def test_route_stream_settings_override_the_process_settings(
