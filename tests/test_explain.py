@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,7 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from kit import Loopback
+from aiohttp import web
 from test_ops_functional import PYTHON, ROOT
 
 from proxy import lifecycle
@@ -254,13 +255,17 @@ def test_capabilities_on_the_compiled_route_are_shown_defensively(loaded: Loaded
 
 
 @pytest.fixture
-async def admin_url(loaded: LoadedPolicy, loopback: Loopback) -> str:
+async def admin_url(loaded: LoadedPolicy) -> AsyncIterator[str]:
     app = build_app(compile_plan(loaded), Settings())
     runtime = app[STATE]
     runtime.reloader = Reloader(Path(loaded.files[0]).parent, loaded, runtime.plans.swap)
     lifecycle.attach(runtime)
     admin = build_admin_app(app, environ={"SIGNALBOX_ADMIN_TOKEN": "t0ken"})
-    return await loopback.serve(admin)
+    runner = web.AppRunner(admin, shutdown_timeout=0.5)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    await runner.cleanup()
 
 
 async def test_admin_explain_matches_the_cli(admin_url: str, loaded: LoadedPolicy) -> None:
