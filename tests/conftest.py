@@ -17,6 +17,7 @@ import openai
 import orjson
 import pytest
 from aiohttp import web
+from kit import Loopback
 from multidict import CIMultiDict
 from stream_helpers import Servers
 
@@ -101,39 +102,38 @@ class Proxy:
         return [orjson.loads(line) for line in self.log.getvalue().splitlines() if line]
 
 
-async def _serve(app: web.Application) -> tuple[web.AppRunner, str]:
-    options: dict[str, Any] = {"handler_cancellation": True, "access_log": None, "shutdown_timeout": 0.5}
-    if STATE in app:  # the proxy, with its client timeouts and JSON answers; a test upstream as it is
-        runner: web.AppRunner = GuardedRunner(app, app[STATE].settings.client_timeouts, **options)
-    else:
-        runner = web.AppRunner(app, **options)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    return runner, f"http://127.0.0.1:{port}"
+@pytest.fixture
+async def loopback() -> AsyncIterator[Loopback]:
+    """loopback.serve(app, **runner_options) -> the URL of `app` on 127.0.0.1; stopped at teardown."""
+    servers = Loopback()
+    yield servers
+    await servers.close()
+
+
+async def serve_proxy(servers: Loopback, app: web.Application) -> str:
+    """The proxy runs under GuardedRunner, with its client timeouts and JSON answers."""
+    timeouts = app[STATE].settings.client_timeouts
+    return await servers.serve(
+        app, runner=lambda a, **o: GuardedRunner(a, timeouts, **o), handler_cancellation=True
+    )
 
 
 @pytest.fixture
-async def start_proxy(make_plan: Callable[[str], Plan]) -> AsyncIterator[Callable[..., Awaitable[Proxy]]]:
+async def start_proxy(
+    make_plan: Callable[[str], Plan], loopback: Loopback
+) -> AsyncIterator[Callable[..., Awaitable[Proxy]]]:
     """await start_proxy(policy_yaml, heartbeat=0.0) -> a running Proxy; stopped at teardown.
 
     Heartbeats are off by default so stream bytes are deterministic; tests that want them pass one.
     """
-    runners: list[web.AppRunner] = []
-
     async def start(policy: str, *, heartbeat: float = 0.0, settings: Settings | None = None) -> Proxy:
         plan = make_plan(policy)
         app = build_app(plan, settings or Settings(stream=StreamSettings(heartbeat=heartbeat)))
         log = io.BytesIO()
         app[STATE].access_log = AccessLog(stream=log, enabled=True)
-        runner, url = await _serve(app)
-        runners.append(runner)
-        return Proxy(url, app, log)
+        return Proxy(await serve_proxy(loopback, app), app, log)
 
     yield start
-    for runner in reversed(runners):
-        await runner.cleanup()
 
 
 # --- the echo upstream ------------------------------------------------------------------------------
@@ -185,6 +185,8 @@ class EchoUpstream:
     default: Reply = field(default_factory=Reply)
     cancelled: int = 0
     """Responses cut short because the proxy closed the connection."""
+    finished: int = 0
+    """Streamed responses the upstream wrote to their end."""
 
     def reply(self, *replies: Reply) -> None:
         self.script.extend(replies)
@@ -219,6 +221,7 @@ class EchoUpstream:
             if reply.linger:
                 await asyncio.sleep(reply.linger)
             await response.write_eof()
+            self.finished += 1
         except (asyncio.CancelledError, ConnectionResetError):
             self.cancelled += 1
             raise
@@ -226,14 +229,12 @@ class EchoUpstream:
 
 
 @pytest.fixture
-async def echo() -> AsyncIterator[EchoUpstream]:
+async def echo(loopback: Loopback) -> EchoUpstream:
     app = web.Application(client_max_size=64 * 1024**2)
     upstream = EchoUpstream(url="")
     app.router.add_route("*", "/{tail:.*}", upstream.handle)
-    runner, url = await _serve(app)
-    upstream.url = url
-    yield upstream
-    await runner.cleanup()
+    upstream.url = await loopback.serve(app, handler_cancellation=True)
+    return upstream
 
 
 # --- openai SDK clients -------------------------------------------------------------------------------

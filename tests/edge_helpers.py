@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from kit import build_policy, route_spec, upstream_spec
 
 from proxy.ingress.edge.connection import GuardedRunner
 from proxy.runtime import ClientTimeouts
@@ -20,16 +21,13 @@ GIVE_UP = 30.0
 """A test fails if the server has not closed the connection by then (the configured limits are < 1 s)."""
 
 
-def policy(base_url: str) -> str:
-    return f"""
-    identify: {{mode: api_key}}
-    upstreams:
-      up: {{provider: openai, base_url: "{base_url}/v1", api_key: "${{TEST_UPSTREAM_KEY}}"}}
-    tenants:
-      alpha: {{keys: [{TENANT_KEY}]}}
-    routes:
-      - {{name: all, upstream: up}}
-    """
+def policy(base_url: str, identify: dict[str, str] | None = None) -> str:
+    return build_policy(
+        {"up": upstream_spec(base_url)},
+        [route_spec("all", "up")],
+        tenants={"alpha": {"keys": [TENANT_KEY]}},
+        identify=identify or {"mode": "api_key"},
+    )
 
 
 @dataclass

@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 from conftest import Proxy
-from prometheus_client.parser import text_string_to_metric_families
+from kit import samples, total
 
 from proxy.mock.server import MockSettings, start_mock
 
@@ -74,12 +74,7 @@ async def metrics(proxy: Proxy) -> str:
 
 def sample(text: str, name: str, **labels: str) -> float:
     """The sum of `name`'s samples whose labels include `labels` (0 when none)."""
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
+    return total(samples(text), name, **labels)
 
 
 def line_of(proxy: Proxy, request_id: str) -> dict[str, Any]:
@@ -103,7 +98,3 @@ def start(coro: Awaitable[Any]) -> asyncio.Task[Any]:
     return asyncio.get_running_loop().create_task(run())
 
 
-async def until(predicate: Any, within: float = 5.0) -> None:
-    async with asyncio.timeout(within):
-        while not predicate():  # noqa: ASYNC110 - server-side state of other tasks
-            await asyncio.sleep(0.005)

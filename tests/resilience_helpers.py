@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from kit import Loopback
 
 
 @dataclass
@@ -101,33 +102,17 @@ class Faulty:
             raise
 
 
-@dataclass
-class Servers:
-    runners: list[web.AppRunner] = field(default_factory=list)
+class Servers(Loopback):
+    """Loopback servers started by a test, cleaned up at teardown; the faulty upstreams among them."""
 
     async def faulty(self, name: str, keepalive: float = 75.0) -> Faulty:
         upstream = Faulty(name)
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", upstream.handle)
-        runner = web.AppRunner(
-            app, handler_cancellation=True, access_log=None, shutdown_timeout=0.2, keepalive_timeout=keepalive
+        upstream.url = await self.serve(
+            app, handler_cancellation=True, shutdown_timeout=0.2, keepalive_timeout=keepalive
         )
-        await runner.setup()
-        self.runners.append(runner)
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        upstream.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
         return upstream
-
-    async def serve(self, app: web.Application) -> str:
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
-        await runner.setup()
-        self.runners.append(runner)
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        return f"http://127.0.0.1:{runner.addresses[0][1]}"
-
-    async def close(self) -> None:
-        for runner in reversed(self.runners):
-            await runner.cleanup()
 
 
 async def servers_fixture() -> AsyncIterator[Servers]:

@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
+from kit import Loopback, until
 
 SSE = [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")]
 JSON = [("Content-Type", "application/json")]
@@ -124,30 +125,15 @@ class ScriptedUpstream:
         return response
 
 
-@dataclass
-class Servers:
-    """Loopback aiohttp servers started by a test, cleaned up at teardown."""
-
-    runners: list[web.AppRunner] = field(default_factory=list)
-
-    async def serve(self, app: web.Application) -> str:
-        runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=0.5)
-        await runner.setup()
-        self.runners.append(runner)
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        return f"http://127.0.0.1:{runner.addresses[0][1]}"
+class Servers(Loopback):
+    """Loopback servers started by a test, cleaned up at teardown; the scripted upstream among them."""
 
     async def scripted(self) -> ScriptedUpstream:
         upstream = ScriptedUpstream()
         app = web.Application(client_max_size=64 * 1024**2)
         app.router.add_route("*", "/{tail:.*}", upstream.handle)
-        upstream.url = await self.serve(app)
+        upstream.url = await self.serve(app, handler_cancellation=True)
         return upstream
-
-    async def close(self) -> None:
-        for runner in reversed(self.runners):
-            await runner.cleanup()
 
 
 # --- clients ------------------------------------------------------------------------------------------
@@ -234,14 +220,9 @@ class PausedClient:
             self._writer = None
 
 
-async def wait_for(predicate: Callable[[], bool], limit_s: float, step: float = 0.01) -> float:
-    """Poll until `predicate()` holds; return the seconds it took. Fails the test after `limit_s`."""
-    started = time.monotonic()
-    while not predicate():
-        if time.monotonic() - started > limit_s:
-            raise AssertionError(f"condition not met within {limit_s:g}s")
-        await asyncio.sleep(step)
-    return time.monotonic() - started
+async def wait_for(predicate: Callable[[], bool], limit_s: float, step: float = 0.01) -> None:
+    """Poll until `predicate()` holds (kit.until); fails the test after `limit_s`."""
+    await until(predicate, within=limit_s, step=step)
 
 
 async def mock_stats(mock_url: str) -> dict[str, Any]:
@@ -251,16 +232,21 @@ async def mock_stats(mock_url: str) -> dict[str, Any]:
             return stats
 
 
-async def poll_mock(mock_url: str, predicate: Callable[[dict[str, Any]], bool], limit_s: float) -> float:
-    """Poll the mock's /mock/stats until `predicate(stats)`; return the seconds it took."""
-    started = time.monotonic()
-    while not predicate(await mock_stats(mock_url)):
-        if time.monotonic() - started > limit_s:
-            raise AssertionError(
-                f"mock stats condition not met within {limit_s:g}s: {await mock_stats(mock_url)}"
-            )
-        await asyncio.sleep(0.01)
-    return time.monotonic() - started
+async def poll_mock(
+    mock_url: str, predicate: Callable[[dict[str, Any]], bool], limit_s: float
+) -> dict[str, Any]:
+    """Poll the mock's /mock/stats until `predicate(stats)` (kit.until); those stats."""
+    seen: list[dict[str, Any]] = []
+
+    async def matching() -> dict[str, Any] | None:
+        seen.append(stats := await mock_stats(mock_url))
+        return stats if predicate(stats) else None
+
+    try:
+        found: dict[str, Any] = await until(matching, within=limit_s)
+    except AssertionError as failed:
+        raise AssertionError(f"{failed}; last stats: {seen[-1] if seen else None}") from None
+    return found
 
 
 def endless(event: bytes) -> Iterable[bytes]:

@@ -12,9 +12,9 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
-from aiohttp import web
 from conftest import Proxy
-from test_admission_functional import Gated, chat, gated, policy, start, until, waiting
+from kit import Loopback, until
+from test_admission_functional import Gated, chat, gated, policy, start, waiting
 
 from proxy import lifecycle
 from proxy.admin import build_admin_app
@@ -43,23 +43,16 @@ class Admin:
 
 
 @pytest.fixture
-async def serve_admin() -> AsyncIterator[Callable[..., Awaitable[Admin]]]:
-    runners: list[web.AppRunner] = []
+async def serve_admin(loopback: Loopback) -> AsyncIterator[Callable[..., Awaitable[Admin]]]:
     session = aiohttp.ClientSession()
 
     async def serve(proxy: Proxy, environ: dict[str, str] | None = None) -> Admin:
         env = {"SIGNALBOX_ADMIN_TOKEN": TOKEN} if environ is None else environ
         app = build_admin_app(proxy.app, environ=env)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        runners.append(runner)
-        return Admin(f"http://127.0.0.1:{runner.addresses[0][1]}", session)
+        return Admin(await loopback.serve(app), session)
 
     yield serve
     await session.close()
-    for runner in runners:
-        await runner.cleanup()
 
 
 # --- auth ------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import orjson
 import pytest
 from aiohttp import web
 from conftest import EchoUpstream, Proxy, Reply
+from kit import Loopback, until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -85,18 +86,13 @@ class Gated:
 
 
 @pytest.fixture
-async def gated() -> AsyncIterator[Gated]:
+async def gated(loopback: Loopback) -> AsyncIterator[Gated]:
     upstream = Gated()
     app = web.Application()
     app.router.add_post("/v1/chat/completions", upstream.handle)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    upstream.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    upstream.url = await loopback.serve(app, handler_cancellation=True)
     yield upstream
-    upstream.release(1000)
-    await runner.cleanup()
+    upstream.release(1000)  # before `loopback` stops the server: no handler left waiting
 
 
 def policy(
@@ -125,13 +121,6 @@ routes:
     upstream: up
     {route}
 """
-
-
-async def until(predicate: Callable[[], bool], within: float = 5.0) -> None:
-    """Poll server-side state (queues, the upstream's log) until it holds; bounded."""
-    async with asyncio.timeout(within):
-        while not predicate():  # noqa: ASYNC110 - the state lives in other tasks; nothing to wait on
-            await asyncio.sleep(0.005)
 
 
 def chat(client: openai.AsyncOpenAI, user: str = "", **kwargs: Any) -> Awaitable[Any]:

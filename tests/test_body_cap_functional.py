@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import hashlib
 import tracemalloc
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 import orjson
 import pytest
 from aiohttp import web
 from conftest import Proxy
+from kit import Loopback, build_policy, route_spec, upstream_spec
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -23,7 +24,7 @@ EXPECTED = hashlib.sha256(BLOCK * (SIZE // len(BLOCK))).hexdigest()
 
 
 @pytest.fixture
-async def big() -> AsyncIterator[str]:
+async def big(loopback: Loopback) -> str:
     """An OpenAI-compatible upstream whose answer is SIZE bytes, written 64 KiB at a time (so that it holds
     no copy of its own): `model` says how: `length` (Content-Length), `chunked`, or `error` (a 500)."""
 
@@ -41,26 +42,17 @@ async def big() -> AsyncIterator[str]:
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", answer)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    await runner.cleanup()
+    return await loopback.serve(app)
 
 
 def policy(url: str) -> str:
-    return f"""
-    version: 1
-    identify: {{mode: api_key}}
-    max_buffered_response: 1MiB
-    upstreams:
-      big: {{provider: openai, base_url: "{url}/v1", api_key: "${{TEST_UPSTREAM_KEY}}"}}
-    tenants:
-      team: {{keys: [sk-alpha]}}
-    routes:
-      - {{name: all, match: {{model: "*"}}, upstream: big}}
-    """
+    return build_policy(
+        {"big": upstream_spec(url)},
+        [route_spec("all", "big", model="*")],
+        tenants={"team": {"keys": ["sk-alpha"]}},
+        version=1,
+        max_buffered_response="1MiB",
+    )
 
 
 async def test_a_pass_through_answer_over_the_cap_streams_through_with_the_buffer_bounded(

@@ -141,7 +141,7 @@ async def test_header_values_that_are_not_utf8_are_answered_in_json(
 async def test_a_tenant_header_that_is_not_utf8_is_refused_without_echo(
     start_proxy: StartProxy, echo: EchoUpstream, logs: pytest.LogCaptureFixture
 ) -> None:
-    proxy = await start_proxy(policy(echo.url).replace("{mode: api_key}", "{mode: header, header: x-tenant}"))
+    proxy = await start_proxy(policy(echo.url, identify={"mode": "header", "header": "x-tenant"}))
     raw = post(b"X-Tenant: n\xe9body-secret\r\nContent-Length: 2\r\nConnection: close\r\n", b"{}")
     talk = await converse(port_of(proxy), raw)
     assert [a.status for a in talk.answers] == [401]

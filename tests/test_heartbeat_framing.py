@@ -15,6 +15,7 @@ import openai
 import orjson
 import pytest
 from conftest import Proxy
+from kit import build_policy, route_spec, upstream_spec
 from stream_helpers import SSE, Script, ScriptedUpstream, Servers, chat_chunk, read_raw
 
 from proxy.mock.server import MockSettings, start_mock
@@ -43,19 +44,17 @@ async def scripted(servers: Servers) -> ScriptedUpstream:
 
 
 def policy(mock_url: str, scripted: ScriptedUpstream) -> str:
-    return f"""
-    identify: {{mode: api_key}}
-    upstreams:
-      oai: {{provider: openai, base_url: "{mock_url}/v1", api_key: "${{TEST_UPSTREAM_KEY}}"}}
-      claude: {{provider: anthropic, base_url: "{mock_url}/v1", api_key: "${{TEST_UPSTREAM_KEY}}"}}
-      scripted: {{provider: openai, base_url: "{scripted.url}/v1"}}
-    tenants:
-      alpha: {{keys: [sk-alpha]}}
-    routes:
-      - {{name: gpt, match: {{model: "gpt-*"}}, upstream: oai}}
-      - {{name: claude, match: {{model: "claude-*"}}, upstream: claude}}
-      - {{name: scripted, match: {{model: "scripted-*"}}, upstream: scripted}}
-    """
+    upstreams = {
+        "oai": upstream_spec(mock_url),
+        "claude": upstream_spec(mock_url, "anthropic"),
+        "scripted": upstream_spec(scripted.url, key=None),
+    }
+    routes = [
+        route_spec("gpt", "oai", model="gpt-*"),
+        route_spec("claude", "claude", model="claude-*"),
+        route_spec("scripted", "scripted", model="scripted-*"),
+    ]
+    return build_policy(upstreams, routes)
 
 
 def naive_blocks(body: bytes) -> list[bytes]:

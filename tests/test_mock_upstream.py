@@ -16,6 +16,7 @@ import openai
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from kit import until
 
 from proxy.mock.content import split_pieces
 from proxy.mock.server import (
@@ -88,12 +89,14 @@ async def get_stats(url: str) -> dict[str, Any]:
 
 
 async def wait_for_stats(url: str, check: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
-    """Poll the stats endpoint until `check` holds, for at most about 3 seconds."""
-    for _ in range(150):
-        if check(stats := await get_stats(url)):
-            return stats
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"stats never matched: {stats}")
+    """Poll the stats endpoint until `check` holds (kit.until, at most 3 seconds); those stats."""
+
+    async def matching() -> dict[str, Any] | None:
+        stats = await get_stats(url)
+        return stats if check(stats) else None
+
+    found: dict[str, Any] = await until(matching, within=3.0)
+    return found
 
 
 # --- OpenAI chat ----------------------------------------------------------------------------------

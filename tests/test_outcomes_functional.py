@@ -12,7 +12,8 @@ import aiohttp
 import openai
 import pytest
 from conftest import Proxy
-from outcome_helpers import auth, body, idle, line_of, metrics, mock_url, policy, post, sample, start, until
+from kit import until
+from outcome_helpers import auth, body, idle, line_of, metrics, mock_url, policy, post, sample, start
 
 pytestmark = pytest.mark.timeout(30)
 __all__ = ["mock_url"]  # the fixture

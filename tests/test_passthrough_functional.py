@@ -604,9 +604,10 @@ async def test_stream_finishes_promptly_after_done_while_upstream_lingers(
         b'data: {"choices":[{"index":0,"delta":{"content":"x"}}]}\r\n\r'  # its LF comes with the next read
     )
     echo.reply(Reply(headers=SSE_HEADERS, chunks=[first, *done_chunks], gap=0.02, linger=5.0))
-    status, _, received, elapsed = await stream_through(proxy)
+    status, _, received, _ = await stream_through(proxy)
     assert status == 200
-    assert elapsed < 1.5, "the proxy waited for the upstream to close instead of ending at [DONE]"
+    # The client's read ended while the upstream still lingers (5 s): the proxy ended at [DONE].
+    assert echo.finished == 0
     assert received in (first + done_block, first + b"\n" + done_block)  # the LF split off, or one read
     for _ in range(100):  # the proxy also lets go of the upstream connection
         if echo.cancelled:
@@ -632,9 +633,8 @@ async def test_sdk_stream_finishes_promptly_after_done(start_proxy: StartProxy, 
         with client, client.chat.completions.create(model="m", messages=[], stream=True) as stream:
             return [c.choices[0].delta.content or "" for c in stream]
 
-    started = time.monotonic()
     assert await asyncio.to_thread(run) == ["hi"]
-    assert time.monotonic() - started < 1.5
+    assert echo.finished == 0  # the SDK's stream ended while the upstream still held its connection
 
 
 async def test_stream_cut_before_done_gets_an_error_event(

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -16,7 +15,7 @@ import aiohttp
 import openai
 import pytest
 from conftest import UPSTREAM_KEY, Proxy, closed_port
-from prometheus_client.parser import text_string_to_metric_families
+from kit import UPSTREAM_KEY_REF, build_policy, route_spec, scrape, upstream_spec
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -29,43 +28,24 @@ OUTPUT_TOKENS = 6
 
 
 def policy(*, max_body: str = "4KiB", dead_port: int | None = None) -> str:
-    return f"""
-    identify: {{mode: api_key}}
-    max_body_size: {max_body}
-    upstreams:
-      mock:
-        provider: mock
-        api_key: ${{TEST_UPSTREAM_KEY}}
-        mock: {{output_tokens: {OUTPUT_TOKENS}, embedding_dim: {EMBED_DIM}}}
-      dead:
-        provider: openai
-        base_url: http://127.0.0.1:{dead_port or closed_port()}/v1
-        api_key: ${{TEST_UPSTREAM_KEY}}
-        timeouts: {{connect: 2s}}
-    tenants:
-      alpha: {{keys: [sk-alpha]}}
-      beta:
-        keys: [sk-beta]
-        models: [mock-chat]
-      gamma: {{keys: [sk-gamma]}}
-    routes:
-      - name: gamma-only
-        match: {{model: gamma-chat, tenants: [gamma]}}
-        upstream: mock
-      - name: chat
-        match: {{path: [/v1/chat/completions, /v1/completions], model: [mock-chat, mock-chat-*]}}
-        upstream: mock
-      - name: embeddings
-        match: {{path: /v1/embeddings, model: mock-embed}}
-        upstream: mock
-      - name: slow
-        match: {{model: slow-chat}}
-        upstream: mock
-        timeouts: {{first_token: 300ms}}
-      - name: dead
-        match: {{model: dead-chat}}
-        upstream: dead
-    """
+    sizes = {"output_tokens": OUTPUT_TOKENS, "embedding_dim": EMBED_DIM}
+    mock = {"provider": "mock", "api_key": UPSTREAM_KEY_REF, "mock": sizes}
+    dead = upstream_spec(f"http://127.0.0.1:{dead_port or closed_port()}", timeouts={"connect": "2s"})
+    tenants = {
+        "alpha": {"keys": ["sk-alpha"]},
+        "beta": {"keys": ["sk-beta"], "models": ["mock-chat"]},
+        "gamma": {"keys": ["sk-gamma"]},
+    }
+    routes = [
+        {"name": "gamma-only", "match": {"model": "gamma-chat", "tenants": ["gamma"]}, "upstream": "mock"},
+        route_spec(
+            "chat", "mock", path=["/v1/chat/completions", "/v1/completions"], model=["mock-chat", "mock-chat-*"]
+        ),
+        route_spec("embeddings", "mock", path="/v1/embeddings", model="mock-embed"),
+        route_spec("slow", "mock", model="slow-chat", timeouts={"first_token": "300ms"}),
+        route_spec("dead", "dead", model="dead-chat"),
+    ]
+    return build_policy({"mock": mock, "dead": dead}, routes, tenants=tenants, max_body_size=max_body)
 
 
 @pytest.fixture
@@ -392,13 +372,11 @@ async def test_upstream_stall_past_first_token_is_504(
     proxy: Proxy, async_openai: MakeAsync, caplog: pytest.LogCaptureFixture
 ) -> None:
     client = async_openai(proxy)
-    started = time.monotonic()
     with pytest.raises(openai.InternalServerError) as info:
         await client.chat.completions.create(
             model="slow-chat", messages=MESSAGES, extra_headers={"x-mock-stall-ms": "5000"}
         )
-    assert time.monotonic() - started < 3.0
-    assert info.value.status_code == 504
+    assert info.value.status_code == 504  # the proxy cut the 5 s stall: the mock would have answered 200
     assert info.value.code == "upstream_timeout"
     assert "first_token" in info.value.message
     # The same stall on a stream request fails before any byte went out: a plain 504 too.
@@ -417,12 +395,10 @@ async def test_stream_without_a_first_event_ends_with_an_error_event(
     stream = await async_openai(proxy).chat.completions.create(
         model="slow-chat", messages=MESSAGES, stream=True, extra_headers={"x-mock-ttft-ms": "5000"}
     )
-    started = time.monotonic()
     with pytest.raises(openai.APIError) as info:
         async for _ in stream:
             pass
-    assert time.monotonic() - started < 3.0
-    assert "first_token" in info.value.message
+    assert "first_token" in info.value.message  # cut by the proxy, not ended by the 5 s upstream
     assert proxy.access_lines()[-1]["error"] == "upstream_timeout"
 
 
@@ -469,12 +445,10 @@ async def test_stream_idle_limit_ends_the_stream_with_an_error_event(
         model="m", messages=MESSAGES, stream=True, extra_headers={"x-mock-token-delay-ms": "3000"}
     )
     seen = 0
-    started = time.monotonic()
     with pytest.raises(openai.APIError) as info:
         async for _ in stream:
             seen += 1
     assert seen == 1  # the first event came at once; the second never within idle
-    assert time.monotonic() - started < 2.0
     assert "idle" in info.value.message
 
 
@@ -506,7 +480,6 @@ async def test_sdk_retries_a_relayed_503_and_honours_retry_after(
     proxy: Proxy, async_openai: MakeAsync
 ) -> None:
     client = async_openai(proxy, max_retries=2)
-    started = time.monotonic()
     with pytest.raises(openai.InternalServerError) as info:
         await client.chat.completions.create(
             model="mock-chat",
@@ -514,7 +487,8 @@ async def test_sdk_retries_a_relayed_503_and_honours_retry_after(
             extra_headers={"x-mock-status": "503", "x-mock-retry-after": "0.05"},
         )
     assert info.value.status_code == 503
-    assert time.monotonic() - started < 3.0  # 50 ms waits, not the SDK's default backoff
+    # The relayed hint is what makes the SDK wait 50 ms instead of its own backoff.
+    assert info.value.response.headers["retry-after-ms"] == "50"
     statuses = [line["status"] for line in proxy.access_lines()]
     assert statuses == [503, 503, 503]  # one attempt plus two SDK retries, each seen by the proxy
 
@@ -576,21 +550,6 @@ async def test_healthz_and_readyz(proxy: Proxy) -> None:
             assert (await resp.json())["draining"] is True
         async with http.get(proxy.url + "/healthz") as resp:
             assert resp.status == 200  # liveness never follows readiness
-
-
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return out
-
-
-async def scrape(proxy: Proxy) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    async with aiohttp.ClientSession() as http:
-        async with http.get(proxy.url + "/metrics") as resp:
-            assert resp.status == 200
-            return samples(await resp.text())
 
 
 def requests_key(

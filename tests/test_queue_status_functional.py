@@ -12,7 +12,8 @@ from typing import Any
 import aiohttp
 import pytest
 from conftest import Proxy, closed_port
-from outcome_helpers import auth, body, idle, mock_url, policy, post, start, until
+from kit import until
+from outcome_helpers import auth, body, idle, mock_url, policy, post, start
 from test_admin_functional import serve_admin
 
 pytestmark = pytest.mark.timeout(30)

@@ -23,6 +23,7 @@ import orjson
 import pytest
 from aiohttp import web
 from conftest import Proxy
+from kit import Loopback, sample_key, scrape, until
 from redis.asyncio import Redis
 from redis_server import RedisServer, running
 
@@ -92,18 +93,13 @@ class Counting:
 
 
 @pytest.fixture
-async def upstream() -> AsyncIterator[Counting]:
+async def upstream(loopback: Loopback) -> AsyncIterator[Counting]:
     counting = Counting()
     app = web.Application()
     app.router.add_post("/v1/chat/completions", counting.handle)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    counting.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    counting.url = await loopback.serve(app, handler_cancellation=True)
     yield counting
-    counting.release(1000)
-    await runner.cleanup()
+    counting.release(1000)  # before `loopback` stops the server: no handler left waiting
 
 
 @pytest.fixture
@@ -163,20 +159,8 @@ async def outside_a_minute_edge(now: Callable[[], Awaitable[float]], margin: flo
         await asyncio.sleep(left + 0.05)
 
 
-async def until(check: Callable[[], Awaitable[bool]], within: float = 5.0) -> None:
-    """Poll state that lives in other tasks or in Redis until it holds; bounded."""
-    async with asyncio.timeout(within):
-        while not await check():  # noqa: ASYNC110 - nothing to wait on: the state is remote
-            await asyncio.sleep(0.01)
-
-
 async def metric(proxy: Proxy, name: str) -> float | None:
-    async with aiohttp.ClientSession() as session, session.get(proxy.url + "/metrics") as response:
-        text = await response.text()
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return None
+    return (await scrape(proxy)).get(sample_key(name))
 
 
 async def readyz(proxy: Proxy) -> tuple[int, dict[str, Any]]:
@@ -308,9 +292,12 @@ async def test_concurrency_is_shared_and_a_dead_replicas_leases_expire(
     with pytest.raises(openai.RateLimitError, match="concurrency limit"):
         await chat(clients[1])
     # ...until the leases expire (lease_ttl 1s) and the next acquire reclaims them.
-    while isinstance(result := await attempt(clients[2]), openai.RateLimitError):
-        assert time.monotonic() - died < 5, "the dead replica's leases were never reclaimed"
-        await asyncio.sleep(0.05)
+
+    async def served() -> Any:
+        answer = await attempt(clients[2])
+        return None if isinstance(answer, openai.RateLimitError) else answer
+
+    result = await until(served, within=5.0, step=0.05)  # the dead replica's leases reclaimed
     assert result.choices[0].message.content == "Hello"
     assert time.monotonic() - died > 0.7
 
@@ -399,15 +386,12 @@ async def test_a_reload_keeps_the_shared_counts_and_the_store(
 
 async def test_an_upstream_limit_on_a_pool_is_shared_and_counts_only_the_calls_that_upstream_gets(
     start_proxy: StartProxy, async_openai: MakeAsync, upstream: Counting, server: RedisServer,
-    clock: Callable[[], Awaitable[float]],
+    clock: Callable[[], Awaitable[float]], loopback: Loopback,
 ) -> None:
     spare = Counting()
     app = web.Application()
     app.router.add_post("/v1/chat/completions", spare.handle)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    spare.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    spare.url = await loopback.serve(app)
     text = f"""
 state: {{backend: redis, url: "{server.url}", key_prefix: sb-test, timeout: 1s}}
 upstreams:
@@ -420,19 +404,16 @@ routes:
     match: {{path: /v1/chat/completions}}
     deployments: [{{upstream: up, weight: 1000}}, {{upstream: spare, weight: 0.001}}]
 """
-    try:
-        proxies = [await start_proxy(text) for _ in range(2)]
-        for seed, proxy in enumerate(proxies):
-            proxy.state.upstreams.rng = random.Random(seed)  # `up` first whenever it has room
-        clients = [async_openai(proxy) for proxy in proxies]
-        await outside_a_minute_edge(clock)
-        answers = await asyncio.gather(*(chat(clients[i % 2]) for i in range(16)))  # none is refused
-        assert all(a.choices[0].message.content == "Hello" for a in answers)
-        assert upstream.received == 5 and spare.received == 11  # the shared 5, not 2 x 5; the rest elsewhere
-        (usage,) = await proxies[1].state.admission.store.remaining(["upstream:up"])
-        assert usage.requests is not None and usage.requests.used == pytest.approx(5)
-    finally:
-        await runner.cleanup()
+    proxies = [await start_proxy(text) for _ in range(2)]
+    for seed, proxy in enumerate(proxies):
+        proxy.state.upstreams.rng = random.Random(seed)  # `up` first whenever it has room
+    clients = [async_openai(proxy) for proxy in proxies]
+    await outside_a_minute_edge(clock)
+    answers = await asyncio.gather(*(chat(clients[i % 2]) for i in range(16)))  # none is refused
+    assert all(a.choices[0].message.content == "Hello" for a in answers)
+    assert upstream.received == 5 and spare.received == 11  # the shared 5, not 2 x 5; the rest elsewhere
+    (usage,) = await proxies[1].state.admission.store.remaining(["upstream:up"])
+    assert usage.requests is not None and usage.requests.used == pytest.approx(5)
 
 
 # --- a slow Redis is not an outage ----------------------------------------------------------------------------

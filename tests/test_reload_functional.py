@@ -6,18 +6,17 @@ counters across a reload while taking the new numbers at once."""
 from __future__ import annotations
 
 import asyncio
-import inspect
 import os
 import shutil
 import signal
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from kit import until
 from test_ops_functional import Serve
 
 from proxy.admission.limits import Refusal
@@ -109,19 +108,6 @@ class Load:
         return sum(1 for o in self.outcomes if o.status == status and o.at >= since)
 
 
-async def until(check: Callable[[], Any]) -> Any:
-    """Poll `check` (plain or async) until it returns something truthy (at most 10 s); that value."""
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        value = check()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return value
-        await asyncio.sleep(0.05)
-    raise AssertionError("condition not reached in time")
-
-
 async def stream(url: str, session: aiohttp.ClientSession) -> bytes:
     body = {"model": "slow-m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
     headers = {"Authorization": f"Bearer {STREAM_KEY}"}
@@ -147,15 +133,15 @@ async def test_reload_under_load_applies_a_new_limit_and_never_serves_a_broken_o
             workers = [spawn(load.worker(session), name=f"load-{i}") for i in range(4)]
             # Streams that span every reload: they finish under the plan they started with.
             streams = [spawn(stream(proxy.url, session), name=f"stream-{i}") for i in range(3)]
-            await until(lambda: load.count(200) >= 150)
+            await until(lambda: load.count(200) >= 150, within=10)
             first_digest = (await proxy.admin(session, "GET", "/admin/policy"))[1]["digest"]
 
             # 1. A changed limit, lower than what this minute already counted.
             policies.write({"policy.yaml": policy(rpm=40)})
-            await until(lambda: version(2))
+            await until(lambda: version(2), within=10)
             swapped = time.monotonic()
             counted_before = load.count(200)
-            await until(lambda: load.count(429, since=swapped) >= 20)
+            await until(lambda: load.count(429, since=swapped) >= 20, within=10)
             assert load.count(200, since=swapped + 0.1) == 0, "the counter survived: nothing is left under 40"
             assert counted_before > 40
 
@@ -166,7 +152,7 @@ async def test_reload_under_load_applies_a_new_limit_and_never_serves_a_broken_o
                 answer = (await proxy.admin(session, "GET", "/admin/policy"))[1]
                 return answer if answer["last_error"] else None
 
-            status = await until(rejected)
+            status = await until(rejected, within=10)
             broken_at = time.monotonic()
             assert status["version"] == 2 and status["digest"] != first_digest
             problem = next(p for p in status["last_error"]["problems"] if "upstreem" in p["message"])
@@ -188,9 +174,9 @@ async def test_reload_under_load_applies_a_new_limit_and_never_serves_a_broken_o
 
             # 3. Fixed: a good version lifts the limit again; the error clears.
             policies.write({"policy.yaml": policy(rpm=100_000, models="m1, m3")})
-            await until(lambda: version(3))
+            await until(lambda: version(3), within=10)
             fixed = time.monotonic()
-            await until(lambda: load.count(200, since=fixed) >= 20)
+            await until(lambda: load.count(200, since=fixed) >= 20, within=10)
             status = (await proxy.admin(session, "GET", "/admin/policy"))[1]
             assert status["last_error"] is None and status["reloads"] == {"applied": 2, "rejected": 1}
             assert status["last_attempt"]["trigger"] == "watch"
@@ -242,7 +228,7 @@ async def test_sighup_and_admin_reload_report_what_happened(tmp_path: Path) -> N
                 answer = (await proxy.admin(session, "GET", "/admin/policy"))[1]
                 return answer if answer["version"] == 3 else None
 
-            status_now = await until(reloaded)
+            status_now = await until(reloaded, within=10)
             assert status_now["last_error"] is None and status_now["last_attempt"]["trigger"] == "sighup"
             assert status_now["loaded_at"].endswith("Z") and len(status_now["digest"]) == 64
             reloads = "signalbox_policy_reloads_total"
@@ -281,7 +267,7 @@ async def test_an_emptied_file_or_a_dangling_key_is_refused_and_the_old_policy_k
                     return resp.status
 
             file.write_text("")  # the watch sees it
-            [problem] = await until(refused)
+            [problem] = await until(refused, within=10)
             assert (problem["file"], problem["line"], problem["column"]) == (str(file), 1, 1)
             assert "the file is empty" in problem["message"]
             assert await chat() == 200 and (await policy_status())["version"] == 1
@@ -294,14 +280,14 @@ async def test_an_emptied_file_or_a_dangling_key_is_refused_and_the_old_policy_k
                 return (await policy_status())["last_error"] is None
 
             file.write_text(policy(rpm=1000))  # back to the serving version: the error clears
-            await until(cleared)
+            await until(cleared, within=10)
             dangling = policies / "removed.yaml"
             dangling.symlink_to(Path("..data") / "removed.yaml")
-            [problem] = await until(refused)
+            [problem] = await until(refused, within=10)
             assert problem["file"] == str(dangling) and "cannot read this file" in problem["message"]
             assert await chat() == 200
             dangling.unlink()  # the kubelet removes it next: the set is the serving one again
-            await until(cleared)
+            await until(cleared, within=10)
             assert (await policy_status())["version"] == 1 and await chat() == 200
     finally:
         proxy.stop()

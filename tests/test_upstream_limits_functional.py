@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,7 +20,8 @@ import anthropic
 import openai
 import pytest
 from aiohttp import web
-from conftest import Proxy, _serve, closed_port
+from conftest import Proxy, closed_port
+from kit import until
 from resilience_helpers import Faulty, Servers, Step, servers_fixture
 from test_batching_functional import EmbedUpstream
 
@@ -63,17 +63,6 @@ async def create(client: openai.AsyncOpenAI, **kw: Any) -> Any:
 async def usage(proxy: Proxy, key: str) -> Usage:
     (found,) = await proxy.state.admission.store.remaining([key])
     return found
-
-
-async def until(condition: Callable[[], Awaitable[bool] | bool], limit_s: float = 2.0) -> None:
-    """Poll state that lives in other tasks (handlers, the limiter store) until it holds; bounded."""
-    deadline = time.monotonic() + limit_s
-    while True:
-        held = condition()
-        if held if isinstance(held, bool) else await held:
-            return
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 async def free(proxy: Proxy, key: str) -> None:
@@ -363,19 +352,16 @@ async def test_an_embeddings_batch_is_one_call_against_the_upstreams_limit(
     embed = EmbedUpstream()  # the embeddings server of the batching tests
     app = web.Application()
     app.router.add_post("/v1/embeddings", embed.handle)
-    runner, embed.url = await _serve(app)
-    try:
-        route = "  - {name: emb, match: {path: /v1/embeddings}, upstream: up, batch: {max_wait: 300ms}}"
-        limits = "{requests_per_minute: 2, tokens_per_minute: 100000}"
-        proxy = await start_proxy(policy((f"up={embed.url}", limits), routes=route))
-        client = async_openai(proxy)
-        answers = await asyncio.gather(*(client.embeddings.create(model="e", input=f"text {i}") for i in range(5)))
-        assert len(answers) == 5 and embed.calls == 1  # five callers, one upstream call...
-        found = await usage(proxy, "upstream:up")
-        assert found.requests is not None and found.requests.used == pytest.approx(1)  # ...counted once
-        assert found.tokens is not None and found.tokens.used == pytest.approx(embed.usage[0])  # its real usage
-    finally:
-        await runner.cleanup()
+    embed.url = await servers.serve(app, handler_cancellation=True)
+    route = "  - {name: emb, match: {path: /v1/embeddings}, upstream: up, batch: {max_wait: 300ms}}"
+    limits = "{requests_per_minute: 2, tokens_per_minute: 100000}"
+    proxy = await start_proxy(policy((f"up={embed.url}", limits), routes=route))
+    client = async_openai(proxy)
+    answers = await asyncio.gather(*(client.embeddings.create(model="e", input=f"text {i}") for i in range(5)))
+    assert len(answers) == 5 and embed.calls == 1  # five callers, one upstream call...
+    found = await usage(proxy, "upstream:up")
+    assert found.requests is not None and found.requests.used == pytest.approx(1)  # ...counted once
+    assert found.tokens is not None and found.tokens.used == pytest.approx(embed.usage[0])  # its real usage
 
 
 # --- explain -------------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import openai
 import pytest
 from aiohttp import web
 from conftest import EchoUpstream, Proxy, Reply
+from kit import Loopback
 
 from proxy.providers import multipart
 
@@ -79,14 +80,10 @@ class RawUpstream:
             writer.close()
 
 
-async def serve(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> tuple[web.AppRunner, str]:
+async def serve(servers: Loopback, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> str:
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handler)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+    return await servers.serve(app, shutdown_timeout=0.2) + "/v1"
 
 
 # --- paths ---------------------------------------------------------------------------------------------------
@@ -169,7 +166,7 @@ async def test_a_reused_connection_closed_before_any_byte_is_resent_once(start_p
 
 @pytest.mark.parametrize("status", [400, 200])
 async def test_a_stream_request_answered_with_a_stalled_whole_body_ends_within_first_token(
-    start_proxy: StartProxy, status: int
+    start_proxy: StartProxy, loopback: Loopback, status: int
 ) -> None:
     async def stall(request: web.Request) -> web.StreamResponse:
         await request.read()
@@ -180,18 +177,15 @@ async def test_a_stream_request_answered_with_a_stalled_whole_body_ends_within_f
         await asyncio.sleep(30)
         return response
 
-    runner, url = await serve(stall)
-    try:
-        proxy = await start_proxy(policy(url, route=", timeouts: {first_token: 1s, total: 20s}"))
-        async with aiohttp.ClientSession() as http:
-            body = b'{"model":"m","stream":true}'
-            async with http.post(proxy.v1 + "/chat/completions", headers=ALPHA, data=body) as resp:
-                assert resp.status == 504
-                error = (await resp.json())["error"]
-        # The read timeout (first_token) ended it, not the 20 s total deadline.
-        assert error["code"] == "upstream_timeout" and "stopped sending" in error["message"]
-    finally:
-        await runner.cleanup()
+    url = await serve(loopback, stall)
+    proxy = await start_proxy(policy(url, route=", timeouts: {first_token: 1s, total: 20s}"))
+    async with aiohttp.ClientSession() as http:
+        body = b'{"model":"m","stream":true}'
+        async with http.post(proxy.v1 + "/chat/completions", headers=ALPHA, data=body) as resp:
+            assert resp.status == 504
+            error = (await resp.json())["error"]
+    # The read timeout (first_token) ended it, not the 20 s total deadline.
+    assert error["code"] == "upstream_timeout" and "stopped sending" in error["message"]
 
 
 # --- request headers -----------------------------------------------------------------------------------------
