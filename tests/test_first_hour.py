@@ -4,6 +4,7 @@ open on loopback (and says so), and nothing lets that mode open a non-loopback a
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 import socket
@@ -24,8 +25,11 @@ pytestmark = pytest.mark.timeout(60)
 def make_dry_run(target: str, venv: Path) -> list[str]:
     if shutil.which("make") is None:
         pytest.fail("make is needed: the Makefile is how a new user starts")
-    out = subprocess.run(["make", "-n", "-B", target, f"VENV={venv}"], cwd=REPO, capture_output=True, text=True,
-                         check=True, timeout=30).stdout
+    # Under `make test` this is a nested make: without its parent's variables (and with no directory
+    # lines) the dry run prints exactly the recipe a user's `make run` prints.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    out = subprocess.run(["make", "--no-print-directory", "-n", "-B", target, f"VENV={venv}"], cwd=REPO,
+                         capture_output=True, text=True, check=True, timeout=30, env=env).stdout
     return out.splitlines()
 
 
