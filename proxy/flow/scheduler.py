@@ -18,6 +18,7 @@ from proxy.call import Call, WaitingRoom
 from proxy.errors import InvalidRequest, ProxyError, RateLimited
 from proxy.flow.admit import NOTHING, Admission, describe_refusal, rejection
 from proxy.flow.board import Ticket
+from proxy.flow.enter import Entry  # enter.py knows this module only for type checking
 from proxy.flow.gate import Gate
 from proxy.policy.plan import Plan, QueueSpec, TenantRule
 from proxy.telemetry.metrics import Metrics
@@ -91,8 +92,6 @@ class Scheduler:
               ) -> AbstractAsyncContextManager[None]:
         """Everything the call needs before dispatch (limits, a slot), taken in the queue's order; given
         back on the way out. NOTHING when the route has no limit and no queue slot."""
-        from proxy.flow.enter import Entry  # enter.py builds on this module's gates
-
         route, tenant = call.route, call.tenant
         assert route is not None and tenant is not None
         limits = route.limit_sets.get(tenant.name) if route.limit_sets else None
@@ -105,8 +104,6 @@ class Scheduler:
     def slot(self, call: Call, asked: str | None = None) -> AbstractAsyncContextManager[None]:
         """Only a slot of the route's queue, in order (an embeddings batch's flush: its callers' limits
         were taken one by one)."""
-        from proxy.flow.enter import Entry
-
         route, tenant = call.route, call.tenant
         assert route is not None and tenant is not None
         spec = route.queue

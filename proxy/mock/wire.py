@@ -7,6 +7,7 @@ import secrets
 import orjson
 from aiohttp import web
 
+from proxy.errors import anthropic_error_type
 from proxy.mock.content import Json
 
 _RATE_HEADERS = {
@@ -16,16 +17,6 @@ _RATE_HEADERS = {
     "x-ratelimit-remaining-tokens": "1999000",
     "x-ratelimit-reset-requests": "6ms",
     "x-ratelimit-reset-tokens": "30ms",
-}
-_ANTHROPIC_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    500: "api_error",
-    529: "overloaded_error",
 }
 
 
@@ -43,7 +34,7 @@ def openai_error(status: int, message: str, param: str | None = None) -> Json:
 
 
 def anthropic_error(status: int, message: str, request_id: str) -> Json:
-    etype = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    etype = anthropic_error_type(status)  # the one table the proxy uses too
     return {"type": "error", "error": {"type": etype, "message": message}, "request_id": request_id}
 
 
