@@ -4,13 +4,17 @@ key in its environment."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Callable
 from pathlib import Path
 
+import aiohttp
 import openai
 import pytest
 from conftest import EchoUpstream, Proxy
+from kit import until
+from test_ops_functional import Serve
 
 from proxy.policy.load import PolicyError, load_policy
 
@@ -102,3 +106,57 @@ async def test_the_proxy_sends_upstream_the_key_from_the_file(
         await async_openai(proxy, key="sk-mounted-secret-41").chat.completions.create(
             model="m", messages=[{"role": "user", "content": "hi"}]
         )
+
+
+async def test_a_rotated_key_file_is_applied_without_a_restart_or_a_policy_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kubernetes updates a mounted Secret in place; the policy files do not change. The watcher sees
+    the new file content and reloads: the new key is served and the old one refused."""
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    write(policies / "p.yaml", ROTATING_POLICY)
+    key_file = write(tmp_path / "app-key", "app-key-before-rotation\n")
+    monkeypatch.setenv("ROTATING_APP_KEY_FILE", str(key_file))
+    monkeypatch.delenv("ROTATING_APP_KEY", raising=False)
+    proxy = Serve(policies, "--reload-interval", "0.1")
+    try:
+        await proxy.wait_ready()
+        async with aiohttp.ClientSession() as session:
+
+            async def chat(key: str) -> int:
+                body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+                headers = {"Authorization": f"Bearer {key}"}
+                async with session.post(proxy.url + "/v1/chat/completions", json=body, headers=headers) as resp:
+                    await resp.read()
+                    return resp.status
+
+            assert await chat("app-key-before-rotation") == 200
+            assert await chat("app-key-after-rotation") == 401
+            replacement = write(tmp_path / "app-key.new", "app-key-after-rotation\n")
+            replacement.replace(key_file)  # an atomic swap, as the kubelet does
+
+            async def rotated() -> bool:
+                return await chat("app-key-after-rotation") == 200
+
+            assert await until(rotated, within=15)
+            assert await chat("app-key-before-rotation") == 401
+            status, policy = await proxy.admin(session, "GET", "/admin/policy")
+            assert status == 200 and policy["version"] == 2 and policy["last_attempt"]["trigger"] == "watch"
+            assert "app-key" not in str(policy)
+            await asyncio.sleep(0.5)  # further polls see nothing new: no reload loop
+            assert (await proxy.admin(session, "GET", "/admin/policy"))[1]["version"] == 2
+    finally:
+        proxy.stop()
+
+
+ROTATING_POLICY = """\
+version: 1
+identify: {mode: api_key}
+tenants:
+  app: {keys: ["${ROTATING_APP_KEY}"]}
+upstreams:
+  mock: {provider: mock}
+routes:
+  - {name: default, upstream: mock}
+"""

@@ -20,6 +20,7 @@ from proxy.policy.marked import parse_file
 from proxy.policy.places import translate
 from proxy.policy.problems import Mark, Marks, PolicyError, Problem, dotted
 from proxy.policy.schema import Policy
+from proxy.policy.units import secret_files_fingerprint
 
 __all__ = ["LoadedPolicy", "Mark", "PolicyError", "Problem", "load_policy", "policy_files"]
 
@@ -33,6 +34,8 @@ class LoadedPolicy:
     files: tuple[str, ...]
     digest: str
     """sha256 over the files' bytes, in load order: the policy's source version."""
+    secrets: str = ""
+    """`secret_files_fingerprint` of the secret files the policy read (a rotated key is a new version)."""
 
 
 def policy_files(path: Path) -> list[Path]:
@@ -63,6 +66,7 @@ def load_policy(path: Path | str, environ: Mapping[str, str] | None = None) -> L
     merged: dict[str, Any] = {}
     digest = hashlib.sha256()
     unparsed = False
+    texts: list[str] = []
     for file in files:
         try:
             raw = file.read_bytes()
@@ -71,7 +75,8 @@ def load_policy(path: Path | str, environ: Mapping[str, str] | None = None) -> L
             continue
         digest.update(file.name.encode() + b"\0" + raw + b"\0")
         file_marks = Marks({}, {})
-        data = parse_file(file, raw.decode("utf-8", errors="replace"), file_marks, problems, environ)
+        texts.append(raw.decode("utf-8", errors="replace"))
+        data = parse_file(file, texts[-1], file_marks, problems, environ)
         if data is None:
             unparsed = True
         else:
@@ -83,7 +88,8 @@ def load_policy(path: Path | str, environ: Mapping[str, str] | None = None) -> L
         problems.append(_no_routes(path, files, marks))
     if problems or policy is None:
         raise PolicyError(sorted(problems, key=Problem.sort_key))
-    return LoadedPolicy(policy, tuple(str(f) for f in files), digest.hexdigest())
+    secrets = secret_files_fingerprint(texts, environ)
+    return LoadedPolicy(policy, tuple(str(f) for f in files), digest.hexdigest(), secrets)
 
 
 def _validate(merged: dict[str, Any], marks: Marks, problems: list[Problem]) -> tuple[Policy | None, View | None]:

@@ -25,6 +25,7 @@ from pathlib import Path
 from proxy.policy.compile import compile_plan
 from proxy.policy.load import LoadedPolicy, PolicyError, Problem, load_policy, policy_files
 from proxy.policy.plan import Plan
+from proxy.policy.units import secret_files_fingerprint
 
 log = logging.getLogger("signalbox.policy")
 
@@ -65,13 +66,22 @@ class ReloadResult:
 
 def source_digest(path: Path) -> str:
     """The same digest `load_policy` computes, without parsing: cheap enough to poll."""
+    return _source_version(path)[0]
+
+
+def _source_version(path: Path) -> tuple[str, str]:
+    """What `load_policy` reports as (digest, secrets), without parsing: cheap enough to poll."""
     digest = hashlib.sha256()
+    texts: list[str] = []
     for file in policy_files(path):
         try:
-            digest.update(file.name.encode() + b"\0" + file.read_bytes() + b"\0")
+            raw = file.read_bytes()
         except OSError:
             digest.update(file.name.encode() + b"\0<unreadable>\0")
-    return digest.hexdigest()
+            continue
+        digest.update(file.name.encode() + b"\0" + raw + b"\0")
+        texts.append(raw.decode("utf-8", errors="replace"))
+    return digest.hexdigest(), secret_files_fingerprint(texts)
 
 
 class Reloader:
@@ -101,7 +111,8 @@ class Reloader:
             self.status.last_trigger = trigger
             try:
                 loaded = await asyncio.to_thread(load_policy, self.source)
-                if loaded.digest == self.loaded.digest and not force:
+                same = (loaded.digest, loaded.secrets) == (self.loaded.digest, self.loaded.secrets)
+                if same and not force:
                     self._clear_error()  # back to the serving version: nothing is wrong any more
                     return ReloadResult(False)
                 plan = compile_plan(loaded)
@@ -149,15 +160,16 @@ class Reloader:
         return ReloadResult(False, tuple(problems))
 
     async def watch(self, interval: float, reload: Callable[[], Awaitable[object]]) -> None:
-        """Poll the directory's digest every `interval` seconds; call `reload` when it changes.
+        """Poll the directory's digest, and the secret files the policy reads, every `interval` seconds;
+        call `reload` when either changes (a rotated key file is applied without a restart).
 
         A refused version is tried once: the next attempt comes with the next change (or SIGHUP).
         """
-        seen = self.loaded.digest  # files changed between start-up and now count as a change
+        seen = (self.loaded.digest, self.loaded.secrets)  # changes since start-up count as a change
         while True:
             await asyncio.sleep(interval)
             try:
-                current = await asyncio.to_thread(source_digest, self.source)
+                current = await asyncio.to_thread(_source_version, self.source)
             except OSError as exc:  # the directory is being swapped or is gone: look again later
                 log.warning("policy watch: cannot read %s: %s", self.source, exc)
                 continue

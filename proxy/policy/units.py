@@ -7,9 +7,12 @@ never the value itself (it may come from the environment and be a secret).
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Annotated
 
 from pydantic import BeforeValidator, WithJsonSchema
@@ -105,6 +108,34 @@ def read_secret_file(name: str, path: str) -> str:
     except UnicodeDecodeError:
         raise UnreadableSecretFile(name, path, "not UTF-8 text") from None
     return value.removesuffix("\n").removesuffix("\r")
+
+
+# A per-process key for `secret_files_fingerprint`: the fingerprint shows a rotation, and nothing else.
+_FINGERPRINT_KEY = os.urandom(16)
+
+
+def secret_files_fingerprint(texts: Iterable[str], environ: Mapping[str, str] | None = None) -> str:
+    """A keyed hash of the secret files the policy texts read through `${NAME}` + `NAME_FILE` (what
+    `interpolate` would read), so the policy watcher sees a rotated key file (a Kubernetes Secret
+    volume updated in place) as a change. Keyed per process: the value never leaves the process
+    and cannot be checked against a guessed key. "" when no secret file is read."""
+    env = os.environ if environ is None else environ
+    paths = sorted({
+        (name, env[f"{name}_FILE"])
+        for text in texts if "${" in text
+        for name, _ in _ENV.findall(text)
+        if name not in env and env.get(f"{name}_FILE")
+    })
+    if not paths:
+        return ""
+    mac = hmac.new(_FINGERPRINT_KEY, digestmod=hashlib.sha256)
+    for name, path in paths:
+        try:
+            content = Path(path).read_bytes()
+        except OSError:
+            content = b"\0<unreadable>"
+        mac.update(name.encode() + b"\0" + hashlib.sha256(content).digest())
+    return mac.hexdigest()
 
 
 def interpolate(text: str, environ: Mapping[str, str] | None = None) -> str:
