@@ -156,3 +156,21 @@ def test_batch_limits_on_an_anthropic_upstream_is_refused(tmp_path: Path) -> Non
     with pytest.raises(PolicyError) as info:
         load_policy(path, environ={})
     assert "anthropic upstreams do not serve" in str(info.value) and f"{path}:2:" in str(info.value)
+
+
+def test_explain_shows_the_limits_a_route_splits_by(tmp_path: Path) -> None:
+    from proxy.policy.explain import explain
+
+    path = write(tmp_path, """
+        identify: {mode: single, tenant: t}
+        tenants: {t: {}}
+        upstreams:
+          oa: {provider: openai, base_url: "https://api.openai.com/v1", api_key: sk}
+        routes:
+          - {name: a, match: {path: /v1/embeddings}, upstream: oa}
+        """)
+    loaded = load_policy(path, environ={})
+    answer = explain(loaded, compile_plan(loaded), model="m", path="/v1/embeddings")
+    shown = answer["split"]
+    assert shown["value"] == {"max_inputs": 2048, "max_tokens": 300_000, "concurrency": 2}, shown
+    assert shown["from"].startswith("upstreams"), shown
