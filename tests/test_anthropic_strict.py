@@ -139,3 +139,30 @@ def test_every_instance_the_strict_schema_accepts_the_original_accepts(schema: d
     assert strict is not None  # this subset always has a strict form
     if _valid(instance, strict):
         assert _valid(instance, schema)
+
+
+# --- which request-id headers an answer carries (pure; proxy/upstream/headers.py) --------------------------
+
+
+@pytest.mark.parametrize(
+    ("protocol", "upstream", "hide", "expected"),
+    [
+        ("anthropic", [("request-id", "req_up")], None, {"request-id": "ours", "x-upstream-request-id": "req_up"}),
+        ("anthropic", [("x-request-id", "up-1")], None, {"request-id": "ours", "x-upstream-request-id": "up-1"}),
+        ("openai", [("request-id", "req_up")], None, {"request-id": None, "x-upstream-request-id": "req_up"}),
+        ("openai", [("x-request-id", "up-1")], None, {"request-id": None, "x-upstream-request-id": "up-1"}),
+        ("anthropic", [("request-id", "req_up")], ("request-id",),
+         {"request-id": "ours", "x-upstream-request-id": None}),
+    ],
+)
+def test_the_client_sees_its_protocols_id_header_and_the_upstreams_id_beside_it(
+    protocol: str, upstream: list[tuple[str, str]], hide: tuple[str, ...] | None, expected: dict[str, str | None]
+) -> None:
+    from proxy.policy.plan import Matcher
+    from proxy.upstream.headers import client_headers
+
+    out = client_headers(upstream, request_id="ours", route="r", upstream_name="u",
+                         hide=Matcher(hide) if hide else None, protocol=protocol)
+    assert out["x-request-id"] == "ours"
+    assert {name: out.get(name) for name in expected} == expected
+    assert len(out.getall("request-id", [])) <= 1

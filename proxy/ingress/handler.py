@@ -151,6 +151,7 @@ async def forward(request: web.Request, call: Call, state: Runtime) -> web.Strea
             upstream.headers.items(), request_id=call.request_id, route=call.route.name, upstream_name=call.upstream,
             hide=answered_by.hide_response_headers if answered_by is not None else None,
             redact=redact if upstream.status >= 400 or answered_by is None else answered_by.secrets,
+            protocol=call.protocol,
         )
         dispatch.annotate(headers, call, sent)
         headers[QUEUE_WAIT_HEADER] = _ms(call.queue_wait)

@@ -124,9 +124,9 @@ class Upstream(Strict):
     """Upstream response headers never relayed to clients (names or globs, any case), e.g.
     `openai-organization`, `anthropic-organization-id`, `x-ratelimit-*`: what the vendor says about the
     platform's account stays with the platform. Applies to whole, streamed and batched answers;
-    Content-Type is always relayed; `x-request-id` hides `x-upstream-request-id`. The proxy still reads
-    hidden headers itself (retry and pacing hints); leave `retry-after` and `x-should-retry` visible, the SDKs
-    retry on them."""
+    Content-Type is always relayed; `x-request-id` (or Anthropic's `request-id`) hides `x-upstream-request-id`.
+    The proxy still reads hidden headers itself (retry and pacing hints); leave `retry-after` and
+    `x-should-retry` visible, the SDKs retry on them."""
 
     @field_validator("hide_response_headers")
     @classmethod
