@@ -25,8 +25,9 @@ ANTHROPIC_REQUEST_FIELDS: tuple[FieldHandling, ...] = (
     FieldHandling("stop_sequences", "mapped", "→ stop"),
     FieldHandling("stream", "mapped", "→ stream, with stream_options.include_usage so usage can be reported"),
     FieldHandling(
-        "tools", "mapped", "custom tools → function tools (`strict` → `strict: true` where faithful); server "
-        "tools (web search, bash…) rejected"
+        "tools", "mapped",
+        "custom tools → function tools (`strict` → `strict: true` where faithful); server tools (web search, "
+        "bash…) rejected",
     ),
     FieldHandling("tool_choice", "mapped", "auto/none/any→required/{tool}→{function}"),
     FieldHandling("metadata", "mapped", "user_id → user"),
