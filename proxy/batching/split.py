@@ -152,16 +152,23 @@ async def send(sender: Sender, member: Member, deadline: float) -> None:
     limits = call.route.split
     parts = [_Part(_part_call(call, member.inputs, span), span[1] - span[0]) for span in spans(member.inputs, limits)]
     queue = iter(range(len(parts)))
+    stopped = asyncio.Event()  # a part failed: no worker takes another one, even before it is cancelled
 
     async def worker() -> None:
-        for index in queue:  # shared: each part is taken once, in order; a failure stops this worker
+        for index in queue:  # shared: each part is taken once, in order
+            if stopped.is_set():
+                return
             part = parts[index]
             try:
                 part.status, part.headers, part.body = await sender.send(part.call, member.headers, member.query,
                                                                          deadline)
+            except BaseException:
+                stopped.set()
+                raise
             finally:
                 _share_attempts(call, part.call, counted=True)  # every part is an upstream call of its own
             if not 200 <= part.status < 300:
+                stopped.set()
                 raise _Refused(index, _whole(call, part.call, part.status, part.headers, part.body, 1))
 
     try:
