@@ -224,3 +224,16 @@ async def test_batching_never_merges_past_the_upstream_limits(
     answer = await client.embeddings.create(model="m", input=big, encoding_format="float")
     assert [len(i) for i in limited.inputs] == [8, 8, 4]
     assert [d.embedding for d in answer.data] == expected(big)
+
+
+async def test_the_held_answers_are_bounded_by_max_buffered_response(
+    start_proxy: StartProxy, limited: LimitedUpstream, async_openai: MakeClient
+) -> None:
+    limited.max_inputs = 10
+    text = "\n    max_buffered_response: 5000" + policy(limited.url, "{max_inputs: 10, concurrency: 1}")
+    proxy = await start_proxy(text)
+    with pytest.raises(openai.InternalServerError) as info:
+        await async_openai(proxy, max_retries=0).embeddings.create(
+            model="m", input=[f"t{i}" for i in range(50)], encoding_format="float")
+    assert info.value.status_code == 502 and "max_buffered_response" in info.value.message
+    assert 2 <= len(limited.inputs) < 5  # stopped once the answers held passed the bound

@@ -8,10 +8,12 @@ limits, one shared deadline), inside the one scheduler slot the caller's request
 
 The answer keeps the caller's order: each part's embeddings sorted by index and renumbered from the part's
 offset; every integer of `usage` summed over the parts; other top-level fields from the first part.
-The first part that fails ends the request: the caller gets that failure (the upstream's error normalised
-to the client's protocol, or the proxy's own), no further part is sent, and parts still in flight are
-cancelled (their connections closed; an upstream limit keeps their reserved estimate, as for any call
-cancelled before its usage is known). Upstream error messages name inputs by their index in the part.
+The answers are held until the last one arrives; together they stay under `max_buffered_response` (past
+it: 502, and no further part is sent). The first part that fails ends the request: the caller gets that
+failure (the upstream's error normalised to the client's protocol, or the proxy's own), no further part is
+sent, and parts still in flight are cancelled (their connections closed; an upstream limit keeps their
+reserved estimate, as for any call cancelled before its usage is known). Upstream error messages name
+inputs by their index in the part.
 
 Hand-written: no library splits an HTTP request by a vendor's per-request limits.
 """
@@ -153,6 +155,7 @@ async def send(sender: Sender, member: Member, deadline: float) -> None:
     parts = [_Part(_part_call(call, member.inputs, span), span[1] - span[0]) for span in spans(member.inputs, limits)]
     queue = iter(range(len(parts)))
     stopped = asyncio.Event()  # a part failed: no worker takes another one, even before it is cancelled
+    held, cap = [0], call.plan.max_buffered_response
 
     async def worker() -> None:
         for index in queue:  # shared: each part is taken once, in order
@@ -170,6 +173,13 @@ async def send(sender: Sender, member: Member, deadline: float) -> None:
             if not 200 <= part.status < 300:
                 stopped.set()
                 raise _Refused(index, _whole(call, part.call, part.status, part.headers, part.body, 1))
+            held[0] += len(part.body)
+            if held[0] > cap:  # every answer is held until the last arrives: one bound for all of them
+                stopped.set()
+                raise UpstreamBadResponse(
+                    f"the answers to this split embeddings request exceed max_buffered_response ({cap} bytes); "
+                    "send fewer inputs per request, or ask the platform team to raise max_buffered_response"
+                )
 
     try:
         await _all(worker() for _ in range(min(limits.concurrency, len(parts))))
