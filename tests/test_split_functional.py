@@ -19,6 +19,7 @@ import pytest
 from aiohttp import web
 from conftest import Proxy
 from kit import Loopback
+from kit.metrics import scrape, total
 
 from proxy.batching.flush import BATCH_SIZE_HEADER
 from proxy.batching.keys import text_tokens
@@ -127,6 +128,10 @@ async def test_five_thousand_inputs_make_three_upstream_calls_and_come_back_in_o
     assert raw.headers[PARTS_HEADER] == "3" and raw.headers[BATCH_SIZE_HEADER] == "1"
     lines = proxy.access_lines()
     assert len(lines) == 1 and lines[0]["status"] == 200 and len(lines[0]["attempts"]) == 3
+    found = await scrape(proxy)
+    assert total(found, "signalbox_split_requests_total", route="emb") == 1
+    assert total(found, "signalbox_split_parts_total", route="emb") == 3
+    assert total(found, "signalbox_upstream_requests_total", deployment="up") == 3  # each part is counted
 
 
 async def test_a_request_within_the_limits_is_sent_whole_and_untouched(
@@ -160,6 +165,7 @@ async def test_a_failing_part_stops_the_rest_and_the_caller_gets_its_error(
     with pytest.raises(openai.BadRequestError) as info:
         await async_openai(proxy, max_retries=0).embeddings.create(model="m", input=texts)
     assert [len(i) for i in limited.inputs] == [10, 10]  # parts 3 to 5 were never sent
+    assert total(await scrape(proxy), "signalbox_split_parts_total", route="emb") == 2
     assert info.value.status_code == 400 and info.value.code == "bad_input"
     assert info.value.response.headers[PARTS_HEADER] == "5"
     assert proxy.access_lines()[-1]["status"] == 400
@@ -237,3 +243,24 @@ async def test_the_held_answers_are_bounded_by_max_buffered_response(
             model="m", input=[f"t{i}" for i in range(50)], encoding_format="float")
     assert info.value.status_code == 502 and "max_buffered_response" in info.value.message
     assert 2 <= len(limited.inputs) < 5  # stopped once the answers held passed the bound
+
+
+async def test_the_built_in_mock_upstream_gets_a_request_split_to_its_limit(
+    start_proxy: StartProxy, async_openai: MakeClient
+) -> None:
+    """The mock refuses more than 2,048 inputs, as OpenAI does; declared limits make it answer 5,000."""
+    proxy = await start_proxy("""
+    identify: {mode: api_key}
+    upstreams:
+      mock: {provider: mock, batch_limits: {max_inputs: 2048, concurrency: 3}}
+    tenants:
+      alpha: {keys: [sk-alpha]}
+    routes:
+      - {name: emb, match: {path: /v1/embeddings}, upstream: mock}
+    """)
+    texts = [f"mock input {i}" for i in range(5000)]
+    got = await async_openai(proxy).embeddings.create(model="text-embedding-3-small", input=texts)
+    assert [d.index for d in got.data] == list(range(5000))
+    assert [d.embedding for d in got.data] == expected(texts)
+    found = await scrape(proxy)
+    assert total(found, "signalbox_upstream_requests_total", status="200") == 3

@@ -156,12 +156,15 @@ async def send(sender: Sender, member: Member, deadline: float) -> None:
     queue = iter(range(len(parts)))
     stopped = asyncio.Event()  # a part failed: no worker takes another one, even before it is cancelled
     held, cap = [0], call.plan.max_buffered_response
+    metrics, route = sender.metrics, call.route.name
+    metrics.split_request(route)
 
     async def worker() -> None:
         for index in queue:  # shared: each part is taken once, in order
             if stopped.is_set():
                 return
             part = parts[index]
+            metrics.split_part(route)
             try:
                 part.status, part.headers, part.body = await sender.send(part.call, member.headers, member.query,
                                                                          deadline)
