@@ -174,3 +174,20 @@ def test_explain_shows_the_limits_a_route_splits_by(tmp_path: Path) -> None:
     shown = answer["split"]
     assert shown["value"] == {"max_inputs": 2048, "max_tokens": 300_000, "concurrency": 2}, shown
     assert shown["from"].startswith("upstreams"), shown
+
+
+def test_explain_leaves_split_limits_out_of_a_chat_request(tmp_path: Path) -> None:
+    from proxy.policy.explain import explain
+
+    path = write(tmp_path, """
+        identify: {mode: single, tenant: t}
+        tenants: {t: {}}
+        upstreams:
+          oa: {provider: openai, base_url: "https://api.openai.com/v1", api_key: sk}
+        routes:
+          - {name: a, upstream: oa}
+        """)
+    loaded = load_policy(path, environ={})
+    plan = compile_plan(loaded)
+    assert "split" not in explain(loaded, plan, model="m", path="/v1/chat/completions")
+    assert "split" in explain(loaded, plan, model="m", path="/v1/embeddings")

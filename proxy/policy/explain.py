@@ -328,8 +328,8 @@ def compiled_section(name: str) -> Callable[[Context], dict[str, Any] | None]:
 
     def section(ctx: Context) -> dict[str, Any] | None:
         value = getattr(ctx.route, name, None)
-        if value is None or value == () or value == {}:
-            return None
+        if value is None or value == () or value == {} or (name == "split" and not ctx.path.endswith("/embeddings")):
+            return None  # split limits bind embeddings requests only
         if _set_in(ctx.source, name):
             source = "route"
         elif name == "deployments" and _set_in(ctx.source, "upstream"):
