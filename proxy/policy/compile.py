@@ -48,7 +48,8 @@ from proxy.providers.exchange import DEFAULT_MAX_TOKENS as ANTHROPIC_DEFAULT_MAX
 def compile_plan(loaded: LoadedPolicy) -> Plan:
     policy = loaded.policy
     upstreams = {name: _upstream(name, spec) for name, spec in policy.upstreams.items()}
-    routes = tuple(_route(i, r, policy) for i, r in enumerate(policy.routes))
+    splits = _splits(policy)
+    routes = tuple(_route(i, r, policy, splits[i]) for i, r in enumerate(policy.routes))
     tenants = {
         name: TenantRule(name, Matcher(tuple(t.models)) if t.models is not None else None)
         for name, t in policy.tenants.items()
@@ -138,11 +139,10 @@ def _mock(spec: MockSpec) -> MockPlan:
     return MockPlan(spec.ttft, spec.token_delay, spec.output_tokens, spec.embedding_dim, faults, spec.seed)
 
 
-def _route(index: int, route: Route, policy: Policy) -> RouteRule:
+def _route(index: int, route: Route, policy: Policy, split: batch_limits.SplitLimits | None) -> RouteRule:
     paths = _as_tuple(route.match.path)
     models = _as_tuple(route.match.model)
     upstream = policy.upstreams[route.upstream]
-    split = _split(route, policy)
     return RouteRule(
         name=route.name,
         index=index,
@@ -174,13 +174,19 @@ def _batch(batch: Batch | None, split: batch_limits.SplitLimits | None) -> Batch
     return BatchRule(items, tokens, batch.max_wait, batch.cross_tenant)
 
 
-def _split(route: Route, policy: Policy) -> batch_limits.SplitLimits | None:
-    """The strictest batch limits of every upstream the route (its pool, its fallbacks' pools) may use."""
+def _splits(policy: Policy) -> list[batch_limits.SplitLimits | None]:
+    """Per route, the strictest batch limits of every upstream it (its pool, its fallbacks' pools) may use."""
     by_name = {r.name: r for r in policy.routes}
     by_upstream = {name: batch_limits.upstream_limits(u.base_url, u.batch_limits)
                    for name, u in policy.upstreams.items()}
-    fallbacks = [_pool_upstreams(by_name[name]) for name in route.fallbacks if name in by_name]
-    return batch_limits.route_limits(_pool_upstreams(route), fallbacks, by_upstream)
+    return [
+        batch_limits.route_limits(
+            _pool_upstreams(route),
+            [_pool_upstreams(by_name[name]) for name in route.fallbacks if name in by_name],
+            by_upstream,
+        )
+        for route in policy.routes
+    ]
 
 
 def _pool_upstreams(route: Route) -> list[str]:
