@@ -195,7 +195,8 @@ def test_anthropic_field_table_is_consistent() -> None:
                 anthropic_to_openai_chat({**base, rule.field: {"any": "value"}})
 
 
-def test_output_config_schema_becomes_response_format() -> None:
+def test_output_config_schema_becomes_a_strict_response_format() -> None:
+    """Anthropic enforces the schema; OpenAI does only with strict, whose form requires every property."""
     schema = {"type": "object", "properties": {"a": {"type": "string"}}}
     body = {
         "model": "m",
@@ -204,8 +205,31 @@ def test_output_config_schema_becomes_response_format() -> None:
         "output_config": {"format": {"type": "json_schema", "schema": schema}, "effort": "high"},
     }
     out = anthropic_to_openai_chat(body)
+    strict = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"],
+              "additionalProperties": False}
     assert out["response_format"] == {
         "type": "json_schema",
-        "json_schema": {"name": "output", "schema": schema},
+        "json_schema": {"name": "output", "schema": strict, "strict": True},
     }
+    assert schema == {"type": "object", "properties": {"a": {"type": "string"}}}  # the client's, untouched
     valid_openai_request(out)
+
+
+def test_a_schema_strict_mode_cannot_express_goes_without_strict() -> None:
+    schema = {"type": "object", "properties": {"site": {"type": "string", "format": "uri"}}, "required": ["site"]}
+    body = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}],
+            "output_config": {"format": {"type": "json_schema", "schema": schema}}}
+    out = anthropic_to_openai_chat(body)
+    assert out["response_format"] == {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
+    valid_openai_request(out)
+
+
+def test_a_strict_tool_becomes_a_strict_function() -> None:
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+              "additionalProperties": False}
+    tools = [{"name": "weather", "input_schema": schema, "strict": True},
+             {"name": "loose", "input_schema": {"type": "object"}}]
+    body = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}], "tools": tools}
+    functions = [t["function"] for t in anthropic_to_openai_chat(body)["tools"]]
+    assert functions == [{"name": "weather", "parameters": schema, "strict": True},
+                         {"name": "loose", "parameters": {"type": "object"}}]

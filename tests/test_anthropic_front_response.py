@@ -93,6 +93,13 @@ def test_finish_reasons_openai_to_anthropic(
     assert (out["stop_reason"], out["stop_sequence"]) == expected
 
 
+def test_a_refusal_stops_with_anthropics_refusal() -> None:
+    """OpenAI's strict mode refuses in `message.refusal` and finishes with "stop"; Anthropic says `refusal`, so a
+    client of structured output knows the text will not match its schema."""
+    out = openai_chat_to_anthropic_message(_completion({"content": None, "refusal": "I can't help."}), model="m")
+    assert out["stop_reason"] == "refusal" and out["content"] == [{"type": "text", "text": "I can't help."}]
+
+
 def test_translated_completion_through_the_anthropic_sdk() -> None:
     payload = orjson.dumps(
         openai_chat_to_anthropic_message(_completion({"content": "Hello"}), model="claude-alias")

@@ -155,6 +155,12 @@ def test_o2a_usage_property_and_vllm_stop_string() -> None:
     assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", "</s>")
 
 
+def test_a_streamed_refusal_stops_with_anthropics_refusal() -> None:
+    final = anthropic_final(run_o2a([chunk({"refusal": "I can't"}), chunk({"refusal": " help."}), chunk({}, "stop")]))
+    assert final.stop_reason == "refusal"
+    assert [b.model_dump(exclude_none=True) for b in final.content] == [{"type": "text", "text": "I can't help."}]
+
+
 def test_anthropic_error_frame_helper_is_an_sdk_error() -> None:
     with anthropic_client(anthropic_error_frame("Overloaded", "overloaded_error")) as client:
         with pytest.raises(anthropic.APIStatusError, match="Overloaded"):

@@ -24,7 +24,7 @@ from contextlib import AbstractAsyncContextManager
 
 from aiohttp import web
 
-from proxy.batching import keys, merge
+from proxy.batching import keys, merge, split
 from proxy.batching.flush import Member, Sender, fail
 from proxy.call import Call
 from proxy.errors import ProxyError, ServiceUnavailable, UpstreamTimeout
@@ -41,7 +41,7 @@ log = logging.getLogger("signalbox.batcher")
 class _Group:
     __slots__ = ("key", "rule", "route", "members", "items", "tokens", "timer", "sealed", "task")
 
-    def __init__(self, key: Hashable | None, rule: BatchRule, route: str) -> None:
+    def __init__(self, key: Hashable | None, rule: BatchRule | None, route: str) -> None:
         self.key = key
         self.rule = rule
         self.route = route
@@ -80,14 +80,14 @@ class Batcher:
 
     async def submit(self, request: web.Request, call: Call) -> web.StreamResponse:
         """The caller's answer: its share of a batched call (or of a call it made alone)."""
-        assert call.route is not None and call.route.batch is not None and call.tenant is not None
-        rule = call.route.batch
+        assert call.route is not None and call.tenant is not None
+        rule = call.route.batch  # None: a route that only splits (batching.split)
         loop = asyncio.get_running_loop()
         body = call.body or {}
         inputs = keys.inputs_of(body.get("input"))
         member = Member(call, inputs, request.headers, request.rel_url.raw_query_string, loop.time(),
                         loop.create_future())
-        key = self._key(call, member, rule) if inputs is not None else None
+        key = self._key(call, member, rule) if inputs is not None and rule is not None else None
         group: _Group | None = self.groups.get(key) if key is not None else None
         try:
             if key is None:
@@ -96,7 +96,7 @@ class Batcher:
                 self._seal(group, "alone")
                 await self._flush(group)  # in the caller's own task: nothing to share
             else:
-                assert inputs is not None
+                assert inputs is not None and rule is not None
                 if group is not None and not merge.fits(group.items, group.tokens, inputs, rule.max_items,
                                                         rule.max_tokens):
                     self._seal(group, "full")
@@ -195,7 +195,11 @@ class Batcher:
         try:
             async with self.slot(first.call, first.headers), asyncio.timeout(route.timeouts.total):
                 # One deadline for the whole flush, bisecting included; dispatch's retries respect it.
-                await self.sender.exchange(live, time.monotonic() + route.timeouts.total)
+                deadline = time.monotonic() + route.timeouts.total
+                if len(live) == 1 and group.key is None and split.wanted(first.call):
+                    await split.send(self.sender, first, deadline)  # above the upstream's batch limits
+                else:
+                    await self.sender.exchange(live, deadline)
         except ProxyError as err:
             fail(live, err)
         except TimeoutError:

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from proxy.batching import split
 from proxy.call import Call
 from proxy.errors import (
     InvalidRequest,
@@ -105,7 +106,8 @@ async def handle(request: web.Request, call: Call, state: Runtime) -> web.Stream
     await read_body(request, call, plan.max_body_size, state.settings.client_timeouts)
     call.route = resolve(call, plan)
     asked = request.headers.get(PRIORITY_HEADER)
-    if call.route.batch is not None:  # embeddings: limits taken one by one, one queue slot per batch
+    if call.route.batch is not None or (call.route.split is not None and split.wanted(call)):
+        # embeddings: limits taken one by one, one queue slot per batch (or per oversized call's parts)
         async with state.scheduler.enter(call, asked, slot=False):
             call.mark("dispatch")  # processing time counts from here (the batch's wait included)
             return await state.batcher.submit(request, call)
@@ -149,6 +151,7 @@ async def forward(request: web.Request, call: Call, state: Runtime) -> web.Strea
             upstream.headers.items(), request_id=call.request_id, route=call.route.name, upstream_name=call.upstream,
             hide=answered_by.hide_response_headers if answered_by is not None else None,
             redact=redact if upstream.status >= 400 or answered_by is None else answered_by.secrets,
+            protocol=call.protocol,
         )
         dispatch.annotate(headers, call, sent)
         headers[QUEUE_WAIT_HEADER] = _ms(call.queue_wait)

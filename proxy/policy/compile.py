@@ -6,7 +6,7 @@ import base64
 from dataclasses import fields, replace
 from types import MappingProxyType
 
-from proxy.policy import reserve, resilience
+from proxy.policy import batch_limits, reserve, resilience
 from proxy.policy.load import LoadedPolicy
 from proxy.policy.plan import (
     BatchRule,
@@ -48,7 +48,8 @@ from proxy.providers.exchange import DEFAULT_MAX_TOKENS as ANTHROPIC_DEFAULT_MAX
 def compile_plan(loaded: LoadedPolicy) -> Plan:
     policy = loaded.policy
     upstreams = {name: _upstream(name, spec) for name, spec in policy.upstreams.items()}
-    routes = tuple(_route(i, r, policy) for i, r in enumerate(policy.routes))
+    splits = _splits(policy)
+    routes = tuple(_route(i, r, policy, splits[i]) for i, r in enumerate(policy.routes))
     tenants = {
         name: TenantRule(name, Matcher(tuple(t.models)) if t.models is not None else None)
         for name, t in policy.tenants.items()
@@ -138,7 +139,7 @@ def _mock(spec: MockSpec) -> MockPlan:
     return MockPlan(spec.ttft, spec.token_delay, spec.output_tokens, spec.embedding_dim, faults, spec.seed)
 
 
-def _route(index: int, route: Route, policy: Policy) -> RouteRule:
+def _route(index: int, route: Route, policy: Policy, split: batch_limits.SplitLimits | None) -> RouteRule:
     paths = _as_tuple(route.match.path)
     models = _as_tuple(route.match.model)
     upstream = policy.upstreams[route.upstream]
@@ -153,7 +154,8 @@ def _route(index: int, route: Route, policy: Policy) -> RouteRule:
         timeouts=inherit_timeouts(route.timeouts, upstream.timeouts, policy.timeouts),
         advertised=tuple(m for m in models if not any(c in m for c in "*?[")),
         stream=StreamSpec(route.stream.heartbeat, route.stream.slow_client) if route.stream else None,
-        batch=_batch(route.batch),
+        batch=_batch(route.batch, split),
+        split=split,
         deployments=resilience.deployments(
             route,
             policy,
@@ -165,10 +167,30 @@ def _route(index: int, route: Route, policy: Policy) -> RouteRule:
     )
 
 
-def _batch(batch: Batch | None) -> BatchRule | None:
+def _batch(batch: Batch | None, split: batch_limits.SplitLimits | None) -> BatchRule | None:
     if batch is None:
         return None
-    return BatchRule(batch.max_items, batch.max_tokens, batch.max_wait, batch.cross_tenant)
+    items, tokens = batch_limits.clamped(batch.max_items, batch.max_tokens, split)
+    return BatchRule(items, tokens, batch.max_wait, batch.cross_tenant)
+
+
+def _splits(policy: Policy) -> list[batch_limits.SplitLimits | None]:
+    """Per route, the strictest batch limits of every upstream it (its pool, its fallbacks' pools) may use."""
+    by_name = {r.name: r for r in policy.routes}
+    by_upstream = {name: batch_limits.upstream_limits(u.base_url, u.batch_limits)
+                   for name, u in policy.upstreams.items()}
+    return [
+        batch_limits.route_limits(
+            _pool_upstreams(route),
+            [_pool_upstreams(by_name[name]) for name in route.fallbacks if name in by_name],
+            by_upstream,
+        )
+        for route in policy.routes
+    ]
+
+
+def _pool_upstreams(route: Route) -> list[str]:
+    return [d.upstream for d in route.deployments] if route.deployments else [route.upstream]
 
 
 def inherit_timeouts(*layers: Timeouts) -> TimeoutSpec:

@@ -25,7 +25,7 @@ from proxy.policy.units import format_duration, mask_userinfo
 from proxy.providers.exchange import Untranslatable, choose
 
 # Route capabilities shown as they were compiled, when the compiled route has them.
-COMPILED_SECTIONS = ("deployments", "balance", "retry", "breaker", "fallbacks", "batch")
+COMPILED_SECTIONS = ("deployments", "balance", "retry", "breaker", "fallbacks", "batch", "split")
 # Source fields that a section below reports (or that are secret), so "other" does not repeat them.
 _COVERED = {
     "name", "match", "upstream", "model", "timeouts", "keys", "api_key", "provider", "base_url", "mock",
@@ -328,12 +328,14 @@ def compiled_section(name: str) -> Callable[[Context], dict[str, Any] | None]:
 
     def section(ctx: Context) -> dict[str, Any] | None:
         value = getattr(ctx.route, name, None)
-        if value is None or value == () or value == {}:
-            return None
+        if value is None or value == () or value == {} or (name == "split" and not ctx.path.endswith("/embeddings")):
+            return None  # split limits bind embeddings requests only
         if _set_in(ctx.source, name):
             source = "route"
         elif name == "deployments" and _set_in(ctx.source, "upstream"):
             source = f"route (upstream: {ctx.source.upstream}, a pool of one deployment)"
+        elif name == "split":
+            source = "upstreams (the strictest batch_limits of the pool and fallbacks, or a vendor's known ones)"
         elif _set_in(ctx.policy, name):
             source = "policy"
         else:

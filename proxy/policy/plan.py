@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from proxy.policy.batch_limits import SplitLimits
 from proxy.policy.rates import LimitSpec as LimitSpec  # its home before rate units
 from proxy.policy.redact import EMPTY, Redactor
 from proxy.providers.exchange import DEFAULT_MAX_TOKENS as ANTHROPIC_DEFAULT_MAX_TOKENS
@@ -276,6 +277,8 @@ class RouteRule:
     maximum: the route's `tokens.default_max_tokens` when the policy sets it, else 4096."""
     stream: StreamSpec | None = None
     batch: BatchRule | None = None
+    split: SplitLimits | None = None
+    """The most one upstream embeddings call may hold on this route (proxy/batching/split.py)."""
     deployments: tuple[DeploymentSpec, ...] = ()
     """The pool; the shorthand `upstream:` + `model:` compiles to one deployment."""
     balance: Literal["weighted", "least_outstanding"] = "weighted"

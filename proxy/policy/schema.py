@@ -19,12 +19,13 @@ from yarl import URL
 from proxy.policy.schema_base import NAME_PATTERN, Strict
 from proxy.policy.schema_limits import Limits, Queue, RouteLimits, Shed, Timeouts, TokenSettings
 from proxy.policy.schema_resilience import NEVER_RETRIED, Backoff, Breaker, Pacing, Retry, RetryBudget, RetryOutcome
-from proxy.policy.schema_routes import Batch, Deployment, Match, StreamOptions, embedding_paths
+from proxy.policy.schema_routes import Batch, BatchLimits, Deployment, Match, StreamOptions, embedding_paths
 from proxy.policy.schema_state import REDIS_SCHEMES, State, StateBreaker
 from proxy.policy.units import ByteSize, Duration
 
 __all__ = [
-    "DEFAULT_AUTH_HEADER", "NAME_PATTERN", "NEVER_RETRIED", "REDIS_SCHEMES", "Backoff", "Batch", "Breaker",
+    "DEFAULT_AUTH_HEADER", "NAME_PATTERN", "NEVER_RETRIED", "REDIS_SCHEMES", "Backoff", "Batch", "BatchLimits",
+    "Breaker",
     "Deployment", "Identify", "Limits", "Match", "MockFaultSpec", "MockSpec", "Pacing", "Policy", "Pool", "Queue",
     "Retry", "RetryBudget", "RetryOutcome", "Route", "RouteLimits", "Shed", "State", "StateBreaker", "Strict",
     "StreamOptions", "Tenant", "Timeouts", "TokenSettings", "Upstream",
@@ -116,13 +117,16 @@ class Upstream(Strict):
     `breaker`, then the defaults."""
     pacing: Pacing = Field(default_factory=Pacing)
     """Hold dispatches while the upstream reports a limit used up."""
+    batch_limits: BatchLimits | None = None
+    """The most one embeddings request may hold here; larger ones are split (docs/policy/batching.md).
+    Unset: OpenAI's published limits when base_url is `https://api.openai.com`, no limit otherwise."""
     hide_response_headers: list[str] = Field(default_factory=list)
     """Upstream response headers never relayed to clients (names or globs, any case), e.g.
     `openai-organization`, `anthropic-organization-id`, `x-ratelimit-*`: what the vendor says about the
     platform's account stays with the platform. Applies to whole, streamed and batched answers;
-    Content-Type is always relayed; `x-request-id` hides `x-upstream-request-id`. The proxy still reads
-    hidden headers itself (retry and pacing hints); leave `retry-after` and `x-should-retry` visible, the SDKs
-    retry on them."""
+    Content-Type is always relayed; `x-request-id` (or Anthropic's `request-id`) hides `x-upstream-request-id`.
+    The proxy still reads hidden headers itself (retry and pacing hints); leave `retry-after` and
+    `x-should-retry` visible, the SDKs retry on them."""
 
     @field_validator("hide_response_headers")
     @classmethod
@@ -146,6 +150,8 @@ class Upstream(Strict):
                              "in a password that should be percent-encoded)")
         if self.mock is not None and self.provider != "mock":
             raise ValueError("the mock section applies only to provider: mock")
+        if self.batch_limits is not None and self.provider == "anthropic":
+            raise ValueError("batch_limits applies to embeddings, which anthropic upstreams do not serve")
         return self
 
 

@@ -1,8 +1,9 @@
-"""Policy models for a route's options: what it matches, its pool's deployments, streams and batching."""
+"""Policy models for a route's options: what it matches, its pool's deployments, streams and batching, and
+the batch limits an upstream declares (what one embeddings request to it may hold)."""
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from proxy.policy.schema_base import Strict
 from proxy.policy.units import Duration
@@ -74,3 +75,23 @@ def embedding_paths(path: str | list[str]) -> bool:
     paths = [path] if isinstance(path, str) else path
     return bool(paths) and all(p.endswith("/embeddings") and not any(c in p for c in "*?[") for p in paths)
 
+
+
+class BatchLimits(Strict):
+    """The most one embeddings request to this upstream may hold (docs/policy/batching.md): a larger one is
+    split into several upstream calls, and merged batches stay within it. Unset fields: no limit."""
+
+    max_inputs: int | None = Field(default=None, ge=1, le=1_000_000)
+    """Inputs (strings or token arrays) in one upstream call; OpenAI accepts at most 2,048."""
+    max_tokens: int | None = Field(default=None, ge=1, le=100_000_000)
+    """Tokens summed over the inputs of one upstream call; OpenAI accepts at most 300,000. Text is estimated
+    at 4 UTF-8 bytes per token (token arrays are exact): leave a margin for dense scripts."""
+    concurrency: int = Field(default=2, ge=1, le=64)
+    """Parts of one split request in flight at once (each part is one upstream call, with its own
+    retries, breaker and upstream limits)."""
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> BatchLimits:
+        if self.max_inputs is None and self.max_tokens is None:
+            raise ValueError("batch_limits needs max_inputs or max_tokens (or leave batch_limits out)")
+        return self

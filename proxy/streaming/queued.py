@@ -45,6 +45,8 @@ class QueuedStream:
                 "X-Accel-Buffering": "no",
                 "x-request-id": self.call.request_id,
             }
+            if self.call.protocol == "anthropic":
+                headers["request-id"] = self.call.request_id  # the anthropic SDK's `_request_id`
             if self.call.route is not None:
                 headers["x-signalbox-route"] = self.call.route.name
             response = web.StreamResponse(status=200, headers=headers)

@@ -143,6 +143,14 @@ class Metrics:
             "signalbox_batch_splits", "Merged calls re-sent in two parts after a 400-class answer (bisect).",
             ["route"], registry=r,
         )
+        self.split_requests = Counter(
+            "signalbox_split_requests", "Embeddings requests above their upstream's batch_limits, split into "
+            "several upstream calls.", ["route"], registry=r,
+        )
+        self.split_parts = Counter(
+            "signalbox_split_parts", "Parts of split embeddings requests sent upstream (each one upstream call).",
+            ["route"], registry=r,
+        )
         # Upstream resilience (proxy/upstream): per attempt from the Call, state gauges at scrape time,
         # transitions and rare events (retry, budget, fallback) when they happen.
         self.upstream_requests = HotCounter(
@@ -278,6 +286,12 @@ class Metrics:
 
     def batch_split(self, route: str) -> None:
         self._child(self.batch_splits, route).inc()
+
+    def split_request(self, route: str) -> None:
+        self._child(self.split_requests, route).inc()
+
+    def split_part(self, route: str) -> None:
+        self._child(self.split_parts, route).inc()
 
     def retried(self, route: str, reason: str) -> None:
         self._child(self.retries, route, reason).inc()

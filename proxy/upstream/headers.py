@@ -32,7 +32,9 @@ HOP_BY_HOP = frozenset(
 )
 # Never forwarded upstream: framing aiohttp recomputes, and the client's proxy credentials.
 _DROP_UP = HOP_BY_HOP | {"host", "content-length", "accept-encoding", "authorization", "x-api-key", "api-key"}
-_DROP_DOWN = HOP_BY_HOP | {"content-length", "content-encoding", "server", "date", "x-request-id"}
+_DROP_DOWN = HOP_BY_HOP | {"content-length", "content-encoding", "server", "date", "x-request-id", "request-id"}
+# The upstream's own request id: `x-request-id` (OpenAI and most compatible servers) or `request-id` (Anthropic).
+_UPSTREAM_IDS = ("x-request-id", "request-id")
 _CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key")
 USER_AGENT = "signalbox"
 """Sent upstream when the client sent no User-Agent of its own."""
@@ -104,10 +106,13 @@ def client_headers(
     upstream_name: str,
     hide: Matcher | None = None,
     redact: Redactor = EMPTY,
+    protocol: str = "openai",
 ) -> CIMultiDict[str]:
-    """Headers for the client response. The upstream's own request id survives as x-upstream-request-id
-    (unless `hide`, the upstream's `hide_response_headers`, names x-request-id). A value quoting a secret
-    `redact` knows (a gateway echoing the credentials it got) has it replaced."""
+    """Headers for the client response. Our request id goes out as `x-request-id`, and for an Anthropic
+    client (`protocol`) also as `request-id`, where the anthropic SDK reads `_request_id`. The upstream's
+    own id, whichever of the two headers it came in, survives as x-upstream-request-id (unless `hide`, the
+    upstream's `hide_response_headers`, names that header). A value quoting a secret `redact` knows (a
+    gateway echoing the credentials it got) has it replaced."""
     out: CIMultiDict[str] = CIMultiDict()
     named: list[str] = []
     for name, value in upstream:
@@ -117,7 +122,7 @@ def client_headers(
         if hide is not None and lower != "content-type" and hide(lower):
             continue
         if lower in _DROP_DOWN:
-            if lower == "x-request-id" and value != request_id:
+            if lower in _UPSTREAM_IDS and value != request_id:
                 out["x-upstream-request-id"] = value
             continue
         out.add(name, value)
@@ -126,6 +131,8 @@ def client_headers(
     if redact and out:
         _redact_values(out, redact)
     out["x-request-id"] = request_id
+    if protocol == "anthropic":
+        out["request-id"] = request_id
     out["x-signalbox-route"] = route
     out["x-signalbox-upstream"] = upstream_name
     return out

@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 
 from proxy.providers.anthropic.request_to import FieldHandling, TranslationError
+from proxy.providers.anthropic.strict import strict_schema
 
 # Coverage table for docs/policy/translation.md; fields not listed are dropped (OpenAI rejects unknown fields).
 ANTHROPIC_REQUEST_FIELDS: tuple[FieldHandling, ...] = (
@@ -24,11 +25,16 @@ ANTHROPIC_REQUEST_FIELDS: tuple[FieldHandling, ...] = (
     FieldHandling("stop_sequences", "mapped", "→ stop"),
     FieldHandling("stream", "mapped", "→ stream, with stream_options.include_usage so usage can be reported"),
     FieldHandling(
-        "tools", "mapped", "custom tools → function tools; server tools (web search, bash…) rejected"
+        "tools", "mapped",
+        "custom tools → function tools (`strict` → `strict: true` where faithful); server tools (web search, "
+        "bash…) rejected",
     ),
     FieldHandling("tool_choice", "mapped", "auto/none/any→required/{tool}→{function}"),
     FieldHandling("metadata", "mapped", "user_id → user"),
-    FieldHandling("output_config", "mapped", "format json_schema → response_format; effort dropped"),
+    FieldHandling(
+        "output_config", "mapped", "format json_schema → response_format json_schema, `strict: true` where "
+        "faithful; effort dropped"
+    ),
     FieldHandling("mcp_servers", "rejected", "any value: MCP connectors run on Anthropic's side"),
     FieldHandling("container", "rejected", "any value: code-execution containers are Anthropic's"),
     FieldHandling("top_k", "dropped", "OpenAI rejects it; vLLM users can set it server-side"),
@@ -202,8 +208,19 @@ def _tools(tools: object) -> list[dict[str, Any]]:
         function: dict[str, Any] = {"name": tool.get("name"), "parameters": tool["input_schema"]}
         if tool.get("description"):
             function["description"] = tool["description"]
+        if tool.get("strict") is True:  # strict tool use: arguments always match input_schema
+            _strict(function, "parameters")
         out.append({"type": "function", "function": function})
     return out
+
+
+def _strict(spec: dict[str, Any], field: str) -> None:
+    """`strict: true` with the schema in OpenAI's strict form, when that keeps every guarantee; else the
+    schema is left as the client wrote it, without `strict` (proxy/providers/anthropic/strict.py)."""
+    tight = strict_schema(spec[field])
+    if tight is not None:
+        spec[field] = tight
+        spec["strict"] = True
 
 
 def _tool_choice(choice: object, out: dict[str, Any]) -> None:
@@ -240,10 +257,9 @@ def anthropic_to_openai_chat(body: Mapping[str, Any]) -> dict[str, Any]:
     config = body.get("output_config")
     fmt = config.get("format") if isinstance(config, Mapping) else None
     if isinstance(fmt, Mapping) and fmt.get("type") == "json_schema":
-        out["response_format"] = {
-            "type": "json_schema",
-            "json_schema": {"name": "output", "schema": fmt.get("schema")},
-        }
+        spec = {"name": "output", "schema": fmt.get("schema")}
+        _strict(spec, "schema")  # Anthropic enforces the schema: so must the upstream, where it can
+        out["response_format"] = {"type": "json_schema", "json_schema": spec}
     metadata = body.get("metadata")
     user = metadata.get("user_id") if isinstance(metadata, Mapping) else None
     if isinstance(user, str) and user:

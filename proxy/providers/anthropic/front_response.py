@@ -29,6 +29,9 @@ def openai_chat_to_anthropic_message(body: Mapping[str, Any], *, model: str) -> 
             }
             content.append({"type": "tool_use", **block})
     stop_reason, stop_sequence = anthropic_stop(choice.get("finish_reason"), choice.get("stop_reason"))
+    refusal = message.get("refusal")
+    if stop_reason == "end_turn" and isinstance(refusal, str) and refusal:
+        stop_reason = "refusal"  # OpenAI's strict-mode refusal ends with "stop"; Anthropic says "refusal"
     usage = body.get("usage")
     return {
         "id": anthropic_id(body.get("id")),

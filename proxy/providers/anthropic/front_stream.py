@@ -45,6 +45,7 @@ class OpenAIToAnthropicStream:
         "_finish_reason",
         "_matched_stop",
         "_usage",
+        "_refused",
     )
 
     def __init__(self, *, model: str) -> None:
@@ -58,6 +59,7 @@ class OpenAIToAnthropicStream:
         self._finish_reason: object = None
         self._matched_stop: object = None
         self._usage: dict[str, Any] | None = None
+        self._refused = False  # a `refusal` delta came: the stop reason is Anthropic's "refusal"
 
     @property
     def usage(self) -> dict[str, Any] | None:
@@ -152,6 +154,8 @@ class OpenAIToAnthropicStream:
             for text in (delta.get("content"), delta.get("refusal")):
                 if isinstance(text, str) and text:
                     out.extend(self._text(text))
+            if isinstance(delta.get("refusal"), str) and delta["refusal"]:
+                self._refused = True
             for call in delta.get("tool_calls") or ():
                 if isinstance(call, Mapping):
                     out.extend(self._tool(call))
@@ -166,6 +170,8 @@ class OpenAIToAnthropicStream:
         out = [] if self._started else self._start({})
         out.extend(self._close_block())
         stop_reason, stop_sequence = anthropic_stop(self._finish_reason, self._matched_stop)
+        if self._refused and stop_reason == "end_turn":
+            stop_reason = "refusal"
         payload = {
             "type": "message_delta",
             "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
