@@ -18,13 +18,26 @@ from yarl import URL
 
 from proxy.policy.schema_base import NAME_PATTERN, Strict
 from proxy.policy.schema_limits import Limits, Queue, RouteLimits, Shed, Timeouts, TokenSettings
-from proxy.policy.schema_resilience import NEVER_RETRIED, Backoff, Breaker, Pacing, Retry, RetryBudget, RetryOutcome
+from proxy.policy.schema_resilience import (
+    IDEMPOTENT_METHODS,
+    NEVER_RETRIED,
+    Backoff,
+    Breaker,
+    ExponentialBackoff,
+    FixedBackoff,
+    Pacing,
+    Retry,
+    RetryBudget,
+    RetryOutcome,
+    RetryRule,
+)
 from proxy.policy.schema_routes import Batch, Deployment, Match, StreamOptions, embedding_paths
 from proxy.policy.schema_state import REDIS_SCHEMES, State, StateBreaker
 from proxy.policy.units import ByteSize, Duration
 
 __all__ = [
-    "DEFAULT_AUTH_HEADER", "NAME_PATTERN", "NEVER_RETRIED", "REDIS_SCHEMES", "Backoff", "Batch", "Breaker",
+    "DEFAULT_AUTH_HEADER", "IDEMPOTENT_METHODS", "NAME_PATTERN", "NEVER_RETRIED", "ExponentialBackoff", "FixedBackoff",
+    "RetryRule", "REDIS_SCHEMES", "Backoff", "Batch", "Breaker",
     "Deployment", "Identify", "Limits", "Match", "MockFaultSpec", "MockSpec", "Pacing", "Policy", "Pool", "Queue",
     "Retry", "RetryBudget", "RetryOutcome", "Route", "RouteLimits", "Shed", "State", "StateBreaker", "Strict",
     "StreamOptions", "Tenant", "Timeouts", "TokenSettings", "Upstream",

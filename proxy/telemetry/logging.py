@@ -15,7 +15,7 @@ from typing import IO
 
 import orjson
 
-from proxy.call import Call
+from proxy.call import Attempt, Call
 
 FLUSH_AFTER = 0.1
 """Longest time a written line may wait in the buffer: `kubectl logs` shows requests promptly."""
@@ -35,6 +35,13 @@ def _ms2(seconds: float) -> float:
     """Milliseconds to 2 decimals, as round(seconds * 1000, 2) gives them for durations (non-negative, far
     from a float's precision): round() with digits goes through a decimal string, about 5x the cost."""
     return int(seconds * 100_000 + 0.5) / 100
+
+
+def _attempt(a: Attempt) -> dict[str, object]:
+    entry: dict[str, object] = {"deployment": a.upstream, "status": a.status, "ms": _ms2(a.duration), "error": a.error}
+    if a.wait is not None:
+        entry["wait_ms"], entry["after"] = _ms2(a.wait[0]), a.wait[1]
+    return entry
 
 
 class AccessLog:
@@ -74,11 +81,9 @@ class AccessLog:
             "ttft_ms": _ms2(first - dispatched) if first is not None and dispatched is not None else None,
             # One entry per upstream attempt: the deployment, its status (0: no response), the time to its
             # headers or failure, and why it failed without a response (upstream_unreachable,
-            # upstream_timeout, cancelled).
-            "attempts": [
-                {"deployment": a.upstream, "status": a.status, "ms": _ms2(a.duration), "error": a.error}
-                for a in call.attempts
-            ],
+            # upstream_timeout, cancelled), and for a retry after a wait, the wait planned and how it was
+            # chosen (`after`: exponential, fixed, reset, or hint when the upstream's replaced the backoff).
+            "attempts": [_attempt(a) for a in call.attempts],
             "events": call.events_relayed or None,
             "bytes": call.bytes_out,
             "error": call.error,
