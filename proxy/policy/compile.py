@@ -6,7 +6,7 @@ import base64
 from dataclasses import fields, replace
 from types import MappingProxyType
 
-from proxy.policy import reserve, resilience
+from proxy.policy import reserve, resilience, tools
 from proxy.policy.load import LoadedPolicy
 from proxy.policy.plan import (
     BatchRule,
@@ -57,6 +57,7 @@ def compile_plan(loaded: LoadedPolicy) -> Plan:
         key_digest(key.get_secret_value()): name for name, t in policy.tenants.items() for key in t.keys
     }
     upstreams, routes, tenants = _admission(policy, upstreams, routes, tenants)
+    routes = tools.without_tokens(routes)
     ident = policy.identify
     return Plan(
         digest=loaded.digest,
@@ -73,6 +74,7 @@ def compile_plan(loaded: LoadedPolicy) -> Plan:
         state=_state(policy.state),
         routes_by_name=MappingProxyType({r.name: r for r in routes}),
         secrets=policy_secrets(policy),
+        tools=tuple(r for r in routes if r.tool_prefix is not None),
     )
 
 
@@ -142,6 +144,9 @@ def _route(index: int, route: Route, policy: Policy) -> RouteRule:
     paths = _as_tuple(route.match.path)
     models = _as_tuple(route.match.model)
     upstream = policy.upstreams[route.upstream]
+    prefix = tools.prefix_of(route, upstream)
+    if prefix is not None:
+        paths = (prefix, prefix + "/*")  # the prefix itself and everything under it
     return RouteRule(
         name=route.name,
         index=index,
@@ -160,8 +165,9 @@ def _route(index: int, route: Route, policy: Policy) -> RouteRule:
             lambda name: inherit_timeouts(route.timeouts, policy.upstreams[name].timeouts, policy.timeouts),
         ),
         balance=route.balance,
-        retry=resilience.retry_spec(route.retry, policy.retry),
+        retry=resilience.retry_spec(route.retry, policy.retry, tool=prefix is not None),
         fallbacks=tuple(route.fallbacks),
+        tool_prefix=prefix,
     )
 
 

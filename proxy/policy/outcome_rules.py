@@ -38,7 +38,7 @@ class OutcomeRule:
 
     def describe(self) -> dict[str, object]:
         """What `explain` shows: the effective rule, every default filled in."""
-        on: list[object] = sorted(self.statuses)
+        on: list[object] = list(sorted(self.statuses))
         on += [kind for kind, flag in (("connect_error", self.connect_error), ("timeout", self.timeout)) if flag]
         backoff: object
         if self.backoff == "exponential":

@@ -17,7 +17,7 @@ from proxy.policy.rates import LimitSpec as LimitSpec  # its home before rate un
 from proxy.policy.redact import EMPTY, Redactor
 from proxy.providers.exchange import DEFAULT_MAX_TOKENS as ANTHROPIC_DEFAULT_MAX_TOKENS
 
-Provider = Literal["openai", "anthropic", "mock"]
+Provider = Literal["openai", "anthropic", "mock", "http"]
 IdentifyMode = Literal["api_key", "header", "single", "passthrough"]
 
 DEFAULT_CONNECT = 10.0
@@ -255,6 +255,8 @@ class RouteRule:
     retry: RetrySpec = RetrySpec()
     fallbacks: tuple[str, ...] = ()
     """Route names tried in order, within the same deadline, once this route's pool gives up."""
+    tool_prefix: str | None = None
+    """A `provider: http` route: the path prefix replaced by the upstream's base_url (proxy/ingress/tool.py)."""
 
     def matches(self, path: str, model: str, tenant: str) -> bool:
         return (
@@ -334,6 +336,8 @@ class Plan:
     """Largest non-streamed upstream answer read into memory (proxy/upstream/body.py)."""
     secrets: Redactor = field(default=EMPTY, repr=False, compare=False)
     """Every secret of the policy in every form it is sent, compiled once (proxy/policy/redact.py)."""
+    tools: tuple[RouteRule, ...] = ()
+    """The `provider: http` routes, in policy order: the ones a request outside /v1 is matched against."""
 
     def tenant_for_key(self, key: str) -> TenantRule | None:
         name = self.key_index.get(key_digest(key))

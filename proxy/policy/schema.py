@@ -46,7 +46,8 @@ __all__ = [
 # An HTTP field name (RFC 9110 §5.1 token characters), with the glob characters * ? [ ] also allowed.
 _HEADER_PATTERN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z\-?\[\]]+")
 
-DEFAULT_AUTH_HEADER = {"openai": "authorization", "anthropic": "x-api-key", "mock": "authorization"}
+DEFAULT_AUTH_HEADER = {"openai": "authorization", "anthropic": "x-api-key", "mock": "authorization",
+                       "http": "authorization"}
 """Where an upstream's api_key goes when `auth_header` is unset."""
 
 
@@ -96,9 +97,10 @@ class MockSpec(Strict):
 class Upstream(Strict):
     """A server the proxy sends calls to, and how it is reached."""
 
-    provider: Literal["openai", "anthropic", "mock"]
+    provider: Literal["openai", "anthropic", "mock", "http"]
     """`openai` for any OpenAI-compatible server (OpenAI, Azure OpenAI, vLLM, TGI, Groq, DeepSeek, Ollama),
-    `anthropic`, or `mock` (the built-in mock, started in-process)."""
+    `anthropic`, `mock` (the built-in mock, started in-process), or `http`: any HTTP API (a tool an agent
+    calls), proxied on a path prefix of its own, bytes untouched (docs/policy/tool-upstreams.md)."""
     base_url: str | None = None
     """Up to and including the API version segment, e.g. `https://api.openai.com/v1`, `http://vllm:8000/v1`,
     `https://api.anthropic.com/v1`, `https://RESOURCE.openai.azure.com/openai/v1`. Not for `mock`.

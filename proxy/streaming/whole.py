@@ -53,7 +53,8 @@ async def respond_whole(
         call.usage = usage_of(body)
     if transform is not None:
         status, body = transform(status, body)
-        headers["Content-Type"] = "application/json"
+        if call.exchange is None or call.exchange.provider != "http":  # a tool's error keeps its own type
+            headers["Content-Type"] = "application/json"
     call.status = status
     call.bytes_out = len(body)
     return web.Response(status=status, body=body, headers=headers)

@@ -270,7 +270,6 @@ def _retry_after_answer(
 ) -> None:
     """A retriable answer, its body read (or not, if the connection broke): kept to relay if nothing better
     comes, and the deployment's next chance set (after the hint or a backoff, or not in this pool)."""
-    registry = progress.registry
     status = response.status
     if buffered is not None:
         progress.failure, progress.last_was_error, progress.failure_body = response, False, buffered
