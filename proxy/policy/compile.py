@@ -135,7 +135,8 @@ def _anthropic_max_tokens(route: Route) -> int:
 
 def _mock(spec: MockSpec) -> MockPlan:
     faults = tuple(
-        MockFaultPlan(f.kind, f.probability, f.status, f.retry_after, f.stall, f.after_events) for f in spec.faults
+        MockFaultPlan(f.kind, f.probability, f.status, f.retry_after, f.stall, f.after_events, f.times)
+        for f in spec.faults
     )
     return MockPlan(spec.ttft, spec.token_delay, spec.output_tokens, spec.embedding_dim, faults, spec.seed)
 

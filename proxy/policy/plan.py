@@ -130,6 +130,7 @@ class MockFaultPlan:
     retry_after: float | None
     stall: float
     after_events: int
+    times: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

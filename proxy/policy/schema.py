@@ -75,6 +75,9 @@ class MockFaultSpec(Strict):
     """How long a `stall` fault waits."""
     after_events: int = Field(default=3, ge=0)
     """Stream events sent before a `drop` fault cuts the connection."""
+    times: int | None = Field(default=None, ge=1)
+    """Only the first this many requests that draw the fault get it; then it is spent (unset: no end).
+    Faults listed in order with `times` script a sequence: three 503s, then a 429 with a 2 s retry-after."""
 
 
 class MockSpec(Strict):
