@@ -9,6 +9,10 @@ from pathlib import Path
 from test_policy_load import problems_of, write
 
 from proxy.ingress.tool import tool_route
+from proxy.policy.compile import compile_plan
+from proxy.policy.explain import explain
+from proxy.policy.explain_text import format_text
+from proxy.policy.load import load_policy
 from proxy.policy.plan import Plan
 from proxy.providers.exchange import tool
 
@@ -102,3 +106,46 @@ def test_a_tool_route_compiles_to_its_prefix(make_plan: Callable[[str], Plan]) -
     assert tool("/tools/search", "/tools/search").upstream_path == ""
     assert tool("/tools/search/", "/tools/search").upstream_path == "/"
     assert tool("/tools/search/a%2Fb/c/", "/tools/search").upstream_path == "/a%2Fb/c/"
+
+
+def test_explain_shows_the_tool_mapping_and_the_effective_retry_rules(tmp_path: Path) -> None:
+    path = write(tmp_path / "p.yaml", """
+        upstreams:
+          search: {provider: http, base_url: "https://search.example/api"}
+          llm: {provider: openai, base_url: "http://127.0.0.1:1/v1"}
+        tenants:
+          alpha: {keys: [sk-a]}
+        retry:
+          max_retry_after: 3s
+          rules:
+            - {on: [timeout, connect_error], attempts: 3}
+            - {on: [503], attempts: 5, backoff: {fixed: 1s}}
+            - {on: [429], attempts: 10, backoff: reset}
+        routes:
+          - name: chat
+            match: {path: "*"}
+            upstream: llm
+          - name: search
+            match: {path: /tools/search/*}
+            upstream: search
+        """)
+    loaded = load_policy(path, environ={})
+    plan = compile_plan(loaded)
+    answer = explain(loaded, plan, path="/tools/search/v2/q", tenant="alpha")
+    assert answer["route"]["name"] == "search" and answer["skipped"] == []  # tool paths meet tool routes only
+    assert answer["tool"]["sent_to"].startswith("https://search.example/api/v2/q")
+    assert answer["model_sent_upstream"] == "(none: a tool route)"
+    retry = answer["retry"]
+    assert retry["from"] == "policy"
+    assert retry["value"]["rules"] == [
+        {"on": ["connect_error", "timeout"], "attempts": 3, "backoff": {"exponential": {"base": 0.25, "max": 5.0}},
+         "max_wait": 3.0},
+        {"on": [503], "attempts": 5, "backoff": {"fixed": 1.0}, "max_wait": 3.0},
+        {"on": [429], "attempts": 10, "backoff": "reset", "max_wait": 3.0},
+    ]
+    assert retry["value"]["methods"] == ["DELETE", "GET", "HEAD", "OPTIONS", "PUT"]
+    text = format_text(answer)
+    assert "tool:     prefix /tools/search -> https://search.example/api/v2/q" in text
+    assert "backoff: reset" in text
+    llm = explain(loaded, plan, path="/v1/chat/completions", model="gpt-4o", tenant="alpha")
+    assert llm["route"]["name"] == "chat" and "tool" not in llm and "methods" not in llm["retry"]["value"]
