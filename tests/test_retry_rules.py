@@ -139,9 +139,9 @@ def test_the_single_form_and_one_rule_decide_alike() -> None:
         new, index = rules.judge(status, error, False, None, hint, [0], ruled)
         assert old == new, (status, error)
         if old == "retry":
-            draw = rng.random()
-            ready = judge.ready_at(1, hint, single, 100.0, lambda: draw)
-            wait = rules.delay(rule, 1, hint, lambda: draw)
+            same = draws(*[rng.random()] * 2)
+            ready = judge.ready_at(1, hint, single, 100.0, same)
+            wait = rules.delay(rule, 1, hint, same)
             assert ready == (None if wait is None else 100.0 + wait)
 
 

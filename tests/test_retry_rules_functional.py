@@ -36,7 +36,8 @@ SCENARIOS: dict[str, list[dict[str, Any]]] = {
 
 
 def rules_policy() -> str:
-    upstreams = {name: {"provider": "mock", "mock": {"faults": faults, "seed": 1}} for name, faults in SCENARIOS.items()}
+    upstreams = {name: {"provider": "mock", "mock": {"faults": faults, "seed": 1}}
+                 for name, faults in SCENARIOS.items()}
     routes = [{"name": name, "match": {"model": name}, "upstream": name} for name in SCENARIOS]
     return build_policy(
         upstreams, routes,

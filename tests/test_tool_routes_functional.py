@@ -13,9 +13,11 @@ from typing import Any
 import httpx2 as httpx
 import orjson
 import pytest
-from conftest import UPSTREAM_KEY, Proxy
-from kit import UPSTREAM_KEY_REF, Loopback, build_policy, scrape
 from aiohttp import web
+from conftest import UPSTREAM_KEY, Proxy
+from kit import UPSTREAM_KEY_REF, Loopback, build_policy, scrape, until
+
+from proxy.tasks import spawn
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -145,9 +147,8 @@ async def test_request_and_concurrency_limits_answer_429_in_the_neutral_shape(
         assert set(error) == {"type", "message", "request_id", "retry_after"}
         assert "sk-alpha" not in refused.text and "authorization" not in refused.text.lower()
 
-        held = asyncio.create_task(client.get("/tools/slow/slow"))
-        while len(tool.seen) < 4:
-            await asyncio.sleep(0.01)
+        held = spawn(client.get("/tools/slow/slow"), name="held-tool-call")
+        await until(lambda: len(tool.seen) == 4)
         second = await client.get("/tools/slow/slow")
         assert second.status_code == 429 and orjson.loads(second.content)["error"]["type"] == "rate_limited"
         tool.gate.set()
