@@ -59,6 +59,14 @@ class Tool:
                 await response.write(f"event: part\ndata: {{\"n\": {i}}}\n\n".encode())
             await response.write_eof()
             return response
+        if path.endswith("/chunks"):  # chunked, no length: a line now, the next once the gate opens
+            response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+            await response.prepare(request)
+            await response.write(b'{"part": 1}\n')
+            await self.gate.wait()
+            await response.write(b'{"part": 2}\n')
+            await response.write_eof()
+            return response
         if path.endswith("/text"):
             return web.Response(status=404, body=b"no such thing \xff", content_type="text/plain",
                                 headers={"x-tool": "text"})
@@ -124,6 +132,17 @@ async def test_a_streamed_answer_is_relayed_event_by_event(start_proxy: StartPro
             chunks = [chunk async for chunk in got.aiter_bytes()]
     expected = b"".join(f"event: part\ndata: {{\"n\": {i}}}\n\n".encode() for i in range(3))
     assert b"".join(chunks) == expected
+
+
+async def test_a_chunked_answer_is_relayed_as_it_comes(start_proxy: StartProxy, tool: Tool) -> None:
+    proxy = await start_proxy(tool_policy(tool))
+    async with httpx.AsyncClient(base_url=proxy.url, headers=KEY) as client:
+        async with client.stream("GET", "/tools/search/chunks") as got:
+            assert got.status_code == 200 and got.headers["content-type"] == "application/x-ndjson"
+            lines = got.aiter_lines()
+            assert await anext(lines) == '{"part": 1}'  # before the tool wrote the rest
+            tool.gate.set()
+            assert [line async for line in lines] == ['{"part": 2}']
 
 
 async def test_request_and_concurrency_limits_answer_429_in_the_neutral_shape(

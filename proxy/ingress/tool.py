@@ -4,9 +4,9 @@ The same stages as an LLM call (tenant, limits, queue and priority, dispatch wit
 breaker and fallbacks, the relay, metrics and the access log), without what only LLM calls have: the
 body is read as bytes within `max_body_size` and never parsed (no model, no token estimate), and the
 answer is relayed as it came. Proxy-made errors use the neutral JSON shape (errors.py `neutral_body`).
-A client that accepts `text/event-stream` is relayed a streamed answer event by event; any other answer
-is read whole first (so a connection cut mid-body can still be retried), a larger one than
-`max_buffered_response` passes through as it arrives.
+A client that accepts `text/event-stream` is relayed a streamed answer event by event; a chunked answer
+passes through as it arrives; one with a Content-Length is read whole first (so a connection cut mid-body
+can still be retried), a larger one than `max_buffered_response` passes through as it arrives.
 """
 
 from __future__ import annotations

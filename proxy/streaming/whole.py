@@ -77,6 +77,16 @@ def too_large(call: Call, upstream: aiohttp.ClientResponse) -> str:
 _PASS_CHUNK = 64 * 1024
 
 
+async def pass_through(
+    request: web.Request, call: Call, upstream: aiohttp.ClientResponse, headers: CIMultiDict[str]
+) -> web.StreamResponse:
+    """An answer relayed as it arrives, chunk by chunk, never buffered whole (a tool's chunked answer)."""
+    try:
+        return await _pass_large(request, call, upstream, headers, [])
+    finally:
+        upstream.release()
+
+
 async def _pass_large(
     request: web.Request, call: Call, upstream: aiohttp.ClientResponse, headers: CIMultiDict[str], head: list[bytes]
 ) -> web.StreamResponse:

@@ -177,9 +177,11 @@ async def attempt(
                 stream=call.stream, deadline_bound=bound,
             )
             call.mark("upstream_headers")
-            if not call.stream and response.status < 400:
+            if not call.stream and response.status < 400 and (
+                    rule.tool_prefix is None or response.content_length is not None):
                 # Read a whole answer here rather than in the relay (which then finds it read): a connection
-                # cut mid-body is still a failure nothing has reached the client of.
+                # cut mid-body is still a failure nothing has reached the client of. (A tool's chunked answer
+                # is relayed as it comes: it may be a stream of its own, NDJSON say.)
                 left = progress.deadline - clock()
                 bound = bound or left < first_token
                 cap = max(left, 0.001) if bound else None
