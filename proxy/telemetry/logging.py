@@ -37,11 +37,11 @@ def _ms2(seconds: float) -> float:
     return int(seconds * 100_000 + 0.5) / 100
 
 
-def _attempt(a: Attempt) -> dict[str, object]:
-    entry: dict[str, object] = {"deployment": a.upstream, "status": a.status, "ms": _ms2(a.duration), "error": a.error}
-    if a.wait is not None:
-        entry["wait_ms"], entry["after"] = _ms2(a.wait[0]), a.wait[1]
-    return entry
+def _waited(a: Attempt) -> dict[str, object]:
+    """A retry that waited first: its entry with the wait planned and how it was chosen."""
+    assert a.wait is not None
+    return {"deployment": a.upstream, "status": a.status, "ms": _ms2(a.duration), "error": a.error,
+            "wait_ms": _ms2(a.wait[0]), "after": a.wait[1]}
 
 
 class AccessLog:
@@ -83,7 +83,11 @@ class AccessLog:
             # headers or failure, and why it failed without a response (upstream_unreachable,
             # upstream_timeout, cancelled), and for a retry after a wait, the wait planned and how it was
             # chosen (`after`: exponential, fixed, reset, or hint when the upstream's replaced the backoff).
-            "attempts": [_attempt(a) for a in call.attempts],
+            "attempts": [
+                {"deployment": a.upstream, "status": a.status, "ms": _ms2(a.duration), "error": a.error}
+                if a.wait is None else _waited(a)
+                for a in call.attempts
+            ],
             "events": call.events_relayed or None,
             "bytes": call.bytes_out,
             "error": call.error,
