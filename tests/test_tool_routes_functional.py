@@ -234,3 +234,32 @@ async def test_paths_no_tool_route_covers_keep_the_routers_answers(start_proxy: 
     assert sneaky.status_code == 400 and orjson.loads(sneaky.content)["error"]["type"] == "invalid_request"
     assert nobody.status_code == 401 and orjson.loads(nobody.content)["error"]["type"] == "unauthenticated"
     assert tool.seen == []
+
+
+async def test_a_queued_tool_call_waits_its_turn_and_a_client_that_leaves_frees_its_place(
+    start_proxy: StartProxy, tool: Tool
+) -> None:
+    policy = build_policy(
+        {"tool": {"provider": "http", "base_url": f"{tool.url}/api"}},
+        [{"name": "slow", "match": {"path": "/tools/slow/*"}, "upstream": "tool", "queue": "one",
+          "limits": {"concurrent": 1}, "on_limit": "queue"}],
+        queues={"one": {"concurrency": 1, "max_wait": "10s"}},
+    )
+    proxy = await start_proxy(policy)
+    async with httpx.AsyncClient(base_url=proxy.url, headers=KEY) as client:
+        # A client that gives up while its call is at the tool: the call is cancelled, its place freed.
+        with pytest.raises(httpx.ReadTimeout):
+            await client.get("/tools/slow/slow", timeout=0.5)
+        await until(lambda: proxy.state.in_flight == 0)
+        first = spawn(client.get("/tools/slow/slow", timeout=10), name="first-tool-call")
+        await until(lambda: len(tool.seen) == 2)
+        second = spawn(client.get("/tools/slow/slow?n=2", timeout=10), name="second-tool-call")
+        await until(lambda: proxy.state.in_flight == 2)
+        assert len(tool.seen) == 2  # the second waits in the queue, not at the tool
+        tool.gate.set()
+        answers = [await first, await second]
+    assert [a.status_code for a in answers] == [200, 200]
+    assert int(answers[1].headers["x-signalbox-queue-wait-ms"]) > 0
+    assert [s.query for s in tool.seen] == ["", "", "n=2"]
+    lines = proxy.access_lines()
+    assert lines[0]["status"] == 499 and lines[0]["outcome"] == "cancelled"
