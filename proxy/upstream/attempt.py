@@ -114,7 +114,7 @@ class Progress:
     def enter_pool(self) -> None:
         self.made = 0
         self.avoid = self.tried = self.full = None
-        self.ready = self.track = None
+        self.ready = self.track = self.waits = None
 
 
 class Again:
