@@ -21,6 +21,7 @@ from proxy import lifecycle
 from proxy.admin import build_admin_app
 from proxy.errors import ServiceUnavailable
 from proxy.ingress import handler as ingress
+from proxy.ingress import tool
 from proxy.ingress.edge.connection import GuardedRunner
 from proxy.ops import health
 from proxy.policy.plan import Plan
@@ -44,6 +45,7 @@ def build_app(plan: Plan, settings: Settings | None = None) -> web.Application:
     app.router.add_get("/v1/models", ingress.models_handler)
     app.router.add_get("/v1/models/{model:.+}", ingress.models_handler)
     app.router.add_route("*", "/v1/{tail:.*}", ingress.proxy_handler)
+    app.router.add_route("*", "/{tail:.*}", tool.tool_handler)  # tool routes: every other path (last)
     app.cleanup_ctx.append(_limiter_store)
     app.cleanup_ctx.append(_upstreams)
     app.on_cleanup.append(_flush_access_log)

@@ -26,6 +26,9 @@ class Attempt:
     shared: bool = False
     """A merged embeddings call's attempt as another caller of the batch sees it: in that caller's access
     log, but counted once in the upstream metrics (by the batch's first caller)."""
+    wait: tuple[float, str] | None = None
+    """The wait planned before this attempt (seconds, and how it was chosen: exponential, fixed, reset or
+    hint), for a retry of a deployment already tried; None: sent at once."""
 
 
 class Hold(typing.Protocol):

@@ -39,7 +39,9 @@ from typing import Literal
 import orjson
 from aiohttp import web
 
-Protocol = Literal["openai", "anthropic"]
+Protocol = Literal["openai", "anthropic", "neutral"]
+"""The client's protocol for proxy-made errors: OpenAI's or Anthropic's shape on LLM routes, the neutral
+one on tool routes (docs/apps/errors.md#tool-routes)."""
 
 ANTHROPIC_ERROR_TYPES = {
     400: "invalid_request_error",
@@ -60,6 +62,19 @@ ANTHROPIC_ERROR_TYPES = {
 """Anthropic's error `type` by HTTP status (docs.claude.com/en/api/errors), for every error the proxy writes
 in Anthropic's shape: its own refusals and a translated upstream error. `overloaded_error` is 529's alone:
 a 503 (draining, an open circuit, an OpenAI-compatible server's "unavailable") is an `api_error`."""
+
+
+NEUTRAL_TYPES = {
+    "rate_limit_exceeded": "rate_limited", "circuit_open": "circuit_open",
+    "upstream_unreachable": "upstream_unreachable", "upstream_timeout": "upstream_timeout",
+    "upstream_bad_response": "upstream_unreachable",
+}
+"""The neutral `type` by the error's code, where the code is finer than its status says."""
+NEUTRAL_BY_STATUS = {
+    400: "invalid_request", 401: "unauthenticated", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+    408: "request_timeout", 413: "too_large", 429: "rate_limited", 431: "headers_too_large", 500: "internal",
+    502: "upstream_unreachable", 503: "unavailable", 504: "upstream_timeout",
+}
 
 
 def anthropic_error_type(status: int) -> str:
@@ -111,6 +126,15 @@ class ProxyError(Exception):
         if self.param and self.param not in message:  # Anthropic's errors have no `param`; they say it first
             message = f"{self.param}: {message}"
         return {"type": "error", "error": {"type": kind, "message": message}, "request_id": request_id}
+
+    def neutral_body(self, request_id: str) -> dict[str, object]:
+        """The tool routes' shape: a type from a short fixed list, the message, the request id, and the
+        Retry-After seconds when there is one (the same number as the header)."""
+        kind = NEUTRAL_TYPES.get(self.code or "") or NEUTRAL_BY_STATUS.get(self.status, "error")
+        error: dict[str, object] = {"type": kind, "message": self.message, "request_id": request_id}
+        if self.retry_after is not None:
+            error["retry_after"] = max(1, math.ceil(self.retry_after))
+        return {"error": error}
 
     def response_headers(self) -> dict[str, str]:
         headers = dict(self.headers)
@@ -331,7 +355,10 @@ class UpstreamTimeout(ProxyError):
 
 def render(error: ProxyError, protocol: Protocol, request_id: str) -> web.Response:
     """The one place a proxy-made error becomes an HTTP response."""
-    body = error.anthropic_body(request_id) if protocol == "anthropic" else error.openai_body()
+    if protocol == "neutral":
+        body = error.neutral_body(request_id)
+    else:
+        body = error.anthropic_body(request_id) if protocol == "anthropic" else error.openai_body()
     headers = error.response_headers()
     headers["x-request-id"] = request_id
     headers.setdefault("x-signalbox-attempts", "0")  # refused before dispatch (dispatch's errors carry theirs)
@@ -349,4 +376,6 @@ def stream_error_frame(error: ProxyError, protocol: Protocol, request_id: str) -
     """The terminal event for a stream whose headers were already sent (OpenAI: data-only, no event line)."""
     if protocol == "anthropic":
         return b"event: error\ndata: " + orjson.dumps(error.anthropic_body(request_id)) + b"\n\n"
+    if protocol == "neutral":
+        return b"event: error\ndata: " + orjson.dumps(error.neutral_body(request_id)) + b"\n\n"
     return b"data: " + orjson.dumps(error.openai_body()) + b"\n\n"

@@ -70,7 +70,7 @@ def test_reference_renders_every_field_with_type_default_and_text() -> None:
     assert "| duration | `10ms` |" in _row(page, "Batch", "max_wait")
     assert "| duration | `30s` |" in _row(page, "Queue", "max_wait")
     assert "integer (≥ 1; ≤ 100000) | `1024` |" in _row(page, "Pool", "max_connections")
-    assert "| one of `openai`, `anthropic`, `mock` | required |" in _row(page, "Upstream", "provider")
+    assert "| one of `openai`, `anthropic`, `mock`, `http` | required |" in _row(page, "Upstream", "provider")
     assert "map of name to [Upstream](#upstream)" in _row(page, "Policy", "upstreams")
     assert "Used at: `upstreams.NAME.timeouts`, `routes[].timeouts`, `timeouts`." in page
 

@@ -473,3 +473,21 @@ def test_split_pieces_covers_the_text_in_at_most_k_nonempty_pieces(text: str, k:
     pieces = split_pieces(text, k)
     assert "".join(pieces) == text
     assert len(pieces) <= k and (all(pieces) or text == "")
+
+
+def test_faults_with_times_script_a_sequence_one_per_request() -> None:
+    from proxy.mock.faults import MockFault, MockSettings, resolve_knobs
+
+    settings = MockSettings(faults=(
+        MockFault("status", status=503, times=2),
+        MockFault("status", status=429, retry_after=0.3, times=1),
+        MockFault("drop", after_events=0, times=1),
+    ))
+    used = [0, 0, 0]
+    rng = random.Random(1)
+    seen = [resolve_knobs({}, settings, rng, used) for _ in range(6)]
+    assert [(k.status, k.retry_after, k.drop_after) for k in seen] == [
+        (503, None, None), (503, None, None), (429, 0.3, None), (None, None, 0), (None, None, None),
+        (None, None, None),
+    ]
+    assert used == [2, 1, 1]

@@ -118,7 +118,7 @@ INVALID: list[tuple[str, str, list[tuple[int, int, str, str]]]] = [
             provider: opneai
             base_url: http://127.0.0.1:1/v1
         """,
-        [(3, 15, "upstreams.a.provider", "'openai', 'anthropic' or 'mock'")],
+        [(3, 15, "upstreams.a.provider", "'openai', 'anthropic', 'mock' or 'http'")],
     ),
     (
         "bad-duration",

@@ -47,6 +47,21 @@ async def read_body(request: web.Request, call: Call, limit: int, timeouts: Clie
     call.stream = body.get("stream") is True
 
 
+async def read_raw(request: web.Request, call: Call, limit: int, timeouts: ClientTimeouts) -> None:
+    """The body's bytes, within the size limit and the body timeouts, unparsed (a tool route's). The same
+    steps as read_body, not shared: read_body stays one coroutine on the LLM path."""
+    if not request.body_exists:
+        return
+    length = request.content_length
+    if length is not None and length > limit:
+        raise BodyTooLarge(_too_large(length, limit))
+    content = request.content
+    if content.is_eof():  # the body came with the head (most requests): no coroutine, no timer
+        call.raw_body = edge.read_ready(content, limit, partial(_refused, limit))
+    else:
+        call.raw_body = await edge.read_body(content, limit, partial(_refused, limit), timeouts)
+
+
 def read_form(content_type: str, call: Call) -> None:
     """An upload (audio, files, image edits) goes through as the client's bytes; its `model` and `stream`
     form fields route it like a JSON body's would."""

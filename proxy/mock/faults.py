@@ -20,6 +20,8 @@ class MockFault:
     retry_after: float | None = None
     stall: float = 0.0
     after_events: int = 3
+    times: int | None = None
+    """Requests that get it before it is spent (None: never spent)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,15 +67,25 @@ def _header(headers: Mapping[str, str], name: str, lo: float, hi: float, integer
     return value
 
 
-def resolve_knobs(headers: Mapping[str, str], settings: MockSettings, rng: random.Random) -> Knobs:
-    """Draw the configured faults (one RNG draw per fault, in order), then let headers override."""
+def resolve_knobs(
+    headers: Mapping[str, str], settings: MockSettings, rng: random.Random, used: list[int] | None = None
+) -> Knobs:
+    """Draw the configured faults (one RNG draw per fault, in order), then let headers override. `used`
+    counts, per fault, the requests it was given to: faults with `times` script a sequence, each request
+    taking the first of them that is not spent (one scripted fault per request)."""
     status: int | None = None
     retry_after: float | None = None
     stall = 0.0
     drop: int | None = None
-    for fault in settings.faults:
+    scripted = False
+    for index, fault in enumerate(settings.faults):
         if rng.random() >= fault.probability:
             continue
+        if fault.times is not None and used is not None:
+            if scripted or used[index] >= fault.times:
+                continue  # spent, or this request already has its scripted fault
+            used[index] += 1
+            scripted = True
         if fault.kind == "status" and status is None:
             status, retry_after = fault.status, fault.retry_after
         elif fault.kind == "stall":

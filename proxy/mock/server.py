@@ -31,6 +31,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _SETTINGS = web.AppKey("mock_settings", MockSettings)
 _RNG = web.AppKey("mock_rng", random.Random)
+_USED = web.AppKey("mock_used", list[int])
+"""Per fault: the requests it was given to (faults with `times` are spent after that many)."""
 _KNOBS = web.RequestKey("mock_knobs", Knobs)
 _GONE = web.RequestKey("mock_gone", bool)
 
@@ -185,7 +187,7 @@ async def _mock_middleware(request: web.Request, handler: Handler) -> web.Stream
     stats.begin(resource.canonical if resource is not None else "unmatched")
     anthropic = request.path.startswith("/v1/messages")
     try:
-        knobs = resolve_knobs(request.headers, request.app[_SETTINGS], request.app[_RNG])
+        knobs = resolve_knobs(request.headers, request.app[_SETTINGS], request.app[_RNG], request.app[_USED])
         if knobs.stall > 0:
             stats.faults["stall"] += 1
             await asyncio.sleep(knobs.stall)
@@ -214,6 +216,7 @@ def build_mock_app(settings: MockSettings) -> web.Application:
     app[MOCK_STATS] = MockStats()
     app[_SETTINGS] = settings
     app[_RNG] = random.Random(settings.seed)
+    app[_USED] = [0] * len(settings.faults)
     app.router.add_post("/v1/chat/completions", _chat)
     app.router.add_post("/v1/completions", _completions)
     app.router.add_post("/v1/responses", _responses)

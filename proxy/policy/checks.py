@@ -17,6 +17,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from proxy.policy import reserve
+from proxy.policy.checks_retry import retry_findings
+from proxy.policy.checks_tools import TOOL_CHECKS
 from proxy.policy.problems import Loc
 from proxy.policy.schema import DEFAULT_AUTH_HEADER, Policy, Route, Upstream
 from proxy.policy.units import split_userinfo
@@ -160,9 +162,15 @@ def shared_keys(view: View) -> Iterator[Finding]:
             owners.setdefault(secret, name)
 
 
+def retry_rules(view: View) -> Iterator[Finding]:
+    yield from retry_findings(view.policy.retry, ("retry",))
+    for i, route in view.routes:
+        yield from retry_findings(route.retry, ("routes", i, "retry"))
+
+
 CHECKS: tuple[Callable[[View], Iterator[Finding]], ...] = (
     route_names, route_targets, fallbacks, tenant_priorities, queue_reserves, upstream_authorization,
-    identify_tenant, shared_keys,
+    identify_tenant, shared_keys, retry_rules, *TOOL_CHECKS,
 )
 
 

@@ -6,7 +6,7 @@ import base64
 from dataclasses import fields, replace
 from types import MappingProxyType
 
-from proxy.policy import batch_limits, reserve, resilience
+from proxy.policy import batch_limits, reserve, resilience, tools
 from proxy.policy.load import LoadedPolicy
 from proxy.policy.plan import (
     BatchRule,
@@ -58,6 +58,7 @@ def compile_plan(loaded: LoadedPolicy) -> Plan:
         key_digest(key.get_secret_value()): name for name, t in policy.tenants.items() for key in t.keys
     }
     upstreams, routes, tenants = _admission(policy, upstreams, routes, tenants)
+    routes = tools.without_tokens(routes)
     ident = policy.identify
     return Plan(
         digest=loaded.digest,
@@ -74,6 +75,7 @@ def compile_plan(loaded: LoadedPolicy) -> Plan:
         state=_state(policy.state),
         routes_by_name=MappingProxyType({r.name: r for r in routes}),
         secrets=policy_secrets(policy),
+        tools=tuple(r for r in routes if r.tool_prefix is not None),
     )
 
 
@@ -134,7 +136,8 @@ def _anthropic_max_tokens(route: Route) -> int:
 
 def _mock(spec: MockSpec) -> MockPlan:
     faults = tuple(
-        MockFaultPlan(f.kind, f.probability, f.status, f.retry_after, f.stall, f.after_events) for f in spec.faults
+        MockFaultPlan(f.kind, f.probability, f.status, f.retry_after, f.stall, f.after_events, f.times)
+        for f in spec.faults
     )
     return MockPlan(spec.ttft, spec.token_delay, spec.output_tokens, spec.embedding_dim, faults, spec.seed)
 
@@ -143,6 +146,9 @@ def _route(index: int, route: Route, policy: Policy, split: batch_limits.SplitLi
     paths = _as_tuple(route.match.path)
     models = _as_tuple(route.match.model)
     upstream = policy.upstreams[route.upstream]
+    prefix = tools.prefix_of(route, upstream)
+    if prefix is not None:
+        paths = (prefix, prefix + "/*")  # the prefix itself and everything under it
     return RouteRule(
         name=route.name,
         index=index,
@@ -162,8 +168,9 @@ def _route(index: int, route: Route, policy: Policy, split: batch_limits.SplitLi
             lambda name: inherit_timeouts(route.timeouts, policy.upstreams[name].timeouts, policy.timeouts),
         ),
         balance=route.balance,
-        retry=resilience.retry_spec(route.retry, policy.retry),
+        retry=resilience.retry_spec(route.retry, policy.retry, tool=prefix is not None),
         fallbacks=tuple(route.fallbacks),
+        tool_prefix=prefix,
     )
 
 

@@ -10,21 +10,22 @@ a key is only used to find its tenant, and a base_url's password is masked.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel
 
+from proxy.policy.explain_base import LIMIT_FIELDS, Context, plain, set_in, value_of
+from proxy.policy.explain_dispatch import retry_section, tool_section
+from proxy.policy.explain_flow import limits_section, priority_section, queue_section
 from proxy.policy.load import LoadedPolicy
-from proxy.policy.plan import Limit, Matcher, Plan, RouteRule, TenantRule
-from proxy.policy.rates import RATE_FIELDS
-from proxy.policy.schema import Policy, Route, Tenant, Upstream
+from proxy.policy.plan import Plan, RouteRule, TenantRule
 from proxy.policy.units import format_duration, mask_userinfo
 from proxy.providers.exchange import Untranslatable, choose
 
-# Route capabilities shown as they were compiled, when the compiled route has them.
+__all__ = ["COMPILED_SECTIONS", "LIMIT_FIELDS", "Context", "ExplainError", "compiled_section", "explain", "plain"]
+
+# Route capabilities shown as they were compiled, when the compiled route has them (retry by its own section).
 COMPILED_SECTIONS = ("deployments", "balance", "retry", "breaker", "fallbacks", "batch", "split")
 # Source fields that a section below reports (or that are secret), so "other" does not repeat them.
 _COVERED = {
@@ -32,36 +33,10 @@ _COVERED = {
     "limits", "on_limit", "queue", "tokens", "stream", "priority", "max_priority", "weight", "models",
     "pool", "headers", "query", "auth_header", "hide_response_headers",
 }
-LIMIT_FIELDS = tuple(name for name, *_ in RATE_FIELDS) + ("concurrent",)
 
 
 class ExplainError(ValueError):
     pass
-
-
-@dataclass(frozen=True, slots=True)
-class Context:
-    """Everything a section may look at for one (tenant, model, path)."""
-
-    plan: Plan
-    policy: Policy
-    route: RouteRule
-    tenant: TenantRule
-    model: str
-    path: str
-    stream_defaults: Mapping[str, float]
-
-    @property
-    def source(self) -> Route:
-        return self.policy.routes[self.route.index]
-
-    @property
-    def tenant_source(self) -> Tenant:
-        return self.policy.tenants[self.tenant.name]
-
-    @property
-    def upstream_source(self) -> Upstream | None:
-        return self.policy.upstreams.get(self.route.upstream)
 
 
 def explain(
@@ -88,7 +63,7 @@ def explain(
         return answer
     skipped = []
     chosen: RouteRule | None = None
-    for route in plan.routes:
+    for route in plan.routes if path == "/v1" or path.startswith("/v1/") else plan.tools:  # as ingress does
         reason = _mismatch(route, path, model, rule.name)
         if reason is None:
             chosen = route
@@ -140,14 +115,6 @@ def _mismatch(route: RouteRule, path: str, model: str, tenant: str) -> str | Non
     return None
 
 
-def _value(value: Any, source: str) -> dict[str, Any]:
-    return {"value": value, "from": source}
-
-
-def _set_in(model: BaseModel | None, field: str) -> bool:
-    return model is not None and field in model.model_fields_set
-
-
 # --- sections: each one small function over the compiled route -----------------------------------------
 
 
@@ -187,6 +154,8 @@ def upstream_section(ctx: Context) -> dict[str, Any] | None:
 
 
 def model_section(ctx: Context) -> str:
+    if ctx.route.tool_prefix is not None:
+        return "(none: a tool route)"
     return ctx.route.model_rewrite or ctx.model or "(none: the request has no model)"
 
 
@@ -194,6 +163,8 @@ def protocol_section(ctx: Context) -> str | None:
     upstream = ctx.plan.upstreams.get(ctx.route.upstream)
     if upstream is None:
         return None
+    if ctx.route.tool_prefix is not None:
+        return "pass (a tool route: bytes untouched both ways)"
     try:
         return choose(ctx.path, upstream.provider).kind
     except Untranslatable as exc:
@@ -211,102 +182,8 @@ def timeouts_section(ctx: Context) -> dict[str, dict[str, Any]]:
     for name in ("connect", "first_token", "idle", "total"):
         set_by = (label for label, t in layers if t is not None and getattr(t, name) is not None)
         source = next(set_by, "default")
-        out[name] = _value(format_duration(getattr(ctx.route.timeouts, name)), source)
+        out[name] = value_of(format_duration(getattr(ctx.route.timeouts, name)), source)
     return out
-
-
-UPSTREAM_LIMITS = (
-    "an upstream's limits are checked per attempt, once dispatch has chosen a deployment, and count only the "
-    "calls that upstream receives (retries and fallbacks included); a deployment whose upstream is over its "
-    "limit is skipped for that attempt and another of the pool is tried, then the fallbacks; when none can "
-    "take the request, on_limit queue waits for capacity (up to the queue's max_wait and timeouts.total), "
-    "reject answers 429 with retry-after"
-)
-
-
-def limits_section(ctx: Context) -> dict[str, Any]:
-    """Every limit the tenant's request may meet here, each with the layer that set it and when it is
-    checked: at admission (tenant, route, route per tenant), or per attempt (an upstream's, on the
-    deployments, fallbacks' included, that send to it)."""
-    limit_set = ctx.route.limit_sets.get(ctx.tenant.name) if ctx.route.limit_sets else None
-    checks = [_limit(limit) for limit in (limit_set.limits if limit_set is not None else ())]
-    upstream_checks = _upstream_limits(ctx)
-    on_limit = _value(ctx.route.on_limit, "route" if _set_in(ctx.source, "on_limit") else "default")
-    tokens = ctx.route.default_max_tokens
-    default_max = _value(tokens, "route" if _set_in(ctx.source, "tokens") else "default")
-    out = {"checks": checks + upstream_checks, "on_limit": on_limit, "default_max_tokens": default_max}
-    if upstream_checks:
-        out["upstream_limits"] = UPSTREAM_LIMITS
-    return out
-
-
-def _upstream_limits(ctx: Context) -> list[dict[str, Any]]:
-    """One check per limited upstream the route's pool (then its fallbacks' pools) can send to."""
-    found: dict[str, dict[str, Any]] = {}
-    pools = [(ctx.route, "")]
-    pools += [(rule, f" (fallback {name})") for name in ctx.route.fallbacks
-              if (rule := ctx.plan.routes_by_name.get(name)) is not None]
-    for rule, where in pools:
-        for deployment in rule.deployments:
-            if deployment.limit is None:
-                continue
-            check = found.get(deployment.limit.key)
-            if check is None:
-                check = found[deployment.limit.key] = {**_limit(deployment.limit, "per attempt"), "deployments": []}
-            check["deployments"].append(deployment.id + where)
-    return list(found.values())
-
-
-def _limit(limit: Limit, checked: str = "admission") -> dict[str, Any]:
-    kind, _, rest = limit.key.partition(":")
-    route_layer = "route per tenant" if "/" in rest else "route"
-    source = {"tenant": "tenant", "upstream": "upstream"}.get(kind, route_layer)
-    out: dict[str, Any] = {"key": limit.key, "scope": limit.scope, "from": source, "checked": checked}
-    for field in LIMIT_FIELDS:
-        value = getattr(limit.spec, field)
-        if value is not None:
-            out[field] = value
-    return out
-
-
-def queue_section(ctx: Context) -> dict[str, Any] | None:
-    spec = ctx.route.queue
-    if spec is None:
-        return None
-    source = ctx.policy.queues.get(spec.name)
-    where = f"queues.{spec.name}"
-
-    def field(name: str, value: Any) -> dict[str, Any]:
-        return _value(value, where if _set_in(source, name) else "default")
-
-    return {
-        "name": _value(spec.name, "route"),
-        "concurrency": field("concurrency", spec.concurrency),
-        "max_waiting": field("max_waiting", spec.max_waiting),
-        "max_wait": field("max_wait", format_duration(spec.max_wait)),
-        "ageing": field("ageing", format_duration(spec.ageing) if spec.ageing is not None else None),
-        "heartbeat_while_queued": field("heartbeat_while_queued", spec.heartbeat),
-        "headroom_by_class": field("reserve", _reserve(ctx.plan.priorities, spec.headroom)),
-    }
-
-
-def _reserve(classes: tuple[str, ...], headroom: tuple[float, ...]) -> dict[str, str] | None:
-    """The share of every limit a request of each class must leave free (its `reserve`s above it)."""
-    if not headroom:
-        return None
-    return {cls: f"{share * 100:g}%" for cls, share in zip(classes, headroom, strict=True)}
-
-
-def priority_section(ctx: Context) -> dict[str, Any]:
-    tenant, source, classes = ctx.tenant, ctx.tenant_source, ctx.plan.priorities
-    return {
-        "class": _value(classes[tenant.priority], "tenant" if source.priority else "default (middle class)"),
-        "max_class": _value(
-            classes[tenant.max_priority], "tenant" if source.max_priority else "default (its class)"
-        ),
-        "weight": _value(source.weight, "tenant" if _set_in(source, "weight") else "default"),
-        "classes": list(classes),
-    }
 
 
 def stream_section(ctx: Context) -> dict[str, Any]:
@@ -315,10 +192,10 @@ def stream_section(ctx: Context) -> dict[str, Any]:
     for name in ("heartbeat", "slow_client"):
         value = getattr(spec, name, None) if spec is not None else None
         if value is not None:
-            out[name] = _value(format_duration(value), "route")
+            out[name] = value_of(format_duration(value), "route")
         else:
             default = ctx.stream_defaults.get(name)
-            out[name] = _value(format_duration(default) if default is not None else None, "process setting")
+            out[name] = value_of(format_duration(default) if default is not None else None, "process setting")
     return out
 
 
@@ -330,17 +207,17 @@ def compiled_section(name: str) -> Callable[[Context], dict[str, Any] | None]:
         value = getattr(ctx.route, name, None)
         if value is None or value == () or value == {} or (name == "split" and not ctx.path.endswith("/embeddings")):
             return None  # split limits bind embeddings requests only
-        if _set_in(ctx.source, name):
+        if set_in(ctx.source, name):
             source = "route"
-        elif name == "deployments" and _set_in(ctx.source, "upstream"):
+        elif name == "deployments" and set_in(ctx.source, "upstream"):
             source = f"route (upstream: {ctx.source.upstream}, a pool of one deployment)"
         elif name == "split":
             source = "upstreams (the strictest batch_limits of the pool and fallbacks, or a vendor's known ones)"
-        elif _set_in(ctx.policy, name):
+        elif set_in(ctx.policy, name):
             source = "policy"
         else:
             source = "default"
-        return _value(plain(value), source)
+        return value_of(plain(value), source)
 
     return section
 
@@ -359,7 +236,7 @@ def other_section(ctx: Context) -> dict[str, list[dict[str, Any]]] | None:
             continue
         values = model.model_dump(mode="json", exclude_defaults=True, exclude=covered)
         for field, value in values.items():
-            out.setdefault(field, []).append(_value(value, label))
+            out.setdefault(field, []).append(value_of(value, label))
     return out or None
 
 
@@ -373,23 +250,7 @@ SECTIONS: tuple[tuple[str, Callable[[Context], Any]], ...] = (
     ("queue", queue_section),
     ("priority", priority_section),
     ("stream", stream_section),
-    *((name, compiled_section(name)) for name in COMPILED_SECTIONS),
+    ("tool", tool_section),
+    *((name, retry_section if name == "retry" else compiled_section(name)) for name in COMPILED_SECTIONS),
     ("other", other_section),
 )
-
-
-def plain(value: Any) -> Any:
-    """Compiled values (frozen dataclasses, matchers, tuples) as JSON-able data."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.repr}
-    if isinstance(value, Matcher):
-        return list(value.patterns)
-    if isinstance(value, Mapping):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (set, frozenset)):
-        return sorted((plain(v) for v in value), key=str)
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    return str(value)

@@ -20,6 +20,8 @@ def format_text(answer: dict[str, Any]) -> str:
         return "\n".join(lines)
     lines.append(f"route:    {route['name']} (#{route['index']}): {route['why']}")
     lines += _upstream(answer.get("upstream"))
+    if "tool" in answer:
+        lines.append(f"tool:     prefix {answer['tool']['prefix']} -> {answer['tool']['sent_to']}")
     lines.append(f"model sent upstream: {answer['model_sent_upstream']}")
     if "protocol" in answer:
         lines.append(f"protocol: {answer['protocol']}")

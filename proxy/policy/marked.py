@@ -106,6 +106,8 @@ class _Builder:
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
             key = self.constructor.construct_object(key_node, deep=True)
+            if isinstance(key, bool) and isinstance(key_node, yaml.ScalarNode) and not key_node.style:
+                key = key_node.value  # a plain `on:` key is the word, as in YAML 1.2 (retry rules' `on`)
             if not isinstance(key, str | int) or isinstance(key, bool):
                 self.problems.append(Problem(mark_of(self.file, key_node), dotted(loc), f"invalid key {key!r}"))
                 continue

@@ -7,17 +7,18 @@ do no parsing, regex compilation or walking of raw YAML.
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
 from proxy.policy.batch_limits import SplitLimits
+from proxy.policy.matcher import Matcher as Matcher  # its home before tool routes
+from proxy.policy.outcome_rules import OutcomeRule
 from proxy.policy.rates import LimitSpec as LimitSpec  # its home before rate units
 from proxy.policy.redact import EMPTY, Redactor
 from proxy.providers.exchange import DEFAULT_MAX_TOKENS as ANTHROPIC_DEFAULT_MAX_TOKENS
 
-Provider = Literal["openai", "anthropic", "mock"]
+Provider = Literal["openai", "anthropic", "mock", "http"]
 IdentifyMode = Literal["api_key", "header", "single", "passthrough"]
 
 DEFAULT_CONNECT = 10.0
@@ -76,6 +77,10 @@ class RetrySpec:
     """Retries sent in the last 10 s may be at most this share of the route's first attempts ..."""
     budget_min: int = 3
     """... or this many a second, whichever is larger (upstream/budget.py)."""
+    rules: tuple[OutcomeRule, ...] = ()
+    """`retry.rules`: per-outcome attempts and backoff (upstream/rules.py); empty: the fields above decide."""
+    methods: frozenset[str] | None = None
+    """Methods that may be retried (None: all); any other is sent once."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +131,7 @@ class MockFaultPlan:
     retry_after: float | None
     stall: float
     after_events: int
+    times: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,38 +218,6 @@ class UpstreamSpec:
         return (self.provider, self.base_url, self.max_connections, self.keepalive, self.mock)
 
 
-class Matcher:
-    """A set of globs compiled once into one regex; exact names take a set lookup."""
-
-    __slots__ = ("exact", "regex", "patterns")
-
-    def __init__(self, patterns: tuple[str, ...]) -> None:
-        self.patterns = patterns
-        self.exact = frozenset(p for p in patterns if not _is_glob(p))
-        globs = [p for p in patterns if _is_glob(p)]
-        self.regex = re.compile("|".join(_glob_regex(p) for p in globs)) if globs else None
-
-    def __call__(self, value: str) -> bool:
-        if value in self.exact:
-            return True
-        return self.regex is not None and self.regex.fullmatch(value) is not None
-
-    def __repr__(self) -> str:
-        return f"Matcher({list(self.patterns)})"
-
-
-def _is_glob(pattern: str) -> bool:
-    return any(c in pattern for c in "*?[")
-
-
-def _glob_regex(pattern: str) -> str:
-    """fnmatch-style globs; `*` also crosses `/` (model names like `meta-llama/*` and paths)."""
-    out = []
-    for char in pattern:
-        out.append(".*" if char == "*" else "." if char == "?" else re.escape(char))
-    return "(?:" + "".join(out) + ")"
-
-
 @dataclass(frozen=True, slots=True)
 class RouteRule:
     name: str
@@ -285,6 +259,8 @@ class RouteRule:
     retry: RetrySpec = RetrySpec()
     fallbacks: tuple[str, ...] = ()
     """Route names tried in order, within the same deadline, once this route's pool gives up."""
+    tool_prefix: str | None = None
+    """A `provider: http` route: the path prefix replaced by the upstream's base_url (proxy/ingress/tool.py)."""
 
     def matches(self, path: str, model: str, tenant: str) -> bool:
         return (
@@ -364,6 +340,8 @@ class Plan:
     """Largest non-streamed upstream answer read into memory (proxy/upstream/body.py)."""
     secrets: Redactor = field(default=EMPTY, repr=False, compare=False)
     """Every secret of the policy in every form it is sent, compiled once (proxy/policy/redact.py)."""
+    tools: tuple[RouteRule, ...] = ()
+    """The `provider: http` routes, in policy order: the ones a request outside /v1 is matched against."""
 
     def tenant_for_key(self, key: str) -> TenantRule | None:
         name = self.key_index.get(key_digest(key))

@@ -18,14 +18,26 @@ from yarl import URL
 
 from proxy.policy.schema_base import NAME_PATTERN, Strict
 from proxy.policy.schema_limits import Limits, Queue, RouteLimits, Shed, Timeouts, TokenSettings
-from proxy.policy.schema_resilience import NEVER_RETRIED, Backoff, Breaker, Pacing, Retry, RetryBudget, RetryOutcome
+from proxy.policy.schema_resilience import (
+    IDEMPOTENT_METHODS,
+    NEVER_RETRIED,
+    Backoff,
+    Breaker,
+    ExponentialBackoff,
+    FixedBackoff,
+    Pacing,
+    Retry,
+    RetryBudget,
+    RetryOutcome,
+    RetryRule,
+)
 from proxy.policy.schema_routes import Batch, BatchLimits, Deployment, Match, StreamOptions, embedding_paths
 from proxy.policy.schema_state import REDIS_SCHEMES, State, StateBreaker
 from proxy.policy.units import ByteSize, Duration
 
 __all__ = [
-    "DEFAULT_AUTH_HEADER", "NAME_PATTERN", "NEVER_RETRIED", "REDIS_SCHEMES", "Backoff", "Batch", "BatchLimits",
-    "Breaker",
+    "DEFAULT_AUTH_HEADER", "IDEMPOTENT_METHODS", "NAME_PATTERN", "NEVER_RETRIED", "ExponentialBackoff", "FixedBackoff",
+    "RetryRule", "REDIS_SCHEMES", "Backoff", "Batch", "BatchLimits", "Breaker",
     "Deployment", "Identify", "Limits", "Match", "MockFaultSpec", "MockSpec", "Pacing", "Policy", "Pool", "Queue",
     "Retry", "RetryBudget", "RetryOutcome", "Route", "RouteLimits", "Shed", "State", "StateBreaker", "Strict",
     "StreamOptions", "Tenant", "Timeouts", "TokenSettings", "Upstream",
@@ -34,7 +46,8 @@ __all__ = [
 # An HTTP field name (RFC 9110 §5.1 token characters), with the glob characters * ? [ ] also allowed.
 _HEADER_PATTERN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z\-?\[\]]+")
 
-DEFAULT_AUTH_HEADER = {"openai": "authorization", "anthropic": "x-api-key", "mock": "authorization"}
+DEFAULT_AUTH_HEADER = {"openai": "authorization", "anthropic": "x-api-key", "mock": "authorization",
+                       "http": "authorization"}
 """Where an upstream's api_key goes when `auth_header` is unset."""
 
 
@@ -62,6 +75,9 @@ class MockFaultSpec(Strict):
     """How long a `stall` fault waits."""
     after_events: int = Field(default=3, ge=0)
     """Stream events sent before a `drop` fault cuts the connection."""
+    times: int | None = Field(default=None, ge=1)
+    """Only the first this many requests that draw the fault get it; then it is spent (unset: no end).
+    Faults listed in order with `times` script a sequence: three 503s, then a 429 with a 2 s retry-after."""
 
 
 class MockSpec(Strict):
@@ -84,9 +100,10 @@ class MockSpec(Strict):
 class Upstream(Strict):
     """A server the proxy sends calls to, and how it is reached."""
 
-    provider: Literal["openai", "anthropic", "mock"]
+    provider: Literal["openai", "anthropic", "mock", "http"]
     """`openai` for any OpenAI-compatible server (OpenAI, Azure OpenAI, vLLM, TGI, Groq, DeepSeek, Ollama),
-    `anthropic`, or `mock` (the built-in mock, started in-process)."""
+    `anthropic`, `mock` (the built-in mock, started in-process), or `http`: any HTTP API (a tool an agent
+    calls), proxied on a path prefix of its own, bytes untouched (docs/policy/tool-upstreams.md)."""
     base_url: str | None = None
     """Up to and including the API version segment, e.g. `https://api.openai.com/v1`, `http://vllm:8000/v1`,
     `https://api.anthropic.com/v1`, `https://RESOURCE.openai.azure.com/openai/v1`. Not for `mock`.

@@ -32,6 +32,63 @@ class RetryBudget(Strict):
     """Retries a second always allowed (light traffic). Default 3."""
 
 
+IDEMPOTENT_METHODS = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE")
+"""RFC 9110 §9.2.2: sending these twice has the effect of sending them once (TRACE is never proxied)."""
+HTTP_METHODS = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE", "POST", "PATCH")
+
+
+class FixedBackoff(Strict):
+    """The same wait before every retry of the rule."""
+
+    fixed: Duration
+    """The wait, e.g. `1s`."""
+
+
+class ExponentialBackoff(Strict):
+    """Full-jitter exponential backoff with the rule's own base and cap."""
+
+    exponential: Backoff
+    """`{base: 100ms, max: 2s}`; unset fields take the retry's `backoff`, then 250ms and 5s."""
+
+
+RuleBackoff = Literal["exponential", "reset"] | FixedBackoff | ExponentialBackoff
+
+
+class RetryRule(Strict):
+    """One outcome rule: which outcomes it covers, how many attempts they may use, and the wait before each
+    retry (docs/policy/retries.md#retry-rules)."""
+
+    on: list[RetryOutcome] = Field(min_length=1)
+    """The outcomes this rule retries: statuses (408, 409, 429, 5xx), `connect_error`, `timeout`. An outcome
+    may appear in one rule only; an outcome in no rule is not retried."""
+    attempts: int = Field(ge=1, le=20)
+    """Upstream calls a request may make while its failures are of this rule's outcomes, the first included
+    (each rule counts its own failures; 1: this outcome is not retried)."""
+    backoff: RuleBackoff = "exponential"
+    """`exponential` (full jitter, the retry's `backoff` base and max), `{exponential: {base, max}}`,
+    `{fixed: 1s}`, or `reset`: wait what the upstream said (retry-after-ms, retry-after, the rate-limit reset
+    headers), and relay an answer that says nothing at once. Every kind waits an upstream hint out when one
+    is given."""
+    max_wait: Duration | None = None
+    """Longest upstream hint this rule waits out (default: the retry's `max_retry_after`); a longer one moves
+    the retry to another deployment, or the answer is relayed."""
+
+    @field_validator("on")
+    @classmethod
+    def _retriable(cls, value: list[int | str]) -> list[int | str]:
+        return _retriable_outcomes(value)
+
+
+def _retriable_outcomes(value: list[int | str]) -> list[int | str]:
+    for item in value:
+        if isinstance(item, int) and (item in NEVER_RETRIED or not 400 <= item <= 599):
+            raise ValueError(
+                f"{item} is not retriable: list 408, 409, 429 or 5xx statuses, connect_error or timeout "
+                "(400, 401, 403, 404, 413 and 422 are always relayed at once)"
+            )
+    return value
+
+
 class Retry(Strict):
     """Retry behaviour, in one place: on the policy (defaults for every route) and on a route; for each
     field the route's setting wins, then the policy's, then the built-in default."""
@@ -50,16 +107,19 @@ class Retry(Strict):
     """The retry budget: bounds the rate of retries a route sends (default 20 % of its requests, or 3 a
     second)."""
 
+    rules: list[RetryRule] | None = Field(default=None, min_length=1)
+    """Per-outcome rules instead of `attempts` + `retry_on` + `backoff`, e.g. `[{on: [timeout,
+    connect_error], attempts: 3}, {on: [503], attempts: 5, backoff: {fixed: 1s}}, {on: [429], attempts: 10,
+    backoff: reset}]`. The route's `rules` replace the policy's as a whole."""
+    methods: list[Literal["GET", "HEAD", "OPTIONS", "PUT", "DELETE", "POST", "PATCH"]] | None = None
+    """HTTP methods that may be retried. Default: every method on LLM routes (their POSTs are generations the
+    SDKs retry too), the idempotent ones (GET, HEAD, OPTIONS, PUT, DELETE) on `provider: http` routes: a
+    tool's POST may not be safe to send twice. List POST or PATCH to retry them anyway."""
+
     @field_validator("retry_on")
     @classmethod
     def _retriable(cls, value: list[int | str] | None) -> list[int | str] | None:
-        for item in value or ():
-            if isinstance(item, int) and (item in NEVER_RETRIED or not 400 <= item <= 599):
-                raise ValueError(
-                    f"{item} is not retriable: list 408, 409, 429 or 5xx statuses, connect_error or timeout "
-                    "(400, 401, 403, 404, 413 and 422 are always relayed at once)"
-                )
-        return value
+        return _retriable_outcomes(value) if value is not None else None
 
 
 class Breaker(Strict):

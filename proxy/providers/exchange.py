@@ -64,6 +64,12 @@ def choose(front_path: str, provider: str) -> Exchange:
     )
 
 
+def tool(path: str, prefix: str) -> Exchange:
+    """A tool route's request (`provider: http`): the path past the route's prefix goes after the upstream's
+    base_url as sent (percent-encoding, trailing slash and all); bytes pass both ways untouched."""
+    return Exchange("pass", path[len(prefix):], "openai", "http")
+
+
 def request_body(
     exchange: Exchange, body: Mapping[str, Any], model: str, default_max_tokens: int = DEFAULT_MAX_TOKENS
 ) -> bytes:
@@ -84,6 +90,8 @@ def response_body(
     every secret `redact` knows first (an upstream may quote the key or credentials it refused)."""
     if status >= 400:
         raw = redact.scrub(raw)
+        if exchange.provider == "http":
+            return status, raw  # a tool's error is its own business: relayed as it came, secrets out
     parsed: object
     try:
         parsed = orjson.loads(raw) if raw else None

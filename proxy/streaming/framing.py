@@ -111,7 +111,8 @@ class Framer:
             call.events_relayed += len(tail)
             return b"".join(tail)
         last = self._last_event if self._last_raw is None else SSEEvent(self._last_raw)
-        if cut(self.decoder.close()) or not complete(last):
+        tool = call.route is not None and call.route.tool_prefix is not None  # a tool's stream ends at EOF
+        if cut(self.decoder.close()) or (not tool and not complete(last)):
             self.failure = UpstreamUnreachable(
                 f"upstream '{call.upstream}' ended the stream early; the answer is incomplete"
             )

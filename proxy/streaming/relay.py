@@ -39,7 +39,7 @@ from proxy.streaming.settings import StreamSettings, route_settings
 from proxy.streaming.sink import Sink, Watch
 from proxy.streaming.sse import SSEDecoder
 from proxy.streaming.watchdog import Watchdog
-from proxy.streaming.whole import BodyTransform, respond_whole
+from proxy.streaming.whole import BodyTransform, pass_through, respond_whole
 from proxy.tasks import Deadline, spawn
 from proxy.upstream.body import Whole
 
@@ -107,6 +107,8 @@ async def respond(
     read_timeout = answer.timeouts.first_token if call.stream else None
     if waiting is not None and prepared is not None:
         return await waiting.relay_whole(upstream, transform, read_timeout, answer.whole)
+    if answer.whole is None and transform is None and call.route.tool_prefix is not None:
+        return await pass_through(request, call, upstream, answer.headers)  # a tool's chunked answer, as it comes
     return await respond_whole(
         call, upstream, answer.headers, transform, read_timeout, request=request, whole=answer.whole
     )

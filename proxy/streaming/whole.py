@@ -53,7 +53,8 @@ async def respond_whole(
         call.usage = usage_of(body)
     if transform is not None:
         status, body = transform(status, body)
-        headers["Content-Type"] = "application/json"
+        if call.exchange is None or call.exchange.provider != "http":  # a tool's error keeps its own type
+            headers["Content-Type"] = "application/json"
     call.status = status
     call.bytes_out = len(body)
     return web.Response(status=status, body=body, headers=headers)
@@ -74,6 +75,16 @@ def too_large(call: Call, upstream: aiohttp.ClientResponse) -> str:
 
 
 _PASS_CHUNK = 64 * 1024
+
+
+async def pass_through(
+    request: web.Request, call: Call, upstream: aiohttp.ClientResponse, headers: CIMultiDict[str]
+) -> web.StreamResponse:
+    """An answer relayed as it arrives, chunk by chunk, never buffered whole (a tool's chunked answer)."""
+    try:
+        return await _pass_large(request, call, upstream, headers, [])
+    finally:
+        upstream.release()
 
 
 async def _pass_large(

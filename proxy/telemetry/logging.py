@@ -15,7 +15,7 @@ from typing import IO
 
 import orjson
 
-from proxy.call import Call
+from proxy.call import Attempt, Call
 
 FLUSH_AFTER = 0.1
 """Longest time a written line may wait in the buffer: `kubectl logs` shows requests promptly."""
@@ -35,6 +35,13 @@ def _ms2(seconds: float) -> float:
     """Milliseconds to 2 decimals, as round(seconds * 1000, 2) gives them for durations (non-negative, far
     from a float's precision): round() with digits goes through a decimal string, about 5x the cost."""
     return int(seconds * 100_000 + 0.5) / 100
+
+
+def _waited(a: Attempt) -> dict[str, object]:
+    """A retry that waited first: its entry with the wait planned and how it was chosen."""
+    assert a.wait is not None
+    return {"deployment": a.upstream, "status": a.status, "ms": _ms2(a.duration), "error": a.error,
+            "wait_ms": _ms2(a.wait[0]), "after": a.wait[1]}
 
 
 class AccessLog:
@@ -74,9 +81,11 @@ class AccessLog:
             "ttft_ms": _ms2(first - dispatched) if first is not None and dispatched is not None else None,
             # One entry per upstream attempt: the deployment, its status (0: no response), the time to its
             # headers or failure, and why it failed without a response (upstream_unreachable,
-            # upstream_timeout, cancelled).
+            # upstream_timeout, cancelled), and for a retry after a wait, the wait planned and how it was
+            # chosen (`after`: exponential, fixed, reset, or hint when the upstream's replaced the backoff).
             "attempts": [
                 {"deployment": a.upstream, "status": a.status, "ms": _ms2(a.duration), "error": a.error}
+                if a.wait is None else _waited(a)
                 for a in call.attempts
             ],
             "events": call.events_relayed or None,

@@ -19,9 +19,10 @@ import aiohttp
 
 from proxy.call import Attempt, Call, Hold
 from proxy.errors import ProxyError, UpstreamLimited, UpstreamTimeout, UpstreamUnreachable
-from proxy.policy.plan import DeploymentSpec, RouteRule
+from proxy.policy.plan import DeploymentSpec, RetrySpec, RouteRule
 from proxy.upstream import hints, judge, retry
 from proxy.upstream.body import Whole, read_error
+from proxy.upstream.by_rules import RuleTrack
 from proxy.upstream.client import send_once
 from proxy.upstream.lease import Lease
 from proxy.upstream.outgoing import Outgoing, read_whole
@@ -71,6 +72,7 @@ class Progress:
     __slots__ = (
         "registry", "deadline", "attempts", "failure", "failure_route", "failure_deployment", "failure_body",
         "error", "last_was_error", "stop", "reason", "until", "refused", "made", "avoid", "tried", "ready", "full",
+        "track", "waits",
     )
 
     def __init__(self, route: RouteRule, registry: Registry, deadline: float) -> None:
@@ -104,11 +106,15 @@ class Progress:
         """Per deployment tried in this pool: its earliest retry (the upstream's hint or a backoff)."""
         self.full: set[str] | None = None
         """Upstreams over their own limits: skipped until an attempt starts."""
+        self.track: RuleTrack | None = None
+        """Under `retry.rules`: each rule's failures in the pool being tried (by_rules.py)."""
+        self.waits: dict[str, tuple[float, str]] | None = None
+        """Per deployment: the wait planned before its next attempt and how it was chosen (access log)."""
 
     def enter_pool(self) -> None:
         self.made = 0
         self.avoid = self.tried = self.full = None
-        self.ready = None
+        self.ready = self.track = self.waits = None
 
 
 class Again:
@@ -171,9 +177,11 @@ async def attempt(
                 stream=call.stream, deadline_bound=bound,
             )
             call.mark("upstream_headers")
-            if not call.stream and response.status < 400:
+            if not call.stream and response.status < 400 and (
+                    rule.tool_prefix is None or response.content_length is not None):
                 # Read a whole answer here rather than in the relay (which then finds it read): a connection
-                # cut mid-body is still a failure nothing has reached the client of.
+                # cut mid-body is still a failure nothing has reached the client of. (A tool's chunked answer
+                # is relayed as it comes: it may be a stream of its own, NDJSON say.)
                 left = progress.deadline - clock()
                 bound = bound or left < first_token
                 cap = max(left, 0.001) if bound else None
@@ -186,7 +194,7 @@ async def attempt(
         hint = hints.retry_hint(response.headers, registry.wall())
         buffered = await read_error(response, progress.deadline - clock(), call.plan.max_buffered_response)
     _retry_after_answer(response, buffered, hint, rule, state, progress)
-    return AGAIN
+    return None if progress.track is not None and progress.track.verdict == "spent" else AGAIN
 
 
 def _answered(
@@ -200,14 +208,21 @@ def _answered(
     progress.attempts += 1
     lease.settled = True
     status = lease.status = response.status
-    lease.call.attempts.append(Attempt(state.id, status, time.perf_counter() - lease.started))
+    lease.call.attempts.append(Attempt(state.id, status, time.perf_counter() - lease.started,
+                                       wait=_planned(progress, state.id)))
     now = registry.clock()
     registry.record(state, now, retry.breaker_failure(status), lease.probe)
     headers = response.headers
     if state.spec.pacing.enabled:
         _pace(registry, state, headers, now)
     should_retry = headers.get("x-should-retry") if status >= 400 else None
-    if judge.judge(status, None, bound, should_retry, rule.retry) == "relay":
+    spec = rule.retry
+    if spec.rules and status >= 400:
+        hint = hints.retry_hint(headers, registry.wall())
+        relay = _track(progress, spec).judge(status, None, bound, should_retry, hint, spec) == "relay"
+    else:
+        relay = status < 400 or judge.judge(status, None, bound, should_retry, spec) == "relay"
+    if relay:
         return Sent(response, rule, state.spec, lease=(registry, state), hold=lease.keep(), body=whole)
     return None
 
@@ -219,10 +234,14 @@ def _failed(state: DeploymentState, lease: Lease, error: ProxyError, bound: bool
     progress.made += 1
     progress.attempts += 1
     lease.settled = True
-    lease.call.attempts.append(Attempt(state.id, 0, time.perf_counter() - lease.started, error.reason))
+    lease.call.attempts.append(Attempt(state.id, 0, time.perf_counter() - lease.started, error.reason,
+                                       wait=_planned(progress, state.id)))
     progress.error, progress.last_was_error = error, True
     kind: retry.ErrorKind = "timeout" if isinstance(error, UpstreamTimeout) else "connect_error"
-    verdict = judge.judge(0, kind, bound, None, rule.retry)
+    spec = rule.retry
+    track = _track(progress, spec) if spec.rules else None
+    verdict = track.judge(0, kind, bound, None, None, spec) if track is not None else judge.judge(
+        0, kind, bound, None, spec)
     if verdict == "stop":  # the deadline, not the deployment, ran out
         registry.abandon(state, lease.probe)
         progress.stop = "deadline"
@@ -230,12 +249,12 @@ def _failed(state: DeploymentState, lease: Lease, error: ProxyError, bound: bool
     registry.record(state, registry.clock(), True, lease.probe)
     if verdict == "raise":
         raise error
+    if verdict == "spent":  # this outcome's rule has used its attempts: the pool gives up
+        progress.stop = "attempts"
+        return None
     progress.reason = kind
     progress.tried = add(progress.tried, state.id)
-    ready = judge.ready_at(progress.made - 1, None, rule.retry, registry.clock(), registry.rng.random)
-    assert ready is not None  # no hint: never too long
-    progress.ready = progress.ready or {}
-    progress.ready[state.id] = ready
+    _next_chance(None, rule, state, progress)
     return AGAIN
 
 
@@ -253,7 +272,6 @@ def _retry_after_answer(
 ) -> None:
     """A retriable answer, its body read (or not, if the connection broke): kept to relay if nothing better
     comes, and the deployment's next chance set (after the hint or a backoff, or not in this pool)."""
-    registry = progress.registry
     status = response.status
     if buffered is not None:
         progress.failure, progress.last_was_error, progress.failure_body = response, False, buffered
@@ -264,12 +282,42 @@ def _retry_after_answer(
         ), True
     progress.reason = str(status)
     progress.tried = add(progress.tried, state.id)
-    ready = judge.ready_at(progress.made - 1, hint, rule.retry, registry.clock(), registry.rng.random)
+    if progress.track is not None and progress.track.verdict == "spent":
+        progress.stop = "attempts"  # this outcome's rule has used its attempts: the pool gives up
+        return
+    _next_chance(hint, rule, state, progress)
+
+
+def _next_chance(hint: float | None, rule: RouteRule, state: DeploymentState, progress: Progress) -> None:
+    """When the deployment that just failed may be tried again: after the hint or a backoff, or (a hint
+    longer than the rule allows) not again in this pool."""
+    registry, spec = progress.registry, rule.retry
+    now = registry.clock()
+    if progress.track is not None:
+        ready, wait, how = progress.track.plan(hint, spec, now, registry.rng.random)
+    else:
+        ready = judge.ready_at(progress.made - 1, hint, spec, now, registry.rng.random)
+        wait, how = (None if ready is None else ready - now), "exponential" if hint is None else "hint"
     if ready is None:
         progress.avoid = add(progress.avoid, state.id)
-    else:
-        progress.ready = progress.ready or {}
-        progress.ready[state.id] = ready
+        return
+    progress.ready = progress.ready or {}
+    progress.ready[state.id] = ready
+    if wait is not None:
+        progress.waits = progress.waits or {}
+        progress.waits[state.id] = (wait, how)
+
+
+def _track(progress: Progress, spec: RetrySpec) -> RuleTrack:
+    track = progress.track
+    if track is None:
+        track = progress.track = RuleTrack(len(spec.rules))
+    return track
+
+
+def _planned(progress: Progress, deployment: str) -> tuple[float, str] | None:
+    waits = progress.waits
+    return waits.pop(deployment, None) if waits else None
 
 
 def add(items: set[str] | None, item: str) -> set[str]:

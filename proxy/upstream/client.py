@@ -217,6 +217,7 @@ def _mock_settings(plan: MockPlan) -> MockSettings:
             retry_after=f.retry_after,
             stall=f.stall,
             after_events=f.after_events,
+            times=f.times,
         )
         for f in plan.faults
     )

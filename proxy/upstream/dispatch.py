@@ -109,7 +109,8 @@ async def _pool(
     call = request.call
     paying = call.route or rule  # the call's own route: its budget pays for every retry, fallbacks too
     progress.enter_pool()
-    while progress.made < spec.attempts:
+    attempts = spec.attempts if spec.methods is None or call.method in spec.methods else 1  # retry.methods
+    while progress.made < attempts:
         now = clock()
         state, held_until = registry.choose(rule, now, progress.avoid, progress.tried, progress.full)
         if state is None:

@@ -118,7 +118,8 @@ class Outgoing:
         session, base_url = self.clients.pool(spec.name)
         call.upstream = spec.name
         try:
-            exchange = _choose(call.path, spec.provider)
+            prefix = call.route.tool_prefix if call.route is not None else None
+            exchange = _choose(call.path, spec.provider) if prefix is None else exchanges.tool(call.path, prefix)
         except exchanges.Untranslatable as exc:
             raise InvalidRequest(str(exc)) from None
         call.exchange = exchange
