@@ -39,20 +39,9 @@ def estimate(call: Call, default_max_tokens: int) -> int:
 
 
 def prompt_estimate(raw: bytes, body: Mapping[str, Any] | None) -> int:
-    media, inline = media_parts(body) if body is not None and may_hold_parts(raw) else (0, 0)
-    return math.ceil(max(0, len(raw) - inline) / BYTES_PER_TOKEN) + media * MEDIA_TOKENS
-
-
-def may_hold_parts(raw: bytes) -> bool:
-    """False when no object in the body can have a `type` member (the key is nowhere, not even spelled with
-    \\u escapes): then there is no media part to look for, and the walk is skipped (most text requests)."""
-    return b'"type"' in raw or b"\\u" in raw
-
-
-def media_parts(body: Mapping[str, Any]) -> tuple[int, int]:
-    """How many inline media parts the turns carry, and their payloads' size in bytes."""
-    size = media = 0
-    for turns in (body.get("messages"), body.get("input")):
+    size = len(raw)
+    media = 0
+    for turns in (body.get("messages"), body.get("input")) if body is not None else ():
         if not isinstance(turns, list):  # `input` may be a plain string (Responses, embeddings)
             continue
         for turn in turns:
@@ -62,8 +51,8 @@ def media_parts(body: Mapping[str, Any]) -> tuple[int, int]:
             for part in content:
                 if isinstance(part, dict) and part.get("type") in _MEDIA_PARTS:
                     media += 1
-                    size += _inline_size(part)
-    return media, size
+                    size -= _inline_size(part)
+    return math.ceil(max(0, size) / BYTES_PER_TOKEN) + media * MEDIA_TOKENS
 
 
 def _inline_size(part: Mapping[str, Any]) -> int:
