@@ -20,6 +20,8 @@ _WS = b" \t\r\n"
 _UNSURE = object()
 SCAN_FROM = 16 * 1024
 """Bodies from this size on are scanned from the end first (measured crossover: about 8 KiB)."""
+_MAX_TAIL = 4096
+"""Most bytes after the usage object the scan checks (OpenAI: service_tier and system_fingerprint)."""
 _MAX_NESTED = 8
 """Closing braces tried before the scan gives up (OpenAI's usage nests two `*_details` objects)."""
 
@@ -47,10 +49,9 @@ def usage_of(body: bytes) -> dict[str, Any] | None:
     return usage_in(parsed) if isinstance(parsed, dict) else None
 
 
-def usage_from_end(body: bytes) -> dict[str, Any] | None | object:
-    """The top-level `usage` object found from the end of the body, None when the body cannot hold one, or
-    `_UNSURE` (parse it whole). For a body that is valid JSON this is what `usage_in(orjson.loads(body))`
-    gives, whenever it is not `_UNSURE`.
+def usage_from_end(body: bytes) -> dict[str, Any] | object:
+    """The top-level `usage` object found from the end of the body, or `_UNSURE` (parse it whole). For a body
+    that is valid JSON this is what `usage_in(orjson.loads(body))` gives, whenever it is not `_UNSURE`.
 
     How it knows: the last `"usage"` must open a key (after `{` or `,`) whose value is an object, found by
     counting braces and confirmed by parsing just that slice (a valid JSON object that starts at `{` ends at
@@ -59,8 +60,7 @@ def usage_from_end(body: bytes) -> dict[str, Any] | None | object:
     """
     at = body.rfind(b'"usage"')
     if at < 0:
-        # No usage key anywhere (nor one spelled with \\u escapes, nor one nested in `message`/`response`).
-        return None if b"\\u" not in body else _UNSURE
+        return _UNSURE  # rare (answers carry usage); proving it absent would cost a search for \\u escapes
     before = at - 1
     while before >= 0 and body[before] in _WS:
         before -= 1
@@ -107,6 +107,8 @@ def _closes_top(rest: bytes) -> bool:
     """`rest` (what follows the usage object) ends exactly one JSON object and then the body: `}`, or `,`
     and at least one member, then `}`. Another `usage` key spelled with escapes there would win: unsure."""
     rest = rest.strip(_WS)
+    if len(rest) > _MAX_TAIL:
+        return False  # usage is not near the end: checking the rest would cost what the full parse costs
     if rest == b"}":
         return True
     if not rest.startswith(b",") or b"\\u" in rest:
