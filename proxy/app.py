@@ -45,6 +45,7 @@ def build_app(plan: Plan, settings: Settings | None = None) -> web.Application:
     app.router.add_get("/v1/models/{model:.+}", ingress.models_handler)
     app.router.add_route("*", "/v1/{tail:.*}", ingress.proxy_handler)
     app.cleanup_ctx.append(_limiter_store)
+    app.cleanup_ctx.append(_cache_store)
     app.cleanup_ctx.append(_upstreams)
     app.on_cleanup.append(_flush_access_log)
     return app
@@ -78,6 +79,21 @@ async def _limiter_store(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await store.close()
+
+
+async def _cache_store(app: web.Application) -> AsyncIterator[None]:
+    """With `state.backend: redis` the response cache lives in Redis too, shared by the replicas; read at
+    start-up like the limiter store (changing `state` needs a restart)."""
+    runtime = app[STATE]
+    rule = runtime.plans.current.state
+    if rule.backend != "redis":
+        yield
+        return
+    from proxy.cache.shared import opened  # only replicas sharing state pay for the import
+
+    async with opened(rule, runtime.metrics.cache) as store:
+        runtime.cache.store = store
+        yield
 
 
 async def _upstreams(app: web.Application) -> AsyncIterator[None]:

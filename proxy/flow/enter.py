@@ -35,10 +35,10 @@ if TYPE_CHECKING:
 
 
 class Entry:
-    __slots__ = ("scheduler", "call", "limits", "cls", "waiting", "has_slot", "slot_only", "grant", "gate")
+    __slots__ = ("scheduler", "call", "limits", "cls", "waiting", "has_slot", "slot_only", "hit", "grant", "gate")
 
     def __init__(self, scheduler: Scheduler, call: Call, limits: LimitSet | None, cls: int,
-                 waiting: WaitingRoom | None, has_slot: bool, *, slot_only: bool = False) -> None:
+                 waiting: WaitingRoom | None, has_slot: bool, *, slot_only: bool = False, hit: bool = False) -> None:
         self.scheduler = scheduler
         self.call = call
         self.limits = limits
@@ -46,6 +46,8 @@ class Entry:
         self.waiting = waiting
         self.has_slot = has_slot
         self.slot_only = slot_only
+        self.hit = hit
+        """A cache hit: own limits only (no tokens, no upstream limit)."""
         self.grant: Grant | None = None
         self.gate: Gate | None = None
 
@@ -53,7 +55,7 @@ class Entry:
         call, scheduler = self.call, self.scheduler
         route = call.route
         assert route is not None
-        cost = 0 if self.slot_only else estimate_tokens(call, self.limits)
+        cost = 0 if self.slot_only or self.hit else estimate_tokens(call, self.limits)
         own = self.limits.limits if self.limits is not None else ()
         waits = route.on_limit == "queue" and route.queue is not None and not self.slot_only
         store = scheduler.store()
@@ -66,7 +68,7 @@ class Entry:
                 raise rejection(scheduler.admission, taken.refusal, call, False)
             self._adopt(taken)
             own = ()
-        upstreams = route.upstream_choices if waits and route.batch is None else ()
+        upstreams = route.upstream_choices if waits and route.batch is None and not self.hit else ()
         if not self.has_slot and not own and not upstreams:
             return  # nothing to wait for in a queue (upstream limits: dispatch takes them per attempt)
         try:

@@ -7,6 +7,7 @@ from dataclasses import fields, replace
 from types import MappingProxyType
 
 from proxy.policy import reserve, resilience
+from proxy.policy.cache_rule import cache_rule
 from proxy.policy.load import LoadedPolicy
 from proxy.policy.plan import (
     BatchRule,
@@ -68,6 +69,7 @@ def compile_plan(loaded: LoadedPolicy) -> Plan:
         key_index=MappingProxyType(key_index),
         max_body_size=policy.max_body_size,
         max_buffered_response=policy.max_buffered_response,
+        cache_memory=policy.cache_memory,
         priorities=tuple(policy.priorities),
         queues=MappingProxyType(_queues(policy)),
         state=_state(policy.state),
@@ -162,7 +164,14 @@ def _route(index: int, route: Route, policy: Policy) -> RouteRule:
         balance=route.balance,
         retry=resilience.retry_spec(route.retry, policy.retry),
         fallbacks=tuple(route.fallbacks),
+        cache=cache_rule(route.cache, route.name, _pool(route)),
     )
+
+
+def _pool(route: Route) -> list[tuple[str, str | None]]:
+    if route.deployments is None:
+        return [(route.upstream, route.model)]
+    return [(d.upstream, d.model) for d in route.deployments]
 
 
 def _batch(batch: Batch | None) -> BatchRule | None:

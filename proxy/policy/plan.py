@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from proxy.policy.cache_rule import CacheRule
 from proxy.policy.rates import LimitSpec as LimitSpec  # its home before rate units
 from proxy.policy.redact import EMPTY, Redactor
 from proxy.providers.exchange import DEFAULT_MAX_TOKENS as ANTHROPIC_DEFAULT_MAX_TOKENS
@@ -282,6 +283,8 @@ class RouteRule:
     retry: RetrySpec = RetrySpec()
     fallbacks: tuple[str, ...] = ()
     """Route names tried in order, within the same deadline, once this route's pool gives up."""
+    cache: CacheRule | None = None
+    """The response cache (proxy/cache/); None: the route never looks one up."""
 
     def matches(self, path: str, model: str, tenant: str) -> bool:
         return (
@@ -359,6 +362,8 @@ class Plan:
     """Where limit counters live; read once at start-up (the store outlives plan swaps)."""
     max_buffered_response: int = 32 * 1024 * 1024
     """Largest non-streamed upstream answer read into memory (proxy/upstream/body.py)."""
+    cache_memory: int = 64 * 1024 * 1024
+    """Bytes the in-memory response cache may hold (proxy/cache/memory.py)."""
     secrets: Redactor = field(default=EMPTY, repr=False, compare=False)
     """Every secret of the policy in every form it is sent, compiled once (proxy/policy/redact.py)."""
 
