@@ -72,3 +72,39 @@ async def ask(client: httpx.AsyncClient, base: str, key: str = "sk-alpha", heade
     payload = {"model": "gpt-4o-mini", "messages": CHAT, **body}
     sent = {"Authorization": f"Bearer {key}", **(headers or {})}
     return await client.post(f"{base}/v1/chat/completions", json=payload, headers=sent)
+
+
+@dataclass
+class Embedder:
+    """OpenAI-like embeddings with the mock's deterministic vectors (seeded by each input alone); records
+    the inputs of every call and the usage it billed."""
+
+    url: str = ""
+    inputs: list[list[Any]] = field(default_factory=list)
+    usage: list[dict[str, int]] = field(default_factory=list)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        from proxy.mock import embeddings as mock
+
+        body = await request.json()
+        self.inputs.append(body["input"] if isinstance(body["input"], list) else [body["input"]])
+        answer = mock.embeddings_response(body, 8)
+        self.usage.append(answer["usage"])
+        return web.Response(body=orjson.dumps(answer), content_type="application/json")
+
+
+def embedder_app(upstream: Embedder) -> web.Application:
+    app = web.Application()
+    app.router.add_post("/v1/embeddings", upstream.handle)
+    return app
+
+
+def embeddings_policy(url: str, *, batch: dict[str, Any] | None = None) -> str:
+    cached: dict[str, Any] = {"cache": {"ttl": "10m"}}
+    if batch is not None:
+        cached["batch"] = batch
+    routes = [
+        route_spec("cached", "up", path="/v1/embeddings", model="emb-cached", **cached),
+        route_spec("plain", "up", path="/v1/embeddings", model="emb-plain"),
+    ]
+    return build_policy({"up": upstream_spec(url)}, routes, tenants=TENANTS)
