@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from proxy.policy.schema_routes import Cache
@@ -17,7 +17,7 @@ class CacheRule:
     max_entry: int
     """Bytes; a larger answer is relayed but not stored."""
     scope: Literal["tenant", "shared"]
-    salt: bytes
+    salt: bytes = field(repr=False)
     """Hashed into every key of the route: its name and its pool (upstream and model of each deployment),
     so a reload that points the route elsewhere never serves the old upstream's answers."""
 

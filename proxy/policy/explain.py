@@ -25,7 +25,7 @@ from proxy.policy.units import format_duration, mask_userinfo
 from proxy.providers.exchange import Untranslatable, choose
 
 # Route capabilities shown as they were compiled, when the compiled route has them.
-COMPILED_SECTIONS = ("deployments", "balance", "retry", "breaker", "fallbacks", "batch")
+COMPILED_SECTIONS = ("deployments", "balance", "retry", "breaker", "fallbacks", "batch", "cache")
 # Source fields that a section below reports (or that are secret), so "other" does not repeat them.
 _COVERED = {
     "name", "match", "upstream", "model", "timeouts", "keys", "api_key", "provider", "base_url", "mock",
