@@ -11,7 +11,9 @@ import openai
 import pytest
 from cache_helpers import Numbered, app_for, ask, cache_policy
 from conftest import Proxy
-from kit import Loopback, sample_key, scrape
+from kit import Loopback, sample_key, scrape, until
+
+from proxy.tasks import spawn
 
 pytestmark = pytest.mark.timeout(60)
 StartProxy = Callable[..., Awaitable[Proxy]]
@@ -32,7 +34,8 @@ async def test_a_repeat_is_a_hit_byte_for_byte_with_age_and_no_upstream_call(
         first = await ask(client, proxy.url)
         second = await ask(client, proxy.url)
         reordered = await client.post(  # the same JSON, keys in another order: the same entry
-            f"{proxy.url}/v1/chat/completions", headers={"Authorization": "Bearer sk-alpha", "Content-Type": "application/json"},
+            f"{proxy.url}/v1/chat/completions",
+            headers={"Authorization": "Bearer sk-alpha", "Content-Type": "application/json"},
             content=b'{"messages": [{"content": "What is the capital of France?", "role": "user"}], '
                     b'"model": "gpt-4o-mini"}',
         )
@@ -138,10 +141,10 @@ async def test_fifty_identical_concurrent_misses_make_one_upstream_call(
     upstream.hold = asyncio.Event()
     proxy = await start_proxy(cache_policy(upstream.url))
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=60), timeout=30) as client:
-        tasks = [asyncio.ensure_future(ask(client, proxy.url)) for _ in range(50)]
-        while upstream.calls == 0 or len(proxy.state.cache.flights) == 0:
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.2)  # the others arrive and wait for the one in flight
+        tasks = [spawn(ask(client, proxy.url), name="ask") for _ in range(50)]
+        # All in the proxy, one of them upstream (held there), the others waiting for it.
+        await until(lambda: proxy.state.in_flight == 50 and upstream.calls > 0, within=20)
+        assert upstream.calls == 1 and len(proxy.state.cache.flights) == 1
         upstream.hold.set()
         got = await asyncio.gather(*tasks)
     assert upstream.calls == 1
