@@ -3,6 +3,7 @@ serves byte for byte; keys hold no content; a Redis outage turns lookups into mi
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -11,9 +12,11 @@ import openai
 import pytest
 from cache_helpers import Embedder, Numbered, app_for, ask, cache_policy, embedder_app
 from conftest import Proxy
-from kit import Loopback, build_policy, route_spec, sample_key, scrape, upstream_spec
+from kit import Loopback, build_policy, route_spec, sample_key, scrape, until, upstream_spec
 from redis.asyncio import Redis
 from redis_server import RedisServer, running
+
+from proxy.tasks import spawn
 
 pytestmark = pytest.mark.timeout(60)
 StartProxy = Callable[..., Awaitable[Proxy]]
@@ -99,3 +102,21 @@ async def test_embedding_inputs_cached_by_one_replica_serve_the_other(
     assert embedder.inputs == [["a", "b", "c"], ["d"]]
     assert second.data[0].embedding == first.data[2].embedding
     assert second.data[2].embedding == first.data[0].embedding
+
+
+async def test_concurrent_misses_on_two_replicas_make_one_upstream_call(
+    start_proxy: StartProxy, upstream: Numbered, server: RedisServer
+) -> None:
+    upstream.hold = asyncio.Event()
+    text = cache_policy(upstream.url, state=shared_state(server.url))
+    one, two = await start_proxy(text), await start_proxy(text)
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=30), timeout=30) as client:
+        first = spawn(ask(client, one.url), name="ask")
+        await until(lambda: upstream.calls > 0)
+        rest = [spawn(ask(client, proxy.url), name="ask") for proxy in (one, two) for _ in range(10)]
+        await until(lambda: one.state.in_flight == 11 and two.state.in_flight == 10)
+        upstream.hold.set()
+        got = [await first, *await asyncio.gather(*rest)]
+    assert upstream.calls == 1
+    assert len({r.content for r in got}) == 1
+    assert [r.headers["x-signalbox-cache"] for r in got] == ["miss"] + ["hit"] * 20

@@ -64,6 +64,15 @@ class MemoryStore:
         if self.metrics is not None:
             self.metrics.memory.set(self.used)
 
+    async def claim(self, key: str, seconds: float) -> bool:
+        return True  # one process: its single flight (proxy/cache/flight.py) is the whole story
+
+    async def release(self, key: str) -> None:
+        return None
+
+    async def held(self, key: str) -> bool:
+        return False
+
     def resize(self, limit: int) -> None:
         if limit != self.limit:
             self.limit = limit

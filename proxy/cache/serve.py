@@ -7,6 +7,8 @@ ingress after the tenant is known and the route resolved, before limits, queue a
 - A miss goes `onward` (limits, queue, dispatch, relay, as without a cache) and the answer is stored when
   the rules allow (proxy/cache/rules.py). Identical misses wait for the first one's answer (single
   flight, per process; bounded by the route's `timeouts.total`).
+  With the Redis store, replicas do the same through a short claim in Redis (SET NX with a lease): the
+  first replica fetches, the others look again until the answer is stored or the claim is gone.
 - A bypass goes onward and stores nothing: a stream, a method other than GET and POST, a client's
   `Cache-Control: no-store`; `no-cache` skips the lookup but refreshes the entry.
 Embeddings are cached per input (proxy/cache/inputs.py).
@@ -14,6 +16,7 @@ Embeddings are cached per input (proxy/cache/inputs.py).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -30,6 +33,8 @@ from proxy.call import Call
 from proxy.policy.cache_rule import CacheRule
 from proxy.telemetry.cache import CacheMetrics
 
+LOCK_LEASE = 30.0
+"""Longest one replica holds the fetch of an answer (Redis store) before another may fetch it too."""
 Onward = Callable[[], Awaitable[web.StreamResponse]]
 """The rest of the data path (limits, queue, dispatch or the batcher, relay)."""
 Limits = Callable[[], AbstractAsyncContextManager[None]]
@@ -40,6 +45,12 @@ class Store(Protocol):
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]: ...
 
     async def put_many(self, items: Sequence[tuple[str, bytes]], ttl: float, route: str) -> None: ...
+
+    async def claim(self, key: str, seconds: float) -> bool: ...
+
+    async def release(self, key: str) -> None: ...
+
+    async def held(self, key: str) -> bool: ...
 
     def describe(self) -> dict[str, object]: ...
 
@@ -85,7 +96,7 @@ class ResponseCache:
             return hit
         leader = self.flights.waiting(key)
         if leader is None:
-            return await self._fetch(call, key, rule, onward, "miss", lead=True)
+            return await self._fetch(call, key, rule, onward, "miss", lead=True, limits=limits)
         assert call.route is not None
         await follow(leader, call.route.timeouts.total)
         hit = await self._hit(call, key, limits)
@@ -106,10 +117,19 @@ class ResponseCache:
         self.metrics.result(call.route.name, "hit")
         return response
 
-    async def _fetch(self, call: Call, key: str, rule: CacheRule, onward: Onward, result: str, *, lead: bool
-                     ) -> web.StreamResponse:
+    async def _fetch(self, call: Call, key: str, rule: CacheRule, onward: Onward, result: str, *, lead: bool,
+                     limits: Limits | None = None) -> web.StreamResponse:
         flight = self.flights.lead(key) if lead else None
+        claimed = False
         try:
+            if lead and limits is not None:  # one replica fetches, the others look again (Redis store)
+                assert call.route is not None
+                lease = min(call.route.timeouts.total, LOCK_LEASE)
+                claimed = await self.store.claim(key, lease)
+                if not claimed:
+                    hit = await self._elsewhere(call, key, limits, lease)
+                    if hit is not None:
+                        return hit
             response = await self._onward(call, onward, result)
             kept = answer.storable(response, rule)
             if kept is not None:
@@ -120,8 +140,26 @@ class ResponseCache:
                 self.metrics.stored.inc((call.route.name,), len(data))
             return response
         finally:
+            if claimed:
+                await self.store.release(key)
             if flight is not None:
                 self.flights.land(key, flight)
+
+    async def _elsewhere(self, call: Call, key: str, limits: Limits, lease: float) -> web.Response | None:
+        """Another replica is fetching this answer: look again (backing off) until it is stored, that
+        replica's claim is gone (its answer was not kept) or the lease is over; then None: fetch it here."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + lease
+        pause = 0.02
+        while loop.time() < end:
+            await asyncio.sleep(pause)
+            hit = await self._hit(call, key, limits)
+            if hit is not None:
+                return hit
+            if not await self.store.held(key):
+                return None
+            pause = min(pause * 2, 0.5)
+        return None
 
     async def _onward(self, call: Call, onward: Onward, result: str) -> web.StreamResponse:
         assert call.route is not None

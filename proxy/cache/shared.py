@@ -28,6 +28,8 @@ from proxy.policy.plan import StateRule
 from proxy.telemetry.cache import CacheMetrics
 
 log = logging.getLogger("signalbox.cache")
+FAILED = object()
+"""What `_call` returns when Redis did not answer (a miss, a write skipped, a lock not taken)."""
 _POOL = 16
 """Connections of the cache's own pool (at most the limiter store's `max_connections`)."""
 
@@ -48,7 +50,7 @@ class SharedStore:
         names = [self.prefix + key for key in keys]
         read = getattr(self.client, "mget_nonatomic", None) or self.client.mget  # a Cluster spans slots
         found = await self._call("get", read, names)
-        if found is None:
+        if found is FAILED:
             return [None] * len(keys)
         return list(found)
 
@@ -63,20 +65,36 @@ class SharedStore:
 
         await self._call("set", write)
 
-    async def _call(self, op: str, fn: Callable[..., Any], *args: Any) -> Any:
-        """`fn(*args)` within the timeout, or None (failed, slow, or skipped while the breaker is open)."""
+    async def claim(self, key: str, seconds: float) -> bool:
+        """Take the fetch of `key` for this replica for `seconds` (SET NX PX): False when another replica
+        holds it. An unreachable Redis claims nothing and refuses nobody (True): the fetch goes ahead."""
+        name = self.prefix + "lock:" + key
+        taken = await self._call("lock", self.client.set, name, b"1", nx=True, px=max(1, int(seconds * 1000)))
+        return taken is FAILED or bool(taken)  # SET NX answers None when the key exists
+
+    async def release(self, key: str) -> None:
+        await self._call("unlock", self.client.delete, self.prefix + "lock:" + key)
+
+    async def held(self, key: str) -> bool:
+        """Another replica still fetches `key` (False when Redis cannot say)."""
+        found = await self._call("lock", self.client.exists, self.prefix + "lock:" + key)
+        return found is not FAILED and bool(found)
+
+    async def _call(self, op: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """`fn(*args, **kwargs)` within the timeout, or FAILED (failed, slow, or skipped while the breaker
+        is open)."""
         now = self.clock()
         if not self.breaker.allow(now):
             self._error(op)
-            return None
+            return FAILED
         try:
             async with asyncio.timeout(self.timeout):
-                result = await fn(*args)
+                result = await fn(*args, **kwargs)
         except (RedisError, OSError, TimeoutError) as exc:
             if self.breaker.failure(self.clock()):
                 log.warning("cache: Redis unreachable (%s); serving without the shared cache", type(exc).__name__)
             self._error(op)
-            return None
+            return FAILED
         except asyncio.CancelledError:
             self.breaker.abandon()
             raise
