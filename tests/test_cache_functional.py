@@ -171,8 +171,18 @@ async def test_hits_count_against_the_tenants_request_limit(start_proxy: StartPr
         got = [await ask(client, proxy.url) for _ in range(5)]
     assert [r.status_code for r in got] == [200, 200, 200, 429, 429]
     assert [r.headers.get("x-signalbox-cache") for r in got[:3]] == ["miss", "hit", "hit"]
+    assert "x-signalbox-cache" not in got[3].headers  # a hit refused by the limit was not served
     assert "retry-after" in got[3].headers
     assert upstream.calls == 1
+
+
+async def test_a_miss_refused_by_a_limit_is_labelled(start_proxy: StartProxy, upstream: Numbered) -> None:
+    proxy = await start_proxy(cache_policy(upstream.url, limits={"per_tenant": {"requests_per_minute": 1}}))
+    async with httpx.AsyncClient() as client:
+        await ask(client, proxy.url)
+        refused = await ask(client, proxy.url, temperature=1)
+    assert refused.status_code == 429 and refused.headers["x-signalbox-cache"] == "miss"
+    assert "retry-after" in refused.headers and upstream.calls == 1
 
 
 async def test_the_memory_cache_stays_within_its_bytes_and_evicts_the_least_recent(

@@ -30,6 +30,7 @@ from proxy.cache.flight import Flights, follow
 from proxy.cache.memory import MemoryStore
 from proxy.cache.rules import CACHED_METHODS, ClientMode, body_bytes, client_mode, request_key
 from proxy.call import Call
+from proxy.errors import ProxyError
 from proxy.policy.cache_rule import CacheRule
 from proxy.telemetry.cache import CacheMetrics
 
@@ -165,7 +166,11 @@ class ResponseCache:
         assert call.route is not None
         call.cache = result  # a stream's headers are labelled by the relay (ingress.forward)
         self.metrics.result(call.route.name, result)
-        response = await onward()
+        try:
+            response = await onward()
+        except ProxyError as err:  # a 429, a timeout, an unreachable upstream: labelled like any answer
+            err.headers[answer.CACHE_HEADER] = result
+            raise
         answer.label(response, result)
         return response
 
