@@ -146,6 +146,7 @@ async def readyz(request: web.Request) -> web.Response:
     # Where limits live; a degraded shared store (Redis down, local limits) is reported, never unready.
     describe = getattr(runtime.admission.store, "describe", None)
     body["limits"] = describe() if describe is not None else {"backend": "memory"}
+    body["cache"] = runtime.cache.describe()  # where cached answers live; a Redis outage only degrades
     # One word from the detailed view (admin port, /healthz/details): an open circuit degrades, never unreadies.
     body["health"] = health.overall(health.gather(runtime))
     return web.Response(status=200 if ok else 503, body=orjson.dumps(body), content_type="application/json")

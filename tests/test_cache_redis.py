@@ -120,3 +120,18 @@ async def test_concurrent_misses_on_two_replicas_make_one_upstream_call(
     assert upstream.calls == 1
     assert len({r.content for r in got}) == 1
     assert [r.headers["x-signalbox-cache"] for r in got] == ["miss"] + ["hit"] * 20
+
+
+async def test_readyz_says_where_the_cache_lives_and_stays_ready_without_redis(
+    start_proxy: StartProxy, upstream: Numbered, server: RedisServer
+) -> None:
+    shared = await start_proxy(cache_policy(upstream.url, state=shared_state(server.url)))
+    local = await start_proxy(cache_policy(upstream.url))
+    async with httpx.AsyncClient(timeout=30) as client:
+        assert (await client.get(f"{local.url}/readyz")).json()["cache"]["backend"] == "memory"
+        assert (await client.get(f"{shared.url}/readyz")).json()["cache"] == {"backend": "redis", "degraded": False}
+        await server.astop()
+        for _ in range(3):
+            await ask(client, shared.url)
+        ready = await client.get(f"{shared.url}/readyz")
+    assert ready.status_code == 200 and ready.json()["cache"] == {"backend": "redis", "degraded": True}
