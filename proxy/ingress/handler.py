@@ -1,7 +1,7 @@
 """Public handlers and `handle(call)`: THE data path, read top to bottom.
 
-identify tenant -> read and parse the body once -> resolve the route -> admission (limits) ->
-scheduler (a queue slot) -> dispatch -> relay.
+identify tenant -> read and parse the body once -> resolve the route -> [the route's cache: a hit is
+answered there, after its own limits] -> admission (limits) -> scheduler (a queue slot) -> dispatch -> relay.
 Every proxy-made refusal is a `ProxyError` rendered by `errors.render`; metrics and the access log
 are fed once, in `finally`, from the `Call`.
 """
