@@ -90,7 +90,7 @@ async def test_every_input_form_and_base64_and_repeats_come_back_in_order(
 async def test_the_misses_of_concurrent_callers_merge_into_one_batched_call(
     start_proxy: StartProxy, async_openai: MakeClient, upstream: Embedder
 ) -> None:
-    proxy = await start_proxy(embeddings_policy(upstream.url, batch={"max_wait": "300ms"}))
+    proxy = await start_proxy(embeddings_policy(upstream.url, batch={"max_wait": "1s"}))
     client = async_openai(proxy)
     await embed(client, "emb-cached", ["shared one", "shared two"])
     before = len(upstream.inputs)

@@ -88,13 +88,16 @@ async def test_set_cookie_answers_are_not_cached_and_max_age_is_honoured(
 ) -> None:
     upstream.headers = {"Set-Cookie": "session=abc"}
     proxy = await start_proxy(cache_policy(upstream.url))
+    now = [1000.0]
+    proxy.state.cache.memory.clock = lambda: now[0]  # the store's clock, moved by hand
     async with httpx.AsyncClient() as client:
         await ask(client, proxy.url)
         assert (await ask(client, proxy.url)).headers["x-signalbox-cache"] == "miss"
-        upstream.headers = {"Cache-Control": "max-age=1"}
+        upstream.headers = {"Cache-Control": "max-age=60"}
         await ask(client, proxy.url, n=2)
+        now[0] += 59
         assert (await ask(client, proxy.url, n=2)).headers["x-signalbox-cache"] == "hit"
-        await asyncio.sleep(1.2)  # past the upstream's max-age (shorter than the policy's 10 minutes)
+        now[0] += 2  # past the upstream's max-age (shorter than the policy's 10 minutes)
         assert (await ask(client, proxy.url, n=2)).headers["x-signalbox-cache"] == "miss"
     assert upstream.calls == 4
 

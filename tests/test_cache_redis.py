@@ -114,7 +114,7 @@ async def test_concurrent_misses_on_two_replicas_make_one_upstream_call(
         first = spawn(ask(client, one.url), name="ask")
         await until(lambda: upstream.calls > 0)
         rest = [spawn(ask(client, proxy.url), name="ask") for proxy in (one, two) for _ in range(10)]
-        await until(lambda: one.state.in_flight == 11 and two.state.in_flight == 10)
+        await until(lambda: one.state.in_flight == 11 and two.state.in_flight == 10, within=20)
         upstream.hold.set()
         got = [await first, *await asyncio.gather(*rest)]
     assert upstream.calls == 1
