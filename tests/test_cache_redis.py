@@ -36,7 +36,7 @@ async def upstream(loopback: Loopback) -> Numbered:
 
 
 def shared_state(url: str) -> dict[str, object]:
-    return {"backend": "redis", "url": url, "key_prefix": "sb-cache", "timeout": "200ms",
+    return {"backend": "redis", "url": url, "key_prefix": "sb-cache", "timeout": "1s",
             "breaker": {"failures": 2, "cooldown": "30s"}}
 
 

@@ -157,8 +157,8 @@ class ResponseCache:
             hit = await self._hit(call, key, limits)
             if hit is not None:
                 return hit
-            if not await self.store.held(key):
-                return None
+            if not await self.store.held(key):  # gone: stored since the look just now, or not kept at all
+                return await self._hit(call, key, limits)
             pause = min(pause * 2, 0.5)
         return None
 
