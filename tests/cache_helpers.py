@@ -82,6 +82,8 @@ class Embedder:
     url: str = ""
     inputs: list[list[Any]] = field(default_factory=list)
     usage: list[dict[str, int]] = field(default_factory=list)
+    drop_last: bool = False
+    """Answer one vector fewer than the inputs (a broken upstream)."""
 
     async def handle(self, request: web.Request) -> web.Response:
         from proxy.mock import embeddings as mock
@@ -89,6 +91,8 @@ class Embedder:
         body = await request.json()
         self.inputs.append(body["input"] if isinstance(body["input"], list) else [body["input"]])
         answer = mock.embeddings_response(body, 8)
+        if self.drop_last:
+            answer["data"].pop()
         self.usage.append(answer["usage"])
         return web.Response(body=orjson.dumps(answer), content_type="application/json")
 

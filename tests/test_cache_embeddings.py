@@ -101,3 +101,20 @@ async def test_the_misses_of_concurrent_callers_merge_into_one_batched_call(
     for n, (answer, _) in enumerate(answers):
         reference, _ = await embed(client, "emb-plain", ["shared one", f"new {n}", "shared two"])
         assert vectors(answer) == vectors(reference)
+
+
+async def test_a_partly_cached_request_answered_with_the_wrong_count_is_a_502_not_half_an_answer(
+    start_proxy: StartProxy, async_openai: MakeClient, upstream: Embedder
+) -> None:
+    proxy = await start_proxy(embeddings_policy(upstream.url))
+    client = async_openai(proxy, max_retries=0)
+    await embed(client, "emb-cached", ["kept"])
+    upstream.drop_last = True  # from now on one vector fewer than the inputs sent
+    with pytest.raises(openai.InternalServerError) as caught:
+        await embed(client, "emb-cached", ["kept", "new one", "new two"])
+    assert caught.value.status_code == 502
+    assert upstream.inputs[-1] == ["new one", "new two"]
+    upstream.drop_last = False
+    answer, _ = await embed(client, "emb-cached", ["kept", "new one", "new two"])
+    assert len(vectors(answer)) == 3  # nothing of the bad answer was stored
+    assert upstream.inputs[-1] == ["new one", "new two"]

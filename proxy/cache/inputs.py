@@ -21,6 +21,7 @@ from multidict import CIMultiDict
 from proxy.cache import answer
 from proxy.cache.rules import body_bytes, request_key, storable_ttl
 from proxy.call import Call
+from proxy.errors import UpstreamBadResponse
 
 if TYPE_CHECKING:
     from proxy.cache.serve import Limits, Onward, ResponseCache
@@ -81,22 +82,30 @@ async def serve(cache: ResponseCache, request: web.Request, call: Call, onward: 
     cache.metrics.inputs.inc((route, "miss"), len(items) - hits)
     if not missing:
         return await _all_cached(cache, call, found, limits)
-    if len(missing) < len(items):  # only the misses go upstream, each once
+    rewritten = len(missing) < len(items)
+    if rewritten:  # only the misses go upstream, each once
         first = {k: items[i] for i, k in reversed(list(enumerate(keys)))}
-        sent = [first[k] for k in missing]
-        body = {**call.body, "input": sent}
+        body = {**call.body, "input": [first[k] for k in missing]}
         call.body, call.raw_body = body, orjson.dumps(body)
-    call.cache = result = "miss" if use else "bypass"
-    cache.metrics.result(route, result)
-    response = await onward()
-    answer.label(response, result)
-    response.headers[answer.INPUT_HITS_HEADER] = str(hits)
+    response = await cache.onward(call, onward, "miss" if use else "bypass")
+    if not response.prepared:
+        response.headers[answer.INPUT_HITS_HEADER] = str(hits)
+    return await _reassemble(cache, call, response, keys, found, missing, rewritten=rewritten)
+
+
+async def _reassemble(cache: ResponseCache, call: Call, response: web.StreamResponse, keys: list[str],
+                      found: list[Cached | None], missing: list[str], *, rewritten: bool) -> web.StreamResponse:
+    """Store the vectors the upstream sent and, if only the misses were sent, answer every input in order."""
     got = _vectors(response, len(missing))
     if got is None:
-        return response  # an error, or an answer of another shape: relayed as it came
+        if rewritten and answer.whole_body(response) is not None and 200 <= response.status < 300:
+            # The caller did not send the request this answers: half an answer would be a wrong one.
+            raise UpstreamBadResponse(f"upstream '{call.upstream}' answered the {len(missing)} inputs not cached "
+                                      "with a body that is not one embedding per input; nothing was stored")
+        return response  # an error, or an answer to the caller's own request: relayed as it came
     parsed, vectors = got
     await _store(cache, call, response, missing, parsed.get("model"), vectors)
-    if len(missing) < len(items):
+    if rewritten:
         fresh = dict(zip(missing, vectors, strict=True))
         parsed["data"] = [_item(i, f[2]) if f is not None else {**fresh[k], "index": i}
                           for i, (k, f) in enumerate(zip(keys, found, strict=True))]

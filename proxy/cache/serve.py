@@ -75,7 +75,7 @@ class ResponseCache:
         rule = route.cache
         mode = client_mode(request.headers.get("Cache-Control"))
         if call.stream or mode == "skip" or call.method not in CACHED_METHODS:
-            return await self._onward(call, onward, "bypass")
+            return await self.onward(call, onward, "bypass")
         if self.store is self.memory:
             self.memory.resize(call.plan.cache_memory)
         if call.body is not None and call.path.endswith("/embeddings"):
@@ -131,7 +131,7 @@ class ResponseCache:
                     hit = await self._elsewhere(call, key, limits, lease)
                     if hit is not None:
                         return hit
-            response = await self._onward(call, onward, result)
+            response = await self.onward(call, onward, result)
             kept = answer.storable(response, rule)
             if kept is not None:
                 body, ttl = kept
@@ -162,7 +162,8 @@ class ResponseCache:
             pause = min(pause * 2, 0.5)
         return None
 
-    async def _onward(self, call: Call, onward: Onward, result: str) -> web.StreamResponse:
+    async def onward(self, call: Call, onward: Onward, result: str) -> web.StreamResponse:
+        """The rest of the path for a miss or a bypass, its answer (or error) labelled with `result`."""
         assert call.route is not None
         call.cache = result  # a stream's headers are labelled by the relay (ingress.forward)
         self.metrics.result(call.route.name, result)
