@@ -57,14 +57,14 @@ def app_for(upstream: Numbered) -> web.Application:
 
 
 def cache_policy(url: str, cache: dict[str, Any] | None = None, *, state: dict[str, Any] | None = None,
-                 limits: dict[str, Any] | None = None, **top: Any) -> str:
-    extra: dict[str, Any] = {"cache": cache if cache is not None else {"ttl": "10m"}}
+                 limits: dict[str, Any] | None = None, route: dict[str, Any] | None = None, **top: Any) -> str:
+    extra: dict[str, Any] = {"cache": cache if cache is not None else {"ttl": "10m"}, **(route or {})}
     if limits is not None:
         extra["limits"] = limits
-    route = route_spec("chat", "up", path="/v1/chat/completions", **extra)
+    spec = route_spec("chat", "up", path="/v1/chat/completions", **extra)
     if state is not None:
         top["state"] = state
-    return build_policy({"up": upstream_spec(url)}, [route], tenants=TENANTS, **top)
+    return build_policy({"up": upstream_spec(url)}, [spec], tenants=TENANTS, **top)
 
 
 async def ask(client: httpx.AsyncClient, base: str, key: str = "sk-alpha", headers: dict[str, str] | None = None,

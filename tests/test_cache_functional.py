@@ -214,3 +214,18 @@ async def test_an_answer_over_max_entry_is_relayed_but_not_kept(start_proxy: Sta
         got = [await ask(client, proxy.url) for _ in range(2)]
     assert [r.headers["x-signalbox-cache"] for r in got] == ["miss", "miss"]
     assert upstream.calls == 2
+
+
+async def test_a_hit_takes_no_queue_slot(start_proxy: StartProxy, upstream: Numbered) -> None:
+    queues = {"one": {"concurrency": 1, "max_wait": "20s"}}
+    proxy = await start_proxy(cache_policy(upstream.url, route={"queue": "one", "on_limit": "queue"}, queues=queues))
+    async with httpx.AsyncClient(timeout=30) as client:
+        cached = await ask(client, proxy.url)
+        upstream.hold = asyncio.Event()
+        busy = spawn(ask(client, proxy.url, temperature=1), name="ask")  # takes the only slot, held upstream
+        await until(lambda: upstream.calls == 2)
+        again = await ask(client, proxy.url)  # answered while the slot is taken
+        assert not busy.done()
+        upstream.hold.set()
+        assert (await busy).status_code == 200
+    assert again.headers["x-signalbox-cache"] == "hit" and again.content == cached.content
