@@ -47,6 +47,7 @@ def build_app(plan: Plan, settings: Settings | None = None) -> web.Application:
     app.router.add_route("*", "/v1/{tail:.*}", ingress.proxy_handler)
     app.router.add_route("*", "/{tail:.*}", tool.tool_handler)  # tool routes: every other path (last)
     app.cleanup_ctx.append(_limiter_store)
+    app.cleanup_ctx.append(_cache_store)
     app.cleanup_ctx.append(_upstreams)
     app.on_cleanup.append(_flush_access_log)
     return app
@@ -80,6 +81,21 @@ async def _limiter_store(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await store.close()
+
+
+async def _cache_store(app: web.Application) -> AsyncIterator[None]:
+    """With `state.backend: redis` the response cache lives in Redis too, shared by the replicas; read at
+    start-up like the limiter store (changing `state` needs a restart)."""
+    runtime = app[STATE]
+    rule = runtime.plans.current.state
+    if rule.backend != "redis":
+        yield
+        return
+    from proxy.cache.shared import opened  # only replicas sharing state pay for the import
+
+    async with opened(rule, runtime.metrics.cache) as store:
+        runtime.cache.store = store
+        yield
 
 
 async def _upstreams(app: web.Application) -> AsyncIterator[None]:
@@ -132,6 +148,7 @@ async def readyz(request: web.Request) -> web.Response:
     # Where limits live; a degraded shared store (Redis down, local limits) is reported, never unready.
     describe = getattr(runtime.admission.store, "describe", None)
     body["limits"] = describe() if describe is not None else {"backend": "memory"}
+    body["cache"] = runtime.cache.describe()  # where cached answers live; a Redis outage only degrades
     # One word from the detailed view (admin port, /healthz/details): an open circuit degrades, never unreadies.
     body["health"] = health.overall(health.gather(runtime))
     return web.Response(status=200 if ok else 503, body=orjson.dumps(body), content_type="application/json")

@@ -99,6 +99,8 @@ class Call:
     to that upstream uses it instead of taking its own."""
     queue_wait: float = 0.0
     """Seconds spent waiting in a queue (x-signalbox-queue-wait-ms)."""
+    cache: str | None = None
+    """On a route with a cache: hit, miss or bypass (x-signalbox-cache; a hit counts as one request)."""
     hold: Hold | None = None
     """The current attempt's place in its upstream's limit, until finished (admission's exit finishes
     the one the relayed response came from)."""

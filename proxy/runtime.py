@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from proxy.batching.batcher import Batcher
+from proxy.cache.serve import ResponseCache
 from proxy.errors import ProxyError
 from proxy.flow.admit import Admission
 from proxy.flow.scheduler import PRIORITY_HEADER, Scheduler
@@ -109,6 +110,8 @@ class Runtime:
     """Open embedding batches by key, and their flushes (each takes one scheduler slot)."""
     upstreams: Registry = field(init=False)
     """Per-deployment circuit breakers, pacing holds and load (the same object as `clients.registry`)."""
+    cache: ResponseCache = field(init=False)
+    """The response cache of routes with `cache:` (proxy/cache/); its store is Redis's once the app opened it."""
     secrets: SecretsRef = field(init=False)
     """What every output is redacted with (responses, logs, metrics, the admin API); see proxy/policy/redact.py."""
 
@@ -121,6 +124,7 @@ class Runtime:
         )
         self.metrics.before_scrape += [self.admission.refresh_metrics, self.scheduler.refresh_metrics]
         self.metrics.in_flight.set_function(lambda: self.in_flight)  # read at scrape, not two locks per request
+        self.cache = ResponseCache(self.metrics.cache, self.plans.current.cache_memory)
         self.upstreams = self.clients.registry
         self.upstreams.metrics = self.metrics
         # Upstream limits, per attempt, in admission's store; a finished attempt tells the queues.

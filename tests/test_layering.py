@@ -22,6 +22,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("operations (admin views, health)", ("proxy.ops",)),
     ("ingress", ("proxy.ingress",)),
     ("runtime", ("proxy.runtime",)),
+    # The response cache wraps the flow: a miss goes on through it, a hit takes only its own limits.
+    ("cache", ("proxy.cache",)),
     ("flow", ("proxy.flow",)),
     ("admission", ("proxy.admission",)),
     ("batching", ("proxy.batching",)),

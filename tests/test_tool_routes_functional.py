@@ -1,7 +1,6 @@
 """Tool routes (`provider: http`) end to end: the proxy on loopback in front of a test tool API (an aiohttp
 app here, on loopback), `httpx` as the client, on a path outside /v1. Bytes both ways, limits and their
-neutral 429s, the breaker, retries by method. (The response cache, built in parallel, adds its assertions
-at the marked spot.)"""
+neutral 429s, the breaker, retries by method, and the response cache with all of them at once."""
 
 from __future__ import annotations
 
@@ -209,8 +208,6 @@ async def test_a_get_is_retried_on_503_and_a_post_only_when_the_policy_says(
         posted = await client.post("/tools/search/q", content=b"{}")
         assert posted.status_code == 503 and posted.headers["x-signalbox-attempts"] == "1"  # not idempotent
         assert len(tool.seen) == 4
-        # Cache (the response cache, built separately): a repeated GET here should be a hit that makes no
-        # upstream call; assert it at this spot once the cache lands.
     line = proxy.access_lines()[0]
     assert [a["status"] for a in line["attempts"]] == [503, 503, 200]
 
@@ -220,6 +217,46 @@ async def test_a_get_is_retried_on_503_and_a_post_only_when_the_policy_says(
     async with httpx.AsyncClient(base_url=retried.url, headers=KEY) as client:
         posted = await client.post("/tools/search/q", content=b"{}")
     assert posted.status_code == 200 and posted.headers["x-signalbox-attempts"] == "2"
+
+
+async def test_a_cached_tool_route_retries_its_miss_serves_hits_through_an_open_breaker_and_counts_them(
+    start_proxy: StartProxy, tool: Tool
+) -> None:
+    """Seed 004's search tool: a 10-minute cache, retries, a per-minute limit and a breaker on one route.
+    A hit never reaches the tool, is served while the tool's circuit is open, and still counts against
+    the tenant's requests."""
+    proxy = await start_proxy(tool_policy(
+        tool, cache={"ttl": "10m"}, limits={"requests_per_minute": 9},
+        retry={"attempts": 3, "backoff": {"base": "1ms", "max": "5ms"}},
+        upstream_extra={"breaker": {"consecutive_failures": 3, "failure_ratio": 0, "cooldown": "60s"}},
+    ))
+    async with httpx.AsyncClient(base_url=proxy.url, headers=KEY) as client:
+        tool.script = [503]
+        first = await client.get("/tools/search/find?q=kettle")
+        assert first.status_code == 200 and first.headers["x-signalbox-cache"] == "miss"
+        assert first.headers["x-signalbox-attempts"] == "2" and len(tool.seen) == 2  # the 503 was retried
+        again = await client.get("/tools/search/find?q=kettle")
+        assert again.status_code == 200 and again.headers["x-signalbox-cache"] == "hit"
+        assert again.content == first.content and again.headers["x-tool"] == "echo" and "age" in again.headers
+        assert len(tool.seen) == 2  # the hit never reached the tool
+        other = await client.get("/tools/search/find?q=teapot")  # another query is another entry
+        assert other.headers["x-signalbox-cache"] == "miss" and len(tool.seen) == 3
+        fresh = await client.get("/tools/search/find?q=kettle", headers={"Cache-Control": "no-cache"})
+        assert fresh.headers["x-signalbox-cache"] == "bypass" and len(tool.seen) == 4
+
+        tool.script = [503, 503, 503]  # three failures in a row open the tool's circuit
+        broken = await client.get("/tools/search/find?q=broken")
+        assert broken.status_code == 503 and len(tool.seen) == 7
+        refused = await client.get("/tools/search/find?q=new")
+        assert refused.status_code == 503 and orjson.loads(refused.content)["error"]["type"] == "circuit_open"
+        assert len(tool.seen) == 7
+        served = await client.get("/tools/search/find?q=kettle")  # degraded gracefully: the cache still answers
+        assert served.status_code == 200 and served.headers["x-signalbox-cache"] == "hit"
+        assert served.content == first.content
+        # Hits count against the tenant's 9 a minute: the answered requests so far (2 hits among them) leave
+        # two or three (whether the circuit's refusal was charged is not this test's business), then 429.
+        statuses = [(await client.get("/tools/search/find?q=kettle")).status_code for _ in range(4)]
+        assert statuses[:2] == [200, 200] and statuses[-1] == 429 and len(tool.seen) == 7
 
 
 async def test_paths_no_tool_route_covers_keep_the_routers_answers(start_proxy: StartProxy, tool: Tool) -> None:

@@ -120,9 +120,9 @@ class Admission:
 
 
 def _spent(call: Call, reservation: Reservation) -> tuple[int, int]:
-    """What a finished call counts: one request if it was sent upstream (else it is given back), and the
-    tokens it really used."""
-    requests = 1 if call.attempts else 0
+    """What a finished call counts: one request if it was sent upstream or answered from the cache (else it
+    is given back), and the tokens it really used."""
+    requests = 1 if call.attempts or call.cache == "hit" else 0
     return requests, tok.settle_amount(call, reservation.tokens) if reservation.tokens else 0
 
 

@@ -35,10 +35,11 @@ if TYPE_CHECKING:
 
 
 class Entry:
-    __slots__ = ("scheduler", "call", "limits", "cls", "waiting", "has_slot", "slot_only", "grant", "gate")
+    __slots__ = ("scheduler", "call", "limits", "cls", "waiting", "has_slot", "slot_only", "free", "queued_upstream",
+                 "grant", "gate")
 
     def __init__(self, scheduler: Scheduler, call: Call, limits: LimitSet | None, cls: int,
-                 waiting: WaitingRoom | None, has_slot: bool, *, slot_only: bool = False) -> None:
+                 waiting: WaitingRoom | None, has_slot: bool, *, slot_only: bool = False, hit: bool = False) -> None:
         self.scheduler = scheduler
         self.call = call
         self.limits = limits
@@ -46,6 +47,11 @@ class Entry:
         self.waiting = waiting
         self.has_slot = has_slot
         self.slot_only = slot_only
+        self.free = slot_only or hit
+        """No tokens are reserved: a batch's slot (its callers took theirs), or a cache hit."""
+        self.queued_upstream = call.route is not None and call.route.batch is None and not hit
+        """A queued call waits for one of its upstreams' limits too (not a batch's callers, not a cache hit:
+        neither goes upstream on its own)."""
         self.grant: Grant | None = None
         self.gate: Gate | None = None
 
@@ -53,7 +59,7 @@ class Entry:
         call, scheduler = self.call, self.scheduler
         route = call.route
         assert route is not None
-        cost = 0 if self.slot_only else estimate_tokens(call, self.limits)
+        cost = 0 if self.free else estimate_tokens(call, self.limits)
         own = self.limits.limits if self.limits is not None else ()
         waits = route.on_limit == "queue" and route.queue is not None and not self.slot_only
         store = scheduler.store()
@@ -66,7 +72,7 @@ class Entry:
                 raise rejection(scheduler.admission, taken.refusal, call, False)
             self._adopt(taken)
             own = ()
-        upstreams = route.upstream_choices if waits and route.batch is None else ()
+        upstreams = route.upstream_choices if waits and self.queued_upstream else ()
         if not self.has_slot and not own and not upstreams:
             return  # nothing to wait for in a queue (upstream limits: dispatch takes them per attempt)
         try:

@@ -101,6 +101,16 @@ class Scheduler:
             return NOTHING
         return Entry(self, call, limits, priority_of(call.plan, tenant, asked), waiting, has_slot)
 
+    def own_limits(self, call: Call, asked: str | None = None) -> AbstractAsyncContextManager[None]:
+        """Only the call's own limits (tenant and route), counting one request and no tokens: a cache hit,
+        which takes no slot and no upstream limit (proxy/cache/serve.py)."""
+        route, tenant = call.route, call.tenant
+        assert route is not None and tenant is not None
+        limits = route.limit_sets.get(tenant.name) if route.limit_sets else None
+        if limits is None:
+            return NOTHING
+        return Entry(self, call, limits, priority_of(call.plan, tenant, asked), None, False, hit=True)
+
     def slot(self, call: Call, asked: str | None = None) -> AbstractAsyncContextManager[None]:
         """Only a slot of the route's queue, in order (an embeddings batch's flush: its callers' limits
         were taken one by one)."""

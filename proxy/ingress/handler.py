@@ -1,7 +1,7 @@
 """Public handlers and `handle(call)`: THE data path, read top to bottom.
 
-identify tenant -> read and parse the body once -> resolve the route -> admission (limits) ->
-scheduler (a queue slot) -> dispatch -> relay.
+identify tenant -> read and parse the body once -> resolve the route -> [the route's cache: a hit is
+answered there, after its own limits] -> admission (limits) -> scheduler (a queue slot) -> dispatch -> relay.
 Every proxy-made refusal is a `ProxyError` rendered by `errors.render`; metrics and the access log
 are fed once, in `finally`, from the `Call`.
 """
@@ -12,10 +12,12 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 from aiohttp import web
 
 from proxy.batching import split
+from proxy.cache.answer import CACHE_HEADER
 from proxy.call import Call
 from proxy.errors import (
     InvalidRequest,
@@ -105,6 +107,16 @@ async def handle(request: web.Request, call: Call, state: Runtime) -> web.Stream
     call.tenant = identify(request, plan)
     await read_body(request, call, plan.max_body_size, state.settings.client_timeouts)
     call.route = resolve(call, plan)
+    if call.route.cache is not None:  # looked up after identification, before limits and queue (proxy/cache)
+        asked = request.headers.get(PRIORITY_HEADER)
+        return await state.cache.serve(request, call, partial(admitted, request, call, state),
+                                       partial(state.scheduler.own_limits, call, asked))
+    return await admitted(request, call, state)
+
+
+async def admitted(request: web.Request, call: Call, state: Runtime) -> web.StreamResponse:
+    """Limits and a queue slot, then dispatch and the relay (or the batcher for embeddings)."""
+    assert call.route is not None
     asked = request.headers.get(PRIORITY_HEADER)
     if call.route.batch is not None or (call.route.split is not None and split.wanted(call)):
         # embeddings: limits taken one by one, one queue slot per batch (or per oversized call's parts)
@@ -154,6 +166,8 @@ async def forward(request: web.Request, call: Call, state: Runtime) -> web.Strea
             protocol=call.protocol,
         )
         dispatch.annotate(headers, call, sent)
+        if call.cache is not None:
+            headers[CACHE_HEADER] = call.cache
         headers[QUEUE_WAIT_HEADER] = _ms(call.queue_wait)
         answer = relay.Answer(upstream, headers, sent.route.timeouts, deadline, redact, sent.body)
         return await relay.respond(request, call, answer, state.stream_settings, state.open_streams, guard)

@@ -11,6 +11,8 @@ can still be retried), a larger one than `max_buffered_response` passes through 
 
 from __future__ import annotations
 
+from functools import partial
+
 from aiohttp import web
 
 from proxy.call import Call
@@ -46,7 +48,15 @@ async def handle_tool(request: web.Request, call: Call, state: Runtime) -> web.S
     await read_raw(request, call, plan.max_body_size, state.settings.client_timeouts)
     accept = request.headers.get("Accept")
     call.stream = accept is not None and "text/event-stream" in accept
-    entry = state.scheduler.enter(call, request.headers.get(PRIORITY_HEADER), None)
+    asked = request.headers.get(PRIORITY_HEADER)
+    if call.route.cache is not None:  # as on the LLM routes: after identification, before limits and queue
+        return await state.cache.serve(request, call, partial(_admitted, request, call, state, asked),
+                                       partial(state.scheduler.own_limits, call, asked))
+    return await _admitted(request, call, state, asked)
+
+
+async def _admitted(request: web.Request, call: Call, state: Runtime, asked: str | None) -> web.StreamResponse:
+    entry = state.scheduler.enter(call, asked, None)
     if entry is NOTHING:
         return await forward(request, call, state)
     async with entry:

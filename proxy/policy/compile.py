@@ -7,6 +7,7 @@ from dataclasses import fields, replace
 from types import MappingProxyType
 
 from proxy.policy import batch_limits, reserve, resilience, tools
+from proxy.policy.cache_rule import cache_rule
 from proxy.policy.load import LoadedPolicy
 from proxy.policy.plan import (
     BatchRule,
@@ -70,6 +71,7 @@ def compile_plan(loaded: LoadedPolicy) -> Plan:
         key_index=MappingProxyType(key_index),
         max_body_size=policy.max_body_size,
         max_buffered_response=policy.max_buffered_response,
+        cache_memory=policy.cache_memory,
         priorities=tuple(policy.priorities),
         queues=MappingProxyType(_queues(policy)),
         state=_state(policy.state),
@@ -171,7 +173,14 @@ def _route(index: int, route: Route, policy: Policy, split: batch_limits.SplitLi
         retry=resilience.retry_spec(route.retry, policy.retry, tool=prefix is not None),
         fallbacks=tuple(route.fallbacks),
         tool_prefix=prefix,
+        cache=cache_rule(route.cache, route.name, _pool(route)),
     )
+
+
+def _pool(route: Route) -> list[tuple[str, str | None]]:
+    if route.deployments is None:
+        return [(route.upstream, route.model)]
+    return [(d.upstream, d.model) for d in route.deployments]
 
 
 def _batch(batch: Batch | None, split: batch_limits.SplitLimits | None) -> BatchRule | None:

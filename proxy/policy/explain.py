@@ -26,7 +26,7 @@ from proxy.providers.exchange import Untranslatable, choose
 __all__ = ["COMPILED_SECTIONS", "LIMIT_FIELDS", "Context", "ExplainError", "compiled_section", "explain", "plain"]
 
 # Route capabilities shown as they were compiled, when the compiled route has them (retry by its own section).
-COMPILED_SECTIONS = ("deployments", "balance", "retry", "breaker", "fallbacks", "batch", "split")
+COMPILED_SECTIONS = ("deployments", "balance", "retry", "breaker", "fallbacks", "batch", "split", "cache")
 # Source fields that a section below reports (or that are secret), so "other" does not repeat them.
 _COVERED = {
     "name", "match", "upstream", "model", "timeouts", "keys", "api_key", "provider", "base_url", "mock",

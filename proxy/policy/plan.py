@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from proxy.policy.batch_limits import SplitLimits
+from proxy.policy.cache_rule import CacheRule
 from proxy.policy.matcher import Matcher as Matcher  # its home before tool routes
 from proxy.policy.outcome_rules import OutcomeRule
 from proxy.policy.rates import LimitSpec as LimitSpec  # its home before rate units
@@ -261,6 +262,8 @@ class RouteRule:
     """Route names tried in order, within the same deadline, once this route's pool gives up."""
     tool_prefix: str | None = None
     """A `provider: http` route: the path prefix replaced by the upstream's base_url (proxy/ingress/tool.py)."""
+    cache: CacheRule | None = None
+    """The response cache (proxy/cache/); None: the route never looks one up."""
 
     def matches(self, path: str, model: str, tenant: str) -> bool:
         return (
@@ -338,6 +341,8 @@ class Plan:
     """Where limit counters live; read once at start-up (the store outlives plan swaps)."""
     max_buffered_response: int = 32 * 1024 * 1024
     """Largest non-streamed upstream answer read into memory (proxy/upstream/body.py)."""
+    cache_memory: int = 64 * 1024 * 1024
+    """Bytes the in-memory response cache may hold (proxy/cache/memory.py)."""
     secrets: Redactor = field(default=EMPTY, repr=False, compare=False)
     """Every secret of the policy in every form it is sent, compiled once (proxy/policy/redact.py)."""
     tools: tuple[RouteRule, ...] = ()

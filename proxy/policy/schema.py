@@ -31,13 +31,13 @@ from proxy.policy.schema_resilience import (
     RetryOutcome,
     RetryRule,
 )
-from proxy.policy.schema_routes import Batch, BatchLimits, Deployment, Match, StreamOptions, embedding_paths
+from proxy.policy.schema_routes import Batch, BatchLimits, Cache, Deployment, Match, StreamOptions, embedding_paths
 from proxy.policy.schema_state import REDIS_SCHEMES, State, StateBreaker
 from proxy.policy.units import ByteSize, Duration
 
 __all__ = [
     "DEFAULT_AUTH_HEADER", "IDEMPOTENT_METHODS", "NAME_PATTERN", "NEVER_RETRIED", "ExponentialBackoff", "FixedBackoff",
-    "RetryRule", "REDIS_SCHEMES", "Backoff", "Batch", "BatchLimits", "Breaker",
+    "RetryRule", "REDIS_SCHEMES", "Backoff", "Batch", "BatchLimits", "Breaker", "Cache",
     "Deployment", "Identify", "Limits", "Match", "MockFaultSpec", "MockSpec", "Pacing", "Policy", "Pool", "Queue",
     "Retry", "RetryBudget", "RetryOutcome", "Route", "RouteLimits", "Shed", "State", "StateBreaker", "Strict",
     "StreamOptions", "Tenant", "Timeouts", "TokenSettings", "Upstream",
@@ -265,6 +265,8 @@ class Route(Strict):
     """Heartbeat and slow-client settings for this route's streams."""
     batch: Batch | None = None
     """Merge concurrent embedding calls into one upstream call; only on embedding paths."""
+    cache: Cache | None = None
+    """Answer repeated identical requests from a cache (off unless set); see docs/policy/caching.md."""
 
     @model_validator(mode="before")
     @classmethod
@@ -323,6 +325,9 @@ class Policy(Strict):
     max_buffered_response: ByteSize = 32 * 1024 * 1024
     """Largest non-streamed upstream answer held in memory; a larger pass-through success is streamed
     through as it arrives, one that must be translated or normalised gets 502."""
+    cache_memory: ByteSize = 64 * 1024 * 1024
+    """Bytes the in-memory response cache of all routes holds (least recently used entries go first);
+    unused when `state.backend` is `redis` (entries then live in Redis, with a TTL per key)."""
     priorities: list[str] = Field(default_factory=lambda: ["standard"], min_length=1)
     """Priority classes, highest first."""
     queues: dict[str, Queue] = Field(default_factory=dict)

@@ -3,10 +3,12 @@ the batch limits an upstream declares (what one embeddings request to it may hol
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, field_validator, model_validator
 
 from proxy.policy.schema_base import Strict
-from proxy.policy.units import Duration
+from proxy.policy.units import ByteSize, Duration
 
 
 class Deployment(Strict):
@@ -95,3 +97,31 @@ class BatchLimits(Strict):
         if self.max_inputs is None and self.max_tokens is None:
             raise ValueError("batch_limits needs max_inputs or max_tokens (or leave batch_limits out)")
         return self
+
+
+class Cache(Strict):
+    """Serve repeated identical requests from a stored answer instead of the upstream (docs/policy/caching.md).
+    Only whole 2xx answers without `Set-Cookie` are kept, as long as the upstream's `Cache-Control`
+    allows; on an embeddings path each input is its own entry."""
+
+    ttl: Duration = 600.0
+    """How long an answer is served from the cache; an upstream `max-age` (or `s-maxage`) below it wins."""
+    max_entry: ByteSize = 1024 * 1024
+    """Larger answers (or embedding vectors) are served but not kept."""
+    scope: Literal["tenant", "shared"] = "tenant"
+    """`tenant`: each tenant has its own entries (one never gets what another fetched). `shared`: every
+    tenant of the route gets the same answer to the same request; use it only for public content."""
+
+    @field_validator("ttl")
+    @classmethod
+    def _ttl(cls, value: float) -> float:
+        if not 1 <= value <= 30 * 86400:
+            raise ValueError("ttl must be between 1s and 30 days (720h)")
+        return value
+
+    @field_validator("max_entry")
+    @classmethod
+    def _max_entry(cls, value: int) -> int:
+        if not 1 <= value <= 64 * 1024 * 1024:
+            raise ValueError("max_entry must be between 1 byte and 64MiB")
+        return value

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy.call import Call
+from proxy.telemetry.cache import CacheMetrics
 from proxy.telemetry.hot import HotCounter, HotHistogram, HotMetrics
 from proxy.telemetry.queues import QueueBook
 
@@ -194,6 +195,8 @@ class Metrics:
             "signalbox_upstream_pacing_hold_seconds", "Seconds until adaptive pacing lets new requests reach "
             "the deployment (0: not held).", ["deployment"], registry=r,
         )
+        self.cache = CacheMetrics(r)
+        """The response cache's counters (proxy/telemetry/cache.py)."""
         self.before_scrape: list[Callable[[], Awaitable[None]]] = []
         """Refreshers for state gauges (queues, limiters), awaited at each scrape."""
         self._children: dict[tuple[Any, ...], Any] = {}
