@@ -73,6 +73,8 @@ def compile_plan(loaded: LoadedPolicy) -> Plan:
         state=_state(policy.state),
         routes_by_name=MappingProxyType({r.name: r for r in routes}),
         secrets=policy_secrets(policy),
+        stream_socket=policy.stream_socket,
+        realtime=policy.realtime,
     )
 
 

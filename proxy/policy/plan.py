@@ -14,6 +14,7 @@ from typing import Literal
 
 from proxy.policy.rates import LimitSpec as LimitSpec  # its home before rate units
 from proxy.policy.redact import EMPTY, Redactor
+from proxy.policy.schema_sockets import Realtime, StreamSocket
 from proxy.providers.exchange import DEFAULT_MAX_TOKENS as ANTHROPIC_DEFAULT_MAX_TOKENS
 
 Provider = Literal["openai", "anthropic", "mock"]
@@ -361,6 +362,10 @@ class Plan:
     """Largest non-streamed upstream answer read into memory (proxy/upstream/body.py)."""
     secrets: Redactor = field(default=EMPTY, repr=False, compare=False)
     """Every secret of the policy in every form it is sent, compiled once (proxy/policy/redact.py)."""
+    stream_socket: StreamSocket = field(default_factory=StreamSocket)
+    """The unified stream's WebSocket bounds (frozen policy values, read per socket)."""
+    realtime: Realtime = field(default_factory=Realtime)
+    """The Realtime pass-through's limits (frozen policy values, read per session)."""
 
     def tenant_for_key(self, key: str) -> TenantRule | None:
         name = self.key_index.get(key_digest(key))

@@ -20,6 +20,7 @@ from proxy.policy.schema_base import NAME_PATTERN, Strict
 from proxy.policy.schema_limits import Limits, Queue, RouteLimits, Shed, Timeouts, TokenSettings
 from proxy.policy.schema_resilience import NEVER_RETRIED, Backoff, Breaker, Pacing, Retry, RetryBudget, RetryOutcome
 from proxy.policy.schema_routes import Batch, Deployment, Match, StreamOptions, embedding_paths
+from proxy.policy.schema_sockets import Realtime, StreamSocket
 from proxy.policy.schema_state import REDIS_SCHEMES, State, StateBreaker
 from proxy.policy.units import ByteSize, Duration
 
@@ -312,6 +313,10 @@ class Policy(Strict):
     # loader (policy/checks.py), which knows each value's file:line.
     state: State = Field(default_factory=State)
     """Where limit counters live: this process (memory) or Redis shared by replicas."""
+    stream_socket: StreamSocket = Field(default_factory=StreamSocket)
+    """Bounds of the unified stream's WebSocket (in-flight requests, message size, idle timeout, pings)."""
+    realtime: Realtime = Field(default_factory=Realtime)
+    """The Realtime API WebSocket pass-through: session limits, idle timeout, message size."""
 
     @field_validator("upstreams", "tenants", "queues")
     @classmethod
