@@ -80,10 +80,13 @@ async def realtime_handler(request: web.Request) -> web.StreamResponse:
         max_msg_size=limits.max_message, compress=False, writer_limit=limits.send_buffer, autoping=True,
         protocols=(upstream.protocol,) if upstream.protocol else (), decode_text=False,
     )
+    session = Session(client, upstream, limits, metrics)
     try:
         await client.prepare(request)
-        outcome = await Session(client, upstream, limits, metrics).run()
+        await session.run()
     finally:
+        # Cancelled (the client's connection went without a close frame) still ends as the client's doing.
+        outcome = session.ended or "client_closed"
         sessions.give(tenant.name)
         metrics.realtime_active.dec()
         metrics.realtime_sessions.labels(outcome).inc()
