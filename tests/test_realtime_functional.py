@@ -124,3 +124,14 @@ async def test_an_idle_session_is_closed_on_both_sides(start_proxy: StartProxy, 
         assert closing.type == aiohttp.WSMsgType.CLOSE and closing.data == 1000 and closing.extra == "idle timeout"
     await until(lambda: _closed(proxy, "idle_timeout"))
     await until(lambda: app[MOCK_STATS].in_flight == 0)  # the upstream's socket closed too
+
+
+async def test_a_message_over_the_limit_ends_the_session(start_proxy: StartProxy, mock: tuple[Any, str]) -> None:
+    _, url = mock
+    proxy = await start_proxy(policy(url, max_message="1KiB"))
+    async with aiohttp.ClientSession() as http, http.ws_connect(ws_url(proxy), headers=AUTH) as ws:
+        assert orjson.loads((await ws.receive()).data)["type"] == "session.created"
+        await ws.send_str(orjson.dumps({"type": "session.update", "session": {"instructions": "x" * 2048}}).decode())
+        closing = await asyncio.wait_for(ws.receive(), 5)
+        assert closing.type == aiohttp.WSMsgType.CLOSE and closing.data == 1009
+    await until(lambda: _closed(proxy, "too_big"))

@@ -257,3 +257,32 @@ async def test_a_client_that_stops_reading_is_cut_by_the_slow_client_rule(start_
         raw.close()
     (line,) = proxy.access_lines()
     assert line["outcome"] == "cancelled" and line["reason"] == "slow_client"
+
+
+async def test_heartbeat_events_during_silence_reach_a_naive_parser(start_proxy: StartProxy, mock: Mock) -> None:
+    """Heartbeats are events of their own (numbered like the others), so a parser that splits on blank lines
+    loses nothing; the text still adds up."""
+    proxy = await start_proxy(policy(mock.url), heartbeat=0.1)
+    body = chat(prompt="block instruments")
+    expected = chat_text(await mock.answer("/v1/chat/completions", body))
+    headers = {**AUTH, "x-mock-ttft-ms": "450", "x-mock-token-delay-ms": "150"}
+    status, raw = await post_sse(proxy.url, {"body": body}, headers)
+    events = split_sse(raw)
+    assert status == 200 and [e["seq"] for e in events] == list(range(len(events)))
+    beats = [e for e in events if e["type"] == "heartbeat"]
+    assert len(beats) >= 3 and beats[0] == {"type": "heartbeat", "seq": 0}
+    assert "".join(e["text"] for e in events if e["type"] == "text_delta") == expected
+    assert events[-1]["type"] == "stream_complete" and events[-1]["finish_reason"] == "stop"
+
+
+async def test_a_message_over_the_size_limit_closes_the_socket(start_proxy: StartProxy, mock: Mock) -> None:
+    proxy = await start_proxy(policy(mock.url, top={"stream_socket": {"max_message": "1KiB"}}))
+    async with aiohttp.ClientSession() as http, await open_socket(http, proxy) as ws:
+        await ws.send_json(request("big", chat(prompt="x" * 2048)))
+        message = await asyncio.wait_for(ws.receive(), 5)
+        assert message.type == aiohttp.WSMsgType.CLOSE and message.data == 1009
+    await until(lambda: _closed_for(proxy, "too_big"))
+
+
+async def _closed_for(proxy: Proxy, reason: str) -> bool:
+    return total(await scrape(proxy), "signalbox_stream_sockets_total", reason=reason) == 1

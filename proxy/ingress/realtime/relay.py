@@ -16,7 +16,7 @@ import time
 from typing import Literal
 
 import aiohttp
-from aiohttp import WSMsgType, web
+from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
 from multidict import CIMultiDict
 
 from proxy.errors import (
@@ -190,7 +190,7 @@ class Session:
             if message.type in (WSMsgType.TEXT, WSMsgType.BINARY):
                 data: bytes = message.data  # decode_text=False: text arrives as its UTF-8 bytes, relayed as is
                 await target.send_frame(data, message.type)
-            elif message.type == WSMsgType.ERROR and source.close_code == 1009:
+            elif message.type == WSMsgType.ERROR and _too_big(message.data):
                 self.ended = self.ended or "too_big"
                 return
             else:  # CLOSE, CLOSING, CLOSED or a broken connection
@@ -205,3 +205,7 @@ def _close_code(upstream: Upstream, ended: str | None) -> int:
     if ended == "upstream_closed" and upstream.close_code:
         return upstream.close_code
     return 1009 if ended == "too_big" else 1000
+
+
+def _too_big(error: object) -> bool:
+    return isinstance(error, WebSocketError) and error.code == WSCloseCode.MESSAGE_TOO_BIG

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import orjson
-from aiohttp import WSMsgType, web
+from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
 from multidict import CIMultiDict
 
 from proxy.errors import InvalidRequest, ProxyError, RateLimited, render
@@ -97,7 +97,7 @@ class Socket:
                 elif message.type == WSMsgType.BINARY:
                     await self._refuse(None, InvalidRequest("send requests as JSON text messages"))
                 elif message.type == WSMsgType.ERROR:
-                    return "too_big" if ws.close_code == 1009 else "error"
+                    return "too_big" if _too_big(message.data) else "error"
                 else:  # CLOSE, CLOSING, CLOSED
                     return "client_closed" if ws.close_code != 1006 else "gone"
         finally:
@@ -187,3 +187,8 @@ class Socket:
             data = data.replace(b',"id":""', b',"id":null', 1)
         with contextlib.suppress(ConnectionResetError):
             await send_lines(self.ws, data)
+
+
+def _too_big(error: object) -> bool:
+    """aiohttp reports a message over max_msg_size as an ERROR carrying a WebSocketError (code 1009)."""
+    return isinstance(error, WebSocketError) and error.code == WSCloseCode.MESSAGE_TOO_BIG
