@@ -20,7 +20,7 @@ from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
 from multidict import CIMultiDict
 
 from proxy.errors import InvalidRequest, ProxyError, RateLimited, render
-from proxy.ingress.identify import identify, new_request_id, request_id_of
+from proxy.ingress.identify import identify, request_id_of
 from proxy.ingress.unified.run import new_call, serve, stream_body, target_of
 from proxy.policy.plan import TenantRule
 from proxy.policy.schema_sockets import StreamSocket
@@ -155,7 +155,7 @@ class Socket:
             for name, value in extra.items():
                 if isinstance(name, str) and isinstance(value, str) and not name.lower().startswith(_NOT_FORWARDED):
                     headers[name] = value
-        request_id = headers.get("x-request-id") or new_request_id()
+        request_id = request_id_of(headers)  # the message's own x-request-id if it is a plain token
         headers.pop("x-request-id", None)
         task = spawn(self._one(rid, message, headers, request_id), name="unified-request")
         self.running[rid] = task
