@@ -115,7 +115,9 @@ class SocketChannel(Channel):
         await send_lines(self.ws, data)
 
     async def sink(self, watch: Watch, high: int) -> Sink:
-        return SocketSink(self.ws, None, self.request.transport, watch, high, encoder=self.encoder)
+        # No transport: the socket's buffer limits (stream_socket.send_buffer) are the socket's, set once by
+        # its handler; a request's sink must not reset them to its stream's write_buffer.
+        return SocketSink(self.ws, None, None, watch, high, encoder=self.encoder)
 
 
 async def send_lines(ws: web.WebSocketResponse, data: bytes) -> None:
