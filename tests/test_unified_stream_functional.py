@@ -286,3 +286,18 @@ async def test_a_message_over_the_size_limit_closes_the_socket(start_proxy: Star
 
 async def _closed_for(proxy: Proxy, reason: str) -> bool:
     return total(await scrape(proxy), "signalbox_stream_sockets_total", reason=reason) == 1
+
+
+async def test_a_browser_names_its_key_in_a_subprotocol(start_proxy: StartProxy, mock: Mock) -> None:
+    """Browsers cannot set headers on a WebSocket: `signalbox.bearer.<key>` beside `signalbox.v1`."""
+    proxy = await start_proxy(policy(mock.url))
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(proxy.url + STREAM, protocols=("signalbox.v1", "signalbox.bearer.sk-alpha")) as ws:
+            assert ws.protocol == "signalbox.v1"
+            await ws.send_json(request("p", chat()))
+            got = Received()
+            await read_until(ws, got, lambda g: g.complete("p") is not None)
+        assert got.complete("p")["finish_reason"] == "stop"  # type: ignore[index]
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await http.ws_connect(proxy.url + STREAM, protocols=("signalbox.v1", "signalbox.bearer.sk-wrong"))
+        assert refused.value.status == 401

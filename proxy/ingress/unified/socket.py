@@ -29,6 +29,10 @@ from proxy.streaming.unified.channel import SocketChannel, send_lines
 from proxy.streaming.unified.events import ERROR, FAILED, STREAM_COMPLETE, Encoder, error_payload
 from proxy.tasks import spawn
 
+PROTOCOL = "signalbox.v1"
+"""The subprotocol a browser names (browsers cannot set headers on a WebSocket): chosen when offered."""
+BEARER_PROTOCOL = "signalbox.bearer."
+"""`signalbox.bearer.<key>` offered beside `signalbox.v1` carries the API key from a browser; never echoed."""
 MAX_ID = 128
 """Longest request id a client may choose (printable ASCII)."""
 _NOT_FORWARDED = ("sec-websocket-", "authorization", "x-api-key", "api-key")
@@ -38,14 +42,16 @@ _NOT_FORWARDED = ("sec-websocket-", "authorization", "x-api-key", "api-key")
 async def socket_handler(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     plan = state.plans.current
+    offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+    key = next((p[len(BEARER_PROTOCOL):] for p in offered if p.startswith(BEARER_PROTOCOL)), None)
     try:
-        tenant = identify(request, plan)
+        tenant = identify(request.clone(headers=_with_key(request, key)) if key else request, plan)
     except ProxyError as err:
         return render(err, "openai", request_id_of(request.headers))
     bounds = plan.stream_socket
     ws = web.WebSocketResponse(
         heartbeat=bounds.ping_interval or None, max_msg_size=bounds.max_message, compress=False,
-        writer_limit=bounds.send_buffer,
+        writer_limit=bounds.send_buffer, protocols=(PROTOCOL,) if PROTOCOL in offered else (),
     )
     await ws.prepare(request)
     if request.transport is not None:
@@ -192,3 +198,10 @@ class Socket:
 def _too_big(error: object) -> bool:
     """aiohttp reports a message over max_msg_size as an ERROR carrying a WebSocketError (code 1009)."""
     return isinstance(error, WebSocketError) and error.code == WSCloseCode.MESSAGE_TOO_BIG
+
+
+def _with_key(request: web.Request, key: str) -> CIMultiDict[str]:
+    """The upgrade's headers with the subprotocol's key as the Authorization a header-sending client uses."""
+    headers = CIMultiDict(request.headers)
+    headers["Authorization"] = "Bearer " + key
+    return headers
