@@ -301,3 +301,16 @@ async def test_a_browser_names_its_key_in_a_subprotocol(start_proxy: StartProxy,
         with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
             await http.ws_connect(proxy.url + STREAM, protocols=("signalbox.v1", "signalbox.bearer.sk-wrong"))
         assert refused.value.status == 401
+
+
+async def test_an_anthropic_body_to_an_openai_compatible_upstream(start_proxy: StartProxy, mock: Mock) -> None:
+    """The other translation: an Anthropic Messages body on a route to an OpenAI-compatible upstream."""
+    proxy = await start_proxy(policy(mock.url))
+    body = chat(prompt="distant signals", max_tokens=64)
+    expected = chat_text(await mock.answer("/v1/chat/completions", body))
+    async with aiohttp.ClientSession() as http, await open_socket(http, proxy) as ws:
+        await ws.send_json(request("m", body, path="/v1/messages"))
+        got = Received()
+        await read_until(ws, got, lambda g: g.complete("m") is not None)
+    assert got.text("m") == expected and got.complete("m")["finish_reason"] == "stop"  # type: ignore[index]
+    assert [e for e in got.of("m") if e["type"] == "usage"][0]["output_tokens"] == 6
