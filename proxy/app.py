@@ -23,6 +23,10 @@ from proxy.errors import ServiceUnavailable
 from proxy.ingress import handler as ingress
 from proxy.ingress import tool
 from proxy.ingress.edge.connection import GuardedRunner
+from proxy.ingress.realtime import relay as realtime
+from proxy.ingress.realtime.sessions import Sessions
+from proxy.ingress.unified import socket as unified_socket
+from proxy.ingress.unified import sse as unified_sse
 from proxy.ops import health
 from proxy.policy.plan import Plan
 from proxy.runtime import STATE, PlanRef, Runtime, Settings
@@ -31,6 +35,8 @@ from proxy.tasks import spawn
 log = logging.getLogger("signalbox")
 # aiohttp's own cap; the policy's max_body_size (checked by ingress) is the real, reloadable limit.
 _HARD_BODY_CAP = 1024**3
+UNIFIED_PATH = "/signalbox/v1/stream"
+"""The unified event stream: POST for SSE, GET upgraded to a WebSocket (docs/apps/unified-stream.md)."""
 
 
 def build_app(plan: Plan, settings: Settings | None = None) -> web.Application:
@@ -39,11 +45,15 @@ def build_app(plan: Plan, settings: Settings | None = None) -> web.Application:
     runtime.access_log.enabled = settings.access_log
     app = web.Application(client_max_size=_HARD_BODY_CAP)
     app[STATE] = runtime
+    app[realtime.SESSIONS] = Sessions()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/models", ingress.models_handler)
     app.router.add_get("/v1/models/{model:.+}", ingress.models_handler)
+    app.router.add_post(UNIFIED_PATH, unified_sse.sse_handler)
+    app.router.add_get(UNIFIED_PATH, unified_socket.socket_handler)
+    app.router.add_get("/v1/realtime", realtime.realtime_handler)  # before /v1/* takes every other path
     app.router.add_route("*", "/v1/{tail:.*}", ingress.proxy_handler)
     app.router.add_route("*", "/{tail:.*}", tool.tool_handler)  # tool routes: every other path (last)
     app.cleanup_ctx.append(_limiter_store)

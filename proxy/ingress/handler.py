@@ -43,6 +43,7 @@ log = logging.getLogger("signalbox.ingress")
 
 
 Stage = Callable[[web.Request, Call, Runtime], Awaitable[web.StreamResponse]]
+Respond = Callable[..., Awaitable[web.StreamResponse]]
 
 
 async def proxy_handler(request: web.Request) -> web.StreamResponse:
@@ -136,10 +137,13 @@ async def admitted(request: web.Request, call: Call, state: Runtime) -> web.Stre
         return await waiting.fail(err)  # the 200 already went out while queued: an error event
 
 
-async def forward(request: web.Request, call: Call, state: Runtime) -> web.StreamResponse:
+async def forward(
+    request: web.Request, call: Call, state: Runtime, respond: Respond = relay.respond
+) -> web.StreamResponse:
     """Dispatch (retries, fallbacks), then the relay, called once for every kind of answer (stream, whole
     body, after a queued stream's early 200); `timeouts.total` counts from here, after any wait for
-    admission or a slot, and covers every retry and fallback."""
+    admission or a slot, and covers every retry and fallback. `respond`: the unified stream's relay
+    (proxy/streaming/unified/relay.py) answers in its own event model."""
     assert call.route is not None
     call.mark("dispatch")  # processing time and time to first token count from here (queue wait excluded)
     plan = call.plan
@@ -170,7 +174,7 @@ async def forward(request: web.Request, call: Call, state: Runtime) -> web.Strea
             headers[CACHE_HEADER] = call.cache
         headers[QUEUE_WAIT_HEADER] = _ms(call.queue_wait)
         answer = relay.Answer(upstream, headers, sent.route.timeouts, deadline, redact, sent.body)
-        return await relay.respond(request, call, answer, state.stream_settings, state.open_streams, guard)
+        return await respond(request, call, answer, state.stream_settings, state.open_streams, guard)
     except (asyncio.CancelledError, TimeoutError) as exc:
         if isinstance(exc, asyncio.CancelledError) and not guard.expired():
             raise  # the client went away: not a timeout

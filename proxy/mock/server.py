@@ -16,7 +16,7 @@ import orjson
 import uvloop
 from aiohttp import web
 
-from proxy.mock import chat, embeddings, messages, responses
+from proxy.mock import chat, embeddings, messages, realtime, responses
 from proxy.mock import content as mc
 from proxy.mock.content import Json
 from proxy.mock.faults import BadHeader, Knobs, MockFault, MockSettings, resolve_knobs
@@ -167,6 +167,10 @@ async def _count_tokens(request: web.Request) -> web.StreamResponse:
     return await _reply(request, {"input_tokens": messages.anthropic_input_tokens(body)}, 0, anthropic=True)
 
 
+async def _realtime(request: web.Request) -> web.StreamResponse:
+    return await realtime.realtime_socket(request, request[_KNOBS].output_tokens)
+
+
 async def _stats(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps(request.app[MOCK_STATS].as_json()), content_type="application/json")
 
@@ -224,6 +228,7 @@ def build_mock_app(settings: MockSettings) -> web.Application:
     app.router.add_get("/v1/models", _models)
     app.router.add_post("/v1/messages", _messages)
     app.router.add_post("/v1/messages/count_tokens", _count_tokens)
+    app.router.add_get("/v1/realtime", _realtime)
     app.router.add_get("/mock/stats", _stats)
     app.router.add_post("/mock/stats/reset", _stats_reset)
     return app

@@ -78,6 +78,8 @@ def compile_plan(loaded: LoadedPolicy) -> Plan:
         routes_by_name=MappingProxyType({r.name: r for r in routes}),
         secrets=policy_secrets(policy),
         tools=tuple(r for r in routes if r.tool_prefix is not None),
+        stream_socket=policy.stream_socket,
+        realtime=policy.realtime,
     )
 
 

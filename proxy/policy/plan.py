@@ -17,6 +17,7 @@ from proxy.policy.matcher import Matcher as Matcher  # its home before tool rout
 from proxy.policy.outcome_rules import OutcomeRule
 from proxy.policy.rates import LimitSpec as LimitSpec  # its home before rate units
 from proxy.policy.redact import EMPTY, Redactor
+from proxy.policy.schema_sockets import Realtime, StreamSocket
 from proxy.providers.exchange import DEFAULT_MAX_TOKENS as ANTHROPIC_DEFAULT_MAX_TOKENS
 
 Provider = Literal["openai", "anthropic", "mock", "http"]
@@ -347,6 +348,10 @@ class Plan:
     """Every secret of the policy in every form it is sent, compiled once (proxy/policy/redact.py)."""
     tools: tuple[RouteRule, ...] = ()
     """The `provider: http` routes, in policy order: the ones a request outside /v1 is matched against."""
+    stream_socket: StreamSocket = field(default_factory=StreamSocket)
+    """The unified stream's WebSocket bounds (frozen policy values, read per socket)."""
+    realtime: Realtime = field(default_factory=Realtime)
+    """The Realtime pass-through's limits (frozen policy values, read per session)."""
 
     def tenant_for_key(self, key: str) -> TenantRule | None:
         name = self.key_index.get(key_digest(key))

@@ -32,6 +32,7 @@ from proxy.policy.schema_resilience import (
     RetryRule,
 )
 from proxy.policy.schema_routes import Batch, BatchLimits, Cache, Deployment, Match, StreamOptions, embedding_paths
+from proxy.policy.schema_sockets import Realtime, StreamSocket
 from proxy.policy.schema_state import REDIS_SCHEMES, State, StateBreaker
 from proxy.policy.units import ByteSize, Duration
 
@@ -340,6 +341,10 @@ class Policy(Strict):
     # loader (policy/checks.py), which knows each value's file:line.
     state: State = Field(default_factory=State)
     """Where limit counters live: this process (memory) or Redis shared by replicas."""
+    stream_socket: StreamSocket = Field(default_factory=StreamSocket)
+    """Bounds of the unified stream's WebSocket (in-flight requests, message size, idle timeout, pings)."""
+    realtime: Realtime = Field(default_factory=Realtime)
+    """The Realtime API WebSocket pass-through: session limits, idle timeout, message size."""
 
     @field_validator("upstreams", "tenants", "queues")
     @classmethod

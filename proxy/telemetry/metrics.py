@@ -18,6 +18,7 @@ from proxy.call import Call
 from proxy.telemetry.cache import CacheMetrics
 from proxy.telemetry.hot import HotCounter, HotHistogram, HotMetrics
 from proxy.telemetry.queues import QueueBook
+from proxy.telemetry.sockets import SocketMetrics
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _WAIT_BUCKETS = (0.001, *_LATENCY_BUCKETS, 600, 900, 1800)
@@ -50,6 +51,7 @@ class Metrics:
             ["upstream"], _LATENCY_BUCKETS,
         )
         self.in_flight = Gauge("signalbox_in_flight_requests", "Requests being handled now.", registry=r)
+        self.sockets = SocketMetrics(r)  # the WebSocket endpoints' own (telemetry/sockets.py)
         self.errors = HotCounter(
             "signalbox_proxy_errors", "Requests the proxy itself refused or failed, by reason.", ["reason"],
         )
