@@ -193,22 +193,24 @@ def traffic(now: Counters, base: Counters | None, started: float, bounds: tuple[
     for (route, outcome), value in now.outcomes.items():
         delta = value - before.get((route, outcome), 0.0)
         routes.setdefault(route, {})[outcome] = delta
-    rows = []
-    for route in sorted(routes):
-        counts = {k: int(v) for k, v in routes[route].items() if v}
-        total = sum(counts.values())
-        errors = sum(counts.get(o, 0) for o in ERRORS)
-        ttft = _ttft_delta(now, base, route)
-        rows.append({
-            "route": route or None,
-            "requests": total,
-            "per_s": round(total / window, 2),
-            "outcomes": dict(sorted(counts.items())),
-            "error_rate": round(errors / total, 3) if total else None,
-            "rejection_rate": round(counts.get("rejected", 0) / total, 3) if total else None,
-            "ttft_ms": ttft_summary(ttft[0], ttft[1], bounds) if ttft is not None else ttft_summary((), 0.0, bounds),
-        })
+    rows = [_route_row(route, routes[route], _ttft_delta(now, base, route), window, bounds) for route in sorted(routes)]
     return {"window_s": round(window, 1), "since_start": base is None, "routes": rows}
+
+
+def _route_row(route: str, deltas: dict[str, float], ttft: tuple[tuple[int, ...], float] | None, window: float,
+               bounds: tuple[float, ...]) -> dict[str, Any]:
+    counts = {k: int(v) for k, v in deltas.items() if v}
+    total = sum(counts.values())
+    errors = sum(counts.get(o, 0) for o in ERRORS)
+    return {
+        "route": route or None,
+        "requests": total,
+        "per_s": round(total / window, 2),
+        "outcomes": dict(sorted(counts.items())),
+        "error_rate": round(errors / total, 3) if total else None,
+        "rejection_rate": round(counts.get("rejected", 0) / total, 3) if total else None,
+        "ttft_ms": ttft_summary(*ttft, bounds) if ttft is not None else ttft_summary((), 0.0, bounds),
+    }
 
 
 def _ttft_delta(now: Counters, base: Counters | None, route: str) -> tuple[tuple[int, ...], float] | None:
