@@ -13,6 +13,7 @@ import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import aiohttp
 import orjson
@@ -24,7 +25,8 @@ from outcome_helpers import body, idle, mock_url, post, start
 from test_admin_functional import TOKEN, Admin, serve_admin
 
 from proxy.admin import build_admin_app
-from proxy.ops.wall import HUB, LIVE, PAGE
+from proxy.ops.live import Window
+from proxy.ops.wall import HUB, LIVE, PAGE, LiveSettings
 
 pytestmark = pytest.mark.timeout(90)
 __all__ = ["mock_url", "serve_admin"]  # the fixtures
@@ -266,11 +268,11 @@ async def test_the_live_feed_sends_snapshots_and_stops_when_the_client_leaves(
     app = build_admin_app(proxy.app, environ={"SIGNALBOX_ADMIN_TOKEN": TOKEN})
     hub = app[HUB]
     hub.settings.max_streams = 1
-    admin = Admin(await loopback.serve(app), aiohttp.ClientSession())
+    url = await loopback.serve(app)
     async with aiohttp.ClientSession() as session:
-        response = await session.get(admin.url + LIVE, headers={"Authorization": f"Bearer {TOKEN}"})
+        response = await session.get(url + LIVE, headers={"Authorization": f"Bearer {TOKEN}"})
         assert response.status == 200 and response.headers["Content-Type"].startswith("text/event-stream")
-        assert (await get(admin.url + LIVE, TOKEN))[0] == 503  # bounded: one stream at most here
+        assert (await get(url + LIVE, TOKEN))[0] == 503  # bounded: one stream at most here
         stream = events(response)
         name, first = await anext(stream)
         assert name == "snapshot" and first["status"] in ("healthy", "degraded")
@@ -299,8 +301,36 @@ async def test_the_live_feed_sends_snapshots_and_stops_when_the_client_leaves(
             holder.cancel()
         response.close()  # the client leaves
         await until(lambda: not hub.streams)
-    assert (await get(admin.url + LIVE, TOKEN))[0] == 200  # the slot it held is free again
-    await admin.session.close()
+    assert (await get(url + LIVE, TOKEN))[0] == 200  # the slot it held is free again
+
+
+async def test_an_idle_feed_sends_heartbeats_and_ends_at_shutdown(
+    start_proxy: StartProxy, mock_url: str, loopback: Loopback
+) -> None:
+    proxy = await start_proxy(policy(mock_url))
+    app = build_admin_app(proxy.app, environ={"SIGNALBOX_ADMIN_TOKEN": TOKEN})
+    hub = app[HUB]
+    hub.settings = LiveSettings(interval=0.05, heartbeat=0.3)
+    hub.window = Window(span=1.0)
+    url = await loopback.serve(app)
+    seen: list[str] = []
+    async with aiohttp.ClientSession() as session, session.get(
+        url + LIVE, headers={"Authorization": f"Bearer {TOKEN}"}
+    ) as response:
+        stream = events(response)
+        async with asyncio.timeout(20):
+            async for name, data in stream:
+                seen.append(name)
+                if name == "heartbeat":
+                    break
+                assert name == "snapshot" and data["queues"][0]["waiting"] == 0
+        # Nothing changes: the snapshots stop, only heartbeats follow.
+        assert seen[0] == "snapshot" and seen[-1] == "heartbeat"
+        assert [await anext(stream) for _ in range(2)] == [("heartbeat", mock.ANY), ("heartbeat", mock.ANY)]
+        await hub.close()  # what the admin app's shutdown does
+        async with asyncio.timeout(5):
+            assert await anext(stream) == ("end", {"reason": "shutdown"})
+        await until(lambda: not hub.streams)
 
 
 # --- the install script ------------------------------------------------------------------------------------

@@ -46,20 +46,22 @@ def read_counters(metrics: Metrics, at: float) -> Counters:
 
 
 class Window:
-    """The readings of the last `span` seconds, oldest first: the base a new reading is compared with."""
+    """Readings of the counters (from every live stream of the admin app), oldest first, each kept until a
+    newer one is `span` old too: the base a new reading is compared with."""
 
     __slots__ = ("readings", "span")
 
-    def __init__(self, span: float = WINDOW_S) -> None:
-        self.readings: deque[Counters] = deque()
+    def __init__(self, span: float = WINDOW_S, size: int = 1024) -> None:
+        self.readings: deque[Counters] = deque(maxlen=size)
         self.span = span
 
     def base(self, now: Counters) -> Counters | None:
-        """The oldest reading still within `span` of `now` (None for the first), then `now` is kept."""
+        """The newest reading at least `span` before `now` (None while there is none: traffic is then counted
+        since start); then `now` is kept."""
         readings = self.readings
         while len(readings) > 1 and now.at - readings[1].at >= self.span:
             readings.popleft()
-        base = readings[0] if readings else None
+        base = readings[0] if readings and now.at - readings[0].at >= self.span else None
         readings.append(now)
         return base
 
@@ -86,11 +88,13 @@ class Inputs:
 async def gather(runtime: Runtime, at: float) -> Inputs:
     """Read everything once; `at` is the wall clock of the reading."""
     metrics = runtime.metrics
+    counters = read_counters(metrics, at)  # before the one await (a remote limiter store), at `at`
+    listing = await queue_status.listing(runtime)
     return Inputs(
-        listing=await queue_status.listing(runtime),
+        listing=listing,
         upstreams=runtime.upstreams.snapshot(),
         health=health.report(runtime),
-        counters=read_counters(metrics, at),
+        counters=counters,
         refusals=metrics.refusals.recent(),
         refused_total=metrics.refusals.total,
         in_flight=runtime.in_flight,
@@ -160,17 +164,15 @@ def limit_rows(limits: list[dict[str, Any]]) -> list[dict[str, Any]]:
     concurrency, each as used against its maximum; tenants first, then routes, then upstreams."""
     rows = []
     for item in limits:
-        meters = [
-            {"name": name, "used": v["used"], "limit": v["limit"], "ratio": _ratio(v["used"], v["limit"]),
-             "reset_s": v["reset_s"]}
+        meters = [  # no reset countdown: it would make every snapshot differ from the last
+            {"name": name, "used": v["used"], "limit": v["limit"], "ratio": _ratio(v["used"], v["limit"])}
             for name, v in item.items()
             if isinstance(v, dict) and name != "concurrent"
         ]
         concurrent = item.get("concurrent")
         if concurrent is not None:
             used, limit = concurrent["in_use"], concurrent["limit"]
-            meters.append({"name": "concurrent", "used": used, "limit": limit, "ratio": _ratio(used, limit),
-                           "reset_s": None})
+            meters.append({"name": "concurrent", "used": used, "limit": limit, "ratio": _ratio(used, limit)})
         kind = limit_kind(item["key"])
         rows.append({"key": item["key"], "kind": kind, "tenant": item["tenant"], "meters": meters,
                      "peak": max((m["ratio"] for m in meters if m["ratio"] is not None), default=None)})
@@ -185,7 +187,8 @@ def _ratio(used: float, limit: float) -> float | None:
 
 def traffic(now: Counters, base: Counters | None, started: float, bounds: tuple[float, ...]) -> dict[str, Any]:
     """Per route, between `base` and `now`: requests, the rate per second, counts by outcome, the error and
-    rejection rates, and TTFT (from dispatch) p50/p95/average."""
+    rejection rates, and TTFT (from dispatch) p50/p95/average. `window_s` is whole seconds, so that readings a
+    few milliseconds apart in an idle minute give the same answer."""
     since = base.at if base is not None else started
     window = max(now.at - since, 1e-9)
     before = base.outcomes if base is not None else {}
@@ -194,7 +197,7 @@ def traffic(now: Counters, base: Counters | None, started: float, bounds: tuple[
         delta = value - before.get((route, outcome), 0.0)
         routes.setdefault(route, {})[outcome] = delta
     rows = [_route_row(route, routes[route], _ttft_delta(now, base, route), window, bounds) for route in sorted(routes)]
-    return {"window_s": round(window, 1), "since_start": base is None, "routes": rows}
+    return {"window_s": int(window), "since_start": base is None, "routes": rows}
 
 
 def _route_row(route: str, deltas: dict[str, float], ttft: tuple[tuple[int, ...], float] | None, window: float,

@@ -62,6 +62,8 @@ class Hub:
 
     settings: LiveSettings = field(default_factory=LiveSettings)
     streams: set[asyncio.Event] = field(default_factory=set)
+    window: live.Window = field(default_factory=live.Window)
+    """The counters' recent readings, shared: a page opened later sees the last minute at once."""
 
     async def close(self, _app: web.Application | None = None) -> None:
         for stop in self.streams:
@@ -109,7 +111,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
     stop = asyncio.Event()
     hub.streams.add(stop)
     try:
-        await _feed(request, response, hub.settings, stop)
+        await _feed(request, response, hub, stop)
     except (ConnectionResetError, TimeoutError):
         pass  # the client left, or stopped reading: nothing to tell it
     finally:
@@ -117,13 +119,13 @@ async def stream(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def _feed(request: web.Request, response: web.StreamResponse, settings: LiveSettings,
-                stop: asyncio.Event) -> None:
+async def _feed(request: web.Request, response: web.StreamResponse, hub: Hub, stop: asyncio.Event) -> None:
     runtime: Runtime = request.app[STATE]
+    settings = hub.settings
     bounds = runtime.metrics.ttft.bounds
     loop = asyncio.get_running_loop()
     ends = loop.time() + settings.max_age
-    window = live.Window()
+    window = hub.window
     sent: bytes | None = None
     last = loop.time()
     while not stop.is_set() and loop.time() < ends:
