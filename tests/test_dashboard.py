@@ -142,6 +142,10 @@ async def page_matches_api(page: Page, admin: Admin, within: float = 15.0) -> di
 async def log_in(page: Page, admin: Admin) -> None:
     await page.goto(admin.url + PAGE)
     await page.wait_for("return !document.getElementById('login').hidden")  # asks for the token once
+    await page.type("#token", "not-the-token")
+    await page.click("#login button[type=submit]")
+    assert await page.wait_for("return document.getElementById('login-why').textContent") == "That token was refused."
+    assert await page.run("return sessionStorage.getItem('signalbox.adminToken')") is None
     await page.type("#token", TOKEN)
     await page.click("#login button[type=submit]")
     await page.wait_for("return document.getElementById('conn').dataset.state === 'live'")
@@ -185,7 +189,7 @@ async def test_the_page_shows_the_queues_the_api_reports_and_pauses_a_queue(
 
             # Pause: the API reports it, the page says so, and nothing is admitted while slots are free.
             await page.click("#queues tr.queue[data-queue='chat'] button[data-action='pause']")
-            await until(lambda: proxy.state.scheduler.queues["chat"].paused)
+            await until(lambda: proxy.state.scheduler.queues["chat"].paused, within=15)
             status, chat = await admin.call("GET", "/admin/queues/chat")
             assert status == 200 and chat["paused"] is True
             admitted = chat["admitted"]
@@ -203,7 +207,7 @@ async def test_the_page_shows_the_queues_the_api_reports_and_pauses_a_queue(
 
             # Resume from the page: two of the waiters get the free slots.
             await page.click("#queues tr.queue[data-queue='chat'] button[data-action='resume']")
-            await until(lambda: proxy.state.scheduler.queues["chat"].active == 2)
+            await until(lambda: proxy.state.scheduler.queues["chat"].active == 2, within=15)
             rows = await page_matches_api(page, admin)
             assert rows["chat"]["state"] == "running" and rows["chat"]["waiting"] == "4"
     finally:

@@ -94,6 +94,13 @@ function toast(text, bad) {
 
 function headers() { return state.token ? { Authorization: "Bearer " + state.token } : {}; }
 
+function refused() {
+  const had = Boolean(state.token);
+  sessionStorage.removeItem(TOKEN_KEY);
+  state.token = null;
+  askToken(had ? "That token was refused." : "");
+}
+
 function askToken(why) {
   stop();
   $("board").hidden = true;
@@ -145,7 +152,7 @@ async function connect() {
     if (!controller.signal.aborted) retry("cannot reach the admin API");
     return;
   }
-  if (response.status === 401) return askToken(state.token ? "That token was refused." : "");
+  if (response.status === 401) return refused();
   if (response.status === 403) return askToken("The admin API is locked: set SIGNALBOX_ADMIN_TOKEN on the proxy.");
   if (!response.ok || !response.body) return retry("the admin API answered " + response.status);
   $("forget").hidden = !state.token;
@@ -220,7 +227,7 @@ async function act(queue, action) {
   } catch (error) {
     return toast("cannot reach the admin API", true);
   }
-  if (response.status === 401) return askToken("That token was refused.");
+  if (response.status === 401) return refused();
   const body = await response.json().catch(() => ({}));
   if (!response.ok) return toast((body.error && body.error.message) || action + " failed: " + response.status, true);
   if (action === "clear") toast("cleared " + body.cleared + " from " + queue);
