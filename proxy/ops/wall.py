@@ -11,6 +11,9 @@ snapshot goes out when the data changed (looked at every `interval`), a `heartbe
 seconds without one. A stream is bounded: at most `max_streams` at once (503 after), `max_age` seconds each
 (then an `end` event; the page reconnects), every write within `write_timeout`; it stops when the client
 leaves or the admin app shuts down.
+
+Why not aiohttp-sse: the framing is one line per event (`event:` and one `data:` line of compact JSON), and the
+stream's bounds (count, age, write timeout, shutdown) are ours to set anyway; a dependency would add nothing.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
 
 import orjson
 from aiohttp import web
@@ -58,12 +60,27 @@ class LiveSettings:
 
 @dataclass(slots=True)
 class Hub:
-    """The live streams of one admin app: each one's stop event."""
+    """The live feed of one admin app: each open stream's stop event, the counters' readings, the latest
+    snapshot."""
 
     settings: LiveSettings = field(default_factory=LiveSettings)
     streams: set[asyncio.Event] = field(default_factory=set)
     window: live.Window = field(default_factory=live.Window)
     """The counters' recent readings, shared: a page opened later sees the last minute at once."""
+    last: tuple[float, float, bytes] | None = None
+    """The latest snapshot (loop time, wall time, JSON), shared by streams that look within half an interval:
+    one build a second however many screens watch."""
+
+    async def snapshot(self, runtime: Runtime) -> tuple[float, bytes]:
+        """The wall time and JSON of a fresh snapshot (or one built less than half an interval ago)."""
+        now = asyncio.get_running_loop().time()
+        if self.last is not None and now - self.last[0] < self.settings.interval / 2:
+            return self.last[1], self.last[2]
+        at = time.time()
+        inputs = await live.gather(runtime, at)
+        body = orjson.dumps(live.snapshot(inputs, self.window.base(inputs.counters), runtime.metrics.ttft.bounds))
+        self.last = (now, at, body)
+        return at, body
 
     async def close(self, _app: web.Application | None = None) -> None:
         for stop in self.streams:
@@ -87,7 +104,7 @@ def add_routes(admin: web.Application, settings: LiveSettings | None = None) -> 
         name = request.match_info.get("file") or "index.html"
         found = assets.get(name)
         if found is None:
-            return web.Response(status=404, text=f"no file '{name}' here", headers=_HEADERS)
+            return _error(404, f"no such file: the dashboard is {PAGE}")
         body, kind = found
         return web.Response(body=body, content_type=kind, charset="utf-8", headers=_HEADERS)
 
@@ -102,15 +119,14 @@ async def stream(request: web.Request) -> web.StreamResponse:
     hub = request.app[HUB]
     if len(hub.streams) >= hub.settings.max_streams:
         message = f"{len(hub.streams)} live streams are open already; close one (or retry later)"
-        error = {"error": {"message": message, "type": "admin_error", "param": None, "code": None}}
-        return web.json_response(error, status=503, headers={"Retry-After": "5"}, dumps=_dumps)
+        return _error(503, message, {"Retry-After": "5"})
     response = web.StreamResponse(headers={
         "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-store", "X-Accel-Buffering": "no",
     })
-    await response.prepare(request)
     stop = asyncio.Event()
-    hub.streams.add(stop)
+    hub.streams.add(stop)  # counted before the first await: two arrivals cannot both take the last place
     try:
+        await response.prepare(request)
         await _feed(request, response, hub, stop)
     except (ConnectionResetError, TimeoutError):
         pass  # the client left, or stopped reading: nothing to tell it
@@ -122,23 +138,19 @@ async def stream(request: web.Request) -> web.StreamResponse:
 async def _feed(request: web.Request, response: web.StreamResponse, hub: Hub, stop: asyncio.Event) -> None:
     runtime: Runtime = request.app[STATE]
     settings = hub.settings
-    bounds = runtime.metrics.ttft.bounds
     loop = asyncio.get_running_loop()
     ends = loop.time() + settings.max_age
-    window = hub.window
     sent: bytes | None = None
     last = loop.time()
     while not stop.is_set() and loop.time() < ends:
         if request.transport is None or request.transport.is_closing():
             return  # the client left
-        at = time.time()
-        inputs = await live.gather(runtime, at)
-        body = orjson.dumps(live.snapshot(inputs, window.base(inputs.counters), bounds))
+        at, body = await hub.snapshot(runtime)
         if body != sent:
             await _send(response, runtime, "snapshot", b'{"at":%.3f,' % at + body[1:], settings)
             sent, last = body, loop.time()
         elif loop.time() - last >= settings.heartbeat:
-            await _send(response, runtime, "heartbeat", b'{"at":%.3f}' % at, settings)
+            await _send(response, runtime, "heartbeat", b'{"at":%.3f}' % time.time(), settings)
             last = loop.time()
         try:
             await asyncio.wait_for(stop.wait(), settings.interval)
@@ -156,5 +168,7 @@ async def _send(response: web.StreamResponse, runtime: Runtime, event: str, data
         await response.write(frame)
 
 
-def _dumps(value: Any) -> str:
-    return orjson.dumps(value).decode()
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    """The admin API's error shape (proxy/admin.py)."""
+    body = {"error": {"message": message, "type": "admin_error", "param": None, "code": None}}
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json", headers=headers)
