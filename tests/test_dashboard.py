@@ -18,7 +18,7 @@ from unittest import mock
 import aiohttp
 import orjson
 import pytest
-from conftest import Proxy
+from conftest import UPSTREAM_KEY, Proxy
 from kit import Loopback, until
 from kit.browser import Page, chromium
 from outcome_helpers import body, idle, mock_url, post, start
@@ -45,7 +45,7 @@ def policy(mock_url: str) -> str:
 identify: {{mode: api_key}}
 priorities: [interactive, batch]
 upstreams:
-  mock: {{provider: openai, base_url: "{mock_url}/v1", api_key: sk-up,
+  mock: {{provider: openai, base_url: "{mock_url}/v1", api_key: "${{TEST_UPSTREAM_KEY}}",
           limits: {{requests_per_minute: 2000, tokens_per_minute: 1000000}}}}
 tenants:
   alpha: {{keys: [sk-alpha], priority: interactive, limits: {{requests_per_minute: 600, concurrent: 20}}}}
@@ -294,6 +294,15 @@ async def test_the_live_feed_sends_snapshots_and_stops_when_the_client_leaves(
         kinds = {limit["key"]: limit["kind"] for limit in first["limits"]}
         assert kinds["tenant:alpha"] == "tenant" and kinds["route:chat"] == "route"
         assert kinds["upstream:mock"] == "upstream"
+        # A refused request whose id is the upstream key (a client may send any id): the feed never shows it.
+        rid = {"x-request-id": UPSTREAM_KEY}
+        assert (await post(proxy, body(), ask("sk-gamma") | rid))[0] == 429
+        async with asyncio.timeout(10):
+            async for name, data in stream:
+                if name == "snapshot" and data["refusals"]["total"] == 2:
+                    break
+        assert UPSTREAM_KEY not in orjson.dumps(data).decode()
+        assert data["refusals"]["recent"][0]["reason"] == "rate_limit"
         # A change goes out as a new snapshot: a request waits.
         holder = start(post(proxy, body(), ask("sk-alpha", ttft_ms=HOLD_MS)))
         try:
