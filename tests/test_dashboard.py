@@ -349,6 +349,7 @@ async def test_an_idle_feed_sends_heartbeats_and_ends_at_shutdown(
 # --- the install script ------------------------------------------------------------------------------------
 
 
+@pytest.mark.timeout(900)  # on a machine without chromium, the first run installs it (make tools does it first)
 def test_install_chromium_is_idempotent() -> None:
     script = str(REPO / "scripts" / "install-chromium.sh")
     subprocess.run(["bash", script], check=True, capture_output=True, timeout=900)
