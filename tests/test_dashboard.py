@@ -241,7 +241,9 @@ async def test_the_live_data_needs_the_token_and_the_page_holds_none(
         assert "default-src 'none'" in headers["Content-Security-Policy"]
         for data in (b"alpha", b"gamma", b"chat", b"rate_limit"):
             assert data not in page, (name, data)
-    assert (await get(admin.url + PAGE + "/secrets.json"))[0] == 404
+    assert (await get(admin.url + PAGE + "/secrets.json", TOKEN))[0] == 404
+    for trick in ("/secrets.json", "/../queues", "/%2e%2e/queues", "/..%2fqueues", "/../live"):
+        assert (await get(admin.url + PAGE + trick))[0] in (401, 404), trick  # never the data without the token
     # Only GET: a page path does not open the rest of the API.
     async with aiohttp.ClientSession() as session, session.post(admin.url + PAGE) as response:
         assert response.status == 401

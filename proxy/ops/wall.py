@@ -90,9 +90,13 @@ class Hub:
 HUB: web.AppKey[Hub] = web.AppKey("signalbox_live_hub", Hub)
 
 
+_PUBLIC = frozenset({PAGE, PAGE + "/", *(f"{PAGE}/{name}" for name in _ASSETS)})
+
+
 def is_page(path: str) -> bool:
-    """The page and its files, which the admin token does not guard (GET and HEAD only)."""
-    return path == PAGE or path.startswith(PAGE + "/")
+    """The page and its files, which the admin token does not guard (GET and HEAD only). Exact paths, not a
+    prefix: nothing else under it is opened by a path trick."""
+    return path in _PUBLIC
 
 
 def add_routes(admin: web.Application, settings: LiveSettings | None = None) -> None:
