@@ -29,12 +29,14 @@ run: $(RUN_STAMP)
 	$(BIN)/signalbox serve --policies policies --port 8080 --admin-host 127.0.0.1 --admin-port 9090 --admin-no-auth
 
 # helm (from an npm package), redis-server and promtool (Debian) are needed by the deployment,
-# Redis and alert-rule tests; the Node SDKs (npm) by the tests that drive the mock with them.
+# Redis and alert-rule tests; the Node SDKs (npm) by the tests that drive the mock with them;
+# chromium and chromium-driver (Debian) by the dashboard test.
 tools:
 	bash scripts/install-helm.sh
 	bash scripts/install-redis.sh
 	bash scripts/install-prometheus.sh
 	bash scripts/install-node-sdks.sh
+	bash scripts/install-chromium.sh
 
 test: $(STAMP) tools
 	$(BIN)/python -m pytest -q -p no:cacheprovider

@@ -1,9 +1,11 @@
 """The admin API, on its own port: queue inspection and control (pause, resume, clear), the policy
-life cycle (status, reload now, explain a request), and the detailed health view.
+life cycle (status, reload now, explain a request), the detailed health view, and the wall screen (the
+dashboard page and its live feed, proxy/ops/wall.py).
 
-Every request but `GET /healthz/details` needs `Authorization: Bearer $SIGNALBOX_ADMIN_TOKEN`. With no
-token configured the API refuses everything, unless the runtime setting `admin_auth_disabled` is on, which
-the CLI allows only when the admin port is bound to a loopback address. Nothing here shows prompt content.
+Every request but `GET /healthz/details` and the dashboard page's own files (no data in them) needs
+`Authorization: Bearer $SIGNALBOX_ADMIN_TOKEN`. With no token configured the API refuses everything, unless
+the runtime setting `admin_auth_disabled` is on, which the CLI allows only when the admin port is bound to a
+loopback address. Nothing here shows prompt content.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from aiohttp import web
 
 from proxy import lifecycle
 from proxy.flow.gate import Queue
-from proxy.ops import health
+from proxy.ops import health, wall
 from proxy.ops import queues as queue_status
 from proxy.policy.explain import ExplainError, explain
 from proxy.policy.load import Problem
@@ -67,13 +69,14 @@ def build_admin_app(app: web.Application, environ: Mapping[str, str] | None = No
     admin.router.add_get("/admin/explain", explain_request)
     admin.router.add_get("/admin/upstreams", list_upstreams)
     admin.router.add_get(HEALTH_PATH, health_details)
+    wall.add_routes(admin)
     return admin
 
 
 @web.middleware
 async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path == HEALTH_PATH and request.method in ("GET", "HEAD"):
-        return await handler(request)
+    if request.method in ("GET", "HEAD") and (request.path == HEALTH_PATH or wall.is_page(request.path)):
+        return await handler(request)  # no data behind these: the page's data comes from /admin/live
     token = request.app[_TOKEN]
     if token is None:
         if not request.app[STATE].settings.admin_auth_disabled:
@@ -123,18 +126,7 @@ def _queue(request: web.Request, need_slots: bool = False) -> Queue | web.Respon
 
 
 async def list_queues(request: web.Request) -> web.Response:
-    runtime: Runtime = request.app[STATE]
-    plan = runtime.plans.current
-    scheduler = runtime.scheduler
-    queues = [scheduler.queue(spec, plan.priorities) for spec in plan.queues.values()]
-    queues += [q for name, q in scheduler.queues.items() if name not in plan.queues]  # gone from the plan
-    now, perf_now = scheduler.clock(), time.perf_counter()
-    usage = await runtime.admission.store.remaining()
-    book = runtime.metrics.queues
-    return _json({
-        "queues": [queue_status.summary(queue, book, plan, now, perf_now) for queue in queues],
-        "limits": [_usage(u) for u in sorted(usage, key=lambda u: u.key)],
-    })
+    return _json(await queue_status.listing(request.app[STATE]))
 
 
 async def one_queue(request: web.Request) -> web.Response:
@@ -145,20 +137,6 @@ async def one_queue(request: web.Request) -> web.Response:
     runtime: Runtime = request.app[STATE]
     book, plan = runtime.metrics.queues, runtime.plans.current
     return _json(queue_status.summary(queue, book, plan, queue.clock(), time.perf_counter()))
-
-
-def _usage(usage: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {"key": usage.key, "scope": usage.scope, "tenant": usage.tenant or None}
-    for meter in usage.windows:  # one entry per window: requests_per_minute, tokens_per_day, ...
-        out[meter.name] = {
-            "limit": meter.limit,
-            "used": round(meter.used, 1),
-            "remaining": meter.remaining,
-            "reset_s": round(meter.reset, 3),
-        }
-    if usage.concurrent is not None:
-        out["concurrent"] = {"limit": usage.concurrent[0], "in_use": usage.concurrent[1]}
-    return out
 
 
 async def queue_items(request: web.Request) -> web.Response:

@@ -7,12 +7,46 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from typing import Any
 
+from proxy.admission.limits import Usage
 from proxy.flow.gate import Queue
 from proxy.policy.plan import Limit, Plan
+from proxy.runtime import Runtime
 from proxy.telemetry import queues as stats
 from proxy.telemetry.queues import QueueStats
+
+
+async def listing(runtime: Runtime) -> dict[str, Any]:
+    """`GET /admin/queues`: every queue of the serving plan (and any a reload removed that still has state), and
+    every limit key's usage. The dashboard's live snapshot (proxy/ops/live.py) is built from the same answer."""
+    plan = runtime.plans.current
+    scheduler = runtime.scheduler
+    queues = [scheduler.queue(spec, plan.priorities) for spec in plan.queues.values()]
+    queues += [q for name, q in scheduler.queues.items() if name not in plan.queues]  # gone from the plan
+    now, perf_now = scheduler.clock(), time.perf_counter()
+    usage = await runtime.admission.store.remaining()
+    book = runtime.metrics.queues
+    return {
+        "queues": [summary(queue, book, plan, now, perf_now) for queue in queues],
+        "limits": [usage_json(u) for u in sorted(usage, key=lambda u: u.key)],
+    }
+
+
+def usage_json(usage: Usage) -> dict[str, Any]:
+    """One limit key: each window's limit, use, remaining and reset, and concurrency in use."""
+    out: dict[str, Any] = {"key": usage.key, "scope": usage.scope, "tenant": usage.tenant or None}
+    for meter in usage.windows:  # one entry per window: requests_per_minute, tokens_per_day, ...
+        out[meter.name] = {
+            "limit": meter.limit,
+            "used": round(meter.used, 1),
+            "remaining": meter.remaining,
+            "reset_s": round(meter.reset, 3),
+        }
+    if usage.concurrent is not None:
+        out["concurrent"] = {"limit": usage.concurrent[0], "in_use": usage.concurrent[1]}
+    return out
 
 
 def summary(queue: Queue, book: stats.QueueBook, plan: Plan, now: float, perf_now: float) -> dict[str, Any]:

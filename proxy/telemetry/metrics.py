@@ -17,6 +17,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from proxy.call import Call
 from proxy.telemetry.cache import CacheMetrics
 from proxy.telemetry.hot import HotCounter, HotHistogram, HotMetrics
+from proxy.telemetry.outcome import Refusals
 from proxy.telemetry.queues import QueueBook
 from proxy.telemetry.sockets import SocketMetrics
 
@@ -204,6 +205,8 @@ class Metrics:
         self._children: dict[tuple[Any, ...], Any] = {}
         self.queues = QueueBook(time.perf_counter)
         """Per-queue totals and recent times for the admin API (proxy/telemetry/queues.py)."""
+        self.refusals = Refusals()
+        """The last refused requests and why, for the dashboard (proxy/telemetry/outcome.py)."""
         r.register(HotMetrics([
             self.requests, self.duration, self.processing, self.ttfb, self.errors, self.client_gone, self.stream_events,
             self.upstream_requests, self.upstream_latency, self.ttft,
@@ -232,6 +235,8 @@ class Metrics:
             self.ttfb.observe((call.upstream,), ttfb)
         if call.error is not None:
             self.errors.inc((call.error,))
+            if call.outcome == "rejected":  # a refusal always sets `error`: the ok path pays nothing here
+                self.refusals.add(call)
         if call.client_gone:
             self.client_gone.inc(key)
         if call.events_relayed:

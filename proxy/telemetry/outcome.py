@@ -17,10 +17,16 @@ closed request"), stream or not; a slow client the proxy cut keeps the status it
 
 from __future__ import annotations
 
+import time
+from collections import deque
+from typing import Any
+
 from proxy.call import Call
 
 CLIENT_CLOSED = 499
 OUTCOMES = ("ok", "upstream_error", "timeout", "rejected", "cancelled", "proxy_error")
+RECENT_REFUSALS = 50
+"""Refusals the wall screen lists (GET /admin/live): the newest, the oldest dropped."""
 
 
 def judge(call: Call) -> None:
@@ -48,3 +54,32 @@ def judge(call: Call) -> None:
     else:
         call.outcome = "ok"
         call.reason = None
+
+
+class Refusals:
+    """The last `RECENT_REFUSALS` requests whose outcome was `rejected`, newest last, for the dashboard.
+
+    Fed by `Metrics.record` only for a rejected call: a tuple of references appended to a bounded deque, so
+    the other requests pay one string comparison. Shaped into JSON only when the admin API reads it."""
+
+    __slots__ = ("ring", "total")
+
+    def __init__(self, size: int = RECENT_REFUSALS) -> None:
+        self.ring: deque[tuple[float, str, str, str, str, int, str, float]] = deque(maxlen=size)
+        self.total = 0
+        """Every refusal since start (the ring keeps only the newest)."""
+
+    def add(self, call: Call) -> None:
+        tenant = call.tenant.name if call.tenant is not None else ""
+        route = call.route.name if call.route is not None else ""
+        self.ring.append((time.time(), call.request_id, tenant, route, call.model, call.status,
+                          call.reason or "unknown", call.queue_wait))
+        self.total += 1
+
+    def recent(self) -> list[dict[str, Any]]:
+        """Newest first."""
+        return [
+            {"at": at, "request_id": rid, "tenant": tenant or None, "route": route or None, "model": model or None,
+             "status": status, "reason": reason, "queue_wait_ms": round(wait * 1000, 1)}
+            for at, rid, tenant, route, model, status, reason, wait in reversed(self.ring)
+        ]
