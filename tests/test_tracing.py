@@ -18,7 +18,7 @@ import orjson
 import pytest
 from aiohttp import web
 from conftest import EchoUpstream, Proxy, Reply
-from kit import Loopback, build_policy, route_spec, upstream_spec, until
+from kit import Loopback, build_policy, route_spec, until, upstream_spec
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -84,7 +84,8 @@ class Collector:
                         {a.key: _value(a.value) for a in s.attributes}, s.status.code,
                         s.start_time_unix_nano, s.end_time_unix_nano, resource,
                     ))
-        return web.Response(body=ExportTraceServiceResponse().SerializeToString(), content_type="application/x-protobuf")
+        answer = ExportTraceServiceResponse().SerializeToString()
+        return web.Response(body=answer, content_type="application/x-protobuf")
 
     def trace(self, trace_id: str) -> list[Span]:
         return [s for s in self.spans if s.trace_id == trace_id]
@@ -177,8 +178,9 @@ async def test_a_request_is_one_trace_under_the_clients_span(
         "signalbox.outcome": "ok", "http.response.status_code": 200, "http.request.method": "POST",
     }.items() <= root.attributes.items()
     assert isinstance(root.attributes["signalbox.class"], str)
-    assert {"signalbox.deployment": "up", "http.response.status_code": 200, "gen_ai.request.model": "gpt-4o",
-            "gen_ai.response.finish_reasons": ["stop"], "server.address": "127.0.0.1"}.items() <= attempt.attributes.items()
+    expected = {"signalbox.deployment": "up", "http.response.status_code": 200, "gen_ai.request.model": "gpt-4o",
+                "gen_ai.response.finish_reasons": ["stop"], "server.address": "127.0.0.1"}
+    assert expected.items() <= attempt.attributes.items()
     assert root.start <= attempt.start <= attempt.end <= root.end
     assert root.resource["service.name"] == "signalbox"
     _no_secrets(spans)
@@ -219,7 +221,8 @@ async def test_a_stream_gets_its_model_usage_and_finish_reason_from_the_events(
 async def test_a_retried_request_has_one_client_span_per_attempt(
     traced: Collector, echo: EchoUpstream, start_proxy: StartProxy
 ) -> None:
-    echo.reply(Reply(status=503, body=b'{"error": {"message": "busy", "type": "server_error"}}'), Reply(body=COMPLETION))
+    busy = Reply(status=503, body=b'{"error": {"message": "busy", "type": "server_error"}}')
+    echo.reply(busy, Reply(body=COMPLETION))
     proxy = await start_proxy(_policy(echo, retry={"attempts": 2, "backoff": {"base": "1ms", "max": "1ms"}}))
     response = await _post(proxy, REQUEST, {"traceparent": CLIENT_TRACEPARENT})
     assert response.status == 200 and len(echo.received) == 2
