@@ -8,6 +8,7 @@ OpenAI chat/completions and Responses answers and chunks, and Anthropic messages
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,8 +35,7 @@ _PROVIDERS = {"openai": "openai", "anthropic": "anthropic", "mock": "signalbox.m
 
 # A stream event is parsed only when its bytes may hold a fact still useful: the model (until one is
 # known), a finish reason, or usage. Most chunks of a long answer hold none.
-_FACT_MARKERS = (b'finish_reason":"', b'finish_reason": "', b'stop_reason":"', b'stop_reason": "',
-                 b'"usage":{', b'"usage": {', b'"status":"', b'"status": "')
+_FACT = re.compile(rb'_reason"\s*:\s*"|"usage"\s*:\s*\{|"status"\s*:\s*"')
 
 
 def operation(path: str) -> str | None:
@@ -82,7 +82,7 @@ def note_answer(facts: Facts, body: bytes) -> None:
 
 def note_event(facts: Facts, name: str | None, data: bytes) -> None:
     """One stream event's facts, parsed only when its bytes may hold one."""
-    if facts.model is not None and not any(marker in data for marker in _FACT_MARKERS):
+    if facts.model is not None and _FACT.search(data) is None:
         return
     if not data.startswith(b"{"):
         return  # [DONE], or not JSON
