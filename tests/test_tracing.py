@@ -254,6 +254,24 @@ async def test_a_failed_request_is_an_error_span_with_its_outcome(
     assert (root.attributes["signalbox.outcome"], root.attributes["error.type"]) == ("upstream_error", "upstream_500")
 
 
+async def test_a_client_that_does_not_sample_gets_no_spans_but_its_trace_goes_on(
+    traced: Collector, echo: EchoUpstream, start_proxy: StartProxy
+) -> None:
+    """The default sampler follows the client's flag: nothing recorded, yet the upstream stays in the trace."""
+    echo.reply(Reply(body=COMPLETION), Reply(body=COMPLETION))
+    proxy = await start_proxy(_policy(echo))
+    unsampled = f"00-{CLIENT_TRACE}-{CLIENT_PARENT}-00"
+    assert (await _post(proxy, REQUEST, {"traceparent": unsampled})).status == 200
+    sent = echo.last.header("traceparent")
+    assert sent is not None and sent.startswith(f"00-{CLIENT_TRACE}-") and sent.endswith("-00")
+    assert sent != unsampled  # the attempt's own (unrecorded) span is the parent
+    assert (await _post(proxy, REQUEST, {"traceparent": CLIENT_TRACEPARENT})).status == 200
+    await until(lambda: any(s.kind == SERVER for s in traced.spans), within=10)  # the sampled one arrives ...
+    assert {s.trace_id for s in traced.spans} == {CLIENT_TRACE}
+    assert len([s for s in traced.spans if s.kind == SERVER]) == 1  # ... alone
+    assert [line["trace_id"] for line in proxy.access_lines()] == [CLIENT_TRACE, CLIENT_TRACE]
+
+
 async def test_tracing_off_passes_the_clients_trace_headers_and_makes_no_spans(
     collector: Collector, echo: EchoUpstream, start_proxy: StartProxy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
