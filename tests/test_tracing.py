@@ -178,6 +178,10 @@ async def test_a_request_is_one_trace_under_the_clients_span(
         "signalbox.outcome": "ok", "http.response.status_code": 200, "http.request.method": "POST",
     }.items() <= root.attributes.items()
     assert isinstance(root.attributes["signalbox.class"], str)
+    (queue,) = children["signalbox.queue"]
+    assert queue.attributes["signalbox.queue"] == "chat"
+    assert queue.attributes["signalbox.class"] == root.attributes["signalbox.class"]
+    assert root.start <= queue.start <= queue.end <= attempt.start
     expected = {"signalbox.deployment": "up", "http.response.status_code": 200, "gen_ai.request.model": "gpt-4o",
                 "gen_ai.response.finish_reasons": ["stop"], "server.address": "127.0.0.1"}
     assert expected.items() <= attempt.attributes.items()

@@ -8,7 +8,6 @@ OpenAI chat/completions and Responses answers and chunks, and Anthropic messages
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,7 +34,7 @@ _PROVIDERS = {"openai": "openai", "anthropic": "anthropic", "mock": "signalbox.m
 
 # A stream event is parsed only when its bytes may hold a fact still useful: the model (until one is
 # known), a finish reason, or usage. Most chunks of a long answer hold none.
-_FACT = re.compile(rb'_reason"\s*:\s*"|"usage"\s*:\s*\{|"status"\s*:\s*"')
+_FACT_MARKERS = (b'reason":"', b'reason": "', b'"usage":{', b'"usage": {', b'"status":"', b'"status": "')
 
 
 def operation(path: str) -> str | None:
@@ -82,7 +81,7 @@ def note_answer(facts: Facts, body: bytes) -> None:
 
 def note_event(facts: Facts, name: str | None, data: bytes) -> None:
     """One stream event's facts, parsed only when its bytes may hold one."""
-    if facts.model is not None and _FACT.search(data) is None:
+    if facts.model is not None and not _may_hold_a_fact(data):
         return
     if not data.startswith(b"{"):
         return  # [DONE], or not JSON
@@ -92,6 +91,14 @@ def note_event(facts: Facts, name: str | None, data: bytes) -> None:
         return
     if isinstance(parsed, dict):
         _note(facts, parsed)
+
+
+def _may_hold_a_fact(data: bytes) -> bool:
+    # Plain substring tests: several times cheaper than one regex alternation over the event.
+    for marker in _FACT_MARKERS:
+        if marker in data:
+            return True
+    return False
 
 
 def _note(facts: Facts, data: Mapping[str, Any]) -> None:

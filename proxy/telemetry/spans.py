@@ -150,19 +150,17 @@ class CallTrace:
             if call.outcome != "ok":
                 self.relay_span.set_status(Status(StatusCode.ERROR, call.reason or call.outcome))
             self.relay_span.end(end_time=end)
-        shared = _signalbox_attributes(call, cls)
-        self._queue_span(call, shared, end)
+        self._queue_span(call, cls, end)
         span = self.span
         span.update_name(f"{call.method} {call.route.name}" if call.route is not None else call.method)
-        span.set_attributes(shared)
-        span.set_attributes(_request_end_attributes(call))
-        span.set_attributes(self.facts.attributes())
+        attributes = _signalbox_attributes(call, cls) | _request_end_attributes(call) | self.facts.attributes()
         if call.outcome != "ok":
-            span.set_attribute("error.type", call.reason or call.outcome)
+            attributes["error.type"] = call.reason or call.outcome
             span.set_status(Status(StatusCode.ERROR, call.reason or call.outcome))
+        span.set_attributes(attributes)  # at once: the SDK takes a lock and checks each value per call
         span.end(end_time=end)
 
-    def _queue_span(self, call: Call, shared: dict[str, Any], end: int) -> None:
+    def _queue_span(self, call: Call, cls: str | None, end: int) -> None:
         """The wait for admission, drawn from what the flow recorded: for a route with a queue, from when the
         call entered it to its slot (or to when it left without one)."""
         route = call.route
@@ -173,11 +171,14 @@ class CallTrace:
         if granted is None and not call.queue_wait:
             return  # refused before it reached the queue
         stop = ns(call, granted) if granted is not None else end
+        attributes: dict[str, Any] = {QUEUE: route.queue.name,
+                                      "signalbox.queue_wait_ms": round(call.queue_wait * 1000, 3)}
+        if cls is not None:
+            attributes[CLASS] = cls
         span = self.otel.tracer.start_span(
             "signalbox.queue", context=self.context, kind=SpanKind.INTERNAL,
-            start_time=stop - int(call.queue_wait * 1e9), attributes=shared,
+            start_time=stop - int(call.queue_wait * 1e9), attributes=attributes,
         )
-        span.set_attribute("signalbox.queue_wait_ms", round(call.queue_wait * 1000, 3))
         if granted is None:  # left the queue without a slot: timed out, cleared, shed, or the client left
             span.set_status(Status(StatusCode.ERROR, call.reason or call.outcome))
         span.end(end_time=stop)
