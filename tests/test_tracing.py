@@ -313,6 +313,19 @@ def test_tracing_off_never_imports_the_sdk(tmp_path: Path) -> None:
     assert done.stdout.strip() == "[]"
 
 
+def test_serve_refuses_an_exporter_it_lacks_in_one_line(tmp_path: Path) -> None:
+    policy = tmp_path / "p.yaml"
+    policy.write_text("upstreams: {m: {provider: mock}}\nroutes: [{name: r, upstream: m}]\n")
+    env = {"PATH": "/usr/bin:/bin", "OTEL_TRACES_EXPORTER": "zipkin"}
+    done = subprocess.run([sys.executable, "-m", "proxy", "serve", "--policies", str(policy), "--port", "0"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        "tracing: OTEL_TRACES_EXPORTER=zipkin is not supported; use otlp (OTLP over HTTP) or none"
+    )
+    assert "Traceback" not in done.stderr
+
+
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
