@@ -4,7 +4,8 @@ In process (run this file): the per-request work of tracing's hooks, timed funct
 - off: `OFF.begin` (the one call a request makes: it reads the client's traceparent for the access log's
   trace id) without and with a traceparent, plus the four `call.trace is not None` tests the stages make;
 - on: a whole request's spans (request, queue, one attempt with its traceparent, relay, 20 stream events,
-  end) through the real SDK with a BatchSpanProcessor whose exporter discards, so the SDK's own CPU shows.
+  end) through the real SDK with a BatchSpanProcessor whose exporter discards, so the SDK's own CPU shows;
+  and the same for a client whose traceparent says "not sampled" (nothing recorded, the trace propagated).
 Over HTTP: `overhead.py --tracing` adds a `traced` target (the `minimal` policy with tracing on, exporting
 over OTLP/HTTP to `--collector`, this file run as a discarding receiver) beside `minimal` (tracing off).
 
@@ -127,14 +128,15 @@ def measure_on(n: int, repeat: int) -> dict[str, float]:
     provider.add_span_processor(BatchSpanProcessor(Discard()))
     tracer = OtelTracer(provider, provider.get_tracer("bench"))
     make = _call()
-    headers = CIMultiDict({"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"})
+    sampled = CIMultiDict({"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"})
+    unsampled = CIMultiDict({"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"})
     sent = {"content-type": "application/json", "authorization": "Bearer k"}
     chunk = b'{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,' \
             b'"delta":{"content":"hello"},"finish_reason":null}]}'
     last = b'{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,' \
            b'"delta":{},"finish_reason":"stop"}]}'
 
-    def request() -> None:
+    def request(headers: CIMultiDict[str] = sampled) -> None:
         call = make()  # type: ignore[operator]
         trace = tracer.begin(call, headers)
         assert trace is not None
@@ -149,7 +151,8 @@ def measure_on(n: int, repeat: int) -> dict[str, float]:
         trace.end(call, "default")
 
     try:
-        return {"on: one streamed request's spans (20 events)": best_ns(request, n, repeat)}
+        return {"on: one streamed request's spans (20 events)": best_ns(request, n, repeat),
+                "on, the client's trace unsampled (flag 00)": best_ns(lambda: request(unsampled), n, repeat)}
     finally:
         provider.shutdown()
 

@@ -61,7 +61,7 @@ class OtelTracer:
         parent = self.propagator.extract(headers) if "traceparent" in headers else None
         span = self.tracer.start_span(
             call.method, context=parent, kind=SpanKind.SERVER, start_time=spans.ns(call, 0.0),
-            attributes=spans.request_attributes(call),
+            attributes=spans.request_attributes(call),  # (the sampler may read them)
         )
         call.trace_id = format_trace_id(span.get_span_context().trace_id)
         return spans.CallTrace(self, call, span)

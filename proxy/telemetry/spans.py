@@ -55,13 +55,15 @@ def request_attributes(call: Call) -> dict[str, Any]:
 
 
 class CallTrace:
-    __slots__ = ("otel", "call", "span", "context", "facts", "attempt_span", "attempt_index", "attempt_start",
-                 "attempts", "relay_span")
+    __slots__ = ("otel", "call", "span", "recording", "context", "facts", "attempt_span", "attempt_index",
+                 "attempt_start", "attempts", "relay_span")
 
     def __init__(self, otel: OtelTracer, call: Call, span: Span) -> None:
         self.otel = otel
         self.call = call
         self.span = span
+        self.recording = span.is_recording()
+        """False when the sampler dropped the trace: its context still goes upstream, nothing else is done."""
         self.context = set_span_in_context(span)
         self.facts = genai.Facts()
         self.attempt_span: Span | None = None
@@ -74,11 +76,31 @@ class CallTrace:
     def attempt(self, deployment: DeploymentSpec, url: str, headers: dict[str, str]) -> dict[str, str]:
         self._close_attempt()
         call = self.call
+        self.attempts += 1
+        self.attempt_index = len(call.attempts)
+        self.attempt_start = _now(call)
+        name, attributes = self._attempt_attributes(deployment, url) if self.recording else ("attempt", None)
+        span = self.attempt_span = self.otel.tracer.start_span(
+            name, context=self.context, kind=SpanKind.CLIENT, start_time=self.attempt_start, attributes=attributes
+        )
+        carrier: dict[str, str] = {}
+        self.otel.propagator.inject(carrier, context=set_span_in_context(span))
+        out = dict(headers)  # the per-upstream dict dispatch caches keeps the client's own values
+        out["traceparent"] = carrier["traceparent"]
+        if "tracestate" in carrier:
+            out["tracestate"] = carrier["tracestate"]
+        else:
+            out.pop("tracestate", None)
+        return out
+
+    def _attempt_attributes(self, deployment: DeploymentSpec, url: str) -> tuple[str, dict[str, Any]]:
+        """The attempt span's name ("<operation> <model>") and attributes."""
+        call = self.call
         upstream = call.plan.upstreams.get(deployment.upstream)
         model = deployment.model or call.model
         operation = genai.operation(call.path)
         attributes: dict[str, Any] = {
-            DEPLOYMENT: deployment.id, UPSTREAM: deployment.upstream, ATTEMPT: self.attempts + 1,
+            DEPLOYMENT: deployment.id, UPSTREAM: deployment.upstream, ATTEMPT: self.attempts,
             "http.request.method": call.method, genai.REQUEST_STREAM: call.stream,
         }
         if operation is not None:
@@ -92,22 +114,7 @@ class CallTrace:
             attributes["server.address"] = where.hostname
             if where.port is not None:
                 attributes["server.port"] = where.port
-        name = f"{operation or call.method} {model}" if model else (operation or call.method)
-        self.attempts += 1
-        self.attempt_index = len(call.attempts)
-        self.attempt_start = _now(call)
-        span = self.attempt_span = self.otel.tracer.start_span(
-            name, context=self.context, kind=SpanKind.CLIENT, start_time=self.attempt_start, attributes=attributes
-        )
-        carrier: dict[str, str] = {}
-        self.otel.propagator.inject(carrier, context=set_span_in_context(span))
-        out = dict(headers)  # the per-upstream dict dispatch caches keeps the client's own values
-        out["traceparent"] = carrier["traceparent"]
-        if "tracestate" in carrier:
-            out["tracestate"] = carrier["tracestate"]
-        else:
-            out.pop("tracestate", None)
-        return out
+        return (f"{operation or call.method} {model}" if model else (operation or call.method)), attributes
 
     def _close_attempt(self, final: bool = False) -> None:
         """End the open attempt span at its recorded end, with its status (and, for the answer relayed,
@@ -132,6 +139,8 @@ class CallTrace:
         span.end(end_time=end if end is not None else _now(self.call))
 
     def relaying(self, whole: bytes | None) -> None:
+        if not self.recording:
+            return
         if whole is not None and self.call.status < 400:
             genai.note_answer(self.facts, whole)
         self.relay_span = self.otel.tracer.start_span(
@@ -140,9 +149,12 @@ class CallTrace:
         )
 
     def event(self, name: str | None, data: bytes) -> None:
-        genai.note_event(self.facts, name, data)
+        if self.recording:
+            genai.note_event(self.facts, name, data)
 
     def end(self, call: Call, cls: str | None) -> None:
+        if not self.recording:
+            return  # nothing recorded, nothing to end (the SDK's non-recording spans hold nothing)
         end = _now(call)
         self._close_attempt(final=True)
         if self.relay_span is not None:
