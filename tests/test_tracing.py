@@ -122,6 +122,7 @@ COMPLETION = orjson.dumps({
     "choices": [{"index": 0, "message": {"role": "assistant", "content": "secret answer"}, "finish_reason": "stop"}],
     "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18},
 })
+BUSY = b'{"error": {"message": "busy", "type": "server_error"}}'
 REQUEST = {"model": "gpt-4o", "messages": [{"role": "user", "content": "private question"}]}
 
 
@@ -225,8 +226,7 @@ async def test_a_stream_gets_its_model_usage_and_finish_reason_from_the_events(
 async def test_a_retried_request_has_one_client_span_per_attempt(
     traced: Collector, echo: EchoUpstream, start_proxy: StartProxy
 ) -> None:
-    busy = Reply(status=503, body=b'{"error": {"message": "busy", "type": "server_error"}}')
-    echo.reply(busy, Reply(body=COMPLETION))
+    echo.reply(Reply(status=503, body=BUSY), Reply(body=COMPLETION))
     proxy = await start_proxy(_policy(echo, retry={"attempts": 2, "backoff": {"base": "1ms", "max": "1ms"}}))
     response = await _post(proxy, REQUEST, {"traceparent": CLIENT_TRACEPARENT})
     assert response.status == 200 and len(echo.received) == 2
@@ -243,6 +243,29 @@ async def test_a_retried_request_has_one_client_span_per_attempt(
         f"00-{CLIENT_TRACE}-{first.span_id}-01", f"00-{CLIENT_TRACE}-{second.span_id}-01"
     ]
     assert root.attributes["signalbox.attempts"] == 2 and root.attributes["signalbox.outcome"] == "ok"
+
+
+async def test_a_fallback_is_its_own_attempt_span_with_its_upstream(
+    traced: Collector, echo: EchoUpstream, start_proxy: StartProxy
+) -> None:
+    echo.reply(Reply(status=503, body=BUSY), Reply(body=COMPLETION))
+    policy = build_policy(
+        {"up": upstream_spec(echo.url), "spare": upstream_spec(echo.url)},
+        [route_spec("chat", "up", retry={"attempts": 1}, fallbacks=["backup"]),
+         route_spec("backup", "spare", model="none-*", retry={"attempts": 1})],
+    )
+    proxy = await start_proxy(policy)
+    response = await _post(proxy, REQUEST, {"traceparent": CLIENT_TRACEPARENT})
+    assert response.status == 200 and len(echo.received) == 2
+    await until(lambda: any(s.kind == SERVER for s in traced.trace(CLIENT_TRACE)), within=10)
+    root, children = _tree(traced.trace(CLIENT_TRACE))
+    first, second = sorted(children["chat gpt-4o"], key=lambda s: s.start)
+    assert [(s.attributes["signalbox.upstream"], s.attributes["http.response.status_code"]) for s in (first, second)] \
+        == [("up", 503), ("spare", 200)]
+    assert [r.header("traceparent") for r in echo.received] == [
+        f"00-{CLIENT_TRACE}-{first.span_id}-01", f"00-{CLIENT_TRACE}-{second.span_id}-01"
+    ]
+    assert root.attributes["signalbox.upstream"] == "spare"
 
 
 async def test_a_failed_request_is_an_error_span_with_its_outcome(
