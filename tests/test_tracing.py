@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import openai
 import orjson
 import pytest
 from aiohttp import web
@@ -30,6 +31,7 @@ from proxy.telemetry.tracing import TracingConfigError, choose, trace_id_of
 
 pytestmark = pytest.mark.timeout(60)
 StartProxy = Callable[..., Awaitable[Proxy]]
+OpenAIFactory = Callable[..., openai.AsyncOpenAI]
 
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_PARENT = "00f067aa0ba902b7"
@@ -155,12 +157,15 @@ def _no_secrets(spans: list[Span]) -> None:
 
 
 async def test_a_request_is_one_trace_under_the_clients_span(
-    traced: Collector, echo: EchoUpstream, start_proxy: StartProxy
+    traced: Collector, echo: EchoUpstream, start_proxy: StartProxy, async_openai: OpenAIFactory
 ) -> None:
     echo.reply(Reply(body=COMPLETION))
     proxy = await start_proxy(_policy(echo))
-    response = await _post(proxy, REQUEST, {"traceparent": CLIENT_TRACEPARENT, "tracestate": CLIENT_TRACESTATE})
-    assert response.status == 200
+    completion = await async_openai(proxy).chat.completions.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "private question"}],
+        extra_headers={"traceparent": CLIENT_TRACEPARENT, "tracestate": CLIENT_TRACESTATE},
+    )
+    assert completion.choices[0].finish_reason == "stop"
     await until(lambda: len(traced.trace(CLIENT_TRACE)) >= 4, within=10)
     spans = traced.trace(CLIENT_TRACE)
     root, children = _tree(spans)
@@ -194,7 +199,7 @@ async def test_a_request_is_one_trace_under_the_clients_span(
 
 
 async def test_a_stream_gets_its_model_usage_and_finish_reason_from_the_events(
-    traced: Collector, echo: EchoUpstream, start_proxy: StartProxy
+    traced: Collector, echo: EchoUpstream, start_proxy: StartProxy, async_openai: OpenAIFactory
 ) -> None:
     usage = sse({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": [],
                  "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}})
@@ -203,9 +208,12 @@ async def test_a_stream_gets_its_model_usage_and_finish_reason_from_the_events(
         b"data: [DONE]\n\n",
     ]))
     proxy = await start_proxy(_policy(echo))
-    response = await _post(proxy, {**REQUEST, "stream": True})  # no traceparent: the proxy starts the trace
-    assert response.status == 200
-    (line,) = proxy.access_lines()
+    stream = await async_openai(proxy).chat.completions.create(  # no traceparent: the proxy starts the trace
+        model="gpt-4o", messages=[{"role": "user", "content": "private question"}], stream=True,
+    )
+    chunks = [chunk async for chunk in stream]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices] == [None, "length"]
+    (line,) = await until(proxy.access_lines)
     trace_id = line["trace_id"]
     assert trace_id is not None and len(trace_id) == 32
     await until(lambda: len(traced.trace(trace_id)) >= 4, within=10)
