@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import anthropic
 import openai
 import orjson
 import pytest
@@ -25,11 +26,13 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+from outcome_helpers import mock_url
 from stream_helpers import SSE, chat_chunk, sse
 
 from proxy.telemetry.tracing import TracingConfigError, choose, trace_id_of
 
 pytestmark = pytest.mark.timeout(60)
+__all__ = ["mock_url"]  # the fixture
 StartProxy = Callable[..., Awaitable[Proxy]]
 OpenAIFactory = Callable[..., openai.AsyncOpenAI]
 
@@ -229,6 +232,32 @@ async def test_a_stream_gets_its_model_usage_and_finish_reason_from_the_events(
     assert facts.items() <= root.attributes.items() and facts.items() <= attempt.attributes.items()
     assert relay.attributes["signalbox.events"] == 4 and relay.start >= attempt.start
     _no_secrets(traced.trace(trace_id))
+
+
+async def test_an_anthropic_stream_through_the_anthropic_sdk(
+    traced: Collector, mock_url: str, start_proxy: StartProxy
+) -> None:
+    """The Messages API end to end: the span's facts are what the SDK itself got from the stream's events."""
+    policy = build_policy({"claude": upstream_spec(mock_url, "anthropic")}, [route_spec("messages", "claude")])
+    proxy = await start_proxy(policy)
+    async with anthropic.AsyncAnthropic(base_url=proxy.url, api_key="sk-alpha", max_retries=0, timeout=15.0) as claude:
+        async with claude.messages.stream(
+            model="claude-a", max_tokens=64, messages=[{"role": "user", "content": "private question"}],
+            extra_headers={"traceparent": CLIENT_TRACEPARENT},
+        ) as stream:
+            final = await stream.get_final_message()
+    await until(lambda: any(s.kind == SERVER for s in traced.trace(CLIENT_TRACE)), within=10)
+    root, children = _tree(traced.trace(CLIENT_TRACE))
+    assert root.name == "POST messages" and sorted(children) == ["chat claude-a", "signalbox.relay"]
+    (attempt,) = children["chat claude-a"]
+    facts = {
+        "gen_ai.operation.name": "chat", "gen_ai.provider.name": "anthropic", "gen_ai.request.model": "claude-a",
+        "gen_ai.response.model": final.model, "gen_ai.response.finish_reasons": [final.stop_reason],
+        "gen_ai.usage.input_tokens": final.usage.input_tokens, "gen_ai.usage.output_tokens": final.usage.output_tokens,
+    }
+    assert facts.items() <= root.attributes.items() and facts.items() <= attempt.attributes.items()
+    assert final.usage.output_tokens == 6  # the mock's, so the usage above is not a default
+    _no_secrets(traced.trace(CLIENT_TRACE))
 
 
 async def test_a_retried_request_has_one_client_span_per_attempt(
