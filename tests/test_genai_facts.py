@@ -86,3 +86,11 @@ def test_nothing_but_those_fields_is_kept() -> None:
 )
 def test_operation_names(path: str, operation: str | None) -> None:
     assert genai.operation(path) == operation
+
+
+@pytest.mark.parametrize(
+    ("kind", "name"), [("openai", "openai"), ("anthropic", "anthropic"), ("mock", "signalbox.mock"), ("http", None)]
+)
+def test_provider_names(kind: str, name: str | None) -> None:
+    """An upstream that is not a model provider (a tool API) gets no gen_ai.provider.name."""
+    assert genai.provider(kind) == name

@@ -42,9 +42,10 @@ def operation(path: str) -> str | None:
     return _OPERATIONS.get(path)
 
 
-def provider(kind: str) -> str:
-    """gen_ai.provider.name for an upstream's `provider` (the built-in mock is not a vendor)."""
-    return _PROVIDERS.get(kind, kind)
+def provider(kind: str) -> str | None:
+    """gen_ai.provider.name for an upstream's `provider` (the built-in mock is not a vendor); None for an
+    upstream that is not a model provider."""
+    return _PROVIDERS.get(kind)
 
 
 @dataclass(slots=True)

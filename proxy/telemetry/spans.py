@@ -107,8 +107,9 @@ class CallTrace:
             attributes[genai.OPERATION_NAME] = operation
         if model:
             attributes[genai.REQUEST_MODEL] = model
-        if upstream is not None:
-            attributes[genai.PROVIDER_NAME] = genai.provider(upstream.provider)
+        provider = genai.provider(upstream.provider) if upstream is not None else None
+        if provider is not None:
+            attributes[genai.PROVIDER_NAME] = provider
         where = urlsplit(url)
         if where.hostname:
             attributes["server.address"] = where.hostname
@@ -222,7 +223,9 @@ def _request_end_attributes(call: Call) -> dict[str, Any]:
     upstream = call.plan.upstreams.get(call.upstream) if call.upstream else None
     if upstream is not None:
         out[UPSTREAM] = upstream.name
-        out[genai.PROVIDER_NAME] = genai.provider(upstream.provider)
+        provider = genai.provider(upstream.provider)
+        if provider is not None:
+            out[genai.PROVIDER_NAME] = provider
     if call.attempts:
         out["signalbox.attempts"] = len(call.attempts)
     return out
