@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator
 
@@ -31,6 +32,7 @@ from proxy.ops import health
 from proxy.policy.plan import Plan
 from proxy.runtime import STATE, PlanRef, Runtime, Settings
 from proxy.tasks import spawn
+from proxy.telemetry import tracing
 
 log = logging.getLogger("signalbox")
 # aiohttp's own cap; the policy's max_body_size (checked by ingress) is the real, reloadable limit.
@@ -43,6 +45,7 @@ def build_app(plan: Plan, settings: Settings | None = None) -> web.Application:
     settings = settings or Settings()
     runtime = Runtime(plans=PlanRef(plan), settings=settings)
     runtime.access_log.enabled = settings.access_log
+    runtime.tracer = tracing.from_env(os.environ)  # off (and the SDK never imported) by default
     app = web.Application(client_max_size=_HARD_BODY_CAP)
     app[STATE] = runtime
     app[realtime.SESSIONS] = Sessions()
@@ -60,7 +63,13 @@ def build_app(plan: Plan, settings: Settings | None = None) -> web.Application:
     app.cleanup_ctx.append(_cache_store)
     app.cleanup_ctx.append(_upstreams)
     app.on_cleanup.append(_flush_access_log)
+    if runtime.tracer.on:
+        app.on_cleanup.append(_stop_tracing)
     return app
+
+
+async def _stop_tracing(app: web.Application) -> None:
+    await app[STATE].tracer.shutdown()  # the spans still queued are exported
 
 
 async def _flush_access_log(app: web.Application) -> None:

@@ -155,6 +155,7 @@ def _serve(args: argparse.Namespace) -> int:
     from proxy.app import build_app, serve
     from proxy.policy.reload import Reloader
     from proxy.runtime import STATE, ClientTimeouts, Settings
+    from proxy.telemetry.tracing import TracingConfigError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if args.admin_no_auth:
@@ -186,7 +187,11 @@ def _serve(args: argparse.Namespace) -> int:
             keepalive=args.keepalive_timeout,
         ),
     )
-    app = build_app(plan, settings)
+    try:
+        app = build_app(plan, settings)
+    except TracingConfigError as exc:  # the OTEL_* variables ask for what the proxy cannot do
+        print(f"tracing: {exc}", file=sys.stderr)
+        return 2
     runtime = app[STATE]
     runtime.reloader = Reloader(Path(args.policies), loaded, runtime.plans.swap)
     _tune_gc()

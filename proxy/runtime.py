@@ -22,6 +22,7 @@ from proxy.streaming.relay import StreamSettings
 from proxy.tasks import Deadlines
 from proxy.telemetry.logging import AccessLog
 from proxy.telemetry.metrics import Metrics
+from proxy.telemetry.tracing import OFF, Tracer
 from proxy.upstream.client import UpstreamClients
 from proxy.upstream.registry import Registry
 
@@ -101,6 +102,8 @@ class Runtime:
     """Set when the policy came from files (the CLI); tests may build apps from a plan alone."""
     deadlines: Deadlines = field(default_factory=Deadlines)
     """Requests' total-time guards, sharing timers (see proxy.tasks.Deadlines)."""
+    tracer: Tracer = OFF
+    """Spans and trace propagation: `OFF` unless the OTEL_* variables turn tracing on (build_app)."""
 
     admission: Admission = field(init=False)
     """Limits: the limiter store (counters survive reloads) and its metrics."""

@@ -28,6 +28,7 @@ from proxy.errors import (
 )
 from proxy.flow.admit import NOTHING
 from proxy.flow.scheduler import PRIORITY_HEADER
+from proxy.ingress import traced
 from proxy.ingress.identify import has_dot_segment, identify, request_id_of, resolve
 from proxy.ingress.models import list_models
 from proxy.ingress.read import read_body
@@ -67,6 +68,7 @@ async def _served(request: web.Request, stage: Stage, protocol: Protocol) -> web
         protocol=protocol,
         started=time.perf_counter(),
     )
+    call.trace = state.tracer.begin(call, request.headers)  # None when tracing is off
     state.in_flight += 1
     try:
         return await stage(request, call, state)
@@ -94,6 +96,8 @@ async def _served(request: web.Request, stage: Stage, protocol: Protocol) -> web
     finally:
         state.in_flight -= 1
         judge(call)  # the outcome both of them record
+        if call.trace is not None:
+            traced.finish(request, call)
         state.metrics.record(call)
         state.access_log.write(call)
 
@@ -174,6 +178,8 @@ async def forward(
             headers[CACHE_HEADER] = call.cache
         headers[QUEUE_WAIT_HEADER] = _ms(call.queue_wait)
         answer = relay.Answer(upstream, headers, sent.route.timeouts, deadline, redact, sent.body)
+        if call.trace is not None:
+            call.trace.relaying(sent.body.data if sent.body is not None and sent.body.complete else None)
         return await respond(request, call, answer, state.stream_settings, state.open_streams, guard)
     except (asyncio.CancelledError, TimeoutError) as exc:
         if isinstance(exc, asyncio.CancelledError) and not guard.expired():
