@@ -159,11 +159,16 @@ def adjust_all(windows: tuple[SlidingWindow, ...], now: float, at: float, delta:
     last = 0.0
     index = 0
     if delta < 0:
-        for window in windows:
+        for window in windows:  # `refund(index, -delta)`, inlined
             if window.length != last:
                 last = window.length
                 index = math.floor(at / last)
-            window.refund(index, -delta)
+            if index == window.index:
+                left = window.current + delta
+                window.current = left if left > 0.0 else 0.0
+            elif index == window.index - 1:
+                left = window.previous + delta
+                window.previous = left if left > 0.0 else 0.0
         return
     for window in windows:
         window.add(now, delta)
