@@ -170,6 +170,11 @@ class LocalStore:
             if release:
                 counters.release()
             return
+        self._finish_keys(reservation, now, settle, release, d_requests, d_tokens)
+
+    def _finish_keys(self, reservation: Reservation, now: float, settle: bool, release: bool, d_requests: int,
+                     d_tokens: int) -> None:
+        """`finish_now` key by key, by name: a reservation counted before a reload (or key by key)."""
         states = self._states
         for limit in reservation.limits:
             state = states.get(limit.key)
