@@ -20,6 +20,7 @@ from proxy.policy.plan import (
     MockPlan,
     Plan,
     QueueSpec,
+    ResumableSpec,
     RouteRule,
     StateRule,
     StreamSpec,
@@ -37,6 +38,7 @@ from proxy.policy.schema import (
     Policy,
     Route,
     State,
+    StreamOptions,
     Timeouts,
     Upstream,
 )
@@ -73,6 +75,7 @@ def compile_plan(loaded: LoadedPolicy) -> Plan:
         state=_state(policy.state),
         routes_by_name=MappingProxyType({r.name: r for r in routes}),
         secrets=policy_secrets(policy),
+        resumable=any(r.stream is not None and r.stream.resumable is not None for r in routes),
     )
 
 
@@ -152,7 +155,7 @@ def _route(index: int, route: Route, policy: Policy) -> RouteRule:
         model_rewrite=route.model,
         timeouts=inherit_timeouts(route.timeouts, upstream.timeouts, policy.timeouts),
         advertised=tuple(m for m in models if not any(c in m for c in "*?[")),
-        stream=StreamSpec(route.stream.heartbeat, route.stream.slow_client) if route.stream else None,
+        stream=_stream(route.stream),
         batch=_batch(route.batch),
         deployments=resilience.deployments(
             route,
@@ -163,6 +166,14 @@ def _route(index: int, route: Route, policy: Policy) -> RouteRule:
         retry=resilience.retry_spec(route.retry, policy.retry),
         fallbacks=tuple(route.fallbacks),
     )
+
+
+def _stream(stream: StreamOptions | None) -> StreamSpec | None:
+    if stream is None:
+        return None
+    resumable = stream.resumable
+    spec = ResumableSpec(resumable.buffer, resumable.ttl) if resumable is not None else None
+    return StreamSpec(stream.heartbeat, stream.slow_client, spec)
 
 
 def _batch(batch: Batch | None) -> BatchRule | None:

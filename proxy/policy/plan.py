@@ -35,11 +35,21 @@ class TimeoutSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class ResumableSpec:
+    """A route's resumable streams (proxy/streaming/resume/): bytes kept per stream, seconds a stream
+    waits for its reader."""
+
+    buffer: int = 4 * 1024 * 1024
+    ttl: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
 class StreamSpec:
     """A route's stream relay overrides; None keeps the process setting."""
 
     heartbeat: float | None = None
     slow_client: float | None = None
+    resumable: ResumableSpec | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,6 +371,8 @@ class Plan:
     """Largest non-streamed upstream answer read into memory (proxy/upstream/body.py)."""
     secrets: Redactor = field(default=EMPTY, repr=False, compare=False)
     """Every secret of the policy in every form it is sent, compiled once (proxy/policy/redact.py)."""
+    resumable: bool = False
+    """Some route has resumable streams: ingress then looks for resume requests (the one check it costs)."""
 
     def tenant_for_key(self, key: str) -> TenantRule | None:
         name = self.key_index.get(key_digest(key))
