@@ -75,3 +75,18 @@ async def resume(url: str, stream_id: str, last: int, *, method: str = "POST", b
     return await read_stream(method, url, body=body, headers={
         "x-signalbox-stream-id": stream_id, "Last-Event-ID": str(last), **(headers or {}),
     })
+
+
+def text_of(blocks: list[bytes]) -> str:
+    """The answer's text, from OpenAI chunks or Anthropic text deltas."""
+    out = []
+    for block in blocks:
+        data = data_of(block)
+        if not isinstance(data, dict):
+            continue
+        for choice in data.get("choices") or []:
+            out.append((choice.get("delta") or {}).get("content") or "")
+        delta = data.get("delta")
+        if data.get("type") == "content_block_delta" and isinstance(delta, dict):
+            out.append(delta.get("text") or "")
+    return "".join(out)

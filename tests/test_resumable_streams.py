@@ -15,7 +15,7 @@ from conftest import Proxy
 from kit import build_policy, route_spec, upstream_spec
 from kit.metrics import scrape, total
 from kit.polling import until
-from resume_helpers import data_of, read_stream, resume
+from resume_helpers import data_of, read_stream, resume, text_of
 from stream_helpers import mock_stats
 
 from proxy.mock.server import MockSettings, start_mock
@@ -55,21 +55,6 @@ CASES = [
     pytest.param("/v1/messages", {"model": "gpt-a", "max_tokens": 64, "messages": PROMPT, "stream": True},
                  id="translated-openai-upstream"),
 ]
-
-
-def text_of(blocks: list[bytes]) -> str:
-    """The answer's text, from OpenAI chunks or Anthropic text deltas."""
-    out = []
-    for block in blocks:
-        data = data_of(block)
-        if not isinstance(data, dict):
-            continue
-        for choice in data.get("choices") or []:
-            out.append((choice.get("delta") or {}).get("content") or "")
-        delta = data.get("delta")
-        if data.get("type") == "content_block_delta" and isinstance(delta, dict):
-            out.append(delta.get("text") or "")
-    return "".join(out)
 
 
 @pytest.mark.parametrize(("path", "body"), CASES)
