@@ -56,42 +56,54 @@ async def relay(
             await sink.write(sink.heartbeat())
         await follow(Source(meta, ring, None), sink, -1, gen.settings, hub, protocol=call.protocol,
                      request_id=call.request_id)
+        await response.write_eof()
     except asyncio.CancelledError:
-        await _detached(hub, ring, producer, call, cancelled=True)
+        _left(call)
+        await _hold(hub, ring, producer, call, absorbed=True)
         raise
     except (ConnectionResetError, TimeoutError):
-        await _detached(hub, ring, producer, call, cancelled=False)
-        return response
-    await producer  # the ring has ended: the generation is finishing its accounts
-    try:
-        await response.write_eof()
-    except ConnectionResetError:
-        call.client_gone = True
+        _left(call)
+    if await _hold(hub, ring, producer, call, absorbed=False):
+        raise asyncio.CancelledError  # aiohttp cancelled the handler meanwhile (the client left): as it said
     return response
 
 
-async def _detached(hub: Hub, ring: Ring, producer: asyncio.Task[None], call: Call, *, cancelled: bool) -> None:
-    """The client left: wait for the generation to end (holding what the request holds), stopping it when
-    nobody reads it for `ttl` or when too many generations are detached already."""
+def _left(call: Call) -> None:
     call.client_gone = True
-    if cancelled:
-        task = asyncio.current_task()
-        if task is not None:
-            task.uncancel()  # the client's leaving is handled here; the handler re-raises once done
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        task.uncancel()  # the client's leaving is handled: the handler waits for the generation, then re-raises
+
+
+async def _hold(hub: Hub, ring: Ring, producer: asyncio.Task[None], call: Call, *, absorbed: bool) -> bool:
+    """Wait for the generation to end, holding what the request holds (slot, lease, token reservation). Nobody
+    reads it from here on (the client left, or has had all it will get): it is detached, stopped when nobody
+    reads it for `ttl` (a resume counts), or at once when too many generations are detached already. Never
+    cancels the generation itself. `absorbed`: the handler's cancellation was taken back already (a second
+    one, at shutdown, ends the wait). Returns whether one arrived here."""
     if producer.done():
-        return
+        return False
     stop = hub.stoppers.get(ring.meta.id)
     if hub.detached >= hub.max_detached and stop is not None:
         stop("detached_limit")
     hub.detached += 1
+    late = False
     try:
         while not producer.done():
-            await asyncio.wait({producer}, timeout=min(ring.ttl / 4, WATCH_EVERY))
+            try:
+                await asyncio.wait({producer}, timeout=min(ring.ttl / 4, WATCH_EVERY))
+            except asyncio.CancelledError:
+                if absorbed:
+                    raise  # cancelled again (shutdown): the drain ends the generation itself
+                absorbed = late = True
+                _left(call)
+                continue
             stop = hub.stoppers.get(ring.meta.id)
             if stop is not None and not ring.watched(hub.clock()) and not await _read_elsewhere(hub, ring):
                 stop("ttl")
     finally:
         hub.detached -= 1
+    return late
 
 
 async def _read_elsewhere(hub: Hub, ring: Ring) -> bool:

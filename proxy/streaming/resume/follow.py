@@ -55,8 +55,7 @@ async def follow(
     not take a write within `slow_client` raises TimeoutError (treated as gone)."""
     ring = source.ring
     wait = settings.heartbeat if settings.heartbeat > 0 else IDLE_READ
-    if ring is not None:
-        ring.readers += 1
+    token = ring.attach(after) if ring is not None else 0
     try:
         batch = first
         while True:
@@ -72,6 +71,8 @@ async def follow(
                 async with asyncio.timeout(settings.slow_client):
                     await sink.write(batch.events[0] if len(batch.events) == 1 else b"".join(batch.events))
                 after = batch.first + len(batch.events) - 1
+                if ring is not None:
+                    ring.advance(token, after)
             elif batch.ended:
                 return after
             elif settings.heartbeat > 0:
@@ -80,8 +81,7 @@ async def follow(
             batch = None
     finally:
         if ring is not None:
-            ring.readers -= 1
-            ring.last_read = hub.clock()
+            ring.leave(token, hub.clock())
 
 
 def sse_headers(stream_id: str) -> dict[str, str]:

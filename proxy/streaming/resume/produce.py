@@ -73,6 +73,8 @@ class RingSink(Sink):
         for event in split(data):
             if self.name_response:
                 self._name(event)
+            if ring.blocked(len(event)):
+                await ring.room(len(event))  # an attached reader still needs the oldest event: backpressure
             hub.append(ring, stamp(event, ring.next))
         self.watch.last_write = time.monotonic()
 

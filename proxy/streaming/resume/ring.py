@@ -70,12 +70,54 @@ class Ring:
     """The id of `events[0]` (or of the next event when empty)."""
     size: int = 0
     ended: bool = False
-    readers: int = 0
-    """Readers attached in this process now."""
+    cursors: dict[int, int] = field(default_factory=dict)
+    """Readers attached in this process now: the id of the next event each needs."""
     last_read: float = field(default_factory=time.monotonic)
     """When a reader last was attached (a reader counts as attached while it reads)."""
     response_id: str = ""
     _waiter: asyncio.Future[None] | None = None
+    _room: asyncio.Future[None] | None = None
+    _tokens: int = 0
+
+    @property
+    def readers(self) -> int:
+        return len(self.cursors)
+
+    def attach(self, after: int) -> int:
+        """A reader starts after id `after`; returns its token."""
+        self._tokens += 1
+        self.cursors[self._tokens] = after + 1
+        return self._tokens
+
+    def advance(self, token: int, after: int) -> None:
+        """The reader has written everything up to id `after` to its client."""
+        self.cursors[token] = after + 1
+        self._free()
+
+    def leave(self, token: int, now: float) -> None:
+        self.cursors.pop(token, None)
+        self.last_read = now
+        self._free()
+
+    def blocked(self, size: int) -> bool:
+        """Would adding `size` bytes drop an event an attached reader has not written yet? While a client is
+        attached, its stream is relayed as a plain one is (it waits for the client); only a stream nobody
+        reads drops its oldest events."""
+        if self.size + size <= self.budget or not self.cursors or not self.events:
+            return False
+        return min(self.cursors.values()) <= self.first
+
+    async def room(self, size: int) -> None:
+        """Wait until `size` more bytes fit without dropping an event an attached reader still needs."""
+        while self.blocked(size):
+            if self._room is None:
+                self._room = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._room)
+
+    def _free(self) -> None:
+        room, self._room = self._room, None
+        if room is not None and not room.done():
+            room.set_result(None)
 
     @property
     def next(self) -> int:
@@ -112,6 +154,7 @@ class Ring:
         self.size = 0
         self.ended = True
         self._wake()
+        self._free()
         return freed
 
     def take(self, after: int) -> Batch | None:
