@@ -146,7 +146,9 @@ async def test_a_resume_from_a_dropped_id_is_refused_in_the_clients_protocol(
     assert tail.status == 200 and data_of(tail.blocks[-1])["type"] == "message_stop"
 
 
-async def test_an_attached_client_loses_nothing_however_small_the_buffer(start_proxy: StartProxy, mock_url: str) -> None:
+async def test_an_attached_client_loses_nothing_however_small_the_buffer(
+    start_proxy: StartProxy, mock_url: str
+) -> None:
     """A client that reads is waited for, as on a plain stream: the buffer drops only what every attached
     reader has written (here a 1 KiB buffer under a fast upstream of ~4,000 events)."""
     proxy = await start_proxy(policy(mock_url, resumable="{buffer: 1KiB, ttl: 30s}"))
