@@ -63,6 +63,7 @@ async def relay(
         raise
     except (ConnectionResetError, TimeoutError):
         _left(call)
+        _abort(request)
     if await _hold(hub, ring, producer, call, absorbed=False):
         raise asyncio.CancelledError  # aiohttp cancelled the handler meanwhile (the client left): as it said
     return response
@@ -165,5 +166,13 @@ async def resume(
         await response.write_eof()
     except (ConnectionResetError, TimeoutError):
         call.client_gone = True
+        _abort(request)
     return response
+
+
+def _abort(request: web.Request) -> None:
+    """A client that took no write for `slow_client` (TimeoutError) is cut off, as on a plain stream."""
+    transport = request.transport
+    if transport is not None and not transport.is_closing():
+        transport.abort()
 
