@@ -84,10 +84,11 @@ async def _hold(hub: Hub, ring: Ring, producer: asyncio.Task[None], call: Call, 
     one, at shutdown, ends the wait). Returns whether one arrived here."""
     if producer.done():
         return False
+    counted = not ring.ended  # an ended generation is only settling its accounts: not detached
     stop = hub.stoppers.get(ring.meta.id)
-    if hub.detached >= hub.max_detached and stop is not None:
+    if counted and hub.detached >= hub.max_detached and stop is not None:
         stop("detached_limit")
-    hub.detached += 1
+    hub.detached += counted
     late = False
     try:
         while not producer.done():
@@ -103,7 +104,7 @@ async def _hold(hub: Hub, ring: Ring, producer: asyncio.Task[None], call: Call, 
             if stop is not None and not ring.watched(hub.clock()) and not await _read_elsewhere(hub, ring):
                 stop("ttl")
     finally:
-        hub.detached -= 1
+        hub.detached -= counted
     return late
 
 
