@@ -31,6 +31,7 @@ from proxy.ingress.unified import sse as unified_sse
 from proxy.ops import health
 from proxy.policy.plan import Plan
 from proxy.runtime import STATE, PlanRef, Runtime, Settings
+from proxy.streaming.resume.hub import HUB
 from proxy.tasks import spawn
 from proxy.telemetry import tracing
 
@@ -59,8 +60,10 @@ def build_app(plan: Plan, settings: Settings | None = None) -> web.Application:
     app.router.add_get("/v1/realtime", realtime.realtime_handler)  # before /v1/* takes every other path
     app.router.add_route("*", "/v1/{tail:.*}", ingress.proxy_handler)
     app.router.add_route("*", "/{tail:.*}", tool.tool_handler)  # tool routes: every other path (last)
+    app[HUB] = runtime.streams
     app.cleanup_ctx.append(_limiter_store)
     app.cleanup_ctx.append(_cache_store)
+    app.cleanup_ctx.append(_streams)
     app.cleanup_ctx.append(_upstreams)
     app.on_cleanup.append(_flush_access_log)
     if runtime.tracer.on:
@@ -115,6 +118,23 @@ async def _cache_store(app: web.Application) -> AsyncIterator[None]:
     async with opened(rule, runtime.metrics.cache) as store:
         runtime.cache.store = store
         yield
+
+
+async def _streams(app: web.Application) -> AsyncIterator[None]:
+    """Resumable streams: mirrored to Redis Streams with the Redis state backend (its own pool), so a
+    resume that reaches another replica reads them; closed after the upstreams."""
+    runtime = app[STATE]
+    rule = runtime.plans.current.state
+    if rule.backend == "redis" and rule.url is not None:
+        from proxy.admission.redis.client import connect  # only replicas sharing state pay for the import
+        from proxy.streaming.resume.redis_events import RedisEvents
+
+        client, _ = connect(rule)
+        runtime.streams.shared = RedisEvents(client, rule.key_prefix)
+    try:
+        yield
+    finally:
+        await runtime.streams.close()
 
 
 async def _upstreams(app: web.Application) -> AsyncIterator[None]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from proxy.policy.compile import compile_plan
 from proxy.policy.load import PolicyError, load_policy
-from proxy.policy.units import parse_duration
+from proxy.policy.units import parse_duration, parse_size
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +34,14 @@ def main(argv: list[str] | None = None) -> int:
         "--reload-interval", type=parse_duration, default=2.0, help="how often to check the policies for changes"
     )
     _client_timeout_flags(serve)
+    serve.add_argument(
+        "--resume-max-bytes", type=parse_size, default=256 * 1024 * 1024,
+        help="bytes of events held for resumable streams across the process (default 256MiB)",
+    )
+    serve.add_argument(
+        "--resume-max-detached", type=int, default=1000,
+        help="resumable generations that may run on without their client at once (default 1000)",
+    )
 
     validate = commands.add_parser("validate", help="check a policy set and exit")
     validate.add_argument("path")
@@ -156,6 +164,7 @@ def _serve(args: argparse.Namespace) -> int:
     from proxy.policy.reload import Reloader
     from proxy.runtime import STATE, ClientTimeouts, Settings
     from proxy.telemetry.tracing import TracingConfigError
+    from proxy.streaming.relay import StreamSettings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if args.admin_no_auth:
@@ -186,6 +195,7 @@ def _serve(args: argparse.Namespace) -> int:
             header=args.header_timeout, body_idle=args.body_idle_timeout, body=args.body_timeout,
             keepalive=args.keepalive_timeout,
         ),
+        stream=StreamSettings(resume_max_bytes=args.resume_max_bytes, resume_max_detached=args.resume_max_detached),
     )
     try:
         app = build_app(plan, settings)

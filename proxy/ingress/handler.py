@@ -34,6 +34,7 @@ from proxy.ingress.models import list_models
 from proxy.ingress.read import read_body
 from proxy.runtime import STATE, Runtime
 from proxy.streaming import relay
+from proxy.streaming.resume import entry as resume
 from proxy.tasks import Deadline
 from proxy.telemetry.outcome import judge
 from proxy.upstream import dispatch
@@ -110,6 +111,8 @@ async def handle(request: web.Request, call: Call, state: Runtime) -> web.Stream
             param="path",
         )
     call.tenant = identify(request, plan)
+    if plan.resumable and (read := await resume.intercept(request, call, state.stream_settings)) is not None:
+        return read  # a resume of a stream already running (or its Responses API endpoints)
     await read_body(request, call, plan.max_body_size, state.settings.client_timeouts)
     call.route = resolve(call, plan)
     if call.route.cache is not None:  # looked up after identification, before limits and queue (proxy/cache)
