@@ -163,8 +163,8 @@ def _serve(args: argparse.Namespace) -> int:
     from proxy.app import build_app, serve
     from proxy.policy.reload import Reloader
     from proxy.runtime import STATE, ClientTimeouts, Settings
-    from proxy.telemetry.tracing import TracingConfigError
     from proxy.streaming.relay import StreamSettings
+    from proxy.telemetry.tracing import TracingConfigError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if args.admin_no_auth:
