@@ -1,5 +1,6 @@
 """Stream benchmark: 1,000 concurrent SSE streams through the proxy (pass-through, OpenAI<-Anthropic
-translated, and resumable: events kept in memory, and in Redis Streams when redis-server is installed)
+translated, the unified event stream over SSE, and resumable: events kept in memory, and in Redis Streams
+when redis-server is installed)
 against bench/floor.py and the upstream direct, all on loopback with pinned CPUs, in one run against the
 same upstream. Each kind of relay is a target (`Case`, built in `relay_cases`): a new kind of stream is one
 more target there, with its proxy process in `proxy_processes`.
@@ -57,6 +58,10 @@ REPO = BENCH.parent
 API_KEY = "sk-bench"
 CHAT = "/v1/chat/completions"
 MESSAGES = "/v1/messages"
+UNIFIED = "/signalbox/v1/stream"
+"""The unified event stream (docs/apps/unified-stream.md): the same chat request, wrapped, answered as
+unified events (text_delta ..., usage, stream_complete), one SSE block each like the relay's chunks.
+Its WebSocket form is measured by bench/stream_unified.py."""
 PROMPT = [{"role": "user", "content": "Count."}]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -99,6 +104,8 @@ async def _one(session: aiohttp.ClientSession, url: str, body: bytes, wave: Wave
 async def client_wave(url: str, model: str, streams: int, ramp_s: float) -> Wave:
     """Open `streams` streams spread over `ramp_s` seconds; read each to the end."""
     payload: dict[str, Any] = {"model": model, "messages": PROMPT, "stream": True, "max_tokens": 64}
+    if url.endswith(UNIFIED):
+        payload = {"path": CHAT, "body": payload}
     body = json.dumps(payload).encode()
     wave = Wave()
 
@@ -498,9 +505,10 @@ def proxy_processes(
     stack: ExitStack, tmp: Path, args: argparse.Namespace, mock_port: int, redis_url: str | None
 ) -> dict[str, Server]:
     """One `signalbox serve` per relay kind, so each memory reading starts fresh: `pass` and `tr` (plain
-    relay), `resume` (resumable, events in memory), `resume-redis` (resumable, events in Redis Streams too)."""
+    relay), `unified` (the unified event stream over SSE), `resume` (resumable, events in memory),
+    `resume-redis` (resumable, events in Redis Streams too)."""
     plain = write_policy(tmp, mock_port)
-    policies = {"pass": plain, "tr": plain, "resume": plain}
+    policies = {"pass": plain, "tr": plain, "unified": plain, "resume": plain}
     if redis_url is not None:
         policies["resume-redis"] = write_policy(tmp, mock_port, redis_url)
     proxies = {}
@@ -522,6 +530,7 @@ def relay_cases(direct: Server, floor: Server, proxies: dict[str, Server]) -> li
         Case("floor", floor, CHAT, "bench-gpt"),
         Case("proxy-pass", proxies["pass"], CHAT, "bench-gpt"),
         Case("proxy-translated", proxies["tr"], CHAT, "bench-claude"),
+        Case("unified-sse", proxies["unified"], UNIFIED, "bench-gpt"),
         Case("resumable-memory", proxies["resume"], CHAT, "bench-gpt-resume"),
     ]
     if "resume-redis" in proxies:
