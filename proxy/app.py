@@ -54,6 +54,7 @@ def build_app(plan: Plan, settings: Settings | None = None) -> web.Application:
     app.router.add_get("/v1/models/{model:.+}", ingress.models_handler)
     app.router.add_post(UNIFIED_PATH, unified_sse.sse_handler)
     app.router.add_get(UNIFIED_PATH, unified_socket.socket_handler)
+    app.router.add_delete(UNIFIED_PATH, unified_sse.cancel_handler)
     frontend.add_routes(app, settings.demo)  # the browser module, and the demo page with `serve --demo`
     app.router.add_get("/v1/realtime", realtime.realtime_handler)  # before /v1/* takes every other path
     app.router.add_route("*", "/v1/{tail:.*}", ingress.proxy_handler)

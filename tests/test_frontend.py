@@ -157,11 +157,16 @@ async def test_the_page_streams_the_whole_text_one_update_per_frame(
     assert [line["outcome"] for line in proxy.access_lines()] == ["ok"]
 
 
+RESUMABLE = {"resumable": {"buffer": "1MiB", "ttl": "30s"}}
+
+
+@pytest.mark.parametrize("resumable", [False, True], ids=["plain", "resumable"])
 @pytest.mark.parametrize("transport", ["sse", "ws"])
 async def test_cancel_stops_the_upstream_and_frees_the_slot(
-    start_proxy: StartProxy, mock: Mock, transport: str
+    start_proxy: StartProxy, mock: Mock, transport: str, resumable: bool
 ) -> None:
-    proxy = await start(start_proxy, mock)
+    """On a resumable route the generation would go on without its client: Cancel stops it all the same."""
+    proxy = await start(start_proxy, mock, **({"stream": RESUMABLE} if resumable else {}))
     full = await mock.text(PROMPT, output_tokens="200")
     async with chromium() as page:
         await open_demo(page, proxy, transport, tokens="200", delay="100")
@@ -176,6 +181,39 @@ async def test_cancel_stops_the_upstream_and_frees_the_slot(
     await until(lambda: _idle(proxy))  # and the slot is back
     await until(lambda: proxy.state.in_flight == 0)
     assert [line["outcome"] for line in proxy.access_lines()] == ["cancelled"]
+
+
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+async def test_a_dropped_connection_resumes_with_the_whole_text_and_nothing_twice(
+    start_proxy: StartProxy, mock: Mock, transport: str
+) -> None:
+    proxy = await start(start_proxy, mock, stream=RESUMABLE)
+    full = await mock.text(PROMPT, output_tokens="60")
+    async with chromium() as page:
+        await open_demo(page, proxy, transport, tokens="60", delay="40")
+        await page.click("#send")
+        await page.wait_for("return document.getElementById('answer').textContent.length > 0")
+        await page.click("#drop")
+        result = await finished(page)
+        log = await page.run("return [...document.querySelectorAll('#log li')].map((li) => li.textContent)")
+    assert result["finishReason"] == "stop" and result["status"] == "done", result
+    assert result["resumes"] >= 1 and result["reconnects"] >= 1
+    assert any(line.startswith("connection dropped: resuming after event") for line in log)
+    assert result["text"] == full and result["answer"] == full
+    # Every seq exactly once: the proxy sent exactly the events after the last one the page had.
+    assert result["repeated"] == 0
+    assert result["textEvents"] == 60 and result["events"] == 62  # + usage + stream_complete
+    assert mock.disconnects == 0  # the generation went on while the page was away
+    await until(lambda: proxy.state.in_flight == 0)
+    assert await active(proxy) == 0
+    lines = {line["path"]: line for line in proxy.access_lines()}
+    # The request (logged when its generation ended), and over SSE its resume as a request of its own.
+    assert sorted(lines) == (["/signalbox/v1/stream", "/v1/chat/completions"] if transport == "sse"
+                             else ["/v1/chat/completions"]), lines
+    # The client it started with left: 499 as any abandoned resumable stream (docs/apps/resumable-streams.md).
+    assert lines["/v1/chat/completions"]["status"] == 499
+    if transport == "sse":
+        assert lines["/signalbox/v1/stream"]["status"] == 200 and lines["/signalbox/v1/stream"]["outcome"] == "ok"
 
 
 async def _idle(proxy: Proxy) -> bool:

@@ -51,6 +51,8 @@
  * @property {StreamErrorBody|null} error
  * @property {number} events          events received (each seq once)
  * @property {number} textEvents      text_delta events among them (onText ran once per frame, not per delta)
+ * @property {number} repeated        events that came again (a seq already seen) and were dropped: 0 from a
+ *           proxy that resumes exactly after the last seq
  * @property {number} resumes         connections resumed after a drop
  * @property {string|null} streamId   the stream's id when the route keeps its streams for a resume
  */
@@ -222,7 +224,7 @@ export class Stream {
     this.requestId = "r" + Math.random().toString(36).slice(2, 10);
     /** @type {StreamResult} */
     this.result = { text: "", finishReason: "", usage: null, toolCalls: [], error: null, events: 0, textEvents: 0,
-                    resumes: 0, streamId: null };
+                    repeated: 0, resumes: 0, streamId: null };
     if (options.signal) {
       if (options.signal.aborted) this.cancel();
       else options.signal.addEventListener("abort", () => this.cancel(), { once: true });
@@ -234,13 +236,22 @@ export class Stream {
   /** The text received so far (also between two frames). */
   get text() { return this.batcher.text; }
 
-  /** Stop the request: the proxy closes its upstream and frees its slot. Safe to call more than once. */
+  /**
+   * Stop the request: the proxy closes its upstream and frees its slot. Safe to call more than once. Over a
+   * WebSocket: the `cancel` message. Over SSE: the fetch is aborted, and a resumable stream (which would go on
+   * without its client) is stopped with DELETE.
+   */
   cancel() {
     if (this.cancelled.signal.aborted) return;
     this.cancelled.abort();
     const ws = this.socket;
     if (ws && ws.readyState === WebSocket.OPEN) {
       ws.send(JSON.stringify({ type: "cancel", id: this.requestId }));
+    } else if (this.streamId !== null) {
+      /** @type {Record<string, string>} */
+      const headers = { [STREAM_ID_HEADER]: this.streamId };
+      if (this.options.key) headers.Authorization = "Bearer " + this.options.key;
+      fetch(this.base + STREAM_PATH, { method: "DELETE", headers, keepalive: true }).catch(() => {});
     }
   }
 
@@ -297,7 +308,11 @@ export class Stream {
    * @param {StreamEvent} event
    */
   take(event) {
-    if (typeof event.seq !== "number" || event.seq <= this.lastSeq) return false;
+    if (typeof event.seq !== "number") return false;
+    if (event.seq <= this.lastSeq) {
+      this.result.repeated += 1;
+      return false;
+    }
     this.lastSeq = event.seq;
     this.progressed = true;
     this.result.events += 1;
