@@ -276,7 +276,9 @@ export class Stream {
       if (this.cancelled.signal.aborted) return this.finish("cancelled", null);
       // The connection dropped before stream_complete: resume from the last seq if the stream can be resumed.
       if (this.streamId === null) {
-        return this.finish("error", lost("the connection dropped and this route does not keep its streams"));
+        return this.finish("error", lost(this.result.events === 0
+          ? "the connection closed before any event (the network, or a WebSocket refused at the upgrade)"
+          : "the connection dropped and this route does not keep its streams for a resume"));
       }
       failures = this.progressed ? 1 : failures + 1;
       if (failures > this.retry.attempts) {
