@@ -4,7 +4,7 @@ Starts bench/fast_upstream.py, the floor and the proxy twice (a `minimal` policy
 `full` one with every kind of limit and a queue, bench/overhead_policies.py) pinned apart with taskset,
 measures them in alternating rounds, and prints throughput, added latency, CPU per request, stream TTFC
 and CPU per relayed event side by side; with --runs N, each run and the median and spread of the ratios.
-Run: .venv/bin/python bench/overhead.py [--duration 10] [--runs 3] [--only floor] [--json]
+Run: .venv/bin/python bench/overhead.py [--duration 10] [--runs 3] [--only floor] [--json] [--tracing]
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
+import overhead_tracing
 from common import (
     cpu_seconds,
     cpu_task_seconds,
@@ -52,6 +53,7 @@ REPO = BENCH.parent
 CHAT_PATH = "/v1/chat/completions"
 PHASES = ("c64", "c1", "streams")
 R = TypeVar("R")
+Env = dict[str, str] | None
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ class Config:
     tmp: Path
     policies: tuple[str, ...]  # one proxy target per policy (overhead_policies.py)
     phases: tuple[str, ...]  # of PHASES
+    tracing: bool = False  # also the `traced` target
 
     @property
     def slice_s(self) -> int:
@@ -170,10 +173,10 @@ def proxy_command(policies: Path, port: int, admin_port: int, extra: tuple[str, 
 
 
 @contextmanager
-def running(name: str, cmd: list[str], cpu: int, port: int, cfg: Config) -> Iterator[Target]:
+def running(name: str, cmd: list[str], cpu: int, port: int, cfg: Config, env: Env = None) -> Iterator[Target]:
     """Run one pinned server for the length of the block; always stop it (by PID) afterwards."""
     log = cfg.tmp / f"{name}.log"
-    proc = start_pinned(cmd, cpu, log, cwd=REPO)
+    proc = start_pinned(cmd, cpu, log, env=env, cwd=REPO)
     url = f"http://127.0.0.1:{port}{CHAT_PATH}"
     try:
         try:
@@ -298,7 +301,15 @@ def run(cfg: Config, only: str, warnings: list[str]) -> dict[str, Metrics]:
             cmd = proxy_command(write_policy(cfg.tmp / f"policies-{policy}", up_port, policy), port, free_port(),
                                 cfg.proxy_args)
             targets.append(stack.enter_context(running(policy, cmd, cfg.proxy_cpu, port, cfg)))
-        bench.pids = [t.pid for t in (upstream, *targets) if t.pid]
+        helpers = [upstream]
+        if cfg.tracing and only in ("proxy", "both"):  # `minimal` again, tracing on, spans to a discarding collector
+            col, port = free_port(), free_port()
+            helpers.append(stack.enter_context(running("collector", overhead_tracing.collector_command(col),
+                                                       cfg.load_cpu, col, cfg)))
+            cmd = proxy_command(write_policy(cfg.tmp / "traced", up_port), port, free_port(), cfg.proxy_args)
+            targets.append(stack.enter_context(running("traced", cmd, cfg.proxy_cpu, port, cfg,
+                                                       overhead_tracing.traced_env(col))))
+        bench.pids = [t.pid for t in (*helpers, *targets) if t.pid]
         phases = (("c64", "c64 throughput", throughput), ("c1", "c1 latency", latency),
                   ("streams", "streams", streaming))
         for key, phase, measure in phases:
@@ -334,6 +345,7 @@ def main() -> None:
                         help="the proxy's policy: minimal (no limits), full (every limit and a queue), or both")
     parser.add_argument("--phase", action="append", choices=PHASES,
                         help="measure only this phase (repeatable; default: all three)")
+    parser.add_argument("--tracing", action="store_true", help="add `traced`: minimal with OpenTelemetry on")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     parser.add_argument("--proxy-cpu", type=int, default=0, help="CPU for the proxy and the floor")
     parser.add_argument("--load-cpu", type=int, default=1, help="CPU for wrk, upstream, stream client")
@@ -360,7 +372,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="signalbox-bench-") as tmp:
         cfg = Config(args.duration, max(args.rounds, 1), args.warmup, args.proxy_cpu, args.load_cpu,
                      args.streams, args.events, args.interval_ms, tuple(args.proxy_arg), args.max_noise,
-                     args.retries, revision(), Path(tmp), policies, phases)
+                     args.retries, revision(), Path(tmp), policies, phases, args.tracing)
         for i in range(max(args.runs, 1)):
             warnings: list[str] = []
             run_cfg = replace(cfg, tmp=cfg.tmp / f"run{i + 1}")

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 Metrics = dict[str, float]
-PROXIES = ("minimal", "full")
+PROXIES = ("minimal", "full", "traced")
 """The proxy's targets, one per policy (bench/overhead_policies.py); each is compared with the floor."""
 
 # (key, label, decimals, take the ratio target ÷ floor)
@@ -139,6 +139,7 @@ SUMMARY_ROWS: list[tuple[str, str, str, str, int]] = [
     ("  minimal ÷ floor", "minimal", "cpu_us_per_req", "floor", 2),
     ("  full ÷ floor", "full", "cpu_us_per_req", "floor", 2),
     ("  full ÷ minimal", "full", "cpu_us_per_req", "minimal", 2),
+    ("  traced ÷ minimal (tracing on)", "traced", "cpu_us_per_req", "minimal", 2),
     ("CPU µs per event, floor", "floor", "cpu_us_per_event", "", 1),
     ("CPU µs per event, minimal", "minimal", "cpu_us_per_event", "", 1),
     ("CPU µs per event, full", "full", "cpu_us_per_event", "", 1),

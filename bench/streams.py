@@ -1,5 +1,8 @@
-"""Stream benchmark: 1,000 concurrent SSE streams through the proxy (pass-through, and OpenAI<-Anthropic
-translated) against bench/floor.py and the upstream direct, all on loopback with pinned CPUs.
+"""Stream benchmark: 1,000 concurrent SSE streams through the proxy (pass-through, OpenAI<-Anthropic
+translated, and resumable: events kept in memory, and in Redis Streams when redis-server is installed)
+against bench/floor.py and the upstream direct, all on loopback with pinned CPUs, in one run against the
+same upstream. Each kind of relay is a target (`Case`, built in `relay_cases`): a new kind of stream is one
+more target there, with its proxy process in `proxy_processes`.
 
 The upstream is `signalbox mock` in its own process: 50 events 20 ms apart per stream, after a
 --hold-ms wait for the first token so that a whole wave is open at once. The floor and the proxies run
@@ -11,7 +14,7 @@ on --proxy-cpu; the mock and the load client on --load-cpu. Two phases:
 At 1,000 streams x 50 events/s the mock and the client saturate their one CPU, so scale-phase TTFT
 measures the load side more than the target; the latency phase is the one to read TTFT from.
 Every measured wave but a target's first big one follows an unmeasured wave of the same size (warm pools).
-Run: .venv/bin/python bench/streams.py [--waves 2] [--latency-waves 4] [--profile scale|latency] [--json]
+Run: .venv/bin/python bench/streams.py [--waves 2] [--latency-waves 4] [--profile scale|latency] [--no-redis] [--json]
 (about 5 minutes; needs Linux, 2+ CPUs and taskset)
 """
 
@@ -22,6 +25,7 @@ import asyncio
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -123,13 +127,20 @@ def signalbox() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "proxy"]
 
 
-def write_policy(directory: Path, mock_port: int) -> Path:
-    """Two routes to the one mock: `bench-gpt` as an OpenAI upstream (pass-through) and `bench-claude` as an
-    Anthropic one (the client's chat request is translated to /v1/messages and the stream back)."""
-    path = directory / "streams.yaml"
+RESUMABLE = "{resumable: {buffer: 1MiB, ttl: 60s}}"
+"""The resumable route's stream option: every event stamped with an id and kept for a resume."""
+
+
+def write_policy(directory: Path, mock_port: int, redis_url: str | None = None) -> Path:
+    """Three routes to the one mock: `bench-gpt` as an OpenAI upstream (pass-through), `bench-claude` as an
+    Anthropic one (the client's chat request is translated to /v1/messages and the stream back), and
+    `bench-gpt-resume`, the pass-through with resumable streams. With `redis_url`, the Redis state backend:
+    the resumable route's events also go to Redis Streams."""
+    path = directory / ("streams-redis.yaml" if redis_url else "streams.yaml")
     directory.mkdir(parents=True, exist_ok=True)
+    state = f'state: {{backend: redis, url: "{redis_url}", key_prefix: bench-streams}}\n' if redis_url else ""
     path.write_text(f"""\
-upstreams:  # keep-alive as long as the floor's (30 s), so neither reconnects between waves
+{state}upstreams:  # keep-alive as long as the floor's (30 s), so neither reconnects between waves
   oai: {{provider: openai, base_url: "http://127.0.0.1:{mock_port}/v1", api_key: unused,
         pool: {{keepalive: 30s}}}}
   claude: {{provider: anthropic, base_url: "http://127.0.0.1:{mock_port}/v1", api_key: unused,
@@ -139,8 +150,27 @@ tenants:
 routes:
   - {{name: gpt, match: {{model: bench-gpt}}, upstream: oai}}
   - {{name: claude, match: {{model: bench-claude}}, upstream: claude}}
+  - {{name: resume, match: {{model: bench-gpt-resume}}, upstream: oai, stream: {RESUMABLE}}}
 """)
     return path
+
+
+@contextmanager
+def redis_running(tmp: Path, cpu: int) -> Iterator[Server | None]:
+    """A throwaway redis-server (no persistence) on the load CPU, stopped by PID; None when not installed."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        yield None
+        return
+    port = free_port()
+    cmd = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+           "--dir", str(tmp)]
+    proc = start_pinned(cmd, cpu, tmp / "redis.log")
+    try:
+        wait_port(port, proc)
+        yield Server("redis", f"redis://127.0.0.1:{port}/0", proc.pid)
+    finally:
+        stop(proc)
 
 
 @dataclass
@@ -464,6 +494,41 @@ def summarise_profile(path: Path, top: int = 22) -> None:
         print(f"    {100 * n / total:5.1f}%  {name}")
 
 
+def proxy_processes(
+    stack: ExitStack, tmp: Path, args: argparse.Namespace, mock_port: int, redis_url: str | None
+) -> dict[str, Server]:
+    """One `signalbox serve` per relay kind, so each memory reading starts fresh: `pass` and `tr` (plain
+    relay), `resume` (resumable, events in memory), `resume-redis` (resumable, events in Redis Streams too)."""
+    plain = write_policy(tmp, mock_port)
+    policies = {"pass": plain, "tr": plain, "resume": plain}
+    if redis_url is not None:
+        policies["resume-redis"] = write_policy(tmp, mock_port, redis_url)
+    proxies = {}
+    for name, policy in policies.items():
+        port = free_port()
+        cmd = [*signalbox(), "serve", "--policies", str(policy), "--port", str(port),
+               "--admin-port", str(free_port()), "--shutdown-grace", "0", "--no-access-log"]
+        proxies[name] = stack.enter_context(running("proxy-" + name, cmd, args.proxy_cpu, port, tmp))
+    return proxies
+
+
+def relay_cases(direct: Server, floor: Server, proxies: dict[str, Server]) -> list[Case]:
+    """Every target of one run, all against the same upstream. The plain relay, pass-through and translated,
+    is what the others are read against; another kind of stream (another endpoint or event model) is one
+    more Case here, with its process in `proxy_processes`."""
+    cases = [
+        Case("direct-chat", direct, CHAT, "bench-gpt", relays=False),
+        Case("direct-messages", direct, MESSAGES, "bench-claude", relays=False),
+        Case("floor", floor, CHAT, "bench-gpt"),
+        Case("proxy-pass", proxies["pass"], CHAT, "bench-gpt"),
+        Case("proxy-translated", proxies["tr"], CHAT, "bench-claude"),
+        Case("resumable-memory", proxies["resume"], CHAT, "bench-gpt-resume"),
+    ]
+    if "resume-redis" in proxies:
+        cases.append(Case("resumable-redis", proxies["resume-redis"], CHAT, "bench-gpt-resume"))
+    return cases
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--streams", type=int, default=1000, help="streams per wave in the scale phase")
@@ -486,6 +551,7 @@ def main() -> None:
         choices=("scale", "latency"),
         help="py-spy the floor and proxies: their first wave of that phase (py-spy: pip install py-spy)",
     )
+    parser.add_argument("--no-redis", action="store_true", help="leave out the resumable relay on Redis")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
@@ -495,7 +561,7 @@ def main() -> None:
         wave = uvloop.run(client_wave(args.url, args.model, args.streams, args.ramp))
         sys.stdout.write("BENCH_JSON " + json.dumps(asdict(wave)) + "\n")
         return
-    ports = {name: free_port() for name in ("mock", "floor", "pass", "pass-admin", "tr", "tr-admin")}
+    ports = {name: free_port() for name in ("mock", "floor")}
     with tempfile.TemporaryDirectory(prefix="signalbox-streams-") as tmpdir, ExitStack() as stack:
         tmp = Path(tmpdir)
         mock_cmd = [
@@ -520,34 +586,11 @@ def main() -> None:
             mock.url,
         ]
         floor = stack.enter_context(running("floor", floor_cmd, args.proxy_cpu, ports["floor"], tmp))
-        policy = write_policy(tmp, ports["mock"])
-        proxies = {}
-        for name in ("pass", "tr"):  # one process each, so each memory reading starts fresh
-            cmd = [
-                *signalbox(),
-                "serve",
-                "--policies",
-                str(policy),
-                "--port",
-                str(ports[name]),
-                "--admin-port",
-                str(ports[name + "-admin"]),
-                "--shutdown-grace",
-                "0",
-                "--no-access-log",
-            ]
-            proxies[name] = stack.enter_context(
-                running("proxy-" + name, cmd, args.proxy_cpu, ports[name], tmp)
-            )
-        ours = [p for p in (mock.pid, floor.pid, *(x.pid for x in proxies.values())) if p is not None]
-        direct = Server("direct", mock.url, None)
-        cases = [
-            Case("direct-chat", direct, CHAT, "bench-gpt", relays=False),
-            Case("direct-messages", direct, MESSAGES, "bench-claude", relays=False),
-            Case("floor", floor, CHAT, "bench-gpt"),
-            Case("proxy-pass", proxies["pass"], CHAT, "bench-gpt"),
-            Case("proxy-translated", proxies["tr"], CHAT, "bench-claude"),
-        ]
+        redis = None if args.no_redis else stack.enter_context(redis_running(tmp, args.load_cpu))
+        proxies = proxy_processes(stack, tmp, args, ports["mock"], redis.url if redis is not None else None)
+        helpers = (mock.pid, floor.pid, redis.pid if redis is not None else None)
+        ours = [p for p in (*helpers, *(x.pid for x in proxies.values())) if p is not None]
+        cases = relay_cases(Server("direct", mock.url, None), floor, proxies)
         for case in cases:  # imports, pools and caches in place before the baseline RSS
             run_wave(case, 20, 0.1, args, tmp, mock.url, Result("warmup"), ours)
         profiles: dict[str, Path] = {}
@@ -615,7 +658,8 @@ def main() -> None:
             f"ttft includes the mock's {args.hold_ms:g} ms hold; added = target - direct to the same "
             "upstream "
             "endpoint (ms).\ncpu = the target process's utime+stime / events the client received; KiB/strm = "
-            "(peak RSS - RSS before the first big wave) / peak open streams (the mock's max in flight)."
+            "(peak RSS - RSS before the first big wave) / peak open streams (the mock's max in flight).\n"
+            "resumable-redis: the proxy's CPU only (redis-server runs on the load CPU; its own work is not counted)."
         )
         for name, path in profiles.items():
             print(f"\nprofile of {name} (first {args.profile} wave):")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator
 
@@ -31,7 +32,9 @@ from proxy.ingress.unified import sse as unified_sse
 from proxy.ops import health
 from proxy.policy.plan import Plan
 from proxy.runtime import STATE, PlanRef, Runtime, Settings
+from proxy.streaming.resume.hub import HUB
 from proxy.tasks import spawn
+from proxy.telemetry import tracing
 
 log = logging.getLogger("signalbox")
 # aiohttp's own cap; the policy's max_body_size (checked by ingress) is the real, reloadable limit.
@@ -44,6 +47,7 @@ def build_app(plan: Plan, settings: Settings | None = None) -> web.Application:
     settings = settings or Settings()
     runtime = Runtime(plans=PlanRef(plan), settings=settings)
     runtime.access_log.enabled = settings.access_log
+    runtime.tracer = tracing.from_env(os.environ)  # off (and the SDK never imported) by default
     app = web.Application(client_max_size=_HARD_BODY_CAP)
     app[STATE] = runtime
     app[realtime.SESSIONS] = Sessions()
@@ -59,11 +63,19 @@ def build_app(plan: Plan, settings: Settings | None = None) -> web.Application:
     app.router.add_get("/v1/realtime", realtime.realtime_handler)  # before /v1/* takes every other path
     app.router.add_route("*", "/v1/{tail:.*}", ingress.proxy_handler)
     app.router.add_route("*", "/{tail:.*}", tool.tool_handler)  # tool routes: every other path (last)
+    app[HUB] = runtime.streams
     app.cleanup_ctx.append(_limiter_store)
     app.cleanup_ctx.append(_cache_store)
+    app.cleanup_ctx.append(_streams)
     app.cleanup_ctx.append(_upstreams)
     app.on_cleanup.append(_flush_access_log)
+    if runtime.tracer.on:
+        app.on_cleanup.append(_stop_tracing)
     return app
+
+
+async def _stop_tracing(app: web.Application) -> None:
+    await app[STATE].tracer.shutdown()  # the spans still queued are exported
 
 
 async def _flush_access_log(app: web.Application) -> None:
@@ -109,6 +121,23 @@ async def _cache_store(app: web.Application) -> AsyncIterator[None]:
     async with opened(rule, runtime.metrics.cache) as store:
         runtime.cache.store = store
         yield
+
+
+async def _streams(app: web.Application) -> AsyncIterator[None]:
+    """Resumable streams: mirrored to Redis Streams with the Redis state backend (its own pool), so a
+    resume that reaches another replica reads them; closed after the upstreams."""
+    runtime = app[STATE]
+    rule = runtime.plans.current.state
+    if rule.backend == "redis" and rule.url is not None:
+        from proxy.admission.redis.client import connect  # only replicas sharing state pay for the import
+        from proxy.streaming.resume.redis_events import RedisEvents
+
+        client, _ = connect(rule)
+        runtime.streams.shared = RedisEvents(client, rule.key_prefix)
+    try:
+        yield
+    finally:
+        await runtime.streams.close()
 
 
 async def _upstreams(app: web.Application) -> AsyncIterator[None]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.errors import Protocol, ProxyError
-from proxy.policy.plan import Plan, RouteRule, TenantRule
+from proxy.policy.plan import DeploymentSpec, Plan, RouteRule, TenantRule
 from proxy.providers.exchange import Exchange
 
 
@@ -49,6 +49,28 @@ class WaitingRoom(typing.Protocol):
     async def begin(self, status: Callable[[], str]) -> None: ...
 
     def end(self) -> None: ...
+
+
+class Trace(typing.Protocol):
+    """The request's spans while tracing is on (proxy/telemetry/spans.py). `call.trace` is None when it is
+    off, so each stage's hook costs one `is not None` test."""
+
+    def attempt(self, deployment: DeploymentSpec, url: str, headers: dict[str, str]) -> dict[str, str]:
+        """An attempt is sent: its span starts; returns `headers` with its traceparent (a copy)."""
+        ...
+
+    def relaying(self, whole: bytes | None) -> None:
+        """The answer goes to the client (`whole`: a non-streamed answer's body, read by dispatch)."""
+        ...
+
+    def event(self, name: str | None, data: bytes) -> None:
+        """A stream event the relay parsed (its `event:` name and data), for the answer's model, usage and
+        finish reasons."""
+        ...
+
+    def end(self, call: Call, cls: str | None) -> None:
+        """The request is over (its outcome judged): every span ends. `cls`: its priority class."""
+        ...
 
 
 @dataclass(slots=True)
@@ -101,6 +123,10 @@ class Call:
     """Seconds spent waiting in a queue (x-signalbox-queue-wait-ms)."""
     cache: str | None = None
     """On a route with a cache: hit, miss or bypass (x-signalbox-cache; a hit counts as one request)."""
+    trace: Trace | None = None
+    """The request's spans, when tracing is on (None: off)."""
+    trace_id: str | None = None
+    """For the access log: the request span's trace id (tracing on), else a valid client traceparent's."""
     hold: Hold | None = None
     """The current attempt's place in its upstream's limit, until finished (admission's exit finishes
     the one the relayed response came from)."""

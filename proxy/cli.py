@@ -10,7 +10,7 @@ from pathlib import Path
 
 from proxy.policy.compile import compile_plan
 from proxy.policy.load import PolicyError, load_policy
-from proxy.policy.units import parse_duration
+from proxy.policy.units import parse_duration, parse_size
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +35,14 @@ def main(argv: list[str] | None = None) -> int:
         "--reload-interval", type=parse_duration, default=2.0, help="how often to check the policies for changes"
     )
     _client_timeout_flags(serve)
+    serve.add_argument(
+        "--resume-max-bytes", type=parse_size, default=256 * 1024 * 1024,
+        help="bytes of events held for resumable streams across the process (default 256MiB)",
+    )
+    serve.add_argument(
+        "--resume-max-detached", type=int, default=1000,
+        help="resumable generations that may run on without their client at once (default 1000)",
+    )
 
     validate = commands.add_parser("validate", help="check a policy set and exit")
     validate.add_argument("path")
@@ -156,6 +164,8 @@ def _serve(args: argparse.Namespace) -> int:
     from proxy.app import build_app, serve
     from proxy.policy.reload import Reloader
     from proxy.runtime import STATE, ClientTimeouts, Settings
+    from proxy.streaming.relay import StreamSettings
+    from proxy.telemetry.tracing import TracingConfigError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if args.admin_no_auth:
@@ -187,8 +197,13 @@ def _serve(args: argparse.Namespace) -> int:
             header=args.header_timeout, body_idle=args.body_idle_timeout, body=args.body_timeout,
             keepalive=args.keepalive_timeout,
         ),
+        stream=StreamSettings(resume_max_bytes=args.resume_max_bytes, resume_max_detached=args.resume_max_detached),
     )
-    app = build_app(plan, settings)
+    try:
+        app = build_app(plan, settings)
+    except TracingConfigError as exc:  # the OTEL_* variables ask for what the proxy cannot do
+        print(f"tracing: {exc}", file=sys.stderr)
+        return 2
     runtime = app[STATE]
     runtime.reloader = Reloader(Path(args.policies), loaded, runtime.plans.swap)
     _tune_gc()

@@ -19,9 +19,11 @@ from proxy.policy.plan import Plan
 from proxy.policy.redact import SecretsRef, redact_logs
 from proxy.policy.reload import Reloader
 from proxy.streaming.relay import StreamSettings
+from proxy.streaming.resume.hub import Hub
 from proxy.tasks import Deadlines
 from proxy.telemetry.logging import AccessLog
 from proxy.telemetry.metrics import Metrics
+from proxy.telemetry.tracing import OFF, Tracer
 from proxy.upstream.client import UpstreamClients
 from proxy.upstream.registry import Registry
 
@@ -103,6 +105,8 @@ class Runtime:
     """Set when the policy came from files (the CLI); tests may build apps from a plan alone."""
     deadlines: Deadlines = field(default_factory=Deadlines)
     """Requests' total-time guards, sharing timers (see proxy.tasks.Deadlines)."""
+    tracer: Tracer = OFF
+    """Spans and trace propagation: `OFF` unless the OTEL_* variables turn tracing on (build_app)."""
 
     admission: Admission = field(init=False)
     """Limits: the limiter store (counters survive reloads) and its metrics."""
@@ -116,6 +120,8 @@ class Runtime:
     """The response cache of routes with `cache:` (proxy/cache/); its store is Redis's once the app opened it."""
     secrets: SecretsRef = field(init=False)
     """What every output is redacted with (responses, logs, metrics, the admin API); see proxy/policy/redact.py."""
+    streams: Hub = field(init=False)
+    """Resumable streams: their buffers, detached generations and process limits (proxy/streaming/resume/)."""
 
     def __post_init__(self) -> None:
         self.admission = Admission(metrics=self.metrics)
@@ -132,6 +138,8 @@ class Runtime:
         # Upstream limits, per attempt, in admission's store; a finished attempt tells the queues.
         self.upstreams.quota = UpstreamQuota(self.admission, self.scheduler.kick)
         self.metrics.before_scrape.append(self.upstreams.refresh_metrics)
+        self.streams = Hub(self.metrics, max_bytes=self.settings.stream.resume_max_bytes,
+                           max_detached=self.settings.stream.resume_max_detached)
         self.secrets = SecretsRef()
         self.secrets.load(self.plans.current.secrets)
         redact_logs(self.secrets)

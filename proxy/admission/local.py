@@ -12,16 +12,19 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
+from proxy.admission.counters import Counters, distinct
 from proxy.admission.limits import WINDOW, KeyState, Refusal, Usage, longer
 from proxy.admission.store import Reservation
 from proxy.policy.plan import Limit
 
 CONCURRENCY_HINT = 1.0
 """Retry-After for a concurrency refusal: nobody knows when a request in flight will finish."""
+_COMPILED = 4096
+"""At most this many compiled tuples (one per limit set and upstream limit of the plans in use)."""
 
 
 class LocalStore:
-    __slots__ = ("_clock", "_length", "_states", "_current")
+    __slots__ = ("_clock", "_length", "_states", "_current", "_compiled", "_generation")
 
     def __init__(self, clock: Callable[[], float] = time.monotonic, window: float = WINDOW) -> None:
         """`window`: the length of a minute (tests shrink it; every unit scales with it)."""
@@ -31,6 +34,11 @@ class LocalStore:
         self._current: Mapping[str, Limit] | None = None
         """The active plan's limits by key, once `reconfigure` was called: from then on a request
         still holding an older plan is counted under the current numbers, never flips them back."""
+        self._compiled: dict[int, Counters] = {}
+        """`Counters` by the id of the tuple (or single limit) they were compiled for (a tuple that names
+        a key twice has none: it is counted key by key)."""
+        self._generation = 0
+        """Bumped whenever a key's windows, caps or numbers change: older `Counters` are compiled again."""
 
     def _state(self, limit: Limit) -> KeyState:
         if self._current is not None:
@@ -40,13 +48,31 @@ class LocalStore:
             state = self._states[limit.key] = KeyState(limit, self._length)
         elif state.limit is not limit:
             state.configure(limit)
+            self._generation += 1
         return state
+
+    def _counters(self, source: Sequence[Limit] | Limit) -> Counters | None:
+        """The compiled counters of `source` (a stable tuple of a plan, or one limit), compiled now if
+        they are missing or out of date."""
+        counters = self._compiled.get(id(source))
+        if counters is not None and counters.source is source and counters.generation == self._generation:
+            return counters
+        limits = (source,) if isinstance(source, Limit) else source
+        states = [self._state(limit) for limit in limits]
+        if not distinct(states):
+            return None
+        if len(self._compiled) >= _COMPILED:
+            self._compiled.clear()
+        counters = self._compiled[id(source)] = Counters(source, tuple(states), self._generation)
+        return counters
 
     async def reconfigure(self, limits: Mapping[str, Limit]) -> None:
         """After a reload: counters whose key survives take the new numbers now (counts kept, so a
         lower limit bites at once and a higher one frees capacity at once); the others are dropped
         (a request still holding one releases into nothing). Never suspends."""
         self._current = dict(limits)
+        self._generation += 1
+        self._compiled.clear()  # the previous plan's tuples: compiled again for the ones still in use
         for key in [k for k in self._states if k not in limits]:
             del self._states[key]
         for key, state in self._states.items():
@@ -71,7 +97,30 @@ class LocalStore:
     # admitted request creates no coroutine for its limits (the in-memory store never suspends anyway).
 
     def acquire_now(self, limits: Sequence[Limit], tokens: int, headroom: float = 0.0) -> Reservation | Refusal:
-        """`try_acquire`, without the coroutine."""
+        """`try_acquire`, without the coroutine. `limits` should be a tuple that lives as long as its plan
+        (a `LimitSet`'s): its counters are compiled once (`acquire_limit_now` for a single limit)."""
+        counters = self._counters(limits) if type(limits) is tuple else None
+        if counters is None:
+            return self._acquire_keys(limits, tokens, headroom)
+        now = self._clock()
+        if not counters.take(now, tokens, 1.0 - headroom):
+            return self._refusal(limits, now, tokens, headroom)
+        return Reservation(counters.limits, math.floor(now / self._length), 1, tokens, counters.concurrent,
+                           False, False, now, counters)
+
+    def acquire_limit_now(self, limit: Limit, tokens: int, headroom: float = 0.0) -> Reservation | Refusal:
+        """`acquire_now((limit,), ...)` for one limit of a plan (an upstream's), compiled once."""
+        counters = self._counters(limit)
+        if counters is None:
+            return self._acquire_keys((limit,), tokens, headroom)
+        now = self._clock()
+        if not counters.take(now, tokens, 1.0 - headroom):
+            return self._refusal(counters.limits, now, tokens, headroom)
+        return Reservation(counters.limits, math.floor(now / self._length), 1, tokens, counters.concurrent,
+                           False, False, now, counters)
+
+    def _acquire_keys(self, limits: Sequence[Limit], tokens: int, headroom: float) -> Reservation | Refusal:
+        """The general path, key by key (a tuple that names a key twice)."""
         now = self._clock()
         keep = 1.0 - headroom
         states = self._states
@@ -114,6 +163,18 @@ class LocalStore:
         if not settle and not release:
             return
         now = self._clock() if settle else 0.0
+        counters = reservation.counters
+        if counters is not None and counters.generation == self._generation:
+            if settle:
+                counters.adjust(now, reservation.at, reservation.tokens, d_requests, d_tokens)
+            if release:
+                counters.release()
+            return
+        self._finish_keys(reservation, now, settle, release, d_requests, d_tokens)
+
+    def _finish_keys(self, reservation: Reservation, now: float, settle: bool, release: bool, d_requests: int,
+                     d_tokens: int) -> None:
+        """`finish_now` key by key, by name: a reservation counted before a reload (or key by key)."""
         states = self._states
         for limit in reservation.limits:
             state = states.get(limit.key)
@@ -129,6 +190,10 @@ class LocalStore:
         if reservation.released or not reservation.concurrent:
             return
         reservation.released = True
+        counters = reservation.counters
+        if counters is not None and counters.generation == self._generation:
+            counters.release()
+            return
         states = self._states
         for limit in reservation.limits:
             state = states.get(limit.key)
@@ -144,6 +209,10 @@ class LocalStore:
         if not d_requests and not d_tokens and not reservation.tokens:
             return
         now = self._clock()
+        counters = reservation.counters
+        if counters is not None and counters.generation == self._generation:
+            counters.adjust(now, reservation.at, reservation.tokens, d_requests, d_tokens)
+            return
         states = self._states
         for limit in reservation.limits:
             state = states.get(limit.key)

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from proxy.admission.limits import Refusal, Usage
 from proxy.policy.plan import Limit
+
+if TYPE_CHECKING:
+    from proxy.admission.counters import Counters
 
 
 @dataclass(slots=True)
@@ -32,6 +35,8 @@ class Reservation:
     at: float = 0.0
     """When it was counted (the store's clock): a refund goes back to the windows, of every unit, that
     this instant fell in."""
+    counters: Counters | None = None
+    """The in-memory store's compiled counters it was counted in (settled there while still current)."""
 
 
 class LimiterStore(Protocol):

@@ -117,3 +117,58 @@ class SlidingWindow:
         elif index == self.index - 1:
             left = self.previous - amount
             self.previous = left if left > 0.0 else 0.0
+
+
+# --- many windows in one call (the local store's hot path: one call per dimension, not per window) ---
+
+
+def take_all(windows: tuple[SlidingWindow, ...], now: float, cost: float, keep: float) -> bool:
+    """`SlidingWindow.take` in every one of `windows`, all or nothing: False (nothing counted) when one
+    refuses. The same arithmetic as `take`, inlined; windows of the same length share one window index."""
+    last = 0.0
+    index = 0
+    for window in windows:
+        length = window.length
+        if length != last:
+            last = length
+            index = math.floor(now / length)
+        if index != window.index:
+            window.roll(now)
+        total = window.current + cost
+        cap = window.limit * keep + _EPS
+        if window.previous + total > cap:  # else it fits even if none of the previous window had slid out
+            elapsed = (now - index * length) / length
+            if window.previous * (1.0 - elapsed) + total > cap:
+                untake(windows, window, cost)
+                return False
+        window.current = total
+    return True
+
+
+def untake(windows: tuple[SlidingWindow, ...], stop: SlidingWindow | None, amount: float) -> None:
+    """Undo what `take_all` just counted in `windows` before `stop` (None: in all of them)."""
+    for window in windows:
+        if window is stop:
+            return
+        window.current -= amount  # in the same window instant: exact (whole numbers)
+
+
+def adjust_all(windows: tuple[SlidingWindow, ...], now: float, at: float, delta: float) -> None:
+    """Charge `delta` now in every one of `windows`, or refund it (negative) to the windows `at` fell in
+    (`add` and `refund`, with one window index per length)."""
+    last = 0.0
+    index = 0
+    if delta < 0:
+        for window in windows:  # `refund(index, -delta)`, inlined
+            if window.length != last:
+                last = window.length
+                index = math.floor(at / last)
+            if index == window.index:
+                left = window.current + delta
+                window.current = left if left > 0.0 else 0.0
+            elif index == window.index - 1:
+                left = window.previous + delta
+                window.previous = left if left > 0.0 else 0.0
+        return
+    for window in windows:
+        window.add(now, delta)

@@ -101,7 +101,7 @@ def acquire_now(store: LocalStore | None, need: Need, closed: dict[str, Refusal]
         if limit.key in closed:
             first = first or closed[limit.key]
             continue
-        held = store.acquire_now((limit,), _upstream_cost(need, limit), need.headroom)
+        held = store.acquire_limit_now(limit, _upstream_cost(need, limit), need.headroom)
         if isinstance(held, Reservation):
             grant.upstream, grant.upstream_limit = held, limit
             return grant

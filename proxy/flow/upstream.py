@@ -108,7 +108,7 @@ class UpstreamQuota:
                 cost = call.token_estimate = tok.estimate(call, default)
         store = self.admission.store
         if isinstance(store, LocalStore):
-            result = store.acquire_now((limit,), cost)
+            result = store.acquire_limit_now(limit, cost)
         else:
             result = await store.try_acquire((limit,), cost)
         if isinstance(result, Reservation):

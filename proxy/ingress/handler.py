@@ -28,11 +28,13 @@ from proxy.errors import (
 )
 from proxy.flow.admit import NOTHING
 from proxy.flow.scheduler import PRIORITY_HEADER
+from proxy.ingress import traced
 from proxy.ingress.identify import has_dot_segment, identify, request_id_of, resolve
 from proxy.ingress.models import list_models
 from proxy.ingress.read import read_body
 from proxy.runtime import STATE, Runtime
 from proxy.streaming import relay
+from proxy.streaming.resume import entry as resume
 from proxy.tasks import Deadline
 from proxy.telemetry.outcome import judge
 from proxy.upstream import dispatch
@@ -67,6 +69,7 @@ async def _served(request: web.Request, stage: Stage, protocol: Protocol) -> web
         protocol=protocol,
         started=time.perf_counter(),
     )
+    call.trace = state.tracer.begin(call, request.headers)  # None when tracing is off
     state.in_flight += 1
     try:
         return await stage(request, call, state)
@@ -94,6 +97,8 @@ async def _served(request: web.Request, stage: Stage, protocol: Protocol) -> web
     finally:
         state.in_flight -= 1
         judge(call)  # the outcome both of them record
+        if call.trace is not None:
+            traced.finish(request, call)
         state.metrics.record(call)
         state.access_log.write(call)
 
@@ -106,6 +111,8 @@ async def handle(request: web.Request, call: Call, state: Runtime) -> web.Stream
             param="path",
         )
     call.tenant = identify(request, plan)
+    if plan.resumable and (read := await resume.intercept(request, call, state.stream_settings)) is not None:
+        return read  # a resume of a stream already running (or its Responses API endpoints)
     await read_body(request, call, plan.max_body_size, state.settings.client_timeouts)
     call.route = resolve(call, plan)
     if call.route.cache is not None:  # looked up after identification, before limits and queue (proxy/cache)
@@ -174,6 +181,8 @@ async def forward(
             headers[CACHE_HEADER] = call.cache
         headers[QUEUE_WAIT_HEADER] = _ms(call.queue_wait)
         answer = relay.Answer(upstream, headers, sent.route.timeouts, deadline, redact, sent.body)
+        if call.trace is not None:
+            call.trace.relaying(sent.body.data if sent.body is not None and sent.body.complete else None)
         return await respond(request, call, answer, state.stream_settings, state.open_streams, guard)
     except (asyncio.CancelledError, TimeoutError) as exc:
         if isinstance(exc, asyncio.CancelledError) and not guard.expired():

@@ -120,6 +120,7 @@ def response_body(plan: TextPlan, gen: Gen, body: Json, done: bool = True) -> Js
     text = body.get("text") if isinstance(body.get("text"), dict) else {"format": {"type": "text"}}
     return {
         "id": f"resp_{gen.rid}", "object": "response", "created_at": gen.created, "status": status,
+        "background": body.get("background") is True,
         "completed_at": gen.created if done and not plan.truncated else None,
         "error": None,
         "incomplete_details": {"reason": "max_output_tokens"} if done and plan.truncated else None,

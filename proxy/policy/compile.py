@@ -21,6 +21,7 @@ from proxy.policy.plan import (
     MockPlan,
     Plan,
     QueueSpec,
+    ResumableSpec,
     RouteRule,
     StateRule,
     StreamSpec,
@@ -38,6 +39,7 @@ from proxy.policy.schema import (
     Policy,
     Route,
     State,
+    StreamOptions,
     Timeouts,
     Upstream,
 )
@@ -80,6 +82,7 @@ def compile_plan(loaded: LoadedPolicy) -> Plan:
         tools=tuple(r for r in routes if r.tool_prefix is not None),
         stream_socket=policy.stream_socket,
         realtime=policy.realtime,
+        resumable=any(r.stream is not None and r.stream.resumable is not None for r in routes),
     )
 
 
@@ -163,7 +166,7 @@ def _route(index: int, route: Route, policy: Policy, split: batch_limits.SplitLi
         model_rewrite=route.model,
         timeouts=inherit_timeouts(route.timeouts, upstream.timeouts, policy.timeouts),
         advertised=tuple(m for m in models if not any(c in m for c in "*?[")),
-        stream=StreamSpec(route.stream.heartbeat, route.stream.slow_client) if route.stream else None,
+        stream=_stream(route.stream),
         batch=_batch(route.batch, split),
         split=split,
         deployments=resilience.deployments(
@@ -183,6 +186,14 @@ def _pool(route: Route) -> list[tuple[str, str | None]]:
     if route.deployments is None:
         return [(route.upstream, route.model)]
     return [(d.upstream, d.model) for d in route.deployments]
+
+
+def _stream(stream: StreamOptions | None) -> StreamSpec | None:
+    if stream is None:
+        return None
+    resumable = stream.resumable
+    spec = ResumableSpec(resumable.buffer, resumable.ttl) if resumable is not None else None
+    return StreamSpec(stream.heartbeat, stream.slow_client, spec)
 
 
 def _batch(batch: Batch | None, split: batch_limits.SplitLimits | None) -> BatchRule | None:

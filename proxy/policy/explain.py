@@ -196,6 +196,9 @@ def stream_section(ctx: Context) -> dict[str, Any]:
         else:
             default = ctx.stream_defaults.get(name)
             out[name] = value_of(format_duration(default) if default is not None else None, "process setting")
+    resumable = spec.resumable if spec is not None else None
+    if resumable is not None:  # shown only when set: a route's streams are not resumable by default
+        out["resumable"] = value_of(f"buffer {resumable.buffer} bytes, ttl {format_duration(resumable.ttl)}", "route")
     return out
 
 

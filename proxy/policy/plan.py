@@ -39,11 +39,21 @@ class TimeoutSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class ResumableSpec:
+    """A route's resumable streams (proxy/streaming/resume/): bytes kept per stream, seconds a stream
+    waits for its reader."""
+
+    buffer: int = 4 * 1024 * 1024
+    ttl: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
 class StreamSpec:
     """A route's stream relay overrides; None keeps the process setting."""
 
     heartbeat: float | None = None
     slow_client: float | None = None
+    resumable: ResumableSpec | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,6 +362,8 @@ class Plan:
     """The unified stream's WebSocket bounds (frozen policy values, read per socket)."""
     realtime: Realtime = field(default_factory=Realtime)
     """The Realtime pass-through's limits (frozen policy values, read per session)."""
+    resumable: bool = False
+    """Some route has resumable streams: ingress then looks for resume requests (the one check it costs)."""
 
     def tenant_for_key(self, key: str) -> TenantRule | None:
         name = self.key_index.get(key_digest(key))

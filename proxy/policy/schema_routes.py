@@ -37,6 +37,20 @@ class Match(Strict):
     """Only these tenants; unset: all."""
 
 
+class Resumable(Strict):
+    """Keep this route's streams resumable (docs/apps/resumable-streams.md): every relayed event gets an
+    SSE `id:`, the response names its stream in `x-signalbox-stream-id`, a client that drops its connection
+    may come back with `Last-Event-ID`, and the generation goes on without it meanwhile (bounded by
+    `timeouts.total`, `buffer` and `ttl`)."""
+
+    buffer: ByteSize = Field(default=4 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)
+    """Bytes of events kept per stream for a resume. Past it the oldest events are dropped; a resume from
+    a dropped id is refused (the newest events are always kept)."""
+    ttl: Duration = Field(default=300.0, gt=0, le=86400)
+    """How long a stream waits for its client to come back: a generation nobody reads for this long is
+    stopped, and an ended stream's events stay resumable this long after its end."""
+
+
 class StreamOptions(Strict):
     """How the relay treats this route's streams; unset fields keep the process settings."""
 
@@ -44,6 +58,8 @@ class StreamOptions(Strict):
     """Write a `: ping` comment after this much downstream silence (0 turns heartbeats off)."""
     slow_client: Duration | None = None
     """End a stream whose client has not taken a write for this long."""
+    resumable: Resumable | None = None
+    """Make streams on this route resumable after a dropped connection (unset: not resumable)."""
 
     @field_validator("slow_client")
     @classmethod

@@ -41,7 +41,8 @@ class Framer:
         self.translator = translator
         self.limit = limit
         """Largest partial event held while waiting for its end (settings.max_event_buffer)."""
-        self.plain = translator is None and not call.want_usage  # pass-through: no event needs parsing
+        # pass-through: no event needs parsing (a traced call's are read for its model, usage, finish reasons)
+        self.plain = translator is None and not call.want_usage and call.trace is None
         self.done = False
         self.progressed = False
         self.failure: ProxyError | None = None
@@ -78,6 +79,8 @@ class Framer:
             if event.is_comment_only:
                 continue  # upstream keep-alives are not progress; our own heartbeats cover silence
             self.progressed = True  # even when the translator drops it (a model still thinking is not silent)
+            if call.trace is not None:
+                call.trace.event(event.event, event.data_bytes())
             if call.want_usage and has_usage(event.raw) and note_usage(call, event.data_bytes()):
                 if call.strip_usage:
                     continue  # the usage chunk the proxy asked for and the client did not

@@ -35,6 +35,8 @@ from proxy.streaming.failure import finish_with_error
 from proxy.streaming.pump import pump
 from proxy.streaming.queued import QueuedStream
 from proxy.streaming.reclaim import RECLAIMER
+from proxy.streaming.resume import entry as resume
+from proxy.streaming.resume.produce import Generation
 from proxy.streaming.settings import StreamSettings, route_settings
 from proxy.streaming.sink import Sink, Watch
 from proxy.streaming.sse import SSEDecoder
@@ -97,6 +99,8 @@ async def respond(
             clock.cancel()
         translator = exchanges.stream_translator(exchange, call.body or {}, call.model, int(call.started_wall))
         settings = route_settings(process, call.route.stream)
+        if settings.resumable is not None and prepared is None:  # the one check plain streams pay
+            return await _resumable(request, call, answer, settings, translator, open_streams)
         return await _stream(request, call, answer, settings, translator, open_streams, prepared)
     transform: BodyTransform | None = None
     if exchange.kind != "pass" or upstream.status >= 400:
@@ -112,6 +116,20 @@ async def respond(
     return await respond_whole(
         call, upstream, answer.headers, transform, read_timeout, request=request, whole=answer.whole
     )
+
+
+async def _resumable(
+    request: web.Request,
+    call: Call,
+    answer: Answer,
+    settings: StreamSettings,
+    translator: StreamTranslator | None,
+    open_streams: set[Callable[[ProxyError], None]] | None,
+) -> web.StreamResponse:
+    """A stream on a route with `stream.resumable`: proxy/streaming/resume/entry.py."""
+    sent_ago = call.attempts[-1].duration if call.attempts else 0.0
+    gen = Generation(answer.upstream, answer.timeouts, answer.deadline, answer.redact, translator, settings, sent_ago)
+    return await resume.relay(request, call, gen, answer.headers, open_streams)
 
 
 async def _stream(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from proxy.policy.plan import StreamSpec
+from proxy.policy.plan import ResumableSpec, StreamSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,6 +19,12 @@ class StreamSettings:
     """Bytes queued for a client above which the relay waits for it and stops reading the upstream: with the
     upstream reader's buffer (proxy/upstream/client.py, STREAM_READ_BUFSIZE) what a client that stopped
     reading costs in stream data (docs/streams-memory.md)."""
+    resumable: ResumableSpec | None = None
+    """The route's resumable streams (a route setting only; proxy/streaming/resume/)."""
+    resume_max_bytes: int = 256 * 1024 * 1024
+    """Bytes of events held for resumable streams across the process (serve --resume-max-bytes)."""
+    resume_max_detached: int = 1000
+    """Generations that may run on without their client at once (serve --resume-max-detached)."""
 
 
 def route_settings(process: StreamSettings, route: StreamSpec | None) -> StreamSettings:
@@ -29,4 +35,5 @@ def route_settings(process: StreamSettings, route: StreamSpec | None) -> StreamS
         process,
         heartbeat=process.heartbeat if route.heartbeat is None else route.heartbeat,
         slow_client=process.slow_client if route.slow_client is None else route.slow_client,
+        resumable=route.resumable,
     )

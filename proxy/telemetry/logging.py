@@ -63,6 +63,7 @@ class AccessLog:
         line = {
             "ts": round(call.started_wall, 3),
             "request_id": call.request_id,
+            "trace_id": call.trace_id,
             "method": call.method,
             "path": call.path,
             "tenant": call.tenant.name if call.tenant else None,

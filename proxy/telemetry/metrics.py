@@ -200,6 +200,29 @@ class Metrics:
         )
         self.cache = CacheMetrics(r)
         """The response cache's counters (proxy/telemetry/cache.py)."""
+        # Resumable streams (proxy/streaming/resume/): the gauges read the hub at scrape time.
+        self.stream_resumes = Counter(
+            "signalbox_stream_resumes", "Readers that resumed a stream from an id (Last-Event-ID, starting_after), "
+            "by where its events came from (local: this replica's buffer, shared: Redis).", ["source"], registry=r,
+        )
+        self.stream_resume_failures = Counter(
+            "signalbox_stream_resume_failures", "Resumes refused or cut, by reason (unknown: no such stream for "
+            "this tenant, dropped: the events after the id left the buffer, bad_id, store: Redis failed).",
+            ["reason"], registry=r,
+        )
+        self.streams_detached = Gauge(
+            "signalbox_streams_detached", "Generations running on after their client left (resumable streams).",
+            registry=r,
+        )
+        self.stream_buffered_bytes = Gauge(
+            "signalbox_stream_buffered_bytes", "Bytes of events this process holds for resumable streams.",
+            registry=r,
+        )
+        self.streams_stopped = Counter(
+            "signalbox_resumable_streams_stopped", "Detached generations the proxy stopped, by reason (ttl: nobody "
+            "read it, detached_limit: too many detached streams, cancelled: a cancel request).", ["reason"],
+            registry=r,
+        )
         self.before_scrape: list[Callable[[], Awaitable[None]]] = []
         """Refreshers for state gauges (queues, limiters), awaited at each scrape."""
         self._children: dict[tuple[Any, ...], Any] = {}

@@ -168,6 +168,8 @@ async def attempt(
         bound = left < first_token
         limit = max(left, 0.001) if bound else first_token
         session, url, headers, body = request.prepare(spec)
+        if call.trace is not None:
+            headers = call.trace.attempt(spec, url, headers)  # the attempt's span, sent as traceparent
         lease.started = time.perf_counter()
         whole = None
         try:
