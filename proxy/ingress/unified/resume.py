@@ -76,15 +76,14 @@ async def follow_for(state: Runtime, hub: Hub, source: Source, channel: Channel,
 async def sse(request: web.Request, state: Runtime, tenant: TenantRule, request_id: str) -> web.StreamResponse:
     """POST with `x-signalbox-stream-id`: one resume, counted and logged as a request of its own."""
     hub = request.app[HUB]
-    source, _ = await find(hub, tenant, request.headers.get(STREAM_ID_HEADER),
-                           parse_after(request.headers.get(LAST_EVENT_ID, "")))
+    after = parse_after(request.headers.get(LAST_EVENT_ID, ""))
+    source, _ = await find(hub, tenant, request.headers.get(STREAM_ID_HEADER), after)
+    assert after is not None  # find() refused it otherwise
     call = new_call(state, request_id, RESUMED_PATH)
     call.tenant = tenant
     call.stream = True
     call.status = 200
     channel = SSEChannel(request, request_id)
-    after = parse_after(request.headers.get(LAST_EVENT_ID, ""))
-    assert after is not None
     state.in_flight += 1
     try:
         await follow_for(state, hub, source, channel, after)

@@ -27,6 +27,9 @@ from proxy.errors import ProxyError
 from proxy.streaming.pump import pump
 from proxy.streaming.reclaim import RECLAIMER
 from proxy.streaming.relay import Answer
+
+# The core's detach (hold the request's slot, lease and reservation until the generation ends; the ttl and the
+# detached cap) is exactly what a unified request needs: used as it is rather than copied.
 from proxy.streaming.resume.entry import _hold, _left
 from proxy.streaming.resume.follow import StreamGap
 from proxy.streaming.resume.hub import HUB, Hub, Source
@@ -117,8 +120,10 @@ async def relay(
         _left(call)
         await _hold(hub, ring, producer, call, absorbed=True)
         raise
-    except (ConnectionResetError, TimeoutError):
+    except (ConnectionResetError, TimeoutError) as gone:
         _left(call)
+        if isinstance(gone, TimeoutError) and request.transport is not None:
+            request.transport.abort()  # took no write for slow_client: cut off, as on a plain stream
     finally:
         channel.encoder.seq = encoder.seq
     if await _hold(hub, ring, producer, call, absorbed=False):
