@@ -41,13 +41,13 @@ async def mock(loopback: Any) -> AsyncIterator[Mock]:
     yield Mock(app, await loopback.serve(app, handler_cancellation=True))
 
 
-async def start(start_proxy: StartProxy, mock: Mock) -> Proxy:
+async def start(start_proxy: StartProxy, mock: Mock, heartbeat: float = 0.0) -> Proxy:
     route = route_spec("chat", "up", queue="q", stream={"resumable": {"buffer": "1MiB", "ttl": "30s"}})
     return await start_proxy(build_policy(
         {"up": upstream_spec(mock.url, "openai")}, [route],
         tenants={"alpha": {"keys": ["sk-alpha"]}, "beta": {"keys": ["sk-beta"]}},
         queues={"q": {"concurrency": 2, "max_waiting": 10, "max_wait": "10s"}},
-    ))
+    ), heartbeat=heartbeat)
 
 
 async def whole(proxy: Proxy, body: dict[str, Any]) -> list[dict[str, Any]]:
@@ -147,3 +147,23 @@ async def test_delete_stops_a_detached_sse_stream(start_proxy: StartProxy, mock:
             rest = split_sse(await again.read())
     assert rest[-1] == {"type": "stream_complete", "seq": rest[-1]["seq"], "finish_reason": "cancelled"}
     assert orjson.dumps(rest).count(b'"error"') == 0
+
+
+async def test_heartbeats_are_numbered_events_every_reader_sees_alike(start_proxy: StartProxy, mock: Mock) -> None:
+    """Heartbeats are kept with the stream: a resume from the first event reads the same events, heartbeats
+    and all, as the client that was there."""
+    proxy = await start(start_proxy, mock, heartbeat=0.1)
+    async with aiohttp.ClientSession() as http:
+        async with http.post(proxy.url + STREAM, json={"body": chat()}, headers={
+            **ALPHA, "x-mock-ttft-ms": "500", "x-mock-token-delay-ms": "300", "x-mock-output-tokens": "3"
+        }) as resp:
+            stream_id = resp.headers["x-signalbox-stream-id"]
+            live = split_sse(await resp.read())
+        async with http.post(proxy.url + STREAM, headers={
+            **ALPHA, "x-signalbox-stream-id": stream_id, "Last-Event-ID": ""
+        }) as again:
+            replayed = split_sse(await again.read())
+    kinds = [e["type"] for e in live]
+    assert kinds.count("heartbeat") >= 2 and kinds.count("text_delta") == 3
+    assert [e["seq"] for e in live] == list(range(len(live)))
+    assert replayed == live
