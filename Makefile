@@ -26,7 +26,7 @@ venv: $(STAMP)
 # Development only: --admin-no-auth opens the admin API without a token, and serve refuses it
 # unless the admin port binds to loopback (127.0.0.1 or ::1).
 run: $(RUN_STAMP)
-	$(BIN)/signalbox serve --policies policies --port 8080 --admin-host 127.0.0.1 --admin-port 9090 --admin-no-auth
+	$(BIN)/signalbox serve --policies policies --port 8080 --admin-host 127.0.0.1 --admin-port 9090 --admin-no-auth --demo
 
 # helm (from an npm package), redis-server and promtool (Debian) are needed by the deployment,
 # Redis and alert-rule tests; the Node SDKs (npm) by the tests that drive the mock with them;

@@ -26,6 +26,7 @@ from proxy.ingress import tool
 from proxy.ingress.edge.connection import GuardedRunner
 from proxy.ingress.realtime import relay as realtime
 from proxy.ingress.realtime.sessions import Sessions
+from proxy.ingress.unified import frontend
 from proxy.ingress.unified import socket as unified_socket
 from proxy.ingress.unified import sse as unified_sse
 from proxy.ops import health
@@ -57,6 +58,8 @@ def build_app(plan: Plan, settings: Settings | None = None) -> web.Application:
     app.router.add_get("/v1/models/{model:.+}", ingress.models_handler)
     app.router.add_post(UNIFIED_PATH, unified_sse.sse_handler)
     app.router.add_get(UNIFIED_PATH, unified_socket.socket_handler)
+    app.router.add_delete(UNIFIED_PATH, unified_sse.cancel_handler)
+    frontend.add_routes(app, settings.demo)  # the browser module, and the demo page with `serve --demo`
     app.router.add_get("/v1/realtime", realtime.realtime_handler)  # before /v1/* takes every other path
     app.router.add_route("*", "/v1/{tail:.*}", ingress.proxy_handler)
     app.router.add_route("*", "/{tail:.*}", tool.tool_handler)  # tool routes: every other path (last)

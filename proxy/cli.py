@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--shutdown-grace", type=parse_duration, default=5.0, help="keep accepting after SIGTERM")
     serve.add_argument("--drain-timeout", type=parse_duration, default=60.0, help="wait for in-flight requests")
     serve.add_argument("--no-access-log", action="store_true", help="do not write the JSON access log")
+    serve.add_argument("--demo", action="store_true", help="serve the stream demo page at /signalbox/v1/demo")
     serve.add_argument(
         "--reload-interval", type=parse_duration, default=2.0, help="how often to check the policies for changes"
     )
@@ -191,6 +192,7 @@ def _serve(args: argparse.Namespace) -> int:
         access_log=not args.no_access_log,
         reload_interval=args.reload_interval,
         admin_auth_disabled=args.admin_no_auth,
+        demo=args.demo,
         client_timeouts=ClientTimeouts(
             header=args.header_timeout, body_idle=args.body_idle_timeout, body=args.body_timeout,
             keepalive=args.keepalive_timeout,

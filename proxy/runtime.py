@@ -81,6 +81,8 @@ class Settings:
     """How often the policy directory's digest is polled for changes."""
     admin_auth_disabled: bool = False
     """Serve the admin API without a token (the CLI allows it only on a loopback admin host)."""
+    demo: bool = False
+    """Serve the frontend helper's demo page on the public port (`serve --demo`; for development)."""
     stream: StreamSettings = field(default_factory=StreamSettings)
     client_timeouts: ClientTimeouts = field(default_factory=ClientTimeouts)
     """How long a client may take over a request's head and body, and stay idle between requests."""

@@ -46,7 +46,7 @@ def test_validate_default_policy() -> None:
     lines = result.stdout.splitlines()
     assert len(lines) == 1
     assert re.fullmatch(
-        r"ok: 1 file\(s\), 1 upstream\(s\), 1 tenant\(s\), 2 route\(s\); digest [0-9a-f]{12}", lines[0]
+        r"ok: 1 file\(s\), 1 upstream\(s\), 1 tenant\(s\), 3 route\(s\); digest [0-9a-f]{12}", lines[0]
     ), lines[0]
     assert result.stderr == ""
 

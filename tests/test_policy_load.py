@@ -535,7 +535,7 @@ def test_default_policy_loads_and_compiles() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SIGNALBOX_")}
     loaded = load_policy(REPO / "policies" / "default.yaml", environ=env)
     plan = compile_plan(loaded)
-    assert [r.name for r in plan.routes] == ["chat", "embeddings"]
+    assert [r.name for r in plan.routes] == ["chat-resumable", "chat", "embeddings"]
     assert plan.tenant_for_key("sk-signalbox-dev") is not None
     assert len(loaded.digest) == 64
 

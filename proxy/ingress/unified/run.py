@@ -27,6 +27,7 @@ from proxy.ingress.handler import forward
 from proxy.ingress.identify import resolve
 from proxy.policy.plan import TenantRule
 from proxy.runtime import Runtime
+from proxy.streaming.resume.hub import Hub
 from proxy.streaming.settings import route_settings
 from proxy.streaming.unified import relay as unified
 from proxy.streaming.unified.channel import Channel
@@ -133,7 +134,10 @@ async def _run(
     call.route = route = resolve(call, plan)
     if route.batch is not None:
         raise InvalidRequest(f"route '{route.name}' merges embeddings into batches: it has no stream")
-    heartbeat = route_settings(state.stream_settings, route.stream).heartbeat
+    stream = route_settings(state.stream_settings, route.stream)
+    heartbeat = stream.heartbeat
+    if stream.resumable is not None:
+        channel.stream_id = Hub.new_id()  # named from the first event on, queued ones included
     waiting = call.waiting = UnifiedWaiting(channel, call, heartbeat)
     respond = partial(unified.respond, channel)
     entry = state.scheduler.enter(call, request.headers.get(PRIORITY_HEADER), waiting)

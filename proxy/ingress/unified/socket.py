@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
@@ -21,12 +21,15 @@ from multidict import CIMultiDict
 
 from proxy.errors import InvalidRequest, ProxyError, RateLimited, render
 from proxy.ingress.identify import identify, request_id_of
+from proxy.ingress.unified import resume
 from proxy.ingress.unified.run import new_call, serve, stream_body, target_of
 from proxy.policy.plan import TenantRule
 from proxy.policy.schema_sockets import StreamSocket
 from proxy.runtime import STATE, Runtime
+from proxy.streaming.resume.hub import HUB
 from proxy.streaming.unified.channel import SocketChannel, send_lines
 from proxy.streaming.unified.events import ERROR, FAILED, STREAM_COMPLETE, Encoder, error_payload
+from proxy.streaming.unified.resumable import CANCEL_REASON
 from proxy.tasks import spawn
 
 PROTOCOL = "signalbox.v1"
@@ -78,6 +81,8 @@ class Socket:
         self.tenant = tenant
         self.bounds = bounds
         self.running: dict[str, asyncio.Task[None]] = {}
+        self.channels: dict[str, SocketChannel] = {}
+        """The running requests' channels: a resumable one names its stream (`stream_id`)."""
         self.last_active = time.monotonic()
         base = CIMultiDict((k, v) for k, v in request.headers.items() if not k.lower().startswith(_NOT_FORWARDED))
         self.headers = base
@@ -112,11 +117,21 @@ class Socket:
                 await ws.close()
 
     async def _cancel_all(self) -> None:
-        tasks = list(self.running.values())
-        for task in tasks:
+        """Cancel every request; one whose generation runs on detached (a resumable stream) is not waited
+        for: it holds its slot until the generation ends, the socket is gone already."""
+        tasks = list(self.running.items())
+        for _, task in tasks:
             task.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        waited = [task for rid, task in tasks if self._generation(rid) is None]
+        if waited:
+            await asyncio.gather(*waited, return_exceptions=True)
+
+    def _generation(self, rid: str) -> Callable[[str], None] | None:
+        """The stop() of the resumable generation request `rid` reads, while it runs."""
+        channel = self.channels.get(rid)
+        if channel is None or channel.stream_id is None:
+            return None
+        return self.request.app[HUB].stoppers.get(channel.stream_id)
 
     async def _on_text(self, text: str) -> None:
         try:
@@ -134,12 +149,15 @@ class Socket:
                                                     "characters", param="id"))
             return
         if kind == "cancel":
+            stop = self._generation(rid)
             task = self.running.get(rid)
-            if task is not None:
+            if stop is not None:
+                stop(CANCEL_REASON)  # the generation ends with stream_complete (cancelled), read as any event
+            elif task is not None:
                 task.cancel()  # its stream_complete (cancelled) is sent by the request itself
             return
-        if kind != "request":
-            await self._refuse(rid, InvalidRequest("'type' must be 'request' or 'cancel'", param="type"))
+        if kind not in ("request", "resume"):
+            await self._refuse(rid, InvalidRequest("'type' must be 'request', 'resume' or 'cancel'", param="type"))
             return
         if rid in self.running:
             await self._refuse(rid, InvalidRequest(f"request '{rid}' is still running: choose another id"))
@@ -152,7 +170,30 @@ class Socket:
             too_many.code = "too_many_in_flight"
             await self._refuse(rid, too_many)
             return
+        if kind == "resume":
+            reading = self._resume(rid, message.get("stream"), message.get("after"))
+            self.running[rid] = spawn(reading, name="unified-resume")
+            return
         self._start(rid, message)
+
+    async def _resume(self, rid: str, stream: object, after: object) -> None:
+        """A `resume` message: the events of stream `stream` after seq `after`, with this request id."""
+        channel = self.channels[rid] = SocketChannel(self.ws, self.request, rid)
+        hub = self.request.app[HUB]
+        seq = after if isinstance(after, int) and not isinstance(after, bool) and after >= -1 else None
+        try:
+            source, _ = await resume.find(hub, self.tenant, stream, seq)
+            assert seq is not None
+            await resume.follow_for(self.state, hub, source, channel, seq)
+        except ProxyError as err:
+            with contextlib.suppress(ConnectionResetError):
+                await channel.fail(err)
+        except (ConnectionResetError, TimeoutError, asyncio.CancelledError):
+            pass  # the socket is gone (or the client cancelled): the generation goes on without this reader
+        finally:
+            self.running.pop(rid, None)
+            self.channels.pop(rid, None)
+            self.last_active = time.monotonic()
 
     def _start(self, rid: str, message: Mapping[str, Any]) -> None:
         headers = CIMultiDict(self.headers)
@@ -167,7 +208,7 @@ class Socket:
         self.running[rid] = task
 
     async def _one(self, rid: str, message: Mapping[str, Any], headers: CIMultiDict[str], request_id: str) -> None:
-        channel = SocketChannel(self.ws, self.request, rid)
+        channel = self.channels[rid] = SocketChannel(self.ws, self.request, rid)
         try:
             path = target_of(message.get("path"))
             body = stream_body(message.get("body"), path)
@@ -181,6 +222,7 @@ class Socket:
             pass  # cancelled by the client or the socket's end: stream_complete already said so
         finally:
             self.running.pop(rid, None)
+            self.channels.pop(rid, None)
             self.last_active = time.monotonic()
 
     async def _refuse(self, rid: str | None, error: ProxyError) -> None:

@@ -18,9 +18,10 @@ from proxy.call import Call
 from proxy.errors import InvalidRequest, ProxyError
 from proxy.ingress.identify import identify, request_id_of
 from proxy.ingress.read import read_body
+from proxy.ingress.unified import resume
 from proxy.ingress.unified.run import new_call, serve, stream_body, target_of
 from proxy.runtime import STATE
-from proxy.streaming.unified.channel import SSEChannel
+from proxy.streaming.unified.channel import STREAM_ID_HEADER, SSEChannel
 from proxy.streaming.unified.events import error_payload
 from proxy.streaming.unified.relay import UpstreamAnswer
 from proxy.telemetry.outcome import judge
@@ -33,6 +34,8 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
     call: Call | None = None
     try:
         tenant = identify(request, state.plans.current)
+        if STREAM_ID_HEADER in request.headers:
+            return await resume.sse(request, state, tenant, request_id)
         envelope = new_call(state, request_id, "/v1/chat/completions")
         await read_body(request, envelope, envelope.plan.max_body_size, state.settings.client_timeouts)
         given = envelope.body
@@ -54,6 +57,17 @@ async def sse_handler(request: web.Request) -> web.StreamResponse:
     except asyncio.CancelledError:
         raise
     return channel.response if channel.response is not None else web.Response(status=204)
+
+
+async def cancel_handler(request: web.Request) -> web.Response:
+    """`DELETE /signalbox/v1/stream` with `x-signalbox-stream-id`: stop a resumable stream (204)."""
+    state = request.app[STATE]
+    request_id = request_id_of(request.headers)
+    try:
+        await resume.stop(request, identify(request, state.plans.current))
+    except ProxyError as err:
+        return _refused(err.status, error_payload(err), err.response_headers(), request_id)
+    return web.Response(status=204, headers={"x-request-id": request_id})
 
 
 _KEPT = frozenset({"retry-after", "retry-after-ms", "x-should-retry", "x-request-id", "x-signalbox-route"})

@@ -23,6 +23,7 @@ from proxy.streaming.unified.events import (
     error_payload,
 )
 
+STREAM_ID_HEADER = "x-signalbox-stream-id"
 SSE_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
     "Cache-Control": "no-cache",
@@ -34,6 +35,12 @@ class Channel:
     """The transport-independent part: the encoder, and the terminal events every transport sends alike."""
 
     encoder: Encoder
+    stream_id: str | None = None
+    """The resumable stream this request's events are kept in (a route with `stream.resumable`)."""
+
+    def from_ring(self, blocks: list[bytes]) -> bytes:
+        """Events kept in a resumable stream's ring (unified SSE blocks) framed for this transport."""
+        return b"".join(blocks)
 
     @property
     def opened(self) -> bool:
@@ -73,6 +80,8 @@ class SSEChannel(Channel):
     async def open(self) -> web.StreamResponse:
         if self.response is None:
             response = web.StreamResponse(status=200, headers={**SSE_HEADERS, "x-request-id": self._request_id})
+            if self.stream_id is not None:
+                response.headers[STREAM_ID_HEADER] = self.stream_id
             await response.prepare(self.request)
             self.response = response
         return self.response
@@ -110,6 +119,22 @@ class SocketChannel(Channel):
         self.ws = ws
         self.request = request
         self.encoder = Encoder("ws", request_id)
+        self.named = False
+        """Has an event told the client its stream's id (`stream_id`, in the first event from the ring)?"""
+
+    def from_ring(self, blocks: list[bytes]) -> bytes:
+        out = []
+        for block in blocks:
+            obj = block[block.index(b"\ndata: ") + 7 : -2]
+            at = obj.index(b'"seq":') + 6
+            while obj[at] in _DIGITS:
+                at += 1
+            extra = b',"id":' + self.encoder.prefix
+            if not self.named and self.stream_id is not None:
+                extra += b',"stream_id":"' + self.stream_id.encode() + b'"'
+                self.named = True
+            out.append(obj[:at] + extra + obj[at:] + b"\n")
+        return b"".join(out)
 
     async def send(self, data: bytes) -> None:
         await send_lines(self.ws, data)
@@ -118,6 +143,9 @@ class SocketChannel(Channel):
         # No transport: the socket's buffer limits (stream_socket.send_buffer) are the socket's, set once by
         # its handler; a request's sink must not reset them to its stream's write_buffer.
         return SocketSink(self.ws, None, None, watch, high, encoder=self.encoder)
+
+
+_DIGITS = frozenset(b"0123456789")
 
 
 async def send_lines(ws: web.WebSocketResponse, data: bytes) -> None:

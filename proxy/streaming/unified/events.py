@@ -35,13 +35,14 @@ class Encoder:
     in the object; the socket's writer sends each line as one text message (orjson never writes a raw
     newline inside a value, so a line is exactly one event)."""
 
-    __slots__ = ("framing", "request", "seq", "_prefix")
+    __slots__ = ("framing", "request", "seq", "prefix")
 
     def __init__(self, framing: Framing, request: str = "") -> None:
         self.framing = framing
         self.request = request
         self.seq = 0
-        self._prefix = orjson.dumps(request) if framing == "ws" else b""
+        self.prefix = orjson.dumps(request) if framing == "ws" else b""
+        """The request's id as JSON (WebSocket framing)."""
 
     def encode(self, kind: str, payload: Mapping[str, Any] | None = None) -> bytes:
         seq = self.seq
@@ -49,7 +50,7 @@ class Encoder:
         body = orjson.dumps(payload) if payload else b"{}"
         head = b'{"type":"' + kind.encode() + b'","seq":' + str(seq).encode()
         if self.framing == "ws":
-            head += b',"id":' + self._prefix
+            head += b',"id":' + self.prefix
         obj = head + (b"," + body[1:] if len(body) > 2 else b"}")
         if self.framing == "ws":
             return obj + b"\n"

@@ -23,6 +23,7 @@ from proxy.streaming.relay import Answer
 from proxy.streaming.settings import StreamSettings, route_settings
 from proxy.streaming.sink import Watch
 from proxy.streaming.sse import SSEDecoder
+from proxy.streaming.unified import resumable
 from proxy.streaming.unified.channel import Channel, SSEChannel
 from proxy.streaming.unified.events import ERROR, FAILED, STREAM_COMPLETE, upstream_error_payload
 from proxy.streaming.unified.translate import UnifiedTranslator, source_of
@@ -48,7 +49,10 @@ async def respond(
         if clock is not None:
             clock.cancel()  # the watchdog owns every time limit from here
         settings = route_settings(process, call.route.stream)
-        await _stream(channel, request, call, answer, settings, open_streams)
+        if settings.resumable is not None:  # the route keeps its streams for a resume
+            await resumable.relay(channel, request, call, answer, settings, open_streams)
+        else:
+            await _stream(channel, request, call, answer, settings, open_streams)
     else:
         await _not_a_stream(channel, call, answer)
     return _response_of(channel, request)
