@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 
 import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.call import Call
 from proxy.policy.compile import compile_plan
@@ -53,3 +55,18 @@ async def test_lines_are_batched_and_flushed_within_the_bound(tmp_path: Path) ->
     log.write(a_call(str(policy), 50))
     log.flush()  # what the app's cleanup does at shutdown
     assert raw.writes == 2 and bytes(raw.data).endswith(b'"client_gone":null}\n')
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.floats(min_value=0, max_value=2**33, allow_nan=False, allow_infinity=False)
+       | st.integers(min_value=0, max_value=2**42).map(lambda ms: ms / 1000 + 0.0005))
+def test_ts_is_what_round_gives(wall: float) -> None:
+    """The line's `ts` (seconds to 3 decimals) is exactly round(started_wall, 3), ties included."""
+    stream = io.BytesIO()
+    log = AccessLog(stream)
+    call = Call(request_id="r", plan=None, method="GET", path="/", protocol="openai",  # type: ignore[arg-type]
+                started=time.perf_counter())
+    call.started_wall = wall
+    log.write(call)
+    log.flush()
+    assert orjson.loads(stream.getvalue())["ts"] == round(wall, 3)
