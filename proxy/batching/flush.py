@@ -82,7 +82,7 @@ class Sender:
             status, headers, body = await self.send(merged, _merged_headers(first.headers), first.query, deadline)
         finally:
             for i, member in enumerate(members):
-                _share_attempts(member.call, merged, counted=i == 0)
+                share_attempts(member.call, merged, counted=i == 0)
         if 200 <= status < 300:
             self.split(members, merged, status, headers, body)
         elif merge.should_bisect(status, len(members)):
@@ -92,13 +92,13 @@ class Sender:
             await self.exchange([members[i] for i in right], deadline)
         else:  # the same for everyone (401, 404, 429 or 5xx after dispatch's retries): everyone gets it
             for member in members:
-                deliver(member, _whole(member.call, merged, status, headers, body, len(members)))
+                deliver(member, whole_reply(member.call, merged, status, headers, body, len(members)))
 
     async def alone(self, member: Member, deadline: float) -> None:
         """The caller's own bytes, its answer relayed untouched (batch size 1)."""
         call = member.call
         status, headers, body = await self.send(call, member.headers, member.query, deadline)
-        deliver(member, _whole(call, call, status, headers, body, 1))
+        deliver(member, whole_reply(call, call, status, headers, body, 1))
 
     async def send(self, call: Call, headers: Mapping[str, str], query: str, deadline: float
                     ) -> tuple[int, list[tuple[str, str]], bytes]:
@@ -139,7 +139,7 @@ class Sender:
             if member.gone:
                 continue  # its client left after the flush: its share is dropped
             usage = part.get("usage")
-            reply = Reply(status, _headers(member.call, merged, headers, len(members)), orjson.dumps(part),
+            reply = Reply(status, reply_headers(member.call, merged, headers, len(members)), orjson.dumps(part),
                           usage if isinstance(usage, dict) else None)
             reply.headers["Content-Type"] = "application/json"
             deliver(member, reply)
@@ -163,7 +163,7 @@ def _merged_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
     return out
 
 
-def _share_attempts(call: Call, merged: Call, *, counted: bool) -> None:
+def share_attempts(call: Call, merged: Call, *, counted: bool) -> None:
     """Every caller of a merged call shows its attempts (access log, admission's request count); one
     caller (`counted`) carries them into the upstream metrics, which count upstream calls."""
     call.attempts.extend(merged.attempts if counted else (replace(a, shared=True) for a in merged.attempts))
@@ -173,7 +173,7 @@ def _share_attempts(call: Call, merged: Call, *, counted: bool) -> None:
         call.marks["upstream_headers"] = merged.started + merged.marks["upstream_headers"] - call.started
 
 
-def _headers(call: Call, sent: Call, upstream: Iterable[tuple[str, str]], size: int) -> CIMultiDict[str]:
+def reply_headers(call: Call, sent: Call, upstream: Iterable[tuple[str, str]], size: int) -> CIMultiDict[str]:
     route = call.route.name if call.route is not None else ""
     answered_by = sent.plan.upstreams.get(sent.upstream)
     out = client_headers(upstream, request_id=call.request_id, route=route, upstream_name=sent.upstream,
@@ -183,11 +183,11 @@ def _headers(call: Call, sent: Call, upstream: Iterable[tuple[str, str]], size: 
     return out
 
 
-def _whole(
+def whole_reply(
     call: Call, sent: Call, status: int, upstream: list[tuple[str, str]], body: bytes, size: int
 ) -> Reply:
     """An answer relayed as the upstream gave it (error shapes normalised, as the plain path does)."""
-    headers = _headers(call, sent, upstream, size)
+    headers = reply_headers(call, sent, upstream, size)
     if status >= 400 and sent.exchange is not None:
         status, body = exchanges.response_body(sent.exchange, status, body, model=call.model,
                                                created=int(call.started_wall), redact=sent.plan.secrets)

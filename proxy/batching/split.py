@@ -30,7 +30,7 @@ from typing import Any
 import orjson
 
 from proxy.batching import keys, merge
-from proxy.batching.flush import Member, Reply, Sender, _headers, _share_attempts, _whole, deliver
+from proxy.batching.flush import Member, Reply, Sender, deliver, reply_headers, share_attempts, whole_reply
 from proxy.call import Call
 from proxy.errors import UpstreamBadResponse
 from proxy.policy.batch_limits import SplitLimits
@@ -172,10 +172,10 @@ async def send(sender: Sender, member: Member, deadline: float) -> None:
                 stopped.set()
                 raise
             finally:
-                _share_attempts(call, part.call, counted=True)  # every part is an upstream call of its own
+                share_attempts(call, part.call, counted=True)  # every part is an upstream call of its own
             if not 200 <= part.status < 300:
                 stopped.set()
-                raise _Refused(index, _whole(call, part.call, part.status, part.headers, part.body, 1))
+                raise _Refused(index, whole_reply(call, part.call, part.status, part.headers, part.body, 1))
             held[0] += len(part.body)
             if held[0] > cap:  # every answer is held until the last arrives: one bound for all of them
                 stopped.set()
@@ -221,7 +221,7 @@ def _merged(call: Call, parts: list[_Part]) -> Reply:
             f"upstream '{last.upstream}' answered part of a split embeddings call with a body that cannot be "
             f"merged ({exc}); try again"
         ) from None
-    headers = _headers(call, parts[0].call, parts[0].headers or [], 1)
+    headers = reply_headers(call, parts[0].call, parts[0].headers or [], 1)
     headers["Content-Type"] = "application/json"
     headers[PARTS_HEADER] = str(len(parts))
     usage = answer.get("usage")

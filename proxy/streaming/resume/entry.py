@@ -58,25 +58,25 @@ async def relay(
                      request_id=call.request_id)
         await response.write_eof()
     except asyncio.CancelledError:
-        _left(call)
-        await _hold(hub, ring, producer, call, absorbed=True)
+        client_left(call)
+        await hold_detached(hub, ring, producer, call, absorbed=True)
         raise
     except (ConnectionResetError, TimeoutError):
-        _left(call)
+        client_left(call)
         _abort(request)
-    if await _hold(hub, ring, producer, call, absorbed=False):
+    if await hold_detached(hub, ring, producer, call, absorbed=False):
         raise asyncio.CancelledError  # aiohttp cancelled the handler meanwhile (the client left): as it said
     return response
 
 
-def _left(call: Call) -> None:
+def client_left(call: Call) -> None:
     call.client_gone = True
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         task.uncancel()  # the client's leaving is handled: the handler waits for the generation, then re-raises
 
 
-async def _hold(hub: Hub, ring: Ring, producer: asyncio.Task[None], call: Call, *, absorbed: bool) -> bool:
+async def hold_detached(hub: Hub, ring: Ring, producer: asyncio.Task[None], call: Call, *, absorbed: bool) -> bool:
     """Wait for the generation to end, holding what the request holds (slot, lease, token reservation). Nobody
     reads it from here on (the client left, or has had all it will get): it is detached, stopped when nobody
     reads it for `ttl` (a resume counts), or at once when too many generations are detached already. Never
@@ -98,7 +98,7 @@ async def _hold(hub: Hub, ring: Ring, producer: asyncio.Task[None], call: Call, 
                 if absorbed:
                     raise  # cancelled again (shutdown): the drain ends the generation itself
                 absorbed = late = True
-                _left(call)
+                client_left(call)
                 continue
             stop = hub.stoppers.get(ring.meta.id)
             if stop is not None and not ring.watched(hub.clock()) and not await _read_elsewhere(hub, ring):

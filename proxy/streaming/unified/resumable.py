@@ -9,7 +9,7 @@ instead of each reader writing its own. A WebSocket reader turns each block into
 `id` added, and on the request's own socket `stream_id` in the first event it forwards).
 
 Detaching (the client left: the generation goes on, holding its slot and reservation, stopped by the ttl)
-is the core's (`entry._hold`); a `cancel` stops the generation, whose last event is then `stream_complete`
+is the core's (`entry.hold_detached`); a `cancel` stops the generation, whose last event is then `stream_complete`
 with `cancelled`.
 """
 
@@ -29,8 +29,8 @@ from proxy.streaming.reclaim import RECLAIMER
 from proxy.streaming.relay import Answer
 
 # The core's detach (hold the request's slot, lease and reservation until the generation ends; the ttl and the
-# detached cap) is exactly what a unified request needs: used as it is rather than copied.
-from proxy.streaming.resume.entry import _hold, _left
+# detached cap) is exactly what a unified request needs.
+from proxy.streaming.resume.entry import client_left, hold_detached
 from proxy.streaming.resume.follow import StreamGap
 from proxy.streaming.resume.hub import HUB, Hub, Source
 from proxy.streaming.resume.produce import Stopped
@@ -117,16 +117,16 @@ async def relay(
         await follow(Source(meta, ring, None), channel, sink, ring.first - 1, hub, settings.slow_client)
         await channel.finish()
     except asyncio.CancelledError:
-        _left(call)
-        await _hold(hub, ring, producer, call, absorbed=True)
+        client_left(call)
+        await hold_detached(hub, ring, producer, call, absorbed=True)
         raise
     except (ConnectionResetError, TimeoutError) as gone:
-        _left(call)
+        client_left(call)
         if isinstance(gone, TimeoutError) and request.transport is not None:
             request.transport.abort()  # took no write for slow_client: cut off, as on a plain stream
     finally:
         channel.encoder.seq = encoder.seq
-    if await _hold(hub, ring, producer, call, absorbed=False):
+    if await hold_detached(hub, ring, producer, call, absorbed=False):
         raise asyncio.CancelledError
 
 
