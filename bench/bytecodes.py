@@ -7,11 +7,11 @@ more, one at a time on one keep-alive connection. The count is exact and repeats
 bytecodes of jitter from the event loop's timers), and it is what the proxy's own Python code costs: at
 this size of request one bytecode of ours is about 70-90 instructions end to end (C calls included).
 It does not see C code (orjson, multidict, uvloop, the HTTP parser), so keep `instructions.py` for the
-total. The access log is off (`--no-access-log`) unless `--proxy-arg` says otherwise: its line is
-mostly C (orjson) and its flush a syscall.
+total. The access log is off unless `--access-log`: its line is mostly C (orjson) and its flush a
+syscall.
 
 Run: .venv/bin/python bench/bytecodes.py [--only floor,minimal,full] [--requests 1000] [--warmup 300]
-     [--top 40] [--match proxy/] [--json FILE] [--proxy-arg=--flag]
+     [--top 40] [--match proxy/] [--json FILE] [--access-log] [--proxy-arg=--flag]
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def command(target: str, port: int, upstream: int, tmp: Path, extra: list[str]) 
         return argv, f"import runpy; runpy.run_path({str(HERE / 'floor.py')!r}, run_name='__main__')"
     policies = write_policy(tmp / target, upstream, target)
     argv = ["signalbox", "serve", "--policies", str(policies), "--host", "127.0.0.1", "--port", str(port),
-            "--admin-port", str(free_port()), "--shutdown-grace", "0", *(extra or ["--no-access-log"])]
+            "--admin-port", str(free_port()), "--shutdown-grace", "0", *extra]
     return argv, "from proxy.cli import main; main()"
 
 
@@ -148,8 +148,11 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=0, help="list the N costliest functions per target")
     parser.add_argument("--match", default="proxy/", help="only functions whose file contains this")
     parser.add_argument("--proxy-arg", action="append", default=[], help="extra flag for `signalbox serve`")
+    parser.add_argument("--access-log", action="store_true", help="keep the proxy's access log on")
     parser.add_argument("--json", type=Path, help="also write {target: {file:function: count}} here")
     args = parser.parse_args()
+    if not args.access_log:
+        args.proxy_arg.append("--no-access-log")
     with tempfile.TemporaryDirectory(prefix="sb-bytecodes-") as name:
         tmp = Path(name)
         upstream_port = free_port()
