@@ -39,9 +39,19 @@ def estimate(call: Call, default_max_tokens: int) -> int:
 
 
 def prompt_estimate(raw: bytes, body: Mapping[str, Any] | None) -> int:
+    """About 4 bytes a token, media parts at a flat rate. `raw` is the JSON text of `body`."""
+    if body is None or (b'"type"' not in raw and b"\\u" not in raw):
+        # No object in the body has a `type` key (written plainly or with \u escapes), so no media part:
+        # the walk below would find nothing (most text-only requests skip it).
+        return math.ceil(len(raw) / BYTES_PER_TOKEN)
+    return walked_estimate(raw, body)
+
+
+def walked_estimate(raw: bytes, body: Mapping[str, Any]) -> int:
+    """`prompt_estimate` by walking the turns' content parts for media."""
     size = len(raw)
     media = 0
-    for turns in (body.get("messages"), body.get("input")) if body is not None else ():
+    for turns in (body.get("messages"), body.get("input")):
         if not isinstance(turns, list):  # `input` may be a plain string (Responses, embeddings)
             continue
         for turn in turns:
@@ -68,14 +78,15 @@ def _inline_size(part: Mapping[str, Any]) -> int:
 
 def max_output(body: Mapping[str, Any], default: int) -> int:
     """max_completion_tokens, max_tokens or max_output_tokens (times `n` choices), else the default."""
+    # `type(x) is int`: a JSON integer, not a bool (parsed JSON holds no other int subclass).
     for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
         value = body.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        if type(value) is int and value >= 0:
             break
     else:
         value = default
     choices = body.get("n")
-    if isinstance(choices, int) and not isinstance(choices, bool) and 1 < choices <= 128:
+    if type(choices) is int and 1 < choices <= 128:
         value *= choices
     return int(value)
 
