@@ -11,7 +11,7 @@ a request of an older plan re-configuring a key) starts a new one and it is comp
 from __future__ import annotations
 
 from proxy.admission.limits import KeyState
-from proxy.admission.window import adjust_all, take_all, untake
+from proxy.admission.window import adjust_all, group, take_all, untake
 from proxy.policy.plan import Limit
 
 _EPS = 1e-9
@@ -28,8 +28,9 @@ class Counters:
         self.limits: tuple[Limit, ...] = tuple(state.limit for state in states)
         """The limits as counted (after a reload, maybe newer than the ones the call carries)."""
         self.generation = generation
-        self.requests = tuple(window for state in states for window in state.requests)
-        self.tokens = tuple(window for state in states for window in state.tokens)
+        self.requests = group(tuple(window for state in states for window in state.requests))
+        self.tokens = group(tuple(window for state in states for window in state.tokens))
+        """The windows of every key by length: windows of one unit share one index computation."""
         self.capped = tuple(state for state in states if state.concurrent is not None)
         """The keys with a concurrency cap: counted on admission, given back on release."""
         self.pending = tuple(state for state in states if state.tokens)

@@ -121,54 +121,60 @@ class SlidingWindow:
 
 # --- many windows in one call (the local store's hot path: one call per dimension, not per window) ---
 
+Groups = tuple[tuple[float, tuple[SlidingWindow, ...]], ...]
+"""Windows grouped by length, `(length, windows)`: one window index per group (`group`)."""
 
-def take_all(windows: tuple[SlidingWindow, ...], now: float, cost: float, keep: float) -> bool:
-    """`SlidingWindow.take` in every one of `windows`, all or nothing: False (nothing counted) when one
-    refuses. The same arithmetic as `take`, inlined; windows of the same length share one window index."""
-    last = 0.0
-    index = 0
+
+def group(windows: tuple[SlidingWindow, ...]) -> Groups:
+    """`windows` by length, in the order each length first appears (the groups of `take_all`)."""
+    lengths: dict[float, list[SlidingWindow]] = {}
     for window in windows:
-        length = window.length
-        if length != last:
-            last = length
-            index = math.floor(now / length)
-        if index != window.index:
-            window.roll(now)
-        total = window.current + cost
-        cap = window.limit * keep + _EPS
-        if window.previous + total > cap:  # else it fits even if none of the previous window had slid out
-            elapsed = (now - index * length) / length
-            if window.previous * (1.0 - elapsed) + total > cap:
-                untake(windows, window, cost)
-                return False
-        window.current = total
+        lengths.setdefault(window.length, []).append(window)
+    return tuple((length, tuple(members)) for length, members in lengths.items())
+
+
+def take_all(groups: Groups, now: float, cost: float, keep: float) -> bool:
+    """`SlidingWindow.take` in every window of `groups`, all or nothing: False (nothing counted) when one
+    refuses. The same arithmetic as `take`, inlined, with one window index per length."""
+    for length, windows in groups:
+        index = math.floor(now / length)
+        for window in windows:
+            if index != window.index:
+                window.roll(now)
+            total = window.current + cost
+            cap = window.limit * keep + _EPS
+            if window.previous + total > cap:  # else it fits even if none of the previous window had slid out
+                elapsed = (now - index * length) / length
+                if window.previous * (1.0 - elapsed) + total > cap:
+                    untake(groups, window, cost)
+                    return False
+            window.current = total
     return True
 
 
-def untake(windows: tuple[SlidingWindow, ...], stop: SlidingWindow | None, amount: float) -> None:
-    """Undo what `take_all` just counted in `windows` before `stop` (None: in all of them)."""
-    for window in windows:
-        if window is stop:
-            return
-        window.current -= amount  # in the same window instant: exact (whole numbers)
+def untake(groups: Groups, stop: SlidingWindow | None, amount: float) -> None:
+    """Undo what `take_all` just counted in `groups` before `stop` (None: in all of them)."""
+    for _, windows in groups:
+        for window in windows:
+            if window is stop:
+                return
+            window.current -= amount  # in the same window instant: exact (whole numbers)
 
 
-def adjust_all(windows: tuple[SlidingWindow, ...], now: float, at: float, delta: float) -> None:
-    """Charge `delta` now in every one of `windows`, or refund it (negative) to the windows `at` fell in
+def adjust_all(groups: Groups, now: float, at: float, delta: float) -> None:
+    """Charge `delta` now in every window of `groups`, or refund it (negative) to the windows `at` fell in
     (`add` and `refund`, with one window index per length)."""
-    last = 0.0
-    index = 0
     if delta < 0:
-        for window in windows:  # `refund(index, -delta)`, inlined
-            if window.length != last:
-                last = window.length
-                index = math.floor(at / last)
-            if index == window.index:
-                left = window.current + delta
-                window.current = left if left > 0.0 else 0.0
-            elif index == window.index - 1:
-                left = window.previous + delta
-                window.previous = left if left > 0.0 else 0.0
+        for length, windows in groups:
+            index = math.floor(at / length)
+            for window in windows:  # `refund(index, -delta)`, inlined
+                if index == window.index:
+                    left = window.current + delta
+                    window.current = left if left > 0.0 else 0.0
+                elif index == window.index - 1:
+                    left = window.previous + delta
+                    window.previous = left if left > 0.0 else 0.0
         return
-    for window in windows:
-        window.add(now, delta)
+    for _, windows in groups:
+        for window in windows:
+            window.add(now, delta)
