@@ -45,11 +45,13 @@ class Gate:
     """A named queue: its slots, its board, operator state and counters."""
 
     __slots__ = ("spec", "classes", "board", "active", "paused", "admitted", "rejected", "left", "waits", "clock",
-                 "metrics", "scheduler", "departures", "_timer", "_timer_at", "_running", "_again")
+                 "metrics", "scheduler", "departures", "slots", "_timer", "_timer_at", "_running", "_again")
 
     def __init__(self, spec: QueueSpec, classes: tuple[str, ...], metrics: Metrics | None,
                  clock: Callable[[], float], scheduler: Scheduler | None = None) -> None:
         self.spec = spec
+        self.slots = _slots(spec)
+        """The queue's concurrency (inf: no slots), kept with `spec`."""
         self.classes = classes
         self.board = FairQueue(len(classes), spec.ageing)
         self.active = 0
@@ -69,13 +71,10 @@ class Gate:
         self._running = False
         self._again = False
 
-    @property
-    def slots(self) -> float:
-        return self.spec.concurrency if self.spec.concurrency is not None else math.inf
-
     def configure(self, spec: QueueSpec, classes: tuple[str, ...]) -> None:
         """A reload: new numbers, same waiters (re-filed if the classes changed) and counters."""
         self.spec = spec
+        self.slots = _slots(spec)
         if classes != self.classes:
             waiting = self.board.clear()
             self.board = FairQueue(len(classes), spec.ageing)
@@ -313,6 +312,10 @@ class Gate:
         self.waits.append(seconds)
         if self.metrics is not None:
             self.metrics.queue_waited(self.spec.name, seconds)
+
+
+def _slots(spec: QueueSpec) -> float:
+    return spec.concurrency if spec.concurrency is not None else math.inf
 
 
 Queue = Gate

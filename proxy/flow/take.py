@@ -85,29 +85,28 @@ async def acquire(store: LimiterStore | None, need: Need, closed: dict[str, Refu
 
 def acquire_now(store: LocalStore | None, need: Need, closed: dict[str, Refusal]) -> Grant | Blocked:
     """`acquire` from the in-memory store, which never suspends: no coroutine per limit."""
-    grant = Grant()
+    taken: Reservation | Refusal | None = None
     if need.limits:
         assert store is not None
         taken = store.acquire_now(need.limits, need.cost, need.headroom)
         if not isinstance(taken, Reservation):
             return Blocked(taken, [taken.limit.key])
-        grant.reservation = taken
-    if not need.upstreams:
-        return grant
+    upstreams = need.upstreams
+    if not upstreams:
+        return Grant(False, taken)
     assert store is not None
     first: Refusal | None = None
     keys: list[str] = []
-    for limit in need.upstreams:
+    for limit in upstreams:
         if limit.key in closed:
             first = first or closed[limit.key]
             continue
         held = store.acquire_limit_now(limit, _upstream_cost(need, limit), need.headroom)
         if isinstance(held, Reservation):
-            grant.upstream, grant.upstream_limit = held, limit
-            return grant
+            return Grant(False, taken, held, limit)
         keys.append(limit.key)
         first = _sooner(held, first)
-    give_back_now(store, grant)
+    give_back_now(store, Grant(False, taken))
     assert first is not None
     return Blocked(first, keys)
 
