@@ -14,6 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.admission import tokens as tok
+from proxy.admission.local import LocalStore
+from proxy.admission.store import Reservation
+from proxy.policy.plan import Limit
+from proxy.policy.rates import LimitSpec
 
 _MEDIA = sorted(tok._MEDIA_PARTS)
 _KEYS = st.sampled_from(["type", "text", "content", "role", "image_url", "data", "x"])
@@ -71,3 +75,62 @@ def test_the_estimate_still_charges_media_written_with_escapes() -> None:
     assert b'"type"' not in raw
     assert tok.prompt_estimate(raw, body) == tok.walked_estimate(raw, body)
     assert tok.prompt_estimate(raw, body) < tok.MEDIA_TOKENS + len(raw) // 4 - 500
+
+
+# --- the compiled counters (grouped windows, the fresh finish) against the key-by-key path ------------
+
+_SPECS = [
+    LimitSpec(requests_per_minute=6, tokens_per_minute=400, concurrent=3, requests_per_second=2),
+    LimitSpec(requests_per_minute=4, tokens_per_second=90, tokens_per_hour=2000),
+    LimitSpec(concurrent=2, requests_per_hour=9, tokens_per_minute=300),
+]
+_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("acquire"), st.integers(0, 120), st.sampled_from([0.0, 0.25])),
+        st.tuples(st.just("finish"), st.integers(0, 7), st.integers(-1, 150)),
+        st.tuples(st.just("wait"), st.floats(0.0, 40.0), st.just(0)),
+    ),
+    max_size=40,
+)
+
+
+class _Clock:
+    now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _snapshot(store: LocalStore) -> list[tuple[Any, ...]]:
+    return [(key, state.in_use, state.pending, [(w.name, w.index, w.current, w.previous)
+                                                 for w in state.requests + state.tokens])
+            for key, state in sorted(store._states.items())]
+
+
+@settings(max_examples=300, deadline=None)
+@given(_OPS)
+def test_the_compiled_counters_count_as_the_keys_one_by_one(ops: list[tuple[str, Any, Any]]) -> None:
+    """A tuple of limits is counted through compiled `Counters` (windows grouped by length, a fresh
+    reservation finished in one pass); a list goes key by key (`KeyState.admit`, `settle_now` then
+    `release_now`): every counter must end the same after any sequence of requests and settlements."""
+    limits = tuple(Limit(f"k{i}", f"scope {i}", "a", spec) for i, spec in enumerate(_SPECS))
+    clock = _Clock()
+    compiled, by_keys = LocalStore(clock, window=60.0), LocalStore(clock, window=60.0)
+    held: list[tuple[Reservation, Reservation]] = []
+    for op, a, b in ops:
+        if op == "wait":
+            clock.now += a
+        elif op == "acquire":
+            one, two = compiled.acquire_now(limits, a, b), by_keys.acquire_now(list(limits), a, b)
+            assert isinstance(one, Reservation) == isinstance(two, Reservation)
+            if isinstance(one, Reservation) and isinstance(two, Reservation):
+                assert one.counters is not None and two.counters is None
+                held.append((one, two))
+        elif held:
+            one, two = held.pop(a % len(held))
+            tokens = one.tokens if b < 0 else b  # -1: the estimate was right
+            compiled.finish_now(one, 1, tokens)
+            by_keys.settle_now(two, 1, tokens)
+            by_keys.release_now(two)
+            compiled.finish_now(one, 1, tokens)  # a second finish changes nothing
+        assert _snapshot(compiled) == _snapshot(by_keys)

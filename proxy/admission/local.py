@@ -154,6 +154,20 @@ class LocalStore:
 
     def finish_now(self, reservation: Reservation, requests: int, tokens: int) -> None:
         """`finish`, without the coroutine: settle and release in one pass over the keys."""
+        counters = reservation.counters
+        if counters is not None and counters.generation == self._generation and not reservation.settled \
+                and not reservation.released:
+            # The usual case, neither settled nor released yet, into counters still current: what the
+            # general path below decides for it, without its bookkeeping.
+            reservation.settled = True
+            reservation.released = concurrent = reservation.concurrent
+            reserved = reservation.tokens
+            d_requests, d_tokens = requests - reservation.requests, tokens - reserved
+            if d_requests or d_tokens or reserved:
+                counters.adjust(self._clock(), reservation.at, reserved, d_requests, d_tokens)
+            if concurrent:
+                counters.release()
+            return
         settle = not reservation.settled
         reservation.settled = True
         d_requests, d_tokens = requests - reservation.requests, tokens - reservation.tokens

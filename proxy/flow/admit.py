@@ -89,9 +89,12 @@ class Admission:
         totals = self.tokens.get(tenant.name)
         if totals is None:
             totals = self.tokens[tenant.name] = [0, 0, 0]
-        totals[0] += reserved
-        totals[1] += settled
-        totals[2] += refunded
+        if reserved:  # a call reserves, then settles: each time, some of the three are 0
+            totals[0] += reserved
+        if settled:
+            totals[1] += settled
+        if refunded:
+            totals[2] += refunded
 
     def rejected(self, reason: str) -> None:
         if self.metrics is not None:
