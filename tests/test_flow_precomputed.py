@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from proxy.admission import tokens as tok
 from proxy.admission.local import LocalStore
 from proxy.admission.store import Reservation
+from proxy.flow.take import OPEN, Grant, Need, acquire_now
 from proxy.policy.plan import Limit
 from proxy.policy.rates import LimitSpec
 
@@ -33,7 +34,8 @@ def _part() -> st.SearchStrategy[Any]:
 
 
 _TURN = st.one_of(
-    st.fixed_dictionaries({"role": st.just("user"), "content": st.one_of(st.text(max_size=10), st.lists(_part(), max_size=3))}),
+    st.fixed_dictionaries({"role": st.just("user"),
+                           "content": st.one_of(st.text(max_size=10), st.lists(_part(), max_size=3))}),
     _LEAVES,
 )
 _BODY = st.fixed_dictionaries(
@@ -77,18 +79,19 @@ def test_the_estimate_still_charges_media_written_with_escapes() -> None:
     assert tok.prompt_estimate(raw, body) < tok.MEDIA_TOKENS + len(raw) // 4 - 500
 
 
-# --- the compiled counters (grouped windows, the fresh finish) against the key-by-key path ------------
+# --- the compiled counters (grouped windows, pairs, the fresh finish) against the key-by-key path -------
 
 _SPECS = [
     LimitSpec(requests_per_minute=6, tokens_per_minute=400, concurrent=3, requests_per_second=2),
     LimitSpec(requests_per_minute=4, tokens_per_second=90, tokens_per_hour=2000),
     LimitSpec(concurrent=2, requests_per_hour=9, tokens_per_minute=300),
 ]
+_UPSTREAM = LimitSpec(requests_per_minute=5, tokens_per_minute=350, concurrent=2)
 _OPS = st.lists(
     st.one_of(
-        st.tuples(st.just("acquire"), st.integers(0, 120), st.sampled_from([0.0, 0.25])),
-        st.tuples(st.just("finish"), st.integers(0, 7), st.integers(-1, 150)),
-        st.tuples(st.just("wait"), st.floats(0.0, 40.0), st.just(0)),
+        st.tuples(st.just("acquire"), st.integers(0, 120), st.sampled_from([0.0, 0.25]), st.sampled_from([0, 1, 7])),
+        st.tuples(st.just("finish"), st.integers(0, 7), st.integers(-1, 150), st.integers(-1, 150)),
+        st.tuples(st.just("wait"), st.floats(0.0, 40.0), st.just(0), st.just(0)),
     ),
     max_size=40,
 )
@@ -101,36 +104,61 @@ class _Clock:
         return self.now
 
 
-def _snapshot(store: LocalStore) -> list[tuple[Any, ...]]:
+def _snapshot(store: LocalStore, now: float) -> list[tuple[Any, ...]]:
+    """Every key's counters, each window rolled to `now` (a window rolled earlier counts the same)."""
+    for state in store._states.values():
+        for window in state.requests + state.tokens:
+            window.roll(now)
     return [(key, state.in_use, state.pending, [(w.name, w.index, w.current, w.previous)
                                                  for w in state.requests + state.tokens])
             for key, state in sorted(store._states.items())]
 
 
+def _by_keys(store: LocalStore, own: list[Limit], up: Limit, cost: int, up_cost: int, headroom: float
+             ) -> tuple[Reservation, Reservation] | None:
+    """The reference: own limits, then the upstream's, each key by key (a list is never compiled)."""
+    first = store.acquire_now(own, cost, headroom)
+    if not isinstance(first, Reservation):
+        return None
+    second = store.acquire_now([up], up_cost, headroom)
+    if not isinstance(second, Reservation):
+        store.settle_now(first, 0, 0)
+        store.release_now(first)
+        return None
+    return first, second
+
+
 @settings(max_examples=300, deadline=None)
 @given(_OPS)
-def test_the_compiled_counters_count_as_the_keys_one_by_one(ops: list[tuple[str, Any, Any]]) -> None:
-    """A tuple of limits is counted through compiled `Counters` (windows grouped by length, a fresh
-    reservation finished in one pass); a list goes key by key (`KeyState.admit`, `settle_now` then
+def test_the_compiled_counters_count_as_the_keys_one_by_one(ops: list[tuple[str, Any, Any, Any]]) -> None:
+    """A request's own limits and its upstream's are counted through compiled `Counters` (windows grouped
+    by length, own and upstream in one pass when they reserve the same tokens, a fresh reservation
+    finished in one pass); the reference takes them key by key (`KeyState.admit`, `settle_now` then
     `release_now`): every counter must end the same after any sequence of requests and settlements."""
-    limits = tuple(Limit(f"k{i}", f"scope {i}", "a", spec) for i, spec in enumerate(_SPECS))
+    own = tuple(Limit(f"k{i}", f"scope {i}", "a", spec) for i, spec in enumerate(_SPECS))
+    up = Limit("upstream:u", "upstream 'u'", "", _UPSTREAM)
     clock = _Clock()
     compiled, by_keys = LocalStore(clock, window=60.0), LocalStore(clock, window=60.0)
-    held: list[tuple[Reservation, Reservation]] = []
-    for op, a, b in ops:
+    held: list[tuple[Grant, tuple[Reservation, Reservation]]] = []
+    for op, a, b, c in ops:
         if op == "wait":
             clock.now += a
         elif op == "acquire":
-            one, two = compiled.acquire_now(limits, a, b), by_keys.acquire_now(list(limits), a, b)
-            assert isinstance(one, Reservation) == isinstance(two, Reservation)
-            if isinstance(one, Reservation) and isinstance(two, Reservation):
-                assert one.counters is not None and two.counters is None
-                held.append((one, two))
+            up_cost = a + c if c != 1 else a  # 1: the same tokens (one pass), else other tokens (two)
+            grant = acquire_now(compiled, Need(False, own, a, (up,), up_cost, b), OPEN)
+            reference = _by_keys(by_keys, list(own), up, a, up_cost, b)
+            assert isinstance(grant, Grant) == (reference is not None)
+            if isinstance(grant, Grant) and reference is not None:
+                assert grant.reservation is not None and grant.upstream is not None
+                assert (grant.reservation.tokens, grant.upstream.tokens) == (reference[0].tokens, reference[1].tokens)
+                held.append((grant, reference))
         elif held:
-            one, two = held.pop(a % len(held))
-            tokens = one.tokens if b < 0 else b  # -1: the estimate was right
-            compiled.finish_now(one, 1, tokens)
-            by_keys.settle_now(two, 1, tokens)
-            by_keys.release_now(two)
-            compiled.finish_now(one, 1, tokens)  # a second finish changes nothing
-        assert _snapshot(compiled) == _snapshot(by_keys)
+            grant, reference = held.pop(a % len(held))
+            for taken, ref, spent in ((grant.reservation, reference[0], b), (grant.upstream, reference[1], c)):
+                assert taken is not None
+                tokens = taken.tokens if spent < 0 else spent  # -1: the estimate was right
+                compiled.finish_now(taken, 1, tokens)
+                by_keys.settle_now(ref, 1, tokens)
+                by_keys.release_now(ref)
+                compiled.finish_now(taken, 1, tokens)  # a second finish changes nothing
+        assert _snapshot(compiled, clock.now) == _snapshot(by_keys, clock.now)

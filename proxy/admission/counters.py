@@ -74,6 +74,18 @@ class Counters:
                 state.in_use -= 1
 
 
+class Pair:
+    """A tuple of own limits and one upstream limit, taken in one pass (`LocalStore.acquire_pair_now`):
+    `both` counts them together; each reservation settles in its own part's counters."""
+
+    __slots__ = ("own", "upstream", "both")
+
+    def __init__(self, own: Counters, upstream: Counters, both: Counters) -> None:
+        self.own = own
+        self.upstream = upstream
+        self.both = both
+
+
 def distinct(states: list[KeyState]) -> bool:
     """Each key once: a tuple naming a key twice is counted key by key (the general path)."""
     return len({id(state) for state in states}) == len(states)

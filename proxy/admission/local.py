@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from proxy.admission.counters import Counters, distinct
+from proxy.admission.counters import Counters, Pair, distinct
 from proxy.admission.limits import WINDOW, KeyState, Refusal, Usage, longer
 from proxy.admission.store import Reservation
 from proxy.policy.plan import Limit
@@ -24,7 +24,7 @@ _COMPILED = 4096
 
 
 class LocalStore:
-    __slots__ = ("_clock", "_length", "_states", "_current", "_compiled", "_generation")
+    __slots__ = ("_clock", "_length", "_states", "_current", "_compiled", "_pairs", "_generation")
 
     def __init__(self, clock: Callable[[], float] = time.monotonic, window: float = WINDOW) -> None:
         """`window`: the length of a minute (tests shrink it; every unit scales with it)."""
@@ -37,6 +37,8 @@ class LocalStore:
         self._compiled: dict[int, Counters] = {}
         """`Counters` by the id of the tuple (or single limit) they were compiled for (a tuple that names
         a key twice has none: it is counted key by key)."""
+        self._pairs: dict[tuple[int, int], Pair] = {}
+        """`Pair`s by the ids of their own limits' tuple and their upstream limit."""
         self._generation = 0
         """Bumped whenever a key's windows, caps or numbers change: older `Counters` are compiled again."""
 
@@ -66,6 +68,25 @@ class LocalStore:
         counters = self._compiled[id(source)] = Counters(source, tuple(states), self._generation)
         return counters
 
+    def _pair(self, limits: tuple[Limit, ...], upstream: Limit) -> Pair | None:
+        """The compiled `Pair` of `limits` and `upstream`, compiled now if missing or out of date; None when
+        a key is named twice."""
+        pair = self._pairs.get((id(limits), id(upstream)))
+        if pair is not None and pair.both.generation == self._generation and pair.own.source is limits \
+                and pair.upstream.source is upstream:
+            return pair
+        if upstream.key not in self._states:
+            return None  # its counters appear once a request of its own is counted in them, not before
+        own, alone = self._counters(limits), self._counters(upstream)
+        states = [self._state(limit) for limit in (*limits, upstream)]
+        if own is None or alone is None or own.generation != self._generation or not distinct(states):
+            return None  # (a key re-configured meanwhile: compiled again next time)
+        if len(self._pairs) >= _COMPILED:
+            self._pairs.clear()
+        both = Counters((limits, upstream), tuple(states), self._generation)
+        pair = self._pairs[id(limits), id(upstream)] = Pair(own, alone, both)
+        return pair
+
     async def reconfigure(self, limits: Mapping[str, Limit]) -> None:
         """After a reload: counters whose key survives take the new numbers now (counts kept, so a
         lower limit bites at once and a higher one frees capacity at once); the others are dropped
@@ -73,6 +94,7 @@ class LocalStore:
         self._current = dict(limits)
         self._generation += 1
         self._compiled.clear()  # the previous plan's tuples: compiled again for the ones still in use
+        self._pairs.clear()
         for key in [k for k in self._states if k not in limits]:
             del self._states[key]
         for key, state in self._states.items():
@@ -118,6 +140,24 @@ class LocalStore:
             return self._refusal(counters.limits, now, tokens, headroom)
         return Reservation(counters.limits, math.floor(now / self._length), 1, tokens, counters.concurrent,
                            False, False, now, counters)
+
+    def acquire_pair_now(self, limits: tuple[Limit, ...], upstream: Limit, tokens: int, headroom: float = 0.0
+                         ) -> tuple[Reservation, Reservation] | None:
+        """`acquire_now(limits, tokens, headroom)` and `acquire_limit_now(upstream, tokens, headroom)` in one
+        pass, both or neither: the own and the upstream reservation (each settles on its own). None, with
+        nothing counted, when one would refuse: taken one by one, they say which and why. `upstream` counts
+        `tokens` too, or has no token windows (what it would count is 0 then)."""
+        pair = self._pair(limits, upstream)
+        if pair is None:
+            return None
+        now = self._clock()
+        if not pair.both.take(now, tokens, 1.0 - headroom):
+            return None
+        own, alone = pair.own, pair.upstream
+        window = math.floor(now / self._length)
+        return (Reservation(own.limits, window, 1, tokens, own.concurrent, False, False, now, own),
+                Reservation(alone.limits, window, 1, tokens if alone.tokens else 0, alone.concurrent, False, False,
+                            now, alone))
 
     def _acquire_keys(self, limits: Sequence[Limit], tokens: int, headroom: float) -> Reservation | Refusal:
         """The general path, key by key (a tuple that names a key twice)."""
