@@ -208,6 +208,10 @@ class LocalStore:
             if concurrent:
                 counters.release()
             return
+        self._finish_general(reservation, requests, tokens)
+
+    def _finish_general(self, reservation: Reservation, requests: int, tokens: int) -> None:
+        """`finish_now` for any reservation: settled or released before, or counted before a reload."""
         settle = not reservation.settled
         reservation.settled = True
         d_requests, d_tokens = requests - reservation.requests, tokens - reservation.tokens

@@ -20,6 +20,7 @@ import math
 from typing import TYPE_CHECKING
 
 from proxy.admission.local import LocalStore
+from proxy.admission.store import LimiterStore
 from proxy.call import Call, WaitingRoom
 from proxy.errors import QueueFull, QueueShed
 from proxy.flow import shed
@@ -34,74 +35,57 @@ if TYPE_CHECKING:
     from proxy.flow.scheduler import Scheduler
 
 
+SLOT_ONLY = 1
+"""`Entry.mode`: a batch's slot (its callers took their limits and tokens one by one)."""
+HIT = 2
+"""`Entry.mode`: a cache hit (own limits only, one request, no tokens, no slot, no upstream)."""
+
+
 class Entry:
-    __slots__ = ("scheduler", "call", "limits", "cls", "waiting", "has_slot", "slot_only", "free", "queued_upstream",
-                 "grant", "gate")
+    __slots__ = ("scheduler", "call", "limits", "cls", "waiting", "has_slot", "mode", "grant", "gate")
 
     def __init__(self, scheduler: Scheduler, call: Call, limits: LimitSet | None, cls: int,
-                 waiting: WaitingRoom | None, has_slot: bool, *, slot_only: bool = False, hit: bool = False) -> None:
+                 waiting: WaitingRoom | None, has_slot: bool, mode: int = 0) -> None:
         self.scheduler = scheduler
         self.call = call
         self.limits = limits
         self.cls = cls
         self.waiting = waiting
         self.has_slot = has_slot
-        self.slot_only = slot_only
-        self.free = slot_only or hit
-        """No tokens are reserved: a batch's slot (its callers took theirs), or a cache hit."""
-        self.queued_upstream = call.route is not None and call.route.batch is None and not hit
-        """A queued call waits for one of its upstreams' limits too (not a batch's callers, not a cache hit:
-        neither goes upstream on its own)."""
+        self.mode = mode
+        """0, SLOT_ONLY or HIT; either of the last two reserves no tokens."""
         self.grant: Grant | None = None
         self.gate: Gate | None = None
 
     async def __aenter__(self) -> None:
-        call, scheduler = self.call, self.scheduler
+        call, scheduler, mode = self.call, self.scheduler, self.mode
         route = call.route
         assert route is not None
-        cost = 0 if self.free else estimate_tokens(call, self.limits)
+        cost = 0 if mode else estimate_tokens(call, self.limits)
         own = self.limits.limits if self.limits is not None else ()
-        waits = route.on_limit == "queue" and route.queue is not None and not self.slot_only
-        store = scheduler.store()
+        spec = route.queue
+        waits = route.on_limit == "queue" and spec is not None and mode != SLOT_ONLY
+        store = scheduler.admission.store
         local = store if isinstance(store, LocalStore) else None
         if own and not waits:  # over a limit the route answers 429 at once
-            reserve = shed.headroom(route.queue, self.cls) if route.queue is not None else 0.0
-            need = Need(False, own, cost, headroom=reserve)
-            taken = acquire_now(local, need, OPEN) if local is not None else await acquire(store, need, {})
-            if not isinstance(taken, Grant):
-                raise rejection(scheduler.admission, taken.refusal, call, False)
-            self._adopt(taken)
+            await self._own_at_once(own, cost, store)
             own = ()
-        upstreams = route.upstream_choices if waits and self.queued_upstream else ()
+        # A queued call waits for one of its upstreams' limits too (not a batch's callers, not a cache hit:
+        # neither goes upstream on its own).
+        upstreams = route.upstream_choices if waits and route.batch is None and mode != HIT else ()
         if not self.has_slot and not own and not upstreams:
             return  # nothing to wait for in a queue (upstream limits: dispatch takes them per attempt)
+        assert spec is not None
         try:
-            gate, need = self._arrive(own, cost, upstreams)
+            gate = self.gate = scheduler.queue(spec, call.plan.priorities, newest=not scheduler.reloads)
+            need = Need(self.has_slot, own, cost, upstreams, call.token_estimate, shed.headroom(spec, self.cls))
             # Nobody waiting and everything free: taken here and now, without suspending (in-memory store).
             outcome = gate.try_now_local(need, local) if local is not None else await gate.try_now(need)
-            if not self._admitted(gate, outcome):
+            if not self._admitted(gate, outcome, store):
                 await self._wait(gate, need, outcome)
         except BaseException:
             await self._undo()
             raise
-
-    def _arrive(self, own: tuple[Limit, ...], cost: int, upstreams: tuple[Limit, ...]) -> tuple[Gate, Need]:
-        """The route's gate, and what the call needs from it."""
-        call, scheduler = self.call, self.scheduler
-        spec = call.route.queue if call.route is not None else None
-        assert spec is not None
-        gate = self.gate = scheduler.queue(spec, call.plan.priorities, newest=not scheduler.reloads)
-        return gate, Need(self.has_slot, own, cost, upstreams, call.token_estimate, shed.headroom(spec, self.cls))
-
-    def _admitted(self, gate: Gate, outcome: Grant | Blocked | None) -> bool:
-        """Granted at arrival (True), or must wait (False); a request bigger than a limit is refused."""
-        if isinstance(outcome, Grant):
-            self._adopt(outcome)
-            gate.admit(None)
-            return True
-        if isinstance(outcome, Blocked) and outcome.refusal.retry_after is None:  # bigger than the limit
-            raise rejection(self.scheduler.admission, outcome.refusal, self.call, False)
-        return False
 
     async def _undo(self) -> None:
         """The call never got past its queue: what it took at arrival goes back (nothing was sent)."""
@@ -111,7 +95,27 @@ class Entry:
             if await self.scheduler.admission.settle(self.call, reservation):
                 self.scheduler.kick()
 
-    def _adopt(self, taken: Grant) -> None:
+    def _admitted(self, gate: Gate, outcome: Grant | Blocked | None, store: LimiterStore) -> bool:
+        """Granted at arrival (True), or must wait (False); a request bigger than a limit is refused."""
+        if isinstance(outcome, Grant):
+            self._adopt(outcome, store)
+            gate.admit(None)
+            return True
+        if isinstance(outcome, Blocked) and outcome.refusal.retry_after is None:  # bigger than the limit
+            raise rejection(self.scheduler.admission, outcome.refusal, self.call, False)
+        return False
+
+    async def _own_at_once(self, own: tuple[Limit, ...], cost: int, store: LimiterStore) -> None:
+        """A route that rejects over its limits: take them now, or the 429."""
+        spec = self.call.route.queue if self.call.route is not None else None
+        need = Need(False, own, cost, headroom=shed.headroom(spec, self.cls) if spec is not None else 0.0)
+        local = store if isinstance(store, LocalStore) else None
+        taken = acquire_now(local, need, OPEN) if local is not None else await acquire(store, need, {})
+        if not isinstance(taken, Grant):
+            raise rejection(self.scheduler.admission, taken.refusal, self.call, False)
+        self._adopt(taken, store)
+
+    def _adopt(self, taken: Grant, store: LimiterStore) -> None:
         grant = self.grant
         reservation = taken.reservation
         if grant is None:  # the first grant is kept as is
@@ -123,9 +127,9 @@ class Entry:
                 grant.reservation = reservation
         if reservation is not None and reservation.tokens:
             self.scheduler.admission.count_tokens(self.call, reservation.tokens, 0, 0)
-        if taken.upstream is not None and taken.upstream_limit is not None:
-            store = self.scheduler.store()
-            self.call.prehold = (taken.upstream_limit.key, UpstreamHold(store, taken.upstream, self.scheduler.kick))
+        upstream = taken.upstream
+        if upstream is not None and taken.upstream_limit is not None:
+            self.call.prehold = (taken.upstream_limit.key, UpstreamHold(store, upstream, self.scheduler.kick))
             taken.upstream = None  # the prehold finishes it
 
     async def _wait(self, gate: Gate, need: Need, first: Grant | Blocked | None) -> None:
@@ -163,7 +167,7 @@ class Entry:
         finally:
             if begun and self.waiting is not None:
                 self.waiting.end()
-        self._adopt(taken)
+        self._adopt(taken, self.scheduler.admission.store)
         call.queue_wait = taken.waited
         gate.admit(taken.waited)
         call.mark("slot")
@@ -196,7 +200,7 @@ class Entry:
                 and future.exception() is None:
             taken: Grant = future.result()  # granted just as the client left: pass everything on
             gate.release(taken)
-            await give_back(self.scheduler.store(), taken)
+            await give_back(self.scheduler.admission.store, taken)
             self.scheduler.kick()
             return
         if gate.board.remove(ticket):
@@ -206,7 +210,7 @@ class Entry:
     async def __aexit__(self, *exc: object) -> None:
         call, scheduler = self.call, self.scheduler
         grant = self.grant
-        store = scheduler.store()
+        store = scheduler.admission.store
         local = store if isinstance(store, LocalStore) else None
         freed = False
         hold = call.hold

@@ -18,7 +18,7 @@ from proxy.call import Call, WaitingRoom
 from proxy.errors import InvalidRequest, ProxyError, RateLimited
 from proxy.flow.admit import NOTHING, Admission, describe_refusal, rejection
 from proxy.flow.board import Ticket
-from proxy.flow.enter import Entry  # enter.py knows this module only for type checking
+from proxy.flow.enter import HIT, SLOT_ONLY, Entry  # enter.py knows this module only for type checking
 from proxy.flow.gate import Gate
 from proxy.policy.plan import Plan, QueueSpec, TenantRule
 from proxy.telemetry.metrics import Metrics
@@ -109,7 +109,7 @@ class Scheduler:
         limits = route.limit_sets.get(tenant.name) if route.limit_sets else None
         if limits is None:
             return NOTHING
-        return Entry(self, call, limits, priority_of(call.plan, tenant, asked), None, False, hit=True)
+        return Entry(self, call, limits, priority_of(call.plan, tenant, asked), None, False, HIT)
 
     def slot(self, call: Call, asked: str | None = None) -> AbstractAsyncContextManager[None]:
         """Only a slot of the route's queue, in order (an embeddings batch's flush: its callers' limits
@@ -119,7 +119,7 @@ class Scheduler:
         spec = route.queue
         if spec is None or spec.concurrency is None:
             return NOTHING
-        return Entry(self, call, None, priority_of(call.plan, tenant, asked), None, True, slot_only=True)
+        return Entry(self, call, None, priority_of(call.plan, tenant, asked), None, True, SLOT_ONLY)
 
     def refusal_error(self, refusal: Refusal, ticket: Ticket | None, *, waited: bool,
                       call: Call | None = None) -> RateLimited:
