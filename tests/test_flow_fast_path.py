@@ -218,6 +218,11 @@ async def test_the_in_memory_and_the_generic_path_give_the_same_results(make_pla
     assert await burst(fast) == await burst(generic)
     assert fast.served == generic.served
     assert await fast.counts() == await generic.counts()
+    # The tokens each tenant reserved, settled and had refunded (signalbox_tokens_total), the same whether
+    # a request's own limits and its upstream's were settled in one pass (in-memory) or one by one.
+    reserved, settled, refunded = fast.admission.tokens["app"]
+    assert settled == 12 * USED and reserved == settled + refunded > settled
+    assert fast.admission.tokens == generic.admission.tokens
 
 
 @pytest.mark.parametrize("generic", [False, True], ids=["in-memory", "generic"])
