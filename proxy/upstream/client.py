@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any, cast
 
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
-from yarl import URL
 
 from proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
 from proxy.policy.plan import MockPlan, Plan, UpstreamSpec
+from proxy.upstream import wire
 from proxy.upstream.registry import Registry
 
 if TYPE_CHECKING:
@@ -186,24 +186,28 @@ class UpstreamClients:
 
             runner, root = await start_mock(_mock_settings(spec.mock))
             base_url = root + "/v1"
-        connector = PoolConnector(
-            limit=spec.max_connections,
-            limit_per_host=0,
-            keepalive_timeout=spec.keepalive,
-            ttl_dns_cache=30,
-            enable_cleanup_closed=False,
-        )
-        session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=None),
-            auto_decompress=True,
-            raise_for_status=False,
-            # Cookies an upstream sets (OpenAI's Cloudflare ones) are relayed to the caller that got them and
-            # never kept: a shared jar would replay one tenant's cookies for every other. Also skips the
-            # jar's per-request filtering.
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
-        return _Pool(spec, session, base_url, runner)
+        return _Pool(spec, open_session(spec.max_connections, spec.keepalive), base_url, runner)
+
+
+def open_session(limit: int, keepalive: float) -> aiohttp.ClientSession:
+    """A session over a PoolConnector of `limit` connections kept `keepalive` seconds."""
+    connector = PoolConnector(
+        limit=limit,
+        limit_per_host=0,
+        keepalive_timeout=keepalive,
+        ttl_dns_cache=30,
+        enable_cleanup_closed=False,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=None),
+        auto_decompress=True,
+        raise_for_status=False,
+        # Cookies an upstream sets (OpenAI's Cloudflare ones) are relayed to the caller that got them and
+        # never kept: a shared jar would replay one tenant's cookies for every other. Also skips the
+        # jar's per-request filtering.
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
 
 
 def _mock_settings(plan: MockPlan) -> MockSettings:
@@ -257,20 +261,27 @@ async def send_once(
     # A stream's body reads are timed by the relay's watchdog (first event, then `idle` between events):
     # a socket read timeout of first_token would cut a stream whose events are further apart than that.
     timeout = _client_timeout(connect, None if stream else first_token)
-    target = _url(url)
+    bufsize = STREAM_READ_BUFSIZE if stream else session._read_bufsize
+    where = wire.target(url)
+    upper = method.upper()
+    head = wire.fields(where, upper, headers, body) if where.lean and not query else None
     _STREAMING.set(stream)
     for stale_retry in (method not in _IDEMPOTENT, False):
         _REUSED.set(False)
         try:
             if not stream:  # the socket read timeout bounds the wait for the headers
+                if head is not None:
+                    return await wire.send(session, where, upper, head, body, timeout, bufsize)
                 return await session.request(
-                    method, target, data=body, headers=headers, params=query, timeout=timeout,
+                    method, where.url, data=body, headers=headers, params=query, timeout=timeout,
                     allow_redirects=False,
                 )
             async with asyncio.timeout(first_token):
+                if head is not None:
+                    return await wire.send(session, where, upper, head, body, timeout, bufsize)
                 return await session.request(
-                    method, target, data=body, headers=headers, params=query, timeout=timeout,
-                    allow_redirects=False, read_bufsize=STREAM_READ_BUFSIZE,
+                    method, where.url, data=body, headers=headers, params=query, timeout=timeout,
+                    allow_redirects=False, read_bufsize=bufsize,
                 )
         except aiohttp.ClientConnectorError as exc:
             raise UpstreamUnreachable(
@@ -307,12 +318,6 @@ async def send_once(
 def _client_timeout(connect: float, read: float | None) -> aiohttp.ClientTimeout:
     """One immutable ClientTimeout per (connect, read) pair: the values come from the policy."""
     return aiohttp.ClientTimeout(total=None, connect=None, sock_connect=connect, sock_read=read)
-
-
-@functools.lru_cache(maxsize=256)
-def _url(url: str) -> URL:
-    """Parsed once per distinct upstream URL (they repeat: base URL + path, rarely a query)."""
-    return URL(url, encoded=True)
 
 
 def _reason(exc: aiohttp.ClientConnectorError) -> str:
