@@ -52,7 +52,8 @@ BULK_RCVBUF = 4 * 1024 * 1024
 """SO_RCVBUF given back to a pooled socket a stream had, when a non-stream request reuses it (the kernel
 caps it at net.core.rmem_max; the autotuning a socket starts with cannot be turned back on)."""
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-"""aiohttp itself resends these once on a dropped connection (RFC 9112 §9.3.1): no second resend here."""
+"""aiohttp resends these once on a dropped connection (RFC 9112 §9.3.1), fresh or pooled: the hand-written
+path does the same, and neither adds a second resend."""
 
 
 class LazyReadTimer(ResponseHandler):
@@ -261,38 +262,38 @@ async def send_once(
     # A stream's body reads are timed by the relay's watchdog (first event, then `idle` between events):
     # a socket read timeout of first_token would cut a stream whose events are further apart than that.
     timeout = _client_timeout(connect, None if stream else first_token)
-    bufsize = STREAM_READ_BUFSIZE if stream else session._read_bufsize
     where = wire.target(url)
-    upper = method.upper()
-    head = wire.fields(where, upper, headers, body) if where.lean and not query else None
+    idempotent = method in _IDEMPOTENT
+    # The hand-written path (wire.py) where it models aiohttp: an upper-case method, no query to encode, and
+    # not an idempotent stream (whose resend aiohttp makes within the same first_token window).
+    lean = where.lean and not query and method.isupper() and not (stream and idempotent)
+    head = wire.head(where, method, headers, body) if lean else None
+    # aiohttp resends an idempotent request once on a dropped connection (RFC 9112 §9.3.1): here on the
+    # hand-written path, inside session.request otherwise. Any other is resent once on a stale pooled one.
     _STREAMING.set(stream)
-    for stale_retry in (method not in _IDEMPOTENT, False):
+    for resend in (head is not None or not idempotent, False):
         _REUSED.set(False)
         try:
             if not stream:  # the socket read timeout bounds the wait for the headers
                 if head is not None:
-                    return await wire.send(session, where, upper, head, body, timeout, bufsize)
+                    return await wire.send(session, where, method, head, body, timeout, session._read_bufsize)
                 return await session.request(
                     method, where.url, data=body, headers=headers, params=query, timeout=timeout,
                     allow_redirects=False,
                 )
             async with asyncio.timeout(first_token):
                 if head is not None:
-                    return await wire.send(session, where, upper, head, body, timeout, bufsize)
+                    return await wire.send(session, where, method, head, body, timeout, STREAM_READ_BUFSIZE)
                 return await session.request(
                     method, where.url, data=body, headers=headers, params=query, timeout=timeout,
-                    allow_redirects=False, read_bufsize=bufsize,
+                    allow_redirects=False, read_bufsize=STREAM_READ_BUFSIZE,
                 )
         except aiohttp.ClientConnectorError as exc:
             raise UpstreamUnreachable(
                 f"could not connect to upstream '{upstream}' ({_reason(exc)}); check that it is running"
             ) from None
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientConnectionResetError) as exc:
-            # Closed or reset before any response byte on a reused connection: the server had just closed
-            # it (its FIN raced our request), seen as a disconnect, EPIPE or ECONNRESET. A disconnect after
-            # the first byte of a status line carries the partial message.
-            no_answer = not isinstance(exc, aiohttp.ServerDisconnectedError) or isinstance(exc.message, str)
-            if stale_retry and no_answer and _REUSED.get():
+            if resend and _resend(exc, idempotent):
                 log.debug("upstream %s closed a pooled connection; retrying once", upstream)
                 continue
             raise UpstreamUnreachable(
@@ -312,6 +313,19 @@ async def send_once(
         except aiohttp.ClientError as exc:
             raise UpstreamUnreachable(f"upstream '{upstream}' failed: {type(exc).__name__}") from None
     raise AssertionError("unreachable")
+
+
+def _resend(exc: Exception, idempotent: bool) -> bool:
+    """Whether a connection that broke before the answer's headers may carry the request again. Closed or
+    reset before any response byte on a reused connection: the server had just closed it (its FIN raced our
+    request), seen as a disconnect, EPIPE or ECONNRESET. A disconnect after the first byte of a status line
+    carries the partial message. An idempotent request: what aiohttp resends (a dropped connection, reused or
+    not, but not a reset while writing nor an OSError it converted)."""
+    if idempotent:
+        return isinstance(exc, (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError)) and not isinstance(
+            exc, wire.ConvertedOSError)
+    no_answer = not isinstance(exc, aiohttp.ServerDisconnectedError) or isinstance(exc.message, str)
+    return no_answer and _REUSED.get()
 
 
 @functools.lru_cache(maxsize=64)

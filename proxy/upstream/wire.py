@@ -18,16 +18,13 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 from aiohttp import ClientError, ClientOSError, ClientResponse, ClientSession, ClientTimeout, hdrs
-from aiohttp.client import IDEMPOTENT_METHODS
 from aiohttp.client_exceptions import (
     ClientConnectionError,
     ClientConnectionResetError,
-    ClientConnectorError,
     ConnectionTimeoutError,
-    ServerDisconnectedError,
 )
 from aiohttp.client_reqrep import ClientRequest, ConnectionKey, RequestInfo
 from aiohttp.helpers import EMPTY_BODY_METHODS, TimerNoop
@@ -50,7 +47,8 @@ _ACCEPT_ENCODING = ClientRequest.DEFAULT_HEADERS[hdrs.ACCEPT_ENCODING]
 _OCTETS = "application/octet-stream"
 _GET_METHODS = frozenset(ClientRequest.GET_METHODS)
 _POST_METHODS = frozenset(ClientRequest.POST_METHODS)
-_NO_TIMER = TimerNoop()  # what a session without a total timeout gives each request
+_NO_TIMER = TimerNoop()
+Head = tuple[bytes, RequestInfo]  # what a session without a total timeout gives each request
 
 
 class _Origin(ClientRequest):
@@ -85,10 +83,12 @@ def target(url: str) -> Target:
     return Target(URL(url, encoded=True))
 
 
-def fields(target: Target, method: str, headers: Mapping[str, str], body: bytes | None) -> dict[str, str] | None:
-    """The header fields `ClientSession.request(method, url, headers=headers, data=body)` sends, in its order:
-    Host first, the caller's, the defaults it lacks (Accept, Accept-Encoding, User-Agent), then Content-Length
-    and Content-Type (a body, or a POST/PUT/PATCH without one). None where this path does not model aiohttp."""
+def head(target: Target, method: str, headers: Mapping[str, str], body: bytes | None) -> Head | None:
+    """The request head `ClientSession.request(method, url, headers=headers, data=body)` sends (method upper
+    case), and the request_info its ClientResponse carries into the errors it raises; None where this path
+    does not model aiohttp. The fields in aiohttp's order: Host first, the caller's, the defaults it lacks
+    (Accept, Accept-Encoding, User-Agent), then Content-Length and Content-Type (a body, or a POST, PUT or
+    PATCH without one). aiohttp's serializer writes them (it refuses control characters)."""
     names = set(map(str.lower, headers))
     if len(names) != len(headers) or not names.isdisjoint(_UNMODELLED) or (body is not None and len(body) > MAX_BODY):
         return None
@@ -106,71 +106,58 @@ def fields(target: Target, method: str, headers: Mapping[str, str], body: bytes 
         out["Content-Length"] = "0"
     if "content-type" not in names and (body is not None or method in _POST_METHODS):
         out["Content-Type"] = _OCTETS
-    return out
+    line = _serialize_headers(f"{method} {target.path_qs} HTTP/1.1", out)  # type: ignore[arg-type]  # (items())
+    return line, tuple.__new__(RequestInfo, (target.url, method, CIMultiDictProxy(CIMultiDict(out)), target.url))
+
+
+class ConvertedOSError(ClientOSError):
+    """An OSError aiohttp's request turns into a ClientOSError, which it then does not resend."""
 
 
 async def send(
-    session: ClientSession, target: Target, method: str, head: dict[str, str], body: bytes | None,
-    limits: ClientTimeout, read_bufsize: int,
+    session: ClientSession, target: Target, method: str, request: Head, body: bytes | None, limits: ClientTimeout,
+    read_bufsize: int,
 ) -> ClientResponse:
-    """`ClientSession.request` for a `fields` head (method upper case): one attempt, resent once at once on a
-    dropped connection for an idempotent method, as aiohttp does. Anything raised after the connection was
-    taken (cancellation included) closes it."""
-    if session.closed:
-        raise RuntimeError("Session is closed")
-    line = _serialize_headers(f"{method} {target.path_qs} HTTP/1.1", cast("CIMultiDict[str]", head))
-    info = tuple.__new__(RequestInfo, (target.url, method, CIMultiDictProxy(CIMultiDict(head)), target.url))
-    resend = method in IDEMPOTENT_METHODS
-    while True:
-        try:
-            return await _exchange(session, target, method, line, body, limits, read_bufsize, info)
-        except (ConnectionTimeoutError, ClientConnectorError):
-            raise
-        except (ClientOSError, ServerDisconnectedError):
-            if not resend:
-                raise
-            resend = False
-        except ClientError:
-            raise
-        except OSError as exc:
-            if exc.errno is None and isinstance(exc, TimeoutError):
-                raise
-            raise ClientOSError(*exc.args) from exc
-
-
-async def _exchange(
-    session: ClientSession, target: Target, method: str, line: bytes, body: bytes | None, limits: ClientTimeout,
-    read_bufsize: int, info: RequestInfo,
-) -> ClientResponse:
+    """aiohttp's `_connect_and_send_request` for a request's `head` (method upper case): one attempt; the
+    caller resends (aiohttp resends an idempotent one once on a dropped connection). Anything raised after
+    the connection was taken (cancellation included) closes it."""
     connector = session._connector
-    assert connector is not None and target.origin is not None
+    if connector is None or connector.closed:
+        raise RuntimeError("Session is closed")
     try:
-        conn = await connector.connect(target.origin, [], limits)
-    except TimeoutError as exc:
-        raise ConnectionTimeoutError(f"Connection timeout to host {target.url}") from exc
-    protocol = cast("ResponseHandler", conn.protocol)
-    protocol.set_response_params(
-        timer=_NO_TIMER, skip_payload=method in EMPTY_BODY_METHODS, read_until_eof=True,
-        auto_decompress=session._auto_decompress, read_timeout=limits.sock_read, read_bufsize=read_bufsize,
-        timeout_ceil_threshold=connector._timeout_ceil_threshold, max_line_size=session._max_line_size,
-        max_field_size=session._max_field_size, max_headers=session._max_headers,
-    )
-    try:
-        sent = _write(protocol, line, body)
-        protocol.start_timeout()  # the socket read timeout runs from the end of the request, as in aiohttp
-        response = session._response_class(
-            method, target.url, writer=None, continue100=None, timer=_NO_TIMER, request_info=info, traces=[],
-            loop=protocol._loop, session=session, stream_writer=sent,
+        try:  # (a lean target has an origin)
+            conn = await connector.connect(target.origin, [], limits)  # type: ignore[arg-type]
+        except TimeoutError as exc:
+            raise ConnectionTimeoutError(f"Connection timeout to host {target.url}") from exc
+        protocol: ResponseHandler = conn.protocol  # type: ignore[assignment]  # (no cast() call per request)
+        protocol.set_response_params(
+            timer=_NO_TIMER, skip_payload=method in EMPTY_BODY_METHODS, read_until_eof=True,
+            auto_decompress=session._auto_decompress, read_timeout=limits.sock_read, read_bufsize=read_bufsize,
+            timeout_ceil_threshold=connector._timeout_ceil_threshold, max_line_size=session._max_line_size,
+            max_field_size=session._max_field_size, max_headers=session._max_headers,
         )
         try:
-            await response.start(conn)
+            sent = _write(protocol, request[0], body)
+            protocol.start_timeout()  # the socket read timeout runs from the end of the request, as in aiohttp
+            response = session._response_class(
+                method, target.url, writer=None, continue100=None, timer=_NO_TIMER, request_info=request[1], traces=[],
+                loop=protocol._loop, session=session, stream_writer=sent,
+            )
+            try:
+                await response.start(conn)
+            except BaseException:
+                response.close()
+                raise
         except BaseException:
-            response.close()
+            conn.close()
             raise
-    except BaseException:
-        conn.close()
+        return response
+    except ClientError:
         raise
-    return response
+    except OSError as exc:
+        if exc.errno is None and isinstance(exc, TimeoutError):
+            raise
+        raise ConvertedOSError(*exc.args) from exc
 
 
 class _Sent:
@@ -193,4 +180,4 @@ def _write(protocol: ResponseHandler, line: bytes, body: bytes | None) -> Abstra
     if body:
         line += body
     transport.write(line)
-    return cast("AbstractStreamWriter", _Sent(len(line)))
+    return _Sent(len(line))  # type: ignore[return-value]
