@@ -192,3 +192,16 @@ async def test_cancelling_while_waiting_for_the_answer_closes_the_connection(pat
             connector = session.connector
             assert isinstance(connector, PoolConnector)
             assert not connector._conns  # nothing went back to the pool
+
+
+async def test_the_sessions_it_sends_on_use_nothing_it_leaves_out() -> None:
+    """wire.py skips what ClientSession.request would add from the session: default headers and auth, a base
+    URL, proxies from the environment, middlewares, trace hooks, forced close, HTTP/1.0. A session that
+    gained one (here or in an aiohttp upgrade's defaults) would send something else on the hand-written path."""
+    async with open_session(4, 4.0) as session:
+        assert not session._default_headers and not session._skip_auto_headers
+        assert session._default_auth is None and session._base_url is None and session._default_proxy is None
+        assert not session._trust_env and not session._middlewares and not session._trace_configs
+        assert session._version == aiohttp.HttpVersion11 and isinstance(session._cookie_jar, aiohttp.DummyCookieJar)
+        assert session._retry_connection and not session._raise_for_status
+        assert session.connector is not None and not session.connector.force_close
