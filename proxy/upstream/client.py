@@ -257,7 +257,9 @@ async def send_once(
     the deadline. Retries once, at once, only when the server closed the connection before sending
     anything on a connection reused from the pool, which is what a stale keep-alive connection looks like
     (vLLM closes idle ones after 5 s). A fresh connection that drops, or any response byte, means the
-    upstream may have taken the request: no resend (a second generation would be billed twice).
+    upstream may have taken the request: no resend (a second generation would be billed twice). An
+    idempotent method is resent once on any dropped connection, as aiohttp does. The attempt goes through
+    wire.py where that models aiohttp's request, through `ClientSession.request` otherwise.
     """
     # A stream's body reads are timed by the relay's watchdog (first event, then `idle` between events):
     # a socket read timeout of first_token would cut a stream whose events are further apart than that.
