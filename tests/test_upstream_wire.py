@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 import pytest
+from aiohttp.client_reqrep import ClientRequest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kit import until
@@ -205,3 +206,15 @@ async def test_the_sessions_it_sends_on_use_nothing_it_leaves_out() -> None:
         assert session._version == aiohttp.HttpVersion11 and isinstance(session._cookie_jar, aiohttp.DummyCookieJar)
         assert session._retry_connection and not session._raise_for_status
         assert session.connector is not None and not session.connector.force_close
+
+
+@pytest.mark.parametrize("url", ["https://api.openai.com/v1/chat/completions", "http://127.0.0.1:8000/v1/embeddings",
+                                 "https://[::1]:8443/v1/messages?beta=true", "http://vllm.internal/v1/completions"])
+async def test_the_pool_key_and_tls_are_the_ones_aiohttps_request_uses(url: str) -> None:
+    """Both paths take and return connections under one key: TLS (and its verification), host and port."""
+    where = wire.target(url)
+    assert where.origin is not None
+    theirs = ClientRequest("POST", URL(url, encoded=True), loop=asyncio.get_running_loop(), ssl=True)
+    assert where.origin.connection_key == theirs.connection_key
+    assert where.origin.is_ssl() == url.startswith("https:") and where.origin.ssl is True
+    assert (where.host, where.path_qs) == (theirs.headers["Host"], theirs.url.raw_path_qs)
