@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any, cast
 
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
-from yarl import URL
 
 from proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
 from proxy.policy.plan import MockPlan, Plan, UpstreamSpec
+from proxy.upstream import wire
 from proxy.upstream.registry import Registry
 
 if TYPE_CHECKING:
@@ -52,7 +52,8 @@ BULK_RCVBUF = 4 * 1024 * 1024
 """SO_RCVBUF given back to a pooled socket a stream had, when a non-stream request reuses it (the kernel
 caps it at net.core.rmem_max; the autotuning a socket starts with cannot be turned back on)."""
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-"""aiohttp itself resends these once on a dropped connection (RFC 9112 §9.3.1): no second resend here."""
+"""aiohttp resends these once on a dropped connection (RFC 9112 §9.3.1), fresh or pooled: the hand-written
+path does the same, and neither adds a second resend."""
 
 
 class LazyReadTimer(ResponseHandler):
@@ -186,24 +187,28 @@ class UpstreamClients:
 
             runner, root = await start_mock(_mock_settings(spec.mock))
             base_url = root + "/v1"
-        connector = PoolConnector(
-            limit=spec.max_connections,
-            limit_per_host=0,
-            keepalive_timeout=spec.keepalive,
-            ttl_dns_cache=30,
-            enable_cleanup_closed=False,
-        )
-        session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=None),
-            auto_decompress=True,
-            raise_for_status=False,
-            # Cookies an upstream sets (OpenAI's Cloudflare ones) are relayed to the caller that got them and
-            # never kept: a shared jar would replay one tenant's cookies for every other. Also skips the
-            # jar's per-request filtering.
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
-        return _Pool(spec, session, base_url, runner)
+        return _Pool(spec, open_session(spec.max_connections, spec.keepalive), base_url, runner)
+
+
+def open_session(limit: int, keepalive: float) -> aiohttp.ClientSession:
+    """A session over a PoolConnector of `limit` connections kept `keepalive` seconds."""
+    connector = PoolConnector(
+        limit=limit,
+        limit_per_host=0,
+        keepalive_timeout=keepalive,
+        ttl_dns_cache=30,
+        enable_cleanup_closed=False,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=None),
+        auto_decompress=True,
+        raise_for_status=False,
+        # Cookies an upstream sets (OpenAI's Cloudflare ones) are relayed to the caller that got them and
+        # never kept: a shared jar would replay one tenant's cookies for every other. Also skips the
+        # jar's per-request filtering.
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
 
 
 def _mock_settings(plan: MockPlan) -> MockSettings:
@@ -252,24 +257,37 @@ async def send_once(
     the deadline. Retries once, at once, only when the server closed the connection before sending
     anything on a connection reused from the pool, which is what a stale keep-alive connection looks like
     (vLLM closes idle ones after 5 s). A fresh connection that drops, or any response byte, means the
-    upstream may have taken the request: no resend (a second generation would be billed twice).
+    upstream may have taken the request: no resend (a second generation would be billed twice). An
+    idempotent method is resent once on any dropped connection, as aiohttp does. The attempt goes through
+    wire.py where that models aiohttp's request, through `ClientSession.request` otherwise.
     """
     # A stream's body reads are timed by the relay's watchdog (first event, then `idle` between events):
     # a socket read timeout of first_token would cut a stream whose events are further apart than that.
     timeout = _client_timeout(connect, None if stream else first_token)
-    target = _url(url)
+    where = wire.target(url)
+    idempotent = method in _IDEMPOTENT
+    # The hand-written path (wire.py) where it models aiohttp: an upper-case method, no query to encode, and
+    # not an idempotent stream (whose resend aiohttp makes within the same first_token window).
+    lean = where.lean and not query and method.isupper() and not (stream and idempotent)
+    head = wire.head(where, method, headers, body) if lean else None
+    # aiohttp resends an idempotent request once on a dropped connection (RFC 9112 §9.3.1): here on the
+    # hand-written path, inside session.request otherwise. Any other is resent once on a stale pooled one.
     _STREAMING.set(stream)
-    for stale_retry in (method not in _IDEMPOTENT, False):
+    for resend in (head is not None or not idempotent, False):
         _REUSED.set(False)
         try:
             if not stream:  # the socket read timeout bounds the wait for the headers
+                if head is not None:
+                    return await wire.send(session, where, method, head, body, timeout, session._read_bufsize)
                 return await session.request(
-                    method, target, data=body, headers=headers, params=query, timeout=timeout,
+                    method, where.url, data=body, headers=headers, params=query, timeout=timeout,
                     allow_redirects=False,
                 )
             async with asyncio.timeout(first_token):
+                if head is not None:
+                    return await wire.send(session, where, method, head, body, timeout, STREAM_READ_BUFSIZE)
                 return await session.request(
-                    method, target, data=body, headers=headers, params=query, timeout=timeout,
+                    method, where.url, data=body, headers=headers, params=query, timeout=timeout,
                     allow_redirects=False, read_bufsize=STREAM_READ_BUFSIZE,
                 )
         except aiohttp.ClientConnectorError as exc:
@@ -277,11 +295,7 @@ async def send_once(
                 f"could not connect to upstream '{upstream}' ({_reason(exc)}); check that it is running"
             ) from None
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientConnectionResetError) as exc:
-            # Closed or reset before any response byte on a reused connection: the server had just closed
-            # it (its FIN raced our request), seen as a disconnect, EPIPE or ECONNRESET. A disconnect after
-            # the first byte of a status line carries the partial message.
-            no_answer = not isinstance(exc, aiohttp.ServerDisconnectedError) or isinstance(exc.message, str)
-            if stale_retry and no_answer and _REUSED.get():
+            if resend and _resend(exc, idempotent):
                 log.debug("upstream %s closed a pooled connection; retrying once", upstream)
                 continue
             raise UpstreamUnreachable(
@@ -303,16 +317,23 @@ async def send_once(
     raise AssertionError("unreachable")
 
 
+def _resend(exc: Exception, idempotent: bool) -> bool:
+    """Whether a connection that broke before the answer's headers may carry the request again. Closed or
+    reset before any response byte on a reused connection: the server had just closed it (its FIN raced our
+    request), seen as a disconnect, EPIPE or ECONNRESET. A disconnect after the first byte of a status line
+    carries the partial message. An idempotent request: what aiohttp resends (a dropped connection, reused or
+    not, but not a reset while writing nor an OSError it converted)."""
+    if idempotent:
+        return isinstance(exc, (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError)) and not isinstance(
+            exc, wire.ConvertedOSError)
+    no_answer = not isinstance(exc, aiohttp.ServerDisconnectedError) or isinstance(exc.message, str)
+    return no_answer and _REUSED.get()
+
+
 @functools.lru_cache(maxsize=64)
 def _client_timeout(connect: float, read: float | None) -> aiohttp.ClientTimeout:
     """One immutable ClientTimeout per (connect, read) pair: the values come from the policy."""
     return aiohttp.ClientTimeout(total=None, connect=None, sock_connect=connect, sock_read=read)
-
-
-@functools.lru_cache(maxsize=256)
-def _url(url: str) -> URL:
-    """Parsed once per distinct upstream URL (they repeat: base URL + path, rarely a query)."""
-    return URL(url, encoded=True)
 
 
 def _reason(exc: aiohttp.ClientConnectorError) -> str:
