@@ -29,7 +29,7 @@ from proxy.errors import (
 from proxy.flow.admit import NOTHING
 from proxy.flow.scheduler import PRIORITY_HEADER
 from proxy.ingress import traced
-from proxy.ingress.identify import has_dot_segment, identify, request_id_of, resolve
+from proxy.ingress.identify import MODEL_REQUIRED, has_dot_segment, identify, request_id_of, resolve
 from proxy.ingress.models import list_models
 from proxy.ingress.read import read_body
 from proxy.runtime import STATE, Runtime
@@ -48,8 +48,27 @@ Stage = Callable[[web.Request, Call, Runtime], Awaitable[web.StreamResponse]]
 Respond = Callable[..., Awaitable[web.StreamResponse]]
 
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+EXACT_PATHS = MODEL_REQUIRED
+"""The LLM endpoints that get a route of their own (app.py): aiohttp matches an exact path with one dict
+lookup and a string compare, where `/v1/{tail:.*}` costs a walk up the path and a regex; the handler is the
+same, its protocol decided once (`handler_for`)."""
+
+
+def protocol_of(path: str) -> Protocol:
+    """The client's protocol, by its path: Anthropic's Messages API, else OpenAI's."""
+    return "anthropic" if path.startswith("/v1/messages") else "openai"
+
+
 async def proxy_handler(request: web.Request) -> web.StreamResponse:
-    return await _served(request, handle, "anthropic" if request.path.startswith("/v1/messages") else "openai")
+    return await _served(request, handle, protocol_of(request.path))
+
+
+def handler_for(path: str) -> Handler:
+    """`proxy_handler` for requests to `path` alone, with the protocol decided at start-up rather than
+    per request (and one coroutine level less)."""
+    return partial(_served, stage=handle, protocol=protocol_of(path))
 
 
 async def models_handler(request: web.Request) -> web.StreamResponse:
