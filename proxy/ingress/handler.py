@@ -198,7 +198,7 @@ async def forward(
         dispatch.annotate(headers, call, sent)
         if call.cache is not None:
             headers[CACHE_HEADER] = call.cache
-        headers[QUEUE_WAIT_HEADER] = _ms(call.queue_wait)
+        headers[QUEUE_WAIT_HEADER] = _ms(call.queue_wait) if call.queue_wait else "0"  # most never wait
         answer = relay.Answer(upstream, headers, sent.route.timeouts, deadline, redact, sent.body)
         if call.trace is not None:
             call.trace.relaying(sent.body.data if sent.body is not None and sent.body.complete else None)
