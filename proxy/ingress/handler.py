@@ -143,14 +143,17 @@ async def handle(request: web.Request, call: Call, state: Runtime) -> web.Stream
 
 async def admitted(request: web.Request, call: Call, state: Runtime) -> web.StreamResponse:
     """Limits and a queue slot, then dispatch and the relay (or the batcher for embeddings)."""
-    assert call.route is not None
+    route = call.route
+    assert route is not None
     asked = request.headers.get(PRIORITY_HEADER)
-    if call.route.batch is not None or (call.route.split is not None and split.wanted(call)):
+    if route.batch is not None or (route.split is not None and split.wanted(call)):
         # embeddings: limits taken one by one, one queue slot per batch (or per oversized call's parts)
         async with state.scheduler.enter(call, asked, slot=False):
             call.mark("dispatch")  # processing time counts from here (the batch's wait included)
             return await state.batcher.submit(request, call)
-    waiting = call.waiting = relay.waiting_room(request, call, state.stream_settings)
+    waiting = None
+    if call.stream and route.queue is not None:  # only a queued stream can have a waiting room
+        waiting = call.waiting = relay.waiting_room(request, call, state.stream_settings)
     entry = state.scheduler.enter(call, asked, waiting)
     if entry is NOTHING:
         return await forward(request, call, state)  # no limit, no queue: nothing to enter or leave
