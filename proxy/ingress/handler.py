@@ -61,25 +61,31 @@ def protocol_of(path: str) -> Protocol:
     return "anthropic" if path.startswith("/v1/messages") else "openai"
 
 
-async def proxy_handler(request: web.Request) -> web.StreamResponse:
-    return await _served(request, handle, protocol_of(request.path))
+async def proxy_handler(request: web.Request, state: Runtime) -> web.StreamResponse:
+    """/v1/* (but the exact paths and the proxy's own endpoints): `state` bound at start-up (`catch_all`)."""
+    return await _served(request, handle, protocol_of(request.path), state)
 
 
-def handler_for(path: str) -> Handler:
+def catch_all(state: Runtime) -> Handler:
+    """`proxy_handler` with the app's runtime bound: no `request.app[STATE]` lookup per request."""
+    return partial(proxy_handler, state=state)
+
+
+def handler_for(path: str, state: Runtime) -> Handler:
     """`proxy_handler` for requests to `path` alone, with the protocol decided at start-up rather than
     per request (and one coroutine level less)."""
-    return partial(_served, stage=handle, protocol=protocol_of(path))
+    return partial(_served, stage=handle, protocol=protocol_of(path), state=state)
 
 
 async def models_handler(request: web.Request) -> web.StreamResponse:
     """GET /v1/models and /v1/models/{id}: answered by the proxy from the policy, in the caller's protocol
     (the anthropic SDK sends `anthropic-version` and expects Anthropic's Models API shape)."""
-    return await _served(request, list_models, "anthropic" if "anthropic-version" in request.headers else "openai")
+    protocol: Protocol = "anthropic" if "anthropic-version" in request.headers else "openai"
+    return await _served(request, list_models, protocol, request.app[STATE])
 
 
-async def _served(request: web.Request, stage: Stage, protocol: Protocol) -> web.StreamResponse:
+async def _served(request: web.Request, stage: Stage, protocol: Protocol, state: Runtime) -> web.StreamResponse:
     """One request through `stage`: errors in the client's protocol, then metrics and the access log."""
-    state = request.app[STATE]
     call = Call(
         request_id=request_id_of(request.headers),
         plan=state.plans.current,
