@@ -84,8 +84,8 @@ def _call() -> object:
         policy.unlink()
 
     def make() -> Call:
-        call = Call("req-1", plan, "POST", "/v1/chat/completions", "openai", time.perf_counter(), model="gpt-4o")
-        call.route, call.stream, call.outcome = plan.routes[0], True, "ok"
+        call = Call("req-1", plan, "POST", "/v1/chat/completions", "openai", time.perf_counter())
+        call.model, call.route, call.stream, call.outcome = "gpt-4o", plan.routes[0], True, "ok"
         return call
 
     return make

@@ -468,7 +468,7 @@ def summarise_profile(path: Path, top: int = 22) -> None:
         "feed",
         "translate",
         "_watchdog",
-        "proxy_handler",
+        "_served",  # every proxy request (the exact LLM paths skip proxy_handler)
         "handle",
         "send_once",
         "respond",

@@ -61,7 +61,9 @@ def build_app(plan: Plan, settings: Settings | None = None) -> web.Application:
     app.router.add_delete(UNIFIED_PATH, unified_sse.cancel_handler)
     frontend.add_routes(app, settings.demo)  # the browser module, and the demo page with `serve --demo`
     app.router.add_get("/v1/realtime", realtime.realtime_handler)  # before /v1/* takes every other path
-    app.router.add_route("*", "/v1/{tail:.*}", ingress.proxy_handler)
+    for path in ingress.EXACT_PATHS:  # the same handler as /v1/*, matched without a regex
+        app.router.add_route("*", path, ingress.handler_for(path, runtime))
+    app.router.add_route("*", "/v1/{tail:.*}", ingress.catch_all(runtime))
     app.router.add_route("*", "/{tail:.*}", tool.tool_handler)  # tool routes: every other path (last)
     app[HUB] = runtime.streams
     app.cleanup_ctx.append(_limiter_store)

@@ -20,7 +20,8 @@ PLAN = Plan("d", (), IdentifySpec("api_key", "x", None), {}, {}, (), {}, 1024)
 
 
 def _call(*, want_usage: bool = False, strip_usage: bool = False) -> Call:
-    call = Call("rid", PLAN, "POST", "/v1/chat/completions", "openai", time.perf_counter(), upstream="u")
+    call = Call("rid", PLAN, "POST", "/v1/chat/completions", "openai", time.perf_counter())
+    call.upstream = "u"
     call.want_usage, call.strip_usage = want_usage, strip_usage
     return call
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import os
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -149,11 +147,7 @@ def _merged_call(first: Member, members: list[Member]) -> Call:
     """A Call for the merged body on the same route (dispatch sends it like any other)."""
     call = first.call
     body = merge.merged_body(call.body or {}, [m.inputs for m in members if m.inputs is not None])
-    return Call(
-        request_id=os.urandom(12).hex(), plan=call.plan, method=call.method, path=call.path,
-        protocol=call.protocol, started=time.perf_counter(), tenant=call.tenant, route=call.route,
-        raw_body=orjson.dumps(body), body=body, model=call.model,
-    )
+    return call.derive(body)
 
 
 def _merged_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:

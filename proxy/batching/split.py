@@ -21,8 +21,6 @@ Hand-written: no library splits an HTTP request by a vendor's per-request limits
 from __future__ import annotations
 
 import asyncio
-import os
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -233,8 +231,4 @@ def _part_call(call: Call, inputs: keys.Inputs, span: Span) -> Call:
     start, end = span
     own = keys.Inputs(inputs.kind, inputs.items[start:end], 0)
     body = merge.merged_body(call.body or {}, [own])
-    return Call(
-        request_id=os.urandom(12).hex(), plan=call.plan, method=call.method, path=call.path,
-        protocol=call.protocol, started=time.perf_counter(), tenant=call.tenant, route=call.route,
-        raw_body=orjson.dumps(body), body=body, model=call.model,
-    )
+    return call.derive(body)

@@ -29,7 +29,7 @@ from proxy.errors import (
 from proxy.flow.admit import NOTHING
 from proxy.flow.scheduler import PRIORITY_HEADER
 from proxy.ingress import traced
-from proxy.ingress.identify import has_dot_segment, identify, request_id_of, resolve
+from proxy.ingress.identify import MODEL_REQUIRED, has_dot_segment, identify, request_id_of, resolve
 from proxy.ingress.models import list_models
 from proxy.ingress.read import read_body
 from proxy.runtime import STATE, Runtime
@@ -48,19 +48,44 @@ Stage = Callable[[web.Request, Call, Runtime], Awaitable[web.StreamResponse]]
 Respond = Callable[..., Awaitable[web.StreamResponse]]
 
 
-async def proxy_handler(request: web.Request) -> web.StreamResponse:
-    return await _served(request, handle, "anthropic" if request.path.startswith("/v1/messages") else "openai")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+EXACT_PATHS = MODEL_REQUIRED
+"""The LLM endpoints that get a route of their own (app.py): aiohttp matches an exact path with one dict
+lookup and a string compare, where `/v1/{tail:.*}` costs a walk up the path and a regex; the handler is the
+same, its protocol decided once (`handler_for`)."""
+
+
+def protocol_of(path: str) -> Protocol:
+    """The client's protocol, by its path: Anthropic's Messages API, else OpenAI's."""
+    return "anthropic" if path.startswith("/v1/messages") else "openai"
+
+
+async def proxy_handler(request: web.Request, state: Runtime) -> web.StreamResponse:
+    """/v1/* (but the exact paths and the proxy's own endpoints): `state` bound at start-up (`catch_all`)."""
+    return await _served(request, handle, protocol_of(request.path), state)
+
+
+def catch_all(state: Runtime) -> Handler:
+    """`proxy_handler` with the app's runtime bound: no `request.app[STATE]` lookup per request."""
+    return partial(proxy_handler, state=state)
+
+
+def handler_for(path: str, state: Runtime) -> Handler:
+    """`proxy_handler` for requests to `path` alone, with the protocol decided at start-up rather than
+    per request (and one coroutine level less)."""
+    return partial(_served, stage=handle, protocol=protocol_of(path), state=state)
 
 
 async def models_handler(request: web.Request) -> web.StreamResponse:
     """GET /v1/models and /v1/models/{id}: answered by the proxy from the policy, in the caller's protocol
     (the anthropic SDK sends `anthropic-version` and expects Anthropic's Models API shape)."""
-    return await _served(request, list_models, "anthropic" if "anthropic-version" in request.headers else "openai")
+    protocol: Protocol = "anthropic" if "anthropic-version" in request.headers else "openai"
+    return await _served(request, list_models, protocol, request.app[STATE])
 
 
-async def _served(request: web.Request, stage: Stage, protocol: Protocol) -> web.StreamResponse:
+async def _served(request: web.Request, stage: Stage, protocol: Protocol, state: Runtime) -> web.StreamResponse:
     """One request through `stage`: errors in the client's protocol, then metrics and the access log."""
-    state = request.app[STATE]
     call = Call(
         request_id=request_id_of(request.headers),
         plan=state.plans.current,
@@ -124,14 +149,17 @@ async def handle(request: web.Request, call: Call, state: Runtime) -> web.Stream
 
 async def admitted(request: web.Request, call: Call, state: Runtime) -> web.StreamResponse:
     """Limits and a queue slot, then dispatch and the relay (or the batcher for embeddings)."""
-    assert call.route is not None
+    route = call.route
+    assert route is not None
     asked = request.headers.get(PRIORITY_HEADER)
-    if call.route.batch is not None or (call.route.split is not None and split.wanted(call)):
+    if route.batch is not None or (route.split is not None and split.wanted(call)):
         # embeddings: limits taken one by one, one queue slot per batch (or per oversized call's parts)
         async with state.scheduler.enter(call, asked, slot=False):
             call.mark("dispatch")  # processing time counts from here (the batch's wait included)
             return await state.batcher.submit(request, call)
-    waiting = call.waiting = relay.waiting_room(request, call, state.stream_settings)
+    waiting = None
+    if call.stream and route.queue is not None:  # only a queued stream can have a waiting room
+        waiting = call.waiting = relay.waiting_room(request, call, state.stream_settings)
     entry = state.scheduler.enter(call, asked, waiting)
     if entry is NOTHING:
         return await forward(request, call, state)  # no limit, no queue: nothing to enter or leave
@@ -179,7 +207,7 @@ async def forward(
         dispatch.annotate(headers, call, sent)
         if call.cache is not None:
             headers[CACHE_HEADER] = call.cache
-        headers[QUEUE_WAIT_HEADER] = _ms(call.queue_wait)
+        headers[QUEUE_WAIT_HEADER] = _ms(call.queue_wait) if call.queue_wait else "0"  # most never wait
         answer = relay.Answer(upstream, headers, sent.route.timeouts, deadline, redact, sent.body)
         if call.trace is not None:
             call.trace.relaying(sent.body.data if sent.body is not None and sent.body.complete else None)

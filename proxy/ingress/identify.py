@@ -14,7 +14,7 @@ from proxy.errors import AuthenticationFailed, MissingModel, NoRoute
 from proxy.policy.plan import Plan, TenantRule
 
 # Endpoints whose body must name a model; other /v1 paths pass through with model "".
-_MODEL_REQUIRED = frozenset(
+MODEL_REQUIRED = frozenset(
     {
         "/v1/chat/completions",
         "/v1/completions",
@@ -83,7 +83,7 @@ def _bearer(value: str | None) -> str | None:
 
 def resolve(call: Call, plan: Plan) -> Any:
     assert call.tenant is not None
-    if not call.model and call.path in _MODEL_REQUIRED:
+    if not call.model and call.path in MODEL_REQUIRED:
         raise MissingModel("the request body must name a 'model'", param="model")
     route = plan.resolve(call.path, call.model, call.tenant)
     if route is None:

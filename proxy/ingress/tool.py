@@ -32,11 +32,12 @@ async def tool_handler(request: web.Request) -> web.StreamResponse:
     """Every path the router has no other route for. A path no tool route covers gets the router's own
     refusal, as before tool routes existed (a 404 naming what the port serves; a 405 on the proxy's paths)."""
     path = request.rel_url.raw_path
-    if not any(route.paths(path) for route in request.app[STATE].plans.current.tools):
+    state = request.app[STATE]
+    if not any(route.paths(path) for route in state.plans.current.tools):
         if path in _OWN_PATHS:
             raise web.HTTPMethodNotAllowed(request.method, ["GET", "HEAD"])
         raise web.HTTPNotFound()
-    return await _served(request, handle_tool, "neutral")
+    return await _served(request, handle_tool, "neutral", state)
 
 
 async def handle_tool(request: web.Request, call: Call, state: Runtime) -> web.StreamResponse:

@@ -54,19 +54,22 @@ def upstream_headers(
     the upstream's configured key.
     """
     out: dict[str, str] = {}
+    dropped = _DROP_UP | drop if drop else _DROP_UP
     named: list[str] = []
     for name, value in client:
         lower = name.lower()
-        if lower == "connection":
-            named += _connection_tokens(value)
-        if lower in _DROP_UP or lower in drop or lower.startswith("x-signalbox-"):
-            continue  # x-signalbox-*: instructions to this proxy (priority, tenant), not to the upstream
-        earlier = out.get(lower)
-        # A repeated field is one comma-separated list (RFC 9110 §5.3; two `OpenAI-Beta` lines must both
-        # arrive); Cookie lines join with "; " (RFC 6265 §5.4).
-        out[lower] = value if earlier is None else earlier + ("; " if lower == "cookie" else ", ") + value
-    for token in named:
-        out.pop(token, None)
+        if lower in dropped:  # `connection` is hop-by-hop, so its test costs only the headers dropped
+            if lower == "connection":
+                named += _connection_tokens(value)
+        elif lower in out:
+            # A repeated field is one comma-separated list (RFC 9110 §5.3; two `OpenAI-Beta` lines must both
+            # arrive); Cookie lines join with "; " (RFC 6265 §5.4).
+            out[lower] += ("; " if lower == "cookie" else ", ") + value
+        elif not lower.startswith("x-signalbox-"):  # instructions to this proxy (priority, tenant), not upstream
+            out[lower] = value
+    if named:
+        for token in named:
+            out.pop(token, None)
     for name, value in spec.headers:
         out[name] = value
     if spec.basic_auth is not None:  # from base_url's user:password@ (the loader refuses a second Authorization)
@@ -114,20 +117,20 @@ def client_headers(
     upstream's `hide_response_headers`, names that header). A value quoting a secret `redact` knows (a
     gateway echoing the credentials it got) has it replaced."""
     out: CIMultiDict[str] = CIMultiDict()
+    add = out.add
     named: list[str] = []
     for name, value in upstream:
         lower = name.lower()
-        if lower == "connection":
-            named += _connection_tokens(value)
-        if hide is not None and lower != "content-type" and hide(lower):
-            continue
-        if lower in _DROP_DOWN:
-            if lower in _UPSTREAM_IDS and value != request_id:
+        if lower in _DROP_DOWN:  # `connection` included: its test costs only the headers dropped
+            if lower == "connection":
+                named += _connection_tokens(value)
+            elif lower in _UPSTREAM_IDS and value != request_id and (hide is None or not hide(lower)):
                 out["x-upstream-request-id"] = value
-            continue
-        out.add(name, value)
-    for token in named:
-        out.popall(token, None)
+        elif hide is None or lower == "content-type" or not hide(lower):
+            add(name, value)
+    if named:
+        for token in named:
+            out.popall(token, None)
     if redact and out:
         _redact_values(out, redact)
     out["x-request-id"] = request_id
