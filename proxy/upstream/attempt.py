@@ -67,51 +67,50 @@ class Sent:
 
 class Progress:
     """Where a call's attempts stand across its pools (the route's, then each fallback's), and what the
-    pool being tried keeps between its attempts."""
+    pool being tried keeps between its attempts.
 
-    __slots__ = (
-        "registry", "deadline", "attempts", "failure", "failure_route", "failure_deployment", "failure_body",
-        "error", "last_was_error", "stop", "reason", "until", "refused", "made", "avoid", "tried", "ready", "full",
-        "track", "waits",
-    )
+    No `__slots__`: what most calls never change (a first attempt that answers) is a class default, so
+    making one costs five stores rather than twenty."""
+
+    failure: aiohttp.ClientResponse | None = None
+    """The last retriable error response, body buffered: relayed if nothing better comes."""
+    failure_deployment: DeploymentSpec | None = None
+    failure_body: Whole | None = None
+    error: ProxyError | None = None
+    """The last error without a response (connect error, timeout)."""
+    last_was_error = False
+    stop = ""
+    """Why the last pool stopped: attempts, budget, deadline, unavailable (circuits), held (pacing)."""
+    reason = ""
+    """What the next retry is for (a status, connect_error or timeout), for metrics."""
+    until = 0.0
+    """For `held`: when the earliest pacing hold ends."""
+    refused: UpstreamLimited | None = None
+    """The soonest refusal by an upstream's limit in this pass over the pools (`limited`)."""
+    avoid: set[str] | None = None
+    """Deployments whose hint is longer than max_retry_after: not again in this pool."""
+    tried: set[str] | None = None
+    """Deployments tried in this pool: others are preferred for the next attempt."""
+    ready: dict[str, float] | None = None
+    """Per deployment tried in this pool: its earliest retry (the upstream's hint or a backoff)."""
+    full: set[str] | None = None
+    """Upstreams over their own limits: skipped until an attempt starts."""
+    track: RuleTrack | None = None
+    """Under `retry.rules`: each rule's failures in the pool being tried (by_rules.py)."""
+    waits: dict[str, tuple[float, str]] | None = None
+    """Per deployment: the wait planned before its next attempt and how it was chosen (access log)."""
 
     def __init__(self, route: RouteRule, registry: Registry, deadline: float) -> None:
         self.registry = registry
         self.deadline = deadline
         """A registry.clock() time: when `timeouts.total` runs out."""
-        self.attempts = 0
-        self.failure: aiohttp.ClientResponse | None = None
-        """The last retriable error response, body buffered: relayed if nothing better comes."""
         self.failure_route = route
-        self.failure_deployment: DeploymentSpec | None = None
-        self.failure_body: Whole | None = None
-        self.error: ProxyError | None = None
-        """The last error without a response (connect error, timeout)."""
-        self.last_was_error = False
-        self.stop = ""
-        """Why the last pool stopped: attempts, budget, deadline, unavailable (circuits), held (pacing)."""
-        self.reason = ""
-        """What the next retry is for (a status, connect_error or timeout), for metrics."""
-        self.until = 0.0
-        """For `held`: when the earliest pacing hold ends."""
-        self.refused: UpstreamLimited | None = None
-        """The soonest refusal by an upstream's limit in this pass over the pools (`limited`)."""
+        self.attempts = 0
         self.made = 0
-        """Attempts made in the pool being tried."""
-        self.avoid: set[str] | None = None
-        """Deployments whose hint is longer than max_retry_after: not again in this pool."""
-        self.tried: set[str] | None = None
-        """Deployments tried in this pool: others are preferred for the next attempt."""
-        self.ready: dict[str, float] | None = None
-        """Per deployment tried in this pool: its earliest retry (the upstream's hint or a backoff)."""
-        self.full: set[str] | None = None
-        """Upstreams over their own limits: skipped until an attempt starts."""
-        self.track: RuleTrack | None = None
-        """Under `retry.rules`: each rule's failures in the pool being tried (by_rules.py)."""
-        self.waits: dict[str, tuple[float, str]] | None = None
-        """Per deployment: the wait planned before its next attempt and how it was chosen (access log)."""
+        """Attempts made in the pool being tried (the pool's fields start as the class's defaults)."""
 
     def enter_pool(self) -> None:
+        """The next pool (a fallback's, or the route's again after a wait): its fields start afresh."""
         self.made = 0
         self.avoid = self.tried = self.full = None
         self.ready = self.track = self.waits = None

@@ -8,7 +8,6 @@ does not is left on the connection, its head (at most the cap) kept, for the rel
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
 
 import aiohttp
 
@@ -18,14 +17,19 @@ _ERROR_BODY_WAIT = 10.0
 """Longest read of a retriable error's body (kept to relay if no retry succeeds)."""
 
 
-@dataclass(frozen=True, slots=True)
 class Whole:
-    data: bytes
-    """The whole body when `complete`."""
-    complete: bool
-    head: list[bytes] = field(default_factory=list)
-    """When not `complete`: what was read before the cap was reached, as read (not joined: no second copy),
-    emptied by whoever relays it."""
+    """What was read of a whole answer. (A plain class: made for every answer read, and a dataclass with
+    a `default_factory` cost twice the stores.)"""
+
+    __slots__ = ("data", "complete", "head")
+
+    def __init__(self, data: bytes, complete: bool, head: list[bytes] | None = None) -> None:
+        self.data = data
+        """The whole body when `complete`."""
+        self.complete = complete
+        self.head: list[bytes] = [] if head is None else head
+        """When not `complete`: what was read before the cap was reached, as read (not joined: no second
+        copy), emptied by whoever relays it."""
 
 
 async def read_capped(response: aiohttp.ClientResponse, cap: int) -> Whole:

@@ -22,11 +22,13 @@ _BUCKETS = 10
 class Breaker:
     __slots__ = (
         "spec", "state", "consecutive", "openings", "opened_at", "reopen_at", "closed_at", "probing",
-        "_totals", "_failures", "_bucket",
+        "_totals", "_failures", "_bucket", "_width",
     )
 
     def __init__(self, spec: BreakerSpec) -> None:
         self.spec = spec
+        self._width: float | None = None
+        self.configure(spec)
         self.state: State = "closed"
         self.consecutive = 0
         self.openings = 0
@@ -37,6 +39,12 @@ class Breaker:
         self._totals = [0] * _BUCKETS
         self._failures = [0] * _BUCKETS
         self._bucket = 0
+
+    def configure(self, spec: BreakerSpec) -> None:
+        """Take `spec` (new, or a reload's). What every outcome needs of it is worked out here: the width of
+        a ratio bucket, or None when no ratio is kept (`failure_ratio` 0)."""
+        self.spec = spec
+        self._width = spec.window / _BUCKETS if spec.failure_ratio > 0 else None
 
     # --- admission of requests ---------------------------------------------------------------------
 
@@ -84,14 +92,18 @@ class Breaker:
             self.consecutive += 1
         else:
             self.consecutive = 0
-        spec = self.spec
-        if spec.failure_ratio > 0:
-            index = self._rotate(now)
+        width = self._width
+        if width is not None:
+            bucket = int(now / width) if width > 0 else 0
+            if bucket > self._bucket:  # the window moved on: clear what fell out of it
+                self._rotate(bucket)
+            index = bucket % _BUCKETS
             self._totals[index] += 1
             if failed:
                 self._failures[index] += 1
         if not failed:
             return None
+        spec = self.spec
         if spec.consecutive_failures and self.consecutive >= spec.consecutive_failures:
             self._open(now)
             return "open"
@@ -123,15 +135,10 @@ class Breaker:
         self._totals = [0] * _BUCKETS
         self._failures = [0] * _BUCKETS
 
-    def _rotate(self, now: float) -> int:
-        """Index of the bucket for `now`, clearing buckets that fell out of the window."""
-        width = self.spec.window / _BUCKETS
-        bucket = int(now / width) if width > 0 else 0
-        stale = bucket - self._bucket
-        if stale > 0:
-            for step in range(1, min(stale, _BUCKETS) + 1):
-                index = (self._bucket + step) % _BUCKETS
-                self._totals[index] = 0
-                self._failures[index] = 0
-            self._bucket = bucket
-        return bucket % _BUCKETS
+    def _rotate(self, bucket: int) -> None:
+        """The window moved on to `bucket` (newer than the last one): clear the buckets that fell out of it."""
+        for step in range(1, min(bucket - self._bucket, _BUCKETS) + 1):
+            index = (self._bucket + step) % _BUCKETS
+            self._totals[index] = 0
+            self._failures[index] = 0
+        self._bucket = bucket

@@ -27,13 +27,15 @@ def allowance(requests: int, percent: float, floor_per_s: int) -> int:
 class RetryBudget:
     """First attempts and retries of one route over the last WINDOW_S seconds (a ring of 1 s slots)."""
 
-    __slots__ = ("_requests", "_retries", "_second", "requests", "retries")
+    __slots__ = ("_requests", "_retries", "_second", "_slot", "requests", "retries")
 
     def __init__(self) -> None:
         self._requests = [0] * WINDOW_S
         self._retries = [0] * WINDOW_S
         self._second = 0
         """The newest slot's second; older slots are cleared as time moves on."""
+        self._slot = 0
+        """The newest slot's index (`_second % WINDOW_S`)."""
         self.requests = 0
         self.retries = 0
 
@@ -48,18 +50,20 @@ class RetryBudget:
         return self.requests, self.retries
 
     def request(self, now: float) -> None:
-        """A first attempt was committed to."""
-        slot = self._roll(now)
-        self._requests[slot] += 1
+        """A first attempt was committed to. (Every request comes here: the slot is only recomputed when
+        the second has moved on.)"""
+        if int(now) > self._second:
+            self._roll(now)
+        self._requests[self._slot] += 1
         self.requests += 1
 
     def retry(self, now: float) -> None:
         """A retry was committed to (before its backoff: waiting costs nothing more)."""
-        slot = self._roll(now)
-        self._retries[slot] += 1
+        self._roll(now)
+        self._retries[self._slot] += 1
         self.retries += 1
 
-    def _roll(self, now: float) -> int:
+    def _roll(self, now: float) -> None:
         second = int(now)
         gap = second - self._second
         if gap > 0:
@@ -69,4 +73,4 @@ class RetryBudget:
                 self.retries -= self._retries[slot]
                 self._requests[slot] = self._retries[slot] = 0
             self._second = second
-        return self._second % WINDOW_S
+            self._slot = second % WINDOW_S

@@ -93,7 +93,7 @@ class Registry:
                 self.metrics.circuit_changed(spec.id, "closed", transition=False)
         elif found.spec is not spec:
             found.spec = spec  # a reload (or another route naming the same deployment)
-            found.breaker.spec = spec.breaker
+            found.breaker.configure(spec.breaker)
         return found
 
     def _states(self, specs: tuple[DeploymentSpec, ...]) -> list[DeploymentState]:
@@ -186,7 +186,7 @@ class Registry:
         """An attempt begins (its backoff included), counted in the budget of `route` (the call's own);
         returns True if it is the circuit's half-open probe."""
         state.outstanding += 1
-        budget = self.budget(route)
+        budget = self.budgets.get(route.name) or self.budget(route)
         if retry:
             budget.retry(now)
         else:
