@@ -19,13 +19,14 @@ import aiohttp
 
 from proxy.call import Attempt, Call, Hold
 from proxy.errors import ProxyError, UpstreamLimited, UpstreamTimeout, UpstreamUnreachable
-from proxy.policy.plan import DeploymentSpec, RetrySpec, RouteRule
+from proxy.policy.plan import DeploymentSpec, Limit, RetrySpec, RouteRule
 from proxy.upstream import hints, judge, retry
 from proxy.upstream.body import Whole, read_error
 from proxy.upstream.by_rules import RuleTrack
 from proxy.upstream.client import send_once
 from proxy.upstream.lease import Lease
 from proxy.upstream.outgoing import Outgoing, read_whole
+from proxy.upstream.quota import Quota
 from proxy.upstream.registry import DeploymentState, Registry
 
 
@@ -127,13 +128,11 @@ FULL = Again()
 """The chosen deployment's upstream is over its own limit: choose again without it."""
 
 
-async def take(call: Call, state: DeploymentState, registry: Registry, progress: Progress) -> Hold | Again:
-    """A place in the deployment's upstream limit (it has one); `FULL` when it is over it (the deployment
-    is skipped for this attempt and another chosen). Taken before any backoff wait, so the request counts
-    from the moment it is committed to."""
-    quota = registry.quota
-    assert quota is not None and state.spec.limit is not None
-    taken = await quota.take(call, state.spec.limit)
+async def take(call: Call, state: DeploymentState, quota: Quota, limit: Limit, progress: Progress) -> Hold | Again:
+    """A place in the deployment's upstream `limit`; `FULL` when it is over it (the deployment is skipped
+    for this attempt and another chosen). Taken before any backoff wait, so the request counts from the
+    moment it is committed to."""
+    taken = await quota.take(call, limit)
     if isinstance(taken, UpstreamLimited):
         if taken.sooner(progress.refused):
             progress.refused = taken
@@ -210,22 +209,25 @@ def _answered(
     lease.settled = True
     status = lease.status = response.status
     lease.call.attempts.append(Attempt(state.id, status, time.perf_counter() - lease.started,
-                                       wait=_planned(progress, state.id)))
+                                       wait=_planned(progress, state.id) if progress.waits else None))
     now = registry.clock()
     registry.record(state, now, retry.breaker_failure(status), lease.probe)
     headers = response.headers
     if state.spec.pacing.enabled:
         _pace(registry, state, headers, now)
-    should_retry = headers.get("x-should-retry") if status >= 400 else None
-    spec = rule.retry
-    if spec.rules and status >= 400:
-        hint = hints.retry_hint(headers, registry.wall())
-        relay = _track(progress, spec).judge(status, None, bound, should_retry, hint, spec) == "relay"
-    else:
-        relay = status < 400 or judge.judge(status, None, bound, should_retry, spec) == "relay"
-    if relay:
+    if status < 400 or _judged_relay(status, headers, bound, rule.retry, progress):
         return Sent(response, rule, state.spec, lease=(registry, state), hold=lease.keep(), body=whole)
     return None
+
+
+def _judged_relay(status: int, headers: Mapping[str, str], bound: bool, spec: RetrySpec, progress: Progress
+                  ) -> bool:
+    """An error answer (status 400 and up): relayed as it is (True) or retried?"""
+    should_retry = headers.get("x-should-retry")
+    if spec.rules:
+        hint = hints.retry_hint(headers, progress.registry.wall())
+        return _track(progress, spec).judge(status, None, bound, should_retry, hint, spec) == "relay"
+    return judge.judge(status, None, bound, should_retry, spec) == "relay"
 
 
 def _failed(state: DeploymentState, lease: Lease, error: ProxyError, bound: bool, rule: RouteRule,

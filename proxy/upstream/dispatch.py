@@ -130,8 +130,9 @@ async def _pool(
                 return None
             wait = found
         hold: Hold | None = None
-        if state.spec.limit is not None and registry.quota is not None:
-            taken = await take(call, state, registry, progress)
+        limit, quota = state.spec.limit, registry.quota
+        if limit is not None and quota is not None:
+            taken = await take(call, state, quota, limit, progress)
             if isinstance(taken, Again):
                 continue
             hold = taken

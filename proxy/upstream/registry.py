@@ -140,10 +140,14 @@ class Registry:
         quickly); deployments not in `tried` are preferred for a retry."""
         specs = route.deployments
         if len(specs) == 1:  # the common case, inline and without building lists
-            only = self.state(specs[0])
+            spec = specs[0]
+            only = self.deployments.get(spec.id)
+            if only is None or only.spec is not spec:
+                only = self.state(spec)
             if (avoid and only.id in avoid) or (full and only.spec.upstream in full):
                 return None, None
-            if not only.breaker.available(now):
+            breaker = only.breaker
+            if breaker.state != "closed" and not breaker.available(now):
                 return None, None
             if only.hold_until > now:
                 return None, only.hold_until
