@@ -5,6 +5,8 @@ hold over random times and outcomes, and a policy reload that changes the breake
 
 from __future__ import annotations
 
+import math
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,8 +24,9 @@ _steps = st.lists(
 
 def _first_opening(events: list[tuple[float, bool]], spec: BreakerSpec) -> int | None:
     """The model: the index of the failure that opens a ratio-only breaker (failures >= ratio of the
-    outcomes in the last `_BUCKETS` buckets of `window / _BUCKETS` seconds, with at least min_requests)."""
-    width = spec.window / _BUCKETS
+    outcomes in the last `_BUCKETS` buckets of `window / _BUCKETS` seconds, with at least min_requests;
+    a window of 0 is one bucket for ever)."""
+    width = spec.window / _BUCKETS if spec.window > 0 else math.inf
     for i, (now, failed) in enumerate(events):
         bucket = int(now / width)
         seen = [f for t, f in events[: i + 1] if int(t / width) > bucket - _BUCKETS]
@@ -33,7 +36,7 @@ def _first_opening(events: list[tuple[float, bool]], spec: BreakerSpec) -> int |
 
 
 @settings(max_examples=300, deadline=None)
-@given(steps=_steps, start=st.sampled_from([0.0, 3.3, 1000.0]), window=st.sampled_from([1.0, 10.0, 30.0]),
+@given(steps=_steps, start=st.sampled_from([0.0, 3.3, 1000.0]), window=st.sampled_from([0.0, 1.0, 10.0, 30.0]),
        min_requests=st.integers(1, 12))
 def test_the_ratio_breaker_opens_where_the_window_model_says(
     steps: list[tuple[float, bool]], start: float, window: float, min_requests: int

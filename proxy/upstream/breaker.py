@@ -11,6 +11,7 @@ The ratio window is a ring of ten buckets, so memory is fixed and recording is O
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from proxy.policy.plan import BreakerSpec
@@ -42,9 +43,12 @@ class Breaker:
 
     def configure(self, spec: BreakerSpec) -> None:
         """Take `spec` (new, or a reload's). What every outcome needs of it is worked out here: the width of
-        a ratio bucket, or None when no ratio is kept (`failure_ratio` 0)."""
+        a ratio bucket (infinite for a window of 0: one bucket), or None when no ratio is kept."""
         self.spec = spec
-        self._width = spec.window / _BUCKETS if spec.failure_ratio > 0 else None
+        if spec.failure_ratio <= 0:
+            self._width = None
+        else:
+            self._width = spec.window / _BUCKETS if spec.window > 0 else math.inf
 
     # --- admission of requests ---------------------------------------------------------------------
 
@@ -94,7 +98,7 @@ class Breaker:
             self.consecutive = 0
         width = self._width
         if width is not None:
-            bucket = int(now / width) if width > 0 else 0
+            bucket = int(now / width)
             if bucket > self._bucket:  # the window moved on: clear what fell out of it
                 self._rotate(bucket)
             index = bucket % _BUCKETS
