@@ -86,3 +86,15 @@ def test_a_reloaded_breaker_spec_is_counted_by_from_the_next_outcome() -> None:
     registry.record(state, 101.5, True, False)
     registry.record(state, 102.0, True, False)
     assert state.breaker.state == "open"  # 2 of 3 in the window, counted since the reload
+
+
+def test_a_circuit_closed_by_its_probe_starts_an_empty_window() -> None:
+    """The failures that opened it do not count again once a probe closed it, though their buckets are
+    still within the window."""
+    breaker = Breaker(BreakerSpec(consecutive_failures=0, failure_ratio=0.5, min_requests=4, window=10.0,
+                                  cooldown=5.0))
+    assert [breaker.record(0.5, True, False) for _ in range(4)] == [None, None, None, "open"]
+    assert breaker.acquire(6.0) == "half_open"
+    assert breaker.record(6.0, False, True) == "closed"
+    assert [breaker.record(6.2, True, False) for _ in range(3)] == [None, None, None]  # 3 outcomes: under 4
+    assert breaker.record(6.3, True, False) == "open"

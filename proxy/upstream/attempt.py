@@ -19,14 +19,13 @@ import aiohttp
 
 from proxy.call import Attempt, Call, Hold
 from proxy.errors import ProxyError, UpstreamLimited, UpstreamTimeout, UpstreamUnreachable
-from proxy.policy.plan import DeploymentSpec, Limit, RetrySpec, RouteRule
+from proxy.policy.plan import DeploymentSpec, RetrySpec, RouteRule
 from proxy.upstream import hints, judge, retry
 from proxy.upstream.body import Whole, read_error
 from proxy.upstream.by_rules import RuleTrack
 from proxy.upstream.client import send_once
 from proxy.upstream.lease import Lease
 from proxy.upstream.outgoing import Outgoing, read_whole
-from proxy.upstream.quota import Quota
 from proxy.upstream.registry import DeploymentState, Registry
 
 
@@ -128,11 +127,11 @@ FULL = Again()
 """The chosen deployment's upstream is over its own limit: choose again without it."""
 
 
-async def take(call: Call, state: DeploymentState, quota: Quota, limit: Limit, progress: Progress) -> Hold | Again:
-    """A place in the deployment's upstream `limit`; `FULL` when it is over it (the deployment is skipped
-    for this attempt and another chosen). Taken before any backoff wait, so the request counts from the
-    moment it is committed to."""
-    taken = await quota.take(call, limit)
+def placed(taken: Hold | UpstreamLimited, call: Call, state: DeploymentState, progress: Progress) -> Hold | Again:
+    """What the quota answered for a place in the deployment's upstream limit (taken before any backoff
+    wait, so the request counts from the moment it is committed to): the hold, now the call's; or `FULL`
+    when it is over its limit (the deployment is skipped for this attempt and another chosen). A plain call
+    on the quota's answer, so taking adds no coroutine of its own to the path."""
     if isinstance(taken, UpstreamLimited):
         if taken.sooner(progress.refused):
             progress.refused = taken

@@ -22,7 +22,7 @@ from proxy.call import Call, Hold
 from proxy.errors import CircuitOpen, InvalidRequest, ProxyError, UpstreamPaced, UpstreamTimeout
 from proxy.policy.plan import RouteRule
 from proxy.upstream import judge, retry
-from proxy.upstream.attempt import Again, Progress, Sent, attempt, take
+from proxy.upstream.attempt import Again, Progress, Sent, attempt, placed
 from proxy.upstream.client import UpstreamClients
 from proxy.upstream.outgoing import Outgoing
 from proxy.upstream.registry import Registry
@@ -132,7 +132,7 @@ async def _pool(
         hold: Hold | None = None
         limit, quota = state.spec.limit, registry.quota
         if limit is not None and quota is not None:
-            taken = await take(call, state, quota, limit, progress)
+            taken = placed(await quota.take(call, limit), call, state, progress)
             if isinstance(taken, Again):
                 continue
             hold = taken
