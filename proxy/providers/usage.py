@@ -30,9 +30,10 @@ def usage_in(data: Mapping[str, Any]) -> dict[str, Any] | None:
     """The `usage` a parsed answer or event carries: at the top (OpenAI, an Anthropic message,
     message_delta), in Anthropic's message_start `message`, or in the Responses API's `response`."""
     usage = data.get("usage")
-    if not isinstance(usage, dict):
-        holder = data.get("message") or data.get("response")
-        usage = holder.get("usage") if isinstance(holder, dict) else None
+    if isinstance(usage, dict):
+        return usage
+    holder = data.get("message") or data.get("response")
+    usage = holder.get("usage") if isinstance(holder, dict) else None
     return usage if isinstance(usage, dict) else None
 
 

@@ -67,51 +67,50 @@ class Sent:
 
 class Progress:
     """Where a call's attempts stand across its pools (the route's, then each fallback's), and what the
-    pool being tried keeps between its attempts."""
+    pool being tried keeps between its attempts.
 
-    __slots__ = (
-        "registry", "deadline", "attempts", "failure", "failure_route", "failure_deployment", "failure_body",
-        "error", "last_was_error", "stop", "reason", "until", "refused", "made", "avoid", "tried", "ready", "full",
-        "track", "waits",
-    )
+    No `__slots__`: what most calls never change (a first attempt that answers) is a class default, so
+    making one costs five stores rather than twenty."""
+
+    failure: aiohttp.ClientResponse | None = None
+    """The last retriable error response, body buffered: relayed if nothing better comes."""
+    failure_deployment: DeploymentSpec | None = None
+    failure_body: Whole | None = None
+    error: ProxyError | None = None
+    """The last error without a response (connect error, timeout)."""
+    last_was_error = False
+    stop = ""
+    """Why the last pool stopped: attempts, budget, deadline, unavailable (circuits), held (pacing)."""
+    reason = ""
+    """What the next retry is for (a status, connect_error or timeout), for metrics."""
+    until = 0.0
+    """For `held`: when the earliest pacing hold ends."""
+    refused: UpstreamLimited | None = None
+    """The soonest refusal by an upstream's limit in this pass over the pools (`limited`)."""
+    avoid: set[str] | None = None
+    """Deployments whose hint is longer than max_retry_after: not again in this pool."""
+    tried: set[str] | None = None
+    """Deployments tried in this pool: others are preferred for the next attempt."""
+    ready: dict[str, float] | None = None
+    """Per deployment tried in this pool: its earliest retry (the upstream's hint or a backoff)."""
+    full: set[str] | None = None
+    """Upstreams over their own limits: skipped until an attempt starts."""
+    track: RuleTrack | None = None
+    """Under `retry.rules`: each rule's failures in the pool being tried (by_rules.py)."""
+    waits: dict[str, tuple[float, str]] | None = None
+    """Per deployment: the wait planned before its next attempt and how it was chosen (access log)."""
 
     def __init__(self, route: RouteRule, registry: Registry, deadline: float) -> None:
         self.registry = registry
         self.deadline = deadline
         """A registry.clock() time: when `timeouts.total` runs out."""
-        self.attempts = 0
-        self.failure: aiohttp.ClientResponse | None = None
-        """The last retriable error response, body buffered: relayed if nothing better comes."""
         self.failure_route = route
-        self.failure_deployment: DeploymentSpec | None = None
-        self.failure_body: Whole | None = None
-        self.error: ProxyError | None = None
-        """The last error without a response (connect error, timeout)."""
-        self.last_was_error = False
-        self.stop = ""
-        """Why the last pool stopped: attempts, budget, deadline, unavailable (circuits), held (pacing)."""
-        self.reason = ""
-        """What the next retry is for (a status, connect_error or timeout), for metrics."""
-        self.until = 0.0
-        """For `held`: when the earliest pacing hold ends."""
-        self.refused: UpstreamLimited | None = None
-        """The soonest refusal by an upstream's limit in this pass over the pools (`limited`)."""
+        self.attempts = 0
         self.made = 0
-        """Attempts made in the pool being tried."""
-        self.avoid: set[str] | None = None
-        """Deployments whose hint is longer than max_retry_after: not again in this pool."""
-        self.tried: set[str] | None = None
-        """Deployments tried in this pool: others are preferred for the next attempt."""
-        self.ready: dict[str, float] | None = None
-        """Per deployment tried in this pool: its earliest retry (the upstream's hint or a backoff)."""
-        self.full: set[str] | None = None
-        """Upstreams over their own limits: skipped until an attempt starts."""
-        self.track: RuleTrack | None = None
-        """Under `retry.rules`: each rule's failures in the pool being tried (by_rules.py)."""
-        self.waits: dict[str, tuple[float, str]] | None = None
-        """Per deployment: the wait planned before its next attempt and how it was chosen (access log)."""
+        """Attempts made in the pool being tried (the pool's fields start as the class's defaults)."""
 
     def enter_pool(self) -> None:
+        """The next pool (a fallback's, or the route's again after a wait): its fields start afresh."""
         self.made = 0
         self.avoid = self.tried = self.full = None
         self.ready = self.track = self.waits = None
@@ -128,13 +127,11 @@ FULL = Again()
 """The chosen deployment's upstream is over its own limit: choose again without it."""
 
 
-async def take(call: Call, state: DeploymentState, registry: Registry, progress: Progress) -> Hold | Again:
-    """A place in the deployment's upstream limit (it has one); `FULL` when it is over it (the deployment
-    is skipped for this attempt and another chosen). Taken before any backoff wait, so the request counts
-    from the moment it is committed to."""
-    quota = registry.quota
-    assert quota is not None and state.spec.limit is not None
-    taken = await quota.take(call, state.spec.limit)
+def placed(taken: Hold | UpstreamLimited, call: Call, state: DeploymentState, progress: Progress) -> Hold | Again:
+    """What the quota answered for a place in the deployment's upstream limit (taken before any backoff
+    wait, so the request counts from the moment it is committed to): the hold, now the call's; or `FULL`
+    when it is over its limit (the deployment is skipped for this attempt and another chosen). A plain call
+    on the quota's answer, so taking adds no coroutine of its own to the path."""
     if isinstance(taken, UpstreamLimited):
         if taken.sooner(progress.refused):
             progress.refused = taken
@@ -211,22 +208,25 @@ def _answered(
     lease.settled = True
     status = lease.status = response.status
     lease.call.attempts.append(Attempt(state.id, status, time.perf_counter() - lease.started,
-                                       wait=_planned(progress, state.id)))
+                                       wait=_planned(progress, state.id) if progress.waits else None))
     now = registry.clock()
     registry.record(state, now, retry.breaker_failure(status), lease.probe)
     headers = response.headers
     if state.spec.pacing.enabled:
         _pace(registry, state, headers, now)
-    should_retry = headers.get("x-should-retry") if status >= 400 else None
-    spec = rule.retry
-    if spec.rules and status >= 400:
-        hint = hints.retry_hint(headers, registry.wall())
-        relay = _track(progress, spec).judge(status, None, bound, should_retry, hint, spec) == "relay"
-    else:
-        relay = status < 400 or judge.judge(status, None, bound, should_retry, spec) == "relay"
-    if relay:
+    if status < 400 or _judged_relay(status, headers, bound, rule.retry, progress):
         return Sent(response, rule, state.spec, lease=(registry, state), hold=lease.keep(), body=whole)
     return None
+
+
+def _judged_relay(status: int, headers: Mapping[str, str], bound: bool, spec: RetrySpec, progress: Progress
+                  ) -> bool:
+    """An error answer (status 400 and up): relayed as it is (True) or retried?"""
+    should_retry = headers.get("x-should-retry")
+    if spec.rules:
+        hint = hints.retry_hint(headers, progress.registry.wall())
+        return _track(progress, spec).judge(status, None, bound, should_retry, hint, spec) == "relay"
+    return judge.judge(status, None, bound, should_retry, spec) == "relay"
 
 
 def _failed(state: DeploymentState, lease: Lease, error: ProxyError, bound: bool, rule: RouteRule,

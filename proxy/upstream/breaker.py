@@ -11,6 +11,7 @@ The ratio window is a ring of ten buckets, so memory is fixed and recording is O
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from proxy.policy.plan import BreakerSpec
@@ -22,11 +23,13 @@ _BUCKETS = 10
 class Breaker:
     __slots__ = (
         "spec", "state", "consecutive", "openings", "opened_at", "reopen_at", "closed_at", "probing",
-        "_totals", "_failures", "_bucket",
+        "_total", "_failed", "_total_at", "_failed_at", "_bucket", "_width",
     )
 
     def __init__(self, spec: BreakerSpec) -> None:
         self.spec = spec
+        self._width: float | None = None
+        self.configure(spec)
         self.state: State = "closed"
         self.consecutive = 0
         self.openings = 0
@@ -34,9 +37,23 @@ class Breaker:
         self.reopen_at = 0.0
         self.closed_at: float | None = None
         self.probing = False
-        self._totals = [0] * _BUCKETS
-        self._failures = [0] * _BUCKETS
+        self._total = self._failed = 0
+        """Outcomes (and failures) counted for the ratio since the breaker was made: running totals."""
+        self._total_at = [0] * _BUCKETS
+        """Per slot (bucket % _BUCKETS): `_total` when that bucket began. What the window holds is the
+        running total less the total at the start of its oldest bucket: counting an outcome is one addition."""
+        self._failed_at = [0] * _BUCKETS
         self._bucket = 0
+        """The newest bucket seen (the clock is monotonic)."""
+
+    def configure(self, spec: BreakerSpec) -> None:
+        """Take `spec` (new, or a reload's). What every outcome needs of it is worked out here: the width of
+        a ratio bucket (infinite for a window of 0: one bucket), or None when no ratio is kept."""
+        self.spec = spec
+        if spec.failure_ratio <= 0:
+            self._width = None
+        else:
+            self._width = spec.window / _BUCKETS if spec.window > 0 else math.inf
 
     # --- admission of requests ---------------------------------------------------------------------
 
@@ -84,20 +101,24 @@ class Breaker:
             self.consecutive += 1
         else:
             self.consecutive = 0
-        spec = self.spec
-        if spec.failure_ratio > 0:
-            index = self._rotate(now)
-            self._totals[index] += 1
+        width = self._width
+        if width is not None:
+            bucket = int(now / width)
+            if bucket > self._bucket:  # the window moved on
+                self._rotate(bucket)
+            self._total += 1
             if failed:
-                self._failures[index] += 1
+                self._failed += 1
         if not failed:
             return None
+        spec = self.spec
         if spec.consecutive_failures and self.consecutive >= spec.consecutive_failures:
             self._open(now)
             return "open"
         if spec.failure_ratio > 0:
-            total = sum(self._totals)
-            if total >= spec.min_requests and sum(self._failures) >= spec.failure_ratio * total:
+            oldest = (self._bucket + 1) % _BUCKETS  # the slot of the window's oldest bucket
+            total = self._total - self._total_at[oldest]
+            if total >= spec.min_requests and self._failed - self._failed_at[oldest] >= spec.failure_ratio * total:
                 self._open(now)
                 return "open"
         return None
@@ -120,18 +141,14 @@ class Breaker:
         self.state = "closed"
         self.closed_at = now
         self.consecutive = 0
-        self._totals = [0] * _BUCKETS
-        self._failures = [0] * _BUCKETS
+        self._total_at = [self._total] * _BUCKETS  # the window starts empty
+        self._failed_at = [self._failed] * _BUCKETS
 
-    def _rotate(self, now: float) -> int:
-        """Index of the bucket for `now`, clearing buckets that fell out of the window."""
-        width = self.spec.window / _BUCKETS
-        bucket = int(now / width) if width > 0 else 0
-        stale = bucket - self._bucket
-        if stale > 0:
-            for step in range(1, min(stale, _BUCKETS) + 1):
-                index = (self._bucket + step) % _BUCKETS
-                self._totals[index] = 0
-                self._failures[index] = 0
-            self._bucket = bucket
-        return bucket % _BUCKETS
+    def _rotate(self, bucket: int) -> None:
+        """Buckets began since the newest one seen: nothing was counted in them yet, so each starts at the
+        running totals (at most _BUCKETS of them matter)."""
+        for past in range(max(self._bucket + 1, bucket - _BUCKETS + 1), bucket + 1):
+            index = past % _BUCKETS
+            self._total_at[index] = self._total
+            self._failed_at[index] = self._failed
+        self._bucket = bucket

@@ -25,48 +25,54 @@ def allowance(requests: int, percent: float, floor_per_s: int) -> int:
 
 
 class RetryBudget:
-    """First attempts and retries of one route over the last WINDOW_S seconds (a ring of 1 s slots)."""
+    """First attempts and retries of one route over the last WINDOW_S seconds.
 
-    __slots__ = ("_requests", "_retries", "_second", "requests", "retries")
+    Counted as running totals since the budget was made, with a ring of 1 s slots that keeps the totals at
+    the start of each second of the window: what the window holds is the running total less the total at
+    its start. So counting a request is one addition; the ring is written only when a second begins."""
+
+    __slots__ = ("_made", "_retried", "_made_at", "_retried_at", "_second")
 
     def __init__(self) -> None:
-        self._requests = [0] * WINDOW_S
-        self._retries = [0] * WINDOW_S
+        self._made = 0
+        """First attempts since the budget was made."""
+        self._retried = 0
+        self._made_at = [0] * WINDOW_S
+        """Per slot (second % WINDOW_S): `_made` when that second began."""
+        self._retried_at = [0] * WINDOW_S
         self._second = 0
-        """The newest slot's second; older slots are cleared as time moves on."""
-        self.requests = 0
-        self.retries = 0
+        """The newest second seen; the ring holds it and the WINDOW_S - 1 before it."""
 
     def allows(self, now: float, percent: float, floor_per_s: int) -> bool:
         """May one more retry be sent now?"""
-        self._roll(now)
-        return self.retries < allowance(self.requests, percent, floor_per_s)
+        requests, retries = self.counts(now)
+        return retries < allowance(requests, percent, floor_per_s)
 
     def counts(self, now: float) -> tuple[int, int]:
         """(first attempts, retries) in the window ending now."""
-        self._roll(now)
-        return self.requests, self.retries
+        if int(now) > self._second:
+            self._roll(now)
+        first = (self._second + 1) % WINDOW_S  # the slot of the window's oldest second
+        return self._made - self._made_at[first], self._retried - self._retried_at[first]
 
     def request(self, now: float) -> None:
         """A first attempt was committed to."""
-        slot = self._roll(now)
-        self._requests[slot] += 1
-        self.requests += 1
+        if int(now) > self._second:
+            self._roll(now)
+        self._made += 1
 
     def retry(self, now: float) -> None:
         """A retry was committed to (before its backoff: waiting costs nothing more)."""
-        slot = self._roll(now)
-        self._retries[slot] += 1
-        self.retries += 1
+        if int(now) > self._second:
+            self._roll(now)
+        self._retried += 1
 
-    def _roll(self, now: float) -> int:
+    def _roll(self, now: float) -> None:
+        """Seconds began since the newest one seen: nothing was counted in them yet, so each starts at the
+        running totals (at most WINDOW_S of them matter)."""
         second = int(now)
-        gap = second - self._second
-        if gap > 0:
-            for past in range(self._second + 1, self._second + 1 + min(gap, WINDOW_S)):
-                slot = past % WINDOW_S
-                self.requests -= self._requests[slot]
-                self.retries -= self._retries[slot]
-                self._requests[slot] = self._retries[slot] = 0
-            self._second = second
-        return self._second % WINDOW_S
+        for past in range(max(self._second + 1, second - WINDOW_S + 1), second + 1):
+            slot = past % WINDOW_S
+            self._made_at[slot] = self._made
+            self._retried_at[slot] = self._retried
+        self._second = second

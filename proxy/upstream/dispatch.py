@@ -22,7 +22,7 @@ from proxy.call import Call, Hold
 from proxy.errors import CircuitOpen, InvalidRequest, ProxyError, UpstreamPaced, UpstreamTimeout
 from proxy.policy.plan import RouteRule
 from proxy.upstream import judge, retry
-from proxy.upstream.attempt import Again, Progress, Sent, attempt, take
+from proxy.upstream.attempt import Again, Progress, Sent, attempt, placed
 from proxy.upstream.client import UpstreamClients
 from proxy.upstream.outgoing import Outgoing
 from proxy.upstream.registry import Registry
@@ -72,6 +72,7 @@ async def _beyond_the_pool(
             return _give_up(progress, route, registry)
         await quota.wait(request.call, refused, deadline - registry.clock(), waited)
         waited, progress.refused = True, None
+        progress.enter_pool()
         sent = await _pool(request, route, registry, deadline, progress)
         if sent is not None:
             return sent
@@ -90,6 +91,7 @@ async def _fallbacks(
             continue
         if count and registry.metrics is not None:
             registry.metrics.fallback(route.name, rule.name)
+        progress.enter_pool()
         try:
             sent = await _pool(request, rule, registry, deadline, progress)
         except InvalidRequest:
@@ -103,12 +105,11 @@ async def _pool(
     request: Outgoing, rule: RouteRule, registry: Registry, deadline: float, progress: Progress
 ) -> Sent | None:
     """Attempts on one route's pool until one answers something to relay (returned) or the pool gives
-    up (None, with `progress.stop` saying why)."""
+    up (None, with `progress.stop` saying why). `progress` has entered the pool (`enter_pool`, or new)."""
     spec = rule.retry
     clock = registry.clock
     call = request.call
     paying = call.route or rule  # the call's own route: its budget pays for every retry, fallbacks too
-    progress.enter_pool()
     attempts = spec.attempts if spec.methods is None or call.method in spec.methods else 1  # retry.methods
     while progress.made < attempts:
         now = clock()
@@ -129,8 +130,9 @@ async def _pool(
                 return None
             wait = found
         hold: Hold | None = None
-        if state.spec.limit is not None and registry.quota is not None:
-            taken = await take(call, state, registry, progress)
+        limit, quota = state.spec.limit, registry.quota
+        if limit is not None and quota is not None:
+            taken = placed(await quota.take(call, limit), call, state, progress)
             if isinstance(taken, Again):
                 continue
             hold = taken

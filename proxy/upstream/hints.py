@@ -144,8 +144,7 @@ _REMAINING = tuple(name for name, _ in (*_OPENAI_RESETS, *_ANTHROPIC_RESETS))
 def exhausted_for(headers: Mapping[str, str], now_wall: float) -> float | None:
     """On a successful response: seconds until the reset of a limit reported at 0 remaining, else None.
 
-    Called for every response: the common case is a few header lookups and no parsing."""
-    for name in _REMAINING:
-        if headers.get(name) == "0":
-            return _resets(headers, now_wall, only_exhausted=True)
+    Called for every response: the common case is six header lookups (in C, through `map`) and no parsing."""
+    if "0" in map(headers.get, _REMAINING):
+        return _resets(headers, now_wall, only_exhausted=True)
     return None

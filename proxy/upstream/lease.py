@@ -19,7 +19,16 @@ from proxy.upstream.registry import DeploymentState, Registry
 
 
 class Lease:
-    __slots__ = ("registry", "state", "call", "hold", "probe", "started", "status", "settled", "_kept")
+    """No `__slots__`: what an attempt fills in as it goes is a class default until then, so a lease costs
+    five stores to make."""
+
+    started = 0.0
+    """perf_counter() when the request went out (0: it never did)."""
+    status = 0
+    """The answer's status (0: none came)."""
+    settled = False
+    """The outcome is recorded (the call's attempts, the circuit): nothing left to give back for it."""
+    _kept = False
 
     def __init__(self, registry: Registry, state: DeploymentState, call: Call, hold: Hold | None, probe: bool
                  ) -> None:
@@ -29,13 +38,6 @@ class Lease:
         self.hold = hold
         self.probe = probe
         """The attempt is its circuit's half-open probe: one without an outcome gives the probe back."""
-        self.started = 0.0
-        """perf_counter() when the request went out (0: it never did)."""
-        self.status = 0
-        """The answer's status (0: none came)."""
-        self.settled = False
-        """The outcome is recorded (the call's attempts, the circuit): nothing left to give back for it."""
-        self._kept = False
 
     async def __aenter__(self) -> Lease:
         return self

@@ -32,13 +32,22 @@ def upstream_body(call: Call, model_rewrite: str | None = None) -> bytes | None:
             return exchanges.request_body(exchange, call.body, model_rewrite or call.model, default_max)
         except exchanges.TranslationError as exc:
             raise InvalidRequest(exc.message, param=exc.param) from None
+    if model_rewrite or call.strip_usage:  # else (most calls) nothing below can apply: the client's bytes
+        rewritten = _rewritten(call, model_rewrite)
+        if rewritten is not None:
+            return rewritten
+    return call.raw_body if call.method not in ("GET", "HEAD", "DELETE") or call.raw_body else None
+
+
+def _rewritten(call: Call, model_rewrite: str | None) -> bytes | None:
+    """A pass-through body with the model renamed or usage asked for; None: the client's bytes go as they are."""
     if call.body is not None and model_rewrite and call.body.get("model") != model_rewrite:
         return orjson.dumps(_with_usage({**call.body, "model": model_rewrite}, call.strip_usage))
     if call.strip_usage and call.body is not None:
         return orjson.dumps(_with_usage(dict(call.body), True))
     if call.form_model is not None and model_rewrite and model_rewrite != call.model:
         return multipart.with_field(call.raw_body, call.form_model, model_rewrite)
-    return call.raw_body if call.method not in ("GET", "HEAD", "DELETE") or call.raw_body else None
+    return None
 
 
 def _with_usage(body: dict[str, Any], ask: bool) -> dict[str, Any]:
@@ -68,11 +77,15 @@ def wants_stream_usage(call: Call, provider: str) -> bool:
 
 
 class Outgoing:
-    """What every attempt of one call shares; headers and body are built once per upstream/model."""
+    """What every attempt of one call shares; headers and body are built once per upstream/model.
 
-    __slots__ = (
-        "call", "clients", "client_headers", "query_string", "_headers_for", "_headers", "_body_key", "_body",
-    )
+    No `__slots__`: the caches start as class defaults (empty), so making one costs four stores."""
+
+    _headers_for = ""
+    """The upstream `_headers` were built for ("": none yet)."""
+    _headers: dict[str, str]
+    _body_key: tuple[str | None, str, bool] | None = None
+    _body: bytes | None = None
 
     def __init__(
         self,
@@ -85,10 +98,6 @@ class Outgoing:
         self.clients = clients
         self.client_headers = client_headers
         self.query_string = query_string
-        self._headers_for = ""
-        self._headers: dict[str, str] = {}
-        self._body_key: tuple[str | None, str, bool] | None = None
-        self._body: bytes | None = None
 
     def headers(self, spec: UpstreamSpec) -> dict[str, str]:
         if self._headers_for != spec.name:

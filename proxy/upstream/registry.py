@@ -93,7 +93,7 @@ class Registry:
                 self.metrics.circuit_changed(spec.id, "closed", transition=False)
         elif found.spec is not spec:
             found.spec = spec  # a reload (or another route naming the same deployment)
-            found.breaker.spec = spec.breaker
+            found.breaker.configure(spec.breaker)
         return found
 
     def _states(self, specs: tuple[DeploymentSpec, ...]) -> list[DeploymentState]:
@@ -140,10 +140,14 @@ class Registry:
         quickly); deployments not in `tried` are preferred for a retry."""
         specs = route.deployments
         if len(specs) == 1:  # the common case, inline and without building lists
-            only = self.state(specs[0])
+            spec = specs[0]
+            only = self.deployments.get(spec.id)
+            if only is None or only.spec is not spec:
+                only = self.state(spec)
             if (avoid and only.id in avoid) or (full and only.spec.upstream in full):
                 return None, None
-            if not only.breaker.available(now):
+            breaker = only.breaker
+            if breaker.state != "closed" and not breaker.available(now):
                 return None, None
             if only.hold_until > now:
                 return None, only.hold_until
@@ -186,7 +190,7 @@ class Registry:
         """An attempt begins (its backoff included), counted in the budget of `route` (the call's own);
         returns True if it is the circuit's half-open probe."""
         state.outstanding += 1
-        budget = self.budget(route)
+        budget = self.budgets.get(route.name) or self.budget(route)
         if retry:
             budget.retry(now)
         else:
