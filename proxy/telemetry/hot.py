@@ -10,47 +10,104 @@ collector), so names, help texts and the text format are the library's.
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections import Counter
 from collections.abc import Iterator, Sequence
+from functools import partial, reduce
+from operator import add
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+FOLD_AFTER = 1024
+"""Values a histogram series (or the recorder, over all its series) lets wait before counting them."""
+
 
 class HotCounter:
-    """A counter family keyed by a tuple of label values."""
+    """A counter family keyed by a tuple of label values. Each series is a one-item list (a cell) that
+    `Metrics.record` binds once per label tuple and then increments in place."""
 
-    __slots__ = ("name", "help", "labels", "values")
+    __slots__ = ("name", "help", "labels", "cells")
 
     def __init__(self, name: str, help_text: str, labels: Sequence[str]) -> None:
         self.name = name
         self.help = help_text
         self.labels = list(labels)
-        self.values: dict[tuple[str, ...], float] = {}
+        self.cells: dict[tuple[str, ...], list[float]] = {}
+
+    def cell(self, key: tuple[str, ...]) -> list[float]:
+        """The series' cell, created at 0 the first time."""
+        cell = self.cells.get(key)
+        if cell is None:
+            cell = self.cells[key] = [0.0]
+        return cell
 
     def inc(self, key: tuple[str, ...], amount: float = 1.0) -> None:
-        values = self.values
-        values[key] = values.get(key, 0.0) + amount
+        self.cell(key)[0] += amount
 
     def get(self, *key: str) -> float:
-        return self.values.get(key, 0.0)
+        cell = self.cells.get(key)
+        return cell[0] if cell is not None else 0.0
+
+    @property
+    def values(self) -> dict[tuple[str, ...], float]:
+        """Every series' value by label tuple (a copy, read by the wall screen)."""
+        return {key: cell[0] for key, cell in self.cells.items()}
 
     def family(self) -> Metric:
         family = CounterMetricFamily(self.name, self.help, labels=self.labels)
-        for key, value in self.values.items():
-            family.add_metric(list(key), value)
+        for key, cell in self.cells.items():
+            family.add_metric(list(key), cell[0])
         return family
 
 
-class _Buckets:
-    __slots__ = ("counts", "total")
+class Buckets:
+    """One histogram series: a count per bound, plus +Inf (not cumulative until scraped), and the sum.
 
-    def __init__(self, size: int) -> None:
-        self.counts = [0] * size  # one per bound, plus +Inf; not cumulative until scraped
-        self.total = 0.0
+    A value is only appended to `pending` when observed; `fold` counts the pending values into the
+    buckets in one pass that runs in C (a bisect and a Counter per value, no bytecode per value) before
+    anyone reads `counts` or `total`, and whenever FOLD_AFTER values are waiting, so memory stays bounded.
+    """
+
+    __slots__ = ("bounds", "pending", "_counts", "_total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.pending: list[float] = []
+        """Values observed and not yet counted, in order (the list object never changes: appenders may bind
+        its `append`)."""
+        self._counts = [0] * (len(bounds) + 1)
+        self._total = 0.0
+
+    def add(self, value: float) -> None:
+        pending = self.pending
+        pending.append(value)
+        if len(pending) >= FOLD_AFTER:
+            self.fold()
+
+    def fold(self) -> None:
+        pending = self.pending
+        if not pending:
+            return
+        counts = self._counts
+        # le: a value equal to a bound falls in it (bisect_left)
+        for index, n in Counter(map(partial(bisect_left, self.bounds), pending)).items():
+            counts[index] += n
+        self._total = reduce(add, pending, self._total)  # left to right: the float one `+=` per value gives
+        pending.clear()
+
+    @property
+    def counts(self) -> list[int]:
+        self.fold()
+        return self._counts
+
+    @property
+    def total(self) -> float:
+        self.fold()
+        return self._total
 
 
 class HotHistogram:
-    """A histogram family keyed by a tuple of label values; `observe` is a bisect and two additions."""
+    """A histogram family keyed by a tuple of label values; `observe` appends to the series' pending values."""
 
     __slots__ = ("name", "help", "labels", "bounds", "series")
 
@@ -59,14 +116,22 @@ class HotHistogram:
         self.help = help_text
         self.labels = list(labels)
         self.bounds = tuple(sorted(float(b) for b in bounds))
-        self.series: dict[tuple[str, ...], _Buckets] = {}
+        self.series: dict[tuple[str, ...], Buckets] = {}
 
-    def observe(self, key: tuple[str, ...], value: float) -> None:
+    def buckets(self, key: tuple[str, ...]) -> Buckets:
+        """The series of `key`, created empty the first time (so only once a value is about to be added:
+        a series is exported from its first observation on)."""
         series = self.series.get(key)
         if series is None:
-            series = self.series[key] = _Buckets(len(self.bounds) + 1)
-        series.counts[bisect_left(self.bounds, value)] += 1  # le: a value equal to a bound falls in it
-        series.total += value
+            series = self.series[key] = Buckets(self.bounds)
+        return series
+
+    def observe(self, key: tuple[str, ...], value: float) -> None:
+        self.buckets(key).add(value)
+
+    def fold(self) -> None:
+        for series in self.series.values():
+            series.fold()
 
     def family(self) -> Metric:
         family = HistogramMetricFamily(self.name, self.help, labels=self.labels)
