@@ -28,7 +28,7 @@ RATE_SPAN = 60
 class QueueStats:
     """One queue's counters. `now` is the caller's perf_counter (injected in tests)."""
 
-    __slots__ = ("outcomes", "reasons", "processed", "ring", "second", "requests", "tokens")
+    __slots__ = ("outcomes", "reasons", "processed", "ring", "second", "until", "slot", "requests", "tokens")
 
     def __init__(self) -> None:
         self.outcomes: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
@@ -40,6 +40,11 @@ class QueueStats:
         """The last WINDOW requests: when each finished, its wait, its processing seconds (None: never
         dispatched)."""
         self.second = 0
+        """The second (of the clock) the rate ring's current bucket counts..."""
+        self.until = 1.0
+        """...until when it counts it..."""
+        self.slot = 0
+        """...and that bucket's index."""
         self.requests = [0] * RATE_SPAN
         self.tokens = [0] * RATE_SPAN
 
@@ -54,13 +59,12 @@ class QueueStats:
         if processing is not None:
             self.processed += 1
         if call.attempts:  # sent upstream: what the queue's rate limits count
-            second = int(now)
-            if second != self.second:
-                self._tick(second)
-            second %= RATE_SPAN
-            self.requests[second] += 1
+            if now >= self.until:  # the clock is monotonic: a new second has begun
+                self._tick(int(now))
+            slot = self.slot
+            self.requests[slot] += 1
             if call.usage:
-                self.tokens[second] += _tokens(call.usage)
+                self.tokens[slot] += _tokens(call.usage)
 
     def _tick(self, second: int) -> None:
         """Move the rate ring to `second` (clearing the seconds skipped)."""
@@ -68,10 +72,12 @@ class QueueStats:
             self.requests[s % RATE_SPAN] = 0
             self.tokens[s % RATE_SPAN] = 0
         self.second = second
+        self.until = second + 1.0
+        self.slot = second % RATE_SPAN
 
     def rate(self, now: float) -> tuple[int, int]:
         """Requests and tokens of the last RATE_SPAN seconds."""
-        if int(now) != self.second:
+        if now >= self.until:
             self._tick(int(now))
         return sum(self.requests), sum(self.tokens)
 
