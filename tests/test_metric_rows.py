@@ -16,10 +16,12 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.call import Attempt, Call
+from proxy.errors import InvalidRequest, QueueFull
 from proxy.ops import live
 from proxy.policy.plan import Plan
 from proxy.telemetry import hot, rows
 from proxy.telemetry.metrics import Metrics
+from proxy.telemetry.outcome import judge
 
 LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 HOT = ("signalbox_requests", "signalbox_request_duration_seconds", "signalbox_processing_seconds",
@@ -108,7 +110,7 @@ attempts = st.builds(
 requests = st.fixed_dictionaries({
     "route": st.sampled_from([None, 0, 1]), "tenant": st.sampled_from([None, "alpha", "beta"]),
     "upstream": st.sampled_from(["", "up", "other"]), "status": st.sampled_from([0, 200, 404, 429, 499, 502, 777]),
-    "outcome": st.sampled_from(["ok", "upstream_error", "rejected", "cancelled"]),
+    "failure": st.sampled_from([None, "queue_full", "bad_request"]),
     "elapsed": seconds, "dispatch": st.none() | seconds, "first": st.none() | seconds, "headers": st.none() | seconds,
     "error": st.sampled_from([None, "rate_limit", "upstream_cut"]), "gone": st.booleans(),
     "events": st.integers(0, 40), "attempts": st.lists(attempts, max_size=3),
@@ -120,12 +122,17 @@ def a_call(plan: Plan, r: dict[str, object]) -> Call:
                 started=NOW - float(r["elapsed"]))  # type: ignore[arg-type]
     call.route = plan.routes[r["route"]] if isinstance(r["route"], int) else None
     call.tenant = plan.tenants[r["tenant"]] if isinstance(r["tenant"], str) else None
-    call.upstream, call.status, call.outcome = r["upstream"], r["status"], r["outcome"]  # type: ignore[assignment]
+    call.upstream, call.status = r["upstream"], r["status"]  # type: ignore[assignment]
     call.error, call.client_gone, call.events_relayed = r["error"], r["gone"], r["events"]  # type: ignore[assignment]
+    if r["failure"] is not None:  # as ingress sets a refusal on the call
+        queue_full = r["failure"] == "queue_full"
+        failure = QueueFull("full", retry_after=1.0) if queue_full else InvalidRequest("no", param="x")
+        call.failure, call.error, call.status = failure, failure.reason, failure.status
     call.attempts = list(r["attempts"])  # type: ignore[call-overload]
     for mark, key in (("dispatch", "dispatch"), ("first_token", "first"), ("upstream_headers", "headers")):
         if r[key] is not None:
             call.marks[mark] = float(r[key])  # type: ignore[arg-type]
+    judge(call)  # the outcome, as every caller of `record` judges it first
     return call
 
 
@@ -159,7 +166,7 @@ def test_sums_and_counts_stay_exact_across_batches(plan: Plan) -> None:
     the wall screen's reading between them sees every value so far."""
     rng = random.Random(13)
     generated = [{
-        "route": rng.choice([0, 1]), "tenant": "alpha", "upstream": "up", "status": 200, "outcome": "ok",
+        "route": rng.choice([0, 1]), "tenant": "alpha", "upstream": "up", "status": 200, "failure": None,
         "elapsed": rng.expovariate(2.0), "dispatch": rng.random() / 100, "first": rng.choice([None, 0.2, 0.3]),
         "headers": rng.random(), "error": None, "gone": False, "events": 0,
         "attempts": [Attempt("up-0", 200, rng.expovariate(5.0))],
@@ -183,7 +190,7 @@ def test_sums_and_counts_stay_exact_across_batches(plan: Plan) -> None:
 
 def test_a_series_is_exported_from_its_first_value_only(plan: Plan) -> None:
     """A route whose requests were never dispatched has no processing or TTFT series (as before the rows)."""
-    base = {"route": 1, "tenant": None, "upstream": "", "status": 429, "outcome": "rejected", "elapsed": 0.01,
+    base = {"route": 1, "tenant": None, "upstream": "", "status": 429, "failure": "queue_full", "elapsed": 0.01,
             "dispatch": None, "first": None, "headers": None, "error": "rate_limit", "gone": False, "events": 0,
             "attempts": []}
     metrics, _ = record_both(plan, [base])

@@ -42,9 +42,10 @@ Observe = Callable[[float], None]
 class RequestRow:
     """The series one request with these labels feeds."""
 
-    __slots__ = ("count", "duration", "processing", "ttft", "ttfb", "route", "upstream")
+    __slots__ = ("count", "duration", "processing", "ttft", "ttfb", "route", "upstream", "failed")
 
-    def __init__(self, count: list[float], duration: Buckets, route: tuple[str], upstream: tuple[str]) -> None:
+    def __init__(self, count: list[float], duration: Buckets, route: tuple[str], upstream: tuple[str],
+                 failed: bool) -> None:
         self.count = count
         self.duration: Observe = duration.pending.append
         self.processing: Observe | None = None
@@ -52,6 +53,8 @@ class RequestRow:
         self.ttfb: Observe | None = None
         self.route = route
         self.upstream = upstream
+        self.failed = failed
+        """Any outcome but ok (judge gives an error or a client that left no other)."""
 
 
 class AttemptRow:
@@ -83,8 +86,11 @@ class Recorder:
         now = perf_counter()
         route = call.route
         tenant = call.tenant
-        key = (route.name if route is not None else "", tenant.name if tenant is not None else "", call.upstream,
-               call.status, call.outcome)
+        if route is not None:
+            route_name, queue = route.name, route.queue
+        else:
+            route_name, queue = "", None
+        key = (route_name, tenant.name if tenant is not None else "", call.upstream, call.status, call.outcome)
         row = self.rows.get(key) or self._bind(key)
         row.count[0] += 1
         elapsed = now - call.started  # call.elapsed(), with the clock read once for the queue's books too
@@ -100,17 +106,16 @@ class Recorder:
             if first is not None:
                 (row.ttft or self._ttft(row))(first - dispatched)
         ttfb = marks.get("upstream_headers")
-        if ttfb is not None and call.upstream and not (attempts and attempts[-1].shared):
+        if ttfb is not None and not (attempts and attempts[-1].shared):
             (row.ttfb or self._ttfb(row))(ttfb)
-        if route is not None and (queue := route.queue) is not None:
+        if queue is not None:
             (self.queues.get(queue.name) or self._queue(queue.name)).finished(now, call, processing)
-        if call.error is not None or call.client_gone or call.events_relayed:
+        if row.failed or call.events_relayed:  # an error or a client that left is never an "ok"
             self._rare(call, row)
         for attempt in attempts:
             if not attempt.shared:  # else another caller of the same merged call counts it
-                found = self.attempt_rows.get((attempt.upstream, attempt.status, attempt.error))
-                if found is None:
-                    found = self._bind_attempt((attempt.upstream, attempt.status, attempt.error))
+                akey = (attempt.upstream, attempt.status, attempt.error)
+                found = self.attempt_rows.get(akey) or self._bind_attempt(akey)
                 found.count[0] += 1
                 found.latency(attempt.duration)
         self.unfolded += 1
@@ -140,7 +145,11 @@ class Recorder:
         route, tenant, upstream, status, outcome = key
         metrics = self.metrics
         count = metrics.requests.cell((route, tenant, upstream, status_label(status), outcome))
-        row = self.rows[key] = RequestRow(count, metrics.duration.buckets((route,)), (route,), (upstream,))
+        row = self.rows[key] = RequestRow(
+            count, metrics.duration.buckets((route,)), (route,), (upstream,), outcome != "ok",
+        )
+        if not upstream:
+            row.ttfb = _discard  # a request that reached no upstream has no TTFB series
         return row
 
     def _processing(self, row: RequestRow) -> Observe:
@@ -167,3 +176,6 @@ class Recorder:
         )
         return row
 
+
+def _discard(value: float) -> None:
+    """The observer of a series a row never feeds."""
