@@ -10,16 +10,10 @@ collector), so names, help texts and the text format are the library's.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections import Counter
 from collections.abc import Iterator, Sequence
-from functools import partial, reduce
-from operator import add
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
-
-FOLD_AFTER = 1024
-"""Values a histogram series (or the recorder, over all its series) lets wait before counting them."""
 
 
 class HotCounter:
@@ -62,52 +56,22 @@ class HotCounter:
 
 class Buckets:
     """One histogram series: a count per bound, plus +Inf (not cumulative until scraped), and the sum.
+    `add` is what `Metrics.record` binds once per row (telemetry/rows.py)."""
 
-    A value is only appended to `pending` when observed; `fold` counts the pending values into the
-    buckets in one pass that runs in C (a bisect and a Counter per value, no bytecode per value) before
-    anyone reads `counts` or `total`, and whenever FOLD_AFTER values are waiting, so memory stays bounded.
-    """
-
-    __slots__ = ("bounds", "pending", "_counts", "_total")
+    __slots__ = ("bounds", "counts", "total")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
-        self.pending: list[float] = []
-        """Values observed and not yet counted, in order (the list object never changes: appenders may bind
-        its `append`)."""
-        self._counts = [0] * (len(bounds) + 1)
-        self._total = 0.0
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
 
     def add(self, value: float) -> None:
-        pending = self.pending
-        pending.append(value)
-        if len(pending) >= FOLD_AFTER:
-            self.fold()
-
-    def fold(self) -> None:
-        pending = self.pending
-        if not pending:
-            return
-        counts = self._counts
-        # le: a value equal to a bound falls in it (bisect_left)
-        for index, n in Counter(map(partial(bisect_left, self.bounds), pending)).items():
-            counts[index] += n
-        self._total = reduce(add, pending, self._total)  # left to right: the float one `+=` per value gives
-        pending.clear()
-
-    @property
-    def counts(self) -> list[int]:
-        self.fold()
-        return self._counts
-
-    @property
-    def total(self) -> float:
-        self.fold()
-        return self._total
+        self.counts[bisect_left(self.bounds, value)] += 1  # le: a value equal to a bound falls in it
+        self.total += value
 
 
 class HotHistogram:
-    """A histogram family keyed by a tuple of label values; `observe` appends to the series' pending values."""
+    """A histogram family keyed by a tuple of label values; `observe` is a bisect and two additions."""
 
     __slots__ = ("name", "help", "labels", "bounds", "series")
 
@@ -128,10 +92,6 @@ class HotHistogram:
 
     def observe(self, key: tuple[str, ...], value: float) -> None:
         self.buckets(key).add(value)
-
-    def fold(self) -> None:
-        for series in self.series.values():
-            series.fold()
 
     def family(self) -> Metric:
         family = HistogramMetricFamily(self.name, self.help, labels=self.labels)

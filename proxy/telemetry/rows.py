@@ -17,7 +17,7 @@ from time import perf_counter
 from typing import TYPE_CHECKING
 
 from proxy.call import Call
-from proxy.telemetry.hot import FOLD_AFTER, Buckets
+from proxy.telemetry.hot import Buckets
 
 if TYPE_CHECKING:
     from proxy.telemetry.metrics import Metrics
@@ -36,7 +36,7 @@ def status_label(status: int) -> str:
 
 
 Observe = Callable[[float], None]
-"""A histogram series' `pending.append` (telemetry/hot.py's Buckets): how a row adds a value."""
+"""A histogram series' bound `add` (telemetry/hot.py's Buckets): how a row adds a value."""
 
 
 class RequestRow:
@@ -47,7 +47,7 @@ class RequestRow:
     def __init__(self, count: list[float], duration: Buckets, route: tuple[str], upstream: tuple[str],
                  failed: bool) -> None:
         self.count = count
-        self.duration: Observe = duration.pending.append
+        self.duration: Observe = duration.add
         self.processing: Observe | None = None
         self.ttft: Observe | None = None
         self.ttfb: Observe | None = None
@@ -64,13 +64,13 @@ class AttemptRow:
 
     def __init__(self, count: list[float], latency: Buckets) -> None:
         self.count = count
-        self.latency: Observe = latency.pending.append
+        self.latency: Observe = latency.add
 
 
 class Recorder:
     """Feeds the hot families from a finished `Call` (`Metrics.record`)."""
 
-    __slots__ = ("metrics", "rows", "attempt_rows", "queues", "unfolded")
+    __slots__ = ("metrics", "rows", "attempt_rows", "queues")
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
@@ -78,8 +78,6 @@ class Recorder:
         self.attempt_rows: dict[AttemptKey, AttemptRow] = {}
         self.queues = metrics.queues.queues
         """The queues' books by name (the same dict as the QueueBook's)."""
-        self.unfolded = 0
-        """Requests recorded since the histograms last counted their pending values."""
 
     def record(self, call: Call) -> None:
         """Called once per request, after the response ended (or failed) and its outcome was judged."""
@@ -118,16 +116,6 @@ class Recorder:
                 found = self.attempt_rows.get(akey) or self._bind_attempt(akey)
                 found.count[0] += 1
                 found.latency(attempt.duration)
-        self.unfolded += 1
-        if self.unfolded == FOLD_AFTER:
-            self._fold()
-
-    def _fold(self) -> None:
-        """Bound the values waiting in the histograms' series (each request adds a few)."""
-        self.unfolded = 0
-        metrics = self.metrics
-        for histogram in (metrics.duration, metrics.processing, metrics.ttft, metrics.ttfb, metrics.upstream_latency):
-            histogram.fold()
 
     def _rare(self, call: Call, row: RequestRow) -> None:
         """An error, a client that left, a stream's events: not on every request."""
@@ -153,15 +141,15 @@ class Recorder:
         return row
 
     def _processing(self, row: RequestRow) -> Observe:
-        row.processing = self.metrics.processing.buckets(row.route).pending.append
+        row.processing = self.metrics.processing.buckets(row.route).add
         return row.processing
 
     def _ttft(self, row: RequestRow) -> Observe:
-        row.ttft = self.metrics.ttft.buckets(row.route).pending.append
+        row.ttft = self.metrics.ttft.buckets(row.route).add
         return row.ttft
 
     def _ttfb(self, row: RequestRow) -> Observe:
-        row.ttfb = self.metrics.ttfb.buckets(row.upstream).pending.append
+        row.ttfb = self.metrics.ttfb.buckets(row.upstream).add
         return row.ttfb
 
     def _queue(self, name: str) -> QueueStats:
