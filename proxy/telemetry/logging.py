@@ -56,11 +56,17 @@ def _waited(a: Attempt) -> dict[str, object]:
 
 
 def _attempt(a: Attempt) -> dict[str, object]:
-    """An attempt's entry (mapped over the attempts in C: no comprehension's frame)."""
     if a.wait is None:  # the usual case: _ms2 inlined
         return {"deployment": a.upstream, "status": a.status, "ms": int(a.duration * 100_000 + 0.5) / 100,
                 "error": a.error}
     return _waited(a)
+
+
+def _attempts(attempts: list[Attempt]) -> list[dict[str, object]]:
+    """The attempts' entries; one attempt (the usual case) without a comprehension's frame."""
+    if len(attempts) == 1:
+        return [_attempt(attempts[0])]
+    return [_attempt(a) for a in attempts]
 
 
 class AccessLog:
@@ -106,7 +112,7 @@ class AccessLog:
             # headers or failure, and why it failed without a response (upstream_unreachable,
             # upstream_timeout, cancelled), and for a retry after a wait, the wait planned and how it was
             # chosen (`after`: exponential, fixed, reset, or hint when the upstream's replaced the backoff).
-            "attempts": list(map(_attempt, call.attempts)),
+            "attempts": _attempts(call.attempts),
             "events": call.events_relayed or None,
             "bytes": call.bytes_out,
             "error": call.error,
