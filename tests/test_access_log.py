@@ -9,12 +9,14 @@ import time
 from pathlib import Path
 
 import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.call import Call
+from proxy.call import Attempt, Call
 from proxy.policy.compile import compile_plan
 from proxy.policy.load import load_policy
+from proxy.telemetry import logging as access_logging
 from proxy.telemetry.logging import FLUSH_AFTER, AccessLog
 
 
@@ -70,3 +72,63 @@ def test_ts_is_what_round_gives(wall: float) -> None:
     log.write(call)
     log.flush()
     assert orjson.loads(stream.getvalue())["ts"] == round(wall, 3)
+
+
+# --- the line against the encoding it had before the attempts were mapped in C (issue 13) ----------------------
+
+
+def _ms2_then(seconds: float) -> float:
+    return int(seconds * 100_000 + 0.5) / 100
+
+
+def line_then(call: Call, elapsed: float) -> bytes:
+    """The access line as the encoder of 2026-12-02 built it (one helper per attempt, through `_attempts`)."""
+    def attempt(a: Attempt) -> dict[str, object]:
+        entry: dict[str, object] = {"deployment": a.upstream, "status": a.status, "ms": _ms2_then(a.duration),
+                                    "error": a.error}
+        if a.wait is not None:
+            entry |= {"wait_ms": _ms2_then(a.wait[0]), "after": a.wait[1]}
+        return entry
+
+    marks = call.marks
+    ttfb, dispatched, first = marks.get("upstream_headers"), marks.get("dispatch"), marks.get("first_token")
+    line = {
+        "ts": round(call.started_wall, 3), "request_id": call.request_id, "trace_id": call.trace_id,
+        "method": call.method, "path": call.path, "tenant": call.tenant.name if call.tenant is not None else None,
+        "route": call.route.name if call.route is not None else None, "model": call.model or None,
+        "upstream": call.upstream or None, "stream": call.stream, "status": call.status, "outcome": call.outcome,
+        "reason": call.reason, "duration_ms": _ms2_then(elapsed),
+        "ttfb_ms": _ms2_then(ttfb) if ttfb is not None else None,
+        "queue_wait_ms": round(call.queue_wait * 1000, 1) if call.queue_wait else None,
+        "processing_ms": _ms2_then(elapsed - dispatched) if dispatched is not None else None,
+        "ttft_ms": _ms2_then(first - dispatched) if first is not None and dispatched is not None else None,
+        "attempts": [attempt(a) for a in call.attempts], "events": call.events_relayed or None,
+        "bytes": call.bytes_out, "error": call.error, "client_gone": call.client_gone or None,
+    }
+    return orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE)
+
+
+_ms = st.floats(min_value=0, max_value=600, allow_nan=False)
+_attempt = st.builds(
+    Attempt, upstream=st.sampled_from(["up-0", "up-1"]), status=st.sampled_from([0, 200, 503]), duration=_ms,
+    error=st.sampled_from([None, "upstream_timeout"]),
+    wait=st.none() | st.tuples(_ms, st.sampled_from(["exponential", "hint"])),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(attempts=st.lists(_attempt, max_size=3), elapsed=_ms, queue_wait=_ms | st.just(0.0),
+       marks=st.dictionaries(st.sampled_from(["dispatch", "upstream_headers", "first_token"]), _ms),
+       status=st.sampled_from([0, 200, 429, 499]), gone=st.booleans(), events=st.integers(0, 9))
+def test_the_line_is_byte_for_byte_what_it_was(attempts: list[Attempt], elapsed: float, queue_wait: float,
+                                                marks: dict[str, float], status: int, gone: bool,
+                                                events: int) -> None:
+    call = Call(request_id="r-1", plan=None, method="POST", path="/v1/chat/completions",  # type: ignore[arg-type]
+                protocol="openai", started=1000.0)
+    call.attempts, call.marks, call.queue_wait, call.status = attempts, marks, queue_wait, status
+    call.client_gone, call.events_relayed, call.upstream, call.model = gone, events, "up", "gpt-4o"
+    stream = io.BytesIO()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(access_logging, "perf_counter", lambda: 1000.0 + elapsed)
+        AccessLog(stream).write(call)
+    assert stream.getvalue() == line_then(call, (1000.0 + elapsed) - 1000.0)

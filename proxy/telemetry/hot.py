@@ -17,36 +17,57 @@ from prometheus_client.registry import Collector
 
 
 class HotCounter:
-    """A counter family keyed by a tuple of label values."""
+    """A counter family keyed by a tuple of label values. Each series is a one-item list (a cell) that
+    `Metrics.record` binds once per label tuple and then increments in place."""
 
-    __slots__ = ("name", "help", "labels", "values")
+    __slots__ = ("name", "help", "labels", "cells")
 
     def __init__(self, name: str, help_text: str, labels: Sequence[str]) -> None:
         self.name = name
         self.help = help_text
         self.labels = list(labels)
-        self.values: dict[tuple[str, ...], float] = {}
+        self.cells: dict[tuple[str, ...], list[float]] = {}
+
+    def cell(self, key: tuple[str, ...]) -> list[float]:
+        """The series' cell, created at 0 the first time."""
+        cell = self.cells.get(key)
+        if cell is None:
+            cell = self.cells[key] = [0.0]
+        return cell
 
     def inc(self, key: tuple[str, ...], amount: float = 1.0) -> None:
-        values = self.values
-        values[key] = values.get(key, 0.0) + amount
+        self.cell(key)[0] += amount
 
     def get(self, *key: str) -> float:
-        return self.values.get(key, 0.0)
+        cell = self.cells.get(key)
+        return cell[0] if cell is not None else 0.0
+
+    @property
+    def values(self) -> dict[tuple[str, ...], float]:
+        """Every series' value by label tuple (a copy, read by the wall screen)."""
+        return {key: cell[0] for key, cell in self.cells.items()}
 
     def family(self) -> Metric:
         family = CounterMetricFamily(self.name, self.help, labels=self.labels)
-        for key, value in self.values.items():
-            family.add_metric(list(key), value)
+        for key, cell in self.cells.items():
+            family.add_metric(list(key), cell[0])
         return family
 
 
-class _Buckets:
-    __slots__ = ("counts", "total")
+class Buckets:
+    """One histogram series: a count per bound, plus +Inf (not cumulative until scraped), and the sum.
+    `add` is what `Metrics.record` binds once per row (telemetry/rows.py)."""
 
-    def __init__(self, size: int) -> None:
-        self.counts = [0] * size  # one per bound, plus +Inf; not cumulative until scraped
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
         self.total = 0.0
+
+    def add(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # le: a value equal to a bound falls in it
+        self.total += value
 
 
 class HotHistogram:
@@ -59,14 +80,18 @@ class HotHistogram:
         self.help = help_text
         self.labels = list(labels)
         self.bounds = tuple(sorted(float(b) for b in bounds))
-        self.series: dict[tuple[str, ...], _Buckets] = {}
+        self.series: dict[tuple[str, ...], Buckets] = {}
 
-    def observe(self, key: tuple[str, ...], value: float) -> None:
+    def buckets(self, key: tuple[str, ...]) -> Buckets:
+        """The series of `key`, created empty the first time (so only once a value is about to be added:
+        a series is exported from its first observation on)."""
         series = self.series.get(key)
         if series is None:
-            series = self.series[key] = _Buckets(len(self.bounds) + 1)
-        series.counts[bisect_left(self.bounds, value)] += 1  # le: a value equal to a bound falls in it
-        series.total += value
+            series = self.series[key] = Buckets(self.bounds)
+        return series
+
+    def observe(self, key: tuple[str, ...], value: float) -> None:
+        self.buckets(key).add(value)
 
     def family(self) -> Metric:
         family = HistogramMetricFamily(self.name, self.help, labels=self.labels)

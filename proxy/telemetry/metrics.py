@@ -6,7 +6,6 @@ Label children are cached: `labels()` costs a lock and a dict walk we do not wan
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -19,6 +18,7 @@ from proxy.telemetry.cache import CacheMetrics
 from proxy.telemetry.hot import HotCounter, HotHistogram, HotMetrics
 from proxy.telemetry.outcome import Refusals
 from proxy.telemetry.queues import QueueBook
+from proxy.telemetry.rows import Recorder
 from proxy.telemetry.sockets import SocketMetrics
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -26,7 +26,6 @@ _WAIT_BUCKETS = (0.001, *_LATENCY_BUCKETS, 600, 900, 1800)
 """Queue waits: up to 30 minutes, so a policy's max_wait of several minutes stays measurable."""
 _REDIS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
-_STATUS_TEXT = {code: str(code) for code in range(100, 600)}
 
 
 class Metrics:
@@ -226,10 +225,13 @@ class Metrics:
         self.before_scrape: list[Callable[[], Awaitable[None]]] = []
         """Refreshers for state gauges (queues, limiters), awaited at each scrape."""
         self._children: dict[tuple[Any, ...], Any] = {}
-        self.queues = QueueBook(time.perf_counter)
+        self.queues = QueueBook()
         """Per-queue totals and recent times for the admin API (proxy/telemetry/queues.py)."""
         self.refusals = Refusals()
         """The last refused requests and why, for the dashboard (proxy/telemetry/outcome.py)."""
+        self.record: Callable[[Call], None] = Recorder(self).record
+        """Called once per request, after the response ended (or failed) and its outcome was judged
+        (proxy/telemetry/rows.py)."""
         r.register(HotMetrics([
             self.requests, self.duration, self.processing, self.ttfb, self.errors, self.client_gone, self.stream_events,
             self.upstream_requests, self.upstream_latency, self.ttft,
@@ -241,52 +243,6 @@ class Metrics:
         if child is None:
             child = self._children[key] = metric.labels(*labels)
         return child
-
-    def record(self, call: Call) -> None:
-        """Called once per request, after the response ended (or failed) and its outcome was judged."""
-        route = call.route.name if call.route is not None else ""
-        key = (route,)
-        tenant = call.tenant.name if call.tenant is not None else ""
-        status_text = _STATUS_TEXT  # looked up inline: this runs for every request
-        self.requests.inc(
-            (route, tenant, call.upstream, status_text.get(call.status) or str(call.status), call.outcome)
-        )
-        marks = call.marks
-        self._times(call, key, marks)
-        ttfb = marks.get("upstream_headers")
-        if ttfb is not None and call.upstream and not (call.attempts and call.attempts[-1].shared):
-            self.ttfb.observe((call.upstream,), ttfb)
-        if call.error is not None:
-            self.errors.inc((call.error,))
-            if call.outcome == "rejected":  # a refusal always sets `error`: the ok path pays nothing here
-                self.refusals.add(call)
-        if call.client_gone:
-            self.client_gone.inc(key)
-        if call.events_relayed:
-            self.stream_events.inc(key, call.events_relayed)
-        for attempt in call.attempts:
-            if attempt.shared:
-                continue  # another caller of the same merged call counts it
-            code = attempt.status
-            status = (status_text.get(code) or str(code)) if code else attempt.error or "error"
-            self.upstream_requests.inc((attempt.upstream, status))
-            self.upstream_latency.observe((attempt.upstream,), attempt.duration)
-
-    def _times(self, call: Call, key: tuple[str], marks: dict[str, float]) -> None:
-        """Arrival to end; dispatch (after any queue wait) to end and to the first event; the queue's books."""
-        elapsed = call.elapsed()
-        self.duration.observe(key, elapsed)
-        dispatched = marks.get("dispatch")
-        processing = None
-        if dispatched is not None:
-            processing = elapsed - dispatched
-            self.processing.observe(key, processing)
-            first = marks.get("first_token")
-            if first is not None:
-                self.ttft.observe(key, first - dispatched)
-        queue = call.route.queue if call.route is not None else None
-        if queue is not None:
-            self.queues.finished(queue.name, call, processing)
 
     def set_policy(self, digest: str) -> None:
         self.policy_version.clear()

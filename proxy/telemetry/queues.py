@@ -1,16 +1,17 @@
 """Per-queue totals by outcome, recent wait and processing times, and the recent request and token rate, for
 `GET /admin/queues` (seed 004). Fed once per finished request whose route has a queue.
 
-Per request this is a few integer additions and three float stores into preallocated rings: no list grows,
-nothing is sorted. Averages and percentiles are computed when the admin API asks, over the last `WINDOW`
-requests that finished within the last `RECENT` seconds. The rate is two rings of `RATE_SPAN` one-second
-buckets (requests sent upstream, tokens their `usage` reported).
+Per request this is a few integer additions and one tuple appended to a bounded deque: nothing is sorted.
+Averages and percentiles are computed when the admin API asks, over the last `WINDOW` requests that
+finished within the last `RECENT` seconds. The rate is two rings of `RATE_SPAN` one-second buckets
+(requests sent upstream, tokens their `usage` reported).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections import deque
+from collections.abc import Mapping
 from typing import Any
 
 from proxy.call import Call
@@ -25,10 +26,9 @@ RATE_SPAN = 60
 
 
 class QueueStats:
-    """One queue's counters. `clock` is the caller's (perf_counter in production, injected in tests)."""
+    """One queue's counters. `now` is the caller's perf_counter (injected in tests)."""
 
-    __slots__ = ("outcomes", "reasons", "processed", "ends", "waits", "times", "next", "second", "requests",
-                 "tokens")
+    __slots__ = ("outcomes", "reasons", "processed", "ring", "second", "until", "slot", "requests", "tokens")
 
     def __init__(self) -> None:
         self.outcomes: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
@@ -36,46 +36,49 @@ class QueueStats:
         """Rejections by reason (rate_limit, queue_full, queue_timeout, ...)."""
         self.processed = 0
         """Requests that left the queue for an upstream (dispatched), whatever their outcome."""
-        self.ends = [-math.inf] * WINDOW
-        self.waits = [0.0] * WINDOW
-        self.times = [math.nan] * WINDOW  # processing seconds; NaN: never dispatched
-        self.next = 0
+        self.ring: deque[tuple[float, float, float | None]] = deque(maxlen=WINDOW)
+        """The last WINDOW requests: when each finished, its wait, its processing seconds (None: never
+        dispatched)."""
         self.second = 0
+        """The second (of the clock) the rate ring's current bucket counts..."""
+        self.until = 1.0
+        """...until when it counts it..."""
+        self.slot = 0
+        """...and that bucket's index."""
         self.requests = [0] * RATE_SPAN
         self.tokens = [0] * RATE_SPAN
 
     def finished(self, now: float, call: Call, processing: float | None) -> None:
         outcome = call.outcome
-        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+        outcomes = self.outcomes
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
         if outcome == "rejected":
             reason = call.reason or "unknown"
             self.reasons[reason] = self.reasons.get(reason, 0) + 1
-        i = self.next
-        self.ends[i] = now
-        self.waits[i] = call.queue_wait
-        self.times[i] = math.nan if processing is None else processing
-        self.next = (i + 1) % WINDOW
+        self.ring.append((now, call.queue_wait, processing))
         if processing is not None:
             self.processed += 1
         if call.attempts:  # sent upstream: what the queue's rate limits count
-            second = self._tick(now)
-            self.requests[second] += 1
+            if now >= self.until:  # the clock is monotonic: a new second has begun
+                self._tick(int(now))
+            slot = self.slot
+            self.requests[slot] += 1
             if call.usage:
-                self.tokens[second] += _tokens(call.usage)
+                self.tokens[slot] += _tokens(call.usage)
 
-    def _tick(self, now: float) -> int:
-        """Move the rate ring to `now`'s second (clearing the seconds skipped); its bucket index."""
-        second = int(now)
-        if second != self.second:
-            for s in range(max(self.second + 1, second - RATE_SPAN + 1), second + 1):
-                self.requests[s % RATE_SPAN] = 0
-                self.tokens[s % RATE_SPAN] = 0
-            self.second = second
-        return second % RATE_SPAN
+    def _tick(self, second: int) -> None:
+        """Move the rate ring to `second` (clearing the seconds skipped)."""
+        for s in range(max(self.second + 1, second - RATE_SPAN + 1), second + 1):
+            self.requests[s % RATE_SPAN] = 0
+            self.tokens[s % RATE_SPAN] = 0
+        self.second = second
+        self.until = second + 1.0
+        self.slot = second % RATE_SPAN
 
     def rate(self, now: float) -> tuple[int, int]:
         """Requests and tokens of the last RATE_SPAN seconds."""
-        self._tick(now)
+        if now >= self.until:
+            self._tick(int(now))
         return sum(self.requests), sum(self.tokens)
 
     def recent(self, now: float) -> tuple[list[float], list[float]]:
@@ -83,10 +86,10 @@ class QueueStats:
         since = now - RECENT
         waits: list[float] = []
         times: list[float] = []
-        for end, wait, took in zip(self.ends, self.waits, self.times, strict=True):
+        for end, wait, took in self.ring:
             if end >= since:
                 waits.append(wait)
-                if not math.isnan(took):
+                if took is not None:
                     times.append(took)
         waits.sort()
         times.sort()
@@ -111,17 +114,17 @@ class QueueStats:
 class QueueBook:
     """Every queue's stats by name (kept across reloads, like the queues themselves)."""
 
-    __slots__ = ("queues", "clock")
+    __slots__ = ("queues",)
 
-    def __init__(self, clock: Callable[[], float]) -> None:
+    def __init__(self) -> None:
         self.queues: dict[str, QueueStats] = {}
-        self.clock = clock
 
-    def finished(self, queue: str, call: Call, processing: float | None) -> None:
+    def stats(self, queue: str) -> QueueStats:
+        """The queue's stats, created the first time a request of it finishes."""
         stats = self.queues.get(queue)
         if stats is None:
             stats = self.queues[queue] = QueueStats()
-        stats.finished(self.clock(), call, processing)
+        return stats
 
     def get(self, queue: str) -> QueueStats:
         return self.queues.get(queue) or QueueStats()
