@@ -20,7 +20,8 @@ _EPS = 1e-9
 class Counters:
     """The key states of one tuple of limits (all distinct keys), with their windows by dimension."""
 
-    __slots__ = ("source", "limits", "generation", "requests", "tokens", "capped", "pending", "concurrent")
+    __slots__ = ("source", "limits", "generation", "requests", "tokens", "capped", "pending", "concurrent",
+                 "merged")
 
     def __init__(self, source: object, states: tuple[KeyState, ...], generation: int) -> None:
         self.source = source
@@ -36,6 +37,9 @@ class Counters:
         self.pending = tuple(state for state in states if state.tokens)
         """The keys that reserve tokens (their `pending` follows the reservation)."""
         self.concurrent = bool(self.capped)
+        self.merged = self.concurrent and self.capped == self.pending
+        """Every key both reserves tokens and has a cap (a full policy's usual shape): `take` and `finish`
+        go over the keys once for both."""
 
     def take(self, now: float, tokens: int, keep: float) -> bool:
         """`KeyState.admit` for every key at once: count the request in all of them, or in none."""
@@ -49,6 +53,11 @@ class Counters:
             if not take_all(self.tokens, now, tokens, keep):
                 untake(self.requests, None, 1)
                 return False
+            if self.merged:  # both counts in one pass over the keys
+                for state in capped:
+                    state.pending += tokens
+                    state.in_use += 1
+                return True
             for state in self.pending:
                 state.pending += tokens
         for state in capped:
@@ -64,6 +73,19 @@ class Counters:
                 state.pending = left if left > 0 else 0
             if tokens:
                 adjust_all(self.tokens, now, at, tokens)
+        if requests:
+            adjust_all(self.requests, now, at, requests)
+
+    def finish(self, now: float, at: float, reserved: int, requests: int, tokens: int) -> None:
+        """`adjust(now, at, reserved, requests, tokens)` then `release()`, for counters that are `merged`: the
+        pending tokens and the concurrency given back in one pass over the keys."""
+        for state in self.capped:
+            left = state.pending - reserved
+            state.pending = left if left > 0 else 0
+            if state.in_use > 0:
+                state.in_use -= 1
+        if tokens:
+            adjust_all(self.tokens, now, at, tokens)
         if requests:
             adjust_all(self.requests, now, at, requests)
 
