@@ -86,6 +86,10 @@ _SPECS = [
     LimitSpec(requests_per_minute=4, tokens_per_second=90, tokens_per_hour=2000),
     LimitSpec(concurrent=2, requests_per_hour=9, tokens_per_minute=300),
 ]
+_CAPPED = [  # every key reserves tokens and has a cap: `Counters.merged`, one pass for both at take and finish
+    LimitSpec(requests_per_minute=6, tokens_per_minute=400, concurrent=3, requests_per_second=2),
+    LimitSpec(concurrent=2, requests_per_hour=9, tokens_per_minute=300, tokens_per_second=90),
+]
 _UPSTREAM = LimitSpec(requests_per_minute=5, tokens_per_minute=350, concurrent=2)
 _OPS = st.lists(
     st.one_of(
@@ -129,13 +133,14 @@ def _by_keys(store: LocalStore, own: list[Limit], up: Limit, cost: int, up_cost:
 
 
 @settings(max_examples=300, deadline=None)
-@given(_OPS)
-def test_the_compiled_counters_count_as_the_keys_one_by_one(ops: list[tuple[str, Any, Any, Any]]) -> None:
+@given(_OPS, st.booleans())
+def test_the_compiled_counters_count_as_the_keys_one_by_one(ops: list[tuple[str, Any, Any, Any]], capped: bool
+                                                            ) -> None:
     """A request's own limits and its upstream's are counted through compiled `Counters` (windows grouped
     by length, own and upstream in one pass when they reserve the same tokens, a fresh reservation
     finished in one pass); the reference takes them key by key (`KeyState.admit`, `settle_now` then
     `release_now`): every counter must end the same after any sequence of requests and settlements."""
-    own = tuple(Limit(f"k{i}", f"scope {i}", "a", spec) for i, spec in enumerate(_SPECS))
+    own = tuple(Limit(f"k{i}", f"scope {i}", "a", spec) for i, spec in enumerate(_CAPPED if capped else _SPECS))
     up = Limit("upstream:u", "upstream 'u'", "", _UPSTREAM)
     clock = _Clock()
     compiled, by_keys = LocalStore(clock, window=60.0), LocalStore(clock, window=60.0)
