@@ -77,7 +77,10 @@ class Entry:
             return  # nothing to wait for in a queue (upstream limits: dispatch takes them per attempt)
         assert spec is not None
         try:
-            gate = self.gate = scheduler.queue(spec, call.plan.priorities, newest=not scheduler.reloads)
+            gate = scheduler.queues.get(spec.name)
+            if gate is None or gate.spec is not spec:  # new, or its numbers changed: `queue` decides
+                gate = scheduler.queue(spec, call.plan.priorities, newest=not scheduler.reloads)
+            self.gate = gate
             need = Need(self.has_slot, own, cost, upstreams, call.token_estimate, shed.headroom(spec, self.cls))
             # Nobody waiting and everything free: taken here and now, without suspending (in-memory store).
             outcome = gate.try_now_local(need, local) if local is not None else await gate.try_now(need)
