@@ -38,31 +38,35 @@ class Counters:
         """The keys that reserve tokens (their `pending` follows the reservation)."""
         self.concurrent = bool(self.capped)
         self.merged = self.concurrent and self.capped == self.pending
-        """Every key both reserves tokens and has a cap (a full policy's usual shape): `take` and `finish`
-        go over the keys once for both."""
+        """Every key both reserves tokens and has a cap (a full policy's usual shape): `finish` gives back
+        the pending tokens and the concurrency in one pass over the keys."""
 
     def take(self, now: float, tokens: int, keep: float) -> bool:
         """`KeyState.admit` for every key at once: count the request in all of them, or in none."""
-        capped = self.capped
-        for state in capped:
-            if state.in_use + 1 > state.concurrent * keep + _EPS:  # type: ignore[operator]
+        for state in self.capped:  # checked and counted in one pass: given back below if a window refuses
+            in_use = state.in_use + 1
+            if in_use > state.concurrent * keep + _EPS:  # type: ignore[operator]
+                self.uncount(state)
                 return False
+            state.in_use = in_use
         if not take_all(self.requests, now, 1, keep):
+            self.uncount(None)
             return False
         if tokens and self.tokens:
             if not take_all(self.tokens, now, tokens, keep):
                 untake(self.requests, None, 1)
+                self.uncount(None)
                 return False
-            if self.merged:  # both counts in one pass over the keys
-                for state in capped:
-                    state.pending += tokens
-                    state.in_use += 1
-                return True
             for state in self.pending:
                 state.pending += tokens
-        for state in capped:
-            state.in_use += 1
         return True
+
+    def uncount(self, stop: KeyState | None) -> None:
+        """Undo the concurrency `take` just counted, in the keys before `stop` (None: in all of them)."""
+        for state in self.capped:
+            if state is stop:
+                return
+            state.in_use -= 1
 
     def adjust(self, now: float, at: float, reserved: int, requests: int, tokens: int) -> None:
         """`KeyState.adjust` for every key: the reservation's `reserved` tokens are no longer pending, and
