@@ -6,10 +6,12 @@ compare the shortcut with the general definition it stands in for.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
 import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -167,3 +169,20 @@ def test_the_compiled_counters_count_as_the_keys_one_by_one(ops: list[tuple[str,
                 by_keys.release_now(ref)
                 compiled.finish_now(taken, 1, tokens)  # a second finish changes nothing
         assert _snapshot(compiled, clock.now) == _snapshot(by_keys, clock.now)
+
+
+@pytest.mark.parametrize("headroom", [0.0, 0.25])
+def test_a_reload_moves_the_compiled_windows_caps_at_once(headroom: float) -> None:
+    """A window's cap is precomputed (no headroom: `take_all` compares with it): a reload that lowers or
+    raises a limit must move it at once, on the compiled path as on the general one."""
+    clock = _Clock()
+    store = LocalStore(clock, window=60.0)
+    before = Limit("tenant:a", "tenant 'a'", "a", LimitSpec(requests_per_minute=8))
+    for _ in range(4):
+        assert isinstance(store.acquire_now((before,), 0, headroom), Reservation)
+    lower = Limit("tenant:a", "tenant 'a'", "a", LimitSpec(requests_per_minute=4))
+    asyncio.run(store.reconfigure({"tenant:a": lower}))
+    assert not isinstance(store.acquire_now((lower,), 0, headroom), Reservation)
+    higher = Limit("tenant:a", "tenant 'a'", "a", LimitSpec(requests_per_minute=40))
+    asyncio.run(store.reconfigure({"tenant:a": higher}))
+    assert isinstance(store.acquire_now((higher,), 0, headroom), Reservation)
