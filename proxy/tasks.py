@@ -46,6 +46,10 @@ def spawn(coro: Coroutine[Any, Any, T], *, name: str) -> asyncio.Task[T]:
     return _detached.spawn(coro, name=name)
 
 
+RESOLUTION = 0.01
+"""The length of a `Deadlines` slot: a shared guard fires at most this late."""
+
+
 class Deadline:
     """Cancel the current task after `delay` seconds: asyncio.timeout's job for the request path, at a
     fraction of its cost (asyncio.timeout in 3.11 is a Python state machine that cost ~10 µs per request
@@ -56,18 +60,18 @@ class Deadline:
     __slots__ = ("_task", "_handle", "_fired", "_shared", "_slot")
 
     def __init__(self, delay: float, shared: Deadlines | None = None) -> None:
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task(loop)
+        task = asyncio.current_task()  # (raises without a running loop, as get_running_loop does)
         assert task is not None, "Deadline needs a running task"
         self._task = task
         self._fired = False
-        self._handle: asyncio.TimerHandle | None = None
         self._shared = shared
-        self._slot = 0
+        self._handle: asyncio.TimerHandle | None
         if shared is None:
-            self._handle = loop.call_later(delay, self._expire)
+            self._handle = task.get_loop().call_later(delay, self._expire)
+            self._slot = 0
         else:
-            self._slot = shared.add(self, loop, loop.time() + delay)
+            self._handle = None
+            self._slot = shared.add(self, delay)
 
     def _expire(self) -> None:
         self._handle = self._shared = None
@@ -99,41 +103,42 @@ class Deadlines:
     that is one timer per dozens of requests instead of a call_later and a cancel each (about 1 % of a
     request's CPU, counted with callgrind); a guard fires at most RESOLUTION late. One per app (Runtime)."""
 
-    __slots__ = ("_slots",)
-
-    RESOLUTION = 0.01
+    __slots__ = ("_slots", "_timers")
 
     def __init__(self) -> None:
-        self._slots: dict[int, tuple[set[Deadline], asyncio.TimerHandle]] = {}
+        self._slots: dict[int, set[Deadline]] = {}
+        """The guards of each slot (a slot's timer is in `_timers` under the same number)."""
+        self._timers: dict[int, asyncio.TimerHandle] = {}
 
     def __len__(self) -> int:
         """Slots with a timer pending."""
         return len(self._slots)
 
-    def add(self, guard: Deadline, loop: asyncio.AbstractEventLoop, when: float) -> int:
-        """`guard` fires at the end of the slot `when` (a loop.time()) falls in; returns that slot."""
-        slot = int(when / self.RESOLUTION) + 1
-        entry = self._slots.get(slot)
-        if entry is None:
+    def add(self, guard: Deadline, delay: float) -> int:
+        """`guard` fires at the end of the slot `delay` seconds from now falls in; returns that slot."""
+        loop = asyncio.get_running_loop()
+        slot = int((loop.time() + delay) / RESOLUTION) + 1
+        members = self._slots.get(slot)
+        if members is None:
             # call_later, not call_at: uvloop's call_at is call_later behind one more Python-level call.
-            handle = loop.call_later(slot * self.RESOLUTION - loop.time(), self._fire, slot)
-            self._slots[slot] = ({guard}, handle)
+            self._timers[slot] = loop.call_later(slot * RESOLUTION - loop.time(), self._fire, slot)
+            self._slots[slot] = {guard}
         else:
-            entry[0].add(guard)
+            members.add(guard)
         return slot
 
     def remove(self, guard: Deadline, slot: int) -> None:
-        entry = self._slots.get(slot)
-        if entry is None:
+        members = self._slots.get(slot)
+        if members is None:
             return
-        members = entry[0]
         members.discard(guard)
         if not members:
             del self._slots[slot]
-            entry[1].cancel()
+            self._timers.pop(slot).cancel()
 
     def _fire(self, slot: int) -> None:
-        entry = self._slots.pop(slot, None)
-        if entry is not None:
-            for guard in entry[0]:
+        self._timers.pop(slot, None)
+        members = self._slots.pop(slot, None)
+        if members is not None:
+            for guard in members:
                 guard._expire()

@@ -6,10 +6,12 @@ compare the shortcut with the general definition it stands in for.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
 import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -86,6 +88,10 @@ _SPECS = [
     LimitSpec(requests_per_minute=4, tokens_per_second=90, tokens_per_hour=2000),
     LimitSpec(concurrent=2, requests_per_hour=9, tokens_per_minute=300),
 ]
+_CAPPED = [  # every key reserves tokens and has a cap: `Counters.merged`, one pass for both at take and finish
+    LimitSpec(requests_per_minute=6, tokens_per_minute=400, concurrent=3, requests_per_second=2),
+    LimitSpec(concurrent=2, requests_per_hour=9, tokens_per_minute=300, tokens_per_second=90),
+]
 _UPSTREAM = LimitSpec(requests_per_minute=5, tokens_per_minute=350, concurrent=2)
 _OPS = st.lists(
     st.one_of(
@@ -129,13 +135,14 @@ def _by_keys(store: LocalStore, own: list[Limit], up: Limit, cost: int, up_cost:
 
 
 @settings(max_examples=300, deadline=None)
-@given(_OPS)
-def test_the_compiled_counters_count_as_the_keys_one_by_one(ops: list[tuple[str, Any, Any, Any]]) -> None:
+@given(_OPS, st.booleans())
+def test_the_compiled_counters_count_as_the_keys_one_by_one(ops: list[tuple[str, Any, Any, Any]], capped: bool
+                                                            ) -> None:
     """A request's own limits and its upstream's are counted through compiled `Counters` (windows grouped
     by length, own and upstream in one pass when they reserve the same tokens, a fresh reservation
     finished in one pass); the reference takes them key by key (`KeyState.admit`, `settle_now` then
     `release_now`): every counter must end the same after any sequence of requests and settlements."""
-    own = tuple(Limit(f"k{i}", f"scope {i}", "a", spec) for i, spec in enumerate(_SPECS))
+    own = tuple(Limit(f"k{i}", f"scope {i}", "a", spec) for i, spec in enumerate(_CAPPED if capped else _SPECS))
     up = Limit("upstream:u", "upstream 'u'", "", _UPSTREAM)
     clock = _Clock()
     compiled, by_keys = LocalStore(clock, window=60.0), LocalStore(clock, window=60.0)
@@ -162,3 +169,20 @@ def test_the_compiled_counters_count_as_the_keys_one_by_one(ops: list[tuple[str,
                 by_keys.release_now(ref)
                 compiled.finish_now(taken, 1, tokens)  # a second finish changes nothing
         assert _snapshot(compiled, clock.now) == _snapshot(by_keys, clock.now)
+
+
+@pytest.mark.parametrize("headroom", [0.0, 0.25])
+def test_a_reload_moves_the_compiled_windows_caps_at_once(headroom: float) -> None:
+    """A window's cap is precomputed (no headroom: `take_all` compares with it): a reload that lowers or
+    raises a limit must move it at once, on the compiled path as on the general one."""
+    clock = _Clock()
+    store = LocalStore(clock, window=60.0)
+    before = Limit("tenant:a", "tenant 'a'", "a", LimitSpec(requests_per_minute=8))
+    for _ in range(4):
+        assert isinstance(store.acquire_now((before,), 0, headroom), Reservation)
+    lower = Limit("tenant:a", "tenant 'a'", "a", LimitSpec(requests_per_minute=4))
+    asyncio.run(store.reconfigure({"tenant:a": lower}))
+    assert not isinstance(store.acquire_now((lower,), 0, headroom), Reservation)
+    higher = Limit("tenant:a", "tenant 'a'", "a", LimitSpec(requests_per_minute=40))
+    asyncio.run(store.reconfigure({"tenant:a": higher}))
+    assert isinstance(store.acquire_now((higher,), 0, headroom), Reservation)

@@ -20,7 +20,8 @@ _EPS = 1e-9
 class Counters:
     """The key states of one tuple of limits (all distinct keys), with their windows by dimension."""
 
-    __slots__ = ("source", "limits", "generation", "requests", "tokens", "capped", "pending", "concurrent")
+    __slots__ = ("source", "limits", "generation", "requests", "tokens", "capped", "pending", "concurrent",
+                 "merged")
 
     def __init__(self, source: object, states: tuple[KeyState, ...], generation: int) -> None:
         self.source = source
@@ -36,24 +37,36 @@ class Counters:
         self.pending = tuple(state for state in states if state.tokens)
         """The keys that reserve tokens (their `pending` follows the reservation)."""
         self.concurrent = bool(self.capped)
+        self.merged = self.concurrent and self.capped == self.pending
+        """Every key both reserves tokens and has a cap (a full policy's usual shape): `finish` gives back
+        the pending tokens and the concurrency in one pass over the keys."""
 
     def take(self, now: float, tokens: int, keep: float) -> bool:
         """`KeyState.admit` for every key at once: count the request in all of them, or in none."""
-        capped = self.capped
-        for state in capped:
-            if state.in_use + 1 > state.concurrent * keep + _EPS:  # type: ignore[operator]
+        for state in self.capped:  # checked and counted in one pass: given back below if a window refuses
+            in_use = state.in_use + 1
+            if in_use > state.concurrent * keep + _EPS:  # type: ignore[operator]
+                self.uncount(state)
                 return False
+            state.in_use = in_use
         if not take_all(self.requests, now, 1, keep):
+            self.uncount(None)
             return False
         if tokens and self.tokens:
             if not take_all(self.tokens, now, tokens, keep):
                 untake(self.requests, None, 1)
+                self.uncount(None)
                 return False
             for state in self.pending:
                 state.pending += tokens
-        for state in capped:
-            state.in_use += 1
         return True
+
+    def uncount(self, stop: KeyState | None) -> None:
+        """Undo the concurrency `take` just counted, in the keys before `stop` (None: in all of them)."""
+        for state in self.capped:
+            if state is stop:
+                return
+            state.in_use -= 1
 
     def adjust(self, now: float, at: float, reserved: int, requests: int, tokens: int) -> None:
         """`KeyState.adjust` for every key: the reservation's `reserved` tokens are no longer pending, and
@@ -64,6 +77,19 @@ class Counters:
                 state.pending = left if left > 0 else 0
             if tokens:
                 adjust_all(self.tokens, now, at, tokens)
+        if requests:
+            adjust_all(self.requests, now, at, requests)
+
+    def finish(self, now: float, at: float, reserved: int, requests: int, tokens: int) -> None:
+        """`adjust(now, at, reserved, requests, tokens)` then `release()`, for counters that are `merged`: the
+        pending tokens and the concurrency given back in one pass over the keys."""
+        for state in self.capped:
+            left = state.pending - reserved
+            state.pending = left if left > 0 else 0
+            if state.in_use > 0:
+                state.in_use -= 1
+        if tokens:
+            adjust_all(self.tokens, now, at, tokens)
         if requests:
             adjust_all(self.requests, now, at, requests)
 

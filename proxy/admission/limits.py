@@ -240,7 +240,7 @@ def _window(old: dict[str, SlidingWindow], rate: Rate, minute: float) -> Sliding
     window = old.get(rate.name)
     if window is None:
         return SlidingWindow(rate.limit, rate.seconds * minute / WINDOW, rate.name)
-    window.limit = rate.limit
+    window.set_limit(rate.limit)
     return window
 
 

@@ -22,16 +22,22 @@ class SlidingWindow:
     than `headroom` x limit free does not fit (capacity reserved for higher priority classes).
     """
 
-    __slots__ = ("limit", "length", "name", "index", "current", "previous")
+    __slots__ = ("limit", "cap", "length", "name", "index", "current", "previous")
 
     def __init__(self, limit: float, length: float = WINDOW, name: str = "requests_per_minute") -> None:
-        self.limit = limit
+        self.limit = self.cap = 0.0
+        self.set_limit(limit)
         self.length = length
         self.name = name
         """`requests_per_minute`, `tokens_per_day`, ...: what metrics and the admin API call it."""
         self.index = 0
         self.current = 0.0
         self.previous = 0.0
+
+    def set_limit(self, limit: float) -> None:
+        self.limit = limit
+        self.cap = limit * 1.0 + _EPS
+        """`limit * keep + _EPS` for keep 1 (no headroom), the same number: what `take_all` compares with."""
 
     def roll(self, now: float) -> None:
         index = math.floor(now / self.length)
@@ -136,13 +142,14 @@ def group(windows: tuple[SlidingWindow, ...]) -> Groups:
 def take_all(groups: Groups, now: float, cost: float, keep: float) -> bool:
     """`SlidingWindow.take` in every window of `groups`, all or nothing: False (nothing counted) when one
     refuses. The same arithmetic as `take`, inlined, with one window index per length."""
+    whole = keep == 1.0  # no headroom to leave (most classes): each window's cap is precomputed
     for length, windows in groups:
         index = math.floor(now / length)
         for window in windows:
             if index != window.index:
                 window.roll(now)
             total = window.current + cost
-            cap = window.limit * keep + _EPS
+            cap = window.cap if whole else window.limit * keep + _EPS
             if window.previous + total > cap:  # else it fits even if none of the previous window had slid out
                 elapsed = (now - index * length) / length
                 if window.previous * (1.0 - elapsed) + total > cap:

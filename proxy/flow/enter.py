@@ -77,11 +77,14 @@ class Entry:
             return  # nothing to wait for in a queue (upstream limits: dispatch takes them per attempt)
         assert spec is not None
         try:
-            gate = self.gate = scheduler.queue(spec, call.plan.priorities, newest=not scheduler.reloads)
+            gate = self.gate = scheduler.gate(spec, call)
             need = Need(self.has_slot, own, cost, upstreams, call.token_estimate, shed.headroom(spec, self.cls))
             # Nobody waiting and everything free: taken here and now, without suspending (in-memory store).
             outcome = gate.try_now_local(need, local) if local is not None else await gate.try_now(need)
-            if not self._admitted(gate, outcome, store):
+            if isinstance(outcome, Grant):  # granted at arrival
+                self._adopt(outcome, store)
+                gate.admit(None)
+            elif self._admitted(outcome):
                 await self._wait(gate, need, outcome)
         except BaseException:
             await self._undo()
@@ -95,15 +98,11 @@ class Entry:
             if await self.scheduler.admission.settle(self.call, reservation):
                 self.scheduler.kick()
 
-    def _admitted(self, gate: Gate, outcome: Grant | Blocked | None, store: LimiterStore) -> bool:
-        """Granted at arrival (True), or must wait (False); a request bigger than a limit is refused."""
-        if isinstance(outcome, Grant):
-            self._adopt(outcome, store)
-            gate.admit(None)
-            return True
+    def _admitted(self, outcome: Blocked | None) -> bool:
+        """Not granted at arrival: it may wait (True); a request bigger than a limit is refused."""
         if isinstance(outcome, Blocked) and outcome.refusal.retry_after is None:  # bigger than the limit
             raise rejection(self.scheduler.admission, outcome.refusal, self.call, False)
-        return False
+        return True
 
     async def _own_at_once(self, own: tuple[Limit, ...], cost: int, store: LimiterStore) -> None:
         """A route that rejects over its limits: take them now, or the 429."""

@@ -206,9 +206,16 @@ class Gate:
     def try_now_local(self, need: Need, store: LocalStore) -> Grant | Blocked | None:
         """`try_now` over the in-memory store, synchronously: when nobody waits and everything is free,
         entering takes no await, no future, no task and no timer."""
-        if self.paused or self.board.live or (need.slot and self.active >= self.slots):
+        slot = need.slot
+        if self.paused or self.board.live or (slot and self.active >= self.slots):
             return None
-        return self._took(need, acquire_now(store, need, OPEN))
+        outcome = acquire_now(store, need, OPEN)
+        if isinstance(outcome, Grant):  # `_took`, inlined: every admitted request passes here
+            outcome.slot = slot
+            if slot:
+                self.active += 1
+            self.departures.append(self.clock())
+        return outcome
 
     def _took(self, need: Need, outcome: Grant | Blocked) -> Grant | Blocked:
         if isinstance(outcome, Grant):

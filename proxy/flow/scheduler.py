@@ -65,6 +65,14 @@ class Scheduler:
             gate.configure(spec, classes)
         return gate
 
+    def gate(self, spec: QueueSpec, call: Call) -> Gate:
+        """The gate a call enters: `queue(spec, its plan's classes, newest unless a reload happened)`, looked
+        up directly while the gate has this very spec (every request but the first after a reload)."""
+        gate = self.queues.get(spec.name)
+        if gate is not None and gate.spec is spec:
+            return gate
+        return self.queue(spec, call.plan.priorities, newest=not self.reloads)
+
     def kick(self) -> None:
         """Capacity may have freed somewhere (a release, a settlement): every gate with waiters looks."""
         for gate in self.queues.values():

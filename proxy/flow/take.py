@@ -86,17 +86,21 @@ async def acquire(store: LimiterStore | None, need: Need, closed: dict[str, Refu
 def acquire_now(store: LocalStore | None, need: Need, closed: dict[str, Refusal]) -> Grant | Blocked:
     """`acquire` from the in-memory store, which never suspends: no coroutine per limit."""
     taken: Reservation | None = None
+    upstreams = need.upstreams
     if need.limits:
         assert store is not None
-        if len(need.upstreams) == 1 and need.upstreams[0].key not in closed:
-            both = _pair_now(store, need)
+        # A route with one deployment: its own limits and that upstream's in one pass, when both count the
+        # same tokens (or the upstream none) and nothing closed the upstream's key; None: one by one.
+        one = upstreams[0] if len(upstreams) == 1 else None
+        if one is not None and (need.upstream_cost == need.cost or not one.spec.counts_tokens) \
+                and one.key not in closed:
+            both = store.acquire_pair_now(need.limits, one, need.cost, need.headroom)
             if both is not None:
-                return Grant(False, both[0], both[1], need.upstreams[0])
+                return Grant(False, both[0], both[1], one)
         own = store.acquire_now(need.limits, need.cost, need.headroom)
         if not isinstance(own, Reservation):
             return Blocked(own, [own.limit.key])
         taken = own
-    upstreams = need.upstreams
     if not upstreams:
         return Grant(False, taken)
     assert store is not None
@@ -116,13 +120,6 @@ def acquire_now(store: LocalStore | None, need: Need, closed: dict[str, Refusal]
     return Blocked(first, keys)
 
 
-def _pair_now(store: LocalStore, need: Need) -> tuple[Reservation, Reservation] | None:
-    """A route with one deployment: its own limits and that upstream's in one pass, when both count the
-    same tokens (or the upstream none); None: take them one by one (one may refuse)."""
-    upstream = need.upstreams[0]
-    if need.upstream_cost != need.cost and upstream.spec.counts_tokens:
-        return None
-    return store.acquire_pair_now(need.limits, upstream, need.cost, need.headroom)
 
 
 def _upstream_cost(need: Need, limit: Limit) -> int:

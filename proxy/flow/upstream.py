@@ -65,9 +65,15 @@ class UpstreamHold:
         self.finished = True
         store = self.store
         assert isinstance(store, LocalStore)
-        requests, spent = self._amounts(status, usage, sent)
-        store.finish_now(self.reservation, requests, spent)
-        return self._freed(requests, spent, kick)
+        reservation = self.reservation
+        reserved = reservation.tokens  # `_amounts` and `_freed`, inlined: this runs for every relayed attempt
+        spent = tok.attempt_amount(reserved, status, usage) if sent and reserved else 0
+        requests = 1 if sent else 0
+        store.finish_now(reservation, requests, spent)
+        freed = reservation.concurrent or spent < reserved or requests < reservation.requests
+        if freed and kick and self.kick is not None:
+            self.kick()
+        return freed
 
     def _amounts(self, status: int, usage: Mapping[str, Any] | None, sent: bool) -> tuple[int, int]:
         """What the attempt counts in the end: one request if it left the proxy, and its tokens."""
