@@ -8,9 +8,10 @@ ones (aiohttp re-frames the body), plus our request id and route/upstream names.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from itertools import compress
 from typing import Any
 
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.policy.plan import Matcher, UpstreamSpec
 from proxy.policy.redact import EMPTY, Redactor
@@ -45,18 +46,21 @@ _MEMO_LIMIT = 1024
 # What a name means in `_Kinds`: towards the upstream the lower-case name (forwarded), None (dropped) or ""
 # (`Connection`, whose tokens name more to drop: falsy too); towards the client None (relayed as it came) or:
 _DROP, _CONNECTION, _UPSTREAM_ID = "drop", "connection", "id"
+_UPSTREAM_ID_HEADER = "x-upstream-request-id"
+_MULTIDICTS = (CIMultiDictProxy, CIMultiDict)
 
 
 class _Kinds(dict[str, str | None]):
     """A header name as it came (any case) → what the rules do with it, worked out on its first sight:
     one dict lookup per header instead of lowering and testing it (`rule` is `_up` or `_down`)."""
 
-    __slots__ = ("rule", "arg")
+    __slots__ = ("rule", "arg", "shapes")
 
     def __init__(self, rule: Callable[[str, Any], str | None], arg: Any) -> None:
         super().__init__()
         self.rule = rule
         self.arg = arg
+        self.shapes = _Shapes(self)
 
     def __missing__(self, name: str) -> str | None:
         kind = self.rule(name.lower(), self.arg)
@@ -100,12 +104,52 @@ class _Memos(dict[Any, _Kinds]):
         return kinds
 
 
+Shape = tuple[tuple[str, ...], tuple[bool, ...], bool]
+"""The names a header list is relayed under, which of its headers go (a `compress` mask), and whether the
+upstream's request id is among them (as x-upstream-request-id, in its place)."""
+
+
+class _Shapes(dict[tuple[str, ...], Shape | None]):
+    """A header list's names, in order (a client or upstream sends the same ones every time) → its `Shape`:
+    the names relayed and a mask over the values, so relaying them is C work (`dict(zip(names, compress(...)))`).
+    None: a list the mask cannot express (a `Connection` header, a name repeated, more than one id), relayed
+    header by header."""
+
+    __slots__ = ("kinds",)
+
+    def __init__(self, kinds: _Kinds) -> None:
+        super().__init__()
+        self.kinds = kinds
+
+    def __missing__(self, names: tuple[str, ...]) -> Shape | None:
+        kinds = [self.kinds[name] for name in names]
+        shape = _up_shape(kinds) if self.kinds.rule is _up else _down_shape(names, kinds)
+        if len(self) < _MEMO_LIMIT:
+            self[names] = shape
+        return shape
+
+
+def _up_shape(kinds: list[str | None]) -> Shape | None:
+    kept = tuple(kind for kind in kinds if kind)
+    if "" in kinds or len(set(kept)) != len(kept):  # a Connection header; repeats are joined
+        return None
+    return kept, tuple(bool(kind) for kind in kinds), False
+
+
+def _down_shape(names: tuple[str, ...], kinds: list[str | None]) -> Shape | None:
+    if _CONNECTION in kinds or kinds.count(_UPSTREAM_ID) > 1 or _UPSTREAM_ID_HEADER in map(str.lower, names):
+        return None  # (an upstream's own x-upstream-request-id would be replaced or follow ours)
+    pairs = zip(names, kinds, strict=True)
+    kept = tuple(_UPSTREAM_ID_HEADER if kind == _UPSTREAM_ID else name for name, kind in pairs if kind != _DROP)
+    return kept, tuple(kind != _DROP for kind in kinds), _UPSTREAM_ID in kinds
+
+
 _UP_KINDS = _Memos(_up)  # by the names dropped (the plan's tenant header among them)
 _DOWN_KINDS = _Memos(_down)  # by `hide` (a Matcher compares by identity)
 
 
 def upstream_headers(
-    client: Iterable[tuple[str, str]],
+    client: Iterable[tuple[str, str]] | Mapping[str, str],
     spec: UpstreamSpec,
     *,
     request_id: str,
@@ -118,23 +162,16 @@ def upstream_headers(
     `client_credentials` (pass-through mode) forwards the app's own credential headers instead of
     the upstream's configured key.
     """
-    out: dict[str, str] = {}
     kinds = _UP_KINDS[_DROP_UP | drop if drop else _DROP_UP]
-    named: list[str] = []
-    for name, value in client:
-        lower = kinds[name]
-        if not lower:  # dropped; `connection` is hop-by-hop, so its test costs only the headers dropped
-            if lower is not None:
-                named += _connection_tokens(value)
-        elif lower in out:
-            # A repeated field is one comma-separated list (RFC 9110 §5.3; two `OpenAI-Beta` lines must both
-            # arrive); Cookie lines join with "; " (RFC 6265 §5.4).
-            out[lower] += ("; " if lower == "cookie" else ", ") + value
+    if isinstance(client, _MULTIDICTS):  # as aiohttp parsed them: most often a list of names seen before
+        names = tuple(client.keys())  # each name once (multidict 7): shorter than the list when one repeats
+        shape = kinds.shapes[names] if len(names) == len(client) else None
+        if shape is not None:
+            out = dict(zip(shape[0], compress(client.values(), shape[1]), strict=True))
         else:
-            out[lower] = value
-    if named:
-        for token in named:
-            out.pop(token, None)
+            out = _forwarded(client.items(), kinds)
+    else:
+        out = _forwarded(client.items() if isinstance(client, Mapping) else client, kinds)
     if client_credentials:
         out.update(spec.sent[1])
         out.update(client_credentials)
@@ -150,6 +187,26 @@ def upstream_headers(
     return out
 
 
+def _forwarded(client: Iterable[tuple[str, str]], kinds: _Kinds) -> dict[str, str]:
+    """The client's headers that go upstream, header by header."""
+    out: dict[str, str] = {}
+    named: list[str] = []
+    for name, value in client:
+        lower = kinds[name]
+        if not lower:  # dropped; `connection` is hop-by-hop, so its test costs only the headers dropped
+            if lower is not None:
+                named += _connection_tokens(value)
+        elif lower in out:
+            # A repeated field is one comma-separated list (RFC 9110 §5.3; two `OpenAI-Beta` lines must both
+            # arrive); Cookie lines join with "; " (RFC 6265 §5.4).
+            out[lower] += ("; " if lower == "cookie" else ", ") + value
+        else:
+            out[lower] = value
+    for token in named:
+        out.pop(token, None)
+    return out
+
+
 def _connection_tokens(value: str) -> list[str]:
     """Header names listed in a Connection header: hop-by-hop for this one connection (RFC 9110 §7.6.1)."""
     return [token.strip().lower() for token in value.split(",") if token.strip()]
@@ -161,7 +218,7 @@ def credentials_of(client: Mapping[str, str]) -> dict[str, str]:
 
 
 def client_headers(
-    upstream: Iterable[tuple[str, str]],
+    upstream: Iterable[tuple[str, str]] | CIMultiDictProxy[str] | CIMultiDict[str],
     *,
     request_id: str,
     route: str,
@@ -175,22 +232,18 @@ def client_headers(
     own id, whichever of the two headers it came in, survives as x-upstream-request-id (unless `hide`, the
     upstream's `hide_response_headers`, names that header). A value quoting a secret `redact` knows (a
     gateway echoing the credentials it got) has it replaced."""
-    out: CIMultiDict[str] = CIMultiDict()
-    add = out.add
-    named: list[str] = []
     kinds = _DOWN_KINDS[hide]
-    for name, value in upstream:
-        kind = kinds[name]
-        if kind is None:
-            add(name, value)
-        elif kind == _UPSTREAM_ID:
-            if value != request_id:
-                out["x-upstream-request-id"] = value
-        elif kind == _CONNECTION:
-            named += _connection_tokens(value)
-    if named:
-        for token in named:
-            out.popall(token, None)
+    if isinstance(upstream, _MULTIDICTS):  # as aiohttp parsed them: most often a list of names seen before
+        names = tuple(upstream.keys())  # each name once (multidict 7): shorter than the list when one repeats
+        shape = kinds.shapes[names] if len(names) == len(upstream) else None
+        if shape is not None:
+            out = CIMultiDict(zip(shape[0], compress(upstream.values(), shape[1]), strict=True))
+            if shape[2] and out[_UPSTREAM_ID_HEADER] == request_id:  # our own id echoed: not the upstream's
+                del out[_UPSTREAM_ID_HEADER]
+        else:
+            out = _relayed(upstream.items(), kinds, request_id)
+    else:
+        out = _relayed(upstream, kinds, request_id)
     if redact and out:
         _redact_values(out, redact)
     out["x-request-id"] = request_id
@@ -198,6 +251,25 @@ def client_headers(
         out["request-id"] = request_id
     out["x-signalbox-route"] = route
     out["x-signalbox-upstream"] = upstream_name
+    return out
+
+
+def _relayed(upstream: Iterable[tuple[str, str]], kinds: _Kinds, request_id: str) -> CIMultiDict[str]:
+    """The upstream's headers that the client gets, header by header."""
+    out: CIMultiDict[str] = CIMultiDict()
+    add = out.add
+    named: list[str] = []
+    for name, value in upstream:
+        kind = kinds[name]
+        if kind is None:
+            add(name, value)
+        elif kind == _UPSTREAM_ID:
+            if value != request_id:
+                out[_UPSTREAM_ID_HEADER] = value
+        elif kind == _CONNECTION:
+            named += _connection_tokens(value)
+    for token in named:
+        out.popall(token, None)
     return out
 
 
