@@ -65,10 +65,6 @@ def _up_stated(client: list[tuple[str, str]], drop: frozenset[str]) -> dict[str,
 def test_upstream_headers_forward_what_the_rules_say(client: list[tuple[str, str]], tenant_header: bool) -> None:
     drop = frozenset({"x-tenant"}) if tenant_header else frozenset()
     out = upstream_headers(client, SPEC, request_id="rid", drop=drop)
-    # As aiohttp hands them over (a multidict): a list of names seen before is relayed by its remembered shape.
-    for _ in range(2):
-        shaped = upstream_headers(CIMultiDict(client), SPEC, request_id="rid", drop=drop)
-        assert list(shaped.items()) == list(out.items())
     ours = {"authorization", "accept-encoding", "x-request-id", "user-agent"}
     forwarded = {name: value for name, value in out.items() if name not in ours}
     assert forwarded == {name: value for name, value in _up_stated(client, drop).items() if name not in ours}
@@ -99,9 +95,6 @@ def _down_stated(upstream: list[tuple[str, str]], hide: Matcher | None) -> list[
 def test_client_headers_relay_what_the_rules_say(upstream: list[tuple[str, str]], hide: tuple[str, ...] | None) -> None:
     matcher = Matcher(hide) if hide else None
     out = client_headers(upstream, request_id="rid", route="r", upstream_name="u", hide=matcher, redact=EMPTY)
-    for _ in range(2):  # as aiohttp hands them over: the second time by the names' remembered shape
-        shaped = client_headers(CIMultiDict(upstream), request_id="rid", route="r", upstream_name="u", hide=matcher)
-        assert list(shaped.items()) == list(out.items())
     ours = {"x-request-id", "x-signalbox-route", "x-signalbox-upstream"}
     relayed = CIMultiDict((name, value) for name, value in out.items() if name.lower() not in ours)
     stated = CIMultiDict(_down_stated(upstream, matcher))
@@ -161,9 +154,8 @@ def test_upstream_headers_set_the_upstreams_own_as_the_rules_say(
     the same names, values and order (the order is the request head's), pass-through credentials included."""
     spec = _spec(provider, api_key, auth_header, own, basic_auth)
     stated = _own_stated(_up_stated(client, frozenset()), spec, credentials, "rid")
-    for given_as in (client, CIMultiDict(client)):
-        out = upstream_headers(given_as, spec, request_id="rid", client_credentials=credentials)
-        assert list(out.items()) == list(stated.items())
+    out = upstream_headers(client, spec, request_id="rid", client_credentials=credentials)
+    assert list(out.items()) == list(stated.items())
 
 
 def test_header_names_in_any_case_are_worked_out_alike_past_the_memo() -> None:

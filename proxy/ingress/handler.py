@@ -199,7 +199,7 @@ async def forward(
         answered_by = plan.upstreams.get(sent.deployment.upstream)
         redact = state.secrets.current  # errors: every secret; a success's headers: what went upstream
         headers = client_headers(
-            upstream.headers, request_id=call.request_id, route=call.route.name, upstream_name=call.upstream,
+            upstream.headers.items(), request_id=call.request_id, route=call.route.name, upstream_name=call.upstream,
             hide=answered_by.hide_response_headers if answered_by is not None else None,
             redact=redact if upstream.status >= 400 or answered_by is None else answered_by.secrets,
             protocol=call.protocol,

@@ -8,10 +8,9 @@ ones (aiohttp re-frames the body), plus our request id and route/upstream names.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from itertools import compress
 from typing import Any
 
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 
 from proxy.policy.plan import Matcher, UpstreamSpec
 from proxy.policy.redact import EMPTY, Redactor
@@ -47,20 +46,18 @@ _MEMO_LIMIT = 1024
 # (`Connection`, whose tokens name more to drop: falsy too); towards the client None (relayed as it came) or:
 _DROP, _CONNECTION, _UPSTREAM_ID = "drop", "connection", "id"
 _UPSTREAM_ID_HEADER = "x-upstream-request-id"
-_MULTIDICTS = (CIMultiDictProxy, CIMultiDict)
 
 
 class _Kinds(dict[str, str | None]):
     """A header name as it came (any case) → what the rules do with it, worked out on its first sight:
     one dict lookup per header instead of lowering and testing it (`rule` is `_up` or `_down`)."""
 
-    __slots__ = ("rule", "arg", "shapes")
+    __slots__ = ("rule", "arg")
 
     def __init__(self, rule: Callable[[str, Any], str | None], arg: Any) -> None:
         super().__init__()
         self.rule = rule
         self.arg = arg
-        self.shapes = _Shapes(self)
 
     def __missing__(self, name: str) -> str | None:
         kind = self.rule(name.lower(), self.arg)
@@ -69,9 +66,9 @@ class _Kinds(dict[str, str | None]):
         return kind
 
 
-def _up(lower: str, dropped: frozenset[str]) -> str | None:
-    """Towards the upstream: the name to forward, None (dropped) or "" (`Connection`)."""
-    if lower in dropped:
+def _up(lower: str, drop: frozenset[str]) -> str | None:
+    """Towards the upstream: the name to forward, None (dropped) or "" (`Connection`); `drop`: the plan's."""
+    if lower in _DROP_UP or lower in drop:
         return "" if lower == "connection" else None
     return None if lower.startswith("x-signalbox-") else lower  # instructions to this proxy (priority, tenant)
 
@@ -104,52 +101,12 @@ class _Memos(dict[Any, _Kinds]):
         return kinds
 
 
-Shape = tuple[tuple[str, ...], tuple[bool, ...], bool]
-"""The names a header list is relayed under, which of its headers go (a `compress` mask), and whether the
-upstream's request id is among them (as x-upstream-request-id, in its place)."""
-
-
-class _Shapes(dict[tuple[str, ...], Shape | None]):
-    """A header list's names, in order (a client or upstream sends the same ones every time) → its `Shape`:
-    the names relayed and a mask over the values, so relaying them is C work (`dict(zip(names, compress(...)))`).
-    None: a list the mask cannot express (a `Connection` header, a name repeated, more than one id), relayed
-    header by header."""
-
-    __slots__ = ("kinds",)
-
-    def __init__(self, kinds: _Kinds) -> None:
-        super().__init__()
-        self.kinds = kinds
-
-    def __missing__(self, names: tuple[str, ...]) -> Shape | None:
-        kinds = [self.kinds[name] for name in names]
-        shape = _up_shape(kinds) if self.kinds.rule is _up else _down_shape(names, kinds)
-        if len(self) < _MEMO_LIMIT:
-            self[names] = shape
-        return shape
-
-
-def _up_shape(kinds: list[str | None]) -> Shape | None:
-    kept = tuple(kind for kind in kinds if kind)
-    if "" in kinds or len(set(kept)) != len(kept):  # a Connection header; repeats are joined
-        return None
-    return kept, tuple(bool(kind) for kind in kinds), False
-
-
-def _down_shape(names: tuple[str, ...], kinds: list[str | None]) -> Shape | None:
-    if _CONNECTION in kinds or kinds.count(_UPSTREAM_ID) > 1 or _UPSTREAM_ID_HEADER in map(str.lower, names):
-        return None  # (an upstream's own x-upstream-request-id would be replaced or follow ours)
-    pairs = zip(names, kinds, strict=True)
-    kept = tuple(_UPSTREAM_ID_HEADER if kind == _UPSTREAM_ID else name for name, kind in pairs if kind != _DROP)
-    return kept, tuple(kind != _DROP for kind in kinds), _UPSTREAM_ID in kinds
-
-
-_UP_KINDS = _Memos(_up)  # by the names dropped (the plan's tenant header among them)
+_UP_KINDS = _Memos(_up)  # by the names the plan drops (its tenant header)
 _DOWN_KINDS = _Memos(_down)  # by `hide` (a Matcher compares by identity)
 
 
 def upstream_headers(
-    client: Iterable[tuple[str, str]] | Mapping[str, str],
+    client: Iterable[tuple[str, str]],
     spec: UpstreamSpec,
     *,
     request_id: str,
@@ -162,16 +119,8 @@ def upstream_headers(
     `client_credentials` (pass-through mode) forwards the app's own credential headers instead of
     the upstream's configured key.
     """
-    kinds = _UP_KINDS[_DROP_UP | drop if drop else _DROP_UP]
-    if isinstance(client, _MULTIDICTS):  # as aiohttp parsed them: most often a list of names seen before
-        names = tuple(client.keys())  # each name once (multidict 7): shorter than the list when one repeats
-        shape = kinds.shapes[names] if len(names) == len(client) else None
-        if shape is not None:
-            out = dict(zip(shape[0], compress(client.values(), shape[1]), strict=True))
-        else:
-            out = _forwarded(client.items(), kinds)
-    else:
-        out = _forwarded(client.items() if isinstance(client, Mapping) else client, kinds)
+    kinds = _UP_KINDS[drop]  # the plan's own set: its hash is kept, found by identity
+    out = _forwarded(client, kinds)
     if client_credentials:
         out.update(spec.sent[1])
         out.update(client_credentials)
@@ -218,7 +167,7 @@ def credentials_of(client: Mapping[str, str]) -> dict[str, str]:
 
 
 def client_headers(
-    upstream: Iterable[tuple[str, str]] | CIMultiDictProxy[str] | CIMultiDict[str],
+    upstream: Iterable[tuple[str, str]],
     *,
     request_id: str,
     route: str,
@@ -233,17 +182,7 @@ def client_headers(
     upstream's `hide_response_headers`, names that header). A value quoting a secret `redact` knows (a
     gateway echoing the credentials it got) has it replaced."""
     kinds = _DOWN_KINDS[hide]
-    if isinstance(upstream, _MULTIDICTS):  # as aiohttp parsed them: most often a list of names seen before
-        names = tuple(upstream.keys())  # each name once (multidict 7): shorter than the list when one repeats
-        shape = kinds.shapes[names] if len(names) == len(upstream) else None
-        if shape is not None:
-            out = CIMultiDict(zip(shape[0], compress(upstream.values(), shape[1]), strict=True))
-            if shape[2] and out[_UPSTREAM_ID_HEADER] == request_id:  # our own id echoed: not the upstream's
-                del out[_UPSTREAM_ID_HEADER]
-        else:
-            out = _relayed(upstream.items(), kinds, request_id)
-    else:
-        out = _relayed(upstream, kinds, request_id)
+    out = _relayed(upstream, kinds, request_id)
     if redact and out:
         _redact_values(out, redact)
     out["x-request-id"] = request_id

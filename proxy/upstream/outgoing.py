@@ -103,7 +103,7 @@ class Outgoing:
         if self._headers_for != spec.name:
             identify = self.call.plan.identify  # what it drops and passes on was worked out with the plan
             self._headers = upstream_headers(
-                self.client_headers,
+                self.client_headers.items(),
                 spec,
                 request_id=self.call.request_id,
                 drop=identify.drop_upstream,
