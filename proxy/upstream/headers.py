@@ -120,24 +120,6 @@ def upstream_headers(
     the upstream's configured key.
     """
     kinds = _UP_KINDS[drop]  # the plan's own set: its hash is kept, found by identity
-    out = _forwarded(client, kinds)
-    if client_credentials:
-        out.update(spec.sent[1])
-        out.update(client_credentials)
-    else:
-        out.update(spec.sent[0])
-    if spec.provider == "anthropic":
-        out.setdefault("anthropic-version", ANTHROPIC_VERSION)
-    out["accept-encoding"] = "identity"
-    out["x-request-id"] = request_id
-    if "user-agent" not in out:
-        # Say who calls rather than let aiohttp name itself (and skipping its header costs work per request).
-        out["user-agent"] = USER_AGENT
-    return out
-
-
-def _forwarded(client: Iterable[tuple[str, str]], kinds: _Kinds) -> dict[str, str]:
-    """The client's headers that go upstream, header by header."""
     out: dict[str, str] = {}
     named: list[str] = []
     for name, value in client:
@@ -153,6 +135,18 @@ def _forwarded(client: Iterable[tuple[str, str]], kinds: _Kinds) -> dict[str, st
             out[lower] = value
     for token in named:
         out.pop(token, None)
+    if client_credentials:
+        out.update(spec.sent[1])
+        out.update(client_credentials)
+    else:
+        out.update(spec.sent[0])
+    if spec.provider == "anthropic":
+        out.setdefault("anthropic-version", ANTHROPIC_VERSION)
+    out["accept-encoding"] = "identity"
+    out["x-request-id"] = request_id
+    if "user-agent" not in out:
+        # Say who calls rather than let aiohttp name itself (and skipping its header costs work per request).
+        out["user-agent"] = USER_AGENT
     return out
 
 
@@ -182,19 +176,6 @@ def client_headers(
     upstream's `hide_response_headers`, names that header). A value quoting a secret `redact` knows (a
     gateway echoing the credentials it got) has it replaced."""
     kinds = _DOWN_KINDS[hide]
-    out = _relayed(upstream, kinds, request_id)
-    if redact and out:
-        _redact_values(out, redact)
-    out["x-request-id"] = request_id
-    if protocol == "anthropic":
-        out["request-id"] = request_id
-    out["x-signalbox-route"] = route
-    out["x-signalbox-upstream"] = upstream_name
-    return out
-
-
-def _relayed(upstream: Iterable[tuple[str, str]], kinds: _Kinds, request_id: str) -> CIMultiDict[str]:
-    """The upstream's headers that the client gets, header by header."""
     out: CIMultiDict[str] = CIMultiDict()
     add = out.add
     named: list[str] = []
@@ -209,6 +190,13 @@ def _relayed(upstream: Iterable[tuple[str, str]], kinds: _Kinds, request_id: str
             named += _connection_tokens(value)
     for token in named:
         out.popall(token, None)
+    if redact and out:
+        _redact_values(out, redact)
+    out["x-request-id"] = request_id
+    if protocol == "anthropic":
+        out["request-id"] = request_id
+    out["x-signalbox-route"] = route
+    out["x-signalbox-upstream"] = upstream_name
     return out
 
 
