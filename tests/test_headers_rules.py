@@ -9,8 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from proxy.policy.plan import Matcher, UpstreamSpec
+from proxy.policy.plan import Matcher, Provider, UpstreamSpec
 from proxy.policy.redact import EMPTY
+from proxy.policy.sent_headers import sent_headers
 from proxy.upstream.headers import HOP_BY_HOP, client_headers, upstream_headers
 
 NAMES = (
@@ -19,15 +20,27 @@ NAMES = (
     "X-Signalbox-Priority", "x-signalbox-tenant", "Connection", "Keep-Alive", "TE", "Upgrade", "X-Hop",
     "X-Request-Id", "Request-Id", "Server", "Date", "Content-Encoding", "X-Ratelimit-Remaining", "Retry-After",
 )
-VALUES = st.sampled_from(("a", "b c", "ours", "x-hop, X-Ratelimit-Remaining", "keep-alive", "openai-beta", ""))
+VALUES = st.sampled_from(("a", "b c", "ours", "rid", "x-hop, X-Ratelimit-Remaining", "keep-alive", "openai-beta", ""))
 HEADERS = st.lists(st.tuples(st.sampled_from(NAMES), VALUES), max_size=12)
 HIDES = st.sampled_from((None, ("x-ratelimit-*",), ("x-request-id", "content-type"), ("request-id", "retry-after")))
 
 
-SPEC = UpstreamSpec(
-    name="u", provider="openai", base_url="http://127.0.0.1:9/v1", api_key="sk-up", auth_header="authorization",
-    headers=(), query=(), max_connections=10, keepalive=30.0, mock=None,
-)
+def _spec(
+    provider: Provider = "openai",
+    api_key: str | None = "sk-up",
+    auth_header: str = "authorization",
+    headers: tuple[tuple[str, str], ...] = (),
+    basic_auth: str | None = None,
+) -> UpstreamSpec:
+    """As compile.py builds one (`sent` worked out from the fields)."""
+    sent = (sent_headers(headers, basic_auth, api_key, auth_header), sent_headers(headers, basic_auth, None, ""))
+    return UpstreamSpec(
+        name="u", provider=provider, base_url="http://127.0.0.1:9/v1", api_key=api_key, auth_header=auth_header,
+        headers=headers, query=(), max_connections=10, keepalive=30.0, mock=None, basic_auth=basic_auth, sent=sent,
+    )
+
+
+SPEC = _spec()
 
 
 def _tokens(value: str) -> list[str]:
@@ -89,3 +102,70 @@ def test_client_headers_relay_what_the_rules_say(upstream: list[tuple[str, str]]
     assert [n for n, _ in relayed.items() if n != "x-upstream-request-id"] == [
         n for n, _ in stated.items() if n != "x-upstream-request-id"
     ]
+
+
+def _own_stated(
+    out: dict[str, str], spec: UpstreamSpec, credentials: dict[str, str] | None, request_id: str
+) -> dict[str, str]:
+    """The upstream's own headers set over the client's one by one, as each request did before `spec.sent`."""
+    out = dict(out)
+    for name, value in spec.headers:
+        out[name] = value
+    if spec.basic_auth is not None:
+        out["authorization"] = spec.basic_auth
+    if credentials:
+        out.update(credentials)
+    elif spec.api_key is not None:
+        out[spec.auth_header] = ("Bearer " + spec.api_key) if spec.auth_header == "authorization" else spec.api_key
+    if spec.provider == "anthropic":
+        out.setdefault("anthropic-version", "2023-06-01")
+    out["accept-encoding"] = "identity"
+    out["x-request-id"] = request_id
+    out.setdefault("user-agent", "signalbox")
+    return out
+
+
+OWN_NAMES = ("authorization", "x-api-key", "anthropic-version", "user-agent", "openai-beta", "x-extra", "cookie")
+OWN = st.lists(st.tuples(st.sampled_from(OWN_NAMES), st.sampled_from(("v1", "v2"))), max_size=4).map(
+    lambda pairs: tuple(dict(pairs).items())  # compile.py's: one value per (lower-case) name
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    HEADERS,
+    st.sampled_from(("openai", "anthropic", "http")),
+    st.sampled_from((None, "sk-up")),
+    st.sampled_from(("authorization", "x-api-key")),
+    OWN,
+    st.sampled_from((None, "Basic dTpw")),
+    st.sampled_from((None, {}, {"authorization": "Bearer app"}, {"x-api-key": "app", "api-key": "app2"})),
+)
+def test_upstream_headers_set_the_upstreams_own_as_the_rules_say(
+    client: list[tuple[str, str]],
+    provider: Provider,
+    api_key: str | None,
+    auth_header: str,
+    own: tuple[tuple[str, str], ...],
+    basic_auth: str | None,
+    credentials: dict[str, str] | None,
+) -> None:
+    """`spec.sent` (worked out at compile time) gives what setting the upstream's headers one by one gave:
+    the same names, values and order (the order is the request head's), pass-through credentials included."""
+    spec = _spec(provider, api_key, auth_header, own, basic_auth)
+    stated = _own_stated(_up_stated(client, frozenset()), spec, credentials, "rid")
+    out = upstream_headers(client, spec, request_id="rid", client_credentials=credentials)
+    assert list(out.items()) == list(stated.items())
+
+
+def test_header_names_in_any_case_are_worked_out_alike_past_the_memo() -> None:
+    """A name first seen in one case is remembered; the same name in another case, or a new one after the
+    memo is full, still follows the rules."""
+    client = [(f"X-Many-{i}", "v") for i in range(1100)] + [("CONNECTION", "x-many-5"), ("x-SIGNALBOX-tenant", "t")]
+    for _ in range(2):
+        out = upstream_headers(client + [("Cookie", "a"), ("COOKIE", "b")], SPEC, request_id="rid")
+        assert "x-many-5" not in out and "x-many-1099" in out and "x-signalbox-tenant" not in out
+        assert out["cookie"] == "a; b" and len(out) == 1099 + 5
+        down = client_headers([("X-Request-ID", "up"), ("x-many-1050", "v"), ("request-ID", "rid")], request_id="rid",
+                              route="r", upstream_name="u", hide=Matcher(("x-many-105*",)))
+        assert down.getall("x-upstream-request-id") == ["up"] and "x-many-1050" not in down

@@ -44,6 +44,7 @@ from proxy.policy.schema import (
     Upstream,
 )
 from proxy.policy.secrets import policy_secrets, upstream_credentials
+from proxy.policy.sent_headers import sent_headers
 from proxy.policy.units import split_userinfo
 from proxy.providers.exchange import DEFAULT_MAX_TOKENS as ANTHROPIC_DEFAULT_MAX_TOKENS
 
@@ -102,13 +103,16 @@ def _state(state: State) -> StateRule:
 
 def _upstream(name: str, spec: Upstream) -> UpstreamSpec:
     base_url, basic_auth = _credentials_out_of_url(spec.base_url)
+    api_key = spec.api_key.get_secret_value() if spec.api_key else None
+    auth_header = spec.auth_header or DEFAULT_AUTH_HEADER[spec.provider]
+    headers = tuple((k.lower(), v) for k, v in spec.headers.items())
     return UpstreamSpec(
         name=name,
         provider=spec.provider,
         base_url=base_url,
-        api_key=spec.api_key.get_secret_value() if spec.api_key else None,
-        auth_header=spec.auth_header or DEFAULT_AUTH_HEADER[spec.provider],
-        headers=tuple((k.lower(), v) for k, v in spec.headers.items()),
+        api_key=api_key,
+        auth_header=auth_header,
+        headers=headers,
         query=tuple(spec.query.items()),
         max_connections=spec.pool.max_connections,
         keepalive=spec.pool.keepalive,
@@ -116,6 +120,7 @@ def _upstream(name: str, spec: Upstream) -> UpstreamSpec:
         hide_response_headers=Matcher(tuple(spec.hide_response_headers)) if spec.hide_response_headers else None,
         basic_auth=basic_auth,
         secrets=Redactor(upstream_credentials(spec)),
+        sent=(sent_headers(headers, basic_auth, api_key, auth_header), sent_headers(headers, basic_auth, None, "")),
     )
 
 

@@ -224,6 +224,8 @@ class UpstreamSpec:
     secrets: Redactor = field(default=EMPTY, repr=False, compare=False)
     """What this upstream is sent as credentials (so all it can quote back), searched in its successes'
     headers (a short list: a few µs per response)."""
+    sent: tuple[Mapping[str, str], ...] = field(default=(), repr=False, compare=False)
+    """What is set over the client's headers, with the key and for pass-through (policy/sent_headers.py)."""
 
     def fingerprint(self) -> tuple[object, ...]:
         """What a connection pool depends on: a reload keeps the pool when this is unchanged."""
