@@ -3,7 +3,7 @@
 Runs itself twice under `valgrind --tool=callgrind`: once writing no line and once `--lines` lines (a
 full-policy request's shape: tenant, route, model, upstream, one attempt, dispatch and headers marks)
 inside a running event loop, as the proxy writes them (PYTHONHASHSEED=0 in both: without it the same
-code reads ±1k); prints (total − baseline) ÷ lines. The Calls are made in both runs, so only the write
+code reads ±1k, with it ±0.8k); prints (total − baseline) ÷ lines. The Calls are made in both runs, so only the write
 is counted. Needs valgrind (Debian package `valgrind`). The editable install wins over PYTHONPATH: to
 compare with another version, put its `logging.py` in place for the run.
 """
