@@ -108,10 +108,13 @@ def line_then(call: Call, elapsed: float) -> bytes:
     return orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE)
 
 
-_ms = st.floats(min_value=0, max_value=600, allow_nan=False)
+# Durations in seconds: the usual range, 0, values at a rounding tie (x.xxxx5 ms) and far beyond any request.
+_ms = (st.floats(min_value=0, max_value=600, allow_nan=False) | st.just(0.0)
+       | st.integers(0, 10**9).map(lambda n: n / 100_000 + 0.000_005) | st.floats(min_value=600, max_value=1e12))
+_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)  # unicode, quotes, control chars
 _attempt = st.builds(
-    Attempt, upstream=st.sampled_from(["up-0", "up-1"]), status=st.sampled_from([0, 200, 503]), duration=_ms,
-    error=st.sampled_from([None, "upstream_timeout"]),
+    Attempt, upstream=st.sampled_from(["up-0", "up-1"]) | _text, status=st.sampled_from([0, 200, 503]),
+    duration=_ms, error=st.sampled_from([None, "upstream_timeout"]) | _text,
     wait=st.none() | st.tuples(_ms, st.sampled_from(["exponential", "hint"])),
 )
 
@@ -119,16 +122,36 @@ _attempt = st.builds(
 @settings(max_examples=300, deadline=None)
 @given(attempts=st.lists(_attempt, max_size=3), elapsed=_ms, queue_wait=_ms | st.just(0.0),
        marks=st.dictionaries(st.sampled_from(["dispatch", "upstream_headers", "first_token"]), _ms),
-       status=st.sampled_from([0, 200, 429, 499]), gone=st.booleans(), events=st.integers(0, 9))
+       status=st.sampled_from([0, 200, 429, 499]), gone=st.booleans(), events=st.integers(0, 9),
+       texts=st.tuples(_text, _text, _text, _text, st.none() | _text, st.none() | _text, st.none() | _text))
 def test_the_line_is_byte_for_byte_what_it_was(attempts: list[Attempt], elapsed: float, queue_wait: float,
                                                 marks: dict[str, float], status: int, gone: bool,
-                                                events: int) -> None:
-    call = Call(request_id="r-1", plan=None, method="POST", path="/v1/chat/completions",  # type: ignore[arg-type]
+                                                events: int, texts: tuple[str | None, ...]) -> None:
+    request_id, path, model, upstream, error, reason, trace_id = texts
+    call = Call(request_id=request_id, plan=None, method="POST", path=path,  # type: ignore[arg-type]
                 protocol="openai", started=1000.0)
     call.attempts, call.marks, call.queue_wait, call.status = attempts, marks, queue_wait, status
-    call.client_gone, call.events_relayed, call.upstream, call.model = gone, events, "up", "gpt-4o"
+    call.client_gone, call.events_relayed, call.upstream, call.model = gone, events, upstream, model  # type: ignore[assignment]
+    call.error, call.reason, call.trace_id = error, reason, trace_id
     stream = io.BytesIO()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(access_logging, "perf_counter", lambda: 1000.0 + elapsed)
         AccessLog(stream).write(call)
     assert stream.getvalue() == line_then(call, (1000.0 + elapsed) - 1000.0)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.floats(min_value=0, max_value=2**60, allow_nan=False) | st.just(0.0)
+       | st.integers(0, 2**40).map(lambda n: n / 100_000 + 0.000_005))
+def test_a_duration_rounds_as_with_int(seconds: float) -> None:
+    """The access line's inlined rounding of a non-negative duration (`// 1`) is _ms2's int() one, in the
+    line: the attempt's `ms` and `duration_ms` (the elapsed time), ties and huge values included."""
+    call = Call(request_id="r", plan=None, method="GET", path="/", protocol="openai",  # type: ignore[arg-type]
+                started=0.0)
+    call.attempts = [Attempt("up", 200, seconds)]
+    stream = io.BytesIO()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(access_logging, "perf_counter", lambda: seconds)
+        AccessLog(stream).write(call)
+    line = orjson.loads(stream.getvalue())
+    assert line["duration_ms"] == line["attempts"][0]["ms"] == int(seconds * 100_000 + 0.5) / 100

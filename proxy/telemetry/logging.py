@@ -34,7 +34,11 @@ def _stdout() -> IO[bytes]:
 
 def _ms2(seconds: float) -> float:
     """Milliseconds to 2 decimals, as round(seconds * 1000, 2) gives them for durations (non-negative, far
-    from a float's precision): round() with digits goes through a decimal string, about 5x the cost."""
+    from a float's precision): round() with digits goes through a decimal string, about 5x the cost.
+    Inlined where the value is a perf_counter() reading or difference from the call's or the attempt's start,
+    so never negative: there `(x + 0.5) // 1` is `int(x + 0.5)` without int's type call (~0.6k instructions
+    less). int() stays here: it truncates towards zero, the float floor does not, and a difference of two
+    marks (ttft, processing) is not negative by construction."""
     return int(seconds * 100_000 + 0.5) / 100
 
 
@@ -43,9 +47,9 @@ def _ms3(wall: float) -> float:
     from the exact product by half a unit in the last place at most (under 2**-11 until the year 2248), so
     rounding half up gives round()'s answer except near a tie, which is left to round() itself."""
     scaled = wall * 1000
-    if -0.001 < scaled - int(scaled) - 0.5 < 0.001:
+    if -0.001 < scaled % 1 - 0.5 < 0.001:  # `% 1` and `// 1`: int() for a time after 1970, in C
         return round(wall, 3)
-    return int(scaled + 0.5) / 1000
+    return (scaled + 0.5) // 1 / 1000
 
 
 def _waited(a: Attempt) -> dict[str, object]:
@@ -56,17 +60,10 @@ def _waited(a: Attempt) -> dict[str, object]:
 
 
 def _attempt(a: Attempt) -> dict[str, object]:
-    if a.wait is None:  # the usual case: _ms2 inlined
-        return {"deployment": a.upstream, "status": a.status, "ms": int(a.duration * 100_000 + 0.5) / 100,
+    if a.wait is None:  # the usual case: _ms2 inlined (a perf_counter() difference: `// 1`)
+        return {"deployment": a.upstream, "status": a.status, "ms": (a.duration * 100_000 + 0.5) // 1 / 100,
                 "error": a.error}
     return _waited(a)
-
-
-def _attempts(attempts: list[Attempt]) -> list[dict[str, object]]:
-    """The attempts' entries; one attempt (the usual case) without a comprehension's frame."""
-    if len(attempts) == 1:
-        return [_attempt(attempts[0])]
-    return [_attempt(a) for a in attempts]
 
 
 class AccessLog:
@@ -88,6 +85,7 @@ class AccessLog:
         tenant = call.tenant
         route = call.route
         queue_wait = call.queue_wait
+        attempts = call.attempts
         line = {
             "ts": _ms3(call.started_wall),
             "request_id": call.request_id,
@@ -102,8 +100,8 @@ class AccessLog:
             "status": call.status,
             "outcome": call.outcome,
             "reason": call.reason,
-            "duration_ms": int(elapsed * 100_000 + 0.5) / 100,  # _ms2, inlined
-            "ttfb_ms": int(ttfb * 100_000 + 0.5) / 100 if ttfb is not None else None,
+            "duration_ms": (elapsed * 100_000 + 0.5) // 1 / 100,  # _ms2, inlined (non-negative: `// 1`)
+            "ttfb_ms": (ttfb * 100_000 + 0.5) // 1 / 100 if ttfb is not None else None,
             "queue_wait_ms": round(queue_wait * 1000, 1) if queue_wait else None,
             # Both from dispatch, after any queue wait: the last byte, and a stream's first event.
             "processing_ms": int((elapsed - dispatched) * 100_000 + 0.5) / 100 if dispatched is not None else None,
@@ -112,7 +110,8 @@ class AccessLog:
             # headers or failure, and why it failed without a response (upstream_unreachable,
             # upstream_timeout, cancelled), and for a retry after a wait, the wait planned and how it was
             # chosen (`after`: exponential, fixed, reset, or hint when the upstream's replaced the backoff).
-            "attempts": _attempts(call.attempts),
+            # One attempt (the usual case) without a helper's or a comprehension's frame (~1k instructions).
+            "attempts": [_attempt(attempts[0])] if len(attempts) == 1 else [_attempt(a) for a in attempts],
             "events": call.events_relayed or None,
             "bytes": call.bytes_out,
             "error": call.error,
