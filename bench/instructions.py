@@ -8,8 +8,11 @@ keep-alive connection (c1), the count is switched off and dumped. Prints instruc
 proxy's ratio to the floor. Needs valgrind (Debian package `valgrind`). Slow: Python under callgrind runs
 about 50 × slower, so 1,000 requests take a minute or two per target.
 
+With `--connections 64` the requests go over 64 keep-alive connections at once (as overhead.py's c64
+phase), which shows whether a cost grows with the number of requests in flight.
+
 Run: .venv/bin/python bench/instructions.py [--requests 1000] [--warmup 300] [--only floor,minimal,full]
-     [--proxy-arg=--no-access-log] [--json]
+     [--connections 1] [--proxy-arg=--no-access-log] [--json]
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -36,8 +40,14 @@ HERE = Path(__file__).resolve().parent
 TARGETS = ("floor", "minimal", "full")
 
 
-def send(port: int, count: int) -> None:
-    """`count` requests one at a time on one keep-alive connection, as wrk -c1 sends them."""
+def send(port: int, count: int, connections: int = 1) -> None:
+    """`count` requests over `connections` keep-alive connections, each sending one at a time as wrk does."""
+    if connections > 1:
+        share = [count // connections + (1 if i < count % connections else 0) for i in range(connections)]
+        with ThreadPoolExecutor(max_workers=connections) as pool:
+            for done in [pool.submit(send, port, n) for n in share if n]:
+                done.result()
+        return
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"}
     try:
@@ -84,11 +94,11 @@ def count(target: str, upstream: int, tmp: Path, args: argparse.Namespace) -> fl
             wait_port(port, proc, timeout_s=180)
         except RuntimeError as exc:
             raise RuntimeError(f"{target} did not start: {exc}\n{tail(log)}") from exc
-        send(port, args.warmup)
+        send(port, args.warmup, args.connections)
         control = ["callgrind_control", str(proc.pid)]
         subprocess.run([*control[:1], "-i", "on", *control[1:]], check=True, capture_output=True)
         started = time.monotonic()
-        send(port, args.requests)
+        send(port, args.requests, args.connections)
         subprocess.run([*control[:1], "-i", "off", *control[1:]], check=True, capture_output=True)
         subprocess.run([*control[:1], "-d", *control[1:]], check=True, capture_output=True)
         print(f"  {target}: {args.requests} requests in {time.monotonic() - started:.0f} s", file=sys.stderr)
@@ -104,6 +114,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=300)
     parser.add_argument("--only", default=",".join(TARGETS), help="comma-separated: floor, minimal, full")
     parser.add_argument("--proxy-arg", action="append", default=[], help="extra flag for `signalbox serve`")
+    parser.add_argument("--connections", type=int, default=1,
+                        help="concurrent keep-alive connections (64 is overhead.py's c64 phase)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
@@ -123,9 +135,10 @@ def main() -> None:
             stop(upstream)
     floor = result.get("floor")
     if args.json:
-        print(json.dumps({"requests": args.requests, "instructions_per_request": result}))
+        print(json.dumps({"requests": args.requests, "connections": args.connections,
+                          "instructions_per_request": result}))
         return
-    print(f"instructions per request, c1, {args.requests} requests after {args.warmup} of warm-up")
+    print(f"instructions per request, c{args.connections}, {args.requests} requests after {args.warmup} of warm-up")
     for t, value in result.items():
         ratio = f"  {value / floor:.3f} × floor" if floor and t != "floor" else ""
         print(f"  {t:8s} {value / 1000:9.1f}k{ratio}")
