@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from proxy.admission import tokens as tok
 from proxy.admission.local import LocalStore
 from proxy.admission.store import Reservation
+from proxy.admission.window import SlidingWindow
 from proxy.flow.take import OPEN, Grant, Need, acquire_now
 from proxy.policy.plan import Limit
 from proxy.policy.rates import LimitSpec
@@ -111,13 +112,17 @@ class _Clock:
 
 
 def _snapshot(store: LocalStore, now: float) -> list[tuple[Any, ...]]:
-    """Every key's counters, each window rolled to `now` (a window rolled earlier counts the same)."""
-    for state in store._states.values():
-        for window in state.requests + state.tokens:
-            window.roll(now)
-    return [(key, state.in_use, state.pending, [(w.name, w.index, w.current, w.previous)
-                                                 for w in state.requests + state.tokens])
+    """Every key's counters, each window as rolled to `now` (a window rolled earlier counts the same). The
+    windows themselves are left as they are: a path that forgets to roll one must not be covered up here."""
+    return [(key, state.in_use, state.pending, [_rolled(w, now) for w in state.requests + state.tokens])
             for key, state in sorted(store._states.items())]
+
+
+def _rolled(window: SlidingWindow, now: float) -> tuple[str, int, float, float]:
+    copy = SlidingWindow(window.limit, window.length, window.name)
+    copy.index, copy.current, copy.previous = window.index, window.current, window.previous
+    copy.roll(now)
+    return copy.name, copy.index, copy.current, copy.previous
 
 
 def _by_keys(store: LocalStore, own: list[Limit], up: Limit, cost: int, up_cost: int, headroom: float
@@ -186,3 +191,145 @@ def test_a_reload_moves_the_compiled_windows_caps_at_once(headroom: float) -> No
     higher = Limit("tenant:a", "tenant 'a'", "a", LimitSpec(requests_per_minute=40))
     asyncio.run(store.reconfigure({"tenant:a": higher}))
     assert isinstance(store.acquire_now((higher,), 0, headroom), Reservation)
+
+
+# --- counting without comparing while there is room (`Counters.take`'s first branch) ------------------
+
+_ROOMY = [  # limits a few requests in a row do not reach: the room path counts them, the caps still bind
+    LimitSpec(requests_per_minute=12, tokens_per_minute=900, concurrent=6),
+    LimitSpec(requests_per_minute=10, tokens_per_minute=700, concurrent=5, requests_per_second=4),
+    LimitSpec(requests_per_minute=14, tokens_per_hour=3000, concurrent=7),
+]
+_ACQUIRE = st.tuples(st.just("acquire"), st.integers(0, 3), st.one_of(st.just(0), st.integers(0, 160)),
+                    st.sampled_from([0.0, 0.0, 0.25]))
+_FINISH = st.tuples(st.just("finish"), st.integers(0, 9), st.one_of(st.integers(-1, 200), st.integers(300, 600)),
+                    st.integers(0, 1))
+_LANE_OPS = st.lists(
+    st.one_of(  # mostly acquires and finishes: the caps and windows are reached with room measured before
+        _ACQUIRE, _ACQUIRE, _ACQUIRE, _FINISH, _FINISH,
+        st.tuples(st.just("wait"), st.sampled_from([0.0, 0.5, 1.0, 7.0, 20.0, 29.9, 30.0, 59.5, 60.0, 61.0]),
+                  st.just(0), st.just(0.0)),
+        st.tuples(st.just("reload"), st.integers(1, 3), st.just(0), st.just(0.0)),
+    ),
+    max_size=80,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(_LANE_OPS)
+def test_counting_with_room_counts_as_the_keys_one_by_one(ops: list[tuple[str, Any, Any, Any]]) -> None:
+    """Three lanes (own limits with an upstream, and own limits alone) share keys, and a list of limits is
+    counted key by key beside them: a request counted in one lane uses room another lane measured, so each
+    lane's room must follow what the whole store counted.
+    Across window rolls (waits up to and past a minute), settlements that refund and charge, and reloads
+    that lower and raise the limits, every admission and every counter must match the key-by-key path."""
+    keys = [Limit(f"k{i}", f"scope {i}", "a", spec) for i, spec in enumerate(_ROOMY)]
+    up = Limit("upstream:u", "upstream 'u'", "", _UPSTREAM_ROOMY)
+    lanes: list[Any] = [(keys[0], keys[1]), (keys[0], keys[2]), (keys[1], keys[2], keys[0]), [keys[2], keys[0]]]
+    clock = _Clock()
+    compiled, by_keys = LocalStore(clock, window=60.0), LocalStore(clock, window=60.0)
+    held: list[tuple[list[Reservation], list[Reservation]]] = []
+    for op, a, b, c in ops:
+        if op == "wait":
+            clock.now += a
+        elif op == "reload":  # every key scaled: counts kept, the caps move at once
+            scaled = {limit.key: Limit(limit.key, limit.scope, limit.tenant, _scaled(limit.spec, a))
+                      for limit in (*keys, up)}
+            asyncio.run(compiled.reconfigure(scaled))
+            asyncio.run(by_keys.reconfigure(scaled))
+        elif op == "acquire":
+            ups = (up,) if a < 2 else ()
+            grant = acquire_now(compiled, Need(False, lanes[a], b, ups, b, c), OPEN)
+            reference = _by_keys(by_keys, list(lanes[a]), up, b, b, c) if ups else by_keys.acquire_now(
+                list(lanes[a]), b, c)
+            if isinstance(reference, Reservation):
+                reference = (reference,)
+            assert isinstance(grant, Grant) == isinstance(reference, tuple)
+            if isinstance(grant, Grant) and isinstance(reference, tuple):
+                taken = [r for r in (grant.reservation, grant.upstream) if r is not None]
+                held.append((taken, list(reference)))
+        elif held:
+            taken, reference = held.pop(a % len(held))
+            for mine, ref in zip(taken, reference, strict=True):
+                tokens = mine.tokens if b < 0 else b
+                compiled.finish_now(mine, c, tokens)
+                by_keys.settle_now(ref, c, tokens)
+                by_keys.release_now(ref)
+        assert _snapshot(compiled, clock.now) == _snapshot(by_keys, clock.now)
+
+
+_UPSTREAM_ROOMY = LimitSpec(requests_per_minute=11, tokens_per_minute=800, concurrent=6)
+
+
+def _scaled(spec: LimitSpec, factor: int) -> LimitSpec:
+    """`spec` with every number of the generated specs times `factor` (1: the same numbers)."""
+    numbers = {name: getattr(spec, name) for name in ("requests_per_minute", "tokens_per_minute", "concurrent",
+                                                      "requests_per_second", "tokens_per_hour")}
+    return LimitSpec(**{name: (value * factor if factor != 3 else max(1, value // 2))
+                        for name, value in numbers.items() if value is not None})
+
+
+def test_a_lane_with_room_counts_without_comparing() -> None:
+    """The room path is taken (else the property test above would only exercise the exact one): after one
+    exact take, a lane far from its limits has room measured, and the next request is counted by it."""
+    clock = _Clock()
+    store = LocalStore(clock, window=60.0)
+    limits = (Limit("tenant:a", "tenant 'a'", "a", LimitSpec(requests_per_minute=100, concurrent=50)),)
+    assert isinstance(store.acquire_now(limits, 0), Reservation)
+    counters = store._compiled[id(limits)]
+    assert counters.since == clock.now and counters.upto_requests == 1 + 49 - 1  # room 49 (the cap), one spare
+    assert isinstance(store.acquire_now(limits, 0), Reservation)
+    assert store._states["tenant:a"].requests[0].current == 2 and store._states["tenant:a"].in_use == 2
+
+
+@pytest.mark.parametrize("concurrent", [None, 50])
+def test_a_charge_at_settlement_uses_up_the_room_a_lane_measured(concurrent: int | None) -> None:
+    """A settlement that charges more tokens than were reserved counts them in the windows: a lane that
+    measured its room before must see it shrink (the store's `Spent`), or it admits past the limit. With a
+    cap the settlement and the release are one pass (`Counters.finish`), without one `Counters.adjust`."""
+    clock = _Clock()
+    store = LocalStore(clock, window=60.0)
+    spec = LimitSpec(requests_per_minute=100, tokens_per_minute=1000, concurrent=concurrent)
+    limits = (Limit("tenant:a", "tenant 'a'", "a", spec),)
+    first = store.acquire_now(limits, 100)  # exact: measures room for ~900 more tokens
+    assert isinstance(first, Reservation)
+    store.finish_now(first, 1, 850)  # 750 charged: 850 of 1,000 counted
+    assert isinstance(store.acquire_now(limits, 100), Reservation)  # 950
+    refused = store.acquire_now(limits, 100)
+    assert not isinstance(refused, Reservation) and refused.dimension == "tokens"
+    assert store._states["tenant:a"].tokens[0].current == 950
+
+
+def test_requests_counted_key_by_key_use_up_the_room_a_lane_measured() -> None:
+    """A list of limits (or a tuple naming a key twice) is counted key by key, beside the compiled lanes
+    of the same keys: what it counts must shrink their room too."""
+    clock = _Clock()
+    store = LocalStore(clock, window=60.0)
+    limit = Limit("tenant:a", "tenant 'a'", "a", LimitSpec(requests_per_minute=10))
+    lane = (limit,)  # one tuple, as a plan's: compiled once
+    assert isinstance(store.acquire_now(lane, 0), Reservation)  # exact: room for 9 more measured
+    for _ in range(8):
+        assert isinstance(store.acquire_now([limit], 0), Reservation)
+    assert isinstance(store.acquire_now(lane, 0), Reservation)  # the tenth
+    assert not isinstance(store.acquire_now(lane, 0), Reservation)
+    assert store._states["tenant:a"].requests[0].current == 10
+
+
+@pytest.mark.parametrize("settle", [True, False])
+def test_a_charge_settled_key_by_key_uses_up_the_room_a_lane_measured(settle: bool) -> None:
+    """The same for a charge settled key by key (`settle_now`, or `finish_now` of a reservation the
+    compiled counters did not count)."""
+    clock = _Clock()
+    store = LocalStore(clock, window=60.0)
+    limit = Limit("tenant:a", "tenant 'a'", "a", LimitSpec(requests_per_minute=100, tokens_per_minute=1000))
+    lane = (limit,)
+    assert isinstance(store.acquire_now(lane, 100), Reservation)  # exact: room for ~900 more tokens measured
+    other = store.acquire_now([limit], 100)
+    assert isinstance(other, Reservation)
+    if settle:
+        store.settle_now(other, 1, 800)  # 700 charged: 900 of 1,000 counted
+    else:
+        store.finish_now(other, 1, 800)
+    assert isinstance(store.acquire_now(lane, 100), Reservation)
+    assert not isinstance(store.acquire_now(lane, 100), Reservation)
+    assert store._states["tenant:a"].tokens[0].current == 1000

@@ -6,24 +6,51 @@ key states, and their windows flattened by dimension, so admitting a request is 
 precomputed objects (no key lookup, no per-key call, no allocation but the `Reservation`). A `Counters` is
 valid for one generation of the store: anything that changes which windows or caps a key has (a reload,
 a request of an older plan re-configuring a key) starts a new one and it is compiled again.
+
+Room: after an exact take (`take_all` and the caps, all of them compared) a `Counters` notes how much its
+tightest window and cap can still take (`room_all`, whole units, one kept spare) and until when none of its
+windows rolls (`steady_until`). Counts only grow when something is taken or charged, and every such
+request and token in the store is added to its `Spent`; rolls, refunds and releases only free room. So
+while the store has spent less since then than that room, every window and cap would pass `take_all`'s
+first (unweighted) test, and a request is counted without comparing each one (`take`'s first branch).
 """
 
 from __future__ import annotations
 
+import math
+
 from proxy.admission.limits import KeyState
-from proxy.admission.window import adjust_all, group, take_all, untake
+from proxy.admission.window import adjust_all, group, roll_all, room_all, steady_until, take_all, untake
 from proxy.policy.plan import Limit
 
 _EPS = 1e-9
+
+
+class Spent:
+    """What a store has counted so far, in all its keys: requests (each also a concurrency count where there
+    is a cap) and tokens, taken or charged. Only grows: a `Counters` measures its room against it."""
+
+    __slots__ = ("requests", "tokens")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.tokens = 0
+
+    def add(self, requests: int, tokens: int) -> None:
+        """Count what a path other than `Counters.take` took or charged."""
+        if requests > 0:
+            self.requests += requests
+        if tokens > 0:
+            self.tokens += tokens
 
 
 class Counters:
     """The key states of one tuple of limits (all distinct keys), with their windows by dimension."""
 
     __slots__ = ("source", "limits", "generation", "requests", "tokens", "capped", "pending", "concurrent",
-                 "merged")
+                 "merged", "spent", "flat", "since", "until", "upto_requests", "upto_tokens")
 
-    def __init__(self, source: object, states: tuple[KeyState, ...], generation: int) -> None:
+    def __init__(self, source: object, states: tuple[KeyState, ...], generation: int, spent: Spent) -> None:
         self.source = source
         """The tuple (or single limit) it was compiled for: held, so its id is not reused meanwhile."""
         self.limits: tuple[Limit, ...] = tuple(state.limit for state in states)
@@ -40,9 +67,61 @@ class Counters:
         self.merged = self.concurrent and self.capped == self.pending
         """Every key both reserves tokens and has a cap (a full policy's usual shape): `finish` gives back
         the pending tokens and the concurrency in one pass over the keys."""
+        self.spent = spent
+        self.flat = (tuple(window for _, windows in self.requests for window in windows),
+                     tuple(window for _, windows in self.tokens for window in windows))
+        """The request windows and the token windows, for counting without comparing."""
+        self.since = math.inf
+        self.until = -math.inf
+        self.upto_requests: float = -math.inf
+        self.upto_tokens: float = -math.inf
+        """While the clock reads from `since` to `until` and the store's `Spent` is below these, there is room
+        (none before the first exact take)."""
 
     def take(self, now: float, tokens: int, keep: float) -> bool:
         """`KeyState.admit` for every key at once: count the request in all of them, or in none."""
+        spent = self.spent
+        if spent.requests < self.upto_requests and spent.tokens + tokens < self.upto_tokens \
+                and self.since <= now <= self.until and keep == 1.0:
+            spent.requests += 1  # room in every window and cap: count it, nothing to compare
+            spent.tokens += tokens
+            requests, token_windows = self.flat
+            for window in requests:
+                window.current += 1
+            if tokens:
+                for window in token_windows:
+                    window.current += tokens
+                if self.merged:  # every key reserves tokens and has a cap: one pass
+                    for state in self.capped:
+                        state.in_use += 1
+                        state.pending += tokens
+                    return True
+                for state in self.pending:
+                    state.pending += tokens
+            for state in self.capped:
+                state.in_use += 1
+            return True
+        if not self.take_exactly(now, tokens, keep):
+            return False
+        spent.requests += 1
+        spent.tokens += tokens
+        if keep == 1.0:
+            self.measure(now)
+        return True
+
+    def measure(self, now: float) -> None:
+        """Note the room left after an exact take at `now` (see the module's docstring)."""
+        if self.tokens:
+            roll_all(self.tokens, now)  # a take of no tokens left them where they were
+        spent, rooms = self.spent, [room_all(self.requests)]
+        rooms.extend(state.concurrent + _EPS - state.in_use for state in self.capped)  # type: ignore[operator]
+        self.upto_requests = _upto(spent.requests, min(rooms))
+        self.upto_tokens = _upto(spent.tokens, room_all(self.tokens))
+        self.since = now
+        self.until = min(steady_until(self.requests, now), steady_until(self.tokens, now))
+
+    def take_exactly(self, now: float, tokens: int, keep: float) -> bool:
+        """`take`, comparing every window and cap (`take_all`)."""
         for state in self.capped:  # checked and counted in one pass: given back below if a window refuses
             in_use = state.in_use + 1
             if in_use > state.concurrent * keep + _EPS:  # type: ignore[operator]
@@ -79,6 +158,8 @@ class Counters:
                 adjust_all(self.tokens, now, at, tokens)
         if requests:
             adjust_all(self.requests, now, at, requests)
+        if requests > 0 or tokens > 0:
+            self.spent.add(requests, tokens)
 
     def finish(self, now: float, at: float, reserved: int, requests: int, tokens: int) -> None:
         """`adjust(now, at, reserved, requests, tokens)` then `release()`, for counters that are `merged`: the
@@ -90,8 +171,12 @@ class Counters:
                 state.in_use -= 1
         if tokens:
             adjust_all(self.tokens, now, at, tokens)
+            if tokens > 0:
+                self.spent.tokens += tokens
         if requests:
             adjust_all(self.requests, now, at, requests)
+            if requests > 0:
+                self.spent.requests += requests
 
     def release(self) -> None:
         """Give back the concurrency `take` counted."""
@@ -110,6 +195,12 @@ class Pair:
         self.own = own
         self.upstream = upstream
         self.both = both
+
+
+def _upto(mark: int, room: float) -> float:
+    """What the store's `Spent` may reach, from `mark`, while `room` whole units are left (one kept spare:
+    the margin makes any rounding of a fractional cap or count err towards the exact path)."""
+    return mark + math.floor(room) - 1 if room < math.inf else math.inf
 
 
 def distinct(states: list[KeyState]) -> bool:

@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from proxy.admission.counters import Counters, Pair, distinct
+from proxy.admission.counters import Counters, Pair, Spent, distinct
 from proxy.admission.limits import WINDOW, KeyState, Refusal, Usage, longer
 from proxy.admission.store import Reservation
 from proxy.policy.plan import Limit
@@ -24,7 +24,7 @@ _COMPILED = 4096
 
 
 class LocalStore:
-    __slots__ = ("_clock", "_length", "_states", "_current", "_compiled", "_pairs", "_generation")
+    __slots__ = ("_clock", "_length", "_states", "_current", "_compiled", "_pairs", "_generation", "_spent")
 
     def __init__(self, clock: Callable[[], float] = time.monotonic, window: float = WINDOW) -> None:
         """`window`: the length of a minute (tests shrink it; every unit scales with it)."""
@@ -41,6 +41,8 @@ class LocalStore:
         """`Pair`s by the ids of their own limits' tuple and their upstream limit."""
         self._generation = 0
         """Bumped whenever a key's windows, caps or numbers change: older `Counters` are compiled again."""
+        self._spent = Spent()
+        """Every request and token counted in any key, by any path: what compiled counters measure room by."""
 
     def _state(self, limit: Limit) -> KeyState:
         if self._current is not None:
@@ -57,24 +59,20 @@ class LocalStore:
         """The compiled counters of `source` (a stable tuple of a plan, or one limit), compiled now if
         they are missing or out of date."""
         counters = self._compiled.get(id(source))
-        if counters is not None and counters.source is source and counters.generation == self._generation:
-            return counters
+        if counters is not None and counters.generation == self._generation:
+            return counters  # (it holds `source`: no other object has that id meanwhile)
         limits = (source,) if isinstance(source, Limit) else source
         states = [self._state(limit) for limit in limits]
         if not distinct(states):
             return None
         if len(self._compiled) >= _COMPILED:
             self._compiled.clear()
-        counters = self._compiled[id(source)] = Counters(source, tuple(states), self._generation)
+        counters = self._compiled[id(source)] = Counters(source, tuple(states), self._generation, self._spent)
         return counters
 
     def _pair(self, limits: tuple[Limit, ...], upstream: Limit) -> Pair | None:
-        """The compiled `Pair` of `limits` and `upstream`, compiled now if missing or out of date; None when
+        """The `Pair` of `limits` and `upstream` compiled now (`acquire_pair_now` found none current); None when
         a key is named twice."""
-        pair = self._pairs.get((id(limits), id(upstream)))
-        if pair is not None and pair.both.generation == self._generation and pair.own.source is limits \
-                and pair.upstream.source is upstream:
-            return pair
         if upstream.key not in self._states:
             return None  # its counters appear once a request of its own is counted in them, not before
         own, alone = self._counters(limits), self._counters(upstream)
@@ -83,7 +81,8 @@ class LocalStore:
             return None  # (a key re-configured meanwhile: compiled again next time)
         if len(self._pairs) >= _COMPILED:
             self._pairs.clear()
-        both = Counters((limits, upstream), tuple(states), self._generation)
+        both = Counters((limits, upstream), tuple(states), self._generation,
+                        self._spent)
         pair = self._pairs[id(limits), id(upstream)] = Pair(own, alone, both)
         return pair
 
@@ -147,9 +146,11 @@ class LocalStore:
         pass, both or neither: the own and the upstream reservation (each settles on its own). None, with
         nothing counted, when one would refuse: taken one by one, they say which and why. `upstream` counts
         `tokens` too, or has no token windows (what it would count is 0 then)."""
-        pair = self._pair(limits, upstream)
-        if pair is None:
-            return None
+        pair = self._pairs.get((id(limits), id(upstream)))  # (it holds both: their ids are not reused meanwhile)
+        if pair is None or pair.both.generation != self._generation:
+            pair = self._pair(limits, upstream)
+            if pair is None:
+                return None
         now = self._clock()
         if not pair.both.take(now, tokens, 1.0 - headroom):
             return None
@@ -177,6 +178,7 @@ class LocalStore:
                 return self._refusal(limits, now, tokens, headroom)
             held.append(state)
             concurrent = concurrent or state.concurrent is not None
+        self._spent.add(1, tokens)
         # The limits as counted (after a reload they may be newer than the ones the call carries):
         # release() must give concurrency back exactly where take() counted it.
         counted = tuple(state.limit for state in held) if newer or not isinstance(limits, tuple) else limits
@@ -238,6 +240,8 @@ class LocalStore:
                      d_tokens: int) -> None:
         """`finish_now` key by key, by name: a reservation counted before a reload (or key by key)."""
         states = self._states
+        if settle:
+            self._spent.add(d_requests, d_tokens)
         for limit in reservation.limits:
             state = states.get(limit.key)
             if state is None:
@@ -276,6 +280,7 @@ class LocalStore:
             counters.adjust(now, reservation.at, reservation.tokens, d_requests, d_tokens)
             return
         states = self._states
+        self._spent.add(d_requests, d_tokens)
         for limit in reservation.limits:
             state = states.get(limit.key)
             if state is not None:

@@ -185,3 +185,32 @@ def adjust_all(groups: Groups, now: float, at: float, delta: float) -> None:
     for _, windows in groups:
         for window in windows:
             window.add(now, delta)
+
+
+def room_all(groups: Groups) -> float:
+    """The fewest units any window of `groups` can still count with no headroom (its cap minus the previous
+    and the current window's counts: `take_all`'s first, unweighted test); inf without windows."""
+    return min((window.cap - window.previous - window.current for _, windows in groups for window in windows),
+               default=math.inf)
+
+
+def steady_until(groups: Groups, now: float) -> float:
+    """The last instant at which every group's window index is still the one `now` falls in (no window of
+    `groups`, once rolled to `now`, rolls before or at it); inf without windows."""
+    until = math.inf
+    for length, _ in groups:
+        index = math.floor(now / length)
+        last = (index + 1) * length
+        while math.floor(last / length) > index:  # the float boundary may round into the next window
+            last = math.nextafter(last, -math.inf)
+        until = min(until, last)
+    return until
+
+
+def roll_all(groups: Groups, now: float) -> None:
+    """Roll every window of `groups` to `now` (what a `take_all` at `now` would do first)."""
+    for length, windows in groups:
+        index = math.floor(now / length)
+        for window in windows:
+            if index != window.index:
+                window.roll(now)
