@@ -333,3 +333,31 @@ def test_a_charge_settled_key_by_key_uses_up_the_room_a_lane_measured(settle: bo
     assert isinstance(store.acquire_now(lane, 100), Reservation)
     assert not isinstance(store.acquire_now(lane, 100), Reservation)
     assert store._states["tenant:a"].tokens[0].current == 1000
+
+
+def test_a_refund_after_another_lane_rolled_the_windows_goes_to_the_window_it_was_counted_in() -> None:
+    """A pair's own and upstream counters share the interval the pair measured (no window of theirs rolls in
+    it): a refund settled after that interval, once another lane has rolled the shared windows into the
+    next minute, goes to the previous window, as key by key."""
+    clock = _Clock()
+    clock.now = 1000.0  # the minute [960, 1020)
+    compiled, by_keys = LocalStore(clock, window=60.0), LocalStore(clock, window=60.0)
+    key = Limit("k0", "scope 0", "a", LimitSpec(requests_per_minute=100, tokens_per_minute=10_000, concurrent=10))
+    up = Limit("upstream:u", "upstream 'u'", "", LimitSpec(requests_per_minute=100, tokens_per_minute=10_000))
+    lane, other = (key,), (key,)  # two tuples of a plan naming the same key
+    held = []
+    for _ in range(3):  # the first counts the upstream's key, the second compiles the pair, the third has room
+        grant = acquire_now(compiled, Need(False, lane, 100, (up,), 100), OPEN)
+        reference = _by_keys(by_keys, [key], up, 100, 100, 0.0)
+        assert isinstance(grant, Grant) and reference is not None
+        held.append((grant, reference))
+    clock.now = 1030.0  # the next minute, inside the interval a mistaken `until` would stretch to
+    assert isinstance(compiled.acquire_now(other, 0), Reservation)  # rolls the key's windows
+    assert isinstance(by_keys.acquire_now([key], 0), Reservation)
+    for grant, reference in held:
+        for mine, ref in ((grant.reservation, reference[0]), (grant.upstream, reference[1])):
+            assert mine is not None
+            compiled.finish_now(mine, 1, 10)
+            by_keys.settle_now(ref, 1, 10)
+            by_keys.release_now(ref)
+    assert _snapshot(compiled, clock.now) == _snapshot(by_keys, clock.now)

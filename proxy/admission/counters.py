@@ -18,10 +18,24 @@ first (unweighted) test, and a request is counted without comparing each one (`t
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from proxy.admission.limits import KeyState
-from proxy.admission.window import adjust_all, group, roll_all, room_all, steady_until, take_all, untake
+from proxy.admission.window import (
+    adjust_all,
+    group,
+    refund_current,
+    roll_all,
+    room_all,
+    steady_until,
+    take_all,
+    untake,
+)
 from proxy.policy.plan import Limit
+
+if TYPE_CHECKING:
+    from proxy.admission.store import Reservation
 
 _EPS = 1e-9
 
@@ -48,7 +62,7 @@ class Counters:
     """The key states of one tuple of limits (all distinct keys), with their windows by dimension."""
 
     __slots__ = ("source", "limits", "generation", "requests", "tokens", "capped", "pending", "concurrent",
-                 "merged", "spent", "flat", "since", "until", "upto_requests", "upto_tokens")
+                 "merged", "spent", "flat", "since", "until", "upto_requests", "upto_tokens", "parts")
 
     def __init__(self, source: object, states: tuple[KeyState, ...], generation: int, spent: Spent) -> None:
         self.source = source
@@ -76,7 +90,11 @@ class Counters:
         self.upto_requests: float = -math.inf
         self.upto_tokens: float = -math.inf
         """While the clock reads from `since` to `until` and the store's `Spent` is below these, there is room
-        (none before the first exact take)."""
+        (none before the first exact take). From `since` to `until` no window rolls: a reservation counted
+        in between and settled in between gives back to the current windows (`finish`)."""
+        self.parts: tuple[Counters, ...] = ()
+        """Counters whose windows are among these (a `Pair`'s own and upstream ones): they share `since` and
+        `until` when these are measured."""
 
     def take(self, now: float, tokens: int, keep: float) -> bool:
         """`KeyState.admit` for every key at once: count the request in all of them, or in none."""
@@ -118,7 +136,9 @@ class Counters:
         self.upto_requests = _upto(spent.requests, min(rooms))
         self.upto_tokens = _upto(spent.tokens, room_all(self.tokens))
         self.since = now
-        self.until = min(steady_until(self.requests, now), steady_until(self.tokens, now))
+        self.until = until = min(steady_until(self.requests, now), steady_until(self.tokens, now))
+        for part in self.parts:  # their windows too were rolled to `now` (room: still their own)
+            part.since, part.until = now, until
 
     def take_exactly(self, now: float, tokens: int, keep: float) -> bool:
         """`take`, comparing every window and cap (`take_all`)."""
@@ -161,14 +181,37 @@ class Counters:
         if requests > 0 or tokens > 0:
             self.spent.add(requests, tokens)
 
-    def finish(self, now: float, at: float, reserved: int, requests: int, tokens: int) -> None:
-        """`adjust(now, at, reserved, requests, tokens)` then `release()`, for counters that are `merged`: the
-        pending tokens and the concurrency given back in one pass over the keys."""
+    def finish(self, reservation: Reservation, requests: int, tokens: int, clock: Callable[[], float]) -> None:
+        """`LocalStore.finish_now` of a reservation counted in these counters (still current) and neither
+        settled nor released: `adjust` with the differences (real minus reserved), then `release`. For
+        `merged` counters the pending tokens and the concurrency are given back in one pass over the keys;
+        the clock is read only when something changes in the windows."""
+        reservation.settled = True
+        reservation.released = concurrent = reservation.concurrent
+        reserved = reservation.tokens
+        requests -= reservation.requests
+        tokens -= reserved
+        if not (concurrent and self.merged):
+            if requests or tokens or reserved:
+                self.adjust(clock(), reservation.at, reserved, requests, tokens)
+            if concurrent:
+                self.release()
+            return
         for state in self.capped:
             left = state.pending - reserved
             state.pending = left if left > 0 else 0
             if state.in_use > 0:
                 state.in_use -= 1
+        if not tokens and not requests:
+            return
+        now, at = clock(), reservation.at  # one instant for both
+        if self.since <= at and now <= self.until and tokens <= 0 and requests <= 0:
+            requests_windows, token_windows = self.flat  # no window rolled since `at`: refunds to the current
+            if tokens:
+                refund_current(token_windows, tokens)
+            if requests:
+                refund_current(requests_windows, requests)
+            return
         if tokens:
             adjust_all(self.tokens, now, at, tokens)
             if tokens > 0:
@@ -195,6 +238,7 @@ class Pair:
         self.own = own
         self.upstream = upstream
         self.both = both
+        both.parts = (own, upstream)
 
 
 def _upto(mark: int, room: float) -> float:

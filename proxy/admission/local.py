@@ -201,18 +201,7 @@ class LocalStore:
                 and not reservation.released:
             # The usual case, neither settled nor released yet, into counters still current: what the
             # general path below decides for it, without its bookkeeping.
-            reservation.settled = True
-            reservation.released = concurrent = reservation.concurrent
-            reserved = reservation.tokens
-            d_requests, d_tokens = requests - reservation.requests, tokens - reserved
-            if concurrent and counters.merged:  # settle and release in one pass over the keys
-                counters.finish(self._clock() if d_requests or d_tokens else 0.0, reservation.at, reserved,
-                                d_requests, d_tokens)
-                return
-            if d_requests or d_tokens or reserved:
-                counters.adjust(self._clock(), reservation.at, reserved, d_requests, d_tokens)
-            if concurrent:
-                counters.release()
+            counters.finish(reservation, requests, tokens, self._clock)
             return
         self._finish_general(reservation, requests, tokens)
 

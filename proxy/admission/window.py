@@ -187,6 +187,14 @@ def adjust_all(groups: Groups, now: float, at: float, delta: float) -> None:
             window.add(now, delta)
 
 
+def refund_current(windows: tuple[SlidingWindow, ...], delta: float) -> None:
+    """`adjust_all`'s refund (`delta` < 0) where the caller knows that every window is still the one the
+    reservation's instant fell in (none rolled since): each current window gives it back, as `refund`."""
+    for window in windows:
+        left = window.current + delta
+        window.current = left if left > 0.0 else 0.0
+
+
 def room_all(groups: Groups) -> float:
     """The fewest units any window of `groups` can still count with no headroom (its cap minus the previous
     and the current window's counts: `take_all`'s first, unweighted test); inf without windows."""
