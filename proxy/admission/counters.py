@@ -174,12 +174,15 @@ class Counters:
             for state in self.pending:
                 left = state.pending - reserved
                 state.pending = left if left > 0 else 0
-            if tokens:
-                adjust_all(self.tokens, now, at, tokens)
+        self._windows(now, at, requests, tokens)
+
+    def _windows(self, now: float, at: float, requests: int, tokens: int) -> None:
+        """`adjust`'s differences in the windows (what is charged counts in the store's `Spent`)."""
+        if tokens:
+            adjust_all(self.tokens, now, at, tokens)
         if requests:
             adjust_all(self.requests, now, at, requests)
-        if requests > 0 or tokens > 0:
-            self.spent.add(requests, tokens)
+        self.spent.add(requests, tokens)
 
     def finish(self, reservation: Reservation, requests: int, tokens: int, clock: Callable[[], float]) -> None:
         """`LocalStore.finish_now` of a reservation counted in these counters (still current) and neither
@@ -212,14 +215,7 @@ class Counters:
             if requests:
                 refund_current(requests_windows, requests)
             return
-        if tokens:
-            adjust_all(self.tokens, now, at, tokens)
-            if tokens > 0:
-                self.spent.tokens += tokens
-        if requests:
-            adjust_all(self.requests, now, at, requests)
-            if requests > 0:
-                self.spent.requests += requests
+        self._windows(now, at, requests, tokens)
 
     def release(self) -> None:
         """Give back the concurrency `take` counted."""
