@@ -18,12 +18,15 @@ from proxy.call import Call, WaitingRoom
 from proxy.errors import InvalidRequest, ProxyError, RateLimited
 from proxy.flow.admit import NOTHING, Admission, describe_refusal, rejection
 from proxy.flow.board import Ticket
-from proxy.flow.enter import HIT, SLOT_ONLY, Entry  # enter.py knows this module only for type checking
+from proxy.flow.enter import Entry
+from proxy.flow.entry_plan import ENTER, HIT, NO_SLOT, SLOT_ONLY, EntryPlan  # it knows this module only for types
 from proxy.flow.gate import Gate
-from proxy.policy.plan import Plan, QueueSpec, TenantRule
+from proxy.policy.plan import Plan, QueueSpec, RouteRule, TenantRule
 from proxy.telemetry.metrics import Metrics
 
 PRIORITY_HEADER = "x-signalbox-priority"
+_MOST_PLANS = 4096
+"""Entry plans kept at once (`Scheduler.plans`)."""
 
 
 def priority_of(plan: Plan, tenant: TenantRule, asked: str | None) -> int:
@@ -41,7 +44,7 @@ def priority_of(plan: Plan, tenant: TenantRule, asked: str | None) -> int:
 class Scheduler:
     """Every gate by name; a reload re-configures a gate instead of resetting it."""
 
-    __slots__ = ("queues", "metrics", "clock", "reloads", "admission")
+    __slots__ = ("queues", "metrics", "clock", "reloads", "admission", "plans")
 
     def __init__(self, metrics: Metrics | None = None, clock: Callable[[], float] = time.monotonic,
                  admission: Admission | None = None) -> None:
@@ -49,6 +52,9 @@ class Scheduler:
         self.metrics = metrics
         self.clock = clock
         self.admission = admission if admission is not None else Admission(metrics=metrics)
+        self.plans: dict[tuple[int, str, int], EntryPlan] = {}
+        """Entry plans by (route index, tenant, kind of entry), compiled on first use; a reload's new route
+        and tenant objects tell a stale one, and each reload empties the lot."""
         self.reloads = False
         """Set once `reconfigure` was called: from then on only reloads change a queue's numbers, so a
         request still holding the previous plan cannot flip a queue back to old settings."""
@@ -91,6 +97,7 @@ class Scheduler:
     def reconfigure(self, plan: Plan) -> None:
         """After a reload: new numbers for known gates now (a bigger one grants its waiters at once)."""
         self.reloads = True
+        self.plans.clear()  # requests still under the previous plan compile theirs again
         for spec in plan.queues.values():
             if spec.name in self.queues:
                 self.queue(spec, plan.priorities)
@@ -102,32 +109,40 @@ class Scheduler:
         back on the way out. NOTHING when the route has no limit and no queue slot."""
         route, tenant = call.route, call.tenant
         assert route is not None and tenant is not None
-        limits = route.limit_sets.get(tenant.name) if route.limit_sets else None
-        spec = route.queue
-        has_slot = slot and spec is not None and spec.concurrency is not None
-        if limits is None and not has_slot and not route.upstream_limited:
+        plan = self.plans.get((route.index, tenant.name, ENTER if slot else NO_SLOT))
+        if plan is None or plan.route is not route or plan.tenant is not tenant:
+            plan = self.plan_for(route, tenant, ENTER if slot else NO_SLOT)
+        if plan.nothing:
             return NOTHING
-        return Entry(self, call, limits, priority_of(call.plan, tenant, asked), waiting, has_slot)
+        return Entry(call, plan, priority_of(call.plan, tenant, asked) if asked else plan.cls, waiting)
 
     def own_limits(self, call: Call, asked: str | None = None) -> AbstractAsyncContextManager[None]:
         """Only the call's own limits (tenant and route), counting one request and no tokens: a cache hit,
         which takes no slot and no upstream limit (proxy/cache/serve.py)."""
-        route, tenant = call.route, call.tenant
-        assert route is not None and tenant is not None
-        limits = route.limit_sets.get(tenant.name) if route.limit_sets else None
-        if limits is None:
-            return NOTHING
-        return Entry(self, call, limits, priority_of(call.plan, tenant, asked), None, False, HIT)
+        return self._entry(call, asked, HIT)
 
     def slot(self, call: Call, asked: str | None = None) -> AbstractAsyncContextManager[None]:
         """Only a slot of the route's queue, in order (an embeddings batch's flush: its callers' limits
         were taken one by one)."""
+        return self._entry(call, asked, SLOT_ONLY)
+
+    def _entry(self, call: Call, asked: str | None, kind: int) -> AbstractAsyncContextManager[None]:
         route, tenant = call.route, call.tenant
         assert route is not None and tenant is not None
-        spec = route.queue
-        if spec is None or spec.concurrency is None:
+        plan = self.plan_for(route, tenant, kind)
+        if plan.nothing:
             return NOTHING
-        return Entry(self, call, None, priority_of(call.plan, tenant, asked), None, True, SLOT_ONLY)
+        return Entry(call, plan, priority_of(call.plan, tenant, asked), None)
+
+    def plan_for(self, route: RouteRule, tenant: TenantRule, kind: int) -> EntryPlan:
+        """The entry plan of `route` for `tenant` (compiled now if it is not kept or is stale)."""
+        key = (route.index, tenant.name, kind)
+        plan = self.plans.get(key)
+        if plan is None or plan.route is not route or plan.tenant is not tenant:
+            if len(self.plans) >= _MOST_PLANS:
+                self.plans.clear()  # routes × tenants × kinds of a huge policy: bounded, compiled again
+            plan = self.plans[key] = EntryPlan(self, route, tenant, kind)
+        return plan
 
     def refusal_error(self, refusal: Refusal, ticket: Ticket | None, *, waited: bool,
                       call: Call | None = None) -> RateLimited:
