@@ -62,7 +62,10 @@ class Entry:
         spec = plan.spec
         assert spec is not None
         try:
-            gate = self.gate = plan.scheduler.gate(spec, call)
+            gate = plan.gate
+            if gate is None or gate.spec is not spec:  # first use, or a reload re-configured the queue since
+                gate = plan.gate = plan.scheduler.gate(spec, call)
+            self.gate = gate
             cls = self.cls
             headroom = plan.headroom if cls == plan.cls else plan.headroom_for(cls)
             need = Need(plan.slot, plan.own, cost, plan.upstreams, call.token_estimate, headroom)
@@ -119,7 +122,7 @@ class Entry:
             totals[0] += reservation.tokens
         upstream = taken.upstream
         if upstream is not None and taken.upstream_limit is not None:
-            self.call.prehold = (taken.upstream_limit.key, UpstreamHold(store, upstream, self.plan.scheduler.kick))
+            self.call.prehold = (taken.upstream_limit.key, UpstreamHold(store, upstream, self.plan.kick))
             taken.upstream = None  # the prehold finishes it
 
     async def _wait(self, gate: Gate, need: Need, first: Grant | Blocked | None) -> None:
@@ -227,7 +230,7 @@ class Entry:
             if grant is not None and grant.slot and self.gate is not None:
                 self.gate.release(grant, kick=not freed)
             if freed:
-                plan.scheduler.kick()  # own limits and upstream capacity are shared with other queues
+                plan.kick()  # own limits and upstream capacity are shared with other queues
 
 
 def _status(gate: Gate, ticket: Ticket) -> str:

@@ -8,10 +8,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from proxy.flow import shed
-from proxy.policy.plan import Limit, RouteRule, TenantRule
+from proxy.policy.plan import Limit, LimitSet, RouteRule, TenantRule
 
 if TYPE_CHECKING:
     from proxy.flow.admit import Admission
+    from proxy.flow.gate import Gate
     from proxy.flow.scheduler import Scheduler
 
 ENTER = 0
@@ -28,22 +29,33 @@ class EntryPlan:
     """One route's entry for one tenant, as `Entry` takes it; `route` and `tenant` tell a stale plan (a reload
     compiled new ones) from the current one."""
 
-    __slots__ = ("scheduler", "admission", "route", "tenant", "nothing", "at_once", "own", "slot", "spec",
-                 "upstreams", "queues", "estimates", "tokens", "default_max_tokens", "cls", "headroom", "totals")
+    __slots__ = ("scheduler", "admission", "kick", "gate", "route", "tenant", "nothing", "at_once", "own",
+                 "slot", "spec", "upstreams", "queues", "estimates", "tokens", "default_max_tokens", "cls",
+                 "headroom", "totals")
 
     def __init__(self, scheduler: Scheduler, route: RouteRule, tenant: TenantRule, kind: int) -> None:
         self.scheduler = scheduler
         self.admission: Admission = scheduler.admission
+        self.kick = scheduler.kick
         self.route = route
         self.tenant = tenant
+        self.gate: Gate | None = None
+        """The queue's gate, once looked up (`Entry` checks it still has this plan's `spec`)."""
         limits = route.limit_sets.get(tenant.name) if route.limit_sets and kind != SLOT_ONLY else None
         spec = self.spec = route.queue
         self.slot = kind in (ENTER, SLOT_ONLY) and spec is not None and spec.concurrency is not None
         self.nothing = limits is None and not self.slot and (kind in (HIT, SLOT_ONLY) or not route.upstream_limited)
         """The route asks nothing of this entry: `NOTHING` stands in for it."""
-        waits = route.on_limit == "queue" and spec is not None and kind != SLOT_ONLY
+        self._queue(route, limits, kind)
+        self._tokens(route, limits, kind)
+        self.cls = tenant.priority
+        """The tenant's default class, and its `headroom` in the queue."""
+        self.headroom = shed.headroom(spec, tenant.priority) if spec is not None else 0.0
+
+    def _queue(self, route: RouteRule, limits: LimitSet | None, kind: int) -> None:
+        waits = route.on_limit == "queue" and route.queue is not None and kind != SLOT_ONLY
         own: tuple[Limit, ...] = limits.limits if limits is not None else ()
-        self.at_once = own if not waits else ()
+        self.at_once = () if waits else own
         """Own limits taken at arrival or refused with a 429 (a route that rejects over its limits)."""
         self.own = own if waits else ()
         """Own limits taken in the queue's order."""
@@ -52,16 +64,15 @@ class EntryPlan:
         self.upstreams = route.upstream_choices if waits and route.batch is None and kind != HIT else ()
         self.queues = self.slot or bool(self.own) or bool(self.upstreams)
         """Something to take in the queue (else upstream limits, if any, are dispatch's, per attempt)."""
+
+    def _tokens(self, route: RouteRule, limits: LimitSet | None, kind: int) -> None:
         tokens = limits is not None and limits.tokens
         self.estimates = kind in (ENTER, NO_SLOT) and (tokens or route.upstream_tokens)
         """A token limit applies (own or upstream): estimate the call's tokens and ask for its usage."""
         self.tokens = self.estimates and tokens
         """The own limits count the estimate (else they count no tokens)."""
         self.default_max_tokens = route.default_max_tokens
-        self.cls = tenant.priority
-        """The tenant's default class, and its `headroom` in the queue."""
-        self.headroom = shed.headroom(spec, tenant.priority) if spec is not None else 0.0
-        self.totals = self.admission.totals_of(tenant.name) if limits is not None else None
+        self.totals = self.admission.totals_of(self.tenant.name) if limits is not None else None
         """The tenant's [reserved, settled, refunded] token totals (`Admission.tokens`)."""
 
     def headroom_for(self, cls: int) -> float:
