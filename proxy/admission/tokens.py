@@ -30,8 +30,9 @@ _NO_OUTPUT_PATHS = frozenset({"/v1/embeddings", "/v1/moderations", "/v1/messages
 
 
 def estimate(call: Call, default_max_tokens: int) -> int:
-    """Tokens to reserve: prompt estimate + the output the request may produce (`prompt_estimate`, written
-    out here: this runs for every request under a token limit)."""
+    """Tokens to reserve: prompt estimate (`prompt_estimate`, written out here: this runs for every request
+    under a token limit) + the most output the request allows: max_completion_tokens, max_tokens or
+    max_output_tokens (times `n` choices), else the default."""
     raw = call.raw_body
     body = call.body
     if body is None:
@@ -42,7 +43,19 @@ def estimate(call: Call, default_max_tokens: int) -> int:
         prompt = -(-len(raw) // BYTES_PER_TOKEN)
     if call.path in _NO_OUTPUT_PATHS:
         return prompt
-    return prompt + max_output(body, default_max_tokens)
+    # `x.__class__ is int`: a JSON integer, not a bool (parsed JSON holds no other int subclass). The three
+    # names written out, not looped over.
+    value = body.get("max_completion_tokens")
+    if value.__class__ is not int or value < 0:
+        value = body.get("max_tokens")
+        if value.__class__ is not int or value < 0:
+            value = body.get("max_output_tokens")
+            if value.__class__ is not int or value < 0:
+                value = default_max_tokens
+    choices = body.get("n")
+    if choices.__class__ is int and 1 < choices <= 128:
+        value *= choices
+    return prompt + value
 
 
 def prompt_estimate(raw: bytes, body: Mapping[str, Any] | None) -> int:
@@ -81,23 +94,6 @@ def _inline_size(part: Mapping[str, Any]) -> int:
         elif isinstance(value, dict):
             size += sum(len(v) for v in value.values() if isinstance(v, str))
     return size
-
-
-def max_output(body: Mapping[str, Any], default: int) -> int:
-    """max_completion_tokens, max_tokens or max_output_tokens (times `n` choices), else the default."""
-    # `x.__class__ is int`: a JSON integer, not a bool (parsed JSON holds no other int subclass). The three
-    # names written out, not looped over: this runs for every request under a token limit.
-    value = body.get("max_completion_tokens")
-    if value.__class__ is not int or value < 0:
-        value = body.get("max_tokens")
-        if value.__class__ is not int or value < 0:
-            value = body.get("max_output_tokens")
-            if value.__class__ is not int or value < 0:
-                value = default
-    choices = body.get("n")
-    if choices.__class__ is int and 1 < choices <= 128:
-        value *= choices
-    return value
 
 
 def used(usage: Mapping[str, Any] | None) -> int | None:

@@ -36,7 +36,7 @@ from proxy.policy.plan import Limit
 class Entry:
     """One request's way in and out; what its route, tenant and kind of entry ask is its `plan`."""
 
-    __slots__ = ("call", "plan", "cls", "waiting", "grant", "gate")
+    __slots__ = ("call", "plan", "cls", "waiting", "grant")
 
     def __init__(self, call: Call, plan: EntryPlan, cls: int, waiting: WaitingRoom | None) -> None:
         self.call = call
@@ -44,7 +44,6 @@ class Entry:
         self.cls = cls
         self.waiting = waiting
         self.grant: Grant | None = None
-        self.gate: Gate | None = None
 
     async def __aenter__(self) -> None:
         call, plan = self.call, self.plan
@@ -64,8 +63,7 @@ class Entry:
         try:
             gate = plan.gate
             if gate is None or gate.spec is not spec:  # first use, or a reload re-configured the queue since
-                gate = plan.gate = plan.scheduler.gate(spec, call)
-            self.gate = gate
+                gate = plan.gate = plan.scheduler.gate(spec, call)  # the same object every time (by name)
             cls = self.cls
             headroom = plan.headroom if cls == plan.cls else plan.headroom_for(cls)
             need = Need(plan.slot, plan.own, cost, plan.upstreams, call.token_estimate, headroom)
@@ -227,8 +225,8 @@ class Entry:
             if prehold is not None:  # dispatch never used it: the attempt went elsewhere, or never went
                 call.prehold = None
                 await prehold[1].finish(0, None, sent=False)
-            if grant is not None and grant.slot and self.gate is not None:
-                self.gate.release(grant, kick=not freed)
+            if grant is not None and grant.slot and plan.gate is not None:  # the gate that gave the slot
+                plan.gate.release(grant, kick=not freed)
             if freed:
                 plan.kick()  # own limits and upstream capacity are shared with other queues
 

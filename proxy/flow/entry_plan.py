@@ -26,8 +26,7 @@ NO_SLOT = 3
 
 
 class EntryPlan:
-    """One route's entry for one tenant, as `Entry` takes it; `route` and `tenant` tell a stale plan (a reload
-    compiled new ones) from the current one."""
+    """One route's entry for one tenant, as `Entry` takes it."""
 
     __slots__ = ("scheduler", "admission", "kick", "gate", "route", "tenant", "nothing", "at_once", "own",
                  "slot", "spec", "upstreams", "queues", "estimates", "tokens", "default_max_tokens", "cls",
@@ -40,7 +39,8 @@ class EntryPlan:
         self.route = route
         self.tenant = tenant
         self.gate: Gate | None = None
-        """The queue's gate, once looked up (`Entry` checks it still has this plan's `spec`)."""
+        """The queue's gate, once looked up (`Entry` checks it still has this plan's `spec`). Gates are kept
+        by queue name for good, so it is always the same object once set."""
         limits = route.limit_sets.get(tenant.name) if route.limit_sets and kind != SLOT_ONLY else None
         spec = self.spec = route.queue
         self.slot = kind in (ENTER, SLOT_ONLY) and spec is not None and spec.concurrency is not None

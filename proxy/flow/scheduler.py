@@ -52,9 +52,10 @@ class Scheduler:
         self.metrics = metrics
         self.clock = clock
         self.admission = admission if admission is not None else Admission(metrics=metrics)
-        self.plans: dict[tuple[int, str, int], EntryPlan] = {}
-        """Entry plans by (route index, tenant, kind of entry), compiled on first use; a reload's new route
-        and tenant objects tell a stale one, and each reload empties the lot."""
+        self.plans: dict[tuple[int, int, int], EntryPlan] = {}
+        """Entry plans by the identity of their route and tenant objects and the kind of entry, compiled on
+        first use (a plan holds its route and tenant, so their ids are not reused while it is kept); each
+        reload empties the lot."""
         self.reloads = False
         """Set once `reconfigure` was called: from then on only reloads change a queue's numbers, so a
         request still holding the previous plan cannot flip a queue back to old settings."""
@@ -109,8 +110,8 @@ class Scheduler:
         back on the way out. NOTHING when the route has no limit and no queue slot."""
         route, tenant = call.route, call.tenant
         assert route is not None and tenant is not None
-        plan = self.plans.get((route.index, tenant.name, ENTER if slot else NO_SLOT))
-        if plan is None or plan.route is not route or plan.tenant is not tenant:
+        plan = self.plans.get((id(route), id(tenant), ENTER if slot else NO_SLOT))
+        if plan is None:
             plan = self.plan_for(route, tenant, ENTER if slot else NO_SLOT)
         if plan.nothing:
             return NOTHING
@@ -136,9 +137,9 @@ class Scheduler:
 
     def plan_for(self, route: RouteRule, tenant: TenantRule, kind: int) -> EntryPlan:
         """The entry plan of `route` for `tenant` (compiled now if it is not kept or is stale)."""
-        key = (route.index, tenant.name, kind)
+        key = (id(route), id(tenant), kind)
         plan = self.plans.get(key)
-        if plan is None or plan.route is not route or plan.tenant is not tenant:
+        if plan is None:
             if len(self.plans) >= _MOST_PLANS:
                 self.plans.clear()  # routes × tenants × kinds of a huge policy: bounded, compiled again
             plan = self.plans[key] = EntryPlan(self, route, tenant, kind)
