@@ -27,6 +27,7 @@ from proxy.flow.admit import NOTHING, Admission
 from proxy.flow.scheduler import Scheduler
 from proxy.policy.plan import Limit, Plan, TenantRule
 from proxy.policy.rates import LimitSpec
+from proxy.tasks import spawn
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -195,3 +196,44 @@ async def test_a_request_under_either_policy_takes_its_own_policys_entry(make_pl
     with pytest.raises(RateLimited):
         await _served(scheduler, limited)
     assert scheduler.enter(_call(limited)) is not NOTHING
+
+
+_RESERVED = """
+priorities: [host, planner, nightly]
+upstreams:
+  llm: {provider: openai, base_url: "http://127.0.0.1:9/v1"}
+queues:
+  q: {concurrency: 10, max_waiting: 10, max_wait: 2s, reserve: {host: 50%}}
+tenants:
+  app: {keys: [ka], priority: nightly, max_priority: host}
+routes:
+  - name: chat
+    upstream: llm
+    on_limit: queue
+    queue: q
+    limits: {requests_per_minute: 4}
+"""
+
+
+async def test_a_class_asked_for_leaves_its_own_reserve_not_the_tenants_default(
+    make_plan: Callable[[str], Plan]
+) -> None:
+    """The plan keeps the headroom of every class: a request that asks for `host` may use the half of the limit
+    reserved for it, one of the tenant's default class (`nightly`) may not."""
+    plan = make_plan(_RESERVED)
+    scheduler = Scheduler(admission=Admission(LocalStore(clock=lambda: 1000.0)))
+    for asked in (None, "nightly"):  # half of 4 requests a minute: what the lower classes may use
+        call = _call(plan)
+        async with scheduler.enter(call, asked):
+            call.attempts.append(Attempt("llm", 200, 0.0))
+    gate = scheduler.queues["q"]
+    waiting = spawn(_served(scheduler, plan), name="nightly")  # a third of the default class waits
+    await asyncio.sleep(0)
+    assert gate.board.live == 1 and gate.admitted == 2
+    host = _call(plan)
+    async with scheduler.enter(host, "host"):  # admitted at once, from the reserve
+        assert gate.admitted == 3 and gate.board.live == 1
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert gate.board.live == 0 and gate.active == 0

@@ -64,9 +64,7 @@ class Entry:
             gate = plan.gate
             if gate is None or gate.spec is not spec:  # first use, or a reload re-configured the queue since
                 gate = plan.gate = plan.scheduler.gate(spec, call)  # the same object every time (by name)
-            cls = self.cls
-            headroom = plan.headroom if cls == plan.cls else plan.headroom_for(cls)
-            need = Need(plan.slot, plan.own, cost, plan.upstreams, call.token_estimate, headroom)
+            need = Need(plan.slot, plan.own, cost, plan.upstreams, call.token_estimate, plan.headroom[self.cls])
             # Nobody waiting and everything free: taken here and now, without suspending (in-memory store).
             if isinstance(store, LocalStore):
                 outcome = gate.try_now_local(need, store)
@@ -97,7 +95,7 @@ class Entry:
 
     async def _own_at_once(self, own: tuple[Limit, ...], cost: int, store: LimiterStore) -> None:
         """A route that rejects over its limits: take them now, or the 429."""
-        need = Need(False, own, cost, headroom=self.plan.headroom_for(self.cls))
+        need = Need(False, own, cost, headroom=self.plan.headroom[self.cls])
         local = store if isinstance(store, LocalStore) else None
         taken = acquire_now(local, need, OPEN) if local is not None else await acquire(store, need, {})
         if not isinstance(taken, Grant):

@@ -32,7 +32,7 @@ class EntryPlan:
                  "slot", "spec", "upstreams", "queues", "estimates", "tokens", "default_max_tokens", "cls",
                  "headroom", "totals")
 
-    def __init__(self, scheduler: Scheduler, route: RouteRule, tenant: TenantRule, kind: int) -> None:
+    def __init__(self, scheduler: Scheduler, route: RouteRule, tenant: TenantRule, kind: int, classes: int) -> None:
         self.scheduler = scheduler
         self.admission: Admission = scheduler.admission
         self.kick = scheduler.kick
@@ -49,8 +49,11 @@ class EntryPlan:
         self._queue(route, limits, kind)
         self._tokens(route, limits, kind)
         self.cls = tenant.priority
-        """The tenant's default class, and its `headroom` in the queue."""
-        self.headroom = shed.headroom(spec, tenant.priority) if spec is not None else 0.0
+        """The tenant's default class."""
+        # Every class `priority_of` can give: the policy's, the tenant's default and the highest it may ask.
+        classes = max(classes, tenant.priority + 1, tenant.max_priority + 1)
+        self.headroom = tuple(shed.headroom(spec, cls) if spec is not None else 0.0 for cls in range(classes))
+        """By class: the share of each limit a request of that class must leave free in the queue."""
 
     def _queue(self, route: RouteRule, limits: LimitSet | None, kind: int) -> None:
         waits = route.on_limit == "queue" and route.queue is not None and kind != SLOT_ONLY
@@ -74,9 +77,3 @@ class EntryPlan:
         self.default_max_tokens = route.default_max_tokens
         self.totals = self.admission.totals_of(self.tenant.name) if limits is not None else None
         """The tenant's [reserved, settled, refunded] token totals (`Admission.tokens`)."""
-
-    def headroom_for(self, cls: int) -> float:
-        """`shed.headroom` of the queue for a request of class `cls` (0 without a queue)."""
-        if cls == self.cls:
-            return self.headroom
-        return shed.headroom(self.spec, cls) if self.spec is not None else 0.0

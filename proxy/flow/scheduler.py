@@ -21,7 +21,7 @@ from proxy.flow.board import Ticket
 from proxy.flow.enter import Entry
 from proxy.flow.entry_plan import ENTER, HIT, NO_SLOT, SLOT_ONLY, EntryPlan  # it knows this module only for types
 from proxy.flow.gate import Gate
-from proxy.policy.plan import Plan, QueueSpec, RouteRule, TenantRule
+from proxy.policy.plan import Plan, QueueSpec, TenantRule
 from proxy.telemetry.metrics import Metrics
 
 PRIORITY_HEADER = "x-signalbox-priority"
@@ -108,14 +108,12 @@ class Scheduler:
               ) -> AbstractAsyncContextManager[None]:
         """Everything the call needs before dispatch (limits, a slot), taken in the queue's order; given
         back on the way out. NOTHING when the route has no limit and no queue slot."""
-        route, tenant = call.route, call.tenant
-        assert route is not None and tenant is not None
-        plan = self.plans.get((id(route), id(tenant), ENTER if slot else NO_SLOT))
+        plan = self.plans.get((id(call.route), id(call.tenant), ENTER if slot else NO_SLOT))
         if plan is None:
-            plan = self.plan_for(route, tenant, ENTER if slot else NO_SLOT)
+            plan = self.plan_for(call, ENTER if slot else NO_SLOT)
         if plan.nothing:
             return NOTHING
-        return Entry(call, plan, priority_of(call.plan, tenant, asked) if asked else plan.cls, waiting)
+        return Entry(call, plan, priority_of(call.plan, plan.tenant, asked) if asked else plan.cls, waiting)
 
     def own_limits(self, call: Call, asked: str | None = None) -> AbstractAsyncContextManager[None]:
         """Only the call's own limits (tenant and route), counting one request and no tokens: a cache hit,
@@ -128,21 +126,21 @@ class Scheduler:
         return self._entry(call, asked, SLOT_ONLY)
 
     def _entry(self, call: Call, asked: str | None, kind: int) -> AbstractAsyncContextManager[None]:
-        route, tenant = call.route, call.tenant
-        assert route is not None and tenant is not None
-        plan = self.plan_for(route, tenant, kind)
+        plan = self.plan_for(call, kind)
         if plan.nothing:
             return NOTHING
-        return Entry(call, plan, priority_of(call.plan, tenant, asked), None)
+        return Entry(call, plan, priority_of(call.plan, plan.tenant, asked), None)
 
-    def plan_for(self, route: RouteRule, tenant: TenantRule, kind: int) -> EntryPlan:
-        """The entry plan of `route` for `tenant` (compiled now if it is not kept or is stale)."""
+    def plan_for(self, call: Call, kind: int) -> EntryPlan:
+        """The entry plan of the call's route for its tenant (compiled now if it is not kept)."""
+        route, tenant = call.route, call.tenant
+        assert route is not None and tenant is not None
         key = (id(route), id(tenant), kind)
         plan = self.plans.get(key)
         if plan is None:
             if len(self.plans) >= _MOST_PLANS:
                 self.plans.clear()  # routes × tenants × kinds of a huge policy: bounded, compiled again
-            plan = self.plans[key] = EntryPlan(self, route, tenant, kind)
+            plan = self.plans[key] = EntryPlan(self, route, tenant, kind, len(call.plan.priorities))
         return plan
 
     def refusal_error(self, refusal: Refusal, ticket: Ticket | None, *, waited: bool,
