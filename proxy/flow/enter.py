@@ -198,35 +198,37 @@ class Entry:
 
     async def __aexit__(self, *exc: object) -> None:
         call, plan, grant = self.call, self.plan, self.grant
-        admission = plan.admission
-        store = admission.store
-        local = store if isinstance(store, LocalStore) else None
+        store = plan.admission.store
         freed = False
         hold = call.hold
         try:
             if hold is not None:  # the relayed attempt's upstream hold: its response is done with now
                 call.hold = None
-                if local is not None and isinstance(hold, UpstreamHold):
+                if isinstance(hold, UpstreamHold) and isinstance(store, LocalStore):
                     freed = hold.finish_now(call.status, call.usage, kick=False)  # kicked once below
                 else:
                     await hold.finish(call.status, call.usage)
-            reservation = grant.reservation if grant is not None else None
-            if reservation is not None:
-                assert grant is not None
-                grant.reservation = None
-                if local is not None:
-                    freed = admission.settle_now(call, reservation, local, plan.totals) or freed
+            if grant is not None and grant.reservation is not None:
+                reservation, grant.reservation = grant.reservation, None
+                if isinstance(store, LocalStore):
+                    freed = plan.admission.settle_now(call, reservation, store, plan.totals) or freed
                 else:
-                    freed = await admission.settle(call, reservation) or freed
+                    freed = await plan.admission.settle(call, reservation) or freed
         finally:
-            prehold = call.prehold
-            if prehold is not None:  # dispatch never used it: the attempt went elsewhere, or never went
-                call.prehold = None
-                await prehold[1].finish(0, None, sent=False)
+            if call.prehold is not None:
+                await self._unused_prehold()
             if grant is not None and grant.slot and plan.gate is not None:  # the gate that gave the slot
                 plan.gate.release(grant, kick=not freed)
             if freed:
                 plan.kick()  # own limits and upstream capacity are shared with other queues
+
+    async def _unused_prehold(self) -> None:
+        """Dispatch never used the upstream capacity the queue secured: the attempt went elsewhere, or never
+        went. It is given back."""
+        prehold = self.call.prehold
+        if prehold is not None:
+            self.call.prehold = None
+            await prehold[1].finish(0, None, sent=False)
 
 
 def _status(gate: Gate, ticket: Ticket) -> str:
