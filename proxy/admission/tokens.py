@@ -30,12 +30,32 @@ _NO_OUTPUT_PATHS = frozenset({"/v1/embeddings", "/v1/moderations", "/v1/messages
 
 
 def estimate(call: Call, default_max_tokens: int) -> int:
-    """Tokens to reserve: prompt estimate + the output the request may produce."""
+    """Tokens to reserve: prompt estimate (`prompt_estimate`, written out here: this runs for every request
+    under a token limit) + the most output the request allows: max_completion_tokens, max_tokens or
+    max_output_tokens (times `n` choices), else the default."""
+    raw = call.raw_body
     body = call.body
-    prompt = prompt_estimate(call.raw_body, body)
-    if body is None or call.path in _NO_OUTPUT_PATHS:
+    if body is None:
+        return -(-len(raw) // BYTES_PER_TOKEN)
+    if b'"type"' in raw or b"\\u" in raw:  # maybe a media part: walk (see `prompt_estimate`)
+        prompt = walked_estimate(raw, body)
+    else:
+        prompt = -(-len(raw) // BYTES_PER_TOKEN)
+    if call.path in _NO_OUTPUT_PATHS:
         return prompt
-    return prompt + max_output(body, default_max_tokens)
+    # `x.__class__ is int`: a JSON integer, not a bool (parsed JSON holds no other int subclass). The three
+    # names written out, not looped over.
+    value = body.get("max_completion_tokens")
+    if value.__class__ is not int or value < 0:
+        value = body.get("max_tokens")
+        if value.__class__ is not int or value < 0:
+            value = body.get("max_output_tokens")
+            if value.__class__ is not int or value < 0:
+                value = default_max_tokens
+    choices = body.get("n")
+    if choices.__class__ is int and 1 < choices <= 128:
+        value *= choices
+    return prompt + value
 
 
 def prompt_estimate(raw: bytes, body: Mapping[str, Any] | None) -> int:
@@ -43,7 +63,7 @@ def prompt_estimate(raw: bytes, body: Mapping[str, Any] | None) -> int:
     if body is None or (b'"type"' not in raw and b"\\u" not in raw):
         # No object in the body has a `type` key (written plainly or with \u escapes), so no media part:
         # the walk below would find nothing (most text-only requests skip it).
-        return math.ceil(len(raw) / BYTES_PER_TOKEN)
+        return -(-len(raw) // BYTES_PER_TOKEN)
     return walked_estimate(raw, body)
 
 
@@ -74,23 +94,6 @@ def _inline_size(part: Mapping[str, Any]) -> int:
         elif isinstance(value, dict):
             size += sum(len(v) for v in value.values() if isinstance(v, str))
     return size
-
-
-def max_output(body: Mapping[str, Any], default: int) -> int:
-    """max_completion_tokens, max_tokens or max_output_tokens (times `n` choices), else the default."""
-    # `type(x) is int`: a JSON integer, not a bool (parsed JSON holds no other int subclass). The three
-    # names written out, not looped over: this runs for every request under a token limit.
-    value = body.get("max_completion_tokens")
-    if type(value) is not int or value < 0:
-        value = body.get("max_tokens")
-        if type(value) is not int or value < 0:
-            value = body.get("max_output_tokens")
-            if type(value) is not int or value < 0:
-                value = default
-    choices = body.get("n")
-    if type(choices) is int and 1 < choices <= 128:
-        value *= choices
-    return int(value)
 
 
 def used(usage: Mapping[str, Any] | None) -> int | None:

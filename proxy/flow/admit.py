@@ -15,7 +15,7 @@ from proxy.admission.local import LocalStore
 from proxy.admission.store import LimiterStore, Reservation
 from proxy.call import Call
 from proxy.errors import ProxyError, RateLimited
-from proxy.policy.plan import Limit, LimitSet, Plan
+from proxy.policy.plan import Limit, Plan
 from proxy.telemetry.metrics import Metrics
 
 _TOKEN_KINDS = ("reserved", "settled", "refunded")
@@ -82,13 +82,18 @@ class Admission:
         if self.metrics is not None:
             self.metrics.limiter_remaining.clear()  # keys that left the plan; the next scrape refills
 
+    def totals_of(self, tenant: str) -> list[int]:
+        """The tenant's [reserved, settled, refunded] token totals: one list for good (plans hold it)."""
+        totals = self.tokens.get(tenant)
+        if totals is None:
+            totals = self.tokens[tenant] = [0, 0, 0]
+        return totals
+
     def count_tokens(self, call: Call, reserved: int, settled: int, refunded: int) -> None:
         tenant = call.tenant
         if tenant is None:
             return
-        totals = self.tokens.get(tenant.name)
-        if totals is None:
-            totals = self.tokens[tenant.name] = [0, 0, 0]
+        totals = self.totals_of(tenant.name)
         if reserved:  # a call reserves, then settles: each time, some of the three are 0
             totals[0] += reserved
         if settled:
@@ -110,11 +115,23 @@ class Admission:
         await store.finish(reservation, requests=requests, tokens=spent)
         return self._settled(call, reservation, requests, spent)
 
-    def settle_now(self, call: Call, reservation: Reservation, store: LocalStore) -> bool:
-        """`settle` into the in-memory store (which never suspends): no coroutine."""
-        requests, spent = _spent(call, reservation)
+    def settle_now(self, call: Call, reservation: Reservation, store: LocalStore, totals: list[int] | None = None
+                   ) -> bool:
+        """`settle` into the in-memory store (which never suspends): no coroutine. `totals`: the call's
+        tenant's (`totals_of`), when the caller holds them. `_spent` and `_settled` written out: every
+        admitted request under a limit passes here (a test holds it to `settle` over another store)."""
+        reserved = reservation.tokens
+        requests = 1 if call.attempts or call.cache == "hit" else 0
+        spent = tok.settle_amount(call, reserved) if reserved else 0
         store.finish_now(reservation, requests, spent)
-        return self._settled(call, reservation, requests, spent)
+        if reserved:
+            if totals is None:
+                self.count_tokens(call, 0, spent, max(0, reserved - spent))
+            else:
+                totals[1] += spent
+                if spent < reserved:
+                    totals[2] += reserved - spent
+        return reservation.concurrent or spent < reserved or requests < reservation.requests
 
     def _settled(self, call: Call, reservation: Reservation, requests: int, spent: int) -> bool:
         if reservation.tokens:
@@ -127,18 +144,6 @@ def _spent(call: Call, reservation: Reservation) -> tuple[int, int]:
     is given back), and the tokens it really used."""
     requests = 1 if call.attempts or call.cache == "hit" else 0
     return requests, tok.settle_amount(call, reservation.tokens) if reservation.tokens else 0
-
-
-def estimate_tokens(call: Call, limit_set: LimitSet | None) -> int:
-    """Reserve a token estimate when a token limit applies (own or upstream); the own limits' cost."""
-    route = call.route
-    assert route is not None
-    if (limit_set is not None and limit_set.tokens) or route.upstream_tokens:
-        estimate = call.token_estimate = tok.estimate(call, route.default_max_tokens)
-        call.want_usage = True  # each attempt decides whether to ask a stream for it (outgoing.send)
-        if limit_set is not None and limit_set.tokens:
-            return estimate
-    return 0
 
 
 def rejection(admission: Admission, refusal: Refusal, call: Call | None, waited: bool, request_id: str = ""

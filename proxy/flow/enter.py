@@ -17,70 +17,59 @@ from __future__ import annotations
 
 import asyncio
 import math
-from typing import TYPE_CHECKING
 
+from proxy.admission import tokens as tok
 from proxy.admission.local import LocalStore
 from proxy.admission.store import LimiterStore
 from proxy.call import Call, WaitingRoom
 from proxy.errors import QueueFull, QueueShed
 from proxy.flow import shed
-from proxy.flow.admit import estimate_tokens, rejection
+from proxy.flow.admit import rejection
 from proxy.flow.board import GRANTED, Ticket
+from proxy.flow.entry_plan import EntryPlan
 from proxy.flow.gate import Gate
 from proxy.flow.take import OPEN, Blocked, Grant, Need, acquire, acquire_now, give_back
 from proxy.flow.upstream import UpstreamHold
-from proxy.policy.plan import Limit, LimitSet
-
-if TYPE_CHECKING:
-    from proxy.flow.scheduler import Scheduler
-
-
-SLOT_ONLY = 1
-"""`Entry.mode`: a batch's slot (its callers took their limits and tokens one by one)."""
-HIT = 2
-"""`Entry.mode`: a cache hit (own limits only, one request, no tokens, no slot, no upstream)."""
+from proxy.policy.plan import Limit
 
 
 class Entry:
-    __slots__ = ("scheduler", "call", "limits", "cls", "waiting", "has_slot", "mode", "grant", "gate")
+    """One request's way in and out; what its route, tenant and kind of entry ask is its `plan`."""
 
-    def __init__(self, scheduler: Scheduler, call: Call, limits: LimitSet | None, cls: int,
-                 waiting: WaitingRoom | None, has_slot: bool, mode: int = 0) -> None:
-        self.scheduler = scheduler
+    __slots__ = ("call", "plan", "cls", "waiting", "grant")
+
+    def __init__(self, call: Call, plan: EntryPlan, cls: int, waiting: WaitingRoom | None) -> None:
         self.call = call
-        self.limits = limits
+        self.plan = plan
         self.cls = cls
         self.waiting = waiting
-        self.has_slot = has_slot
-        self.mode = mode
-        """0, SLOT_ONLY or HIT; either of the last two reserves no tokens."""
         self.grant: Grant | None = None
-        self.gate: Gate | None = None
 
     async def __aenter__(self) -> None:
-        call, scheduler, mode = self.call, self.scheduler, self.mode
-        route = call.route
-        assert route is not None
-        cost = 0 if mode else estimate_tokens(call, self.limits)
-        own = self.limits.limits if self.limits is not None else ()
-        spec = route.queue
-        waits = route.on_limit == "queue" and spec is not None and mode != SLOT_ONLY
-        store = scheduler.admission.store
-        local = store if isinstance(store, LocalStore) else None
-        if own and not waits:  # over a limit the route answers 429 at once
-            await self._own_at_once(own, cost, store)
-            own = ()
-        # A queued call waits for one of its upstreams' limits too (not a batch's callers, not a cache hit:
-        # neither goes upstream on its own).
-        upstreams = route.upstream_choices if waits and route.batch is None and mode != HIT else ()
-        if not self.has_slot and not own and not upstreams:
+        call, plan = self.call, self.plan
+        cost = 0
+        if plan.estimates:  # a token limit applies (own or upstream)
+            cost = call.token_estimate = tok.estimate(call, plan.default_max_tokens)
+            call.want_usage = True  # each attempt decides whether to ask a stream for it (outgoing.send)
+            if not plan.tokens:
+                cost = 0  # only an upstream limit counts them
+        store = plan.admission.store
+        if plan.at_once:  # over a limit the route answers 429 at once
+            await self._own_at_once(plan.at_once, cost, store)
+        if not plan.queues:
             return  # nothing to wait for in a queue (upstream limits: dispatch takes them per attempt)
+        spec = plan.spec
         assert spec is not None
         try:
-            gate = self.gate = scheduler.gate(spec, call)
-            need = Need(self.has_slot, own, cost, upstreams, call.token_estimate, shed.headroom(spec, self.cls))
+            gate = plan.gate
+            if gate is None or gate.spec is not spec:  # first use, or a reload re-configured the queue since
+                gate = plan.gate = plan.scheduler.gate(spec, call)  # the same object every time (by name)
+            need = Need(plan.slot, plan.own, cost, plan.upstreams, call.token_estimate, plan.headroom[self.cls])
             # Nobody waiting and everything free: taken here and now, without suspending (in-memory store).
-            outcome = gate.try_now_local(need, local) if local is not None else await gate.try_now(need)
+            if isinstance(store, LocalStore):
+                outcome = gate.try_now_local(need, store)
+            else:
+                outcome = await gate.try_now(need)
             if isinstance(outcome, Grant):  # granted at arrival
                 self._adopt(outcome, store)
                 gate.admit(None)
@@ -95,23 +84,22 @@ class Entry:
         grant = self.grant
         if grant is not None and grant.reservation is not None:
             reservation, grant.reservation = grant.reservation, None
-            if await self.scheduler.admission.settle(self.call, reservation):
-                self.scheduler.kick()
+            if await self.plan.admission.settle(self.call, reservation):
+                self.plan.scheduler.kick()
 
     def _admitted(self, outcome: Blocked | None) -> bool:
         """Not granted at arrival: it may wait (True); a request bigger than a limit is refused."""
         if isinstance(outcome, Blocked) and outcome.refusal.retry_after is None:  # bigger than the limit
-            raise rejection(self.scheduler.admission, outcome.refusal, self.call, False)
+            raise rejection(self.plan.admission, outcome.refusal, self.call, False)
         return True
 
     async def _own_at_once(self, own: tuple[Limit, ...], cost: int, store: LimiterStore) -> None:
         """A route that rejects over its limits: take them now, or the 429."""
-        spec = self.call.route.queue if self.call.route is not None else None
-        need = Need(False, own, cost, headroom=shed.headroom(spec, self.cls) if spec is not None else 0.0)
+        need = Need(False, own, cost, headroom=self.plan.headroom[self.cls])
         local = store if isinstance(store, LocalStore) else None
         taken = acquire_now(local, need, OPEN) if local is not None else await acquire(store, need, {})
         if not isinstance(taken, Grant):
-            raise rejection(self.scheduler.admission, taken.refusal, self.call, False)
+            raise rejection(self.plan.admission, taken.refusal, self.call, False)
         self._adopt(taken, store)
 
     def _adopt(self, taken: Grant, store: LimiterStore) -> None:
@@ -125,10 +113,12 @@ class Entry:
             if reservation is not None:
                 grant.reservation = reservation
         if reservation is not None and reservation.tokens:
-            self.scheduler.admission.count_tokens(self.call, reservation.tokens, 0, 0)
+            totals = self.plan.totals
+            assert totals is not None  # tokens reserved in own limits, whose tenant's totals the plan holds
+            totals[0] += reservation.tokens
         upstream = taken.upstream
         if upstream is not None and taken.upstream_limit is not None:
-            self.call.prehold = (taken.upstream_limit.key, UpstreamHold(store, upstream, self.scheduler.kick))
+            self.call.prehold = (taken.upstream_limit.key, UpstreamHold(store, upstream, self.plan.kick))
             taken.upstream = None  # the prehold finishes it
 
     async def _wait(self, gate: Gate, need: Need, first: Grant | Blocked | None) -> None:
@@ -166,7 +156,7 @@ class Entry:
         finally:
             if begun and self.waiting is not None:
                 self.waiting.end()
-        self._adopt(taken, self.scheduler.admission.store)
+        self._adopt(taken, self.plan.admission.store)
         call.queue_wait = taken.waited
         gate.admit(taken.waited)
         call.mark("slot")
@@ -199,44 +189,46 @@ class Entry:
                 and future.exception() is None:
             taken: Grant = future.result()  # granted just as the client left: pass everything on
             gate.release(taken)
-            await give_back(self.scheduler.admission.store, taken)
-            self.scheduler.kick()
+            await give_back(self.plan.admission.store, taken)
+            self.plan.scheduler.kick()
             return
         if gate.board.remove(ticket):
             gate.left += 1  # the client left: a cancellation, counted by its outcome, not as a rejection
         gate.waited(gate.clock() - ticket.enqueued)
 
     async def __aexit__(self, *exc: object) -> None:
-        call, scheduler = self.call, self.scheduler
-        grant = self.grant
-        store = scheduler.admission.store
-        local = store if isinstance(store, LocalStore) else None
+        call, plan, grant = self.call, self.plan, self.grant
+        store = plan.admission.store
         freed = False
         hold = call.hold
         try:
             if hold is not None:  # the relayed attempt's upstream hold: its response is done with now
                 call.hold = None
-                if local is not None and isinstance(hold, UpstreamHold):
+                if isinstance(hold, UpstreamHold) and isinstance(store, LocalStore):
                     freed = hold.finish_now(call.status, call.usage, kick=False)  # kicked once below
                 else:
                     await hold.finish(call.status, call.usage)
-            reservation = grant.reservation if grant is not None else None
-            if reservation is not None:
-                assert grant is not None
-                grant.reservation = None
-                if local is not None:
-                    freed = scheduler.admission.settle_now(call, reservation, local) or freed
+            if grant is not None and grant.reservation is not None:
+                reservation, grant.reservation = grant.reservation, None
+                if isinstance(store, LocalStore):
+                    freed = plan.admission.settle_now(call, reservation, store, plan.totals) or freed
                 else:
-                    freed = await scheduler.admission.settle(call, reservation) or freed
+                    freed = await plan.admission.settle(call, reservation) or freed
         finally:
-            prehold = call.prehold
-            if prehold is not None:  # dispatch never used it: the attempt went elsewhere, or never went
-                call.prehold = None
-                await prehold[1].finish(0, None, sent=False)
-            if grant is not None and grant.slot and self.gate is not None:
-                self.gate.release(grant, kick=not freed)
+            if call.prehold is not None:
+                await self._unused_prehold()
+            if grant is not None and grant.slot and plan.gate is not None:  # the gate that gave the slot
+                plan.gate.release(grant, kick=not freed)
             if freed:
-                scheduler.kick()  # own limits and upstream capacity are shared with other queues
+                plan.kick()  # own limits and upstream capacity are shared with other queues
+
+    async def _unused_prehold(self) -> None:
+        """Dispatch never used the upstream capacity the queue secured: the attempt went elsewhere, or never
+        went. It is given back."""
+        prehold = self.call.prehold
+        if prehold is not None:
+            self.call.prehold = None
+            await prehold[1].finish(0, None, sent=False)
 
 
 def _status(gate: Gate, ticket: Ticket) -> str:

@@ -18,12 +18,15 @@ from proxy.call import Call, WaitingRoom
 from proxy.errors import InvalidRequest, ProxyError, RateLimited
 from proxy.flow.admit import NOTHING, Admission, describe_refusal, rejection
 from proxy.flow.board import Ticket
-from proxy.flow.enter import HIT, SLOT_ONLY, Entry  # enter.py knows this module only for type checking
+from proxy.flow.enter import Entry
+from proxy.flow.entry_plan import ENTER, HIT, NO_SLOT, SLOT_ONLY, EntryPlan  # it knows this module only for types
 from proxy.flow.gate import Gate
 from proxy.policy.plan import Plan, QueueSpec, TenantRule
 from proxy.telemetry.metrics import Metrics
 
 PRIORITY_HEADER = "x-signalbox-priority"
+_MOST_PLANS = 4096
+"""Entry plans kept at once (`Scheduler.plans`)."""
 
 
 def priority_of(plan: Plan, tenant: TenantRule, asked: str | None) -> int:
@@ -41,7 +44,7 @@ def priority_of(plan: Plan, tenant: TenantRule, asked: str | None) -> int:
 class Scheduler:
     """Every gate by name; a reload re-configures a gate instead of resetting it."""
 
-    __slots__ = ("queues", "metrics", "clock", "reloads", "admission")
+    __slots__ = ("queues", "metrics", "clock", "reloads", "admission", "plans")
 
     def __init__(self, metrics: Metrics | None = None, clock: Callable[[], float] = time.monotonic,
                  admission: Admission | None = None) -> None:
@@ -49,6 +52,10 @@ class Scheduler:
         self.metrics = metrics
         self.clock = clock
         self.admission = admission if admission is not None else Admission(metrics=metrics)
+        self.plans: dict[tuple[int, int, int], EntryPlan] = {}
+        """Entry plans by the identity of their route and tenant objects and the kind of entry, compiled on
+        first use (a plan holds its route and tenant, so their ids are not reused while it is kept); each
+        reload empties the lot."""
         self.reloads = False
         """Set once `reconfigure` was called: from then on only reloads change a queue's numbers, so a
         request still holding the previous plan cannot flip a queue back to old settings."""
@@ -91,6 +98,7 @@ class Scheduler:
     def reconfigure(self, plan: Plan) -> None:
         """After a reload: new numbers for known gates now (a bigger one grants its waiters at once)."""
         self.reloads = True
+        self.plans.clear()  # requests still under the previous plan compile theirs again
         for spec in plan.queues.values():
             if spec.name in self.queues:
                 self.queue(spec, plan.priorities)
@@ -100,34 +108,40 @@ class Scheduler:
               ) -> AbstractAsyncContextManager[None]:
         """Everything the call needs before dispatch (limits, a slot), taken in the queue's order; given
         back on the way out. NOTHING when the route has no limit and no queue slot."""
-        route, tenant = call.route, call.tenant
-        assert route is not None and tenant is not None
-        limits = route.limit_sets.get(tenant.name) if route.limit_sets else None
-        spec = route.queue
-        has_slot = slot and spec is not None and spec.concurrency is not None
-        if limits is None and not has_slot and not route.upstream_limited:
+        plan = self.plans.get((id(call.route), id(call.tenant), ENTER if slot else NO_SLOT))
+        if plan is None:
+            plan = self.plan_for(call, ENTER if slot else NO_SLOT)
+        if plan.nothing:
             return NOTHING
-        return Entry(self, call, limits, priority_of(call.plan, tenant, asked), waiting, has_slot)
+        return Entry(call, plan, priority_of(call.plan, plan.tenant, asked) if asked else plan.cls, waiting)
 
     def own_limits(self, call: Call, asked: str | None = None) -> AbstractAsyncContextManager[None]:
         """Only the call's own limits (tenant and route), counting one request and no tokens: a cache hit,
         which takes no slot and no upstream limit (proxy/cache/serve.py)."""
-        route, tenant = call.route, call.tenant
-        assert route is not None and tenant is not None
-        limits = route.limit_sets.get(tenant.name) if route.limit_sets else None
-        if limits is None:
-            return NOTHING
-        return Entry(self, call, limits, priority_of(call.plan, tenant, asked), None, False, HIT)
+        return self._entry(call, asked, HIT)
 
     def slot(self, call: Call, asked: str | None = None) -> AbstractAsyncContextManager[None]:
         """Only a slot of the route's queue, in order (an embeddings batch's flush: its callers' limits
         were taken one by one)."""
+        return self._entry(call, asked, SLOT_ONLY)
+
+    def _entry(self, call: Call, asked: str | None, kind: int) -> AbstractAsyncContextManager[None]:
+        plan = self.plan_for(call, kind)
+        if plan.nothing:
+            return NOTHING
+        return Entry(call, plan, priority_of(call.plan, plan.tenant, asked), None)
+
+    def plan_for(self, call: Call, kind: int) -> EntryPlan:
+        """The entry plan of the call's route for its tenant (compiled now if it is not kept)."""
         route, tenant = call.route, call.tenant
         assert route is not None and tenant is not None
-        spec = route.queue
-        if spec is None or spec.concurrency is None:
-            return NOTHING
-        return Entry(self, call, None, priority_of(call.plan, tenant, asked), None, True, SLOT_ONLY)
+        key = (id(route), id(tenant), kind)
+        plan = self.plans.get(key)
+        if plan is None:
+            if len(self.plans) >= _MOST_PLANS:
+                self.plans.clear()  # routes × tenants × kinds of a huge policy: bounded, compiled again
+            plan = self.plans[key] = EntryPlan(self, route, tenant, kind, len(call.plan.priorities))
+        return plan
 
     def refusal_error(self, refusal: Refusal, ticket: Ticket | None, *, waited: bool,
                       call: Call | None = None) -> RateLimited:

@@ -151,16 +151,18 @@ async def admitted(request: web.Request, call: Call, state: Runtime) -> web.Stre
     """Limits and a queue slot, then dispatch and the relay (or the batcher for embeddings)."""
     route = call.route
     assert route is not None
-    asked = request.headers.get(PRIORITY_HEADER)
     if route.batch is not None or (route.split is not None and split.wanted(call)):
         # embeddings: limits taken one by one, one queue slot per batch (or per oversized call's parts)
-        async with state.scheduler.enter(call, asked, slot=False):
+        async with state.scheduler.enter(call, request.headers.get(PRIORITY_HEADER), slot=False):
             call.mark("dispatch")  # processing time counts from here (the batch's wait included)
             return await state.batcher.submit(request, call)
+    queue = route.queue
+    if queue is None and not route.limit_sets and not route.upstream_limited:
+        return await forward(request, call, state)  # what `Scheduler.enter` would find: nothing to enter
     waiting = None
-    if call.stream and route.queue is not None:  # only a queued stream can have a waiting room
+    if call.stream and queue is not None:  # only a queued stream can have a waiting room
         waiting = call.waiting = relay.waiting_room(request, call, state.stream_settings)
-    entry = state.scheduler.enter(call, asked, waiting)
+    entry = state.scheduler.enter(call, request.headers.get(PRIORITY_HEADER), waiting)
     if entry is NOTHING:
         return await forward(request, call, state)  # no limit, no queue: nothing to enter or leave
     try:

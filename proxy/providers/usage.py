@@ -47,7 +47,10 @@ def usage_of(body: bytes) -> dict[str, Any] | None:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
-    return usage_in(parsed) if isinstance(parsed, dict) else None
+    if not isinstance(parsed, dict):
+        return None
+    usage = parsed.get("usage")  # where most answers carry it (`usage_in`'s first place, without its call)
+    return usage if isinstance(usage, dict) else usage_in(parsed)
 
 
 def usage_from_end(body: bytes) -> dict[str, Any] | object:
