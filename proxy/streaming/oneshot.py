@@ -10,7 +10,7 @@ on_response_prepare hook, the head serialised by aiohttp's own `_serialize_heade
 body), so the bytes are aiohttp's; any other case goes through `web.Response`'s own path.
 
 Relies on StreamResponse/StreamWriter internals (`_payload_writer`, `_eof_sent`, `_keep_alive`,
-`_writelines`, `_serialize_headers`, ...): tests/test_oneshot.py compares the bytes a raw socket gets
+`_serialize_headers`, the writer's counters, ...): tests/test_oneshot.py compares the bytes a raw socket gets
 with web.Response's over generated answers, so an aiohttp upgrade that moves them fails there.
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
+from aiohttp.client_exceptions import ClientConnectionResetError
 from aiohttp.compression_utils import MAX_SYNC_CHUNK_SIZE
 from aiohttp.helpers import must_be_empty_body, rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
@@ -80,11 +81,17 @@ class OneShot(web.Response):
             headers[hdrs.DATE] = rfc822_formatted_time()
         headers.setdefault(hdrs.SERVER, SERVER_SOFTWARE)
         await request._prepare_hook(self)
-        head = _serialize_headers(f"HTTP/1.1 {self._status} {self._reason}", headers)
+        data = _serialize_headers(f"HTTP/1.1 {self._status} {self._reason}", headers)
         if size:
-            writer._writelines((head, body))
-        else:
-            writer._write(head)
+            data += body
+        # StreamWriter._writelines/_write's bookkeeping and check, for one buffer (they join small ones too)
+        written = len(data)
+        writer.buffer_size += written
+        writer.output_size += written
+        transport = writer.transport
+        if transport is None or transport.is_closing():
+            raise ClientConnectionResetError("Cannot write to closing transport")
+        transport.write(data)
         await writer.drain()
         writer._eof = True
         self._eof_sent = True
