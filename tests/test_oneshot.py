@@ -38,6 +38,7 @@ class Spy(OneShot):
     async def _send(
         self, request: BaseRequest, writer: StreamWriter, body: bytes, headers: CIMultiDict[str]
     ) -> AbstractStreamWriter:
+        assert writer._on_headers_sent is None and writer._on_chunk_sent is None  # what OneShot relies on
         Spy.fast.append(True)
         return await super()._send(request, writer, body, headers)
 

@@ -20,13 +20,15 @@ from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.client_exceptions import ClientConnectionResetError
 from aiohttp.compression_utils import MAX_SYNC_CHUNK_SIZE
-from aiohttp.helpers import must_be_empty_body, rfc822_formatted_time
+from aiohttp.helpers import EMPTY_BODY_STATUS_CODES, rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
 from aiohttp.http_writer import StreamWriter, _serialize_headers
 from aiohttp.web_request import BaseRequest
 from multidict import CIMultiDict
 
 _OCTETS = "application/octet-stream"
+_EMPTY_OR_TUNNEL = frozenset({hdrs.METH_HEAD, hdrs.METH_CONNECT})
+"""aiohttp's `must_be_empty_body` by method: never a body to a HEAD, none to a CONNECT's 2xx."""
 
 
 class OneShot(web.Response):
@@ -55,10 +57,9 @@ class OneShot(web.Response):
             or hdrs.CONTENT_LENGTH in headers
             or request.version != HttpVersion11
             or not request.keep_alive
-            or must_be_empty_body(request.method, self._status)
-            or type(writer) is not StreamWriter
-            or writer._on_headers_sent is not None  # (a server's writer has no hooks: checked, not assumed)
-            or writer._on_chunk_sent is not None
+            or self._status in EMPTY_BODY_STATUS_CODES
+            or request.method in _EMPTY_OR_TUNNEL  # (a CONNECT's error could have a body: it takes the long way)
+            or type(writer) is not StreamWriter  # (the server's, without hooks: tests/test_oneshot.py)
         ):
             return await super().prepare(request)
         return await self._send(request, writer, body, headers)
