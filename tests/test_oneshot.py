@@ -132,3 +132,22 @@ async def test_oneshot_writes_what_web_response_writes(
     assert ours == theirs
     plain = version == "1.1" and "close" not in connection and method != "HEAD" and status not in (204, 304)
     assert Spy.fast == ([True] if plain and not length else [])  # the common case takes the one-step path
+
+
+_KEY = web.ResponseKey("key", int)
+_FIELDS = ("status", "reason", "body", "keep_alive", "prepared", "chunked", "compression", "body_length",
+           "content_length", "content_type", "charset", "last_modified", "task")
+
+
+@settings(max_examples=200, deadline=None)
+@given(status=STATUSES | st.integers(100, 999), headers=HEADERS, body=BODIES)
+def test_a_oneshot_is_built_as_web_response_builds_it(status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+    ours = OneShot(status, body, CIMultiDict(headers))
+    theirs = web.Response(status=status, body=body, headers=CIMultiDict(headers))
+    assert {name: getattr(ours, name) for name in _FIELDS} == {name: getattr(theirs, name) for name in _FIELDS}
+    assert list(ours.headers.items()) == list(theirs.headers.items()) and len(ours) == len(theirs) == 0
+    fields = set(vars(ours)) | set(vars(theirs))  # what either sets; the rest reads class-level defaults
+    assert {name: getattr(ours, name) for name in fields} == {name: getattr(theirs, name) for name in fields}
+    ours[_KEY] = theirs[_KEY] = 1  # each its own state mapping
+    assert list(ours.items()) == list(theirs.items()) == [(_KEY, 1)]
+    assert OneShot(status, body, CIMultiDict())._state is not ours._state

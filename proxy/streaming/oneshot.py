@@ -24,6 +24,7 @@ from aiohttp.helpers import EMPTY_BODY_STATUS_CODES, rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
 from aiohttp.http_writer import StreamWriter, _serialize_headers
 from aiohttp.web_request import BaseRequest
+from aiohttp.web_response import REASON_PHRASES
 from multidict import CIMultiDict
 
 _OCTETS = "application/octet-stream"
@@ -36,8 +37,12 @@ class OneShot(web.Response):
     with them)."""
 
     def __init__(self, status: int, body: bytes, headers: CIMultiDict[str]) -> None:
-        # web.Response.__init__ without its copy of the headers and its text/content_type cases.
-        web.StreamResponse.__init__(self, status=status, _real_headers=headers)
+        # web.Response.__init__ (and StreamResponse's, _set_status's) for this case, without the copy of the
+        # headers: every other field keeps its class-level default.
+        self._state = {}
+        self._headers = headers
+        self._status = status = int(status)
+        self._reason = REASON_PHRASES.get(status, "")
         self._body = body
         self._zlib_executor_size = MAX_SYNC_CHUNK_SIZE
         self._zlib_executor = None
