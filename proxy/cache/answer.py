@@ -10,6 +10,7 @@ from proxy.cache.entry import Entry
 from proxy.cache.rules import kept_headers, storable_ttl
 from proxy.call import Call
 from proxy.policy.cache_rule import CacheRule
+from proxy.streaming.oneshot import OneShot
 
 CACHE_HEADER = "x-signalbox-cache"
 INPUT_HITS_HEADER = "x-signalbox-cache-hits"
@@ -17,8 +18,9 @@ INPUT_HITS_HEADER = "x-signalbox-cache-hits"
 
 def whole_body(response: web.StreamResponse) -> bytes | None:
     """The body of a whole answer not sent yet (a stream, or a large body streamed through, has none)."""
-    if type(response) is not web.Response or response.prepared:
+    if type(response) not in (web.Response, OneShot) or response.prepared:  # (an HTTPException is a Response)
         return None
+    assert isinstance(response, web.Response)
     body = response.body
     return body if isinstance(body, bytes) else None
 

@@ -20,13 +20,11 @@ async def read_body(request: web.Request, call: Call, limit: int, timeouts: Clie
     """Read the body once, within the size limit and the body timeouts, and parse it once."""
     if not request.body_exists:
         return
-    length = request.content_length
-    if length is not None and length > limit:
-        raise BodyTooLarge(_too_large(length, limit))
     content = request.content
     if content.is_eof():  # the body came with the head (most requests): no coroutine, no timer
-        call.raw_body = edge.read_ready(content, limit, partial(_refused, limit))
+        call.raw_body = edge.read_ready(content, limit, partial(_refused, limit))  # (its length checked there)
     else:
+        _check_length(request, limit)  # refused before any of it is read
         call.raw_body = await edge.read_body(content, limit, partial(_refused, limit), timeouts)
     if not call.raw_body:
         return
@@ -52,13 +50,11 @@ async def read_raw(request: web.Request, call: Call, limit: int, timeouts: Clien
     steps as read_body, not shared: read_body stays one coroutine on the LLM path."""
     if not request.body_exists:
         return
-    length = request.content_length
-    if length is not None and length > limit:
-        raise BodyTooLarge(_too_large(length, limit))
     content = request.content
     if content.is_eof():  # the body came with the head (most requests): no coroutine, no timer
-        call.raw_body = edge.read_ready(content, limit, partial(_refused, limit))
+        call.raw_body = edge.read_ready(content, limit, partial(_refused, limit))  # (its length checked there)
     else:
+        _check_length(request, limit)  # refused before any of it is read
         call.raw_body = await edge.read_body(content, limit, partial(_refused, limit), timeouts)
 
 
@@ -73,6 +69,14 @@ def read_form(content_type: str, call: Call) -> None:
         call.model = call.raw_body[span[0] : span[1]].decode("utf-8", "replace")
         call.form_model = span
     call.stream = multipart.field_value(call.raw_body, boundary, "stream") == "true"
+
+
+def _check_length(request: web.Request, limit: int) -> None:
+    """A Content-Length over the limit. A body already whole is checked by its size instead: the same
+    number, as the parser takes exactly Content-Length bytes."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise BodyTooLarge(_too_large(length, limit))
 
 
 def _refused(limit: int, size: int) -> BodyTooLarge:

@@ -15,6 +15,7 @@ from proxy.call import Call
 from proxy.errors import UpstreamBadResponse
 from proxy.providers.usage import usage_of
 from proxy.streaming.failure import read_failure
+from proxy.streaming.oneshot import OneShot
 from proxy.upstream.body import Whole, read_capped
 
 BodyTransform = Callable[[int, bytes], tuple[int, bytes]]
@@ -57,7 +58,7 @@ async def respond_whole(
             headers["Content-Type"] = "application/json"
     call.status = status
     call.bytes_out = len(body)
-    return web.Response(status=status, body=body, headers=headers)
+    return OneShot(status, body, headers)  # web.Response's bytes, written in one step
 
 
 async def read_body(upstream: aiohttp.ClientResponse, limit: float | None, cap: int) -> Whole:

@@ -4,6 +4,7 @@ paths the proxy does not serve).
 
     timeouts    ClientTimeouts (the serve settings) and the timed body read ingress uses
     answers     pure: which ProxyError and which protocol for a parser failure, a timeout, an unknown path
+    exact       the server's request handler: paths the router always answers the same way, past it
     connection  GuardedHandler / GuardedServer / GuardedRunner: aiohttp's connection protocol with the
                 header clock and those answers
 """

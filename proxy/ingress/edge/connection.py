@@ -34,7 +34,7 @@ from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from aiohttp.web_request import BaseRequest
 
 from proxy.errors import ProxyError, render
-from proxy.ingress.edge import answers
+from proxy.ingress.edge import answers, exact
 from proxy.ingress.identify import request_id_of
 from proxy.runtime import STATE, ClientTimeouts
 from proxy.telemetry.hot import HotCounter
@@ -236,7 +236,7 @@ class GuardedRunner(web.AppRunner):
     async def _make_server(self) -> web.Server:
         plain = await super()._make_server()
         return GuardedServer(
-            plain.request_handler,
+            exact.request_handler(self.app),  # exact paths past the router; the rest by app._handle
             timeouts=self._timeouts,
             admin=self._admin,
             errors=self.app[STATE].metrics.errors if STATE in self.app else None,
