@@ -33,6 +33,25 @@ class Whole:
         self.head = [] if head is None else head
 
 
+def arrived(response: aiohttp.ClientResponse, cap: int) -> Whole | None:
+    """The whole body, without a wait, when it has all come in already with the head (a small answer whose
+    Content-Length fits in `cap`: its bytes sit parsed in the response's reader, which is at its end); else
+    None, and `read_capped` reads it. What `response.read()` returns and keeps, without its read loop and
+    coroutines (aiohttp's reader already gave the connection back at the body's end)."""
+    content = response.content
+    if not content.is_eof() or response._body is not None or response._writer is not None:
+        return None  # (a body aiohttp still writes: its read() waits for that)
+    length = response.content_length
+    if length is None or length > cap:
+        return None
+    try:
+        data = response._body = content.read_nowait()  # raises the reader's error as read() does
+    except BaseException:
+        response.close()
+        raise
+    return Whole(data, True)
+
+
 async def read_capped(response: aiohttp.ClientResponse, cap: int) -> Whole:
     """The body when it fits in `cap` bytes; else what was read of it, the rest left unread.
 
