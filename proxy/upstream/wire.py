@@ -86,28 +86,52 @@ def target(url: str) -> Target:
     return Target(URL(url, encoded=True))
 
 
+class _Shapes(dict[tuple[str, ...], "tuple[dict[str, str], bool] | None"]):
+    """A request's header names (as given, in order) → what aiohttp adds to them: the defaults the caller
+    lacks (Accept, Accept-Encoding, User-Agent) and whether it sent a Content-Type; None where this path
+    does not model aiohttp (a Host, Expect or framing header, two names differing only in case). Worked out
+    on a tuple's first sight (a proxied request's names repeat call after call), remembered up to
+    `_SHAPE_LIMIT` tuples."""
+
+    __slots__ = ()
+
+    def __missing__(self, names: tuple[str, ...]) -> tuple[dict[str, str], bool] | None:
+        lower = set(map(str.lower, names))
+        shape = None
+        if len(lower) == len(names) and lower.isdisjoint(_UNMODELLED):
+            defaults = {}
+            if "accept" not in lower:
+                defaults["Accept"] = _ACCEPT
+            if "accept-encoding" not in lower:
+                defaults["Accept-Encoding"] = _ACCEPT_ENCODING
+            if "user-agent" not in lower:
+                defaults["User-Agent"] = SERVER_SOFTWARE
+            shape = defaults, "content-type" in lower
+        if len(self) < _SHAPE_LIMIT:
+            self[names] = shape
+        return shape
+
+
+_SHAPE_LIMIT = 1024
+_SHAPES = _Shapes()
+
+
 def head(target: Target, method: str, headers: Mapping[str, str], body: bytes | None) -> Head | None:
     """The request head `ClientSession.request(method, url, headers=headers, data=body)` sends (method upper
     case), and the request_info its ClientResponse carries into the errors it raises; None where this path
     does not model aiohttp. The fields in aiohttp's order: Host first, the caller's, the defaults it lacks
-    (Accept, Accept-Encoding, User-Agent), then Content-Length and Content-Type (a body, or a POST, PUT or
-    PATCH without one). aiohttp's serializer writes them (it refuses control characters)."""
-    names = set(map(str.lower, headers))
-    if len(names) != len(headers) or not names.isdisjoint(_UNMODELLED) or (body is not None and len(body) > MAX_BODY):
+    (Accept, Accept-Encoding, User-Agent: `_Shapes`), then Content-Length and Content-Type (a body, or a
+    POST, PUT or PATCH without one). aiohttp's serializer writes them (it refuses control characters)."""
+    shape = _SHAPES[tuple(headers)]
+    if shape is None or (body is not None and len(body) > MAX_BODY):
         return None
-    out = {"Host": target.host}
-    out.update(headers)
-    if "accept" not in names:
-        out["Accept"] = _ACCEPT
-    if "accept-encoding" not in names:
-        out["Accept-Encoding"] = _ACCEPT_ENCODING
-    if "user-agent" not in names:
-        out["User-Agent"] = SERVER_SOFTWARE
+    defaults, typed = shape
+    out = {"Host": target.host, **headers, **defaults}
     if body is not None:
         out["Content-Length"] = str(len(body))
     elif method not in _GET_METHODS:
         out["Content-Length"] = "0"
-    if "content-type" not in names and (body is not None or method in _POST_METHODS):
+    if not typed and (body is not None or method in _POST_METHODS):
         out["Content-Type"] = _OCTETS
     line = _serialize_headers(f"{method} {target.path_qs} HTTP/1.1", out)  # type: ignore[arg-type]  # (items())
     return line, tuple.__new__(RequestInfo, (target.url, method, CIMultiDictProxy(CIMultiDict(out)), target.url))
