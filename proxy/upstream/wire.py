@@ -165,7 +165,7 @@ async def send(
         )
         try:
             sent = _write(protocol, request[0], body)
-            protocol.start_timeout()  # the socket read timeout runs from the end of the request, as in aiohttp
+            protocol._reschedule_timeout()  # start_timeout(): the socket read timeout runs from the request's end
             response = session._response_class(
                 method, target.url, writer=None, continue100=None, timer=_NO_TIMER, request_info=request[1], traces=[],
                 loop=protocol._loop, session=session, stream_writer=sent,
