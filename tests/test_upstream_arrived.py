@@ -1,0 +1,96 @@
+"""A whole answer taken from the response's reader at once (`body.arrived`, no read loop) is what aiohttp's
+`read()` gives and keeps, and is taken only when all of it came with the head and fits the cap; the
+connection goes back to the pool either way. A real upstream on loopback, in one piece, in two pieces
+apart, or chunked; and a connection's read timer that serves a later response with a shorter limit."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+from aiohttp import web
+
+from proxy.upstream.body import arrived, read_capped
+from proxy.upstream.client import LazyReadTimer, open_session, send_once
+from tests.kit.servers import Loopback
+
+CAP = 1000
+
+
+async def _upstream(loopback: Loopback, peers: list[object]) -> str:
+    async def answer(request: web.Request) -> web.StreamResponse:
+        peers.append(request.transport.get_extra_info("peername") if request.transport else None)
+        body = bytes(random.Random(request.query["size"]).randbytes(int(request.query["size"])))
+        mode = request.query["mode"]
+        if mode == "one":
+            return web.Response(body=body, content_type="application/json")
+        response = web.StreamResponse()
+        if mode == "two":
+            response.content_length = len(body)
+        else:
+            response.enable_chunked_encoding()
+        await response.prepare(request)
+        await response.write(body[: len(body) // 2])
+        await asyncio.sleep(0.05)  # the rest comes later: the reader is not at its end at the head
+        await response.write(body[len(body) // 2:])
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/x", answer)
+    return await loopback.serve(app)
+
+
+@pytest.mark.parametrize(("mode", "size"), [
+    ("one", 0), ("one", 1), ("one", 600), ("one", CAP), ("one", CAP + 1), ("one", 20_000),
+    ("two", 600), ("two", 20_000), ("chunked", 600),
+])
+async def test_an_answer_that_came_whole_is_what_read_gives(loopback: Loopback, mode: str, size: int) -> None:
+    peers: list[object] = []
+    root = await _upstream(loopback, peers)
+    expected = bytes(random.Random(str(size)).randbytes(size))
+    session = open_session(4, 4.0)
+    try:
+        for _ in range(2):  # the second request: on the connection the first gave back
+            response = await send_once(session, "POST", f"{root}/v1/x?mode={mode}&size={size}", headers={},
+                                       body=b"{}", query=None, connect=5, first_token=5, upstream="up")
+            whole = arrived(response, CAP)
+            if mode == "one" and size <= CAP:
+                assert whole is not None and whole.complete and whole.data == expected
+                assert await response.read() == expected  # kept as read() keeps it
+            else:  # not all there yet, over the cap, or no Content-Length: read as before
+                assert whole is None
+                whole = await read_capped(response, CAP)
+                assert whole.complete == (size <= CAP)
+                if whole.complete:
+                    assert whole.data == expected
+                await response.read()
+            response.release()
+        assert len(peers) == 2 and peers[0] == peers[1]
+    finally:
+        await session.close()
+
+
+async def test_a_later_response_with_a_shorter_limit_is_timed_by_it() -> None:
+    """The connection's timer outlives a response; a later one whose deadline comes sooner re-arms it."""
+    loop = asyncio.get_running_loop()
+    protocol = LazyReadTimer(loop=loop)
+    fired: list[float] = []
+    protocol._on_read_timeout = lambda: fired.append(loop.time())  # type: ignore[method-assign]
+    protocol.read_timeout = 30.0
+    protocol._reschedule_timeout()  # a first response, limit 30 s
+    protocol._drop_timeout()  # its end: the timer stays, its deadline is off
+    assert protocol._read_timeout_handle is not None
+    protocol.read_timeout = 0.2
+    started = loop.time()
+    protocol._reschedule_timeout()  # the next response on the connection, limit 0.2 s
+    await asyncio.sleep(0.6)
+    assert len(fired) == 1 and fired[0] >= started + 0.2 - 0.002
+    protocol._drop_timeout()
+    protocol.read_timeout = 0.1
+    protocol._reschedule_timeout()
+    protocol._drop_timeout()  # ended before its limit: nothing fires, and the timer ends itself
+    await asyncio.sleep(0.3)
+    assert len(fired) == 1 and protocol._read_timeout_handle is None
+    protocol.close()
