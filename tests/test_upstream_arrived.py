@@ -94,3 +94,33 @@ async def test_a_later_response_with_a_shorter_limit_is_timed_by_it() -> None:
     await asyncio.sleep(0.3)
     assert len(fired) == 1 and protocol._read_timeout_handle is None
     protocol.close()
+
+
+async def test_a_connection_keeps_its_parser_for_responses_of_the_same_kind(loopback: Loopback) -> None:
+    """One connection, answers of every kind in turn: each read right (a HEAD's Content-Length announces a body
+    that never comes), the parser kept from one response to the next only when it was made for the same kind
+    (HEAD-like or not, a stream's reader size or a whole answer's)."""
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(body=b"hello " + request.method.encode())
+
+    app = web.Application()
+    app.router.add_route("*", "/v1/x", answer)
+    url = await loopback.serve(app) + "/v1/x"
+    session = open_session(1, 4.0)
+    kinds = [("POST", False), ("POST", False), ("HEAD", False), ("HEAD", False), ("GET", False),
+             ("POST", True), ("POST", True), ("HEAD", False), ("POST", False)]
+    parsers: list[object] = []
+    try:
+        for method, stream in kinds:
+            response = await send_once(session, method, url, headers={}, body=b"{}" if method == "POST" else None,
+                                       query=None, connect=5, first_token=2, upstream="up", stream=stream)
+            assert await response.read() == (b"" if method == "HEAD" else b"hello " + method.encode())
+            response.release()
+            (pooled,) = session.connector._conns.values()  # type: ignore[union-attr]  # the one connection, idle
+            ((protocol, _),) = pooled
+            parsers.append(protocol._parser)
+    finally:
+        await session.close()
+    same = [parsers[i] is parsers[i - 1] for i in range(1, len(parsers))]
+    assert same == [True, False, True, False, False, True, False, False]

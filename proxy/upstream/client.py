@@ -23,6 +23,7 @@ from aiohttp.client_proto import ResponseHandler
 from proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
 from proxy.policy.plan import MockPlan, Plan, UpstreamSpec
 from proxy.upstream import wire
+from proxy.upstream.protocol import LazyReadTimer
 from proxy.upstream.registry import Registry
 
 if TYPE_CHECKING:
@@ -54,79 +55,6 @@ caps it at net.core.rmem_max; the autotuning a socket starts with cannot be turn
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 """aiohttp resends these once on a dropped connection (RFC 9112 §9.3.1), fresh or pooled: the hand-written
 path does the same, and neither adds a second resend."""
-
-
-class LazyReadTimer(ResponseHandler):
-    """aiohttp's response protocol with a lazy `sock_read` timer (the first_token bound of a whole answer's
-    socket reads), and the marks PoolConnector keeps per connection. aiohttp cancels and re-arms a timer at
-    every socket read and cancels it at the end of each response. Here a read only moves the deadline
-    (`read_due`), the end of a response only turns it off, and the one timer of the connection, should it
-    fire before the deadline, waits on for the rest (with no deadline it ends). Same limit, and a timer
-    made about once per `sock_read` period of a busy connection rather than one per response; re-armed at
-    once when a response's deadline comes before it. Closing the connection cancels it. The marks are
-    slots: new attributes in aiohttp's instance dict would cost ~800 bytes a connection."""
-
-    __slots__ = ("read_due", "timer_due", "served", "narrowed")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(loop=loop)
-        self.read_due = 0.0
-        """loop.time() by which the next socket read must come (0: none is awaited)."""
-        self.timer_due = 0.0
-        """When the timer (`_read_timeout_handle`), if any, fires."""
-        self.served = False
-        """The connection carried a request: the next request on it is a reuse."""
-        self.narrowed = False
-        """Its SO_RCVBUF is a stream's (STREAM_RCVBUF)."""
-
-    def _reschedule_timeout(self) -> None:
-        timeout = self._read_timeout
-        if not timeout:
-            self.read_due = 0.0
-            return
-        due = self.read_due = self._loop.time() + timeout
-        if self._read_timeout_handle is None or due < self.timer_due:
-            self._arm(due, timeout)
-
-    def _drop_timeout(self) -> None:
-        self.read_due = 0.0  # the timer, if any, ends when it fires (or serves the next response)
-
-    def _arm(self, due: float, delay: float) -> None:
-        handle = self._read_timeout_handle
-        if handle is not None:
-            handle.cancel()
-        self.timer_due = due
-        self._read_timeout_handle = self._loop.call_later(delay, self._read_late)
-
-    def _read_late(self) -> None:
-        self._read_timeout_handle = None
-        due = self.read_due
-        if not due:
-            return
-        left = due - self._loop.time()
-        if left > 0:  # a read came since the timer was set, or a later response's deadline: wait for it
-            self._arm(due, left)
-            return
-        self._on_read_timeout()
-
-    def _stop_timer(self) -> None:
-        handle = self._read_timeout_handle
-        if handle is not None:
-            handle.cancel()
-            self._read_timeout_handle = None
-        self.read_due = 0.0
-
-    def close(self) -> None:
-        super().close()
-        self._stop_timer()
-
-    def abort(self) -> None:
-        super().abort()
-        self._stop_timer()
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        self._stop_timer()
-        super().connection_lost(exc)
 
 
 class PoolConnector(aiohttp.TCPConnector):

@@ -30,15 +30,19 @@ from aiohttp.client_exceptions import (
     ConnectionTimeoutError,
 )
 from aiohttp.client_reqrep import ClientRequest, ConnectionKey, RequestInfo
-from aiohttp.helpers import EMPTY_BODY_METHODS, TimerNoop
+from aiohttp.helpers import EMPTY_BODY_METHODS
 from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.http_writer import _serialize_headers
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from proxy.upstream.protocol import NO_TIMER
+
 if TYPE_CHECKING:
     from aiohttp.abc import AbstractStreamWriter
     from aiohttp.client_proto import ResponseHandler
+
+    from proxy.upstream.protocol import LazyReadTimer
 
 _UNMODELLED = frozenset({"host", "expect", "content-length", "transfer-encoding"})
 """Caller headers that change what aiohttp does (replace Host, wait for 100 Continue, framing)."""
@@ -50,7 +54,6 @@ _ACCEPT_ENCODING = ClientRequest.DEFAULT_HEADERS[hdrs.ACCEPT_ENCODING]
 _OCTETS = "application/octet-stream"
 _GET_METHODS = frozenset(ClientRequest.GET_METHODS)
 _POST_METHODS = frozenset(ClientRequest.POST_METHODS)
-_NO_TIMER = TimerNoop()
 Head = tuple[bytes, RequestInfo]  # what a session without a total timeout gives each request
 
 
@@ -156,18 +159,13 @@ async def send(
             conn = await connector.connect(target.origin, [], limits)  # type: ignore[arg-type]
         except TimeoutError as exc:
             raise ConnectionTimeoutError(f"Connection timeout to host {target.url}") from exc
-        protocol: ResponseHandler = conn.protocol  # type: ignore[assignment]  # (no cast() call per request)
-        protocol.set_response_params(
-            timer=_NO_TIMER, skip_payload=method in EMPTY_BODY_METHODS, read_until_eof=True,
-            auto_decompress=session._auto_decompress, read_timeout=limits.sock_read, read_bufsize=read_bufsize,
-            timeout_ceil_threshold=connector._timeout_ceil_threshold, max_line_size=session._max_line_size,
-            max_field_size=session._max_field_size, max_headers=session._max_headers,
-        )
+        protocol: LazyReadTimer = conn.protocol  # type: ignore[assignment]  # (PoolConnector's; no cast() call)
+        protocol.expect(session, connector, method in EMPTY_BODY_METHODS, limits.sock_read, read_bufsize)
         try:
             sent = _write(protocol, request[0], body)
             protocol._reschedule_timeout()  # start_timeout(): the socket read timeout runs from the request's end
             response = session._response_class(
-                method, target.url, writer=None, continue100=None, timer=_NO_TIMER, request_info=request[1], traces=[],
+                method, target.url, writer=None, continue100=None, timer=NO_TIMER, request_info=request[1], traces=[],
                 loop=protocol._loop, session=session, stream_writer=sent,
             )
             try:
