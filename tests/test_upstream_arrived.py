@@ -99,7 +99,8 @@ async def test_a_later_response_with_a_shorter_limit_is_timed_by_it() -> None:
 async def test_a_connection_keeps_its_parser_for_responses_of_the_same_kind(loopback: Loopback) -> None:
     """One connection, answers of every kind in turn: each read right (a HEAD's Content-Length announces a body
     that never comes), the parser kept from one response to the next only when it was made for the same kind
-    (HEAD-like or not, a stream's reader size or a whole answer's)."""
+    (HEAD-like or not, a stream's reader size or a whole answer's); a connection taken from the pool is marked
+for a stream or not as one connect() made."""
 
     async def answer(request: web.Request) -> web.Response:
         return web.Response(body=b"hello " + request.method.encode())
@@ -111,6 +112,7 @@ async def test_a_connection_keeps_its_parser_for_responses_of_the_same_kind(loop
     kinds = [("POST", False), ("POST", False), ("HEAD", False), ("HEAD", False), ("GET", False),
              ("POST", True), ("POST", True), ("HEAD", False), ("POST", False)]
     parsers: list[object] = []
+    narrowed: list[bool] = []
     try:
         for method, stream in kinds:
             response = await send_once(session, method, url, headers={}, body=b"{}" if method == "POST" else None,
@@ -120,7 +122,9 @@ async def test_a_connection_keeps_its_parser_for_responses_of_the_same_kind(loop
             (pooled,) = session.connector._conns.values()  # type: ignore[union-attr]  # the one connection, idle
             ((protocol, _),) = pooled
             parsers.append(protocol._parser)
+            narrowed.append(protocol.narrowed)  # a stream's SO_RCVBUF while it streams, given back after
     finally:
         await session.close()
     same = [parsers[i] is parsers[i - 1] for i in range(1, len(parsers))]
     assert same == [True, False, True, False, False, True, False, False]
+    assert narrowed == [stream for _, stream in kinds]

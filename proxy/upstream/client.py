@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
+from aiohttp.connector import Connection
 
 from proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
 from proxy.policy.plan import MockPlan, Plan, UpstreamSpec
@@ -60,7 +61,7 @@ path does the same, and neither adds a second resend."""
 class PoolConnector(aiohttp.TCPConnector):
     """A TCPConnector that tells, per request, whether the connection was reused: only a reused keep-alive
     connection can be stale, so only there is a resend safe for a POST that produced no response. Its
-    connections time socket reads with one timer per response (LazyReadTimer)."""
+    connections time socket reads with one timer per connection (LazyReadTimer)."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -69,16 +70,21 @@ class PoolConnector(aiohttp.TCPConnector):
 
     async def connect(self, req: Any, traces: Any, timeout: aiohttp.ClientTimeout) -> Any:  # noqa: ASYNC109
         conn = await super().connect(req, traces, timeout)
+        self.lent(conn, _STREAMING.get())
+        return conn
+
+    def lent(self, conn: Connection, streaming: bool) -> None:
+        """A connection handed to a request (by `connect`, or taken from the pool by wire.send): whether it
+        was reused (`_REUSED`), and its SO_RCVBUF a stream's or given back."""
         protocol = conn.protocol
         assert isinstance(protocol, LazyReadTimer)  # this connector's factory makes them
         _REUSED.set(protocol.served)
         protocol.served = True
-        if _STREAMING.get():
+        if streaming:
             if not protocol.narrowed and _set_rcvbuf(conn, STREAM_RCVBUF):
                 protocol.narrowed = True
         elif protocol.narrowed and _set_rcvbuf(conn, BULK_RCVBUF):
             protocol.narrowed = False
-        return conn
 
 
 def _set_rcvbuf(conn: Any, size: int) -> bool:
@@ -242,14 +248,14 @@ async def send_once(
         try:
             if not stream:  # the socket read timeout bounds the wait for the headers
                 if head is not None:
-                    return await wire.send(session, where, method, head, body, timeout, session._read_bufsize)
+                    return await wire.send(session, where, method, head, body, timeout, session._read_bufsize, False)
                 return await session.request(
                     method, where.url, data=body, headers=headers, params=query, timeout=timeout,
                     allow_redirects=False,
                 )
             async with asyncio.timeout(first_token):
                 if head is not None:
-                    return await wire.send(session, where, method, head, body, timeout, STREAM_READ_BUFSIZE)
+                    return await wire.send(session, where, method, head, body, timeout, STREAM_READ_BUFSIZE, True)
                 return await session.request(
                     method, where.url, data=body, headers=headers, params=query, timeout=timeout,
                     allow_redirects=False, read_bufsize=STREAM_READ_BUFSIZE,

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from aiohttp.abc import AbstractStreamWriter
     from aiohttp.client_proto import ResponseHandler
 
+    from proxy.upstream.client import PoolConnector
     from proxy.upstream.protocol import LazyReadTimer
 
 _UNMODELLED = frozenset({"host", "expect", "content-length", "transfer-encoding"})
@@ -146,19 +147,25 @@ class ConvertedOSError(ClientOSError):
 
 async def send(
     session: ClientSession, target: Target, method: str, request: Head, body: bytes | None, limits: ClientTimeout,
-    read_bufsize: int,
+    read_bufsize: int, stream: bool,
 ) -> ClientResponse:
     """aiohttp's `_connect_and_send_request` for a request's `head` (method upper case): one attempt; the
     caller resends (aiohttp resends an idempotent one once on a dropped connection). Anything raised after
     the connection was taken (cancellation included) closes it."""
-    connector = session._connector
+    connector: PoolConnector = session._connector  # type: ignore[assignment]  # (client.open_session's)
     if connector is None or connector.closed:
         raise RuntimeError("Session is closed")
     try:
-        try:  # (a lean target has an origin)
-            conn = await connector.connect(target.origin, [], limits)  # type: ignore[arg-type]
-        except TimeoutError as exc:
-            raise ConnectionTimeoutError(f"Connection timeout to host {target.url}") from exc
+        # An idle pooled connection, as connector.connect takes it first (the origin has no proxy), without
+        # connect's coroutine and PoolConnector's; else connect makes one (or waits for the pool's limit).
+        conn = await connector._get(target.origin.connection_key, [])  # type: ignore[union-attr]
+        if conn is not None:
+            connector.lent(conn, stream)
+        else:
+            try:  # (a lean target has an origin)
+                conn = await connector.connect(target.origin, [], limits)
+            except TimeoutError as exc:
+                raise ConnectionTimeoutError(f"Connection timeout to host {target.url}") from exc
         protocol: LazyReadTimer = conn.protocol  # type: ignore[assignment]  # (PoolConnector's; no cast() call)
         protocol.expect(session, connector, method in EMPTY_BODY_METHODS, limits.sock_read, read_bufsize)
         try:
