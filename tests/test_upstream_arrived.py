@@ -128,3 +128,24 @@ for a stream or not as one connect() made."""
     same = [parsers[i] is parsers[i - 1] for i in range(1, len(parsers))]
     assert same == [True, False, True, False, False, True, False, False]
     assert narrowed == [stream for _, stream in kinds]
+
+
+async def test_the_reader_is_left_as_read_nowait_leaves_it(loopback: Loopback) -> None:
+    """What `arrived` takes without `read_nowait()`: the reader after it is the reader after `read_nowait()`
+    (its buffer, size and position), on the same kind of answer."""
+    root = await _upstream(loopback, [])
+    session = open_session(2, 4.0)
+    states = []
+    try:
+        for take in (True, False):
+            response = await send_once(session, "POST", f"{root}/v1/x?mode=one&size=600", headers={}, body=b"{}",
+                                       query=None, connect=5, first_token=5, upstream="up")
+            content = response.content
+            assert content.is_eof() and content._size == 600  # (the shape `arrived` takes)
+            data = arrived(response, CAP).data if take else content.read_nowait()  # type: ignore[union-attr]
+            states.append((data, list(content._buffer), content._size, content._cursor, content.at_eof()))
+            response.release()
+    finally:
+        await session.close()
+    assert states[0] == states[1]
+    assert states[0][1:] == ([], 0, 600, True)
