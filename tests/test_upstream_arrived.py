@@ -149,3 +149,32 @@ async def test_the_reader_is_left_as_read_nowait_leaves_it(loopback: Loopback) -
         await session.close()
     assert states[0] == states[1]
     assert states[0][1:] == ([], 0, 600, True)
+
+
+async def test_an_answer_without_a_body_is_taken_as_read_gives_it(loopback: Loopback) -> None:
+    """A HEAD's answer (its Content-Length announces a body that never comes) and a 204: aiohttp's empty
+    reader, which `arrived` reads as `read()` does."""
+
+    async def answer(request: web.Request) -> web.Response:
+        if request.method == "HEAD":
+            return web.Response(body=b"0123456789")
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_route("*", "/v1/x", answer)
+    url = await loopback.serve(app) + "/v1/x"
+    session = open_session(1, 4.0)
+    try:
+        for method in ("HEAD", "DELETE", "HEAD"):
+            response = await send_once(session, method, url, headers={}, body=None, query=None, connect=5,
+                                       first_token=5, upstream="up")
+            assert response.status == (200 if method == "HEAD" else 204)
+            if method == "HEAD":
+                assert response.content_length == 10
+            whole = arrived(response, CAP)
+            if response.content_length is not None:
+                assert whole is not None and whole.complete and whole.data == b""
+            assert await response.read() == b""
+            response.release()
+    finally:
+        await session.close()

@@ -45,8 +45,8 @@ def arrived(response: aiohttp.ClientResponse, cap: int) -> Whole | None:
     length = response.content_length
     if length is None or length > cap:
         return None
-    if (content._exception is None and not content._buffer_offset and content._http_chunk_splits is None
-            and not content._protocol._reading_paused):
+    if (type(content) is StreamReader and content._exception is None and not content._buffer_offset
+            and content._http_chunk_splits is None and not content._protocol._reading_paused):  # (not EMPTY_PAYLOAD)
         data = _take(content)
     else:
         try:
