@@ -1,5 +1,5 @@
 """A whole answer's socket reads are bounded by `first_token` each (client.LazyReadTimer: one timer per
-response that a read moves on, instead of aiohttp's cancel and re-arm per read). Through the proxy, with a
+connection that a read moves on, instead of aiohttp's cancel and re-arm per read). Through the proxy, with a
 real upstream on loopback that sends the body in pieces."""
 
 from __future__ import annotations

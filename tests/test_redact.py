@@ -6,8 +6,10 @@ import base64
 import logging
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from proxy.policy.redact import Redactor, SecretsRef, basic_values, redact_logs
+from proxy.policy.redact import EMPTY, Redactor, SecretsRef, basic_values, forms, redact_logs
 from proxy.policy.schema import Upstream
 from proxy.policy.secrets import _redis_credentials, upstream_credentials
 
@@ -70,3 +72,19 @@ def test_protocol_headers_of_an_upstream_are_not_secrets() -> None:
         headers={"Content-Type": "application/json", "OpenAI-Beta": "assistants=v2", "X-Org-Key": "org-key-12345"},
     )
     assert upstream_credentials(upstream) == ["org-key-12345"]
+
+
+_SECRETS = st.lists(st.text(st.characters(codec="utf-8"), min_size=1, max_size=12), max_size=3)
+
+
+@given(_SECRETS, st.text(max_size=20), st.text(max_size=20), st.integers(0, 7), st.booleans())
+def test_search_finds_what_scrub_would_replace(secrets: list[str], before: str, after: str, pick: int,
+                                               quote: bool) -> None:
+    """`Redactor.search` (a success's headers look with it alone) answers as `scrub(masks=False)` does."""
+    redactor = Redactor(secrets)
+    spelled = sorted(form for secret in secrets for form in forms(secret))
+    text = before + (spelled[pick % len(spelled)] if quote and spelled else "") + after
+    data = text.encode("utf-8", "surrogatepass")
+    found = redactor.search is not None and redactor.search(data) is not None
+    assert found == (redactor.scrub(data, masks=False) is not data)
+    assert EMPTY.search is None

@@ -21,7 +21,7 @@ from proxy.call import Attempt, Call, Hold
 from proxy.errors import ProxyError, UpstreamLimited, UpstreamTimeout, UpstreamUnreachable
 from proxy.policy.plan import DeploymentSpec, RetrySpec, RouteRule
 from proxy.upstream import hints, judge, retry
-from proxy.upstream.body import Whole, read_error
+from proxy.upstream.body import Whole, arrived, read_error
 from proxy.upstream.by_rules import RuleTrack
 from proxy.upstream.client import send_once
 from proxy.upstream.lease import Lease
@@ -181,10 +181,12 @@ async def attempt(
                 # Read a whole answer here rather than in the relay (which then finds it read): a connection
                 # cut mid-body is still a failure nothing has reached the client of. (A tool's chunked answer
                 # is relayed as it comes: it may be a stream of its own, NDJSON say.)
-                left = progress.deadline - clock()
-                bound = bound or left < first_token
-                cap = max(left, 0.001) if bound else None
-                whole = await read_whole(response, spec.upstream, cap, call.plan.max_buffered_response)
+                whole = arrived(response, call.plan.max_buffered_response)  # all there: no wait to bound
+                if whole is None:
+                    left = progress.deadline - clock()
+                    bound = bound or left < first_token
+                    cap = max(left, 0.001) if bound else None
+                    whole = await read_whole(response, spec.upstream, cap, call.plan.max_buffered_response)
         except (UpstreamUnreachable, UpstreamTimeout) as err:
             return _failed(state, lease, err, bound, rule, progress)
         sent = _answered(response, whole, bound, state, lease, rule, progress)

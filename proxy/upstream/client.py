@@ -19,10 +19,12 @@ from typing import TYPE_CHECKING, Any, cast
 
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
+from aiohttp.connector import Connection
 
 from proxy.errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
 from proxy.policy.plan import MockPlan, Plan, UpstreamSpec
 from proxy.upstream import wire
+from proxy.upstream.protocol import LazyReadTimer
 from proxy.upstream.registry import Registry
 
 if TYPE_CHECKING:
@@ -56,47 +58,10 @@ _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 path does the same, and neither adds a second resend."""
 
 
-class LazyReadTimer(ResponseHandler):
-    """aiohttp's response protocol with a lazy `sock_read` timer (the first_token bound of a whole answer's
-    socket reads), and the marks PoolConnector keeps per connection. aiohttp cancels and re-arms a timer at
-    every socket read: a call_later and a cancel per read, two of each for a small answer. Here a read
-    only moves the deadline; the one timer, should it fire before the deadline, waits on for the rest.
-    Same limit, one timer per response. The marks are slots: new attributes in aiohttp's instance dict
-    would cost ~800 bytes a connection."""
-
-    __slots__ = ("read_due", "served", "narrowed")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(loop=loop)
-        self.read_due = 0.0
-        self.served = False
-        """The connection carried a request: the next request on it is a reuse."""
-        self.narrowed = False
-        """Its SO_RCVBUF is a stream's (STREAM_RCVBUF)."""
-
-    def _reschedule_timeout(self) -> None:
-        timeout = self._read_timeout
-        if not timeout:
-            self._drop_timeout()
-            return
-        loop = self._loop
-        self.read_due = loop.time() + timeout
-        if self._read_timeout_handle is None:  # (uvloop's call_at is call_later plus a Python-level call)
-            self._read_timeout_handle = loop.call_later(timeout, self._read_late)
-
-    def _read_late(self) -> None:
-        self._read_timeout_handle = None
-        left = self.read_due - self._loop.time()
-        if left > 0:  # a read came since the timer was set: wait for the moved deadline
-            self._read_timeout_handle = self._loop.call_later(left, self._read_late)
-            return
-        self._on_read_timeout()
-
-
 class PoolConnector(aiohttp.TCPConnector):
     """A TCPConnector that tells, per request, whether the connection was reused: only a reused keep-alive
     connection can be stale, so only there is a resend safe for a POST that produced no response. Its
-    connections time socket reads with one timer per response (LazyReadTimer)."""
+    connections time socket reads with one timer per connection (LazyReadTimer)."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -105,16 +70,21 @@ class PoolConnector(aiohttp.TCPConnector):
 
     async def connect(self, req: Any, traces: Any, timeout: aiohttp.ClientTimeout) -> Any:  # noqa: ASYNC109
         conn = await super().connect(req, traces, timeout)
+        self.lent(conn, _STREAMING.get())
+        return conn
+
+    def lent(self, conn: Connection, streaming: bool) -> None:
+        """A connection handed to a request (by `connect`, or taken from the pool by wire.send): whether it
+        was reused (`_REUSED`), and its SO_RCVBUF a stream's or given back."""
         protocol = conn.protocol
         assert isinstance(protocol, LazyReadTimer)  # this connector's factory makes them
         _REUSED.set(protocol.served)
         protocol.served = True
-        if _STREAMING.get():
+        if streaming:
             if not protocol.narrowed and _set_rcvbuf(conn, STREAM_RCVBUF):
                 protocol.narrowed = True
         elif protocol.narrowed and _set_rcvbuf(conn, BULK_RCVBUF):
             protocol.narrowed = False
-        return conn
 
 
 def _set_rcvbuf(conn: Any, size: int) -> bool:
@@ -278,14 +248,14 @@ async def send_once(
         try:
             if not stream:  # the socket read timeout bounds the wait for the headers
                 if head is not None:
-                    return await wire.send(session, where, method, head, body, timeout, session._read_bufsize)
+                    return await wire.send(session, where, method, head, body, timeout, session._read_bufsize, False)
                 return await session.request(
                     method, where.url, data=body, headers=headers, params=query, timeout=timeout,
                     allow_redirects=False,
                 )
             async with asyncio.timeout(first_token):
                 if head is not None:
-                    return await wire.send(session, where, method, head, body, timeout, STREAM_READ_BUFSIZE)
+                    return await wire.send(session, where, method, head, body, timeout, STREAM_READ_BUFSIZE, True)
                 return await session.request(
                     method, where.url, data=body, headers=headers, params=query, timeout=timeout,
                     allow_redirects=False, read_bufsize=STREAM_READ_BUFSIZE,

@@ -30,15 +30,20 @@ from aiohttp.client_exceptions import (
     ConnectionTimeoutError,
 )
 from aiohttp.client_reqrep import ClientRequest, ConnectionKey, RequestInfo
-from aiohttp.helpers import EMPTY_BODY_METHODS, TimerNoop
+from aiohttp.helpers import EMPTY_BODY_METHODS
 from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.http_writer import _serialize_headers
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from proxy.upstream.protocol import NO_TIMER
+
 if TYPE_CHECKING:
     from aiohttp.abc import AbstractStreamWriter
     from aiohttp.client_proto import ResponseHandler
+
+    from proxy.upstream.client import PoolConnector
+    from proxy.upstream.protocol import LazyReadTimer
 
 _UNMODELLED = frozenset({"host", "expect", "content-length", "transfer-encoding"})
 """Caller headers that change what aiohttp does (replace Host, wait for 100 Continue, framing)."""
@@ -50,7 +55,6 @@ _ACCEPT_ENCODING = ClientRequest.DEFAULT_HEADERS[hdrs.ACCEPT_ENCODING]
 _OCTETS = "application/octet-stream"
 _GET_METHODS = frozenset(ClientRequest.GET_METHODS)
 _POST_METHODS = frozenset(ClientRequest.POST_METHODS)
-_NO_TIMER = TimerNoop()
 Head = tuple[bytes, RequestInfo]  # what a session without a total timeout gives each request
 
 
@@ -86,28 +90,52 @@ def target(url: str) -> Target:
     return Target(URL(url, encoded=True))
 
 
+class _Shapes(dict[tuple[str, ...], "tuple[dict[str, str], bool] | None"]):
+    """A request's header names (as given, in order) → what aiohttp adds to them: the defaults the caller
+    lacks (Accept, Accept-Encoding, User-Agent) and whether it sent a Content-Type; None where this path
+    does not model aiohttp (a Host, Expect or framing header, two names differing only in case). Worked out
+    on a tuple's first sight (a proxied request's names repeat call after call), remembered up to
+    `_SHAPE_LIMIT` tuples."""
+
+    __slots__ = ()
+
+    def __missing__(self, names: tuple[str, ...]) -> tuple[dict[str, str], bool] | None:
+        lower = set(map(str.lower, names))
+        shape = None
+        if len(lower) == len(names) and lower.isdisjoint(_UNMODELLED):
+            defaults = {}
+            if "accept" not in lower:
+                defaults["Accept"] = _ACCEPT
+            if "accept-encoding" not in lower:
+                defaults["Accept-Encoding"] = _ACCEPT_ENCODING
+            if "user-agent" not in lower:
+                defaults["User-Agent"] = SERVER_SOFTWARE
+            shape = defaults, "content-type" in lower
+        if len(self) < _SHAPE_LIMIT:
+            self[names] = shape
+        return shape
+
+
+_SHAPE_LIMIT = 1024
+_SHAPES = _Shapes()
+
+
 def head(target: Target, method: str, headers: Mapping[str, str], body: bytes | None) -> Head | None:
     """The request head `ClientSession.request(method, url, headers=headers, data=body)` sends (method upper
     case), and the request_info its ClientResponse carries into the errors it raises; None where this path
     does not model aiohttp. The fields in aiohttp's order: Host first, the caller's, the defaults it lacks
-    (Accept, Accept-Encoding, User-Agent), then Content-Length and Content-Type (a body, or a POST, PUT or
-    PATCH without one). aiohttp's serializer writes them (it refuses control characters)."""
-    names = set(map(str.lower, headers))
-    if len(names) != len(headers) or not names.isdisjoint(_UNMODELLED) or (body is not None and len(body) > MAX_BODY):
+    (Accept, Accept-Encoding, User-Agent: `_Shapes`), then Content-Length and Content-Type (a body, or a
+    POST, PUT or PATCH without one). aiohttp's serializer writes them (it refuses control characters)."""
+    shape = _SHAPES[tuple(headers)]
+    if shape is None or (body is not None and len(body) > MAX_BODY):
         return None
-    out = {"Host": target.host}
-    out.update(headers)
-    if "accept" not in names:
-        out["Accept"] = _ACCEPT
-    if "accept-encoding" not in names:
-        out["Accept-Encoding"] = _ACCEPT_ENCODING
-    if "user-agent" not in names:
-        out["User-Agent"] = SERVER_SOFTWARE
+    defaults, typed = shape
+    out = {"Host": target.host, **headers, **defaults}
     if body is not None:
         out["Content-Length"] = str(len(body))
     elif method not in _GET_METHODS:
         out["Content-Length"] = "0"
-    if "content-type" not in names and (body is not None or method in _POST_METHODS):
+    if not typed and (body is not None or method in _POST_METHODS):
         out["Content-Type"] = _OCTETS
     line = _serialize_headers(f"{method} {target.path_qs} HTTP/1.1", out)  # type: ignore[arg-type]  # (items())
     return line, tuple.__new__(RequestInfo, (target.url, method, CIMultiDictProxy(CIMultiDict(out)), target.url))
@@ -119,31 +147,32 @@ class ConvertedOSError(ClientOSError):
 
 async def send(
     session: ClientSession, target: Target, method: str, request: Head, body: bytes | None, limits: ClientTimeout,
-    read_bufsize: int,
+    read_bufsize: int, stream: bool,
 ) -> ClientResponse:
     """aiohttp's `_connect_and_send_request` for a request's `head` (method upper case): one attempt; the
     caller resends (aiohttp resends an idempotent one once on a dropped connection). Anything raised after
     the connection was taken (cancellation included) closes it."""
-    connector = session._connector
+    connector: PoolConnector = session._connector  # type: ignore[assignment]  # (client.open_session's)
     if connector is None or connector.closed:
         raise RuntimeError("Session is closed")
     try:
-        try:  # (a lean target has an origin)
-            conn = await connector.connect(target.origin, [], limits)  # type: ignore[arg-type]
-        except TimeoutError as exc:
-            raise ConnectionTimeoutError(f"Connection timeout to host {target.url}") from exc
-        protocol: ResponseHandler = conn.protocol  # type: ignore[assignment]  # (no cast() call per request)
-        protocol.set_response_params(
-            timer=_NO_TIMER, skip_payload=method in EMPTY_BODY_METHODS, read_until_eof=True,
-            auto_decompress=session._auto_decompress, read_timeout=limits.sock_read, read_bufsize=read_bufsize,
-            timeout_ceil_threshold=connector._timeout_ceil_threshold, max_line_size=session._max_line_size,
-            max_field_size=session._max_field_size, max_headers=session._max_headers,
-        )
+        # An idle pooled connection, as connector.connect takes it first (the origin has no proxy), without
+        # connect's coroutine and PoolConnector's; else connect makes one (or waits for the pool's limit).
+        conn = await connector._get(target.origin.connection_key, [])  # type: ignore[union-attr]
+        if conn is not None:
+            connector.lent(conn, stream)
+        else:
+            try:  # (a lean target has an origin)
+                conn = await connector.connect(target.origin, [], limits)
+            except TimeoutError as exc:
+                raise ConnectionTimeoutError(f"Connection timeout to host {target.url}") from exc
+        protocol: LazyReadTimer = conn.protocol  # type: ignore[assignment]  # (PoolConnector's; no cast() call)
+        protocol.expect(session, connector, method in EMPTY_BODY_METHODS, limits.sock_read, read_bufsize)
         try:
             sent = _write(protocol, request[0], body)
-            protocol.start_timeout()  # the socket read timeout runs from the end of the request, as in aiohttp
+            protocol._reschedule_timeout()  # start_timeout(): the socket read timeout runs from the request's end
             response = session._response_class(
-                method, target.url, writer=None, continue100=None, timer=_NO_TIMER, request_info=request[1], traces=[],
+                method, target.url, writer=None, continue100=None, timer=NO_TIMER, request_info=request[1], traces=[],
                 loop=protocol._loop, session=session, stream_writer=sent,
             )
             try:
