@@ -10,11 +10,13 @@ finished within the last `RECENT` seconds. The rate is two rings of `RATE_SPAN` 
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Mapping
+from itertools import compress, groupby
+from operator import itemgetter
 from typing import Any
 
-from proxy.call import Call
+from proxy.call import Attempt, Call
 from proxy.telemetry.outcome import OUTCOMES
 
 WINDOW = 1024
@@ -25,10 +27,29 @@ RATE_SPAN = 60
 """Seconds of the rate window (one bucket per second)."""
 
 
-class QueueStats:
-    """One queue's counters. `now` is the caller's perf_counter (injected in tests)."""
+Finished = tuple[float, float, "float | None", str, "str | None", list[Attempt], "dict[str, Any] | None"]
+"""A finished request as the books keep it until folded in: when it finished, its wait, its processing
+seconds (None: never dispatched), outcome, reason, attempts (any: it was sent upstream) and usage."""
+_TIMES = itemgetter(0, 1, 2)
+_PROCESSING = itemgetter(2)
+_OUTCOME = itemgetter(3)
+_REASON = itemgetter(4)
+_SENT = itemgetter(5)
+_USAGE = itemgetter(6)
+_FIRST = itemgetter(0)
+_SECOND = itemgetter(1)
+_REJECTED = "rejected".__eq__
 
-    __slots__ = ("outcomes", "reasons", "processed", "ring", "second", "until", "slot", "requests", "tokens")
+
+class QueueStats:
+    """One queue's counters. `now` is the caller's perf_counter (injected in tests).
+
+    `finished` only appends the request to `pending`; every reader (`totals`, `recent`, `rate`) folds the
+    pending requests in first, in the order they came, so it sees what counting each as it came would give.
+    The recorder (telemetry/rows.py) folds every queue's pending requests every `FOLD_EVERY` requests."""
+
+    __slots__ = ("outcomes", "reasons", "processed", "ring", "second", "until", "slot", "requests", "tokens",
+                 "pending")
 
     def __init__(self) -> None:
         self.outcomes: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
@@ -47,24 +68,43 @@ class QueueStats:
         """...and that bucket's index."""
         self.requests = [0] * RATE_SPAN
         self.tokens = [0] * RATE_SPAN
+        self.pending: list[Finished] = []
+        """Requests finished since the last fold, in order."""
 
     def finished(self, now: float, call: Call, processing: float | None) -> None:
-        outcome = call.outcome
+        self.pending.append((now, call.queue_wait, processing, call.outcome, call.reason, call.attempts, call.usage))
+
+    def fold(self) -> None:
+        """Count the pending requests in: per request only C (maps over the tuples); Python per outcome, per
+        refusal and per second of the rate ring."""
+        pending = self.pending
+        if not pending:
+            return
+        self.ring.extend(map(_TIMES, pending))
         outcomes = self.outcomes
-        outcomes[outcome] = outcomes.get(outcome, 0) + 1
-        if outcome == "rejected":
-            reason = call.reason or "unknown"
-            self.reasons[reason] = self.reasons.get(reason, 0) + 1
-        self.ring.append((now, call.queue_wait, processing))
-        if processing is not None:
-            self.processed += 1
-        if call.attempts:  # sent upstream: what the queue's rate limits count
-            if now >= self.until:  # the clock is monotonic: a new second has begun
-                self._tick(int(now))
+        batch = Counter(map(_OUTCOME, pending))
+        for outcome, n in batch.items():
+            outcomes[outcome] = outcomes.get(outcome, 0) + n
+        if "rejected" in batch:
+            reasons = self.reasons
+            for reason in compress(map(_REASON, pending), map(_REJECTED, map(_OUTCOME, pending))):
+                reason = reason or "unknown"
+                reasons[reason] = reasons.get(reason, 0) + 1
+        self.processed += len(pending) - list(map(_PROCESSING, pending)).count(None)
+        self._rate(list(compress(pending, map(_SENT, pending))))
+        pending.clear()
+
+    def _rate(self, sent: list[Finished]) -> None:
+        """Count requests sent upstream (what the queue's rate limits count) into the rate ring, a second at a
+        time: the clock is monotonic, so the requests of one second come together."""
+        seconds = map(int, map(_FIRST, sent))
+        for second, group in groupby(zip(seconds, map(_USAGE, sent), strict=True), key=_FIRST):
+            if second > self.second:  # a new second has begun (`until` is `second + 1`)
+                self._tick(second)
+            usages = list(map(_SECOND, group))
             slot = self.slot
-            self.requests[slot] += 1
-            if call.usage:
-                self.tokens[slot] += _tokens(call.usage)
+            self.requests[slot] += len(usages)
+            self.tokens[slot] += sum(map(_tokens, filter(None, usages)))
 
     def _tick(self, second: int) -> None:
         """Move the rate ring to `second` (clearing the seconds skipped)."""
@@ -77,12 +117,14 @@ class QueueStats:
 
     def rate(self, now: float) -> tuple[int, int]:
         """Requests and tokens of the last RATE_SPAN seconds."""
+        self.fold()
         if now >= self.until:
             self._tick(int(now))
         return sum(self.requests), sum(self.tokens)
 
     def recent(self, now: float) -> tuple[list[float], list[float]]:
         """Waits and processing times of the recent window, sorted (processing: dispatched requests only)."""
+        self.fold()
         since = now - RECENT
         waits: list[float] = []
         times: list[float] = []
@@ -96,6 +138,7 @@ class QueueStats:
         return waits, times
 
     def totals(self) -> dict[str, Any]:
+        self.fold()
         o = self.outcomes
         return {
             "finished": sum(o.values()),
