@@ -86,7 +86,9 @@ def call(tmp_path: Path) -> Call:
 
 
 usages = st.sampled_from([None, {}, {"total_tokens": 30}, {"prompt_tokens": 5, "completion_tokens": 7},
-                          {"input_tokens": 3, "output_tokens": 4, "cache_read_input_tokens": 2}])
+                          {"input_tokens": 3, "output_tokens": 4, "cache_read_input_tokens": 2},
+                          {"total_tokens": None, "prompt_tokens": 3}, {"total_tokens": True},
+                          {"total_tokens": 2.5, "input_tokens": 4, "output_tokens": "9"}])
 steps = st.fixed_dictionaries({
     "after": st.sampled_from([0.0, 0.001, 0.3, 0.5, 0.999, 1.0, 1.0, 2.5, 59.0, 60.0, 61.0, 301.0]),
     "read": st.booleans(),

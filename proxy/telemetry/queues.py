@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 from collections import Counter, deque
 from collections.abc import Mapping
-from itertools import compress, groupby
-from operator import itemgetter
+from itertools import compress, groupby, repeat
+from operator import is_, itemgetter, methodcaller, not_
 from typing import Any
 
 from proxy.call import Attempt, Call
@@ -36,6 +36,7 @@ _OUTCOME = itemgetter(3)
 _REASON = itemgetter(4)
 _SENT = itemgetter(5)
 _USAGE = itemgetter(6)
+_TOTAL = methodcaller("get", "total_tokens")
 _FIRST = itemgetter(0)
 _SECOND = itemgetter(1)
 _REJECTED = "rejected".__eq__
@@ -104,7 +105,7 @@ class QueueStats:
             usages = list(map(_SECOND, group))
             slot = self.slot
             self.requests[slot] += len(usages)
-            self.tokens[slot] += sum(map(_tokens, filter(None, usages)))
+            self.tokens[slot] += _sum_tokens(list(filter(None, usages)))
 
     def _tick(self, second: int) -> None:
         """Move the rate ring to `second` (clearing the seconds skipped)."""
@@ -184,6 +185,15 @@ def summary(samples: list[float]) -> dict[str, Any]:
         "p95": round(samples[min(n - 1, math.ceil(n * 0.95) - 1)] * 1000, 1),
         "samples": n,
     }
+
+
+def _sum_tokens(usages: list[Mapping[str, Any]]) -> int:
+    """`_tokens` of each usage, summed: in C for those whose `total_tokens` is an int (OpenAI's; `type` is int,
+    so a bool goes to `_tokens`), by `_tokens` for the others."""
+    totals: list[Any] = list(map(_TOTAL, usages))
+    plain = list(map(is_, map(type, totals), repeat(int)))
+    given: int = sum(compress(totals, plain))
+    return given + sum(map(_tokens, compress(usages, map(not_, plain))))
 
 
 def _tokens(usage: Mapping[str, Any]) -> int:
