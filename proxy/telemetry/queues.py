@@ -1,10 +1,11 @@
 """Per-queue totals by outcome, recent wait and processing times, and the recent request and token rate, for
 `GET /admin/queues` (seed 004). Fed once per finished request whose route has a queue.
 
-Per request this is a few integer additions and one tuple appended to a bounded deque: nothing is sorted.
-Averages and percentiles are computed when the admin API asks, over the last `WINDOW` requests that
-finished within the last `RECENT` seconds. The rate is two rings of `RATE_SPAN` one-second buckets
-(requests sent upstream, tokens their `usage` reported).
+Per request this is one tuple appended to a pending list (`finished`); the pending requests are counted in
+when read (`totals`, `recent`, `rate`) or every `FOLD_EVERY` requests (telemetry/rows.py), mostly in C.
+Nothing is sorted per request. Averages and percentiles are computed when the admin API asks, over the last
+`WINDOW` requests that finished within the last `RECENT` seconds. The rate is two rings of `RATE_SPAN`
+one-second buckets (requests sent upstream, tokens their `usage` reported).
 """
 
 from __future__ import annotations
