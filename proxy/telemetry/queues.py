@@ -59,9 +59,9 @@ class QueueStats:
         """Rejections by reason (rate_limit, queue_full, queue_timeout, ...)."""
         self.processed = 0
         """Requests that left the queue for an upstream (dispatched), whatever their outcome."""
-        self.ring: deque[tuple[float, float, float | None]] = deque(maxlen=WINDOW)
-        """The last WINDOW requests: when each finished, its wait, its processing seconds (None: never
-        dispatched)."""
+        self.ring: deque[Finished] = deque(maxlen=WINDOW)
+        """The last WINDOW requests as `finished` kept them (read: when each finished, its wait, its processing
+        seconds)."""
         self.second = 0
         """The second (of the clock) the rate ring's current bucket counts..."""
         self.until = 1.0
@@ -82,7 +82,7 @@ class QueueStats:
         pending = self.pending
         if not pending:
             return
-        self.ring.extend(map(_TIMES, pending))
+        self.ring.extend(pending)
         outcomes = self.outcomes
         batch = Counter(map(_OUTCOME, pending))
         for outcome, n in batch.items():
@@ -130,7 +130,7 @@ class QueueStats:
         since = now - RECENT
         waits: list[float] = []
         times: list[float] = []
-        for end, wait, took in self.ring:
+        for end, wait, took in map(_TIMES, self.ring):
             if end >= since:
                 waits.append(wait)
                 if took is not None:
@@ -192,7 +192,11 @@ def _sum_tokens(usages: list[Mapping[str, Any]]) -> int:
     """`_tokens` of each usage, summed: in C for those whose `total_tokens` is an int (OpenAI's; `type` is int,
     so a bool goes to `_tokens`), by `_tokens` for the others."""
     totals: list[Any] = list(map(_TOTAL, usages))
-    plain = list(map(is_, map(type, totals), repeat(int)))
+    types = list(map(type, totals))
+    if types.count(int) == len(types):  # all OpenAI's
+        every: int = sum(totals)
+        return every
+    plain = list(map(is_, types, repeat(int)))
     given: int = sum(compress(totals, plain))
     return given + sum(map(_tokens, compress(usages, map(not_, plain))))
 
