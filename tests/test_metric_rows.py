@@ -197,3 +197,35 @@ def test_a_series_is_exported_from_its_first_value_only(plan: Plan) -> None:
     names = {name for name, labels, _ in exported(metrics.registry) if ("route", "embed") in labels}
     assert "signalbox_request_duration_seconds_count" in names
     assert not any(n.startswith(("signalbox_processing", "signalbox_time_to_first")) for n in names)
+
+
+def in_order(registry: CollectorRegistry) -> list[tuple[str, tuple[tuple[str, str], ...], float]]:
+    """The hot families' samples in the order a scrape lists them (series in the order they were created)."""
+    text = generate_latest(registry).decode()
+    return [
+        (s.name, tuple(sorted(s.labels.items())), s.value)
+        for family in text_string_to_metric_families(text) if family.name in HOT
+        for s in family.samples if not s.name.endswith("_created")
+    ]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(requests, st.booleans()), max_size=40), st.integers(1, 4))
+def test_values_folded_at_any_read_or_bound_export_what_prometheus_client_would(
+        plan: Plan, generated: list[tuple[dict[str, object], bool]], every: int) -> None:
+    """Histogram values and attempts wait to be folded in until a read or every `every` requests: a scrape
+    anywhere in between lists the same series, in the same order, with the same values, and what waits stays
+    within the bound."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(rows, "FOLD_EVERY", every)
+        metrics, reference = Metrics(), Reference()
+        recorder = metrics.record.__self__  # type: ignore[attr-defined]
+        with clock_at_now():
+            for r, scrape in generated:
+                call = a_call(plan, r)
+                metrics.record(call)
+                reference.feed(call, NOW - call.started)
+                assert len(recorder.attempts) < every * 3  # at most three attempts a request here
+                if scrape:
+                    assert in_order(metrics.registry) == in_order(reference.registry)
+    assert in_order(metrics.registry) == in_order(reference.registry)

@@ -9,11 +9,17 @@ collector), so names, help texts and the text format are the library's.
 
 from __future__ import annotations
 
-from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from bisect import bisect_right
+from collections.abc import Callable, Iterator, Sequence
+from functools import reduce
+from operator import add
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+FOLD_EVERY = 4096
+"""Pending values (per series, and requests for the recorder) after which they are folded in without a read:
+what bounds their memory between scrapes."""
 
 
 class HotCounter:
@@ -56,22 +62,61 @@ class HotCounter:
 
 class Buckets:
     """One histogram series: a count per bound, plus +Inf (not cumulative until scraped), and the sum.
-    `add` is what `Metrics.record` binds once per row (telemetry/rows.py)."""
 
-    __slots__ = ("bounds", "counts", "total")
+    Values are folded in when read, not when added: per request `Metrics.record` appends to `pending` (its
+    rows bind `pending.append`, a C call; telemetry/rows.py bounds every series' pending values by folding
+    all of them every `FOLD_EVERY` requests), and `counts`/`total` fold the pending values first. The fold
+    sorts the values and bisects each bound into them, and adds the values left to right (`reduce`), so the
+    sum is the same float as adding each value as it came, and the counts what `bisect_left` per value gives
+    (le: a value equal to a bound falls in its bucket)."""
+
+    __slots__ = ("bounds", "_counts", "_total", "pending")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
-        self.total = 0.0
+        self._counts = [0] * (len(bounds) + 1)
+        self._total = 0.0
+        self.pending: list[float] = []
+        """Values added since the last fold, in the order they came."""
 
     def add(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1  # le: a value equal to a bound falls in it
-        self.total += value
+        """One value (the generic path; the recorder appends to `pending` itself)."""
+        pending = self.pending
+        pending.append(value)
+        if len(pending) >= FOLD_EVERY:
+            self.fold()
+
+    def fold(self) -> None:
+        """Count the pending values into the buckets and the sum. Sorted once, a bucket's count is the number
+        of values up to its bound less those up to the previous one (`bisect_right`: a value equal to a bound
+        falls in it, as `bisect_left` per value puts it); Python runs per bound, C per value."""
+        pending = self.pending
+        if pending:
+            ordered = sorted(pending)
+            counts = self._counts
+            below = 0
+            for index, bound in enumerate(self.bounds):
+                upto = bisect_right(ordered, bound, below)
+                counts[index] += upto - below
+                below = upto
+            counts[-1] += len(ordered) - below
+            self._total = reduce(add, pending, self._total)  # in the order they came: the same float
+            pending.clear()
+
+    @property
+    def counts(self) -> list[int]:
+        """Per bucket (not cumulative), every value so far included."""
+        self.fold()
+        return self._counts
+
+    @property
+    def total(self) -> float:
+        self.fold()
+        return self._total
 
 
 class HotHistogram:
-    """A histogram family keyed by a tuple of label values; `observe` is a bisect and two additions."""
+    """A histogram family keyed by a tuple of label values; `observe` appends to the series' pending values."""
 
     __slots__ = ("name", "help", "labels", "bounds", "series")
 
@@ -93,6 +138,10 @@ class HotHistogram:
     def observe(self, key: tuple[str, ...], value: float) -> None:
         self.buckets(key).add(value)
 
+    def fold(self) -> None:
+        for series in self.series.values():
+            series.fold()
+
     def family(self) -> Metric:
         family = HistogramMetricFamily(self.name, self.help, labels=self.labels)
         for key, series in self.series.items():
@@ -112,10 +161,13 @@ def _float(value: float) -> str:
 class HotMetrics(Collector):
     """The collector registered in the app's registry; it owns the hot families."""
 
-    def __init__(self, families: Sequence[HotCounter | HotHistogram]) -> None:
+    def __init__(self, families: Sequence[HotCounter | HotHistogram], fold: Callable[[], None] = lambda: None) -> None:
         self.families = tuple(families)
+        self.fold = fold
+        """Counts what the recorder keeps pending (telemetry/rows.py) into the families: called first."""
 
     def collect(self) -> Iterator[Metric]:
+        self.fold()
         for family in self.families:
             yield family.family()
 

@@ -229,13 +229,14 @@ class Metrics:
         """Per-queue totals and recent times for the admin API (proxy/telemetry/queues.py)."""
         self.refusals = Refusals()
         """The last refused requests and why, for the dashboard (proxy/telemetry/outcome.py)."""
-        self.record: Callable[[Call], None] = Recorder(self).record
+        recorder = Recorder(self)
+        self.record: Callable[[Call], None] = recorder.record
         """Called once per request, after the response ended (or failed) and its outcome was judged
         (proxy/telemetry/rows.py)."""
         r.register(HotMetrics([
             self.requests, self.duration, self.processing, self.ttfb, self.errors, self.client_gone, self.stream_events,
             self.upstream_requests, self.upstream_latency, self.ttft,
-        ]))
+        ], recorder.fold))
 
     def _child(self, metric: Any, *labels: str) -> Any:
         key = (id(metric), *labels)
