@@ -127,14 +127,12 @@ class Recorder:
             self.fold()
 
     def fold(self) -> None:
-        """Fold every series' and queue's pending values in (each reader folds what it reads itself)."""
+        """Fold every series' pending values in (each reader folds what it reads itself)."""
         self.left = FOLD_EVERY
         if self.attempts:
             self._fold_attempts()
         for histogram in self.histograms:
             histogram.fold()
-        for stats in self.queues.values():
-            stats.fold()
 
     def _fold_attempts(self) -> None:
         """Count the pending attempts: per attempt only C; Python per attempt key and per deployment. The
